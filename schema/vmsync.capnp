@@ -1,0 +1,163 @@
+# Wire format of vmsync: checkpoints and the RPC between devices and the sync server.
+#
+# Guest RAM and the guest disk are both treated as arrays of 4096-byte units
+# (pages, blocks); a chunk names one unit by index and carries its new bytes
+# in some encoding.
+@0xfe11caf0ed5867d0;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("vmsync::wire");
+
+enum CheckpointKind {
+  full @0;          # every non-zero unit of the image; a receiver starts from zeros
+  incremental @1;   # units changed since the base sequence, VM running (fuzzy)
+  final @2;         # VM paused: last changes, device state and image digest (exact)
+}
+
+enum ChunkEncoding {
+  whole @0;         # data holds the unit's bytes
+  zero @1;          # the unit is all zero bytes; data is empty
+  xorDiff @2;       # data is an XOR run list against the policy's reference unit
+  sameAs @3;        # identical to the unit of chunk number `sameAs` in the same list
+}
+
+enum Compression {
+  none @0;          # data is stored as encoded
+  lz4 @1;           # data is an lz4 block; `rawSize` is its decompressed size
+}
+
+enum Policy {
+  dirtyPrev @0;     # whole changed units; reference: previous checkpoint
+  diffPrev @1;      # changed bytes only; reference: previous checkpoint
+  dirtyOrig @2;     # whole changed units; reference: the original (base) image
+  diffOrig @3;      # changed bytes only; reference: the original (base) image
+}
+
+struct Chunk {
+  index @0 :UInt64;             # unit index within the image (byte offset / 4096)
+  encoding @1 :ChunkEncoding;   # how `data` describes the unit
+  compression @2 :Compression;  # compression applied on top of the encoding
+  rawSize @3 :UInt32;           # bytes of `data` after decompression
+  data @4 :Data;                # payload; empty for zero and sameAs
+  sameAs @5 :UInt32;            # for encoding sameAs: position of the earlier chunk
+}
+
+struct VmSpec {
+  vmId @0 :Text;                # name of the VM, unique on a server
+  memoryBytes @1 :UInt64;       # guest RAM size (multiple of 4096)
+  diskBytes @2 :UInt64;         # guest disk size (multiple of 4096)
+  kernel @3 :Data;              # kernel image booted by the VMM (needed to start it again)
+  initrd @4 :Data;              # initial ramdisk
+  kernelCmdline @5 :Text;       # kernel command line
+  accel @6 :Text;               # accelerator the VM was started with: "kvm" or "tcg"
+  cpuModel @7 :Text;            # QEMU -cpu model; must match on every device
+  vcpus @8 :UInt32;             # number of virtual CPUs
+}
+
+struct Checkpoint {
+  vmId @0 :Text;                # which VM
+  epoch @1 :UInt64;             # lease epoch of the device that made it (fencing)
+  sequence @2 :UInt64;          # position in the chain, 1 for the first
+  baseSequence @3 :UInt64;      # sequence this one applies on top of (0: empty image)
+  kind @4 :CheckpointKind;      # full, incremental or final
+  policy @5 :Policy;            # how chunks were measured and encoded
+  memory @6 :List(Chunk);       # changed guest RAM pages
+  disk @7 :List(Chunk);         # changed guest disk blocks
+  deviceState @8 :Data;         # final only: the VMM's device/CPU state stream
+  imageDigest @9 :Data;         # final only: digest of RAM+disk after applying
+  spec @10 :VmSpec;             # full only: what a receiver needs to build the VM
+  origin @11 :Text;             # device id that produced the checkpoint
+  createdUnixNs @12 :UInt64;    # wall clock at creation, for reports
+}
+
+enum DeviceState {
+  online @0;                    # connected and up to date
+  offline @1;                   # not connected
+  stale @2;                     # connected but behind the head of the chain
+}
+
+struct DeviceStatus {
+  deviceId @0 :Text;            # device name
+  state @1 :DeviceState;        # online, offline or stale
+  appliedSequence @2 :UInt64;   # last checkpoint the device has applied
+  active @3 :Bool;              # holds the lease and runs the VM
+}
+
+struct ClusterStatus {
+  vmId @0 :Text;                # VM on this server, empty if none yet
+  headSequence @1 :UInt64;      # newest checkpoint stored
+  epoch @2 :UInt64;             # current lease epoch
+  activeDevice @3 :Text;        # lease holder, empty if none
+  devices @4 :List(DeviceStatus); # every device ever registered
+}
+
+struct SwitchReport {
+  from @0 :Text;                # device that was active
+  to @1 :Text;                  # device that is active now
+  finalSequence @2 :UInt64;     # sequence of the final checkpoint
+  finalBytes @3 :UInt64;        # encoded size of the final checkpoint
+  pauseNs @4 :UInt64;           # stop the VM on the source
+  finalHarvestNs @5 :UInt64;    # harvest and encode the last changes
+  deviceStateSaveNs @6 :UInt64; # QEMU saves device state
+  transferNs @7 :UInt64;        # source -> server -> target, apply excluded
+  applyNs @8 :UInt64;           # target writes the final checkpoint and checks the digest
+  deviceStateLoadNs @9 :UInt64; # target QEMU loads device state
+  resumeNs @10 :UInt64;         # target VM continues
+  totalNs @11 :UInt64;          # from the request to the VM running on the target
+  epoch @12 :UInt64;            # lease epoch granted to the target
+}
+
+struct HandOffResult {
+  finalSequence @0 :UInt64;     # sequence of the final checkpoint pushed
+  finalBytes @1 :UInt64;        # its encoded size
+  pauseNs @2 :UInt64;           # time to stop the VM
+  finalHarvestNs @3 :UInt64;    # time to harvest and encode
+  deviceStateSaveNs @4 :UInt64; # time for QEMU to save device state
+  pushNs @5 :UInt64;            # round trip of the push to the server
+}
+
+struct ActivateResult {
+  deviceStateLoadNs @0 :UInt64; # time for QEMU to load device state
+  resumeNs @1 :UInt64;          # time for the VM to continue
+}
+
+# Served by every device; the server calls it.
+interface DevicePeer {
+  apply @0 (checkpoint :Checkpoint) -> (appliedSequence :UInt64, applyNs :UInt64);
+  # Standby: write the checkpoint into the local image. A final checkpoint is
+  # verified against its digest before the call returns.
+
+  handOff @1 (target :Text) -> (result :HandOffResult);
+  # Active: pause the VM, push a final checkpoint, stop the VMM, become standby.
+
+  activate @2 (epoch :UInt64) -> (result :ActivateResult);
+  # Standby holding the final checkpoint: load the device state, resume, become active.
+}
+
+# One registered device's session; dropping it marks the device offline.
+interface DeviceSession {
+  acquireLease @0 () -> (epoch :UInt64);
+  # Become the active device. Granted only when no device holds the lease and
+  # this device has applied every stored checkpoint (or none exists yet).
+
+  push @1 (checkpoint :Checkpoint) -> (sequence :UInt64);
+  # Store a checkpoint durably; returns after it is on disk. Rejected when the
+  # epoch is not the current lease's (the device was fenced) or the sequence
+  # does not follow the head.
+
+  releaseLease @2 (epoch :UInt64) -> ();
+  # Give the lease up after a final checkpoint.
+}
+
+interface SyncServer {
+  register @0 (deviceId :Text, peer :DevicePeer, appliedSequence :UInt64)
+      -> (session :DeviceSession, vmId :Text, headSequence :UInt64);
+  # Announce a device and the last sequence it has applied; the server sends it
+  # the checkpoints it misses.
+
+  status @1 () -> (status :ClusterStatus);
+  # Devices, lease and chain head.
+
+  switchTo @2 (target :Text) -> (report :SwitchReport);
+  # Move the running VM to `target`.
+}
