@@ -1,0 +1,44 @@
+#include "server_main.h"
+
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <kj/async-unix.h>
+
+#include "error.h"
+#include "rpc_util.h"
+#include "sync_server.h"
+
+namespace vmsync {
+
+void addServerOptions(CLI::App& app, ServerOptions& options) {
+  app.add_option("--listen", options.listen, "address to listen on, host:port")->capture_default_str();
+  app.add_option("--data", options.dataDir, "data directory for the VM's image and checkpoints")
+      ->capture_default_str();
+}
+
+int runServer(const ServerOptions& options) {
+  try {
+    kj::UnixEventPort::captureSignal(SIGTERM);
+    kj::UnixEventPort::captureSignal(SIGINT);
+    auto io = kj::setupAsyncIo();
+    SyncServer server(options.dataDir);
+    auto address = io.provider->getNetwork().parseAddress(options.listen).wait(io.waitScope);
+    auto listener = address->listen();
+    spdlog::info("sync server listening on {} (data in {})", options.listen, options.dataDir);
+    auto serving = serveRpc(*listener, server.client());
+    auto stop = io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT));
+    auto signal = stop.exclusiveJoin(serving.then([]() -> siginfo_t { KJ_UNREACHABLE; }));
+    signal.wait(io.waitScope);
+    spdlog::info("sync server stopping");
+    return 0;
+  } catch (const Error& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  } catch (const kj::Exception& e) {
+    spdlog::error("{}", e.getDescription().cStr());
+    return 1;
+  }
+}
+
+}  // namespace vmsync

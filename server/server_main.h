@@ -1,0 +1,20 @@
+// Entry point shared by `vmsync server` and `vmsync-server`.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <string>
+
+namespace vmsync {
+
+struct ServerOptions {
+  std::string listen = "127.0.0.1:7400";
+  std::string dataDir = "vmsync-server-data";
+};
+
+/// Declares the server's options on `app`.
+void addServerOptions(CLI::App& app, ServerOptions& options);
+
+/// Runs the server until SIGINT or SIGTERM; returns the process exit code.
+int runServer(const ServerOptions& options);
+
+}  // namespace vmsync

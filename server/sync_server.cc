@@ -1,0 +1,355 @@
+#include "sync_server.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+
+#include "error.h"
+
+namespace vmsync {
+
+namespace {
+
+std::uint64_t nowNs() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+/// Throws an RPC error whose description is exactly `message`.
+[[noreturn]] void rpcFail(std::string message) {
+  kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str())));
+}
+
+/// The description of a (possibly remote) error, without RPC decoration.
+std::string describe(const kj::Exception& e) {
+  std::string text = e.getDescription().cStr();
+  for (const char* prefix : {"remote exception: ", "std::exception: "})
+    if (text.rfind(prefix, 0) == 0) text.erase(0, std::string(prefix).size());
+  return text;
+}
+
+/// Runs `body`, turning vmsync::Error into an RPC error with the same message.
+template <typename Body>
+auto guarded(Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Error& e) {
+    rpcFail(e.what());
+  }
+}
+
+class DeviceSessionImpl final : public wire::DeviceSession::Server {
+ public:
+  DeviceSessionImpl(SyncServer& server, std::string id, std::uint64_t connection)
+      : server_(server), id_(std::move(id)), connection_(connection) {}
+  ~DeviceSessionImpl() { server_.unregister(id_, connection_); }
+
+  kj::Promise<void> acquireLease(AcquireLeaseContext context) override {
+    return guarded([&] {
+      context.getResults().setEpoch(server_.acquireLease(id_));
+      return kj::READY_NOW;
+    });
+  }
+  kj::Promise<void> push(PushContext context) override {
+    return guarded([&] {
+      context.getResults().setSequence(server_.push(id_, context.getParams().getCheckpoint()));
+      return kj::READY_NOW;
+    });
+  }
+  kj::Promise<void> releaseLease(ReleaseLeaseContext context) override {
+    return guarded([&] {
+      server_.releaseLease(id_, context.getParams().getEpoch());
+      return kj::READY_NOW;
+    });
+  }
+
+ private:
+  SyncServer& server_;
+  std::string id_;
+  std::uint64_t connection_;
+};
+
+class SyncServerImpl final : public wire::SyncServer::Server {
+ public:
+  explicit SyncServerImpl(SyncServer& server) : server_(server) {}
+
+  kj::Promise<void> register_(RegisterContext context) override {
+    return guarded([&] {
+      auto params = context.getParams();
+      std::string id = params.getDeviceId();
+      std::uint64_t connection = server_.registerDevice(id, params.getPeer(), params.getAppliedSequence());
+      auto results = context.getResults();
+      results.setSession(kj::heap<DeviceSessionImpl>(server_, id, connection));
+      results.setVmId(server_.vmId());
+      results.setHeadSequence(server_.head());
+      return kj::READY_NOW;
+    });
+  }
+  kj::Promise<void> status(StatusContext context) override {
+    server_.fillStatus(context.getResults().initStatus());
+    return kj::READY_NOW;
+  }
+  kj::Promise<void> switchTo(SwitchToContext context) override {
+    return guarded([&] {
+      std::string target = context.getParams().getTarget();
+      return server_.switchTo(target, context.getResults().initReport());
+    });
+  }
+
+ private:
+  SyncServer& server_;
+};
+
+}  // namespace
+
+SyncServer::SyncServer(std::string dataDir) : store_(std::move(dataDir)), state_(store_.state()) {
+  for (const auto& [id, applied] : state_.appliedByDevice) {
+    auto entry = std::make_unique<DeviceEntry>();
+    entry->id = id;
+    entry->applied = applied;
+    devices_[id] = std::move(entry);
+  }
+  spdlog::info("sync server: VM '{}', {} checkpoints, lease epoch {} held by '{}'", state_.vmId, store_.head(),
+               state_.epoch, state_.holder);
+}
+
+SyncServer::~SyncServer() = default;
+
+wire::SyncServer::Client SyncServer::client() { return kj::heap<SyncServerImpl>(*this); }
+
+DeviceEntry& SyncServer::device(const std::string& id) {
+  auto& slot = devices_[id];
+  if (!slot) {
+    slot = std::make_unique<DeviceEntry>();
+    slot->id = id;
+  }
+  return *slot;
+}
+
+void SyncServer::persist() {
+  for (const auto& [id, entry] : devices_) state_.appliedByDevice[id] = entry->applied;
+  store_.saveState(state_);
+}
+
+std::uint64_t SyncServer::registerDevice(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied) {
+  if (id.empty() || id.size() > 64) fail("device id must be 1 to 64 characters");
+  if (applied > store_.head())
+    fail("device {} says it applied checkpoint {}, but this server's chain ends at {}; "
+         "its state does not belong to this server", id, applied, store_.head());
+  DeviceEntry& entry = device(id);
+  entry.peer = kj::mv(peer);
+  entry.connection = ++connections_;
+  entry.applied = applied;
+  entry.queued = applied;
+  entry.failure.clear();
+  entry.tail = nullptr;
+  persist();
+  spdlog::info("device {} registered at sequence {} (head {})", id, applied, store_.head());
+  forwardUpTo(entry, store_.head());
+  return entry.connection;
+}
+
+void SyncServer::unregister(const std::string& id, std::uint64_t connection) {
+  auto it = devices_.find(id);
+  if (it == devices_.end() || it->second->connection != connection) return;
+  it->second->peer.reset();
+  it->second->tail = nullptr;
+  spdlog::info("device {} went offline at sequence {}", id, it->second->applied);
+}
+
+std::uint64_t SyncServer::acquireLease(const std::string& id) {
+  if (!state_.holder.empty() && state_.holder != id)
+    fail("device {} holds the lease; switch to this device with `vmsync switch --to {}`", state_.holder, id);
+  if (state_.holder == id) return state_.epoch;
+  DeviceEntry& entry = device(id);
+  if (entry.applied != store_.head())
+    fail("device {} is stale (at sequence {}, head {}); it must catch up before it may become active", id,
+         entry.applied, store_.head());
+  ++state_.epoch;
+  state_.holder = id;
+  persist();
+  spdlog::info("lease epoch {} granted to {}", state_.epoch, id);
+  return state_.epoch;
+}
+
+std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader checkpoint) {
+  if (state_.holder != id || checkpoint.getEpoch() != state_.epoch)
+    fail("checkpoint {} from {} rejected: the device was fenced (its lease epoch is {}, the current lease is "
+         "epoch {} held by '{}')", checkpoint.getSequence(), id, checkpoint.getEpoch(), state_.epoch, state_.holder);
+  if (checkpoint.getSequence() != store_.head() + 1 || checkpoint.getBaseSequence() != store_.head())
+    fail("checkpoint {} (based on {}) rejected: the chain ends at {}", checkpoint.getSequence(),
+         checkpoint.getBaseSequence(), store_.head());
+  bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  if (full != (store_.head() == 0))
+    fail("checkpoint {} rejected: the first checkpoint must be full, and only the first", checkpoint.getSequence());
+  if (full) {
+    std::string vm = checkpoint.getSpec().getVmId();
+    if (vm.empty()) fail("full checkpoint rejected: its VM spec has no vmId");
+    state_.vmId = vm;
+  } else if (std::string(checkpoint.getVmId()) != state_.vmId) {
+    fail("checkpoint for VM '{}' rejected: this server holds VM '{}'", std::string(checkpoint.getVmId()),
+         state_.vmId);
+  }
+  store_.append(checkpoint);
+  DeviceEntry& origin = device(id);
+  origin.applied = origin.queued = store_.head();
+  persist();
+  for (auto& [other, entry] : devices_)
+    if (other != id) forwardUpTo(*entry, store_.head());
+  return store_.head();
+}
+
+void SyncServer::releaseLease(const std::string& id, std::uint64_t epoch) {
+  if (state_.holder != id || state_.epoch != epoch) fail("device {} does not hold lease epoch {}", id, epoch);
+  state_.holder.clear();
+  persist();
+}
+
+void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
+  if (!entry.peer || !entry.failure.empty()) return;
+  const std::uint64_t connection = entry.connection;
+  const std::string id = entry.id;
+  for (std::uint64_t s = std::max(entry.queued, entry.applied) + 1; s <= sequence; ++s) {
+    kj::Promise<void> previous = kj::READY_NOW;
+    KJ_IF_MAYBE(tail, entry.tail) { previous = tail->addBranch(); }
+    auto next = previous.then([this, id, s, connection]() -> kj::Promise<void> {
+      DeviceEntry& d = device(id);
+      if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= s) return kj::READY_NOW;
+      auto stored = store_.read(s);
+      auto request = d.peer->applyRequest();
+      request.setCheckpoint(stored->reader());
+      std::uint64_t start = nowNs();
+      return request.send().then(
+          [this, id, s, connection, start](capnp::Response<wire::DevicePeer::ApplyResults> response) {
+            DeviceEntry& d = device(id);
+            if (d.connection != connection) return;
+            d.lastForwardNs = nowNs() - start;
+            d.lastApplyNs = response.getApplyNs();
+            d.applied = response.getAppliedSequence();
+            persist();
+          },
+          [this, id, s, connection](kj::Exception&& e) {
+            DeviceEntry& d = device(id);
+            if (d.connection != connection) return;
+            d.failure = fmt::format("applying checkpoint {} failed: {}", s, describe(e));
+            spdlog::warn("device {}: {}", id, d.failure);
+          });
+    });
+    entry.tail = next.fork();
+  }
+  entry.queued = std::max(entry.queued, sequence);
+}
+
+kj::Promise<void> SyncServer::drained(DeviceEntry& entry) {
+  KJ_IF_MAYBE(tail, entry.tail) { return tail->addBranch(); }
+  return kj::READY_NOW;
+}
+
+void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
+  status.setVmId(state_.vmId);
+  status.setHeadSequence(store_.head());
+  status.setEpoch(state_.epoch);
+  status.setActiveDevice(state_.holder);
+  auto list = status.initDevices(static_cast<unsigned>(devices_.size()));
+  unsigned i = 0;
+  for (const auto& [id, entry] : devices_) {
+    auto d = list[i++];
+    d.setDeviceId(id);
+    d.setAppliedSequence(entry->applied);
+    d.setActive(state_.holder == id);
+    if (!entry->peer) d.setState(wire::DeviceState::OFFLINE);
+    else if (entry->applied < store_.head() && state_.holder != id) d.setState(wire::DeviceState::STALE);
+    else d.setState(wire::DeviceState::ONLINE);
+  }
+}
+
+kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchReport::Builder report) {
+  if (switching_) fail("a switch is already in progress");
+  const std::string source = state_.holder;
+  if (source.empty()) fail("no device is active; start one with `vmsync active`");
+  if (target == source) fail("device {} is already active", target);
+  auto it = devices_.find(target);
+  if (it == devices_.end()) fail("unknown device '{}'", target);
+  if (!it->second->peer) fail("device {} is offline", target);
+  if (!it->second->failure.empty()) fail("device {} cannot take over: {}", target, it->second->failure);
+  DeviceEntry& from = device(source);
+  if (!from.peer) fail("the active device {} is offline, so it cannot be paused", source);
+
+  switching_ = true;
+  const std::uint64_t start = nowNs();
+  report.setFrom(source);
+  report.setTo(target);
+  spdlog::info("switch {} -> {}: pausing {}", source, target, source);
+  auto request = from.peer->handOffRequest();
+  request.setTarget(target);
+  return request.send()
+      .then([this, source, target, report, start](capnp::Response<wire::DevicePeer::HandOffResults> response) mutable {
+        auto r = response.getResult();
+        report.setFinalSequence(r.getFinalSequence());
+        report.setFinalBytes(r.getFinalBytes());
+        report.setPauseNs(r.getPauseNs());
+        report.setFinalHarvestNs(r.getFinalHarvestNs());
+        report.setDeviceStateSaveNs(r.getDeviceStateSaveNs());
+        const std::uint64_t pushNs = r.getPushNs();
+        // The source paused and stored its final checkpoint: its lease ends here.
+        if (state_.holder == source) {
+          state_.holder.clear();
+          persist();
+        }
+        DeviceEntry& to = device(target);
+        forwardUpTo(to, store_.head());
+        return drained(to)
+            .then([this, source, target, report, start, pushNs]() mutable -> kj::Promise<void> {
+              DeviceEntry& to = device(target);
+              if (to.applied != store_.head())
+                rpcFail(to.failure.empty() ? fmt::format("device {} did not apply the final checkpoint", target)
+                                           : to.failure);
+              report.setApplyNs(to.lastApplyNs);
+              std::uint64_t wire = pushNs + to.lastForwardNs;
+              report.setTransferNs(wire > to.lastApplyNs ? wire - to.lastApplyNs : 0);
+              ++state_.epoch;
+              state_.holder = target;
+              persist();
+              auto activate = to.peer->activateRequest();
+              activate.setEpoch(state_.epoch);
+              return activate.send().then(
+                  [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
+                    report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
+                    report.setResumeNs(response.getResult().getResumeNs());
+                    report.setTotalNs(nowNs() - start);
+                    report.setEpoch(state_.epoch);
+                  });
+            })
+            .catch_([this, source, target](kj::Exception&& e) -> kj::Promise<void> {
+              // The target could not take over; the source holds the exact image
+              // of the final checkpoint, so the VM goes on there.
+              std::string why = describe(e);
+              spdlog::warn("switch to {} failed: {}; resuming on {}", target, why, source);
+              DeviceEntry& back = device(source);
+              if (!back.peer) {
+                state_.holder.clear();
+                persist();
+                rpcFail(fmt::format("switch to {} failed: {}; {} is offline, so the VM stays paused", target, why,
+                                    source));
+              }
+              ++state_.epoch;
+              state_.holder = source;
+              persist();
+              auto activate = back.peer->activateRequest();
+              activate.setEpoch(state_.epoch);
+              return activate.send().then(
+                  [target, source, why](auto&&) -> void {
+                    rpcFail(fmt::format("switch to {} failed: {}; the VM was resumed on {}", target, why, source));
+                  },
+                  [this, target, source, why](kj::Exception&& e2) -> void {
+                    state_.holder.clear();
+                    persist();
+                    rpcFail(fmt::format("switch to {} failed: {}; resuming on {} failed too: {}", target, why, source,
+                                        describe(e2)));
+                  });
+            });
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+}  // namespace vmsync

@@ -1,0 +1,68 @@
+// The sync server: holds the VM's chain, forwards it to standbys, grants the lease.
+#pragma once
+
+#include <kj/async.h>
+#include <kj/timer.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "checkpoint_store.h"
+#include "vmsync.capnp.h"
+
+namespace vmsync {
+
+/// A device as the server knows it.
+struct DeviceEntry {
+  std::string id;
+  std::optional<wire::DevicePeer::Client> peer;  // set while connected
+  std::uint64_t connection = 0;                  // which registration the peer belongs to
+  std::uint64_t applied = 0;                     // last sequence the device confirmed
+  std::uint64_t queued = 0;                      // last sequence handed to the forwarding chain
+  std::string failure;                           // why forwarding stopped, if it did
+  kj::Maybe<kj::ForkedPromise<void>> tail;       // in-order forwarding chain
+  std::uint64_t lastForwardNs = 0;               // round trip of the last apply call
+  std::uint64_t lastApplyNs = 0;                 // the device's own apply time for it
+};
+
+/// Implements wire::SyncServer; one instance per data directory.
+class SyncServer {
+ public:
+  explicit SyncServer(std::string dataDir);
+  ~SyncServer();
+
+  /// The capability clients bootstrap.
+  wire::SyncServer::Client client();
+
+  // The calls behind the RPC interfaces (see schema/vmsync.capnp).
+  std::uint64_t registerDevice(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied);
+  void unregister(const std::string& id, std::uint64_t connection);
+  std::uint64_t acquireLease(const std::string& id);
+  std::uint64_t push(const std::string& id, wire::Checkpoint::Reader checkpoint);
+  void releaseLease(const std::string& id, std::uint64_t epoch);
+  void fillStatus(wire::ClusterStatus::Builder status);
+  kj::Promise<void> switchTo(const std::string& target, wire::SwitchReport::Builder report);
+
+  const std::string& vmId() const { return store_.state().vmId; }
+  std::uint64_t head() const { return store_.head(); }
+
+ private:
+  DeviceEntry& device(const std::string& id);
+  void persist();
+  void forwardUpTo(DeviceEntry& entry, std::uint64_t sequence);
+  kj::Promise<void> drained(DeviceEntry& entry);
+  kj::Promise<void> activateWithFallback(std::string target, std::string source,
+                                         wire::SwitchReport::Builder report, std::uint64_t startNs,
+                                         std::uint64_t pushNs);
+
+  CheckpointStore store_;
+  ServerState state_;
+  std::map<std::string, std::unique_ptr<DeviceEntry>> devices_;
+  std::uint64_t connections_ = 0;
+  bool switching_ = false;
+};
+
+}  // namespace vmsync

@@ -1,0 +1,123 @@
+#include "checkpoint_builder.h"
+
+#include <capnp/message.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoint_applier.h"
+#include "error.h"
+#include "unit_hashes.h"
+
+namespace vmsync {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/vmsync-test-XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+void writeUnit(const std::string& path, std::uint64_t index, char fill) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(static_cast<std::streamoff>(index * kUnitSize));
+  std::string data(kUnitSize, fill);
+  f.write(data.data(), static_cast<std::streamsize>(data.size()));
+}
+
+/// Ships `delta` for both images into a checkpoint and applies it to `ram`/`disk`.
+void shipTo(const ImageDelta& memory, ImageFile& ram, ImageFile& disk) {
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  auto list = checkpoint.initMemory(static_cast<unsigned>(memory.units.size()));
+  for (std::size_t i = 0; i < memory.units.size(); ++i) toWire(memory.units[i], list[static_cast<unsigned>(i)]);
+  checkpoint.initDisk(0);
+  applyCheckpoint(checkpoint.asReader(), ram, disk);
+}
+
+TEST(ImageTracker, ScanFindsExactlyTheChangedUnitsAndTheReceiverConverges) {
+  TempDir dir;
+  ImageFile source(dir.file("source"), true, 64 * kUnitSize);
+  ImageFile receiverRam(dir.file("receiver"), true, 64 * kUnitSize);
+  ImageFile receiverDisk(dir.file("disk"), true, 4 * kUnitSize);
+  ImageTracker tracker(source, std::vector<std::uint64_t>(64, zeroUnitHash()));
+
+  writeUnit(source.path(), 3, 'a');
+  writeUnit(source.path(), 40, 'b');
+  ImageDelta first = tracker.collect(DirtyUnits{.everything = true}, true);
+  ASSERT_EQ(first.units.size(), 2u);
+  EXPECT_EQ(first.units[0].index, 3u);
+  EXPECT_EQ(first.units[1].index, 40u);
+  tracker.acknowledge(first);
+  shipTo(first, receiverRam, receiverDisk);
+
+  writeUnit(source.path(), 40, 'c');
+  writeUnit(source.path(), 41, 'd');
+  ImageDelta second = tracker.collect(DirtyUnits{.everything = true}, true);
+  ASSERT_EQ(second.units.size(), 2u);
+  tracker.acknowledge(second);
+  shipTo(second, receiverRam, receiverDisk);
+
+  EXPECT_EQ(hashAllUnits(source), hashAllUnits(receiverRam));
+  EXPECT_EQ(tracker.receiverHashes(), hashAllUnits(receiverRam));
+}
+
+TEST(ImageTracker, FailedPushShipsTheUnitsAgainEvenIfTheSourceForgetsThem) {
+  TempDir dir;
+  ImageFile source(dir.file("source"), true, 16 * kUnitSize);
+  ImageTracker tracker(source, std::vector<std::uint64_t>(16, zeroUnitHash()));
+  writeUnit(source.path(), 5, 'x');
+  // A tracking source (kmod, bpf) reports unit 5 once and resets.
+  ImageDelta lost = tracker.collect(DirtyUnits{.units = {5}}, false);
+  ASSERT_EQ(lost.units.size(), 1u);
+  tracker.retryLater(lost);
+  // The next harvest reports nothing new, but unit 5 must still ship.
+  ImageDelta again = tracker.collect(DirtyUnits{}, false);
+  ASSERT_EQ(again.units.size(), 1u);
+  EXPECT_EQ(again.units[0].index, 5u);
+  tracker.acknowledge(again);
+  EXPECT_TRUE(tracker.collect(DirtyUnits{}, false).units.empty());
+}
+
+TEST(ImageTracker, RejectsUnitsPastTheImage) {
+  TempDir dir;
+  ImageFile source(dir.file("source"), true, 4 * kUnitSize);
+  ImageTracker tracker(source, std::vector<std::uint64_t>(4, zeroUnitHash()));
+  EXPECT_THROW(tracker.collect(DirtyUnits{.units = {4}}, false), Error);
+}
+
+TEST(ApplyCheckpoint, OutOfRangeChunkIsRejectedAndNothingIsWritten) {
+  TempDir dir;
+  ImageFile ram(dir.file("ram"), true, 4 * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, 4 * kUnitSize);
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  auto memory = checkpoint.initMemory(2);
+  std::vector<std::byte> ones(kUnitSize, std::byte{1});
+  toWire(encodeWhole(0, ones, false), memory[0]);
+  toWire(encodeWhole(9, ones, false), memory[1]);
+  checkpoint.initDisk(0);
+  EXPECT_THROW(applyCheckpoint(checkpoint.asReader(), ram, disk), Error);
+  EXPECT_EQ(hashUnit(ram.unit(0)), zeroUnitHash()) << "the valid first chunk must not have been applied";
+}
+
+TEST(ImageDigest, DiffersWhenOneUnitDiffers) {
+  std::vector<std::uint64_t> ram{1, 2, 3}, disk{4, 5};
+  auto a = imageDigest(ram, disk);
+  disk[1] = 6;
+  EXPECT_NE(a, imageDigest(ram, disk));
+}
+
+}  // namespace
+}  // namespace vmsync

@@ -1,0 +1,43 @@
+// Encoding of one 4096-byte unit into a wire Chunk, and decoding it back.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "vmsync.capnp.h"
+
+namespace vmsync {
+
+/// One unit as it goes on the wire.
+struct EncodedUnit {
+  std::uint64_t index = 0;
+  wire::ChunkEncoding encoding = wire::ChunkEncoding::WHOLE;
+  wire::Compression compression = wire::Compression::NONE;
+  std::uint32_t rawSize = 0;     // bytes of `data` after decompression
+  std::uint32_t sameAs = 0;      // for SAME_AS: position of the earlier chunk
+  std::vector<std::byte> data;   // payload (empty for ZERO and SAME_AS)
+};
+
+/// True when every byte of `unit` is zero.
+bool isZeroUnit(std::span<const std::byte> unit);
+
+/// Encodes `current` whole (or as ZERO), then lz4-compresses the payload when
+/// `compress` is set and compression makes it smaller.
+EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current, bool compress);
+
+/// Writes `unit` into a wire chunk.
+void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
+
+/// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the
+/// policy diffs against (needed for XOR_DIFF only); `earlier` gives the decoded
+/// bytes of an earlier chunk of the same list (for SAME_AS). Throws Error naming
+/// what is malformed; never writes outside `out`.
+void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference,
+                 std::span<std::byte> out);
+
+/// Encoded size of a chunk on the wire (payload plus a fixed header estimate),
+/// used for reports.
+std::uint64_t payloadBytes(wire::Chunk::Reader chunk);
+
+}  // namespace vmsync

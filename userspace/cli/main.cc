@@ -1,0 +1,174 @@
+// vmsync: the controller command.
+//
+//   vmsync server   --listen HOST:PORT --data DIR
+//   vmsync active   --device A --state DIR --image DIR [--server HOST:PORT] [--interval S] [--accel auto|kvm|tcg]
+//   vmsync standby  --device B --state DIR [--server HOST:PORT]
+//   vmsync switch   --to B [--server HOST:PORT] [--json]
+//   vmsync status   [--server HOST:PORT] [--json]
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <kj/async-io.h>
+#include <nlohmann/json.hpp>
+
+#include "device.h"
+#include "error.h"
+#include "rpc_util.h"
+#include "server_main.h"
+#include "vmsync.capnp.h"
+
+namespace {
+
+std::string describe(const kj::Exception& e) {
+  std::string text = e.getDescription().cStr();
+  for (const char* prefix : {"remote exception: ", "std::exception: "})
+    if (text.rfind(prefix, 0) == 0) text.erase(0, std::string(prefix).size());
+  return text;
+}
+
+const char* stateName(vmsync::wire::DeviceState state) {
+  switch (state) {
+    case vmsync::wire::DeviceState::ONLINE: return "online";
+    case vmsync::wire::DeviceState::OFFLINE: return "offline";
+    case vmsync::wire::DeviceState::STALE: return "stale";
+  }
+  return "unknown";
+}
+
+int runStatus(const std::string& server, bool json) {
+  auto io = kj::setupAsyncIo();
+  auto connection = vmsync::connectRpc(io, server).wait(io.waitScope);
+  auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
+  auto response = client.statusRequest().send().wait(io.waitScope);
+  auto status = response.getStatus();
+  if (json) {
+    nlohmann::json j{{"vm_id", std::string(status.getVmId())},
+                     {"head_sequence", status.getHeadSequence()},
+                     {"epoch", status.getEpoch()},
+                     {"active_device", std::string(status.getActiveDevice())},
+                     {"devices", nlohmann::json::array()}};
+    for (auto d : status.getDevices())
+      j["devices"].push_back({{"device", std::string(d.getDeviceId())},
+                              {"state", stateName(d.getState())},
+                              {"applied_sequence", d.getAppliedSequence()},
+                              {"active", d.getActive()}});
+    std::puts(j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("VM %s: head checkpoint %llu, lease epoch %llu, active device %s\n",
+              status.getVmId().size() ? status.getVmId().cStr() : "(none yet)",
+              static_cast<unsigned long long>(status.getHeadSequence()),
+              static_cast<unsigned long long>(status.getEpoch()),
+              status.getActiveDevice().size() ? status.getActiveDevice().cStr() : "(none)");
+  std::printf("%-16s %-8s %-8s %s\n", "DEVICE", "STATE", "APPLIED", "ROLE");
+  for (auto d : status.getDevices())
+    std::printf("%-16s %-8s %-8llu %s\n", d.getDeviceId().cStr(), stateName(d.getState()),
+                static_cast<unsigned long long>(d.getAppliedSequence()), d.getActive() ? "active" : "standby");
+  return 0;
+}
+
+double ms(std::uint64_t ns) { return static_cast<double>(ns) / 1e6; }
+
+int runSwitch(const std::string& server, const std::string& target, bool json) {
+  auto io = kj::setupAsyncIo();
+  auto connection = vmsync::connectRpc(io, server).wait(io.waitScope);
+  auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
+  auto request = client.switchToRequest();
+  request.setTarget(target);
+  auto response = request.send().wait(io.waitScope);
+  auto r = response.getReport();
+  if (json) {
+    nlohmann::json j{{"from", std::string(r.getFrom())},      {"to", std::string(r.getTo())},
+                     {"final_sequence", r.getFinalSequence()}, {"final_bytes", r.getFinalBytes()},
+                     {"epoch", r.getEpoch()},                  {"pause_ms", ms(r.getPauseNs())},
+                     {"final_harvest_ms", ms(r.getFinalHarvestNs())},
+                     {"device_state_save_ms", ms(r.getDeviceStateSaveNs())},
+                     {"transfer_ms", ms(r.getTransferNs())},   {"apply_ms", ms(r.getApplyNs())},
+                     {"device_state_load_ms", ms(r.getDeviceStateLoadNs())},
+                     {"resume_ms", ms(r.getResumeNs())},       {"total_ms", ms(r.getTotalNs())}};
+    std::puts(j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("switched %s -> %s: final checkpoint %llu (%llu bytes), lease epoch %llu\n", r.getFrom().cStr(),
+              r.getTo().cStr(), static_cast<unsigned long long>(r.getFinalSequence()),
+              static_cast<unsigned long long>(r.getFinalBytes()), static_cast<unsigned long long>(r.getEpoch()));
+  std::printf("  pause              %8.1f ms\n", ms(r.getPauseNs()));
+  std::printf("  final harvest      %8.1f ms\n", ms(r.getFinalHarvestNs()));
+  std::printf("  device-state save  %8.1f ms\n", ms(r.getDeviceStateSaveNs()));
+  std::printf("  transfer           %8.1f ms\n", ms(r.getTransferNs()));
+  std::printf("  apply              %8.1f ms\n", ms(r.getApplyNs()));
+  std::printf("  device-state load  %8.1f ms\n", ms(r.getDeviceStateLoadNs()));
+  std::printf("  resume             %8.1f ms\n", ms(r.getResumeNs()));
+  std::printf("  total              %8.1f ms\n", ms(r.getTotalNs()));
+  return 0;
+}
+
+void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
+  cmd.add_option("--device", o.deviceId, "this device's name")->required();
+  cmd.add_option("--state", o.stateDir, "state directory (images, serial log)")->required();
+  cmd.add_option("--server", o.server, "sync server address, host:port")->capture_default_str();
+  cmd.add_option("--accel", o.accel, "accelerator: auto, kvm or tcg")
+      ->check(CLI::IsMember({"auto", "kvm", "tcg"}))
+      ->capture_default_str();
+  cmd.add_option("--interval", o.intervalSeconds, "seconds between incremental checkpoints")->capture_default_str();
+  cmd.add_option("--qemu", o.qemuBinary, "QEMU binary")->capture_default_str();
+  cmd.add_option("--page-source", o.pageSource, "dirty page source")->capture_default_str();
+  cmd.add_option("--block-source", o.blockSource, "dirty block source")->capture_default_str();
+  cmd.add_flag("!--no-compress", o.compress, "do not lz4-compress chunks");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vmsync: keep a live VM synchronized across devices"};
+  app.require_subcommand(1);
+  std::string logLevel = "info";
+  app.add_option("--log-level", logLevel, "trace, debug, info, warn, error")->capture_default_str();
+
+  vmsync::ServerOptions serverOptions;
+  auto* server = app.add_subcommand("server", "run the sync server");
+  vmsync::addServerOptions(*server, serverOptions);
+
+  vmsync::DeviceOptions activeOptions;
+  auto* active = app.add_subcommand("active", "create the VM on this device, run it and ship checkpoints");
+  addDeviceOptions(*active, activeOptions);
+  active->add_option("--image", activeOptions.imageDir, "guest image directory (vm-images/build.sh --out)")->required();
+  active->add_option("--vm", activeOptions.vmId, "name of the VM")->capture_default_str();
+  active->add_option("--memory-mb", activeOptions.memoryMb, "guest RAM in MiB (default: the image's)");
+
+  vmsync::DeviceOptions standbyOptions;
+  auto* standby = app.add_subcommand("standby", "keep a copy of the VM current, ready to take over");
+  addDeviceOptions(*standby, standbyOptions);
+
+  std::string clientServer = "127.0.0.1:7400";
+  std::string target;
+  bool json = false;
+  auto* sw = app.add_subcommand("switch", "move the running VM to another device");
+  sw->add_option("--to", target, "device to continue on")->required();
+  sw->add_option("--server", clientServer, "sync server address")->capture_default_str();
+  sw->add_flag("--json", json, "print the report as JSON");
+
+  auto* status = app.add_subcommand("status", "devices, the active one, applied checkpoints");
+  status->add_option("--server", clientServer, "sync server address")->capture_default_str();
+  status->add_flag("--json", json, "print as JSON");
+
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_level(spdlog::level::from_str(logLevel));
+  spdlog::set_pattern("[%H:%M:%S.%e] %^%l%$ %v");
+
+  try {
+    if (server->parsed()) return vmsync::runServer(serverOptions);
+    if (active->parsed()) return vmsync::runDevice(activeOptions, vmsync::Role::active);
+    if (standby->parsed()) return vmsync::runDevice(standbyOptions, vmsync::Role::standby);
+    if (sw->parsed()) return runSwitch(clientServer, target, json);
+    if (status->parsed()) return runStatus(clientServer, json);
+  } catch (const vmsync::Error& e) {
+    std::fprintf(stderr, "vmsync: %s\n", e.what());
+    return 1;
+  } catch (const kj::Exception& e) {
+    std::fprintf(stderr, "vmsync: %s\n", describe(e).c_str());
+    return 1;
+  }
+  return 2;
+}

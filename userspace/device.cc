@@ -1,0 +1,611 @@
+#include "device.h"
+
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <filesystem>
+#include <kj/async-unix.h>
+#include <kj/timer.h>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "checkpoint_applier.h"
+#include "checkpoint_builder.h"
+#include "durable_file.h"
+#include "error.h"
+#include "image_file.h"
+#include "qemu_vm.h"
+#include "rpc_util.h"
+#include "unit_hashes.h"
+#include "vmsync.capnp.h"
+
+namespace vmsync {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::uint64_t nowNs() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+[[noreturn]] void rpcFail(const std::string& message) {
+  kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str())));
+}
+
+std::string describe(const kj::Exception& e) {
+  std::string text = e.getDescription().cStr();
+  for (const char* prefix : {"remote exception: ", "std::exception: "})
+    if (text.rfind(prefix, 0) == 0) text.erase(0, std::string(prefix).size());
+  return text;
+}
+
+template <typename Body>
+auto guarded(Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Error& e) {
+    rpcFail(e.what());
+  }
+}
+
+kj::ArrayPtr<const kj::byte> asCapnp(std::span<const std::byte> bytes) {
+  return {reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()};
+}
+
+std::span<const std::byte> asSpan(capnp::Data::Reader data) {
+  return {reinterpret_cast<const std::byte*>(data.begin()), data.size()};
+}
+
+/// What a device keeps about its VM besides the images (vm.json).
+struct LocalSpec {
+  std::string vmId;
+  std::uint64_t memoryBytes = 0;
+  std::uint64_t diskBytes = 0;
+  std::string cmdline;
+  std::string accel;
+  std::string cpuModel = "qemu64";
+  std::uint32_t vcpus = 1;
+};
+
+LocalSpec specFromWire(wire::VmSpec::Reader spec) {
+  return LocalSpec{spec.getVmId(), spec.getMemoryBytes(), spec.getDiskBytes(), spec.getKernelCmdline(),
+                   spec.getAccel(),  spec.getCpuModel(),    spec.getVcpus()};
+}
+
+void fillEncodedList(capnp::List<wire::Chunk>::Builder list, const ImageDelta& delta) {
+  for (std::size_t i = 0; i < delta.units.size(); ++i) toWire(delta.units[i], list[static_cast<unsigned>(i)]);
+}
+
+}  // namespace
+
+/// One device: its images, its VMM when active, its connection to the server.
+class Device {
+ public:
+  Device(kj::AsyncIoContext& io, DeviceOptions options) : io_(io), options_(std::move(options)) {
+    fs::create_directories(options_.stateDir);
+    dir_ = fs::absolute(options_.stateDir).string();
+    loadLocalState();
+  }
+
+  ~Device() {
+    if (vm_) {
+      spdlog::info("stopping the VM (it is not handed off; the server keeps the last checkpoint)");
+      vm_->quit();
+    }
+  }
+
+  /// Connects, registers and, for the active role, creates and starts the VM.
+  kj::Promise<void> start(Role role);
+
+  // DevicePeer calls from the server.
+  void apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyResults::Builder results);
+  kj::Promise<void> handOff(std::string target, wire::HandOffResult::Builder result);
+  void activate(std::uint64_t epoch, wire::ActivateResult::Builder result);
+
+ private:
+  std::string path(const char* name) const { return dir_ + "/" + name; }
+  void loadLocalState();
+  void saveApplied(std::uint64_t sequence);
+  void saveLocalSpec();
+  void openImages(bool create);
+  VmConfig vmConfig(bool incoming) const;
+  void createFromImage();
+  void becomeActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes, std::vector<std::uint64_t> diskHashes);
+  void scheduleCheckpoint();
+  kj::Promise<void> pushCheckpoint(wire::CheckpointKind kind);
+  kj::Promise<void> whenIdle();
+
+  kj::AsyncIoContext& io_;
+  DeviceOptions options_;
+  std::string dir_;
+  Role role_ = Role::standby;
+
+  kj::Own<RpcConnection> connection_;
+  std::optional<wire::SyncServer::Client> server_;
+  std::optional<wire::DeviceSession::Client> session_;
+
+  LocalSpec spec_;
+  bool haveSpec_ = false;
+  std::uint64_t applied_ = 0;
+  std::uint64_t epoch_ = 0;
+  std::uint64_t deviceStateSequence_ = 0;  // final checkpoint whose device state we hold
+  std::string damaged_;                    // set when the local image failed verification
+
+  std::unique_ptr<ImageFile> ram_;
+  std::unique_ptr<ImageFile> disk_;
+  std::unique_ptr<QemuVm> vm_;
+  std::unique_ptr<PageSource> pageSource_;
+  std::unique_ptr<BlockSource> blockSource_;
+  std::unique_ptr<ImageTracker> ramTracker_;
+  std::unique_ptr<ImageTracker> diskTracker_;
+  std::vector<std::uint64_t> verifiedRamHashes_;
+  std::vector<std::uint64_t> verifiedDiskHashes_;
+
+  bool stopping_ = false;                       // no new incremental checkpoints
+  kj::Maybe<kj::Promise<void>> timer_;          // next incremental checkpoint
+  kj::Maybe<kj::ForkedPromise<void>> inFlight_; // push under way
+};
+
+class DevicePeerImpl final : public wire::DevicePeer::Server {
+ public:
+  explicit DevicePeerImpl(Device& device) : device_(device) {}
+
+  kj::Promise<void> apply(ApplyContext context) override {
+    return guarded([&] {
+      device_.apply(context.getParams().getCheckpoint(), context.getResults());
+      return kj::READY_NOW;
+    });
+  }
+  kj::Promise<void> handOff(HandOffContext context) override {
+    return guarded([&] { return device_.handOff(context.getParams().getTarget(), context.getResults().initResult()); });
+  }
+  kj::Promise<void> activate(ActivateContext context) override {
+    return guarded([&] {
+      device_.activate(context.getParams().getEpoch(), context.getResults().initResult());
+      return kj::READY_NOW;
+    });
+  }
+
+ private:
+  Device& device_;
+};
+
+void Device::loadLocalState() {
+  if (fs::exists(path("applied"))) {
+    std::string text = readWholeFile(path("applied"), 64);
+    try {
+      applied_ = std::stoull(text);
+    } catch (const std::exception&) {
+      fail("{} is damaged: '{}' is not a sequence number", path("applied"), text);
+    }
+  }
+  if (fs::exists(path("vm.json"))) {
+    try {
+      auto j = nlohmann::json::parse(readWholeFile(path("vm.json"), 1 << 20));
+      spec_ = LocalSpec{j.at("vm_id"), j.at("memory_bytes"), j.at("disk_bytes"), j.at("cmdline"),
+                        j.at("accel"), j.at("cpu_model"),    j.at("vcpus")};
+      haveSpec_ = true;
+    } catch (const nlohmann::json::exception& e) {
+      fail("{} is damaged: {}", path("vm.json"), e.what());
+    }
+  }
+  if (fs::exists(path("device-state.seq")))
+    deviceStateSequence_ = std::stoull(readWholeFile(path("device-state.seq"), 64));
+  if (applied_ > 0 && !haveSpec_) fail("{} says checkpoint {} was applied but vm.json is missing", dir_, applied_);
+  if (haveSpec_) openImages(false);
+}
+
+void Device::saveApplied(std::uint64_t sequence) {
+  std::string text = std::to_string(sequence);
+  writeFileDurably(path("applied"), text.data(), text.size());
+  applied_ = sequence;
+}
+
+void Device::saveLocalSpec() {
+  nlohmann::json j{{"vm_id", spec_.vmId},   {"memory_bytes", spec_.memoryBytes}, {"disk_bytes", spec_.diskBytes},
+                   {"cmdline", spec_.cmdline}, {"accel", spec_.accel},           {"cpu_model", spec_.cpuModel},
+                   {"vcpus", spec_.vcpus}};
+  std::string text = j.dump(2);
+  writeFileDurably(path("vm.json"), text.data(), text.size());
+  haveSpec_ = true;
+}
+
+void Device::openImages(bool create) {
+  ram_.reset();
+  disk_.reset();
+  if (create) {
+    // A full checkpoint describes the whole image on top of zeros.
+    fs::remove(path("ram.img"));
+    fs::remove(path("disk.img"));
+  }
+  ram_ = std::make_unique<ImageFile>(path("ram.img"), true, create ? spec_.memoryBytes : 0);
+  disk_ = std::make_unique<ImageFile>(path("disk.img"), true, create ? spec_.diskBytes : 0);
+  if (ram_->sizeBytes() != spec_.memoryBytes || disk_->sizeBytes() != spec_.diskBytes)
+    fail("local image in {} does not match the VM: RAM {} / {} bytes, disk {} / {} bytes", dir_, ram_->sizeBytes(),
+         spec_.memoryBytes, disk_->sizeBytes(), spec_.diskBytes);
+}
+
+VmConfig Device::vmConfig(bool incoming) const {
+  VmConfig config;
+  config.qemuBinary = options_.qemuBinary;
+  config.accel = spec_.accel;
+  config.cpuModel = spec_.cpuModel;
+  config.memoryBytes = spec_.memoryBytes;
+  config.vcpus = spec_.vcpus;
+  config.kernelPath = path("vmlinuz");
+  config.initrdPath = path("initrd.img");
+  config.kernelCmdline = spec_.cmdline;
+  config.ramPath = path("ram.img");
+  config.diskPath = path("disk.img");
+  config.serialLogPath = path("serial.log");
+  config.runDir = path("run");
+  config.incoming = incoming;
+  return config;
+}
+
+void Device::createFromImage() {
+  if (options_.imageDir.empty()) fail("`vmsync active` needs --image DIR (built by vm-images/build.sh)");
+  const fs::path image(options_.imageDir);
+  for (const char* name : {"vmlinuz", "initrd.img", "disk.img", "cmdline"})
+    if (!fs::exists(image / name)) fail("guest image {} has no {}; build it with vm-images/build.sh", image.string(), name);
+  std::uint32_t memoryMb = options_.memoryMb;
+  if (memoryMb == 0 && fs::exists(image / "spec.json")) {
+    auto j = nlohmann::json::parse(readWholeFile((image / "spec.json").string(), 1 << 20));
+    memoryMb = j.value("memory_mb", 0u);
+  }
+  if (memoryMb == 0) memoryMb = 128;
+  fs::copy_file(image / "vmlinuz", path("vmlinuz"), fs::copy_options::overwrite_existing);
+  fs::copy_file(image / "initrd.img", path("initrd.img"), fs::copy_options::overwrite_existing);
+  fs::remove(path("disk.img"));
+  fs::copy_file(image / "disk.img", path("disk.img"));
+  fs::remove(path("ram.img"));
+  fs::remove(path("device-state.bin"));
+  fs::remove(path("device-state.seq"));
+  deviceStateSequence_ = 0;
+  std::string cmdline = readWholeFile((image / "cmdline").string(), 4096);
+  while (!cmdline.empty() && (cmdline.back() == '\n' || cmdline.back() == ' ')) cmdline.pop_back();
+  spec_ = LocalSpec{options_.vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64", 1};
+  if (spec_.diskBytes % kUnitSize != 0) fail("guest disk {} is not a multiple of 4096 bytes", (image / "disk.img").string());
+  ram_ = std::make_unique<ImageFile>(path("ram.img"), true, spec_.memoryBytes);
+  disk_ = std::make_unique<ImageFile>(path("disk.img"), true);
+  spec_.accel = resolveAccel(options_.accel, vmConfig(false));
+  saveLocalSpec();
+  saveApplied(0);
+}
+
+kj::Promise<void> Device::start(Role role) {
+  return connectRpc(io_, options_.server)
+      .then([this, role](kj::Own<RpcConnection> connection) {
+        connection_ = kj::mv(connection);
+        server_ = connection_->bootstrap().castAs<wire::SyncServer>();
+        auto request = server_->registerRequest();
+        request.setDeviceId(options_.deviceId);
+        request.setPeer(kj::heap<DevicePeerImpl>(*this));
+        request.setAppliedSequence(role == Role::active ? 0 : applied_);
+        return request.send();
+      })
+      .then([this, role](capnp::Response<wire::SyncServer::RegisterResults> registered) -> kj::Promise<void> {
+        session_ = registered.getSession();
+        spdlog::info("{}: registered with {} (VM '{}', head {})", options_.deviceId, options_.server,
+                     std::string(registered.getVmId()), registered.getHeadSequence());
+        if (role == Role::standby) return kj::READY_NOW;
+        if (registered.getHeadSequence() != 0)
+          fail("the server already holds VM '{}' at checkpoint {}; start this device with `vmsync standby` and "
+               "switch to it", std::string(registered.getVmId()), registered.getHeadSequence());
+        return session_->acquireLeaseRequest().send().then(
+            [this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) {
+              createFromImage();
+              auto zeroRam = std::vector<std::uint64_t>(ram_->units(), zeroUnitHash());
+              auto zeroDisk = std::vector<std::uint64_t>(disk_->units(), zeroUnitHash());
+              vm_ = std::make_unique<QemuVm>(vmConfig(false));
+              vm_->cont();
+              spdlog::info("{}: VM '{}' running under {} ({} MiB RAM, {} MiB disk), lease epoch {}",
+                           options_.deviceId, spec_.vmId, spec_.accel, spec_.memoryBytes >> 20,
+                           spec_.diskBytes >> 20, lease.getEpoch());
+              becomeActive(lease.getEpoch(), std::move(zeroRam), std::move(zeroDisk));
+            });
+      });
+}
+
+void Device::becomeActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes,
+                          std::vector<std::uint64_t> diskHashes) {
+  role_ = Role::active;
+  epoch_ = epoch;
+  if (options_.pageSource != "scan") fail("--page-source {} is not available; use scan", options_.pageSource);
+  if (options_.blockSource != "scan") fail("--block-source {} is not available; use scan", options_.blockSource);
+  pageSource_ = std::make_unique<ScanPageSource>();
+  blockSource_ = std::make_unique<ScanBlockSource>();
+  ramTracker_ = std::make_unique<ImageTracker>(*ram_, std::move(ramHashes));
+  diskTracker_ = std::make_unique<ImageTracker>(*disk_, std::move(diskHashes));
+  spdlog::info("{}: active (page source {}, block source {}, checkpoint every {} s)", options_.deviceId,
+               pageSource_->name(), blockSource_->name(), options_.intervalSeconds);
+  stopping_ = false;
+  // The first checkpoint of a new VM is the full sync; after a switch the
+  // first one is incremental on top of the final checkpoint.
+  auto first = pushCheckpoint(applied_ == 0 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
+  inFlight_ = first.fork();
+  scheduleCheckpoint();
+}
+
+void Device::scheduleCheckpoint() {
+  auto delay = static_cast<std::uint64_t>(options_.intervalSeconds * 1e9);
+  timer_ = whenIdle()
+               .then([this, delay] { return io_.provider->getTimer().afterDelay(delay * kj::NANOSECONDS); })
+               .then([this] {
+                 if (stopping_ || role_ != Role::active) return;
+                 inFlight_ = pushCheckpoint(wire::CheckpointKind::INCREMENTAL).fork();
+                 scheduleCheckpoint();
+               })
+               .eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("checkpoint loop: {}", describe(e)); });
+}
+
+kj::Promise<void> Device::whenIdle() {
+  KJ_IF_MAYBE(push, inFlight_) { return push->addBranch(); }
+  return kj::READY_NOW;
+}
+
+kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
+  struct Pending {
+    ImageDelta memory;
+    ImageDelta disk;
+    std::uint64_t sequence = 0;
+  };
+  auto pending = std::make_shared<Pending>();
+  const std::uint64_t t0 = nowNs();
+  try {
+    DirtyUnits pages = pageSource_->harvest();
+    DirtyUnits blocks = blockSource_->harvest();
+    pending->memory = ramTracker_->collect(pages, options_.compress);
+    pending->disk = diskTracker_->collect(blocks, options_.compress);
+  } catch (const Error& e) {
+    spdlog::error("{}: harvest failed: {}", options_.deviceId, e.what());
+    return kj::READY_NOW;
+  }
+  pending->sequence = applied_ + 1;
+  auto request = session_->pushRequest();
+  auto checkpoint = request.initCheckpoint();
+  checkpoint.setVmId(spec_.vmId);
+  checkpoint.setEpoch(epoch_);
+  checkpoint.setSequence(pending->sequence);
+  checkpoint.setBaseSequence(applied_);
+  checkpoint.setKind(kind);
+  checkpoint.setPolicy(wire::Policy::DIRTY_PREV);
+  checkpoint.setOrigin(options_.deviceId);
+  checkpoint.setCreatedUnixNs(static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count()));
+  fillEncodedList(checkpoint.initMemory(static_cast<unsigned>(pending->memory.units.size())), pending->memory);
+  fillEncodedList(checkpoint.initDisk(static_cast<unsigned>(pending->disk.units.size())), pending->disk);
+  if (kind == wire::CheckpointKind::FULL) {
+    auto spec = checkpoint.initSpec();
+    spec.setVmId(spec_.vmId);
+    spec.setMemoryBytes(spec_.memoryBytes);
+    spec.setDiskBytes(spec_.diskBytes);
+    spec.setKernelCmdline(spec_.cmdline);
+    spec.setAccel(spec_.accel);
+    spec.setCpuModel(spec_.cpuModel);
+    spec.setVcpus(spec_.vcpus);
+    std::string kernel = readWholeFile(path("vmlinuz"), 256u << 20);
+    std::string initrd = readWholeFile(path("initrd.img"), 1024u << 20);
+    spec.setKernel(kj::arrayPtr(reinterpret_cast<const kj::byte*>(kernel.data()), kernel.size()));
+    spec.setInitrd(kj::arrayPtr(reinterpret_cast<const kj::byte*>(initrd.data()), initrd.size()));
+  }
+  const std::uint64_t harvestNs = nowNs() - t0;
+  const std::uint64_t bytes = pending->memory.encodedBytes + pending->disk.encodedBytes;
+  return request.send()
+      .then([this, pending, kind, harvestNs, bytes](capnp::Response<wire::DeviceSession::PushResults>) {
+        ramTracker_->acknowledge(pending->memory);
+        diskTracker_->acknowledge(pending->disk);
+        saveApplied(pending->sequence);
+        spdlog::info("{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms",
+                     options_.deviceId, pending->sequence,
+                     kind == wire::CheckpointKind::FULL ? "full" : "incremental", pending->memory.units.size(),
+                     pending->disk.units.size(), bytes, harvestNs / 1e6);
+      },
+            [this, pending](kj::Exception&& e) {
+              // Nothing is lost: these units are shipped again with the next checkpoint.
+              ramTracker_->retryLater(pending->memory);
+              diskTracker_->retryLater(pending->disk);
+              spdlog::warn("{}: checkpoint {} not stored ({}); its changes go into the next one", options_.deviceId,
+                           pending->sequence, describe(e));
+            })
+      .eagerlyEvaluate(nullptr);
+}
+
+void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyResults::Builder results) {
+  const std::uint64_t start = nowNs();
+  if (role_ != Role::standby) fail("device {} is active; it does not apply checkpoints", options_.deviceId);
+  const std::uint64_t sequence = checkpoint.getSequence();
+  if (sequence != applied_ + 1 || checkpoint.getBaseSequence() != applied_)
+    fail("checkpoint {} (based on {}) does not follow this device's image at {}", sequence,
+         checkpoint.getBaseSequence(), applied_);
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  if (full) {
+    auto spec = checkpoint.getSpec();
+    spec_ = specFromWire(spec);
+    if (spec_.memoryBytes == 0 || spec_.memoryBytes % kUnitSize || spec_.diskBytes == 0 || spec_.diskBytes % kUnitSize)
+      fail("full checkpoint {} has invalid sizes (RAM {}, disk {})", sequence, spec_.memoryBytes, spec_.diskBytes);
+    writeFileDurably(path("vmlinuz"), spec.getKernel().begin(), spec.getKernel().size());
+    writeFileDurably(path("initrd.img"), spec.getInitrd().begin(), spec.getInitrd().size());
+    saveLocalSpec();
+    openImages(true);
+    damaged_.clear();
+  } else if (!ram_) {
+    fail("checkpoint {} is incremental but this device has no image yet", sequence);
+  } else if (std::string(checkpoint.getVmId()) != spec_.vmId) {
+    fail("checkpoint for VM '{}' does not belong to this device's VM '{}'", std::string(checkpoint.getVmId()),
+         spec_.vmId);
+  }
+  ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_);
+  ram_->sync();
+  disk_->sync();
+  if (checkpoint.getKind() == wire::CheckpointKind::FINAL) {
+    auto ramHashes = hashAllUnits(*ram_);
+    auto diskHashes = hashAllUnits(*disk_);
+    Digest digest = imageDigest(ramHashes, diskHashes);
+    auto expected = asSpan(checkpoint.getImageDigest());
+    if (expected.size() != digest.size() || !std::equal(expected.begin(), expected.end(), digest.begin())) {
+      damaged_ = fmt::format("image digest mismatch after checkpoint {}: expected {}, this device has {}", sequence,
+                             toHex(expected), toHex(digest));
+      saveApplied(sequence);
+      fail("{}; the image on {} is damaged and the VM will not be resumed here", damaged_, options_.deviceId);
+    }
+    auto state = checkpoint.getDeviceState();
+    writeFileDurably(path("device-state.bin"), state.begin(), state.size());
+    std::string seq = std::to_string(sequence);
+    writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
+    deviceStateSequence_ = sequence;
+    verifiedRamHashes_ = std::move(ramHashes);
+    verifiedDiskHashes_ = std::move(diskHashes);
+  }
+  saveApplied(sequence);
+  results.setAppliedSequence(sequence);
+  results.setApplyNs(nowNs() - start);
+  spdlog::info("{}: applied checkpoint {} ({} pages, {} blocks)", options_.deviceId, sequence, stats.memoryUnits,
+               stats.diskUnits);
+}
+
+kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Builder result) {
+  if (role_ != Role::active || !vm_) fail("device {} is not active", options_.deviceId);
+  stopping_ = true;
+  timer_ = nullptr;
+  return whenIdle().then([this, target, result]() mutable -> kj::Promise<void> {
+    spdlog::info("{}: handing off to {}", options_.deviceId, target);
+    std::uint64_t t0 = nowNs();
+    vm_->stop();
+    std::uint64_t t1 = nowNs();
+    auto memory = std::make_shared<ImageDelta>(ramTracker_->collect(pageSource_->harvest(), options_.compress));
+    auto disk = std::make_shared<ImageDelta>(diskTracker_->collect(blockSource_->harvest(), options_.compress));
+    std::uint64_t t2 = nowNs();
+    std::vector<std::byte> state;
+    try {
+      state = vm_->saveDeviceState();
+    } catch (const Error&) {
+      vm_->cont();
+      stopping_ = false;
+      scheduleCheckpoint();
+      throw;
+    }
+    std::uint64_t t3 = nowNs();
+    // The digest of the image the receiver will hold: every unit as shipped.
+    auto ramHashes = ramTracker_->receiverHashes();
+    auto diskHashes = diskTracker_->receiverHashes();
+    for (auto [i, h] : memory->hashes) ramHashes[i] = h;
+    for (auto [i, h] : disk->hashes) diskHashes[i] = h;
+    Digest digest = imageDigest(ramHashes, diskHashes);
+
+    const std::uint64_t sequence = applied_ + 1;
+    auto request = session_->pushRequest();
+    auto checkpoint = request.initCheckpoint();
+    checkpoint.setVmId(spec_.vmId);
+    checkpoint.setEpoch(epoch_);
+    checkpoint.setSequence(sequence);
+    checkpoint.setBaseSequence(applied_);
+    checkpoint.setKind(wire::CheckpointKind::FINAL);
+    checkpoint.setPolicy(wire::Policy::DIRTY_PREV);
+    checkpoint.setOrigin(options_.deviceId);
+    fillEncodedList(checkpoint.initMemory(static_cast<unsigned>(memory->units.size())), *memory);
+    fillEncodedList(checkpoint.initDisk(static_cast<unsigned>(disk->units.size())), *disk);
+    checkpoint.setDeviceState(asCapnp(state));
+    checkpoint.setImageDigest(asCapnp(digest));
+    const std::uint64_t finalBytes = memory->encodedBytes + disk->encodedBytes + state.size();
+    result.setFinalSequence(sequence);
+    result.setFinalBytes(finalBytes);
+    result.setPauseNs(t1 - t0);
+    result.setFinalHarvestNs(t2 - t1);
+    result.setDeviceStateSaveNs(t3 - t2);
+    const std::uint64_t t4 = nowNs();
+    return request.send().then(
+        [this, result, memory, disk, sequence, t4, state = std::move(state), ramHashes = std::move(ramHashes),
+         diskHashes = std::move(diskHashes)](capnp::Response<wire::DeviceSession::PushResults>) mutable {
+          result.setPushNs(nowNs() - t4);
+          ramTracker_->acknowledge(*memory);
+          diskTracker_->acknowledge(*disk);
+          vm_->quit();
+          vm_.reset();
+          ram_->sync();
+          disk_->sync();
+          writeFileDurably(path("device-state.bin"), state.data(), state.size());
+          std::string seq = std::to_string(sequence);
+          writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
+          deviceStateSequence_ = sequence;
+          saveApplied(sequence);
+          verifiedRamHashes_ = std::move(ramHashes);
+          verifiedDiskHashes_ = std::move(diskHashes);
+          role_ = Role::standby;
+          ramTracker_.reset();
+          diskTracker_.reset();
+          spdlog::info("{}: final checkpoint {} stored; now a standby", options_.deviceId, sequence);
+        },
+        [this, memory, disk](kj::Exception&& e) {
+          // The server does not have the final checkpoint: keep running here.
+          ramTracker_->retryLater(*memory);
+          diskTracker_->retryLater(*disk);
+          vm_->cont();
+          stopping_ = false;
+          scheduleCheckpoint();
+          rpcFail(fmt::format("{} could not store its final checkpoint ({}); the VM goes on running there",
+                              options_.deviceId, describe(e)));
+        });
+  });
+}
+
+void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result) {
+  if (role_ != Role::standby) fail("device {} is already active", options_.deviceId);
+  if (!damaged_.empty()) fail("{}", damaged_);
+  if (!ram_ || deviceStateSequence_ == 0 || deviceStateSequence_ != applied_)
+    fail("device {} has no device state for its image at checkpoint {} (it holds state of checkpoint {})",
+         options_.deviceId, applied_, deviceStateSequence_);
+  if (verifiedRamHashes_.empty()) {
+    verifiedRamHashes_ = hashAllUnits(*ram_);
+    verifiedDiskHashes_ = hashAllUnits(*disk_);
+  }
+  std::string state = readWholeFile(path("device-state.bin"), 1u << 30);
+  const std::uint64_t t0 = nowNs();
+  vm_ = std::make_unique<QemuVm>(vmConfig(true));
+  try {
+    vm_->loadDeviceState({reinterpret_cast<const std::byte*>(state.data()), state.size()});
+  } catch (const Error&) {
+    vm_->quit();
+    vm_.reset();
+    throw;
+  }
+  const std::uint64_t t1 = nowNs();
+  vm_->cont();
+  const std::uint64_t t2 = nowNs();
+  result.setDeviceStateLoadNs(t1 - t0);
+  result.setResumeNs(t2 - t1);
+  spdlog::info("{}: VM resumed from checkpoint {} (lease epoch {})", options_.deviceId, applied_, epoch);
+  becomeActive(epoch, std::move(verifiedRamHashes_), std::move(verifiedDiskHashes_));
+  verifiedRamHashes_.clear();
+  verifiedDiskHashes_.clear();
+}
+
+int runDevice(const DeviceOptions& options, Role initialRole) {
+  try {
+    if (options.deviceId.empty()) fail("--device is required");
+    if (options.stateDir.empty()) fail("--state is required");
+    if (options.intervalSeconds <= 0) fail("--interval must be positive, not {}", options.intervalSeconds);
+    kj::UnixEventPort::captureSignal(SIGTERM);
+    kj::UnixEventPort::captureSignal(SIGINT);
+    auto io = kj::setupAsyncIo();
+    Device device(io, options);
+    device.start(initialRole).wait(io.waitScope);
+    auto stop = io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT));
+    stop.wait(io.waitScope);
+    spdlog::info("{}: stopping", options.deviceId);
+    return 0;
+  } catch (const Error& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  } catch (const kj::Exception& e) {
+    spdlog::error("{}", describe(e));
+    return 1;
+  }
+}
+
+}  // namespace vmsync

@@ -1,0 +1,30 @@
+// The device daemon: runs the VM when active, applies checkpoints when standby.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace vmsync {
+
+/// Command-line settings of `vmsync active` and `vmsync standby`.
+struct DeviceOptions {
+  std::string deviceId;                 // this device's name on the server
+  std::string server = "127.0.0.1:7400";
+  std::string stateDir;                 // RAM file, disk image, serial log, ...
+  std::string imageDir;                 // active only: guest image (vm-images output)
+  std::string vmId = "vm";              // active only: name of the new VM
+  double intervalSeconds = 1.0;         // time between incremental checkpoints
+  std::string accel = "auto";           // auto, kvm or tcg
+  std::string qemuBinary = "qemu-system-x86_64";
+  std::string pageSource = "scan";      // where dirty guest pages come from
+  std::string blockSource = "scan";     // where dirty disk blocks come from
+  bool compress = true;                 // lz4 on top of the encoding
+  std::uint32_t memoryMb = 0;           // active only: overrides the image's memory size
+};
+
+enum class Role { active, standby };
+
+/// Runs the daemon until SIGINT/SIGTERM; returns the process exit code.
+int runDevice(const DeviceOptions& options, Role initialRole);
+
+}  // namespace vmsync

@@ -1,0 +1,17 @@
+// Files that are whole or absent after a crash.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace vmsync {
+
+/// Writes `size` bytes to `path` atomically and durably: a temporary file,
+/// fsync, rename into place, fsync of the directory.
+void writeFileDurably(const std::string& path, const void* bytes, std::size_t size);
+
+/// Reads a whole file; throws Error naming it when it cannot, or when it is
+/// larger than `maxBytes`.
+std::string readWholeFile(const std::string& path, std::size_t maxBytes);
+
+}  // namespace vmsync

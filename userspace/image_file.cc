@@ -1,0 +1,71 @@
+#include "image_file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "error.h"
+
+namespace vmsync {
+
+ImageFile::ImageFile(std::string path, bool writable, std::uint64_t createBytes)
+    : path_(std::move(path)) {
+  int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+  if (createBytes > 0) flags |= O_CREAT;
+  fd_ = ::open(path_.c_str(), flags, 0600);
+  if (fd_ < 0) throwLastErrno(fmt::format("cannot open image {}", path_));
+  if (createBytes > 0 && ::ftruncate(fd_, static_cast<off_t>(createBytes)) != 0) {
+    int err = errno;
+    ::close(fd_);
+    throwErrno(err, fmt::format("cannot size image {} to {} bytes", path_, createBytes));
+  }
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) {
+    int err = errno;
+    ::close(fd_);
+    throwErrno(err, fmt::format("cannot stat image {}", path_));
+  }
+  size_ = static_cast<std::uint64_t>(st.st_size);
+  if (S_ISBLK(st.st_mode)) {
+    off_t end = ::lseek(fd_, 0, SEEK_END);
+    if (end > 0) size_ = static_cast<std::uint64_t>(end);
+  }
+  if (size_ == 0 || size_ % kUnitSize != 0) {
+    ::close(fd_);
+    fail("image {} has size {} bytes, not a non-zero multiple of {}", path_, size_, kUnitSize);
+  }
+  void* map = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd_, 0);
+  if (map == MAP_FAILED) {
+    int err = errno;
+    ::close(fd_);
+    throwErrno(err, fmt::format("cannot map image {}", path_));
+  }
+  base_ = static_cast<std::byte*>(map);
+}
+
+ImageFile::~ImageFile() {
+  if (base_ != nullptr) ::munmap(base_, size_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void ImageFile::writeUnit(std::uint64_t index, std::span<const std::byte> data) {
+  if (index >= units()) fail("unit {} is past the end of image {} ({} units)", index, path_, units());
+  if (data.size() != kUnitSize) fail("unit {} of {}: {} bytes, expected {}", index, path_, data.size(), kUnitSize);
+  std::size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
+                         static_cast<off_t>(index * kUnitSize + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throwLastErrno(fmt::format("cannot write image {}", path_));
+    }
+    done += static_cast<std::size_t>(n);
+  }
+}
+
+void ImageFile::sync() {
+  if (::fdatasync(fd_) != 0) throwLastErrno(fmt::format("cannot sync image {}", path_));
+}
+
+}  // namespace vmsync

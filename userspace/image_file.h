@@ -1,0 +1,47 @@
+// A guest image file (RAM file or raw disk) seen as an array of 4096-byte units.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "units.h"
+
+namespace vmsync {
+
+/// An open image file mapped shared, so reads see what the VMM writes with no
+/// copy through the VMM. Writes go through pwrite so the page cache stays the one
+/// authority for the mapping, the VMM and the file.
+class ImageFile {
+ public:
+  /// Opens `path`; with `createBytes` > 0 the file is created (or resized) sparse
+  /// to that size first. `writable` allows write()/sync().
+  ImageFile(std::string path, bool writable, std::uint64_t createBytes = 0);
+  ~ImageFile();
+  ImageFile(const ImageFile&) = delete;
+  ImageFile& operator=(const ImageFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::uint64_t sizeBytes() const { return size_; }
+  std::uint64_t units() const { return size_ / kUnitSize; }
+
+  /// The bytes of unit `index`, read through the shared mapping.
+  std::span<const std::byte> unit(std::uint64_t index) const {
+    return {base_ + index * kUnitSize, kUnitSize};
+  }
+  /// The whole mapping.
+  std::span<const std::byte> bytes() const { return {base_, size_}; }
+
+  /// Writes one unit. Throws Error naming the file on failure.
+  void writeUnit(std::uint64_t index, std::span<const std::byte> data);
+  /// Flushes written data to stable storage.
+  void sync();
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  std::uint64_t size_ = 0;
+  std::byte* base_ = nullptr;
+};
+
+}  // namespace vmsync

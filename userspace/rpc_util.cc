@@ -1,0 +1,66 @@
+#include "rpc_util.h"
+
+#include <spdlog/spdlog.h>
+
+namespace vmsync {
+
+capnp::ReaderOptions rpcReaderOptions() {
+  capnp::ReaderOptions options;
+  options.traversalLimitInWords = kMaxMessageBytes / sizeof(capnp::word);
+  return options;
+}
+
+RpcConnection::RpcConnection(kj::Own<kj::AsyncIoStream> stream, capnp::rpc::twoparty::Side side,
+                             capnp::Capability::Client bootstrap)
+    : stream_(kj::mv(stream)),
+      network_(*stream_, side, rpcReaderOptions()),
+      rpc_(capnp::makeRpcServer(network_, kj::mv(bootstrap))) {}
+
+capnp::Capability::Client RpcConnection::bootstrap() {
+  capnp::word scratch[4];
+  memset(scratch, 0, sizeof scratch);
+  capnp::MallocMessageBuilder message(scratch);
+  auto vatId = message.getRoot<capnp::rpc::twoparty::VatId>();
+  vatId.setSide(network_.getSide() == capnp::rpc::twoparty::Side::CLIENT ? capnp::rpc::twoparty::Side::SERVER
+                                                                          : capnp::rpc::twoparty::Side::CLIENT);
+  return rpc_.bootstrap(vatId);
+}
+
+kj::Promise<kj::Own<RpcConnection>> connectRpc(kj::AsyncIoContext& io, const std::string& address) {
+  return io.provider->getNetwork().parseAddress(address).then([](kj::Own<kj::NetworkAddress> addr) {
+    return addr->connect().attach(kj::mv(addr));
+  }).then([](kj::Own<kj::AsyncIoStream> stream) {
+    return kj::heap<RpcConnection>(kj::mv(stream), capnp::rpc::twoparty::Side::CLIENT,
+                                   capnp::Capability::Client(nullptr));
+  });
+}
+
+namespace {
+
+kj::Promise<void> acceptLoop(kj::ConnectionReceiver& listener, capnp::Capability::Client bootstrap,
+                             kj::Own<kj::TaskSet> tasks) {
+  auto accepted = listener.accept();
+  return accepted.then([&listener, bootstrap = kj::mv(bootstrap), tasks = kj::mv(tasks)](
+                           kj::Own<kj::AsyncIoStream> stream) mutable {
+    auto connection = kj::heap<RpcConnection>(kj::mv(stream), capnp::rpc::twoparty::Side::SERVER, bootstrap);
+    auto done = connection->onDisconnect();
+    tasks->add(done.attach(kj::mv(connection)));
+    return acceptLoop(listener, kj::mv(bootstrap), kj::mv(tasks));
+  });
+}
+
+class LogErrors final : public kj::TaskSet::ErrorHandler {
+ public:
+  void taskFailed(kj::Exception&& exception) override {
+    spdlog::debug("connection ended: {}", exception.getDescription().cStr());
+  }
+};
+
+}  // namespace
+
+kj::Promise<void> serveRpc(kj::ConnectionReceiver& listener, capnp::Capability::Client bootstrap) {
+  static LogErrors errors;
+  return acceptLoop(listener, kj::mv(bootstrap), kj::heap<kj::TaskSet>(errors));
+}
+
+}  // namespace vmsync

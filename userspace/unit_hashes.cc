@@ -1,0 +1,55 @@
+#include "unit_hashes.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+
+#include "image_file.h"
+#include "units.h"
+
+namespace vmsync {
+
+std::uint64_t hashUnit(std::span<const std::byte> unit) { return XXH3_64bits(unit.data(), unit.size()); }
+
+std::uint64_t zeroUnitHash() {
+  static const std::uint64_t hash = [] {
+    std::array<std::byte, kUnitSize> zero{};
+    return hashUnit(zero);
+  }();
+  return hash;
+}
+
+std::vector<std::uint64_t> hashAllUnits(const ImageFile& image) {
+  std::vector<std::uint64_t> hashes(image.units());
+  for (std::uint64_t i = 0; i < hashes.size(); ++i) hashes[i] = hashUnit(image.unit(i));
+  return hashes;
+}
+
+Digest imageDigest(std::span<const std::uint64_t> ramHashes, std::span<const std::uint64_t> diskHashes) {
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_128bits_reset(state);
+  std::uint64_t counts[2] = {ramHashes.size(), diskHashes.size()};
+  XXH3_128bits_update(state, counts, sizeof counts);
+  XXH3_128bits_update(state, ramHashes.data(), ramHashes.size_bytes());
+  XXH3_128bits_update(state, diskHashes.data(), diskHashes.size_bytes());
+  XXH128_hash_t h = XXH3_128bits_digest(state);
+  XXH3_freeState(state);
+  XXH128_canonical_t canonical;
+  XXH128_canonicalFromHash(&canonical, h);
+  Digest digest;
+  std::memcpy(digest.data(), canonical.digest, digest.size());
+  return digest;
+}
+
+std::string toHex(std::span<const std::byte> bytes) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (std::byte b : bytes) {
+    out.push_back(digits[std::to_integer<unsigned>(b) >> 4]);
+    out.push_back(digits[std::to_integer<unsigned>(b) & 15]);
+  }
+  return out;
+}
+
+}  // namespace vmsync
