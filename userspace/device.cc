@@ -115,7 +115,9 @@ class Device {
   VmConfig vmConfig(bool incoming) const;
   void createFromImage();
   void becomeActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes, std::vector<std::uint64_t> diskHashes);
+  /// Starts the incremental checkpoint loop (replacing any previous one).
   void scheduleCheckpoint();
+  kj::Promise<void> checkpointLoop();
   kj::Promise<void> pushCheckpoint(wire::CheckpointKind kind);
   kj::Promise<void> whenIdle();
 
@@ -332,15 +334,18 @@ void Device::becomeActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHas
 }
 
 void Device::scheduleCheckpoint() {
+  timer_ = checkpointLoop().eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("checkpoint loop: {}", describe(e)); });
+}
+
+kj::Promise<void> Device::checkpointLoop() {
   auto delay = static_cast<std::uint64_t>(options_.intervalSeconds * 1e9);
-  timer_ = whenIdle()
-               .then([this, delay] { return io_.provider->getTimer().afterDelay(delay * kj::NANOSECONDS); })
-               .then([this] {
-                 if (stopping_ || role_ != Role::active) return;
-                 inFlight_ = pushCheckpoint(wire::CheckpointKind::INCREMENTAL).fork();
-                 scheduleCheckpoint();
-               })
-               .eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("checkpoint loop: {}", describe(e)); });
+  return whenIdle()
+      .then([this, delay] { return io_.provider->getTimer().afterDelay(delay * kj::NANOSECONDS); })
+      .then([this]() -> kj::Promise<void> {
+        if (stopping_ || role_ != Role::active) return kj::READY_NOW;
+        inFlight_ = pushCheckpoint(wire::CheckpointKind::INCREMENTAL).fork();
+        return checkpointLoop();
+      });
 }
 
 kj::Promise<void> Device::whenIdle() {

@@ -1,0 +1,55 @@
+# vmsync: the commands people type.
+#
+#   make demo    install what is needed, build, and move a live VM between two devices
+#   make test    install what is needed, build, and run every test
+#   make module  build vmsync.ko against kernel headers (KDIR=...)
+
+BUILD      ?= build
+IMAGE      ?= $(BUILD)/vm-images/counter
+JOBS       ?= $(shell nproc)
+KVER       ?= $(shell ls -1 /usr/src 2>/dev/null | sed -n 's/^linux-headers-\(.*-amd64\)$$/\1/p' | sort -V | tail -n 1)
+KDIR       ?= /usr/src/linux-headers-$(KVER)
+
+# Debian packages the project builds and runs with.
+PACKAGES := build-essential cmake ninja-build pkg-config \
+  capnproto libcapnp-dev liblz4-dev liburing-dev libbpf-dev bpftool clang llvm \
+  libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
+  libspdlog-dev libfmt-dev libssl-dev \
+  qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
+  linux-image-amd64 linux-headers-amd64 iproute2 gnuplot-nox ffmpeg sqlite3
+
+.PHONY: all setup build image demo test module bench clean
+
+all: build
+
+# Installs only what is missing, so a second run does nothing.
+setup:
+	@missing=$$(for p in $(PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "setup: every package is installed"; fi
+
+build: setup
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(BUILD) -j $(JOBS)
+
+image: setup
+	vm-images/build.sh --out $(IMAGE) --workload counter
+
+demo: build image
+	tests/integration/demo.sh $(BUILD) $(IMAGE)
+
+test: build image
+	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) ctest --output-on-failure -j 1 --timeout 900
+
+module:
+	$(MAKE) -C $(KDIR) M=$(CURDIR) modules
+
+bench: build
+	$(BUILD)/bench/vmsync_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json
+
+clean:
+	rm -rf $(BUILD)
+	-$(MAKE) -C $(KDIR) M=$(CURDIR) clean 2>/dev/null

@@ -1,0 +1,113 @@
+#include "cluster.h"
+
+#include <filesystem>
+#include <regex>
+
+namespace vmsync::testing {
+
+namespace fs = std::filesystem;
+
+std::vector<long> counterValues(const std::string& text) {
+  std::vector<long> values;
+  static const std::regex line(R"(^vmsync-counter (\d+)\r?$)");
+  std::size_t start = 0;
+  while (start < text.size()) {
+    std::size_t end = text.find('\n', start);
+    if (end == std::string::npos) break;  // the last line may be cut
+    std::smatch m;
+    std::string l = text.substr(start, end - start);
+    if (std::regex_match(l, m, line)) values.push_back(std::stol(m[1]));
+    start = end + 1;
+  }
+  return values;
+}
+
+bool consecutive(const std::vector<long>& values, std::string* why) {
+  for (std::size_t i = 1; i < values.size(); ++i) {
+    if (values[i] != values[i - 1] + 1) {
+      if (why) *why = "value " + std::to_string(values[i]) + " follows " + std::to_string(values[i - 1]);
+      return false;
+    }
+  }
+  return true;
+}
+
+Cluster::Cluster(const std::string& dir) : dir_(dir), port_(freePort()) {}
+
+Cluster::~Cluster() {
+  devices_.clear();
+  server_.reset();
+}
+
+void Cluster::startServer() {
+  server_ = std::make_unique<Process>(
+      std::vector<std::string>{vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server"},
+      dir_ + "/server.log");
+  waitFor([&] { return status().has_value(); }, std::chrono::seconds(10));
+}
+
+void Cluster::startActive(const std::string& device, const std::vector<std::string>& extra) {
+  std::vector<std::string> argv{vmsyncBinary(), "active",     "--device",   device,      "--state",
+                                stateDir(device), "--server", address(),    "--image",   guestImage(),
+                                "--accel",        "tcg",      "--interval", "1"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
+}
+
+void Cluster::startStandby(const std::string& device, const std::vector<std::string>& extra) {
+  std::vector<std::string> argv{vmsyncBinary(), "standby", "--device", device,   "--state",
+                                stateDir(device), "--server", address(), "--interval", "1"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
+}
+
+std::optional<nlohmann::json> Cluster::status() {
+  std::string out;
+  if (run({vmsyncBinary(), "status", "--server", address(), "--json"}, &out) != 0) return std::nullopt;
+  try {
+    return nlohmann::json::parse(out);
+  } catch (const nlohmann::json::exception&) {
+    return std::nullopt;
+  }
+}
+
+std::uint64_t Cluster::head() {
+  auto s = status();
+  return s ? (*s)["head_sequence"].get<std::uint64_t>() : 0;
+}
+
+bool Cluster::waitForHead(std::uint64_t sequence, std::chrono::seconds timeout) {
+  return waitFor(
+      [&] {
+        auto s = status();
+        if (!s) return false;
+        std::uint64_t head = (*s)["head_sequence"];
+        if (head < sequence) return false;
+        for (const auto& d : (*s)["devices"])
+          if (d["state"] == "stale") return false;
+        return true;
+      },
+      timeout);
+}
+
+int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output) {
+  std::string out;
+  int rc = run({vmsyncBinary(), "switch", "--server", address(), "--to", target, "--json"}, &out);
+  if (output) *output = out;
+  if (rc == 0 && report) {
+    try {
+      *report = nlohmann::json::parse(out);
+    } catch (const nlohmann::json::exception&) {
+      return -1;
+    }
+  }
+  return rc;
+}
+
+std::string Cluster::logOf(const std::string& device) const {
+  std::string text = readFile(dir_ + "/" + device + ".log");
+  if (text.size() > 6000) text = "..." + text.substr(text.size() - 6000);
+  return "---- " + device + " log ----\n" + text;
+}
+
+}  // namespace vmsync::testing

@@ -1,0 +1,151 @@
+// End to end: a real Linux guest under QEMU moves between devices through the
+// sync server and keeps counting where it stopped.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "cluster.h"
+
+namespace vmsync::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr auto kBootAndSync = std::chrono::seconds(180);
+
+/// Counter values on the guest's disk: a copy of the image, its journal
+/// replayed by e2fsck, read with debugfs (no mount needed).
+std::vector<long> counterFileValues(const std::string& diskImage, const std::string& scratch, std::string* error) {
+  std::string copy = scratch + "/disk-copy.img";
+  fs::copy_file(diskImage, copy, fs::copy_options::overwrite_existing);
+  std::string out;
+  int rc = run({"e2fsck", "-fy", copy}, &out);
+  if (rc > 2) {  // 0: clean, 1/2: errors corrected
+    *error = "e2fsck failed (" + std::to_string(rc) + "): " + out;
+    return {};
+  }
+  if (run({"debugfs", "-R", "cat /var/lib/vmsync/counter.log", copy}, &out) != 0) {
+    *error = "debugfs failed: " + out;
+    return {};
+  }
+  std::vector<long> values;
+  std::size_t start = 0;
+  while (start < out.size()) {
+    std::size_t end = out.find('\n', start);
+    if (end == std::string::npos) end = out.size();
+    std::string line = out.substr(start, end - start);
+    if (!line.empty() && line.find_first_not_of("0123456789") == std::string::npos) values.push_back(std::stol(line));
+    start = end + 1;
+  }
+  return values;
+}
+
+class LiveHandoff : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string missing = missingForVm();
+    if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  }
+};
+
+TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+
+  // The full sync plus at least three incremental checkpoints, applied by B.
+  ASSERT_TRUE(cluster.waitForHead(4, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  ASSERT_FALSE(counterValues(readFile(cluster.serialLog("A"))).empty()) << "the guest on A is not counting";
+
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  EXPECT_EQ(report["from"], "A");
+  EXPECT_EQ(report["to"], "B");
+  for (const char* phase : {"pause_ms", "final_harvest_ms", "device_state_save_ms", "transfer_ms", "apply_ms",
+                            "device_state_load_ms", "resume_ms", "total_ms"})
+    EXPECT_TRUE(report.contains(phase)) << phase;
+  EXPECT_GT(report["total_ms"].get<double>(), 0.0);
+  EXPECT_GT(report["device_state_save_ms"].get<double>(), 0.0);
+
+  // A's VM is gone; B continues from A's memory, not from a fresh boot.
+  const std::string aBefore = readFile(cluster.serialLog("A"));
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 5; },
+                      std::chrono::seconds(60)))
+      << "B's guest does not count after the switch" << cluster.logOf("B");
+  const std::vector<long> onA = counterValues(aBefore);
+  const std::vector<long> afterFirst = counterValues(readFile(cluster.serialLog("B")));
+  ASSERT_FALSE(onA.empty());
+  EXPECT_EQ(readFile(cluster.serialLog("B")).find("vmsync-guest:"), std::string::npos)
+      << "B booted the guest instead of resuming it";
+  std::string why;
+  EXPECT_TRUE(consecutive(counterValues(aBefore + readFile(cluster.serialLog("B"))), &why))
+      << "counter not continuous across A -> B: " << why;
+  EXPECT_GT(afterFirst.front(), onA.front());
+
+  // Back to A, which stayed current as a standby.
+  const std::uint64_t finalSequence = report["final_sequence"];
+  ASSERT_TRUE(cluster.waitForHead(finalSequence + 3, std::chrono::seconds(60))) << cluster.logOf("B");
+  ASSERT_EQ(cluster.switchTo("A", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  EXPECT_EQ(report["to"], "A");
+  const std::string bLog = readFile(cluster.serialLog("B"));
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A")).substr(aBefore.size())).size() >= 5; },
+                      std::chrono::seconds(60)))
+      << "A's guest does not count after switching back" << cluster.logOf("A");
+  const std::string aAfter = readFile(cluster.serialLog("A")).substr(aBefore.size());
+  EXPECT_TRUE(consecutive(counterValues(aBefore + bLog + aAfter), &why))
+      << "counter not continuous across A -> B -> A: " << why;
+
+  // The counter file on the disk holds A's values, then B's, then A's again.
+  const long lastOnB = counterValues(bLog).back();
+  cluster.stopDevice("A");  // quits QEMU; the disk image is now still
+  std::string error;
+  auto fileValues = counterFileValues(cluster.stateDir("A") + "/disk.img", dir.path(), &error);
+  ASSERT_TRUE(error.empty()) << error;
+  ASSERT_FALSE(fileValues.empty());
+  EXPECT_TRUE(consecutive(fileValues, &why)) << "counter file: " << why;
+  EXPECT_LE(fileValues.front(), onA.front());
+  EXPECT_GT(fileValues.back(), lastOnB) << "the file lacks the values written after switching back to A";
+}
+
+TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+
+  // Damage B's copy in a block the guest never writes (the disk's last block).
+  const std::string disk = cluster.stateDir("B") + "/disk.img";
+  int fd = ::open(disk.c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  std::string garbage(4096, '\xEE');
+  ASSERT_EQ(::pwrite(fd, garbage.data(), garbage.size(), static_cast<off_t>(fs::file_size(disk) - 4096)), 4096);
+  ::close(fd);
+
+  nlohmann::json report;
+  std::string output;
+  EXPECT_NE(cluster.switchTo("B", &report, &output), 0) << output;
+  EXPECT_NE(output.find("digest mismatch"), std::string::npos) << output;
+  EXPECT_NE(output.find("resumed on A"), std::string::npos) << output;
+  EXPECT_TRUE(counterValues(readFile(cluster.serialLog("B"))).empty()) << "B resumed a damaged image";
+
+  // The VM goes on, on A, and A keeps the lease.
+  const std::size_t before = counterValues(readFile(cluster.serialLog("A"))).size();
+  EXPECT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= before + 5; },
+                      std::chrono::seconds(60)))
+      << cluster.logOf("A");
+  auto status = cluster.status();
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ((*status)["active_device"], "A");
+  std::string why;
+  EXPECT_TRUE(consecutive(counterValues(readFile(cluster.serialLog("A"))), &why)) << why;
+}
+
+}  // namespace
+}  // namespace vmsync::testing

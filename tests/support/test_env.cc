@@ -1,0 +1,157 @@
+#include "test_env.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace vmsync::testing {
+
+namespace fs = std::filesystem;
+
+bool requireAll() {
+  const char* v = std::getenv("VMSYNC_REQUIRE_ALL");
+  return v != nullptr && std::string(v) == "1";
+}
+
+TempDir::TempDir() {
+  char tmpl[] = "/tmp/vmsync-it-XXXXXX";
+  const char* p = ::mkdtemp(tmpl);
+  if (p == nullptr) throw std::runtime_error("mkdtemp failed");
+  path_ = p;
+}
+
+TempDir::~TempDir() {
+  if (std::getenv("VMSYNC_KEEP_TEST_DIRS") == nullptr) fs::remove_all(path_);
+}
+
+Process::Process(std::vector<std::string> argv, std::string logPath) : logPath_(std::move(logPath)) {
+  std::vector<char*> args;
+  for (auto& a : argv) args.push_back(a.data());
+  args.push_back(nullptr);
+  pid_ = ::fork();
+  if (pid_ < 0) throw std::runtime_error("fork failed");
+  if (pid_ == 0) {
+    int fd = ::open(logPath_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+    }
+    ::execv(args[0], args.data());
+    std::fprintf(stderr, "exec %s: %s\n", args[0], std::strerror(errno));
+    ::_exit(127);
+  }
+}
+
+Process::~Process() {
+  if (pid_ > 0) stop(std::chrono::seconds(20));
+}
+
+bool Process::running() {
+  if (pid_ <= 0) return false;
+  int status = 0;
+  pid_t r = ::waitpid(pid_, &status, WNOHANG);
+  if (r == pid_) {
+    status_ = status;
+    pid_ = -1;
+    return false;
+  }
+  return true;
+}
+
+int Process::stop(std::chrono::milliseconds grace) {
+  if (!running()) return status_;
+  ::kill(pid_, SIGTERM);
+  auto deadline = std::chrono::steady_clock::now() + grace;
+  while (running()) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, &status_, 0);
+      pid_ = -1;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return status_;
+}
+
+void Process::kill() {
+  if (!running()) return;
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, &status_, 0);
+  pid_ = -1;
+}
+
+int run(const std::vector<std::string>& argv, std::string* output) {
+  std::string cmd;
+  for (const auto& a : argv) {
+    cmd += "'";
+    for (char c : a) cmd += (c == '\'') ? std::string("'\\''") : std::string(1, c);
+    cmd += "' ";
+  }
+  cmd += "2>&1";
+  FILE* pipe = ::popen(cmd.c_str(), "r");
+  if (pipe == nullptr) return -1;
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) out.append(buf, n);
+  int status = ::pclose(pipe);
+  if (output) *output = out;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+bool waitFor(const std::function<bool()>& condition, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return condition();
+}
+
+std::string readFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+int freePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string vmsyncBinary() { return VMSYNC_BINARY; }
+
+std::string guestImage() {
+  const char* v = std::getenv("VMSYNC_IMAGE");
+  return v ? v : VMSYNC_DEFAULT_IMAGE;
+}
+
+std::string missingForVm() {
+  std::string out;
+  if (run({"qemu-system-x86_64", "--version"}, &out) != 0) return "qemu-system-x86_64 is not installed";
+  for (const char* f : {"vmlinuz", "initrd.img", "disk.img", "cmdline"})
+    if (!fs::exists(guestImage() + "/" + f))
+      return "guest image " + guestImage() + " has no " + f + " (run vm-images/build.sh or make test)";
+  return "";
+}
+
+}  // namespace vmsync::testing
