@@ -59,7 +59,9 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
 
   // The full sync plus at least three incremental checkpoints, applied by B.
   ASSERT_TRUE(cluster.waitForHead(4, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
-  ASSERT_FALSE(counterValues(readFile(cluster.serialLog("A"))).empty()) << "the guest on A is not counting";
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 10; }, kBootAndSync))
+      << "the guest on A is not counting" << cluster.logOf("A");
+  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 1, std::chrono::seconds(60))) << cluster.logOf("B");
 
   nlohmann::json report;
   std::string output;
@@ -119,6 +121,8 @@ TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
   cluster.startActive("A");
   cluster.startStandby("B");
   ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
+      << "the guest on A is not counting" << cluster.logOf("A");
 
   // Damage B's copy in a block the guest never writes (the disk's last block).
   const std::string disk = cluster.stateDir("B") + "/disk.img";
