@@ -77,6 +77,6 @@ class QemuVm {
 /// to be usable); "auto" boots `probe` under KVM with a time limit and returns
 /// "kvm" when the guest reaches user space, else "tcg", logging why. Never hangs.
 std::string resolveAccel(const std::string& requested, const VmConfig& probe,
-                         std::chrono::seconds limit = std::chrono::seconds(20));
+                         std::chrono::seconds limit = std::chrono::seconds(10));
 
 }  // namespace vmsync

@@ -47,9 +47,11 @@ void Cluster::startServer() {
 }
 
 void Cluster::startActive(const std::string& device, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "active",     "--device",   device,      "--state",
-                                stateDir(device), "--server", address(),    "--image",   guestImage(),
-                                "--accel",        "tcg",      "--interval", "1"};
+  std::vector<std::string> argv{vmsyncBinary(), "active", "--device", device,      "--state",   stateDir(device),
+                                "--server",     address(), "--image",  guestImage(), "--interval", "1"};
+  bool accelGiven = false;
+  for (const auto& a : extra) accelGiven |= a == "--accel";
+  if (!accelGiven) argv.insert(argv.end(), {"--accel", "tcg"});
   argv.insert(argv.end(), extra.begin(), extra.end());
   devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
 }

@@ -30,6 +30,7 @@ class Cluster {
   std::string serialLog(const std::string& device) const { return stateDir(device) + "/serial.log"; }
 
   void startServer();
+  /// Starts `vmsync active` (TCG unless `extra` says otherwise).
   void startActive(const std::string& device, const std::vector<std::string>& extra = {});
   void startStandby(const std::string& device, const std::vector<std::string>& extra = {});
   Process& device(const std::string& name) { return *devices_.at(name); }

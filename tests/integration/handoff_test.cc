@@ -153,3 +153,27 @@ TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
 
 }  // namespace
 }  // namespace vmsync::testing
+
+namespace vmsync::testing {
+namespace {
+
+/// --accel auto must decide within its time limit, say what it chose, and
+/// leave a running guest either way.
+TEST(AccelAuto, ChoosesAWorkingAcceleratorAndSaysWhich) {
+  std::string missing = missingForVm();
+  if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A", {"--accel", "auto"});
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 3; },
+                      std::chrono::seconds(180)))
+      << cluster.logOf("A");
+  std::string log = readFile(dir / "A.log");
+  EXPECT_TRUE(log.find("accel auto: the guest boots under KVM; using kvm") != std::string::npos ||
+              log.find("falling back to tcg") != std::string::npos)
+      << log;
+}
+
+}  // namespace
+}  // namespace vmsync::testing
