@@ -206,7 +206,8 @@ void SyncServer::releaseLease(const std::string& id, std::uint64_t epoch) {
 }
 
 void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
-  if (!entry.peer || !entry.failure.empty()) return;
+  // The lease holder makes the checkpoints; it never receives them.
+  if (!entry.peer || !entry.failure.empty() || entry.id == state_.holder) return;
   const std::uint64_t connection = entry.connection;
   const std::string id = entry.id;
   for (std::uint64_t s = std::max(entry.queued, entry.applied) + 1; s <= sequence; ++s) {

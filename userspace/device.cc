@@ -121,6 +121,17 @@ class Device {
   kj::Promise<void> pushCheckpoint(wire::CheckpointKind kind);
   kj::Promise<void> whenIdle();
 
+  /// A checkpoint on its way to the server.
+  struct PendingPush {
+    ImageDelta memory;
+    ImageDelta disk;
+    std::uint64_t sequence = 0;
+  };
+
+  kj::Promise<capnp::Response<wire::SyncServer::RegisterResults>> connectAndRegister(std::uint64_t applied);
+  void onDisconnected();
+  kj::Promise<void> reconnectLoop(std::chrono::milliseconds delay);
+
   kj::AsyncIoContext& io_;
   DeviceOptions options_;
   std::string dir_;
@@ -150,6 +161,9 @@ class Device {
   bool stopping_ = false;                       // no new incremental checkpoints
   kj::Maybe<kj::Promise<void>> timer_;          // next incremental checkpoint
   kj::Maybe<kj::ForkedPromise<void>> inFlight_; // push under way
+  std::shared_ptr<PendingPush> unconfirmed_;    // last push whose answer never came
+  kj::Maybe<kj::Promise<void>> watch_;          // notices a lost connection
+  kj::Maybe<kj::Promise<void>> reconnect_;      // reconnection attempts
 };
 
 class DevicePeerImpl final : public wire::DevicePeer::Server {
@@ -279,21 +293,77 @@ void Device::createFromImage() {
   saveApplied(0);
 }
 
-kj::Promise<void> Device::start(Role role) {
+kj::Promise<capnp::Response<wire::SyncServer::RegisterResults>> Device::connectAndRegister(std::uint64_t applied) {
   return connectRpc(io_, options_.server)
-      .then([this, role](kj::Own<RpcConnection> connection) {
+      .then([this, applied](kj::Own<RpcConnection> connection) {
         connection_ = kj::mv(connection);
         server_ = connection_->bootstrap().castAs<wire::SyncServer>();
         auto request = server_->registerRequest();
         request.setDeviceId(options_.deviceId);
         request.setPeer(kj::heap<DevicePeerImpl>(*this));
-        request.setAppliedSequence(role == Role::active ? 0 : applied_);
+        request.setAppliedSequence(applied);
         return request.send();
       })
-      .then([this, role](capnp::Response<wire::SyncServer::RegisterResults> registered) -> kj::Promise<void> {
+      .then([this](capnp::Response<wire::SyncServer::RegisterResults> registered) {
         session_ = registered.getSession();
         spdlog::info("{}: registered with {} (VM '{}', head {})", options_.deviceId, options_.server,
                      std::string(registered.getVmId()), registered.getHeadSequence());
+        watch_ = connection_->onDisconnect()
+                     .then([this] { onDisconnected(); })
+                     .eagerlyEvaluate([](kj::Exception&& e) { spdlog::debug("connection watch: {}", describe(e)); });
+        return kj::mv(registered);
+      });
+}
+
+void Device::onDisconnected() {
+  spdlog::warn("{}: lost the connection to the server {}; reconnecting", options_.deviceId, options_.server);
+  session_.reset();
+  server_.reset();
+  reconnect_ = reconnectLoop(std::chrono::milliseconds(200))
+                   .eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("reconnect: {}", describe(e)); });
+}
+
+kj::Promise<void> Device::reconnectLoop(std::chrono::milliseconds delay) {
+  return io_.provider->getTimer()
+      .afterDelay(delay.count() * kj::MILLISECONDS)
+      .then([this] { return connectAndRegister(applied_); })
+      .then([this](capnp::Response<wire::SyncServer::RegisterResults> registered) -> kj::Promise<void> {
+        if (role_ != Role::active) return kj::READY_NOW;
+        // A push whose answer was lost may have been stored: only this device
+        // pushes under its lease, so a head one past ours is that push.
+        const std::uint64_t head = registered.getHeadSequence();
+        if (unconfirmed_ && head == unconfirmed_->sequence) {
+          ramTracker_->acknowledge(unconfirmed_->memory);
+          diskTracker_->acknowledge(unconfirmed_->disk);
+          saveApplied(head);
+          spdlog::info("{}: checkpoint {} had reached the server before the connection broke", options_.deviceId,
+                       head);
+        }
+        unconfirmed_.reset();
+        if (head != applied_)
+          fail("the server's chain ends at {} but this active device is at {}; not pushing", head, applied_);
+        return session_->acquireLeaseRequest().send().then(
+            [this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) {
+              if (lease.getEpoch() != epoch_) {
+                stopping_ = true;
+                fail("the lease moved on (epoch {} -> {}) while this device was cut off; it stops pushing",
+                     epoch_, lease.getEpoch());
+              }
+            });
+      })
+      .catch_([this, delay](kj::Exception&& e) -> kj::Promise<void> {
+        if (session_) {
+          spdlog::error("{}: {}", options_.deviceId, describe(e));
+          return kj::READY_NOW;
+        }
+        spdlog::debug("{}: reconnect failed: {}", options_.deviceId, describe(e));
+        return reconnectLoop(std::min(delay * 2, std::chrono::milliseconds(5000)));
+      });
+}
+
+kj::Promise<void> Device::start(Role role) {
+  return connectAndRegister(role == Role::active ? 0 : applied_)
+      .then([this, role](capnp::Response<wire::SyncServer::RegisterResults> registered) -> kj::Promise<void> {
         if (role == Role::standby) return kj::READY_NOW;
         if (registered.getHeadSequence() != 0)
           fail("the server already holds VM '{}' at checkpoint {}; start this device with `vmsync standby` and "
@@ -354,12 +424,11 @@ kj::Promise<void> Device::whenIdle() {
 }
 
 kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
-  struct Pending {
-    ImageDelta memory;
-    ImageDelta disk;
-    std::uint64_t sequence = 0;
-  };
-  auto pending = std::make_shared<Pending>();
+  if (!session_) {
+    spdlog::debug("{}: not connected; the changes wait for the next checkpoint", options_.deviceId);
+    return kj::READY_NOW;
+  }
+  auto pending = std::make_shared<PendingPush>();
   const std::uint64_t t0 = nowNs();
   try {
     DirtyUnits pages = pageSource_->harvest();
@@ -415,6 +484,7 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
               // Nothing is lost: these units are shipped again with the next checkpoint.
               ramTracker_->retryLater(pending->memory);
               diskTracker_->retryLater(pending->disk);
+              unconfirmed_ = pending;
               spdlog::warn("{}: checkpoint {} not stored ({}); its changes go into the next one", options_.deviceId,
                            pending->sequence, describe(e));
             })
@@ -476,6 +546,7 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
 
 kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Builder result) {
   if (role_ != Role::active || !vm_) fail("device {} is not active", options_.deviceId);
+  if (!session_) fail("device {} is not connected to the server", options_.deviceId);
   stopping_ = true;
   timer_ = nullptr;
   return whenIdle().then([this, target, result]() mutable -> kj::Promise<void> {
@@ -546,10 +617,12 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           diskTracker_.reset();
           spdlog::info("{}: final checkpoint {} stored; now a standby", options_.deviceId, sequence);
         },
-        [this, memory, disk](kj::Exception&& e) {
-          // The server does not have the final checkpoint: keep running here.
+        [this, memory, disk, sequence](kj::Exception&& e) {
+          // The server did not confirm the final checkpoint: keep running here.
+          // Should it have stored it after all, the reconnection finds out.
           ramTracker_->retryLater(*memory);
           diskTracker_->retryLater(*disk);
+          unconfirmed_ = std::make_shared<PendingPush>(PendingPush{*memory, *disk, sequence});
           vm_->cont();
           stopping_ = false;
           scheduleCheckpoint();
