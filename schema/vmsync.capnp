@@ -52,6 +52,7 @@ struct VmSpec {
   accel @6 :Text;               # accelerator the VM was started with: "kvm" or "tcg"
   cpuModel @7 :Text;            # QEMU -cpu model; must match on every device
   vcpus @8 :UInt32;             # number of virtual CPUs
+  policy @9 :Policy;            # checkpoint policy every device of this VM uses
 }
 
 struct Checkpoint {

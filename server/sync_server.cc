@@ -216,6 +216,9 @@ void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
     auto next = previous.then([this, id, s, connection]() -> kj::Promise<void> {
       DeviceEntry& d = device(id);
       if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= s) return kj::READY_NOW;
+      // Under an Orig policy each checkpoint needs only the base: a device
+      // that has the base catches up with the latest checkpoint alone.
+      if (s < store_.head() && d.applied >= 1 && headIsSelfContained()) return kj::READY_NOW;
       auto stored = store_.read(s);
       auto request = d.peer->applyRequest();
       request.setCheckpoint(stored->reader());
@@ -239,6 +242,17 @@ void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
     entry.tail = next.fork();
   }
   entry.queued = std::max(entry.queued, sequence);
+}
+
+bool SyncServer::headIsSelfContained() {
+  if (headPolicyCache_.first != store_.head()) {
+    auto head = store_.read(store_.head());
+    auto reader = head->reader();
+    bool orig = reader.getKind() != wire::CheckpointKind::FULL &&
+                (reader.getPolicy() == wire::Policy::DIRTY_ORIG || reader.getPolicy() == wire::Policy::DIFF_ORIG);
+    headPolicyCache_ = {store_.head(), orig};
+  }
+  return headPolicyCache_.second;
 }
 
 kj::Promise<void> SyncServer::drained(DeviceEntry& entry) {

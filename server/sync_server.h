@@ -54,6 +54,9 @@ class SyncServer {
   void persist();
   void forwardUpTo(DeviceEntry& entry, std::uint64_t sequence);
   kj::Promise<void> drained(DeviceEntry& entry);
+  /// True when the newest checkpoint is measured against the base (Orig), so a
+  /// device holding the base needs that one alone.
+  bool headIsSelfContained();
   kj::Promise<void> activateWithFallback(std::string target, std::string source,
                                          wire::SwitchReport::Builder report, std::uint64_t startNs,
                                          std::uint64_t pushNs);
@@ -63,6 +66,7 @@ class SyncServer {
   std::map<std::string, std::unique_ptr<DeviceEntry>> devices_;
   std::uint64_t connections_ = 0;
   bool switching_ = false;
+  std::pair<std::uint64_t, bool> headPolicyCache_{0, false};
 };
 
 }  // namespace vmsync

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <vector>
 
+#include "checkpoint_builder.h"
 #include "chunk_codec.h"
 #include "error.h"
 #include "units.h"
@@ -17,15 +18,19 @@ struct DecodedList {
   std::vector<std::byte> bytes;
 };
 
-DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile& image, const char* what) {
+DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile& image, const ImageFile* base,
+                       const char* what) {
   DecodedList out;
   out.indexes.reserve(chunks.size());
   out.bytes.resize(static_cast<std::size_t>(chunks.size()) * kUnitSize);
+  std::vector<bool> seen(image.units());
   for (std::uint32_t i = 0; i < chunks.size(); ++i) {
     auto chunk = chunks[i];
     std::uint64_t index = chunk.getIndex();
     if (index >= image.units())
       fail("{} chunk {} names unit {}, but the image has {} units", what, i, index, image.units());
+    if (seen[index]) fail("{} chunk {} names unit {} a second time", what, i, index);
+    seen[index] = true;
     std::span<std::byte> dest(out.bytes.data() + static_cast<std::size_t>(i) * kUnitSize, kUnitSize);
     if (chunk.getEncoding() == wire::ChunkEncoding::SAME_AS) {
       std::uint32_t earlier = chunk.getSameAs();
@@ -33,7 +38,7 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile&
       std::memcpy(dest.data(), out.bytes.data() + static_cast<std::size_t>(earlier) * kUnitSize, kUnitSize);
     } else {
       try {
-        decodeChunk(chunk, image.unit(index), dest);
+        decodeChunk(chunk, base ? base->unit(index) : image.unit(index), dest);
       } catch (const Error& e) {
         fail("{} {}", what, e.what());
       }
@@ -48,14 +53,36 @@ void writeList(const DecodedList& list, ImageFile& image) {
     image.writeUnit(list.indexes[i], {list.bytes.data() + i * kUnitSize, kUnitSize});
 }
 
+/// Orig: every unit not in `list` that differs from the base goes back to it.
+std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const ImageFile& base) {
+  std::vector<bool> inList(image.units());
+  for (auto i : list.indexes) inList[i] = true;
+  std::uint64_t restored = 0;
+  for (std::uint64_t i = 0; i < image.units(); ++i) {
+    if (inList[i] || std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) == 0) continue;
+    image.writeUnit(i, base.unit(i));
+    ++restored;
+  }
+  return restored;
+}
+
 }  // namespace
 
-ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, ImageFile& disk) {
-  DecodedList memory = decodeList(checkpoint.getMemory(), ram, "memory");
-  DecodedList blocks = decodeList(checkpoint.getDisk(), disk, "disk");
+ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, ImageFile& disk, BaseImage base) {
+  const bool orig = isOrigPolicy(checkpoint.getPolicy()) && checkpoint.getKind() != wire::CheckpointKind::FULL;
+  if (orig && (base.ram == nullptr || base.disk == nullptr))
+    fail("checkpoint {} is measured against the base image, which this device does not have",
+         checkpoint.getSequence());
+  DecodedList memory = decodeList(checkpoint.getMemory(), ram, orig ? base.ram : nullptr, "memory");
+  DecodedList blocks = decodeList(checkpoint.getDisk(), disk, orig ? base.disk : nullptr, "disk");
+  ApplyStats stats{memory.indexes.size(), blocks.indexes.size(), 0};
+  if (orig) {
+    stats.restoredUnits += restoreOthers(memory, ram, *base.ram);
+    stats.restoredUnits += restoreOthers(blocks, disk, *base.disk);
+  }
   writeList(memory, ram);
   writeList(blocks, disk);
-  return ApplyStats{memory.indexes.size(), blocks.indexes.size()};
+  return stats;
 }
 
 }  // namespace vmsync

@@ -12,11 +12,21 @@ namespace vmsync {
 struct ApplyStats {
   std::uint64_t memoryUnits = 0;
   std::uint64_t diskUnits = 0;
+  std::uint64_t restoredUnits = 0;  // Orig: units returned to the base
+};
+
+/// The base image under an Orig policy (nullptr members otherwise).
+struct BaseImage {
+  const ImageFile* ram = nullptr;
+  const ImageFile* disk = nullptr;
 };
 
 /// Applies `checkpoint` to `ram` and `disk`. Every chunk is checked and decoded
 /// before the first byte is written, so a malformed checkpoint is rejected whole
-/// (Error naming the problem) and the image is left as it was.
-ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, ImageFile& disk);
+/// (Error naming the problem) and the image is left as it was. Under an Orig
+/// policy (other than the full checkpoint) XOR-diffs decode against `base`, and
+/// units the checkpoint leaves out are returned to the base.
+ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, ImageFile& disk,
+                           BaseImage base = {});
 
 }  // namespace vmsync

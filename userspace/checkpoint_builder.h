@@ -2,7 +2,11 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <optional>
 #include <set>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "chunk_codec.h"
@@ -11,11 +15,21 @@
 
 namespace vmsync {
 
+/// Parses "dirty-prev", "diff-prev", "dirty-orig", "diff-orig".
+wire::Policy parsePolicy(std::string_view name);
+/// The command-line name of a policy.
+std::string policyName(wire::Policy policy);
+/// True for the policies that ship changed bytes only.
+bool isDiffPolicy(wire::Policy policy);
+/// True for the policies measured against the original (base) image.
+bool isOrigPolicy(wire::Policy policy);
+
 /// One image's changes, ready to ship, and what shipping them will make the
 /// receiver's image look like.
 struct ImageDelta {
   std::vector<EncodedUnit> units;                              // chunks, by ascending index
   std::vector<std::pair<std::uint64_t, std::uint64_t>> hashes; // (index, hash of the shipped bytes)
+  std::vector<std::byte> raw;                                  // shipped bytes, 4096 per entry of `hashes`
   std::uint64_t examined = 0;                                  // units hashed in place
   std::uint64_t rawBytes = 0;                                  // changed units x 4096
   std::uint64_t encodedBytes = 0;                              // sum of chunk payloads
@@ -26,15 +40,27 @@ struct ImageDelta {
 /// acknowledged. Follows the pre-copy rules: candidates come from a source that
 /// has already reset its dirty set; each changed unit is copied, the copy is
 /// hashed, and that copy is what ships.
+///
+/// Policies: Prev measures each unit against the receiver's current copy; Orig
+/// against the base image (set with setBase() once the full checkpoint is
+/// acknowledged), so each checkpoint carries every unit that differs from the
+/// base and a receiver needs the base plus the latest checkpoint only. Diff
+/// keeps a copy of the reference bytes (receiver copy for Prev, the base for
+/// Orig) to encode XOR-diffs.
 class ImageTracker {
  public:
-  /// `receiverHashes`: hash of every unit as the receiver has it (zeroUnitHash()
-  /// everywhere for a receiver that starts from an empty image).
-  ImageTracker(const ImageFile& image, std::vector<std::uint64_t> receiverHashes);
+  /// `receiverHashes`: hash of every unit as the receiver has it.
+  /// `receiverBytes`: for Diff Prev, the receiver's bytes (empty: all zero).
+  ImageTracker(const ImageFile& image, std::vector<std::uint64_t> receiverHashes, wire::Policy policy, bool compress,
+               std::vector<std::byte> receiverBytes = {});
 
-  /// Collects the units among `candidates` (plus any unacknowledged ones) whose
-  /// content differs from what the receiver holds. lz4 on top when `compress`.
-  ImageDelta collect(const DirtyUnits& candidates, bool compress);
+  /// Orig policies: from now on measure against `base` (which must outlive the
+  /// tracker).
+  void setBase(const ImageFile& base);
+
+  /// Collects the units among `candidates` (plus any unacknowledged ones) that
+  /// the receiver must be sent under the policy.
+  ImageDelta collect(const DirtyUnits& candidates);
 
   /// The receiver acknowledged `delta`: it now holds those bytes.
   void acknowledge(const ImageDelta& delta);
@@ -45,12 +71,23 @@ class ImageTracker {
 
   /// Hashes of what the receiver holds, per unit.
   const std::vector<std::uint64_t>& receiverHashes() const { return receiverHashes_; }
+  /// Hashes the receiver will hold once `delta` is acknowledged.
+  std::vector<std::uint64_t> hashesAfter(const ImageDelta& delta) const;
+  /// Bytes of reference copies this tracker keeps (the policy's space overhead).
+  std::uint64_t referenceBytes() const { return receiverBytes_.size(); }
 
  private:
-  void consider(std::uint64_t index, bool compress, ImageDelta& delta);
+  void consider(std::uint64_t index, ImageDelta& delta, std::map<std::uint64_t, std::uint32_t>& byHash);
+  bool origActive() const { return base_ != nullptr; }
 
   const ImageFile& image_;
+  wire::Policy policy_;
+  bool compress_;
   std::vector<std::uint64_t> receiverHashes_;
+  std::vector<std::byte> receiverBytes_;        // Diff Prev only
+  const ImageFile* base_ = nullptr;             // Orig, once the base exists
+  std::vector<std::uint64_t> baseHashes_;       // Orig
+  std::set<std::uint64_t> sinceBase_;           // Orig: units reported since the base
   std::set<std::uint64_t> unacknowledged_;
 };
 

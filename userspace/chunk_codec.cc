@@ -49,6 +49,90 @@ EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current,
   return unit;
 }
 
+namespace {
+
+void putVarint(std::vector<std::byte>& out, std::uint32_t value) {
+  while (value >= 0x80) {
+    out.push_back(static_cast<std::byte>((value & 0x7F) | 0x80));
+    value >>= 7;
+  }
+  out.push_back(static_cast<std::byte>(value));
+}
+
+/// Reads a varint of at most 3 bytes (values below 2^21, enough for a unit).
+bool getVarint(std::span<const std::byte> in, std::size_t& pos, std::uint32_t& value) {
+  value = 0;
+  for (int shift = 0; shift < 21; shift += 7) {
+    if (pos >= in.size()) return false;
+    auto b = std::to_integer<std::uint32_t>(in[pos++]);
+    value |= (b & 0x7F) << shift;
+    if ((b & 0x80) == 0) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference, std::size_t limit,
+                   std::vector<std::byte>& out) {
+  out.clear();
+  const std::size_t n = current.size();
+  std::size_t i = 0;
+  while (i < n) {
+    std::size_t same = i;
+    // Skip equal bytes a word at a time where possible.
+    while (same + 8 <= n && std::memcmp(current.data() + same, reference.data() + same, 8) == 0) same += 8;
+    while (same < n && current[same] == reference[same]) ++same;
+    if (same == n) break;  // a trailing unchanged run is implied
+    std::size_t diff = same;
+    while (diff < n && current[diff] != reference[diff]) ++diff;
+    putVarint(out, static_cast<std::uint32_t>(same - i));
+    putVarint(out, static_cast<std::uint32_t>(diff - same));
+    out.insert(out.end(), current.begin() + static_cast<std::ptrdiff_t>(same),
+               current.begin() + static_cast<std::ptrdiff_t>(diff));
+    if (out.size() > limit) return false;
+    i = diff;
+  }
+  return true;
+}
+
+void decodeXorDiff(std::span<const std::byte> diff, std::span<const std::byte> reference, std::span<std::byte> out) {
+  if (reference.size() != out.size()) fail("xor-diff reference has {} bytes, expected {}", reference.size(), out.size());
+  std::memcpy(out.data(), reference.data(), out.size());
+  std::size_t pos = 0, at = 0;
+  while (pos < diff.size()) {
+    std::uint32_t same = 0, changed = 0;
+    if (!getVarint(diff, pos, same) || !getVarint(diff, pos, changed))
+      fail("xor-diff is malformed: bad run length at byte {}", pos);
+    if (changed == 0) fail("xor-diff is malformed: empty changed run at byte {}", pos);
+    if (same > out.size() - at || changed > out.size() - at - same)
+      fail("xor-diff is malformed: runs go past the end of the unit");
+    if (changed > diff.size() - pos) fail("xor-diff is malformed: changed run is truncated");
+    at += same;
+    std::memcpy(out.data() + at, diff.data() + pos, changed);
+    at += changed;
+    pos += changed;
+  }
+}
+
+std::uint32_t changedBytes(std::span<const std::byte> current, std::span<const std::byte> reference) {
+  std::uint32_t count = 0;
+  for (std::size_t i = 0; i < current.size(); ++i) count += current[i] != reference[i];
+  return count;
+}
+
+EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current, std::span<const std::byte> reference,
+                       bool compress) {
+  if (isZeroUnit(current)) return encodeWhole(index, current, compress);
+  EncodedUnit unit;
+  unit.index = index;
+  if (!encodeXorDiff(current, reference, kUnitSize - 1, unit.data)) return encodeWhole(index, current, compress);
+  unit.encoding = wire::ChunkEncoding::XOR_DIFF;
+  unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
+  if (compress) maybeCompress(unit);
+  return unit;
+}
+
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk) {
   chunk.setIndex(unit.index);
   chunk.setEncoding(unit.encoding);
@@ -91,6 +175,14 @@ void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference
     case wire::ChunkEncoding::ZERO:
       if (!payload.empty()) fail("chunk {}: zero unit carries {} bytes of data", chunk.getIndex(), payload.size());
       std::memset(out.data(), 0, kUnitSize);
+      return;
+    case wire::ChunkEncoding::XOR_DIFF:
+      if (reference.size() != kUnitSize) fail("chunk {}: xor-diff without a reference unit", chunk.getIndex());
+      try {
+        decodeXorDiff(payload, reference, out);
+      } catch (const Error& e) {
+        fail("chunk {}: {}", chunk.getIndex(), e.what());
+      }
       return;
     default:
       fail("chunk {}: encoding {} is not supported here", chunk.getIndex(),

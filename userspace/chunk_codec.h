@@ -26,13 +26,34 @@ bool isZeroUnit(std::span<const std::byte> unit);
 /// `compress` is set and compression makes it smaller.
 EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current, bool compress);
 
+/// Encodes `current` as an XOR-diff against `reference` (QEMU XBZRLE style):
+/// repeated [varint unchanged run][varint changed run][the changed run's new
+/// bytes]. Returns false, leaving `out` unspecified, when the encoding would be
+/// longer than `limit` bytes.
+bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference,
+                   std::size_t limit, std::vector<std::byte>& out);
+
+/// Applies an XOR-diff to `reference`, writing the result to `out`. Throws Error
+/// on malformed input; never reads or writes outside the given spans.
+void decodeXorDiff(std::span<const std::byte> diff, std::span<const std::byte> reference,
+                   std::span<std::byte> out);
+
+/// Number of bytes that differ between two units (the paper's "changed bytes").
+std::uint32_t changedBytes(std::span<const std::byte> current, std::span<const std::byte> reference);
+
+/// Encodes `current` for policy Diff: ZERO when all zero, else an XOR-diff
+/// against `reference` when shorter than the whole unit, else WHOLE; lz4 on top
+/// when `compress`.
+EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current,
+                       std::span<const std::byte> reference, bool compress);
+
 /// Writes `unit` into a wire chunk.
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
 
 /// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the
-/// policy diffs against (needed for XOR_DIFF only); `earlier` gives the decoded
-/// bytes of an earlier chunk of the same list (for SAME_AS). Throws Error naming
-/// what is malformed; never writes outside `out`.
+/// policy diffs against (needed for XOR_DIFF only). SAME_AS chunks are resolved
+/// by the caller, which holds the list. Throws Error naming what is malformed;
+/// never writes outside `out`.
 void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference,
                  std::span<std::byte> out);
 

@@ -69,11 +69,12 @@ struct LocalSpec {
   std::string accel;
   std::string cpuModel = "qemu64";
   std::uint32_t vcpus = 1;
+  wire::Policy policy = wire::Policy::DIRTY_PREV;
 };
 
 LocalSpec specFromWire(wire::VmSpec::Reader spec) {
   return LocalSpec{spec.getVmId(), spec.getMemoryBytes(), spec.getDiskBytes(), spec.getKernelCmdline(),
-                   spec.getAccel(),  spec.getCpuModel(),    spec.getVcpus()};
+                   spec.getAccel(),  spec.getCpuModel(),    spec.getVcpus(),       spec.getPolicy()};
 }
 
 void fillEncodedList(capnp::List<wire::Chunk>::Builder list, const ImageDelta& delta) {
@@ -112,9 +113,16 @@ class Device {
   void saveApplied(std::uint64_t sequence);
   void saveLocalSpec();
   void openImages(bool create);
+  /// Orig policies: opens the base image files.
+  void openBase();
+  /// Orig policies: writes the base image from the full checkpoint's units.
+  void writeBase(const ImageDelta& memory, const ImageDelta& disk);
   VmConfig vmConfig(bool incoming) const;
   void createFromImage();
-  void becomeActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes, std::vector<std::uint64_t> diskHashes);
+  /// Takes the active role: sources and trackers over the image as the receivers hold it.
+  void prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes, std::vector<std::uint64_t> diskHashes);
+  /// Ships the first checkpoint and starts the incremental loop.
+  void startCheckpoints();
   /// Starts the incremental checkpoint loop (replacing any previous one).
   void scheduleCheckpoint();
   kj::Promise<void> checkpointLoop();
@@ -150,6 +158,8 @@ class Device {
 
   std::unique_ptr<ImageFile> ram_;
   std::unique_ptr<ImageFile> disk_;
+  std::unique_ptr<ImageFile> baseRam_;   // Orig policies: the base image
+  std::unique_ptr<ImageFile> baseDisk_;
   std::unique_ptr<QemuVm> vm_;
   std::unique_ptr<PageSource> pageSource_;
   std::unique_ptr<BlockSource> blockSource_;
@@ -203,7 +213,7 @@ void Device::loadLocalState() {
     try {
       auto j = nlohmann::json::parse(readWholeFile(path("vm.json"), 1 << 20));
       spec_ = LocalSpec{j.at("vm_id"), j.at("memory_bytes"), j.at("disk_bytes"), j.at("cmdline"),
-                        j.at("accel"), j.at("cpu_model"),    j.at("vcpus")};
+                        j.at("accel"), j.at("cpu_model"),    j.at("vcpus"),     parsePolicy(j.at("policy").get<std::string>())};
       haveSpec_ = true;
     } catch (const nlohmann::json::exception& e) {
       fail("{} is damaged: {}", path("vm.json"), e.what());
@@ -224,7 +234,7 @@ void Device::saveApplied(std::uint64_t sequence) {
 void Device::saveLocalSpec() {
   nlohmann::json j{{"vm_id", spec_.vmId},   {"memory_bytes", spec_.memoryBytes}, {"disk_bytes", spec_.diskBytes},
                    {"cmdline", spec_.cmdline}, {"accel", spec_.accel},           {"cpu_model", spec_.cpuModel},
-                   {"vcpus", spec_.vcpus}};
+                   {"vcpus", spec_.vcpus},     {"policy", policyName(spec_.policy)}};
   std::string text = j.dump(2);
   writeFileDurably(path("vm.json"), text.data(), text.size());
   haveSpec_ = true;
@@ -243,6 +253,26 @@ void Device::openImages(bool create) {
   if (ram_->sizeBytes() != spec_.memoryBytes || disk_->sizeBytes() != spec_.diskBytes)
     fail("local image in {} does not match the VM: RAM {} / {} bytes, disk {} / {} bytes", dir_, ram_->sizeBytes(),
          spec_.memoryBytes, disk_->sizeBytes(), spec_.diskBytes);
+}
+
+void Device::openBase() {
+  baseRam_ = std::make_unique<ImageFile>(path("base-ram.img"), false);
+  baseDisk_ = std::make_unique<ImageFile>(path("base-disk.img"), false);
+  if (baseRam_->sizeBytes() != spec_.memoryBytes || baseDisk_->sizeBytes() != spec_.diskBytes)
+    fail("base image in {} does not match the VM's sizes", dir_);
+}
+
+void Device::writeBase(const ImageDelta& memory, const ImageDelta& disk) {
+  auto write = [&](const char* name, std::uint64_t bytes, const ImageDelta& delta) {
+    fs::remove(path(name));
+    ImageFile base(path(name), true, bytes);
+    for (std::size_t i = 0; i < delta.hashes.size(); ++i)
+      base.writeUnit(delta.hashes[i].first, {delta.raw.data() + i * kUnitSize, kUnitSize});
+    base.sync();
+  };
+  write("base-ram.img", spec_.memoryBytes, memory);
+  write("base-disk.img", spec_.diskBytes, disk);
+  openBase();
 }
 
 VmConfig Device::vmConfig(bool incoming) const {
@@ -284,7 +314,10 @@ void Device::createFromImage() {
   deviceStateSequence_ = 0;
   std::string cmdline = readWholeFile((image / "cmdline").string(), 4096);
   while (!cmdline.empty() && (cmdline.back() == '\n' || cmdline.back() == ' ')) cmdline.pop_back();
-  spec_ = LocalSpec{options_.vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64", 1};
+  spec_ = LocalSpec{options_.vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "",
+                    "qemu64",       1,                             parsePolicy(options_.policy)};
+  fs::remove(path("base-ram.img"));
+  fs::remove(path("base-disk.img"));
   if (spec_.diskBytes % kUnitSize != 0) fail("guest disk {} is not a multiple of 4096 bytes", (image / "disk.img").string());
   ram_ = std::make_unique<ImageFile>(path("ram.img"), true, spec_.memoryBytes);
   disk_ = std::make_unique<ImageFile>(path("disk.img"), true);
@@ -373,28 +406,45 @@ kj::Promise<void> Device::start(Role role) {
               createFromImage();
               auto zeroRam = std::vector<std::uint64_t>(ram_->units(), zeroUnitHash());
               auto zeroDisk = std::vector<std::uint64_t>(disk_->units(), zeroUnitHash());
+              prepareActive(lease.getEpoch(), std::move(zeroRam), std::move(zeroDisk));
               vm_ = std::make_unique<QemuVm>(vmConfig(false));
               vm_->cont();
               spdlog::info("{}: VM '{}' running under {} ({} MiB RAM, {} MiB disk), lease epoch {}",
                            options_.deviceId, spec_.vmId, spec_.accel, spec_.memoryBytes >> 20,
                            spec_.diskBytes >> 20, lease.getEpoch());
-              becomeActive(lease.getEpoch(), std::move(zeroRam), std::move(zeroDisk));
+              startCheckpoints();
             });
       });
 }
 
-void Device::becomeActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes,
-                          std::vector<std::uint64_t> diskHashes) {
+void Device::prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes,
+                           std::vector<std::uint64_t> diskHashes) {
   role_ = Role::active;
   epoch_ = epoch;
   if (options_.pageSource != "scan") fail("--page-source {} is not available; use scan", options_.pageSource);
   if (options_.blockSource != "scan") fail("--block-source {} is not available; use scan", options_.blockSource);
   pageSource_ = std::make_unique<ScanPageSource>();
   blockSource_ = std::make_unique<ScanBlockSource>();
-  ramTracker_ = std::make_unique<ImageTracker>(*ram_, std::move(ramHashes));
-  diskTracker_ = std::make_unique<ImageTracker>(*disk_, std::move(diskHashes));
-  spdlog::info("{}: active (page source {}, block source {}, checkpoint every {} s)", options_.deviceId,
-               pageSource_->name(), blockSource_->name(), options_.intervalSeconds);
+  // Diff Prev diffs against the receiver's copy: after a switch that is this
+  // device's own image as it stands now (the final checkpoint); for a new VM, zeros.
+  const bool copyReference = spec_.policy == wire::Policy::DIFF_PREV && applied_ > 0;
+  auto reference = [&](const ImageFile& image) {
+    return copyReference ? std::vector<std::byte>(image.bytes().begin(), image.bytes().end()) : std::vector<std::byte>{};
+  };
+  ramTracker_ = std::make_unique<ImageTracker>(*ram_, std::move(ramHashes), spec_.policy, options_.compress,
+                                               reference(*ram_));
+  diskTracker_ = std::make_unique<ImageTracker>(*disk_, std::move(diskHashes), spec_.policy, options_.compress,
+                                                reference(*disk_));
+  if (isOrigPolicy(spec_.policy) && applied_ > 0) {
+    openBase();
+    ramTracker_->setBase(*baseRam_);
+    diskTracker_->setBase(*baseDisk_);
+  }
+}
+
+void Device::startCheckpoints() {
+  spdlog::info("{}: active (policy {}, page source {}, block source {}, checkpoint every {} s)", options_.deviceId,
+               policyName(spec_.policy), pageSource_->name(), blockSource_->name(), options_.intervalSeconds);
   stopping_ = false;
   // The first checkpoint of a new VM is the full sync; after a switch the
   // first one is incremental on top of the final checkpoint.
@@ -433,8 +483,8 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   try {
     DirtyUnits pages = pageSource_->harvest();
     DirtyUnits blocks = blockSource_->harvest();
-    pending->memory = ramTracker_->collect(pages, options_.compress);
-    pending->disk = diskTracker_->collect(blocks, options_.compress);
+    pending->memory = ramTracker_->collect(pages);
+    pending->disk = diskTracker_->collect(blocks);
   } catch (const Error& e) {
     spdlog::error("{}: harvest failed: {}", options_.deviceId, e.what());
     return kj::READY_NOW;
@@ -447,7 +497,7 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   checkpoint.setSequence(pending->sequence);
   checkpoint.setBaseSequence(applied_);
   checkpoint.setKind(kind);
-  checkpoint.setPolicy(wire::Policy::DIRTY_PREV);
+  checkpoint.setPolicy(spec_.policy);
   checkpoint.setOrigin(options_.deviceId);
   checkpoint.setCreatedUnixNs(static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -462,6 +512,7 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
     spec.setKernelCmdline(spec_.cmdline);
     spec.setAccel(spec_.accel);
     spec.setCpuModel(spec_.cpuModel);
+    spec.setPolicy(spec_.policy);
     spec.setVcpus(spec_.vcpus);
     std::string kernel = readWholeFile(path("vmlinuz"), 256u << 20);
     std::string initrd = readWholeFile(path("initrd.img"), 1024u << 20);
@@ -475,6 +526,12 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
         ramTracker_->acknowledge(pending->memory);
         diskTracker_->acknowledge(pending->disk);
         saveApplied(pending->sequence);
+        if (kind == wire::CheckpointKind::FULL && isOrigPolicy(spec_.policy)) {
+          // The full checkpoint is the base that Orig checkpoints are measured against.
+          writeBase(pending->memory, pending->disk);
+          ramTracker_->setBase(*baseRam_);
+          diskTracker_->setBase(*baseDisk_);
+        }
         spdlog::info("{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms",
                      options_.deviceId, pending->sequence,
                      kind == wire::CheckpointKind::FULL ? "full" : "incremental", pending->memory.units.size(),
@@ -495,10 +552,13 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   const std::uint64_t start = nowNs();
   if (role_ != Role::standby) fail("device {} is active; it does not apply checkpoints", options_.deviceId);
   const std::uint64_t sequence = checkpoint.getSequence();
-  if (sequence != applied_ + 1 || checkpoint.getBaseSequence() != applied_)
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  // Under Orig a checkpoint needs only the base: a device that missed some
+  // catches up with the latest alone.
+  const bool selfContained = !full && isOrigPolicy(checkpoint.getPolicy()) && baseRam_ && sequence > applied_;
+  if (!selfContained && (sequence != applied_ + 1 || checkpoint.getBaseSequence() != applied_))
     fail("checkpoint {} (based on {}) does not follow this device's image at {}", sequence,
          checkpoint.getBaseSequence(), applied_);
-  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   if (full) {
     auto spec = checkpoint.getSpec();
     spec_ = specFromWire(spec);
@@ -515,9 +575,16 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
     fail("checkpoint for VM '{}' does not belong to this device's VM '{}'", std::string(checkpoint.getVmId()),
          spec_.vmId);
   }
-  ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_);
+  ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
   ram_->sync();
   disk_->sync();
+  if (full && isOrigPolicy(spec_.policy)) {
+    baseRam_.reset();
+    baseDisk_.reset();
+    fs::copy_file(path("ram.img"), path("base-ram.img"), fs::copy_options::overwrite_existing);
+    fs::copy_file(path("disk.img"), path("base-disk.img"), fs::copy_options::overwrite_existing);
+    openBase();
+  }
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) {
     auto ramHashes = hashAllUnits(*ram_);
     auto diskHashes = hashAllUnits(*disk_);
@@ -554,8 +621,8 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     std::uint64_t t0 = nowNs();
     vm_->stop();
     std::uint64_t t1 = nowNs();
-    auto memory = std::make_shared<ImageDelta>(ramTracker_->collect(pageSource_->harvest(), options_.compress));
-    auto disk = std::make_shared<ImageDelta>(diskTracker_->collect(blockSource_->harvest(), options_.compress));
+    auto memory = std::make_shared<ImageDelta>(ramTracker_->collect(pageSource_->harvest()));
+    auto disk = std::make_shared<ImageDelta>(diskTracker_->collect(blockSource_->harvest()));
     std::uint64_t t2 = nowNs();
     std::vector<std::byte> state;
     try {
@@ -568,10 +635,8 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     }
     std::uint64_t t3 = nowNs();
     // The digest of the image the receiver will hold: every unit as shipped.
-    auto ramHashes = ramTracker_->receiverHashes();
-    auto diskHashes = diskTracker_->receiverHashes();
-    for (auto [i, h] : memory->hashes) ramHashes[i] = h;
-    for (auto [i, h] : disk->hashes) diskHashes[i] = h;
+    auto ramHashes = ramTracker_->hashesAfter(*memory);
+    auto diskHashes = diskTracker_->hashesAfter(*disk);
     Digest digest = imageDigest(ramHashes, diskHashes);
 
     const std::uint64_t sequence = applied_ + 1;
@@ -582,7 +647,7 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     checkpoint.setSequence(sequence);
     checkpoint.setBaseSequence(applied_);
     checkpoint.setKind(wire::CheckpointKind::FINAL);
-    checkpoint.setPolicy(wire::Policy::DIRTY_PREV);
+    checkpoint.setPolicy(spec_.policy);
     checkpoint.setOrigin(options_.deviceId);
     fillEncodedList(checkpoint.initMemory(static_cast<unsigned>(memory->units.size())), *memory);
     fillEncodedList(checkpoint.initDisk(static_cast<unsigned>(disk->units.size())), *disk);
@@ -643,6 +708,11 @@ void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result)
     verifiedDiskHashes_ = hashAllUnits(*disk_);
   }
   std::string state = readWholeFile(path("device-state.bin"), 1u << 30);
+  // Trackers first: Diff Prev copies the image as its reference, and that copy
+  // must be the final checkpoint's image, taken before the guest runs again.
+  prepareActive(epoch, std::move(verifiedRamHashes_), std::move(verifiedDiskHashes_));
+  verifiedRamHashes_.clear();
+  verifiedDiskHashes_.clear();
   const std::uint64_t t0 = nowNs();
   vm_ = std::make_unique<QemuVm>(vmConfig(true));
   try {
@@ -650,6 +720,9 @@ void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result)
   } catch (const Error&) {
     vm_->quit();
     vm_.reset();
+    role_ = Role::standby;
+    ramTracker_.reset();
+    diskTracker_.reset();
     throw;
   }
   const std::uint64_t t1 = nowNs();
@@ -658,9 +731,7 @@ void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result)
   result.setDeviceStateLoadNs(t1 - t0);
   result.setResumeNs(t2 - t1);
   spdlog::info("{}: VM resumed from checkpoint {} (lease epoch {})", options_.deviceId, applied_, epoch);
-  becomeActive(epoch, std::move(verifiedRamHashes_), std::move(verifiedDiskHashes_));
-  verifiedRamHashes_.clear();
-  verifiedDiskHashes_.clear();
+  startCheckpoints();
 }
 
 int runDevice(const DeviceOptions& options, Role initialRole) {

@@ -19,6 +19,7 @@ struct DeviceOptions {
   std::string pageSource = "scan";      // where dirty guest pages come from
   std::string blockSource = "scan";     // where dirty disk blocks come from
   bool compress = true;                 // lz4 on top of the encoding
+  std::string policy = "dirty-prev";    // active only: checkpoint policy of a new VM
   std::uint32_t memoryMb = 0;           // active only: overrides the image's memory size
 };
 

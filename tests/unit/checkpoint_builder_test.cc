@@ -51,11 +51,11 @@ TEST(ImageTracker, ScanFindsExactlyTheChangedUnitsAndTheReceiverConverges) {
   ImageFile source(dir.file("source"), true, 64 * kUnitSize);
   ImageFile receiverRam(dir.file("receiver"), true, 64 * kUnitSize);
   ImageFile receiverDisk(dir.file("disk"), true, 4 * kUnitSize);
-  ImageTracker tracker(source, std::vector<std::uint64_t>(64, zeroUnitHash()));
+  ImageTracker tracker(source, std::vector<std::uint64_t>(64, zeroUnitHash()), wire::Policy::DIRTY_PREV, true);
 
   writeUnit(source.path(), 3, 'a');
   writeUnit(source.path(), 40, 'b');
-  ImageDelta first = tracker.collect(DirtyUnits{.everything = true}, true);
+  ImageDelta first = tracker.collect(DirtyUnits{.everything = true});
   ASSERT_EQ(first.units.size(), 2u);
   EXPECT_EQ(first.units[0].index, 3u);
   EXPECT_EQ(first.units[1].index, 40u);
@@ -64,7 +64,7 @@ TEST(ImageTracker, ScanFindsExactlyTheChangedUnitsAndTheReceiverConverges) {
 
   writeUnit(source.path(), 40, 'c');
   writeUnit(source.path(), 41, 'd');
-  ImageDelta second = tracker.collect(DirtyUnits{.everything = true}, true);
+  ImageDelta second = tracker.collect(DirtyUnits{.everything = true});
   ASSERT_EQ(second.units.size(), 2u);
   tracker.acknowledge(second);
   shipTo(second, receiverRam, receiverDisk);
@@ -76,25 +76,25 @@ TEST(ImageTracker, ScanFindsExactlyTheChangedUnitsAndTheReceiverConverges) {
 TEST(ImageTracker, FailedPushShipsTheUnitsAgainEvenIfTheSourceForgetsThem) {
   TempDir dir;
   ImageFile source(dir.file("source"), true, 16 * kUnitSize);
-  ImageTracker tracker(source, std::vector<std::uint64_t>(16, zeroUnitHash()));
+  ImageTracker tracker(source, std::vector<std::uint64_t>(16, zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
   writeUnit(source.path(), 5, 'x');
   // A tracking source (kmod, bpf) reports unit 5 once and resets.
-  ImageDelta lost = tracker.collect(DirtyUnits{.units = {5}}, false);
+  ImageDelta lost = tracker.collect(DirtyUnits{.units = {5}});
   ASSERT_EQ(lost.units.size(), 1u);
   tracker.retryLater(lost);
   // The next harvest reports nothing new, but unit 5 must still ship.
-  ImageDelta again = tracker.collect(DirtyUnits{}, false);
+  ImageDelta again = tracker.collect(DirtyUnits{});
   ASSERT_EQ(again.units.size(), 1u);
   EXPECT_EQ(again.units[0].index, 5u);
   tracker.acknowledge(again);
-  EXPECT_TRUE(tracker.collect(DirtyUnits{}, false).units.empty());
+  EXPECT_TRUE(tracker.collect(DirtyUnits{}).units.empty());
 }
 
 TEST(ImageTracker, RejectsUnitsPastTheImage) {
   TempDir dir;
   ImageFile source(dir.file("source"), true, 4 * kUnitSize);
-  ImageTracker tracker(source, std::vector<std::uint64_t>(4, zeroUnitHash()));
-  EXPECT_THROW(tracker.collect(DirtyUnits{.units = {4}}, false), Error);
+  ImageTracker tracker(source, std::vector<std::uint64_t>(4, zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
+  EXPECT_THROW(tracker.collect(DirtyUnits{.units = {4}}), Error);
 }
 
 TEST(ApplyCheckpoint, OutOfRangeChunkIsRejectedAndNothingIsWritten) {

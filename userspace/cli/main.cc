@@ -135,6 +135,9 @@ int main(int argc, char** argv) {
   addDeviceOptions(*active, activeOptions);
   active->add_option("--image", activeOptions.imageDir, "guest image directory (vm-images/build.sh --out)")->required();
   active->add_option("--vm", activeOptions.vmId, "name of the VM")->capture_default_str();
+  active->add_option("--policy", activeOptions.policy, "checkpoint policy: dirty-prev, diff-prev, dirty-orig, diff-orig")
+      ->check(CLI::IsMember({"dirty-prev", "diff-prev", "dirty-orig", "diff-orig"}))
+      ->capture_default_str();
   active->add_option("--memory-mb", activeOptions.memoryMb, "guest RAM in MiB (default: the image's)");
 
   vmsync::DeviceOptions standbyOptions;
