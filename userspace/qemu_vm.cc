@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -44,6 +45,9 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& logPath) {
     throwErrno(err, "cannot fork to start QEMU");
   }
   if (pid == 0) {
+    // A VMM outliving its controller would go on changing an image nobody
+    // harvests any more: it goes when the controller goes.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     ::dup2(log, STDOUT_FILENO);
     ::dup2(log, STDERR_FILENO);
     int null = ::open("/dev/null", O_RDONLY);

@@ -16,6 +16,7 @@
 #include "error.h"
 #include "rpc_util.h"
 #include "server_main.h"
+#include "study.h"
 #include "vmsync.capnp.h"
 
 namespace {
@@ -156,6 +157,22 @@ int main(int argc, char** argv) {
   status->add_option("--server", clientServer, "sync server address")->capture_default_str();
   status->add_flag("--json", json, "print as JSON");
 
+  vmsync::StudyOptions studyOptions;
+  auto* study = app.add_subcommand("study", "measure every checkpoint policy and interval on a real workload");
+  study->add_option("--workload", studyOptions.workload, "workload name (for the report)")->capture_default_str();
+  study->add_option("--image", studyOptions.imageDir, "guest image built for the workload (default build/vm-images/WORKLOAD)");
+  study->add_option("--duration", studyOptions.durationSeconds, "seconds measured per run")->capture_default_str();
+  study->add_option("--intervals", studyOptions.intervals, "checkpoint intervals in seconds, e.g. 1,2,5,10,30,60")
+      ->delimiter(',')
+      ->capture_default_str();
+  study->add_option("--repeat", studyOptions.repeat, "independent runs")->capture_default_str();
+  study->add_option("--out", studyOptions.outDir, "output directory")->capture_default_str();
+  study->add_option("--accel", studyOptions.accel, "auto, kvm or tcg")
+      ->check(CLI::IsMember({"auto", "kvm", "tcg"}))
+      ->capture_default_str();
+  bool noProgress = false;
+  study->add_flag("--no-progress", noProgress, "no progress bar");
+
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(logLevel));
   spdlog::set_pattern("[%H:%M:%S.%e] %^%l%$ %v");
@@ -166,6 +183,11 @@ int main(int argc, char** argv) {
     if (standby->parsed()) return vmsync::runDevice(standbyOptions, vmsync::Role::standby);
     if (sw->parsed()) return runSwitch(clientServer, target, json);
     if (status->parsed()) return runStatus(clientServer, json);
+    if (study->parsed()) {
+      if (studyOptions.imageDir.empty()) studyOptions.imageDir = "build/vm-images/" + studyOptions.workload;
+      studyOptions.progress = !noProgress;
+      return vmsync::runStudy(studyOptions);
+    }
   } catch (const vmsync::Error& e) {
     std::fprintf(stderr, "vmsync: %s\n", e.what());
     return 1;
