@@ -40,6 +40,13 @@ const volatile __u32 mode = 0;		/* enum block_writes_mode */
 const volatile __u32 target_dev = 0;	/* kernel dev_t: major << 20 | minor */
 const volatile __u32 target_tgid = 0;	/* the VMM's process id (init pid ns) */
 const volatile __s32 target_fd = -1;	/* the image's fd in that process */
+/*
+ * Wake the loader's epoll only once this many bytes wait in the ring: a
+ * wake-up per record costs the writer a context switch per write. The loader
+ * drains on a timer and at every harvest as well, so nothing waits for long.
+ * 0: wake up for every record.
+ */
+const volatile __u64 wakeup_bytes = 0;
 
 /* Loss counters, read by the loader. Only ever incremented. */
 __u64 ring_full_drops = 0;
@@ -88,7 +95,10 @@ static __always_inline void emit(__u64 offset, __u64 length, __u32 flags, __u32 
 	e->length = length;
 	e->flags = flags;
 	e->reason = reason;
-	bpf_ringbuf_submit(e, 0);
+	if (wakeup_bytes && bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < wakeup_bytes)
+		bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	else
+		bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 }
 
 /*

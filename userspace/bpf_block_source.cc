@@ -140,6 +140,7 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
   rodata.target_dev = dev;
   rodata.target_tgid = static_cast<std::uint32_t>(options_.vmmPid);
   rodata.target_fd = options_.imageFd;
+  rodata.wakeup_bytes = options_.wakeupBytes ? options_.wakeupBytes : options_.ringBytes / 8;
 
   int err = bpf_map__set_max_entries(skeleton_->maps.events,
                                      static_cast<std::uint32_t>(options_.ringBytes));
@@ -200,7 +201,7 @@ void BpfBlockSource::stopDrainThread() {
 void BpfBlockSource::drainLoop() {
   for (;;) {
     epoll_event events[2];
-    int n = ::epoll_wait(drainEpollFd_, events, 2, -1);
+    int n = ::epoll_wait(drainEpollFd_, events, 2, options_.drainIntervalMilliseconds);
     if (n < 0) {
       if (errno == EINTR) continue;
       std::lock_guard lock(mutex_);

@@ -47,6 +47,11 @@ struct BpfBlockSourceOptions {
   /// fills if that thread falls behind. If false, the ring is drained at
   /// harvest only (tests use this to fill a tiny ring on purpose).
   bool drainInBackground = true;
+  /// The drain thread is woken once this many bytes wait in the ring (a
+  /// wake-up per record would cost the VMM a context switch per write), and
+  /// otherwise drains every `drainInterval` milliseconds. 0: ringBytes / 8.
+  std::size_t wakeupBytes = 0;
+  int drainIntervalMilliseconds = 50;
   /// Writes ending beyond this offset turn the round into `everything`
   /// instead of growing the dirty bitmap without bound.
   std::uint64_t maxImageBytes = std::uint64_t{1} << 40;
