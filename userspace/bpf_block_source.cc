@@ -6,6 +6,7 @@
 #include <sys/eventfd.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -40,24 +41,32 @@ std::string describeUnknownReason(unsigned reason) {
   }
 }
 
-bool isDirectory(const char* path) {
-  struct stat st {};
-  return ::stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+constexpr long kTracefsMagic = 0x74726163;  // TRACEFS_MAGIC in linux/magic.h
+
+bool isTracefs(const char* path) {
+  struct statfs fs {};
+  return ::statfs(path, &fs) == 0 && fs.f_type == kTracefsMagic;
 }
 
 // libbpf looks up syscall tracepoint ids in tracefs, under debugfs first.
+// Returns a note for the log if it had to mount tracefs.
 std::string ensureTracefs(bool mountIfMissing) {
-  if (isDirectory("/sys/kernel/debug/tracing/events/syscalls") ||
-      isDirectory("/sys/kernel/tracing/events/syscalls"))
+  for (const char* dir : {"/sys/kernel/debug/tracing", "/sys/kernel/tracing"}) {
+    if (!isTracefs(dir)) continue;
+    std::string syscalls = fmt::format("{}/events/syscalls", dir);
+    if (::access(syscalls.c_str(), R_OK | X_OK) != 0)
+      throwLastErrno(fmt::format("file mode needs the syscall tracepoints: cannot use {}", syscalls));
     return {};
+  }
   if (!mountIfMissing)
     fail("file mode needs the syscall tracepoints, but tracefs is not mounted at "
          "/sys/kernel/tracing");
   if (::mount("nodev", "/sys/kernel/tracing", "tracefs", 0, nullptr) != 0)
-    throwLastErrno("file mode needs tracefs: cannot mount tracefs on /sys/kernel/tracing");
-  if (!isDirectory("/sys/kernel/tracing/events/syscalls"))
-    fail("file mode needs syscall tracepoints, which this kernel does not have "
-         "(/sys/kernel/tracing/events/syscalls is missing)");
+    throwLastErrno("file mode needs tracefs, which is not mounted: cannot mount it on "
+                   "/sys/kernel/tracing");
+  if (::access("/sys/kernel/tracing/events/syscalls", R_OK | X_OK) != 0)
+    throwLastErrno("file mode needs the syscall tracepoints: cannot use "
+                   "/sys/kernel/tracing/events/syscalls");
   return "; mounted tracefs on /sys/kernel/tracing";
 }
 
