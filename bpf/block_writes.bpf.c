@@ -72,8 +72,13 @@ struct pending_call {
 	__u32 reason;
 };
 
+/*
+ * LRU: an entry whose exit never came (a thread killed in the call) is
+ * evicted instead of filling the table for good. Evicting a live entry
+ * makes its exit "unknown", a rescan, never a silent loss.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u64);		/* pid_tgid of the calling thread */
 	__type(value, struct pending_call);

@@ -13,6 +13,7 @@
 #include <bit>
 #include <cerrno>
 #include <climits>
+#include <cstring>
 #include <fstream>
 #include <string_view>
 
@@ -189,7 +190,12 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
       ::close(drainEpollFd_);
       throwErrno(saved, "cannot watch the BPF ring buffer with epoll");
     }
-    drainThread_ = std::thread([this] { drainLoop(); });
+    try {
+      drainThread_ = std::thread([this] { drainLoop(); });
+    } catch (...) {
+      stopDrainThread();  // closes the fds
+      throw;
+    }
   }
 }
 
@@ -282,14 +288,18 @@ DirtyUnits BpfBlockSource::harvest() {
   auto* bss = skeleton_->bss;
   std::uint64_t ringDrops = __atomic_load_n(&bss->ring_full_drops, __ATOMIC_ACQUIRE);
   std::uint64_t pendingDrops = __atomic_load_n(&bss->pending_full_drops, __ATOMIC_ACQUIRE);
+  auto addReason = [this](std::string reason) {
+    everythingReason_ = everythingReason_.empty() ? std::move(reason)
+                                                  : reason + "; " + everythingReason_;
+  };
   if (ringDrops != seenRingFullDrops_) {
-    everythingReason_ = fmt::format("{} BPF records lost: the {}-byte ring buffer was full",
-                                    ringDrops - seenRingFullDrops_, options_.ringBytes);
+    addReason(fmt::format("{} BPF records lost: the {}-byte ring buffer was full",
+                                    ringDrops - seenRingFullDrops_, options_.ringBytes));
     seenRingFullDrops_ = ringDrops;
   }
   if (pendingDrops != seenPendingFullDrops_) {
-    everythingReason_ = fmt::format("{} write calls untracked: the BPF per-thread table was full",
-                                    pendingDrops - seenPendingFullDrops_);
+    addReason(fmt::format("{} write calls untracked: the BPF per-thread table was full",
+                          pendingDrops - seenPendingFullDrops_));
     seenPendingFullDrops_ = pendingDrops;
   }
   stats_.ringFullDrops = ringDrops;
