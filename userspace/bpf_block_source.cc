@@ -1,6 +1,7 @@
 #include "bpf_block_source.h"
 
 #include <bpf/libbpf.h>
+#include <fmt/ranges.h>
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -14,6 +15,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string_view>
 
@@ -111,6 +113,26 @@ std::uint32_t kernelDevOfWholeDisk(const std::string& blockDevicePath) {
   if (maj >= (1u << 12) || min >= (1u << 20))
     fail("{} has device number {}:{}, beyond the kernel's dev_t", blockDevicePath, maj, min);
   return (maj << 20) | min;
+}
+
+int findFileDescriptor(pid_t pid, const std::string& path) {
+  struct stat wanted {};
+  if (::stat(path.c_str(), &wanted) != 0) throwLastErrno(fmt::format("cannot stat {}", path));
+  std::string directory = fmt::format("/proc/{}/fd", pid);
+  std::error_code error;
+  std::vector<int> found;
+  for (const auto& entry : std::filesystem::directory_iterator(directory, error)) {
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) != 0) continue;  // closed meanwhile
+    if (st.st_dev == wanted.st_dev && st.st_ino == wanted.st_ino)
+      found.push_back(std::stoi(entry.path().filename().string()));
+  }
+  if (error) throwErrno(error.value(), fmt::format("cannot list {}", directory));
+  if (found.empty()) fail("process {} has no file descriptor open on {}", pid, path);
+  if (found.size() > 1)
+    fail("process {} has {} file descriptors open on {} ({}); bpf file mode follows one", pid,
+         found.size(), path, fmt::join(found, ", "));
+  return found.front();
 }
 
 void BpfBlockSource::SkeletonDeleter::operator()(block_writes_bpf* skeleton) const {

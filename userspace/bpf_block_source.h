@@ -134,4 +134,10 @@ BpfBlockSourceProbe tryCreateBpfBlockSource(const BpfBlockSourceOptions& options
 /// Error if the path is not a whole-disk block device.
 std::uint32_t kernelDevOfWholeDisk(const std::string& blockDevicePath);
 
+/// The number of the one file descriptor of process `pid` open on the file
+/// at `path` (same device and inode), for file mode: QEMU started paused,
+/// then the source, then `cont`. Throws Error if there is none, or several
+/// (file mode follows one fd).
+int findFileDescriptor(pid_t pid, const std::string& path);
+
 }  // namespace vmsync

@@ -28,18 +28,18 @@
 namespace vmsync {
 namespace {
 
-using testing::hashBlocks;
-using testing::LoopDevice;
-using testing::ScratchImage;
+using bpftest::hashBlocks;
+using bpftest::LoopDevice;
+using bpftest::ScratchImage;
 
 constexpr std::uint64_t kImageBytes = 64 << 20;
 
 // Creates `source` from `options`, or skips (fails under VMSYNC_REQUIRE_ALL=1).
 #define CREATE_SOURCE_OR_SKIP(source, options)                                   \
-  if (::geteuid() != 0) VMSYNC_SKIP_OR_FAIL("needs root to load BPF programs");  \
+  if (::geteuid() != 0) BPFTEST_SKIP_OR_FAIL("needs root to load BPF programs");  \
   auto source##Probe = tryCreateBpfBlockSource(options);                         \
   if (!source##Probe.source)                                                     \
-    VMSYNC_SKIP_OR_FAIL("bpf block source unavailable: " + source##Probe.unavailableReason); \
+    BPFTEST_SKIP_OR_FAIL("bpf block source unavailable: " + source##Probe.unavailableReason); \
   std::unique_ptr<BpfBlockSource> source = std::move(source##Probe.source)
 
 volatile sig_atomic_t writerStop = 0;
@@ -115,7 +115,7 @@ class Writer {
   void start() { ASSERT_EQ(::write(goFd_, "g", 1), 1); }
   /// Stops the writer; returns its exit status (0: every write was whole).
   int stop() {
-    int status = testing::stopChild(pid_);
+    int status = bpftest::stopChild(pid_);
     pid_ = -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   }
@@ -268,6 +268,14 @@ TEST_F(FileMode, ReportsExactlyTheBlocksAByteRangeTouches) {
   EXPECT_TRUE(dirty.units.empty());
 }
 
+TEST_F(FileMode, FindsTheImageFileDescriptorOfAProcess) {
+  EXPECT_EQ(findFileDescriptor(::getpid(), image_->path()), fd_);
+  int second = ::open(image_->path().c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(second, 0);
+  EXPECT_THROW(findFileDescriptor(::getpid(), image_->path()), Error);
+  ::close(second);
+}
+
 TEST_F(FileMode, IgnoresOtherFileDescriptors) {
   CREATE_SOURCE_OR_SKIP(source, optionsFor(::getpid()));
   int other = ::open(image_->path().c_str(), O_RDWR | O_CLOEXEC);
@@ -321,12 +329,12 @@ TEST_F(FileMode, AFullRingTurnsTheRoundIntoARescanAndDigestsStillMatch) {
 class BlockDeviceMode : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (::geteuid() != 0) VMSYNC_SKIP_OR_FAIL("needs root to set up a loop device");
+    if (::geteuid() != 0) BPFTEST_SKIP_OR_FAIL("needs root to set up a loop device");
     image_ = std::make_unique<ScratchImage>(kImageBytes);
     try {
       loop_ = std::make_unique<LoopDevice>(image_->path());
     } catch (const Error& error) {
-      VMSYNC_SKIP_OR_FAIL(error.what());
+      BPFTEST_SKIP_OR_FAIL(error.what());
     }
     fd_ = ::open(loop_->path().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
     ASSERT_GE(fd_, 0) << "cannot open " << loop_->path() << ": " << std::strerror(errno);

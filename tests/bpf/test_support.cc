@@ -16,7 +16,7 @@
 #include "error.h"
 #include "units.h"
 
-namespace vmsync::testing {
+namespace vmsync::bpftest {
 
 bool requireAll() {
   const char* value = std::getenv("VMSYNC_REQUIRE_ALL");
@@ -124,4 +124,4 @@ int stopChild(pid_t pid) {
   return status;
 }
 
-}  // namespace vmsync::testing
+}  // namespace vmsync::bpftest

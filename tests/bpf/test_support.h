@@ -9,15 +9,15 @@
 #include <string>
 #include <vector>
 
-namespace vmsync::testing {
+namespace vmsync::bpftest {
 
 /// True when VMSYNC_REQUIRE_ALL=1: a missing feature is then a failure.
 bool requireAll();
 
 /// Skips the test with `reason`, or fails it under VMSYNC_REQUIRE_ALL=1.
-#define VMSYNC_SKIP_OR_FAIL(reason)                                                  \
+#define BPFTEST_SKIP_OR_FAIL(reason)                                                  \
   do {                                                                               \
-    if (::vmsync::testing::requireAll()) FAIL() << (reason) << " (VMSYNC_REQUIRE_ALL=1)"; \
+    if (::vmsync::bpftest::requireAll()) FAIL() << (reason) << " (VMSYNC_REQUIRE_ALL=1)"; \
     GTEST_SKIP() << (reason);                                                        \
   } while (0)
 
@@ -59,4 +59,4 @@ std::vector<std::uint64_t> hashBlocks(const std::string& path);
 /// Sends SIGTERM to a writer child and reaps it; returns its exit status.
 int stopChild(pid_t pid);
 
-}  // namespace vmsync::testing
+}  // namespace vmsync::bpftest
