@@ -8,8 +8,8 @@
 // - BpfThenHashDirty: the harvest plus reading and hashing the reported
 //   blocks, the part of the scan's work a checkpoint still needs.
 // The writes themselves are outside the timing; BM_Pwrite measures what the
-// tracing adds to each 4 KiB pwrite of the VMM (arg 0: untraced, 1: traced). Needs root (BPF); elsewhere
-// the bpf cases report an error with the reason.
+// tracing adds to each 4 KiB pwrite of the VMM (arg 0: untraced, 1: traced). Needs root (BPF);
+// elsewhere the bpf cases report an error with the reason.
 #include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -150,7 +150,8 @@ void runBpf(benchmark::State& state, bool hashDirty) {
     }
     benchmark::DoNotOptimize(dirty);
   }
-  if (rescans) state.SkipWithError(fmt::format("{} harvests fell back to a rescan", rescans).c_str());
+  if (rescans)
+    state.SkipWithError(fmt::format("{} harvests fell back to a rescan", rescans).c_str());
   setLabel(state);
 }
 

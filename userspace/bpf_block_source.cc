@@ -1,8 +1,8 @@
 #include "bpf_block_source.h"
 
 #include <bpf/libbpf.h>
-#include <fmt/ranges.h>
 #include <fcntl.h>
+#include <fmt/ranges.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mount.h>
@@ -58,25 +58,30 @@ std::string ensureTracefs(bool mountIfMissing) {
     if (!isTracefs(dir)) continue;
     std::string syscalls = fmt::format("{}/events/syscalls", dir);
     if (::access(syscalls.c_str(), R_OK | X_OK) != 0)
-      throwLastErrno(fmt::format("file mode needs the syscall tracepoints: cannot use {}", syscalls));
+      throwLastErrno(
+          fmt::format("file mode needs the syscall tracepoints: cannot use {}", syscalls));
     return {};
   }
   if (!mountIfMissing)
-    fail("file mode needs the syscall tracepoints, but tracefs is not mounted at "
-         "/sys/kernel/tracing");
+    fail(
+        "file mode needs the syscall tracepoints, but tracefs is not mounted at "
+        "/sys/kernel/tracing");
   if (::mount("nodev", "/sys/kernel/tracing", "tracefs", 0, nullptr) != 0)
-    throwLastErrno("file mode needs tracefs, which is not mounted: cannot mount it on "
-                   "/sys/kernel/tracing");
+    throwLastErrno(
+        "file mode needs tracefs, which is not mounted: cannot mount it on "
+        "/sys/kernel/tracing");
   if (::access("/sys/kernel/tracing/events/syscalls", R_OK | X_OK) != 0)
-    throwLastErrno("file mode needs the syscall tracepoints: cannot use "
-                   "/sys/kernel/tracing/events/syscalls");
+    throwLastErrno(
+        "file mode needs the syscall tracepoints: cannot use "
+        "/sys/kernel/tracing/events/syscalls");
   return "; mounted tracefs on /sys/kernel/tracing";
 }
 
 // Checks that `fd` of process `pid` is a regular file opened without O_APPEND
 // (pwrite on an O_APPEND file ignores its offset on Linux). Returns its path.
 std::string checkImageFd(pid_t pid, int fd) {
-  if (pid <= 0 || fd < 0) fail("bpf file mode needs the VMM's pid and image fd (got {} and {})", pid, fd);
+  if (pid <= 0 || fd < 0)
+    fail("bpf file mode needs the VMM's pid and image fd (got {} and {})", pid, fd);
   std::string link = fmt::format("/proc/{}/fd/{}", pid, fd);
   char target[PATH_MAX];
   ssize_t n = ::readlink(link.c_str(), target, sizeof(target) - 1);
@@ -147,16 +152,16 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   if (!std::has_single_bit(options_.ringBytes) || options_.ringBytes < page ||
       options_.ringBytes > (std::size_t{1} << 31))
-    fail("BPF ring buffer size {} must be a power of two between {} and 2 GiB",
-         options_.ringBytes, page);
+    fail("BPF ring buffer size {} must be a power of two between {} and 2 GiB", options_.ringBytes,
+         page);
 
   const bool blockMode = options_.mode == BpfBlockSourceOptions::Mode::BlockDevice;
   std::uint32_t dev = 0;
   std::string notes;
   if (blockMode) {
     dev = kernelDevOfWholeDisk(options_.blockDevicePath);
-    description_ = fmt::format("bpf: block device {} ({}:{})", options_.blockDevicePath,
-                               dev >> 20, dev & ((1u << 20) - 1));
+    description_ = fmt::format("bpf: block device {} ({}:{})", options_.blockDevicePath, dev >> 20,
+                               dev & ((1u << 20) - 1));
   } else {
     std::string path = checkImageFd(options_.vmmPid, options_.imageFd);
     notes = ensureTracefs(options_.mountTracefsIfMissing);
@@ -176,7 +181,9 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
 
   int err = bpf_map__set_max_entries(skeleton_->maps.events,
                                      static_cast<std::uint32_t>(options_.ringBytes));
-  if (err) throwErrno(-err, fmt::format("cannot size the BPF ring buffer to {} bytes", options_.ringBytes));
+  if (err)
+    throwErrno(-err,
+               fmt::format("cannot size the BPF ring buffer to {} bytes", options_.ringBytes));
 
   // Load only the programs of the chosen mode.
   bpf_program* program = nullptr;
@@ -190,8 +197,8 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
   err = block_writes_bpf__attach(skeleton_.get());
   if (err) throwErrno(-err, fmt::format("cannot attach BPF program {}", kProgramName));
 
-  ring_.reset(ring_buffer__new(bpf_map__fd(skeleton_->maps.events), &BpfBlockSource::onRecord,
-                               this, nullptr));
+  ring_.reset(ring_buffer__new(bpf_map__fd(skeleton_->maps.events), &BpfBlockSource::onRecord, this,
+                               nullptr));
   if (!ring_) throwLastErrno("cannot open the BPF ring buffer of block_writes");
   description_ += notes;
 
@@ -242,8 +249,8 @@ void BpfBlockSource::drainLoop() {
     if (n < 0) {
       if (errno == EINTR) continue;
       std::lock_guard lock(mutex_);
-      everythingReason_ = fmt::format("the BPF drain thread stopped: epoll_wait: {}",
-                                      std::strerror(errno));
+      everythingReason_ =
+          fmt::format("the BPF drain thread stopped: epoll_wait: {}", std::strerror(errno));
       return;  // harvest() drains the ring itself from now on
     }
     for (int i = 0; i < n; ++i)
@@ -311,12 +318,12 @@ DirtyUnits BpfBlockSource::harvest() {
   std::uint64_t ringDrops = __atomic_load_n(&bss->ring_full_drops, __ATOMIC_ACQUIRE);
   std::uint64_t pendingDrops = __atomic_load_n(&bss->pending_full_drops, __ATOMIC_ACQUIRE);
   auto addReason = [this](std::string reason) {
-    everythingReason_ = everythingReason_.empty() ? std::move(reason)
-                                                  : reason + "; " + everythingReason_;
+    everythingReason_ =
+        everythingReason_.empty() ? std::move(reason) : reason + "; " + everythingReason_;
   };
   if (ringDrops != seenRingFullDrops_) {
     addReason(fmt::format("{} BPF records lost: the {}-byte ring buffer was full",
-                                    ringDrops - seenRingFullDrops_, options_.ringBytes));
+                          ringDrops - seenRingFullDrops_, options_.ringBytes));
     seenRingFullDrops_ = ringDrops;
   }
   if (pendingDrops != seenPendingFullDrops_) {

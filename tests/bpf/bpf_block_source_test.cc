@@ -7,6 +7,8 @@
 // harvest and the scan, by the next one. The test also plays the pre-copy
 // protocol (ship every reported block as scanned after the harvest) and checks
 // that, once the writer has stopped, the shipped image equals the real one.
+#include "bpf_block_source.h"
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/uio.h>
@@ -20,7 +22,6 @@
 #include <set>
 #include <thread>
 
-#include "bpf_block_source.h"
 #include "error.h"
 #include "test_support.h"
 #include "units.h"
@@ -35,10 +36,10 @@ using bpftest::ScratchImage;
 constexpr std::uint64_t kImageBytes = 64 << 20;
 
 // Creates `source` from `options`, or skips (fails under VMSYNC_REQUIRE_ALL=1).
-#define CREATE_SOURCE_OR_SKIP(source, options)                                   \
-  if (::geteuid() != 0) BPFTEST_SKIP_OR_FAIL("needs root to load BPF programs");  \
-  auto source##Probe = tryCreateBpfBlockSource(options);                         \
-  if (!source##Probe.source)                                                     \
+#define CREATE_SOURCE_OR_SKIP(source, options)                                                \
+  if (::geteuid() != 0) BPFTEST_SKIP_OR_FAIL("needs root to load BPF programs");              \
+  auto source##Probe = tryCreateBpfBlockSource(options);                                      \
+  if (!source##Probe.source)                                                                  \
     BPFTEST_SKIP_OR_FAIL("bpf block source unavailable: " + source##Probe.unavailableReason); \
   std::unique_ptr<BpfBlockSource> source = std::move(source##Probe.source)
 
@@ -254,7 +255,7 @@ class FileMode : public ::testing::Test {
 TEST_F(FileMode, ReportsExactlyTheBlocksAByteRangeTouches) {
   CREATE_SOURCE_OR_SKIP(source, optionsFor(::getpid()));
   char bytes[8192] = {1};
-  ASSERT_EQ(::pwrite(fd_, bytes, 2, 4095), 2);      // units 0 and 1
+  ASSERT_EQ(::pwrite(fd_, bytes, 2, 4095), 2);        // units 0 and 1
   ASSERT_EQ(::pwrite(fd_, bytes, 4096, 8192), 4096);  // unit 2 only
   iovec parts[2] = {{bytes, 1}, {bytes, 4096}};
   ASSERT_EQ(::pwritev(fd_, parts, 2, 10 * 4096 + 4095), 4097);  // units 10, 11
@@ -302,8 +303,8 @@ TEST_F(FileMode, AWriteAtTheFilePositionForcesARescan) {
 TEST_F(FileMode, EveryChangedBlockIsReported) {
   Writer writer(fd_, kImageBytes, false, std::chrono::microseconds(200));
   CREATE_SOURCE_OR_SKIP(source, optionsFor(writer.pid()));
-  InvariantResult result = checkInvariant(*source, image_->path(), writer, 40,
-                                          std::chrono::milliseconds(20));
+  InvariantResult result =
+      checkInvariant(*source, image_->path(), writer, 40, std::chrono::milliseconds(20));
   EXPECT_EQ(result.everythingRounds, 0) << result.firstRescanReason;
   EXPECT_GT(result.changedBlocks, 0u) << "the writer changed nothing: the test proves nothing";
   RecordProperty("changed_blocks", std::to_string(result.changedBlocks));
@@ -316,8 +317,8 @@ TEST_F(FileMode, AFullRingTurnsTheRoundIntoARescanAndDigestsStillMatch) {
   options.ringBytes = 4096;
   options.drainInBackground = false;
   CREATE_SOURCE_OR_SKIP(source, options);
-  InvariantResult result = checkInvariant(*source, image_->path(), writer, 10,
-                                          std::chrono::milliseconds(20));
+  InvariantResult result =
+      checkInvariant(*source, image_->path(), writer, 10, std::chrono::milliseconds(20));
   EXPECT_GT(result.everythingRounds, 0) << "the tiny ring never filled";
   EXPECT_NE(result.firstRescanReason.find("ring buffer was full"), std::string::npos)
       << result.firstRescanReason;
@@ -373,8 +374,8 @@ TEST_F(BlockDeviceMode, ReportsExactlyTheBlocksASectorRangeTouches) {
 TEST_F(BlockDeviceMode, EveryChangedBlockIsReported) {
   Writer writer(fd_, kImageBytes, true, std::chrono::microseconds(200));
   CREATE_SOURCE_OR_SKIP(source, options());
-  InvariantResult result = checkInvariant(*source, image_->path(), writer, 40,
-                                          std::chrono::milliseconds(20));
+  InvariantResult result =
+      checkInvariant(*source, image_->path(), writer, 40, std::chrono::milliseconds(20));
   EXPECT_EQ(result.everythingRounds, 0) << result.firstRescanReason;
   EXPECT_GT(result.changedBlocks, 0u) << "the writer changed nothing: the test proves nothing";
 }
@@ -385,8 +386,8 @@ TEST_F(BlockDeviceMode, AFullRingTurnsTheRoundIntoARescanAndDigestsStillMatch) {
   options.ringBytes = 4096;
   options.drainInBackground = false;
   CREATE_SOURCE_OR_SKIP(source, options);
-  InvariantResult result = checkInvariant(*source, image_->path(), writer, 10,
-                                          std::chrono::milliseconds(50));
+  InvariantResult result =
+      checkInvariant(*source, image_->path(), writer, 10, std::chrono::milliseconds(50));
   EXPECT_GT(result.everythingRounds, 0) << "the tiny ring never filled";
   EXPECT_NE(result.firstRescanReason.find("ring buffer was full"), std::string::npos)
       << result.firstRescanReason;

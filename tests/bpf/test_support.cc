@@ -84,7 +84,8 @@ LoopDevice::LoopDevice(const std::string& backingFile) {
   }
   ::close(control);
   ::close(backing);
-  if (fd_ < 0) throwErrno(lastErrno, fmt::format("cannot set up a loop device over {}", backingFile));
+  if (fd_ < 0)
+    throwErrno(lastErrno, fmt::format("cannot set up a loop device over {}", backingFile));
 }
 
 LoopDevice::~LoopDevice() {
@@ -108,8 +109,9 @@ std::vector<std::uint64_t> hashBlocks(const std::string& path) {
     }
     if (n == 0) break;
     for (ssize_t offset = 0; offset < n; offset += kUnitSize)
-      hashes.push_back(XXH3_64bits(buffer.data() + offset,
-                                   std::min<std::size_t>(kUnitSize, static_cast<std::size_t>(n - offset))));
+      hashes.push_back(
+          XXH3_64bits(buffer.data() + offset,
+                      std::min<std::size_t>(kUnitSize, static_cast<std::size_t>(n - offset))));
     if (static_cast<std::size_t>(n) % kUnitSize) break;  // a short tail
   }
   ::close(fd);

@@ -15,10 +15,10 @@ namespace vmsync::bpftest {
 bool requireAll();
 
 /// Skips the test with `reason`, or fails it under VMSYNC_REQUIRE_ALL=1.
-#define BPFTEST_SKIP_OR_FAIL(reason)                                                  \
-  do {                                                                               \
+#define BPFTEST_SKIP_OR_FAIL(reason)                                                      \
+  do {                                                                                    \
     if (::vmsync::bpftest::requireAll()) FAIL() << (reason) << " (VMSYNC_REQUIRE_ALL=1)"; \
-    GTEST_SKIP() << (reason);                                                        \
+    GTEST_SKIP() << (reason);                                                             \
   } while (0)
 
 /// A file of `bytes` random bytes in a fresh temporary directory, removed
