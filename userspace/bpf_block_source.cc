@@ -247,10 +247,11 @@ void BpfBlockSource::drainLoop() {
     epoll_event events[2];
     int n = ::epoll_wait(drainEpollFd_, events, 2, options_.drainIntervalMilliseconds);
     if (n < 0) {
-      if (errno == EINTR) continue;
+      int err = errno;
+      if (err == EINTR) continue;
       std::lock_guard lock(mutex_);
       everythingReason_ =
-          fmt::format("the BPF drain thread stopped: epoll_wait: {}", std::strerror(errno));
+          fmt::format("the BPF drain thread stopped: epoll_wait: {}", std::strerror(err));
       return;  // harvest() drains the ring itself from now on
     }
     for (int i = 0; i < n; ++i)
