@@ -300,6 +300,33 @@ TEST_F(FileMode, AWriteAtTheFilePositionForcesARescan) {
   EXPECT_FALSE(dirty.everything) << dirty.rescanReason;
 }
 
+TEST_F(FileMode, PunchingAHoleReportsItsRange) {
+  CREATE_SOURCE_OR_SKIP(source, optionsFor(::getpid()));
+  ASSERT_EQ(::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 3 * 4096 + 100, 4096), 0)
+      << std::strerror(errno);
+  DirtyUnits dirty = source->harvest();
+  EXPECT_FALSE(dirty.everything) << dirty.rescanReason;
+  EXPECT_EQ(unitSet(dirty), (std::set<std::uint64_t>{3, 4}));
+}
+
+TEST_F(FileMode, WritesAtAnUnknownOffsetForceARescan) {
+  CREATE_SOURCE_OR_SKIP(source, optionsFor(::getpid()));
+  char byte = 7;
+  iovec part = {&byte, 1};
+  ASSERT_EQ(::pwritev2(fd_, &part, 1, -1, 0), 1);  // at the file position
+  DirtyUnits dirty = source->harvest();
+  EXPECT_TRUE(dirty.everything);
+  EXPECT_NE(dirty.rescanReason.find("pwritev2"), std::string::npos) << dirty.rescanReason;
+
+  ASSERT_EQ(::ftruncate(fd_, static_cast<off_t>(kImageBytes)), 0);
+  dirty = source->harvest();
+  EXPECT_TRUE(dirty.everything);
+  EXPECT_NE(dirty.rescanReason.find("truncated"), std::string::npos) << dirty.rescanReason;
+
+  dirty = source->harvest();
+  EXPECT_FALSE(dirty.everything) << dirty.rescanReason;
+}
+
 TEST_F(FileMode, EveryChangedBlockIsReported) {
   Writer writer(fd_, kImageBytes, false, std::chrono::microseconds(200));
   CREATE_SOURCE_OR_SKIP(source, optionsFor(writer.pid()));
