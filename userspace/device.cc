@@ -10,7 +10,9 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 
+#include "bpf_block_source.h"
 #include "checkpoint_applier.h"
 #include "checkpoint_builder.h"
 #include "durable_file.h"
@@ -123,6 +125,10 @@ class Device {
   void prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes, std::vector<std::uint64_t> diskHashes);
   /// Ships the first checkpoint and starts the incremental loop.
   void startCheckpoints();
+  /// Logs units the final scan found that `source` had not reported.
+  void warnIfMissed(const std::string& source, const DirtyUnits& reported, const ImageDelta& delta);
+  /// Starts the page and block sources for the VMM just started (still paused).
+  void attachSources();
   /// Starts the incremental checkpoint loop (replacing any previous one).
   void scheduleCheckpoint();
   kj::Promise<void> checkpointLoop();
@@ -408,6 +414,7 @@ kj::Promise<void> Device::start(Role role) {
               auto zeroDisk = std::vector<std::uint64_t>(disk_->units(), zeroUnitHash());
               prepareActive(lease.getEpoch(), std::move(zeroRam), std::move(zeroDisk));
               vm_ = std::make_unique<QemuVm>(vmConfig(false));
+              attachSources();
               vm_->cont();
               spdlog::info("{}: VM '{}' running under {} ({} MiB RAM, {} MiB disk), lease epoch {}",
                            options_.deviceId, spec_.vmId, spec_.accel, spec_.memoryBytes >> 20,
@@ -421,10 +428,6 @@ void Device::prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHa
                            std::vector<std::uint64_t> diskHashes) {
   role_ = Role::active;
   epoch_ = epoch;
-  if (options_.pageSource != "scan") fail("--page-source {} is not available; use scan", options_.pageSource);
-  if (options_.blockSource != "scan") fail("--block-source {} is not available; use scan", options_.blockSource);
-  pageSource_ = std::make_unique<ScanPageSource>();
-  blockSource_ = std::make_unique<ScanBlockSource>();
   // Diff Prev diffs against the receiver's copy: after a switch that is this
   // device's own image as it stands now (the final checkpoint); for a new VM, zeros.
   const bool copyReference = spec_.policy == wire::Policy::DIFF_PREV && applied_ > 0;
@@ -440,6 +443,50 @@ void Device::prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHa
     ramTracker_->setBase(*baseRam_);
     diskTracker_->setBase(*baseDisk_);
   }
+}
+
+void Device::attachSources() {
+  // Called with the VMM started but paused: nothing the guest writes can
+  // happen before the sources watch.
+  if (options_.pageSource != "scan" && options_.pageSource != "auto")
+    fail("--page-source {} is not available; use scan", options_.pageSource);
+  pageSource_ = std::make_unique<ScanPageSource>();
+  if (options_.blockSource == "scan") {
+    blockSource_ = std::make_unique<ScanBlockSource>();
+    return;
+  }
+  BpfBlockSourceOptions bpf;
+  bpf.mode = BpfBlockSourceOptions::Mode::File;
+  bpf.vmmPid = vm_->pid();
+  bpf.imageFd = findFileDescriptor(vm_->pid(), path("disk.img"));
+  bpf.maxImageBytes = spec_.diskBytes;
+  if (options_.blockSource == "bpf") {
+    auto source = std::make_unique<BpfBlockSource>(bpf);
+    spdlog::info("{}: block source bpf: {}", options_.deviceId, source->description());
+    blockSource_ = std::move(source);
+    return;
+  }
+  auto probe = tryCreateBpfBlockSource(bpf);
+  if (probe.source) {
+    spdlog::info("{}: block source auto: bpf ({})", options_.deviceId, probe.source->description());
+    blockSource_ = std::move(probe.source);
+  } else {
+    spdlog::info("{}: block source auto: bpf unavailable ({}); using scan", options_.deviceId,
+                 probe.unavailableReason);
+    blockSource_ = std::make_unique<ScanBlockSource>();
+  }
+}
+
+void Device::warnIfMissed(const std::string& source, const DirtyUnits& reported, const ImageDelta& delta) {
+  if (reported.everything) return;
+  std::set<std::uint64_t> seen(reported.units.begin(), reported.units.end());
+  std::uint64_t missed = 0;
+  for (const auto& unit : delta.units) missed += !seen.count(unit.index);
+  // Units of an earlier failed push are expected here too; anything else is a source bug.
+  if (missed > 0)
+    spdlog::warn("{}: the final scan found {} changed units the {} source did not report since the last "
+                 "checkpoint (units of a failed push count here); the final checkpoint carries them",
+                 options_.deviceId, missed, source);
 }
 
 void Device::startCheckpoints() {
@@ -483,6 +530,11 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   try {
     DirtyUnits pages = pageSource_->harvest();
     DirtyUnits blocks = blockSource_->harvest();
+    if (kind == wire::CheckpointKind::FULL) {
+      // The whole image, not only what was written since the VMM started.
+      pages = DirtyUnits{.everything = true};
+      blocks = DirtyUnits{.everything = true};
+    }
     pending->memory = ramTracker_->collect(pages);
     pending->disk = diskTracker_->collect(blocks);
   } catch (const Error& e) {
@@ -621,8 +673,14 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     std::uint64_t t0 = nowNs();
     vm_->stop();
     std::uint64_t t1 = nowNs();
-    auto memory = std::make_shared<ImageDelta>(ramTracker_->collect(pageSource_->harvest()));
-    auto disk = std::make_shared<ImageDelta>(diskTracker_->collect(blockSource_->harvest()));
+    // The final checkpoint must be exact whatever the sources: reset them, then
+    // compare every unit (the VM is paused) and say if a source missed one.
+    DirtyUnits reportedPages = pageSource_->harvest();
+    DirtyUnits reportedBlocks = blockSource_->harvest();
+    auto memory = std::make_shared<ImageDelta>(ramTracker_->collect(DirtyUnits{.everything = true}));
+    auto disk = std::make_shared<ImageDelta>(diskTracker_->collect(DirtyUnits{.everything = true}));
+    warnIfMissed(pageSource_->name(), reportedPages, *memory);
+    warnIfMissed(blockSource_->name(), reportedBlocks, *disk);
     std::uint64_t t2 = nowNs();
     std::vector<std::byte> state;
     try {
@@ -668,6 +726,8 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           diskTracker_->acknowledge(*disk);
           vm_->quit();
           vm_.reset();
+          blockSource_.reset();
+          pageSource_.reset();
           ram_->sync();
           disk_->sync();
           writeFileDurably(path("device-state.bin"), state.data(), state.size());
@@ -725,6 +785,7 @@ void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result)
     diskTracker_.reset();
     throw;
   }
+  attachSources();
   const std::uint64_t t1 = nowNs();
   vm_->cont();
   const std::uint64_t t2 = nowNs();

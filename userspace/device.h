@@ -16,8 +16,8 @@ struct DeviceOptions {
   double intervalSeconds = 1.0;         // time between incremental checkpoints
   std::string accel = "auto";           // auto, kvm or tcg
   std::string qemuBinary = "qemu-system-x86_64";
-  std::string pageSource = "scan";      // where dirty guest pages come from
-  std::string blockSource = "scan";     // where dirty disk blocks come from
+  std::string pageSource = "scan";      // where dirty guest pages come from: scan (kmod, kvm-ring: KVM only)
+  std::string blockSource = "auto";     // where dirty disk blocks come from: bpf, scan, auto
   bool compress = true;                 // lz4 on top of the encoding
   std::string policy = "dirty-prev";    // active only: checkpoint policy of a new VM
   std::uint32_t memoryMb = 0;           // active only: overrides the image's memory size

@@ -21,8 +21,9 @@ trap cleanup EXIT
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # Whole counter lines only: a switch may cut a line in two between the logs.
-last_counter() { grep -a '^vmsync-counter [0-9]*$' "$1" 2>/dev/null | tail -n 1 | awk '{print $2}'; }
-first_counter_after() { tail -c +"$(( $2 + 1 ))" "$1" | grep -a '^vmsync-counter [0-9]*$' | head -n 1 | awk '{print $2}'; }
+# (the guest's tty ends lines with CR LF)
+last_counter() { tr -d '\r' < "$1" 2>/dev/null | grep -a '^vmsync-counter [0-9]*$' | tail -n 1 | awk '{print $2}'; }
+first_counter_after() { tail -c +"$(( $2 + 1 ))" "$1" | tr -d '\r' | grep -a '^vmsync-counter [0-9]*$' | head -n 1 | awk '{print $2}'; }
 head_seq() { "$vmsync" status --server "$server" --json | sed -n 's/.*"head_sequence": \([0-9]*\).*/\1/p'; }
 wait_head() { # wait until the chain reaches $1
   for _ in $(seq 1 300); do [ "$(head_seq)" -ge "$1" ] 2>/dev/null && return 0; sleep 0.2; done

@@ -1,0 +1,86 @@
+// Invariant of the bpf block source on a real guest, as KVM's dirty_log_test
+// does for memory: every disk block whose content changed in a round (found
+// by scanning the image) is in the set the source reported for that round.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <set>
+#include <thread>
+
+#include "bpf_block_source.h"
+#include "cluster.h"
+#include "image_file.h"
+#include "qemu_vm.h"
+#include "unit_hashes.h"
+
+namespace vmsync::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+TEST(BpfGuest, EveryChangedBlockIsReportedEveryRound) {
+  std::string missing = missingForVm();
+  if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  if (::geteuid() != 0) VMSYNC_SKIP_OR_FAIL("loading BPF programs needs root");
+  TempDir dir;
+  const std::string image = guestImage();
+  fs::copy_file(image + "/disk.img", dir / "disk.img");
+  { ImageFile ram(dir / "ram.img", true, 128u << 20); }
+  VmConfig config;
+  config.memoryBytes = 128u << 20;
+  config.kernelPath = image + "/vmlinuz";
+  config.initrdPath = image + "/initrd.img";
+  config.kernelCmdline = readFile(image + "/cmdline");
+  while (!config.kernelCmdline.empty() && config.kernelCmdline.back() == '\n') config.kernelCmdline.pop_back();
+  config.ramPath = dir / "ram.img";
+  config.diskPath = dir / "disk.img";
+  config.serialLogPath = dir / "serial.log";
+  config.runDir = dir / "run";
+  QemuVm vm(config);  // started paused: no write can happen before the source watches
+
+  BpfBlockSourceOptions options;
+  options.mode = BpfBlockSourceOptions::Mode::File;
+  options.vmmPid = vm.pid();
+  options.imageFd = findFileDescriptor(vm.pid(), config.diskPath);
+  auto probe = tryCreateBpfBlockSource(options);
+  if (!probe.source) VMSYNC_SKIP_OR_FAIL("bpf block source unavailable: " + probe.unavailableReason);
+  ImageFile disk(config.diskPath, false);
+  std::vector<std::uint64_t> previous = hashAllUnits(disk);
+  vm.cont();
+
+  int rounds = 0, roundsWithWrites = 0, rescans = 0;
+  std::uint64_t reportedTotal = 0;
+  for (int round = 0; round < 25; ++round) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    vm.stop();  // the VMM's writes have all returned
+    DirtyUnits reported = probe.source->harvest();
+    std::vector<std::uint64_t> now = hashAllUnits(disk);
+    vm.cont();
+    ++rounds;
+    if (reported.everything) {
+      ++rescans;
+      previous = now;
+      continue;
+    }
+    std::set<std::uint64_t> set(reported.units.begin(), reported.units.end());
+    reportedTotal += set.size();
+    std::vector<std::uint64_t> missed;
+    for (std::uint64_t i = 0; i < now.size(); ++i)
+      if (now[i] != previous[i] && !set.count(i)) missed.push_back(i);
+    bool changed = false;
+    for (std::uint64_t i = 0; i < now.size(); ++i) changed |= now[i] != previous[i];
+    roundsWithWrites += changed;
+    ASSERT_TRUE(missed.empty()) << "round " << round << ": " << missed.size() << " changed blocks not reported, first "
+                                << missed.front() << " (" << set.size() << " reported)";
+    previous = now;
+  }
+  EXPECT_GE(roundsWithWrites, 10) << "the guest should write its counter file every round";
+  EXPECT_LT(rescans, rounds / 2) << "the source fell back to rescans too often";
+  std::printf("bpf guest invariant: %d rounds, %d with writes, %d rescans, %llu blocks reported\n", rounds,
+              roundsWithWrites, rescans, static_cast<unsigned long long>(reportedTotal));
+  vm.quit();
+}
+
+}  // namespace
+}  // namespace vmsync::testing
