@@ -95,6 +95,7 @@ class Device {
   }
 
   ~Device() {
+    retireVm();
     if (vm_) {
       spdlog::info("stopping the VM (it is not handed off; the server keeps the last checkpoint)");
       vm_->quit();
@@ -125,6 +126,8 @@ class Device {
   void prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes, std::vector<std::uint64_t> diskHashes);
   /// Ships the first checkpoint and starts the incremental loop.
   void startCheckpoints();
+  /// Quits a VMM that handed off, if it has not quit yet.
+  void retireVm();
   /// Logs units the final scan found that `source` had not reported.
   void warnIfMissed(const std::string& source, const DirtyUnits& reported, const ImageDelta& delta);
   /// Starts the page and block sources for the VMM just started (still paused).
@@ -167,6 +170,8 @@ class Device {
   std::unique_ptr<ImageFile> baseRam_;   // Orig policies: the base image
   std::unique_ptr<ImageFile> baseDisk_;
   std::unique_ptr<QemuVm> vm_;
+  std::unique_ptr<QemuVm> retiringVm_;   // paused after a handoff, quitting in the background
+  std::unique_ptr<BlockSource> retiringBlockSource_;
   std::unique_ptr<PageSource> pageSource_;
   std::unique_ptr<BlockSource> blockSource_;
   std::unique_ptr<ImageTracker> ramTracker_;
@@ -180,6 +185,13 @@ class Device {
   std::shared_ptr<PendingPush> unconfirmed_;    // last push whose answer never came
   kj::Maybe<kj::Promise<void>> watch_;          // notices a lost connection
   kj::Maybe<kj::Promise<void>> reconnect_;      // reconnection attempts
+
+  class LogTaskErrors final : public kj::TaskSet::ErrorHandler {
+   public:
+    void taskFailed(kj::Exception&& e) override { spdlog::warn("background task: {}", describe(e)); }
+  };
+  LogTaskErrors taskErrors_;
+  kj::TaskSet background_{taskErrors_};         // work left for after an answer
 };
 
 class DevicePeerImpl final : public wire::DevicePeer::Server {
@@ -668,8 +680,10 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
   if (!session_) fail("device {} is not connected to the server", options_.deviceId);
   stopping_ = true;
   timer_ = nullptr;
-  return whenIdle().then([this, target, result]() mutable -> kj::Promise<void> {
-    spdlog::info("{}: handing off to {}", options_.deviceId, target);
+  const std::uint64_t requested = nowNs();
+  return whenIdle().then([this, target, result, requested]() mutable -> kj::Promise<void> {
+    spdlog::info("{}: handing off to {} (waited {:.1f} ms for the checkpoint under way)", options_.deviceId, target,
+                 (nowNs() - requested) / 1e6);
     std::uint64_t t0 = nowNs();
     vm_->stop();
     std::uint64_t t1 = nowNs();
@@ -724,9 +738,12 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           result.setPushNs(nowNs() - t4);
           ramTracker_->acknowledge(*memory);
           diskTracker_->acknowledge(*disk);
-          vm_->quit();
-          vm_.reset();
-          blockSource_.reset();
+          // The paused VMM writes nothing more; it quits after this answer is on
+          // its way (QEMU takes about half a second to exit), off the switch's path.
+          // Detaching BPF programs waits for RCU grace periods: that too.
+          retiringVm_ = std::move(vm_);
+          retiringBlockSource_ = std::move(blockSource_);
+          background_.add(io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] { retireVm(); }));
           pageSource_.reset();
           ram_->sync();
           disk_->sync();
@@ -757,8 +774,16 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
   });
 }
 
+void Device::retireVm() {
+  retiringBlockSource_.reset();
+  if (!retiringVm_) return;
+  retiringVm_->quit();
+  retiringVm_.reset();
+}
+
 void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result) {
   if (role_ != Role::standby) fail("device {} is already active", options_.deviceId);
+  retireVm();  // a VMM that handed off from here must be gone before another uses the image
   if (!damaged_.empty()) fail("{}", damaged_);
   if (!ram_ || deviceStateSequence_ == 0 || deviceStateSequence_ != applied_)
     fail("device {} has no device state for its image at checkpoint {} (it holds state of checkpoint {})",

@@ -52,11 +52,12 @@ class LiveHandoff : public ::testing::Test {
 };
 
 TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
+  // Disk writes harvested by eBPF (the scan source is covered below).
   TempDir dir;
   Cluster cluster(dir.path());
   cluster.startServer();
-  cluster.startActive("A");
-  cluster.startStandby("B");
+  cluster.startActive("A", {"--block-source", "bpf"});
+  cluster.startStandby("B", {"--block-source", "bpf"});
 
   // The full sync plus at least three incremental checkpoints, applied by B.
   ASSERT_TRUE(cluster.waitForHead(4, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
@@ -119,8 +120,8 @@ TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
   TempDir dir;
   Cluster cluster(dir.path());
   cluster.startServer();
-  cluster.startActive("A");
-  cluster.startStandby("B");
+  cluster.startActive("A", {"--block-source", "scan"});
+  cluster.startStandby("B", {"--block-source", "scan"});
   ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
   ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
       << "the guest on A is not counting" << cluster.logOf("A");
