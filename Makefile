@@ -18,7 +18,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 gnuplot-nox ffmpeg sqlite3
 
-.PHONY: all setup build image demo test module bench clean
+.PHONY: all setup build image demo test module bench study clean
 
 all: build
 
@@ -49,6 +49,13 @@ module:
 
 bench: build
 	$(BUILD)/bench/vmsync_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json
+	$(BUILD)/bench/bpf_harvest_bench --benchmark_out=$(BUILD)/bench-bpf.json --benchmark_out_format=json
+
+# The paper's study on the video workload (see README: Study).
+study: build
+	vm-images/build.sh --out $(BUILD)/vm-images/video --workload video
+	$(BUILD)/userspace/vmsync study --workload video --image $(BUILD)/vm-images/video \
+	  --duration 120 --intervals 1,2,5,10,30,60 --repeat 3 --out $(BUILD)/study-video
 
 clean:
 	rm -rf $(BUILD)

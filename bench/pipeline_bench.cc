@@ -1,0 +1,187 @@
+// The harvest -> diff -> compress -> apply pipeline, measured next to the
+// machine's own limits in the same run (memcmp / xxh3 over the same buffer).
+#include <benchmark/benchmark.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <capnp/message.h>
+
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+#include "checkpoint_applier.h"
+#include "checkpoint_builder.h"
+#include "chunk_codec.h"
+#include "image_file.h"
+#include "unit_hashes.h"
+
+namespace vmsync {
+namespace {
+
+namespace fs = std::filesystem;
+
+/// A guest-like buffer: compressible text-ish pages, some zero pages.
+std::vector<std::byte> makeImage(std::size_t bytes, std::uint32_t seed) {
+  std::vector<std::byte> image(bytes);
+  std::mt19937 rng(seed);
+  for (std::size_t page = 0; page < bytes / kUnitSize; ++page) {
+    if (page % 4 == 3) continue;  // a quarter of the pages stay zero
+    for (std::size_t i = 0; i < kUnitSize; ++i)
+      image[page * kUnitSize + i] = static_cast<std::byte>((rng() % 16) + 'a');
+  }
+  return image;
+}
+
+constexpr std::size_t kBufferBytes = 256u << 20;
+
+void BM_MemcmpBaseline(benchmark::State& state) {
+  auto a = makeImage(kBufferBytes, 1);
+  auto b = a;
+  for (auto _ : state) benchmark::DoNotOptimize(std::memcmp(a.data(), b.data(), a.size()));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * a.size()));
+}
+BENCHMARK(BM_MemcmpBaseline)->Unit(benchmark::kMillisecond);
+
+void BM_Xxh3Baseline(benchmark::State& state) {
+  auto a = makeImage(kBufferBytes, 1);
+  for (auto _ : state) benchmark::DoNotOptimize(XXH3_64bits(a.data(), a.size()));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * a.size()));
+}
+BENCHMARK(BM_Xxh3Baseline)->Unit(benchmark::kMillisecond);
+
+/// The scan page source's cost: hash every 4 KiB unit of the image.
+void BM_ScanHashPerUnit(benchmark::State& state) {
+  auto a = makeImage(kBufferBytes, 1);
+  std::vector<std::uint64_t> hashes(a.size() / kUnitSize);
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < hashes.size(); ++i) hashes[i] = hashUnit({a.data() + i * kUnitSize, kUnitSize});
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * a.size()));
+}
+BENCHMARK(BM_ScanHashPerUnit)->Unit(benchmark::kMillisecond);
+
+/// XOR-diff encode/decode on units with `percent` % of their bytes changed.
+void BM_XorDiffEncode(benchmark::State& state) {
+  const auto percent = static_cast<std::size_t>(state.range(0));
+  auto ref = makeImage(64 * kUnitSize, 2);
+  auto cur = ref;
+  std::mt19937 rng(3);
+  for (std::size_t i = 0; i < cur.size() * percent / 100; ++i) cur[rng() % cur.size()] ^= std::byte{0x5A};
+  std::vector<std::byte> out;
+  for (auto _ : state) {
+    for (std::size_t u = 0; u < 64; ++u)
+      benchmark::DoNotOptimize(encodeXorDiff({cur.data() + u * kUnitSize, kUnitSize},
+                                             {ref.data() + u * kUnitSize, kUnitSize}, 2 * kUnitSize, out));
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * cur.size()));
+}
+BENCHMARK(BM_XorDiffEncode)->Arg(1)->Arg(10)->Arg(50);
+
+void BM_XorDiffDecode(benchmark::State& state) {
+  auto ref = makeImage(64 * kUnitSize, 2);
+  auto cur = ref;
+  std::mt19937 rng(3);
+  for (std::size_t i = 0; i < cur.size() / 10; ++i) cur[rng() % cur.size()] ^= std::byte{0x5A};
+  std::vector<std::vector<std::byte>> diffs(64);
+  for (std::size_t u = 0; u < 64; ++u)
+    encodeXorDiff({cur.data() + u * kUnitSize, kUnitSize}, {ref.data() + u * kUnitSize, kUnitSize}, 2 * kUnitSize,
+                  diffs[u]);
+  std::vector<std::byte> out(kUnitSize);
+  for (auto _ : state)
+    for (std::size_t u = 0; u < 64; ++u) decodeXorDiff(diffs[u], {ref.data() + u * kUnitSize, kUnitSize}, out);
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * cur.size()));
+}
+BENCHMARK(BM_XorDiffDecode);
+
+void BM_Lz4WholeUnit(benchmark::State& state) {
+  auto a = makeImage(64 * kUnitSize, 4);
+  for (auto _ : state)
+    for (std::size_t u = 0; u < 64; ++u)
+      benchmark::DoNotOptimize(encodeWhole(u, {a.data() + u * kUnitSize, kUnitSize}, true));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * a.size()));
+}
+BENCHMARK(BM_Lz4WholeUnit);
+
+/// Builds a checkpoint of a 512 MiB RAM image with `percent` % of pages changed,
+/// and applies it on a standby image.
+struct CheckpointFixture {
+  fs::path dir;
+  std::unique_ptr<ImageFile> source, receiver, disk;
+  explicit CheckpointFixture(std::size_t bytes) {
+    char tmpl[] = "/tmp/vmsync-bench-XXXXXX";
+    dir = ::mkdtemp(tmpl);
+    auto content = makeImage(bytes, 5);
+    {
+      ImageFile s((dir / "source").string(), true, bytes);
+      for (std::size_t u = 0; u < bytes / kUnitSize; ++u) s.writeUnit(u, {content.data() + u * kUnitSize, kUnitSize});
+    }
+    fs::copy_file(dir / "source", dir / "receiver");
+    source = std::make_unique<ImageFile>((dir / "source").string(), true);
+    receiver = std::make_unique<ImageFile>((dir / "receiver").string(), true);
+    disk = std::make_unique<ImageFile>((dir / "disk").string(), true, kUnitSize);
+  }
+  ~CheckpointFixture() { fs::remove_all(dir); }
+  void change(std::size_t percent, std::uint32_t round) {
+    std::mt19937 rng(round);
+    std::vector<std::byte> unit(kUnitSize);
+    const std::size_t units = source->units();
+    for (std::size_t k = 0; k < units * percent / 100; ++k) {
+      std::size_t u = rng() % units;
+      std::memcpy(unit.data(), source->unit(u).data(), kUnitSize);
+      for (int b = 0; b < 64; ++b) unit[rng() % kUnitSize] = static_cast<std::byte>(rng());
+      source->writeUnit(u, unit);
+    }
+  }
+};
+
+void BM_BuildCheckpoint512MiB(benchmark::State& state) {
+  const auto percent = static_cast<std::size_t>(state.range(0));
+  const auto policy = state.range(1) ? wire::Policy::DIFF_PREV : wire::Policy::DIRTY_PREV;
+  CheckpointFixture f(512u << 20);
+  ImageTracker tracker(*f.source, hashAllUnits(*f.source), policy, true,
+                       policy == wire::Policy::DIFF_PREV
+                           ? std::vector<std::byte>(f.source->bytes().begin(), f.source->bytes().end())
+                           : std::vector<std::byte>{});
+  std::uint32_t round = 0;
+  std::uint64_t shipped = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    f.change(percent, ++round);
+    state.ResumeTiming();
+    ImageDelta delta = tracker.collect(DirtyUnits{.everything = true});
+    shipped += delta.encodedBytes;
+    tracker.acknowledge(delta);
+  }
+  state.counters["encoded_MiB"] = benchmark::Counter(static_cast<double>(shipped) / (1 << 20),
+                                                      benchmark::Counter::kAvgIterations);
+}
+BENCHMARK(BM_BuildCheckpoint512MiB)
+    ->ArgsProduct({{1, 5, 20}, {0, 1}})
+    ->ArgNames({"pct", "diff"})
+    ->Unit(benchmark::kMillisecond)
+    ->MeasureProcessCPUTime()
+    ->Iterations(5);
+
+void BM_ApplyCheckpoint(benchmark::State& state) {
+  CheckpointFixture f(512u << 20);
+  ImageTracker tracker(*f.source, hashAllUnits(*f.source), wire::Policy::DIRTY_PREV, true);
+  f.change(5, 1);
+  ImageDelta delta = tracker.collect(DirtyUnits{.everything = true});
+  capnp::MallocMessageBuilder message;
+  auto c = message.initRoot<wire::Checkpoint>();
+  auto list = c.initMemory(static_cast<unsigned>(delta.units.size()));
+  for (std::size_t i = 0; i < delta.units.size(); ++i) toWire(delta.units[i], list[static_cast<unsigned>(i)]);
+  c.initDisk(0);
+  for (auto _ : state) applyCheckpoint(c.asReader(), *f.receiver, *f.disk);
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * delta.encodedBytes));
+  state.counters["payload_MiB"] = static_cast<double>(delta.encodedBytes) / (1 << 20);
+}
+BENCHMARK(BM_ApplyCheckpoint)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+}  // namespace vmsync
+
+BENCHMARK_MAIN();
