@@ -18,6 +18,7 @@
 #include "durable_file.h"
 #include "error.h"
 #include "image_file.h"
+#include "loop_device.h"
 #include "qemu_vm.h"
 #include "rpc_util.h"
 #include "unit_hashes.h"
@@ -99,7 +100,10 @@ class Device {
     if (vm_) {
       spdlog::info("stopping the VM (it is not handed off; the server keeps the last checkpoint)");
       vm_->quit();
+      vm_.reset();
     }
+    blockSource_.reset();
+    loop_.reset();
   }
 
   /// Connects, registers and, for the active role, creates and starts the VM.
@@ -130,6 +134,8 @@ class Device {
   void retireVm();
   /// Logs units the final scan found that `source` had not reported.
   void warnIfMissed(const std::string& source, const DirtyUnits& reported, const ImageDelta& delta);
+  /// --disk loop: attaches the disk image to a loop device for the VMM.
+  void setUpDisk();
   /// Starts the page and block sources for the VMM just started (still paused).
   void attachSources();
   /// Starts the incremental checkpoint loop (replacing any previous one).
@@ -172,6 +178,8 @@ class Device {
   std::unique_ptr<QemuVm> vm_;
   std::unique_ptr<QemuVm> retiringVm_;   // paused after a handoff, quitting in the background
   std::unique_ptr<BlockSource> retiringBlockSource_;
+  std::unique_ptr<LoopDevice> loop_;           // --disk loop: the block device the VMM writes
+  std::unique_ptr<LoopDevice> retiringLoop_;
   std::unique_ptr<PageSource> pageSource_;
   std::unique_ptr<BlockSource> blockSource_;
   std::unique_ptr<ImageTracker> ramTracker_;
@@ -305,6 +313,11 @@ VmConfig Device::vmConfig(bool incoming) const {
   config.kernelCmdline = spec_.cmdline;
   config.ramPath = path("ram.img");
   config.diskPath = path("disk.img");
+  if (loop_) {
+    // The VMM writes the loop device; its requests are what the bpf source sees.
+    config.diskPath = loop_->path();
+    config.diskCache = "none";
+  }
   config.serialLogPath = path("serial.log");
   config.runDir = path("run");
   config.incoming = incoming;
@@ -425,6 +438,7 @@ kj::Promise<void> Device::start(Role role) {
               auto zeroRam = std::vector<std::uint64_t>(ram_->units(), zeroUnitHash());
               auto zeroDisk = std::vector<std::uint64_t>(disk_->units(), zeroUnitHash());
               prepareActive(lease.getEpoch(), std::move(zeroRam), std::move(zeroDisk));
+              setUpDisk();
               vm_ = std::make_unique<QemuVm>(vmConfig(false));
               attachSources();
               vm_->cont();
@@ -457,6 +471,13 @@ void Device::prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHa
   }
 }
 
+void Device::setUpDisk() {
+  if (options_.disk == "file") return;
+  if (options_.disk != "loop") fail("--disk must be file or loop, not '{}'", options_.disk);
+  loop_ = std::make_unique<LoopDevice>(path("disk.img"));
+  spdlog::info("{}: guest disk on {} over {}", options_.deviceId, loop_->path(), path("disk.img"));
+}
+
 void Device::attachSources() {
   // Called with the VMM started but paused: nothing the guest writes can
   // happen before the sources watch.
@@ -468,9 +489,14 @@ void Device::attachSources() {
     return;
   }
   BpfBlockSourceOptions bpf;
-  bpf.mode = BpfBlockSourceOptions::Mode::File;
-  bpf.vmmPid = vm_->pid();
-  bpf.imageFd = findFileDescriptor(vm_->pid(), path("disk.img"));
+  if (loop_) {
+    bpf.mode = BpfBlockSourceOptions::Mode::BlockDevice;
+    bpf.blockDevicePath = loop_->path();
+  } else {
+    bpf.mode = BpfBlockSourceOptions::Mode::File;
+    bpf.vmmPid = vm_->pid();
+    bpf.imageFd = findFileDescriptor(vm_->pid(), path("disk.img"));
+  }
   bpf.maxImageBytes = spec_.diskBytes;
   if (options_.blockSource == "bpf") {
     auto source = std::make_unique<BpfBlockSource>(bpf);
@@ -743,6 +769,7 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           // Detaching BPF programs waits for RCU grace periods: that too.
           retiringVm_ = std::move(vm_);
           retiringBlockSource_ = std::move(blockSource_);
+          retiringLoop_ = std::move(loop_);
           background_.add(io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] { retireVm(); }));
           pageSource_.reset();
           ram_->sync();
@@ -776,9 +803,9 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
 
 void Device::retireVm() {
   retiringBlockSource_.reset();
-  if (!retiringVm_) return;
-  retiringVm_->quit();
+  if (retiringVm_) retiringVm_->quit();
   retiringVm_.reset();
+  retiringLoop_.reset();  // after the VMM closed it
 }
 
 void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result) {
@@ -799,12 +826,14 @@ void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result)
   verifiedRamHashes_.clear();
   verifiedDiskHashes_.clear();
   const std::uint64_t t0 = nowNs();
+  setUpDisk();
   vm_ = std::make_unique<QemuVm>(vmConfig(true));
   try {
     vm_->loadDeviceState({reinterpret_cast<const std::byte*>(state.data()), state.size()});
   } catch (const Error&) {
     vm_->quit();
     vm_.reset();
+    loop_.reset();
     role_ = Role::standby;
     ramTracker_.reset();
     diskTracker_.reset();

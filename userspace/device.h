@@ -18,6 +18,7 @@ struct DeviceOptions {
   std::string qemuBinary = "qemu-system-x86_64";
   std::string pageSource = "scan";      // where dirty guest pages come from: scan (kmod, kvm-ring: KVM only)
   std::string blockSource = "auto";     // where dirty disk blocks come from: bpf, scan, auto
+  std::string disk = "file";            // how the VMM reaches the disk image: file, or loop (a loop device)
   bool compress = true;                 // lz4 on top of the encoding
   std::string policy = "dirty-prev";    // active only: checkpoint policy of a new VM
   std::uint32_t memoryMb = 0;           // active only: overrides the image's memory size

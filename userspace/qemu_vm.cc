@@ -131,7 +131,7 @@ std::vector<std::string> QemuVm::commandLine() const {
       "-kernel", config_.kernelPath,
       "-initrd", config_.initrdPath,
       "-append", config_.kernelCmdline,
-      "-drive", fmt::format("file={},format=raw,if=virtio,cache=writeback,discard=off", config_.diskPath),
+      "-drive", fmt::format("file={},format=raw,if=virtio,cache={},discard=off", config_.diskPath, config_.diskCache),
       "-chardev", fmt::format("file,id=serial0,path={},append=on", config_.serialLogPath),
       "-serial", "chardev:serial0",
       "-qmp", fmt::format("unix:{}/qmp.sock,server=on,wait=off", config_.runDir),

@@ -26,7 +26,8 @@ struct VmConfig {
   std::string initrdPath;
   std::string kernelCmdline;
   std::string ramPath;               // shared RAM file (memory-backend-file,share=on)
-  std::string diskPath;              // raw disk image
+  std::string diskPath;              // raw disk image, or a block device over it
+  std::string diskCache = "writeback"; // QEMU cache mode ("none" for a loop device: O_DIRECT)
   std::string serialLogPath;         // the guest's serial console, appended
   std::string runDir;                // QMP socket and the VMM's own log go here
   bool incoming = false;             // start with -incoming defer, to load device state

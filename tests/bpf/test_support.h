@@ -2,6 +2,8 @@
 // loop devices, block hashes.
 #pragma once
 
+#include "loop_device.h"
+
 #include <gtest/gtest.h>
 #include <sys/types.h>
 
@@ -40,18 +42,7 @@ class ScratchImage {
 
 /// A loop device over a file, detached on destruction (and set to
 /// autoclear, so that a crashed test does not leave it behind).
-class LoopDevice {
- public:
-  explicit LoopDevice(const std::string& backingFile);
-  ~LoopDevice();
-  LoopDevice(const LoopDevice&) = delete;
-  LoopDevice& operator=(const LoopDevice&) = delete;
-  const std::string& path() const { return path_; }
-
- private:
-  int fd_ = -1;
-  std::string path_;
-};
+using vmsync::LoopDevice;
 
 /// xxh3 of every 4096-byte block of a file.
 std::vector<std::uint64_t> hashBlocks(const std::string& path);

@@ -114,6 +114,9 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
   EXPECT_TRUE(consecutive(fileValues, &why)) << "counter file: " << why;
   EXPECT_LE(fileValues.front(), onA.front());
   EXPECT_GT(fileValues.back(), lastOnB) << "the file lacks the values written after switching back to A";
+  // At each final checkpoint the full comparison found nothing the bpf source had not reported.
+  EXPECT_EQ(readFile(dir / "A.log").find("did not report"), std::string::npos) << cluster.logOf("A");
+  EXPECT_EQ(readFile(dir / "B.log").find("did not report"), std::string::npos) << cluster.logOf("B");
 }
 
 TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
@@ -212,6 +215,48 @@ TEST(ServerRestart, DevicesReconnectAndTheHandoffStillVerifies) {
   std::string why;
   EXPECT_TRUE(consecutive(counterValues(aLog + readFile(cluster.serialLog("B"))), &why)) << why;
   EXPECT_NE(readFile(dir / "A.log").find("reconnecting"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace vmsync::testing
+
+namespace vmsync::testing {
+namespace {
+
+/// The disk as a loop device (cache=none) whose block requests the bpf source
+/// records in block-device mode; the switch still ends with a verified image.
+TEST(LoopDisk, HandoffWithBlockDeviceModeBpf) {
+  std::string missing = missingForVm();
+  if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  if (::geteuid() != 0) VMSYNC_SKIP_OR_FAIL("loop devices and BPF need root");
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A", {"--disk", "loop", "--block-source", "bpf"});
+  cluster.startStandby("B", {"--disk", "loop", "--block-source", "bpf"});
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; },
+                      std::chrono::seconds(180)))
+      << cluster.logOf("A");
+  ASSERT_NE(readFile(dir / "A.log").find("block device /dev/loop"), std::string::npos) << cluster.logOf("A");
+  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 2, std::chrono::seconds(60))) << cluster.logOf("A");
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  const std::string aLog = readFile(cluster.serialLog("A"));
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 3; },
+                      std::chrono::seconds(60)))
+      << cluster.logOf("B");
+  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 2, std::chrono::seconds(60))) << cluster.logOf("B");
+  ASSERT_EQ(cluster.switchTo("A", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  const std::string bLog = readFile(cluster.serialLog("B"));
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A")).substr(aLog.size())).size() >= 3; },
+                      std::chrono::seconds(60)))
+      << cluster.logOf("A");
+  std::string why;
+  EXPECT_TRUE(consecutive(counterValues(aLog + bLog + readFile(cluster.serialLog("A")).substr(aLog.size())), &why))
+      << why;
+  EXPECT_EQ(readFile(dir / "A.log").find("did not report"), std::string::npos) << cluster.logOf("A");
+  EXPECT_EQ(readFile(dir / "B.log").find("did not report"), std::string::npos) << cluster.logOf("B");
 }
 
 }  // namespace

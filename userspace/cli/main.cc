@@ -121,6 +121,10 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
       ->check(CLI::IsMember({"bpf", "scan", "auto"}))
       ->capture_default_str();
   cmd.add_flag("!--no-compress", o.compress, "do not lz4-compress chunks");
+  cmd.add_option("--disk", o.disk, "give the VMM the disk image as a file, or as a loop device (cache=none) "
+                                   "whose block requests the bpf source records")
+      ->check(CLI::IsMember({"file", "loop"}))
+      ->capture_default_str();
 }
 
 }  // namespace
