@@ -48,10 +48,14 @@ TEST(BpfGuest, EveryChangedBlockIsReportedEveryRound) {
   ImageFile disk(config.diskPath, false);
   std::vector<std::uint64_t> previous = hashAllUnits(disk);
   vm.cont();
+  // The first round covers the boot (everything written since the VMM
+  // started); the others the counter writing its file every 100 ms.
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(config.serialLogPath)).size() >= 1; },
+                      std::chrono::seconds(120)));
 
   int rounds = 0, roundsWithWrites = 0, rescans = 0;
   std::uint64_t reportedTotal = 0;
-  for (int round = 0; round < 25; ++round) {
+  for (int round = 0; round < 20; ++round) {
     std::this_thread::sleep_for(std::chrono::milliseconds(600));
     vm.stop();  // the VMM's writes have all returned
     DirtyUnits reported = probe.source->harvest();
