@@ -16,9 +16,9 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
   libspdlog-dev libfmt-dev libssl-dev \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
-  linux-image-amd64 linux-headers-amd64 iproute2 gnuplot-nox ffmpeg sqlite3
+  linux-image-amd64 linux-headers-amd64 iproute2 gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image demo test module bench study clean
+.PHONY: all setup build image demo test sanitize fuzz module bench study clean
 
 all: build
 
@@ -43,6 +43,20 @@ demo: build image
 
 test: build image
 	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) ctest --output-on-failure -j 1 --timeout 900
+	$(MAKE) --no-print-directory sanitize fuzz FUZZ_SECONDS=10
+
+# Unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
+sanitize: setup
+	cmake -S . -B $(BUILD)/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DVMSYNC_SANITIZE=ON >/dev/null
+	cmake --build $(BUILD)/asan -j $(JOBS) --target vmsync_unit_tests
+	$(BUILD)/asan/tests/unit/vmsync_unit_tests --gtest_brief=1
+
+# libFuzzer targets (clang) on the decoders and checkpoint handling, FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	cmake -S tests/fuzz -B $(BUILD)/fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ >/dev/null
+	cmake --build $(BUILD)/fuzz -j $(JOBS)
+	tests/fuzz/run.sh $(BUILD)/fuzz $(FUZZ_SECONDS)
 
 module:
 	$(MAKE) -C $(KDIR) M=$(CURDIR) modules
