@@ -1,0 +1,57 @@
+// A minimal KVM VMM for tests: one vCPU put straight into 64-bit long mode,
+// running a bare guest that writes a known, changing set of pages each round
+// and reports the end of every round with an OUT to port 0x10.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+
+#include "kvm_ring_page_source.h"
+
+namespace vmsync::testing {
+
+class MiniVmm {
+ public:
+  /// Guest memory layout (one slot from GPA 0): page tables, GDT, code, then
+  /// kDataPages data pages from kDataStart.
+  static constexpr std::uint64_t kMemoryBytes = 4u << 20;
+  static constexpr std::uint64_t kDataStart = 1u << 20;
+  static constexpr std::uint64_t kDataPages = 512;
+
+  /// Opens /dev/kvm and builds the VM; with `ringEntries` > 0 KVM's dirty
+  /// ring is enabled with that many entries per vCPU. Throws Error saying
+  /// what KVM refused.
+  explicit MiniVmm(std::uint32_t ringEntries);
+  ~MiniVmm();
+
+  /// Why this machine cannot run the harness ("" if it can).
+  static std::string unavailableReason();
+
+  /// Runs the guest until it finishes its next round; returns the round number.
+  std::uint64_t runRound();
+
+  /// Data pages (as unit indexes from GPA 0) the guest writes in `round`: page i
+  /// when (i * 7 + round) % 5 == 0, for i not a multiple of 3 (those are never written).
+  static std::set<std::uint64_t> pagesWrittenIn(std::uint64_t round);
+  /// True for data pages the guest never writes.
+  static bool neverWritten(std::uint64_t unit);
+
+  /// The dirty ring source over this VM's vCPU.
+  KvmRingPageSource& ringSource() { return *source_; }
+  /// The byte the guest last stored in data page `unit` (the round number).
+  std::uint8_t dataByte(std::uint64_t unit) const { return memory_[unit * 4096]; }
+
+ private:
+  void setUpLongMode();
+
+  int kvm_ = -1, vm_ = -1, vcpu_ = -1;
+  std::uint8_t* memory_ = nullptr;
+  void* run_ = nullptr;
+  std::size_t runSize_ = 0;
+  KvmDirtyRing ring_;
+  std::unique_ptr<KvmRingPageSource> source_;
+};
+
+}  // namespace vmsync::testing
