@@ -126,6 +126,8 @@ class Device {
   void writeBase(const ImageDelta& memory, const ImageDelta& disk);
   VmConfig vmConfig(bool incoming) const;
   void createFromImage();
+  /// Throws Error when --image lacks a file the VM needs.
+  void checkImage() const;
   /// Takes the active role: sources and trackers over the image as the receivers hold it.
   void prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes, std::vector<std::uint64_t> diskHashes);
   /// Ships the first checkpoint and starts the incremental loop.
@@ -324,11 +326,16 @@ VmConfig Device::vmConfig(bool incoming) const {
   return config;
 }
 
-void Device::createFromImage() {
+void Device::checkImage() const {
   if (options_.imageDir.empty()) fail("`vmsync active` needs --image DIR (built by vm-images/build.sh)");
   const fs::path image(options_.imageDir);
   for (const char* name : {"vmlinuz", "initrd.img", "disk.img", "cmdline"})
     if (!fs::exists(image / name)) fail("guest image {} has no {}; build it with vm-images/build.sh", image.string(), name);
+}
+
+void Device::createFromImage() {
+  checkImage();
+  const fs::path image(options_.imageDir);
   std::uint32_t memoryMb = options_.memoryMb;
   if (memoryMb == 0 && fs::exists(image / "spec.json")) {
     auto j = nlohmann::json::parse(readWholeFile((image / "spec.json").string(), 1 << 20));
@@ -359,6 +366,9 @@ void Device::createFromImage() {
 
 kj::Promise<capnp::Response<wire::SyncServer::RegisterResults>> Device::connectAndRegister(std::uint64_t applied) {
   return connectRpc(io_, options_.server)
+      .catch_([this](kj::Exception&& e) -> kj::Own<RpcConnection> {
+        rpcFail(fmt::format("cannot reach the sync server at {}: {}", options_.server, describe(e)));
+      })
       .then([this, applied](kj::Own<RpcConnection> connection) {
         connection_ = kj::mv(connection);
         server_ = connection_->bootstrap().castAs<wire::SyncServer>();
@@ -426,6 +436,7 @@ kj::Promise<void> Device::reconnectLoop(std::chrono::milliseconds delay) {
 }
 
 kj::Promise<void> Device::start(Role role) {
+  if (role == Role::active) checkImage();  // before taking the lease
   return connectAndRegister(role == Role::active ? 0 : applied_)
       .then([this, role](capnp::Response<wire::SyncServer::RegisterResults> registered) -> kj::Promise<void> {
         if (role == Role::standby) return kj::READY_NOW;

@@ -37,9 +37,18 @@ const char* stateName(vmsync::wire::DeviceState state) {
   return "unknown";
 }
 
+/// Connects to the server, saying which one could not be reached.
+kj::Own<vmsync::RpcConnection> connectOrExplain(kj::AsyncIoContext& io, const std::string& server) {
+  try {
+    return vmsync::connectRpc(io, server).wait(io.waitScope);
+  } catch (const kj::Exception& e) {
+    throw vmsync::Error("cannot reach the sync server at " + server + ": " + describe(e));
+  }
+}
+
 int runStatus(const std::string& server, bool json) {
   auto io = kj::setupAsyncIo();
-  auto connection = vmsync::connectRpc(io, server).wait(io.waitScope);
+  auto connection = connectOrExplain(io, server);
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
   auto response = client.statusRequest().send().wait(io.waitScope);
   auto status = response.getStatus();
@@ -73,7 +82,7 @@ double ms(std::uint64_t ns) { return static_cast<double>(ns) / 1e6; }
 
 int runSwitch(const std::string& server, const std::string& target, bool json) {
   auto io = kj::setupAsyncIo();
-  auto connection = vmsync::connectRpc(io, server).wait(io.waitScope);
+  auto connection = connectOrExplain(io, server);
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
   auto request = client.switchToRequest();
   request.setTarget(target);
