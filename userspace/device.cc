@@ -126,6 +126,8 @@ class Device {
   void writeBase(const ImageDelta& memory, const ImageDelta& disk);
   VmConfig vmConfig(bool incoming) const;
   void createFromImage();
+  /// Creates the VM from --image, boots it and starts shipping checkpoints.
+  void createAndRun(std::uint64_t epoch);
   /// Throws Error when --image lacks a file the VM needs.
   void checkImage() const;
   /// Takes the active role: sources and trackers over the image as the receivers hold it.
@@ -444,21 +446,36 @@ kj::Promise<void> Device::start(Role role) {
           fail("the server already holds VM '{}' at checkpoint {}; start this device with `vmsync standby` and "
                "switch to it", std::string(registered.getVmId()), registered.getHeadSequence());
         return session_->acquireLeaseRequest().send().then(
-            [this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) {
-              createFromImage();
-              auto zeroRam = std::vector<std::uint64_t>(ram_->units(), zeroUnitHash());
-              auto zeroDisk = std::vector<std::uint64_t>(disk_->units(), zeroUnitHash());
-              prepareActive(lease.getEpoch(), std::move(zeroRam), std::move(zeroDisk));
-              setUpDisk();
-              vm_ = std::make_unique<QemuVm>(vmConfig(false));
-              attachSources();
-              vm_->cont();
-              spdlog::info("{}: VM '{}' running under {} ({} MiB RAM, {} MiB disk), lease epoch {}",
-                           options_.deviceId, spec_.vmId, spec_.accel, spec_.memoryBytes >> 20,
-                           spec_.diskBytes >> 20, lease.getEpoch());
-              startCheckpoints();
+            [this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) -> kj::Promise<void> {
+              try {
+                createAndRun(lease.getEpoch());
+                return kj::READY_NOW;
+              } catch (const Error& e) {
+                // Nothing runs here: give the lease back before saying why.
+                std::string why = e.what();
+                vm_.reset();
+                auto release = session_->releaseLeaseRequest();
+                release.setEpoch(lease.getEpoch());
+                return release.send().then([why](auto&&) -> void { rpcFail(why); },
+                                           [why](kj::Exception&&) -> void { rpcFail(why); });
+              }
             });
       });
+}
+
+void Device::createAndRun(std::uint64_t epoch) {
+  createFromImage();
+  auto zeroRam = std::vector<std::uint64_t>(ram_->units(), zeroUnitHash());
+  auto zeroDisk = std::vector<std::uint64_t>(disk_->units(), zeroUnitHash());
+  prepareActive(epoch, std::move(zeroRam), std::move(zeroDisk));
+  setUpDisk();
+  vm_ = std::make_unique<QemuVm>(vmConfig(false));
+  attachSources();
+  vm_->cont();
+  spdlog::info("{}: VM '{}' running under {} ({} MiB RAM, {} MiB disk), lease epoch {}",
+               options_.deviceId, spec_.vmId, spec_.accel, spec_.memoryBytes >> 20,
+               spec_.diskBytes >> 20, epoch);
+  startCheckpoints();
 }
 
 void Device::prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHashes,
