@@ -20,6 +20,10 @@ struct DecodedList {
 
 DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile& image, const ImageFile* base,
                        const char* what) {
+  // Each unit may appear once: more chunks than units is malformed, and is
+  // refused before the decode buffer is sized from the count.
+  if (chunks.size() > image.units())
+    fail("{} list has {} chunks, but the image has only {} units", what, chunks.size(), image.units());
   DecodedList out;
   out.indexes.reserve(chunks.size());
   out.bytes.resize(static_cast<std::size_t>(chunks.size()) * kUnitSize);

@@ -112,6 +112,23 @@ TEST(ApplyCheckpoint, OutOfRangeChunkIsRejectedAndNothingIsWritten) {
   EXPECT_EQ(hashUnit(ram.unit(0)), zeroUnitHash()) << "the valid first chunk must not have been applied";
 }
 
+TEST(ApplyCheckpoint, MoreChunksThanUnitsIsRejectedBeforeDecoding) {
+  TempDir dir;
+  ImageFile ram(dir.file("ram"), true, 2 * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, 2 * kUnitSize);
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  auto memory = checkpoint.initMemory(3);
+  for (unsigned i = 0; i < 3; ++i) memory[i].setEncoding(wire::ChunkEncoding::ZERO);
+  checkpoint.initDisk(0);
+  try {
+    applyCheckpoint(checkpoint.asReader(), ram, disk);
+    FAIL() << "accepted 3 chunks for 2 units";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("3 chunks"), std::string::npos) << e.what();
+  }
+}
+
 TEST(ImageDigest, DiffersWhenOneUnitDiffers) {
   std::vector<std::uint64_t> ram{1, 2, 3}, disk{4, 5};
   auto a = imageDigest(ram, disk);
