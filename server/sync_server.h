@@ -54,6 +54,12 @@ class SyncServer {
   void persist();
   void forwardUpTo(DeviceEntry& entry, std::uint64_t sequence);
   kj::Promise<void> drained(DeviceEntry& entry);
+  /// Brings device `id` (registration `connection`) from its applied sequence
+  /// up to `to`: one merged catch-up when it misses two or more checkpoints and
+  /// they can be merged, else one checkpoint at a time.
+  kj::Promise<void> catchUp(std::string id, std::uint64_t connection, std::uint64_t to);
+  /// Sends one checkpoint (stored or merged) to the device and records the result.
+  kj::Promise<void> sendApply(std::string id, std::uint64_t connection, wire::Checkpoint::Reader checkpoint);
   kj::Promise<void> activateWithFallback(std::string target, std::string source,
                                          wire::SwitchReport::Builder report, std::uint64_t startNs,
                                          std::uint64_t pushNs);
