@@ -6,7 +6,11 @@
 #include <filesystem>
 #include <regex>
 
+#include <kj/async-io.h>
+
 #include "cluster.h"
+#include "rpc_util.h"
+#include "vmsync.capnp.h"
 
 namespace vmsync::testing {
 namespace {
@@ -22,6 +26,22 @@ std::uint64_t lastAcknowledged(const std::string& log, const std::string& device
   for (std::sregex_iterator it(log.begin(), log.end(), stored), end; it != end; ++it)
     if ((*it)[1] == device) last = std::max<std::uint64_t>(last, std::stoull((*it)[2]));
   return last;
+}
+
+/// A device peer that refuses every call: the test's stand-in for the old
+/// active device's daemon coming back from a network cut.
+class RefusingPeer final : public wire::DevicePeer::Server {
+  kj::Promise<void> apply(ApplyContext) override { KJ_FAIL_REQUIRE("test peer applies nothing"); }
+  kj::Promise<void> handOff(HandOffContext) override { KJ_FAIL_REQUIRE("test peer does not hand off"); }
+  kj::Promise<void> activate(ActivateContext) override { KJ_FAIL_REQUIRE("test peer does not activate"); }
+};
+
+/// Names of the files in `dir`, sorted.
+std::vector<std::string> listing(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
 }
 
 class Durability : public ::testing::Test {
@@ -106,6 +126,58 @@ TEST_F(Durability, StandbyOfflineForTenCheckpointsCatchesUpInOneMerge) {
   nlohmann::json report;
   std::string output;
   ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+}
+
+TEST_F(Durability, OldActiveWithOldEpochIsFencedAndChangesNothing) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  const std::uint64_t oldEpoch = report["epoch"].get<std::uint64_t>() - 1;
+  const std::uint64_t finalSequence = report["final_sequence"];
+  // A is cut off: its daemon is gone, and what comes back speaks with A's
+  // name and A's old lease epoch.
+  cluster.stopDevice("A");
+  ASSERT_TRUE(cluster.waitForHead(finalSequence + 2, std::chrono::seconds(60))) << cluster.logOf("B");
+  cluster.stopDevice("B");  // freeze the chain so "nothing changes" can be compared
+  auto before = cluster.status();
+  ASSERT_TRUE(before);
+  const auto filesBefore = listing(dir.path() + "/server/checkpoints");
+  const std::uint64_t head = (*before)["head_sequence"];
+
+  auto io = kj::setupAsyncIo();
+  auto connection = connectRpc(io, cluster.address()).wait(io.waitScope);
+  auto server = connection->bootstrap().castAs<wire::SyncServer>();
+  auto registration = server.registerRequest();
+  registration.setDeviceId("A");
+  registration.setPeer(kj::heap<RefusingPeer>());
+  registration.setAppliedSequence(finalSequence);
+  auto registered = registration.send().wait(io.waitScope);
+  auto push = registered.getSession().pushRequest();
+  auto checkpoint = push.initCheckpoint();
+  checkpoint.setVmId(registered.getVmId());
+  checkpoint.setEpoch(oldEpoch);
+  checkpoint.setSequence(head + 1);
+  checkpoint.setBaseSequence(head);
+  checkpoint.setKind(wire::CheckpointKind::INCREMENTAL);
+  checkpoint.setOrigin("A");
+  checkpoint.initMemory(1)[0].setEncoding(wire::ChunkEncoding::ZERO);
+  std::string error;
+  push.send().then([](auto&&) {}, [&](kj::Exception&& e) { error = e.getDescription().cStr(); }).wait(io.waitScope);
+  std::printf("old active's push with epoch %llu: %s\n", static_cast<unsigned long long>(oldEpoch), error.c_str());
+  EXPECT_NE(error.find("fenced"), std::string::npos) << "the stale push was not refused as fenced: " << error;
+
+  auto after = cluster.status();
+  ASSERT_TRUE(after);
+  EXPECT_EQ((*after)["head_sequence"], (*before)["head_sequence"]);
+  EXPECT_EQ((*after)["epoch"], (*before)["epoch"]);
+  EXPECT_EQ((*after)["active_device"], "B");
+  EXPECT_EQ(listing(dir.path() + "/server/checkpoints"), filesBefore);
 }
 
 }  // namespace
