@@ -3,12 +3,6 @@
 #include <fmt/format.h>
 #include <xxhash.h>
 
-#include <signal.h>
-#include <unistd.h>
-
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 
 namespace vmsync {
 
@@ -33,15 +27,6 @@ std::string checkRecordPayload(const RecordHeader& header, std::span<const std::
   if (actual != header.checksum)
     return fmt::format("payload checksum {:016x} does not match the recorded {:016x}", actual, header.checksum);
   return {};
-}
-
-void crashPoint(const char* point) {
-  const char* wanted = std::getenv("VMSYNC_CRASH_AT");
-  if (wanted && std::strcmp(wanted, point) == 0) {
-    fmt::print(stderr, "VMSYNC_CRASH_AT={}: killing this process here (test hook)\n", point);
-    std::fflush(stderr);
-    ::kill(::getpid(), SIGKILL);
-  }
 }
 
 }  // namespace vmsync

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "crash_point.h"
+
 namespace vmsync {
 
 /// Fixed-size header in front of every stored checkpoint (little-endian).
@@ -38,11 +40,5 @@ std::string checkRecordHeader(const RecordHeader& header, std::uint64_t availabl
 
 /// Returns an empty string when `payload` matches `header`'s checksum, else why not.
 std::string checkRecordPayload(const RecordHeader& header, std::span<const std::byte> payload);
-
-/// Test hook: when the environment variable VMSYNC_CRASH_AT names `point`,
-/// the process sends itself SIGKILL here, exactly as `kill -9` would stop it. Points used by the
-/// server: before-data-write, after-data-write, after-data-fsync,
-/// after-rename, after-commit, before-ack.
-void crashPoint(const char* point);
 
 }  // namespace vmsync

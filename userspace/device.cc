@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "crash_point.h"
 #include "checkpoint_applier.h"
 #include "checkpoint_builder.h"
 #include "durable_file.h"
@@ -516,6 +517,7 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
          spec_.vmId);
   }
   ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_);
+  crashPoint("standby-after-write");
   ram_->sync();
   disk_->sync();
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) {

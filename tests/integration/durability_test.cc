@@ -128,6 +128,30 @@ TEST_F(Durability, StandbyOfflineForTenCheckpointsCatchesUpInOneMerge) {
   ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
 }
 
+TEST_F(Durability, StandbyKilledMidApplyRecoversAndTakesOver) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  // B restarts with the test hook: it is SIGKILLed on its next apply, after
+  // writing the image and before recording the sequence it reached.
+  cluster.stopDevice("B");
+  ::setenv("VMSYNC_CRASH_AT", "standby-after-write", 1);
+  cluster.startStandby("B");
+  ::unsetenv("VMSYNC_CRASH_AT");
+  ASSERT_TRUE(waitFor([&] { return !cluster.device("B").running(); }, std::chrono::seconds(60)))
+      << "B was not killed mid-apply" << cluster.logOf("B");
+  ASSERT_NE(readFile(dir.path() + "/B.log").find("VMSYNC_CRASH_AT=standby-after-write"), std::string::npos);
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 1, std::chrono::seconds(60))) << cluster.logOf("B");
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  EXPECT_EQ(report["to"], "B");  // B's image matched A's digest at the switch
+}
+
 TEST_F(Durability, OldActiveWithOldEpochIsFencedAndChangesNothing) {
   TempDir dir;
   Cluster cluster(dir.path());
