@@ -4,6 +4,8 @@
 
 #include <chrono>
 
+#include "checkpoint_merge.h"
+#include "checkpoint_record.h"
 #include "error.h"
 
 namespace vmsync {
@@ -194,6 +196,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   DeviceEntry& origin = device(id);
   origin.applied = origin.queued = store_.head();
   persist();
+  crashPoint("before-ack");
   for (auto& [other, entry] : devices_)
     if (other != id) forwardUpTo(*entry, store_.head());
   return store_.head();
@@ -210,49 +213,88 @@ void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
   if (!entry.peer || !entry.failure.empty() || entry.id == state_.holder) return;
   const std::uint64_t connection = entry.connection;
   const std::string id = entry.id;
-  for (std::uint64_t s = std::max(entry.queued, entry.applied) + 1; s <= sequence; ++s) {
+  // One step per call: the step catches up to `sequence` from wherever the
+  // device is when it runs, so K missed checkpoints travel as one merge.
+  if (std::max(entry.queued, entry.applied) < sequence) {
     kj::Promise<void> previous = kj::READY_NOW;
     KJ_IF_MAYBE(tail, entry.tail) { previous = tail->addBranch(); }
-    auto next = previous.then([this, id, s, connection]() -> kj::Promise<void> {
-      DeviceEntry& d = device(id);
-      if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= s) return kj::READY_NOW;
-      // Under an Orig policy each checkpoint needs only the base: a device
-      // that has the base catches up with the latest checkpoint alone.
-      if (s < store_.head() && d.applied >= 1 && headIsSelfContained()) return kj::READY_NOW;
-      auto stored = store_.read(s);
-      auto request = d.peer->applyRequest();
-      request.setCheckpoint(stored->reader());
-      std::uint64_t start = nowNs();
-      return request.send().then(
-          [this, id, s, connection, start](capnp::Response<wire::DevicePeer::ApplyResults> response) {
-            DeviceEntry& d = device(id);
-            if (d.connection != connection) return;
-            d.lastForwardNs = nowNs() - start;
-            d.lastApplyNs = response.getApplyNs();
-            d.applied = response.getAppliedSequence();
-            persist();
-          },
-          [this, id, s, connection](kj::Exception&& e) {
-            DeviceEntry& d = device(id);
-            if (d.connection != connection) return;
-            d.failure = fmt::format("applying checkpoint {} failed: {}", s, describe(e));
-            spdlog::warn("device {}: {}", id, d.failure);
-          });
-    });
+    auto next = previous.then([this, id, sequence, connection]() { return catchUp(id, connection, sequence); });
     entry.tail = next.fork();
   }
   entry.queued = std::max(entry.queued, sequence);
 }
 
-bool SyncServer::headIsSelfContained() {
-  if (headPolicyCache_.first != store_.head()) {
-    auto head = store_.read(store_.head());
-    auto reader = head->reader();
-    bool orig = reader.getKind() != wire::CheckpointKind::FULL &&
-                (reader.getPolicy() == wire::Policy::DIRTY_ORIG || reader.getPolicy() == wire::Policy::DIFF_ORIG);
-    headPolicyCache_ = {store_.head(), orig};
+kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, std::uint64_t to) {
+  DeviceEntry& d = device(id);
+  if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= to) return kj::READY_NOW;
+  const std::uint64_t from = d.applied + 1;
+  if (to > from) {
+    // Under an Orig policy a checkpoint needs only the base (the full one):
+    // a device that has it catches up with the latest checkpoint alone. Orig
+    // checkpoints are never merged: a unit left out of a later one returns to
+    // the base, which a union of chunks would not do.
+    auto latest = store_.read(to);
+    auto latestReader = latest->reader();
+    if (latestReader.getKind() != wire::CheckpointKind::FULL &&
+        (latestReader.getPolicy() == wire::Policy::DIRTY_ORIG || latestReader.getPolicy() == wire::Policy::DIFF_ORIG)) {
+      if (d.applied >= 1) {
+        spdlog::info("catch-up for {}: checkpoint {} alone (Orig policy; {} skipped)", id, to, to - from);
+        return sendApply(id, connection, latestReader).attach(kj::mv(latest));
+      }
+      auto full = store_.read(1);
+      auto fullReader = full->reader();
+      return sendApply(id, connection, fullReader).attach(kj::mv(full)).then([this, id, connection, to]() {
+        return catchUp(id, connection, to);
+      });
+    }
+    std::vector<kj::Own<StoredCheckpoint>> stored;
+    std::vector<wire::Checkpoint::Reader> run;
+    std::uint64_t missedBytes = 0;
+    for (std::uint64_t s = from; s <= to; ++s) {
+      stored.push_back(store_.read(s));
+      run.push_back(stored.back()->reader());
+      missedBytes += stored.back()->bytes();
+    }
+    auto merged = kj::heap<capnp::MallocMessageBuilder>();
+    std::string refused = mergeCheckpoints(run, merged->initRoot<wire::Checkpoint>());
+    if (refused.empty()) {
+      const std::uint64_t mergedBytes = capnp::computeSerializedSizeInWords(*merged) * sizeof(capnp::word);
+      spdlog::info("catch-up for {}: checkpoints {}..{} ({} checkpoints, {} bytes) merged into one of {} bytes", id,
+                   from, to, to - from + 1, missedBytes, mergedBytes);
+      auto reader = merged->getRoot<wire::Checkpoint>().asReader();
+      return sendApply(id, connection, reader).attach(kj::mv(merged));
+    }
+    spdlog::info("catch-up for {}: sending checkpoints {}..{} one by one ({})", id, from, to, refused);
   }
-  return headPolicyCache_.second;
+  auto one = store_.read(from);
+  auto reader = one->reader();
+  return sendApply(id, connection, reader).attach(kj::mv(one)).then([this, id, connection, to]() {
+    return catchUp(id, connection, to);
+  });
+}
+
+kj::Promise<void> SyncServer::sendApply(std::string id, std::uint64_t connection,
+                                        wire::Checkpoint::Reader checkpoint) {
+  DeviceEntry& d = device(id);
+  const std::uint64_t s = checkpoint.getSequence();
+  auto request = d.peer->applyRequest();
+  request.setCheckpoint(checkpoint);
+  std::uint64_t start = nowNs();
+  return request.send().then(
+      [this, id, connection, start](capnp::Response<wire::DevicePeer::ApplyResults> response) {
+        DeviceEntry& d = device(id);
+        if (d.connection != connection) return;
+        d.lastForwardNs = nowNs() - start;
+        d.lastApplyNs = response.getApplyNs();
+        d.applied = response.getAppliedSequence();
+        persist();
+      },
+      [this, id, s, connection](kj::Exception&& e) {
+        DeviceEntry& d = device(id);
+        if (d.connection != connection) return;
+        d.failure = fmt::format("applying checkpoint {} failed: {}", s, describe(e));
+        spdlog::warn("device {}: {}", id, d.failure);
+      });
 }
 
 kj::Promise<void> SyncServer::drained(DeviceEntry& entry) {

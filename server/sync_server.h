@@ -54,9 +54,12 @@ class SyncServer {
   void persist();
   void forwardUpTo(DeviceEntry& entry, std::uint64_t sequence);
   kj::Promise<void> drained(DeviceEntry& entry);
-  /// True when the newest checkpoint is measured against the base (Orig), so a
-  /// device holding the base needs that one alone.
-  bool headIsSelfContained();
+  /// Brings device `id` (registration `connection`) from its applied sequence
+  /// up to `to`: one merged catch-up when it misses two or more checkpoints and
+  /// they can be merged, else one checkpoint at a time.
+  kj::Promise<void> catchUp(std::string id, std::uint64_t connection, std::uint64_t to);
+  /// Sends one checkpoint (stored or merged) to the device and records the result.
+  kj::Promise<void> sendApply(std::string id, std::uint64_t connection, wire::Checkpoint::Reader checkpoint);
   kj::Promise<void> activateWithFallback(std::string target, std::string source,
                                          wire::SwitchReport::Builder report, std::uint64_t startNs,
                                          std::uint64_t pushNs);
@@ -66,7 +69,6 @@ class SyncServer {
   std::map<std::string, std::unique_ptr<DeviceEntry>> devices_;
   std::uint64_t connections_ = 0;
   bool switching_ = false;
-  std::pair<std::uint64_t, bool> headPolicyCache_{0, false};
 };
 
 }  // namespace vmsync

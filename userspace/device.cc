@@ -13,6 +13,7 @@
 #include <set>
 
 #include "bpf_block_source.h"
+#include "crash_point.h"
 #include "checkpoint_applier.h"
 #include "checkpoint_builder.h"
 #include "durable_file.h"
@@ -672,9 +673,10 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   const std::uint64_t sequence = checkpoint.getSequence();
   const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   // Under Orig a checkpoint needs only the base: a device that missed some
-  // catches up with the latest alone.
+  // catches up with the latest alone. Otherwise it must start where this
+  // image is (a merged catch-up spans several sequences).
   const bool selfContained = !full && isOrigPolicy(checkpoint.getPolicy()) && baseRam_ && sequence > applied_;
-  if (!selfContained && (sequence != applied_ + 1 || checkpoint.getBaseSequence() != applied_))
+  if (!selfContained && (sequence <= applied_ || checkpoint.getBaseSequence() != applied_))
     fail("checkpoint {} (based on {}) does not follow this device's image at {}", sequence,
          checkpoint.getBaseSequence(), applied_);
   if (full) {
@@ -694,6 +696,7 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
          spec_.vmId);
   }
   ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
+  crashPoint("standby-after-write");
   ram_->sync();
   disk_->sync();
   if (full && isOrigPolicy(spec_.policy)) {

@@ -75,5 +75,97 @@ TEST(CheckpointStore, MissingCheckpointBelowHeadIsReported) {
   EXPECT_THROW(CheckpointStore store(dir.path), Error);
 }
 
+std::string path(const TempDir& dir, std::uint64_t sequence) {
+  return fmt::format("{}/checkpoints/{:020}.ckpt", dir.path, sequence);
+}
+
+/// Flips one byte of a stored file at `offset` from its end.
+void flipByteFromEnd(const std::string& file, std::uint64_t offset) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(-static_cast<std::streamoff>(offset), std::ios::end);
+  char c = 0;
+  f.read(&c, 1);
+  f.seekp(-static_cast<std::streamoff>(offset), std::ios::end);
+  c = static_cast<char>(c ^ 0x5a);
+  f.write(&c, 1);
+}
+
+TEST(CheckpointStore, TruncatedTailRecordIsDroppedNeverRead) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    appendOne(store, 1);
+    appendOne(store, 2);
+  }
+  fs::resize_file(path(dir, 2), fs::file_size(path(dir, 2)) - 8);
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.head(), 1u);
+  EXPECT_THROW(store.read(2), Error);
+  appendOne(store, 2);  // the chain goes on from the last whole record
+  EXPECT_EQ(store.read(2)->reader().getSequence(), 2u);
+}
+
+TEST(CheckpointStore, ChecksumMismatchAtTailIsDropped) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    appendOne(store, 1);
+    appendOne(store, 2);
+  }
+  flipByteFromEnd(path(dir, 2), 3);
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.head(), 1u);
+}
+
+TEST(CheckpointStore, DamageBelowTheTailIsAnErrorNotASilentTruncation) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    for (std::uint64_t s = 1; s <= 3; ++s) appendOne(store, s);
+  }
+  flipByteFromEnd(path(dir, 2), 3);
+  try {
+    CheckpointStore store(dir.path);
+    FAIL() << "a damaged record below the tail was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("checkpoint 2 is damaged"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CheckpointStore, ReadVerifiesTheChecksum) {
+  TempDir dir;
+  CheckpointStore store(dir.path);
+  appendOne(store, 1);
+  appendOne(store, 2);
+  flipByteFromEnd(path(dir, 1), 3);
+  EXPECT_THROW(store.read(1), Error);
+}
+
+TEST(CheckpointStore, FileWithoutRecordHeaderIsRefused) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    appendOne(store, 1);
+  }
+  std::ofstream(path(dir, 2), std::ios::binary) << std::string(64, 'x');
+  CheckpointStore store(dir.path);  // not a record: a torn tail
+  EXPECT_EQ(store.head(), 1u);
+}
+
+TEST(CheckpointStore, DeviceStateIsClampedToADroppedTail) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    appendOne(store, 1);
+    appendOne(store, 2);
+    ServerState state;
+    state.appliedByDevice = {{"phone", 2}};
+    store.saveState(state);
+  }
+  fs::resize_file(path(dir, 2), 10);
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.state().appliedByDevice.at("phone"), 1u);
+}
+
 }  // namespace
 }  // namespace vmsync

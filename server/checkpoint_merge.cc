@@ -1,0 +1,89 @@
+#include "checkpoint_merge.h"
+
+#include <fmt/format.h>
+
+#include <map>
+
+namespace vmsync {
+
+namespace {
+
+bool selfContained(wire::Chunk::Reader chunk) {
+  return chunk.getEncoding() == wire::ChunkEncoding::WHOLE || chunk.getEncoding() == wire::ChunkEncoding::ZERO;
+}
+
+/// Newest chunk per unit index across the run, for one of the two images.
+template <typename ListOf>
+std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, ListOf list,
+                         std::map<std::uint64_t, wire::Chunk::Reader>& newest) {
+  for (auto checkpoint : run) {
+    auto chunks = list(checkpoint);
+    for (unsigned i = 0; i < chunks.size(); ++i) {
+      auto chunk = chunks[i];
+      // A duplicate within a checkpoint stands for the earlier chunk's bytes:
+      // take that chunk (its index is set back when copying).
+      if (chunk.getEncoding() == wire::ChunkEncoding::SAME_AS) {
+        if (chunk.getSameAs() >= i)
+          return fmt::format("checkpoint {} has a chunk referring forward", checkpoint.getSequence());
+        chunk = chunks[chunk.getSameAs()];
+      }
+      if (!selfContained(chunk))
+        return fmt::format("checkpoint {} has a chunk for unit {} that refers to other bytes (encoding {})",
+                           checkpoint.getSequence(), chunks[i].getIndex(), static_cast<int>(chunk.getEncoding()));
+      newest.insert_or_assign(chunks[i].getIndex(), chunk);
+    }
+  }
+  return {};
+}
+
+void copyChunks(const std::map<std::uint64_t, wire::Chunk::Reader>& chunks, capnp::List<wire::Chunk>::Builder list) {
+  unsigned i = 0;
+  for (const auto& [index, chunk] : chunks) {
+    list.setWithCaveats(i, chunk);
+    list[i++].setIndex(index);
+  }
+}
+
+}  // namespace
+
+std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, wire::Checkpoint::Builder out) {
+  if (run.empty()) return "nothing to merge";
+  for (std::size_t i = 1; i < run.size(); ++i) {
+    if (run[i].getBaseSequence() != run[i - 1].getSequence() || run[i].getSequence() <= run[i - 1].getSequence())
+      return fmt::format("checkpoint {} is based on {}, not on {}", run[i].getSequence(), run[i].getBaseSequence(),
+                         run[i - 1].getSequence());
+    if (run[i].getKind() == wire::CheckpointKind::FULL)
+      return fmt::format("checkpoint {} is full; only the first of a run may be", run[i].getSequence());
+  }
+  const auto first = run.front();
+  const auto last = run.back();
+  const bool full = first.getKind() == wire::CheckpointKind::FULL;
+  if (full && last.getKind() == wire::CheckpointKind::FINAL && run.size() > 1)
+    return "a full checkpoint cannot be merged with a final one (the merge would need both kinds)";
+  std::map<std::uint64_t, wire::Chunk::Reader> memory, disk;
+  if (auto why = newestChunks(run, [](auto c) { return c.getMemory(); }, memory); !why.empty()) return why;
+  if (auto why = newestChunks(run, [](auto c) { return c.getDisk(); }, disk); !why.empty()) return why;
+
+  out.setVmId(last.getVmId());
+  out.setEpoch(last.getEpoch());
+  out.setSequence(last.getSequence());
+  out.setBaseSequence(first.getBaseSequence());
+  out.setPolicy(last.getPolicy());
+  out.setOrigin(last.getOrigin());
+  out.setCreatedUnixNs(last.getCreatedUnixNs());
+  if (full) {
+    out.setKind(wire::CheckpointKind::FULL);
+    out.setSpec(first.getSpec());
+  } else if (last.getKind() == wire::CheckpointKind::FINAL) {
+    out.setKind(wire::CheckpointKind::FINAL);
+    out.setDeviceState(last.getDeviceState());
+    out.setImageDigest(last.getImageDigest());
+  } else {
+    out.setKind(wire::CheckpointKind::INCREMENTAL);
+  }
+  copyChunks(memory, out.initMemory(static_cast<unsigned>(memory.size())));
+  copyChunks(disk, out.initDisk(static_cast<unsigned>(disk.size())));
+  return {};
+}
+
+}  // namespace vmsync

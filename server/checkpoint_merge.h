@@ -1,0 +1,22 @@
+// Merging a run of consecutive checkpoints into one catch-up checkpoint.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "vmsync.capnp.h"
+
+namespace vmsync {
+
+/// Merges `run` (consecutive checkpoints, each based on the previous one) into
+/// `out`: baseSequence of the first, sequence of the last, and for every
+/// page/block only the newest chunk. When the last is final its device state
+/// and digest are kept and the merge is final; when the first is full the
+/// merge is full (with its spec). Only self-contained chunks (whole, zero,
+/// either compressed or not) are merged, a sameAs chunk standing for the chunk
+/// it names: an xorDiff chunk depends on the receiver's bytes, so such a run is
+/// refused and the caller sends it one by one. Returns the refusal reason,
+/// empty on success.
+std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, wire::Checkpoint::Builder out);
+
+}  // namespace vmsync

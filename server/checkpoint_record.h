@@ -1,0 +1,44 @@
+// On-disk framing of one stored checkpoint: a small header with magic,
+// version, payload length and the xxh3 of the payload, then the payload (a
+// flat Cap'n Proto message). A record whose header or checksum does not match
+// is torn or damaged and is never applied.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "crash_point.h"
+
+namespace vmsync {
+
+/// Fixed-size header in front of every stored checkpoint (little-endian).
+struct RecordHeader {
+  std::uint64_t magic;     // kRecordMagic
+  std::uint32_t version;   // kRecordVersion
+  std::uint32_t reserved;  // zero
+  std::uint64_t length;    // payload bytes that follow the header
+  std::uint64_t checksum;  // XXH3_64bits of the payload
+};
+static_assert(sizeof(RecordHeader) == 32);
+
+/// "VMSYNCR1" read as a little-endian word.
+inline constexpr std::uint64_t kRecordMagic = 0x3152434e59534d56ull;
+/// Bumped on any change of the framing; older versions are refused by name.
+inline constexpr std::uint32_t kRecordVersion = 1;
+/// Largest payload a reader accepts: the largest message the RPC accepts.
+inline constexpr std::uint64_t kMaxRecordPayload = 2ull << 30;
+
+/// The header for `payload`.
+RecordHeader makeRecordHeader(std::span<const std::byte> payload);
+
+/// Checks `header` read from `what` (a path, for messages) against the
+/// `available` bytes after it. Returns an empty string when valid, else why not.
+std::string checkRecordHeader(const RecordHeader& header, std::uint64_t available);
+
+/// Returns an empty string when `payload` matches `header`'s checksum, else why not.
+std::string checkRecordPayload(const RecordHeader& header, std::span<const std::byte> payload);
+
+}  // namespace vmsync

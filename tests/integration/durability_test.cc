@@ -1,0 +1,208 @@
+// The sync server loses nothing: it is killed for real at named points of a
+// push and restarted, and a standby that was offline catches up in one merge.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <regex>
+
+#include <kj/async-io.h>
+
+#include "cluster.h"
+#include "rpc_util.h"
+#include "vmsync.capnp.h"
+
+namespace vmsync::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr auto kBootAndSync = std::chrono::seconds(180);
+
+/// Highest sequence device `device` logged as acknowledged ("checkpoint N (...) stored").
+std::uint64_t lastAcknowledged(const std::string& log, const std::string& device) {
+  static const std::regex stored(R"((\S+): checkpoint (\d+) \(\w+\) stored)");
+  std::uint64_t last = 0;
+  for (std::sregex_iterator it(log.begin(), log.end(), stored), end; it != end; ++it)
+    if ((*it)[1] == device) last = std::max<std::uint64_t>(last, std::stoull((*it)[2]));
+  return last;
+}
+
+/// A device peer that refuses every call: the test's stand-in for the old
+/// active device's daemon coming back from a network cut.
+class RefusingPeer final : public wire::DevicePeer::Server {
+  kj::Promise<void> apply(ApplyContext) override { KJ_FAIL_REQUIRE("test peer applies nothing"); }
+  kj::Promise<void> handOff(HandOffContext) override { KJ_FAIL_REQUIRE("test peer does not hand off"); }
+  kj::Promise<void> activate(ActivateContext) override { KJ_FAIL_REQUIRE("test peer does not activate"); }
+};
+
+/// Names of the files in `dir`, sorted.
+std::vector<std::string> listing(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+class Durability : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string missing = missingForVm();
+    if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  }
+};
+
+TEST_F(Durability, ServerKilledAtEveryPointOfAPushLosesNothing) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");  // the harness sets --interval 1
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+
+  const std::string checkpoints = dir.path() + "/server/checkpoints";
+  for (const char* point : {"before-data-write", "after-data-fsync", "after-rename", "after-commit", "before-ack"}) {
+    SCOPED_TRACE(point);
+    // The test hook: the server SIGKILLs itself at `point` of the next push.
+    cluster.server().kill();  // kill -9 between pushes as well
+    ::setenv("VMSYNC_CRASH_AT", point, 1);
+    cluster.startServer();
+    ::unsetenv("VMSYNC_CRASH_AT");
+    ASSERT_TRUE(waitFor([&] { return !cluster.server().running(); }, std::chrono::seconds(60)))
+        << "the server did not reach " << point << cluster.logOf("server");
+    ASSERT_NE(readFile(dir.path() + "/server.log").find(std::string("VMSYNC_CRASH_AT=") + point), std::string::npos);
+    const std::uint64_t acknowledged = lastAcknowledged(readFile(dir.path() + "/A.log"), "A");
+
+    cluster.startServer();
+    const std::uint64_t head = cluster.head();
+    EXPECT_GE(head, acknowledged) << "an acknowledged checkpoint is missing after the restart";
+    // No partial checkpoint is visible: no temporary survives the restart and
+    // every stored record passed its checksum (the server verifies on start).
+    for (const auto& entry : fs::directory_iterator(checkpoints))
+      EXPECT_FALSE(entry.path().string().ends_with(".tmp")) << entry.path();
+    EXPECT_EQ(readFile(dir.path() + "/server.log").find("is damaged"), std::string::npos);
+    std::printf("crash at %-18s: A had %llu acknowledged, server restarted at head %llu\n", point,
+                static_cast<unsigned long long>(acknowledged), static_cast<unsigned long long>(head));
+    // The active device reconnects and goes on pushing; B keeps up.
+    ASSERT_TRUE(cluster.waitForHead(head + 2, std::chrono::seconds(90)))
+        << cluster.logOf("server") << cluster.logOf("A") << cluster.logOf("B");
+  }
+
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0)
+      << output << cluster.logOf("A") << cluster.logOf("B") << cluster.logOf("server");
+  EXPECT_EQ(report["to"], "B");  // B verified the final digest before resuming
+}
+
+TEST_F(Durability, StandbyOfflineForTenCheckpointsCatchesUpInOneMerge) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");  // the harness sets --interval 1
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+
+  cluster.stopDevice("B");
+  const std::uint64_t left = cluster.head();
+  ASSERT_TRUE(waitFor([&] { return cluster.head() >= left + 12; }, std::chrono::seconds(90))) << cluster.logOf("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(left + 12, std::chrono::seconds(90))) << cluster.logOf("B") << cluster.logOf("server");
+
+  static const std::regex merged(
+      R"(catch-up for B: checkpoints (\d+)\.\.(\d+) \((\d+) checkpoints, (\d+) bytes\) merged into one of (\d+) bytes)");
+  const std::string log = readFile(dir.path() + "/server.log");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(log, m, merged)) << cluster.logOf("server");
+  const std::uint64_t count = std::stoull(m[3]), missedBytes = std::stoull(m[4]), mergedBytes = std::stoull(m[5]);
+  std::printf("B missed %llu checkpoints (%llu bytes); its catch-up was one checkpoint of %llu bytes\n",
+              static_cast<unsigned long long>(count), static_cast<unsigned long long>(missedBytes),
+              static_cast<unsigned long long>(mergedBytes));
+  EXPECT_GE(count, 10u);
+  EXPECT_LE(mergedBytes, missedBytes);
+  EXPECT_EQ(readFile(dir.path() + "/B.log").find("applied checkpoint " + std::string(m[1]) + " "), std::string::npos)
+      << "B received a missed checkpoint on its own instead of the merge";
+
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+}
+
+TEST_F(Durability, StandbyKilledMidApplyRecoversAndTakesOver) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  // B restarts with the test hook: it is SIGKILLed on its next apply, after
+  // writing the image and before recording the sequence it reached.
+  cluster.stopDevice("B");
+  ::setenv("VMSYNC_CRASH_AT", "standby-after-write", 1);
+  cluster.startStandby("B");
+  ::unsetenv("VMSYNC_CRASH_AT");
+  ASSERT_TRUE(waitFor([&] { return !cluster.device("B").running(); }, std::chrono::seconds(60)))
+      << "B was not killed mid-apply" << cluster.logOf("B");
+  ASSERT_NE(readFile(dir.path() + "/B.log").find("VMSYNC_CRASH_AT=standby-after-write"), std::string::npos);
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 1, std::chrono::seconds(60))) << cluster.logOf("B");
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  EXPECT_EQ(report["to"], "B");  // B's image matched A's digest at the switch
+}
+
+TEST_F(Durability, OldActiveWithOldEpochIsFencedAndChangesNothing) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  const std::uint64_t oldEpoch = report["epoch"].get<std::uint64_t>() - 1;
+  const std::uint64_t finalSequence = report["final_sequence"];
+  // A is cut off: its daemon is gone, and what comes back speaks with A's
+  // name and A's old lease epoch.
+  cluster.stopDevice("A");
+  ASSERT_TRUE(cluster.waitForHead(finalSequence + 2, std::chrono::seconds(60))) << cluster.logOf("B");
+  cluster.stopDevice("B");  // freeze the chain so "nothing changes" can be compared
+  auto before = cluster.status();
+  ASSERT_TRUE(before);
+  const auto filesBefore = listing(dir.path() + "/server/checkpoints");
+  const std::uint64_t head = (*before)["head_sequence"];
+
+  auto io = kj::setupAsyncIo();
+  auto connection = connectRpc(io, cluster.address()).wait(io.waitScope);
+  auto server = connection->bootstrap().castAs<wire::SyncServer>();
+  auto registration = server.registerRequest();
+  registration.setDeviceId("A");
+  registration.setPeer(kj::heap<RefusingPeer>());
+  registration.setAppliedSequence(finalSequence);
+  auto registered = registration.send().wait(io.waitScope);
+  auto push = registered.getSession().pushRequest();
+  auto checkpoint = push.initCheckpoint();
+  checkpoint.setVmId(registered.getVmId());
+  checkpoint.setEpoch(oldEpoch);
+  checkpoint.setSequence(head + 1);
+  checkpoint.setBaseSequence(head);
+  checkpoint.setKind(wire::CheckpointKind::INCREMENTAL);
+  checkpoint.setOrigin("A");
+  checkpoint.initMemory(1)[0].setEncoding(wire::ChunkEncoding::ZERO);
+  std::string error;
+  push.send().then([](auto&&) {}, [&](kj::Exception&& e) { error = e.getDescription().cStr(); }).wait(io.waitScope);
+  std::printf("old active's push with epoch %llu: %s\n", static_cast<unsigned long long>(oldEpoch), error.c_str());
+  EXPECT_NE(error.find("fenced"), std::string::npos) << "the stale push was not refused as fenced: " << error;
+
+  auto after = cluster.status();
+  ASSERT_TRUE(after);
+  EXPECT_EQ((*after)["head_sequence"], (*before)["head_sequence"]);
+  EXPECT_EQ((*after)["epoch"], (*before)["epoch"]);
+  EXPECT_EQ((*after)["active_device"], "B");
+  EXPECT_EQ(listing(dir.path() + "/server/checkpoints"), filesBefore);
+}
+
+}  // namespace
+}  // namespace vmsync::testing

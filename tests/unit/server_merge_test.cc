@@ -1,0 +1,114 @@
+#include <capnp/message.h>
+#include <gtest/gtest.h>
+
+#include "checkpoint_merge.h"
+
+namespace vmsync {
+namespace {
+
+struct Built {
+  capnp::MallocMessageBuilder message;
+  wire::Checkpoint::Builder root = message.initRoot<wire::Checkpoint>();
+};
+
+/// A checkpoint whose memory chunk for each index holds one byte `tag`.
+void fill(Built& b, std::uint64_t sequence, wire::CheckpointKind kind, std::vector<std::uint64_t> pages,
+          std::uint8_t tag) {
+  b.root.setVmId("vm");
+  b.root.setEpoch(1);
+  b.root.setSequence(sequence);
+  b.root.setBaseSequence(sequence - 1);
+  b.root.setKind(kind);
+  auto memory = b.root.initMemory(static_cast<unsigned>(pages.size()));
+  for (unsigned i = 0; i < pages.size(); ++i) {
+    memory[i].setIndex(pages[i]);
+    memory[i].setEncoding(wire::ChunkEncoding::WHOLE);
+    auto data = memory[i].initData(1);
+    data[0] = tag;
+  }
+  auto disk = b.root.initDisk(1);
+  disk[0].setIndex(sequence);
+  disk[0].setEncoding(wire::ChunkEncoding::ZERO);
+}
+
+TEST(ServerMerge, KeepsOnlyTheNewestChunkOfEachUnitAndTheFinalState) {
+  Built a, b, c;
+  fill(a, 4, wire::CheckpointKind::INCREMENTAL, {1, 2}, 0xa);
+  fill(b, 5, wire::CheckpointKind::INCREMENTAL, {2, 3}, 0xb);
+  fill(c, 6, wire::CheckpointKind::FINAL, {3}, 0xc);
+  c.root.setDeviceState(kj::StringPtr("state").asBytes());
+  c.root.setImageDigest(kj::StringPtr("digest").asBytes());
+  capnp::MallocMessageBuilder out;
+  auto merged = out.initRoot<wire::Checkpoint>();
+  ASSERT_EQ(mergeCheckpoints({a.root.asReader(), b.root.asReader(), c.root.asReader()}, merged), "");
+  EXPECT_EQ(merged.getBaseSequence(), 3u);
+  EXPECT_EQ(merged.getSequence(), 6u);
+  EXPECT_EQ(merged.getKind(), wire::CheckpointKind::FINAL);
+  EXPECT_EQ(kj::str(merged.getDeviceState().asChars()), "state");
+  EXPECT_EQ(kj::str(merged.getImageDigest().asChars()), "digest");
+  ASSERT_EQ(merged.getMemory().size(), 3u);
+  EXPECT_EQ(merged.getMemory()[0].getData()[0], 0xa);  // page 1 from 4
+  EXPECT_EQ(merged.getMemory()[1].getData()[0], 0xb);  // page 2 from 5
+  EXPECT_EQ(merged.getMemory()[2].getData()[0], 0xc);  // page 3 from 6
+  EXPECT_EQ(merged.getDisk().size(), 3u);
+}
+
+TEST(ServerMerge, ADuplicateChunkStandsForTheChunkItNames) {
+  Built a, b;
+  fill(a, 4, wire::CheckpointKind::INCREMENTAL, {1, 7}, 0xa);
+  a.root.getMemory()[1].setEncoding(wire::ChunkEncoding::SAME_AS);  // page 7 = page 1's bytes
+  a.root.getMemory()[1].setSameAs(0);
+  a.root.getMemory()[1].setData(nullptr);
+  fill(b, 5, wire::CheckpointKind::INCREMENTAL, {1}, 0xb);
+  capnp::MallocMessageBuilder out;
+  auto merged = out.initRoot<wire::Checkpoint>();
+  ASSERT_EQ(mergeCheckpoints({a.root.asReader(), b.root.asReader()}, merged), "");
+  ASSERT_EQ(merged.getMemory().size(), 2u);
+  EXPECT_EQ(merged.getMemory()[0].getIndex(), 1u);
+  EXPECT_EQ(merged.getMemory()[0].getData()[0], 0xb);  // page 1, newest
+  EXPECT_EQ(merged.getMemory()[1].getIndex(), 7u);     // page 7 keeps its own index
+  EXPECT_EQ(merged.getMemory()[1].getEncoding(), wire::ChunkEncoding::WHOLE);
+  EXPECT_EQ(merged.getMemory()[1].getData()[0], 0xa);  // with page 1's bytes of checkpoint 4
+}
+
+TEST(ServerMerge, FullFirstGivesAFullMergeWithItsSpec) {
+  Built a, b;
+  fill(a, 1, wire::CheckpointKind::FULL, {1}, 1);
+  a.root.initSpec().setVmId("vm");
+  fill(b, 2, wire::CheckpointKind::INCREMENTAL, {1}, 2);
+  capnp::MallocMessageBuilder out;
+  auto merged = out.initRoot<wire::Checkpoint>();
+  ASSERT_EQ(mergeCheckpoints({a.root.asReader(), b.root.asReader()}, merged), "");
+  EXPECT_EQ(merged.getKind(), wire::CheckpointKind::FULL);
+  EXPECT_EQ(std::string(merged.getSpec().getVmId().cStr()), "vm");
+  EXPECT_EQ(merged.getBaseSequence(), 0u);
+  EXPECT_EQ(merged.getMemory()[0].getData()[0], 2);
+}
+
+TEST(ServerMerge, RefusesChunksThatReferToOtherBytes) {
+  Built a, b;
+  fill(a, 4, wire::CheckpointKind::INCREMENTAL, {1}, 1);
+  fill(b, 5, wire::CheckpointKind::INCREMENTAL, {1}, 2);
+  b.root.getMemory()[0].setEncoding(wire::ChunkEncoding::XOR_DIFF);
+  capnp::MallocMessageBuilder out;
+  EXPECT_NE(mergeCheckpoints({a.root.asReader(), b.root.asReader()}, out.initRoot<wire::Checkpoint>()), "");
+}
+
+TEST(ServerMerge, RefusesAGapInTheRun) {
+  Built a, b;
+  fill(a, 4, wire::CheckpointKind::INCREMENTAL, {1}, 1);
+  fill(b, 6, wire::CheckpointKind::INCREMENTAL, {1}, 2);
+  capnp::MallocMessageBuilder out;
+  EXPECT_NE(mergeCheckpoints({a.root.asReader(), b.root.asReader()}, out.initRoot<wire::Checkpoint>()), "");
+}
+
+TEST(ServerMerge, RefusesFullFollowedByFinal) {
+  Built a, b;
+  fill(a, 1, wire::CheckpointKind::FULL, {1}, 1);
+  fill(b, 2, wire::CheckpointKind::FINAL, {1}, 2);
+  capnp::MallocMessageBuilder out;
+  EXPECT_NE(mergeCheckpoints({a.root.asReader(), b.root.asReader()}, out.initRoot<wire::Checkpoint>()), "");
+}
+
+}  // namespace
+}  // namespace vmsync
