@@ -7,38 +7,11 @@
 #include "checkpoint_merge.h"
 #include "checkpoint_record.h"
 #include "error.h"
+#include "rpc_util.h"
 
 namespace vmsync {
 
 namespace {
-
-std::uint64_t nowNs() {
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
-}
-
-/// Throws an RPC error whose description is exactly `message`.
-[[noreturn]] void rpcFail(std::string message) {
-  kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str())));
-}
-
-/// The description of a (possibly remote) error, without RPC decoration.
-std::string describe(const kj::Exception& e) {
-  std::string text = e.getDescription().cStr();
-  for (const char* prefix : {"remote exception: ", "std::exception: "})
-    if (text.rfind(prefix, 0) == 0) text.erase(0, std::string(prefix).size());
-  return text;
-}
-
-/// Runs `body`, turning vmsync::Error into an RPC error with the same message.
-template <typename Body>
-auto guarded(Body&& body) -> decltype(body()) {
-  try {
-    return body();
-  } catch (const Error& e) {
-    rpcFail(e.what());
-  }
-}
 
 class DeviceSessionImpl final : public wire::DeviceSession::Server {
  public:

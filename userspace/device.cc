@@ -31,31 +31,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::uint64_t nowNs() {
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
-}
-
-[[noreturn]] void rpcFail(const std::string& message) {
-  kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str())));
-}
-
-std::string describe(const kj::Exception& e) {
-  std::string text = e.getDescription().cStr();
-  for (const char* prefix : {"remote exception: ", "std::exception: "})
-    if (text.rfind(prefix, 0) == 0) text.erase(0, std::string(prefix).size());
-  return text;
-}
-
-template <typename Body>
-auto guarded(Body&& body) -> decltype(body()) {
-  try {
-    return body();
-  } catch (const Error& e) {
-    rpcFail(e.what());
-  }
-}
-
 kj::ArrayPtr<const kj::byte> asCapnp(std::span<const std::byte> bytes) {
   return {reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()};
 }

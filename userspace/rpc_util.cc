@@ -4,6 +4,17 @@
 
 namespace vmsync {
 
+void rpcFail(const std::string& message) {
+  kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str())));
+}
+
+std::string describe(const kj::Exception& e) {
+  std::string text = e.getDescription().cStr();
+  for (const char* prefix : {"remote exception: ", "std::exception: "})
+    if (text.rfind(prefix, 0) == 0) text.erase(0, std::string(prefix).size());
+  return text;
+}
+
 capnp::ReaderOptions rpcReaderOptions() {
   capnp::ReaderOptions options;
   options.traversalLimitInWords = kMaxMessageBytes / sizeof(capnp::word);

@@ -4,8 +4,11 @@
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
+
+#include "error.h"
 
 namespace vmsync {
 
@@ -30,6 +33,29 @@ class RpcConnection {
   capnp::TwoPartyVatNetwork network_;
   capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc_;
 };
+
+/// Throws an RPC error whose description is exactly `message` (what the
+/// caller on the other side shows its user).
+[[noreturn]] void rpcFail(const std::string& message);
+
+/// The description of a (possibly remote) error, without RPC decoration.
+std::string describe(const kj::Exception& e);
+
+/// Runs `body`, turning vmsync::Error into an RPC error with the same message.
+template <typename Body>
+auto guarded(Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Error& e) {
+    rpcFail(e.what());
+  }
+}
+
+/// Monotonic clock in nanoseconds, for the latency reports.
+inline std::uint64_t nowNs() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
 
 /// Connects to "host:port" as a client.
 kj::Promise<kj::Own<RpcConnection>> connectRpc(kj::AsyncIoContext& io, const std::string& address);

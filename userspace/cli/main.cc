@@ -21,13 +21,6 @@
 
 namespace {
 
-std::string describe(const kj::Exception& e) {
-  std::string text = e.getDescription().cStr();
-  for (const char* prefix : {"remote exception: ", "std::exception: "})
-    if (text.rfind(prefix, 0) == 0) text.erase(0, std::string(prefix).size());
-  return text;
-}
-
 const char* stateName(vmsync::wire::DeviceState state) {
   switch (state) {
     case vmsync::wire::DeviceState::ONLINE: return "online";
@@ -42,7 +35,7 @@ kj::Own<vmsync::RpcConnection> connectOrExplain(kj::AsyncIoContext& io, const st
   try {
     return vmsync::connectRpc(io, server).wait(io.waitScope);
   } catch (const kj::Exception& e) {
-    throw vmsync::Error("cannot reach the sync server at " + server + ": " + describe(e));
+    throw vmsync::Error("cannot reach the sync server at " + server + ": " + vmsync::describe(e));
   }
 }
 
@@ -209,7 +202,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "vmsync: %s\n", e.what());
     return 1;
   } catch (const kj::Exception& e) {
-    std::fprintf(stderr, "vmsync: %s\n", describe(e).c_str());
+    std::fprintf(stderr, "vmsync: %s\n", vmsync::describe(e).c_str());
     return 1;
   }
   return 2;
