@@ -27,6 +27,7 @@ for m in kernel/virt/lib/irqbypass.ko kernel/drivers/crypto/ccp/ccp.ko kernel/ar
 	case $f in *.xz) xz -dc "$f" >"$R/mod/$(basename "$m")";; *) cp "$f" "$R/mod/";; esac
 done
 cp "$SRC/vmsync.ko" "$R/mod/"
+gcc -static -O2 -Wall -o "$R/bin/version_probe" "$SRC/tests/kmod/version_probe.c" || { echo "FAIL: probe build"; exit 1; }
 cat >"$R/init" <<'IN'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -36,6 +37,7 @@ echo "kernel: $(uname -r)"; cat /sys/module/vmsync/srcversion 2>/dev/null
 [ -c /dev/kvm ] && echo KVM_DEV_OK
 [ -c /dev/vmsync ] && echo VMSYNC_DEV_OK
 dmesg | grep -E 'BUG|WARNING|Oops' && echo DMESG_BAD
+/bin/version_probe
 rmmod vmsync && echo RMMOD_OK
 poweroff -f
 IN
@@ -46,6 +48,6 @@ timeout 240 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 512M \
 	-append "console=ttyS0 panic=-1 quiet" -nographic -no-reboot \
 	>"$WORK/console.log" 2>&1 || true
 cat "$WORK/console.log" | tail -20
-grep -q VMSYNC_DEV_OK "$WORK/console.log" && grep -q RMMOD_OK "$WORK/console.log" &&
+grep -q VMSYNC_DEV_OK "$WORK/console.log" && grep -q VERSION_OK "$WORK/console.log" && grep -q RMMOD_OK "$WORK/console.log" &&
 	! grep -q DMESG_BAD "$WORK/console.log" && { echo PASS; exit 0; }
 echo FAIL; exit 1
