@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * vmsync.ko user ABI: the one definition shared by the module, the
+ * controller and the tests.  Numbers are never reused; every struct has
+ * explicit padding and reserved words that must be zero.
+ *
+ * Flow: open /dev/vmsync; VMSYNC_IOC_GET_VERSION; VMSYNC_IOC_ATTACH with a
+ * KVM VM fd (obtained from the VMM with pidfd_getfd(2)); mmap the ring at
+ * offset 0 with ring_bytes from the attach reply; consume gfns between
+ * consumer and producer; VMSYNC_IOC_HARVEST asks the module to read and
+ * re-arm KVM's dirty state atomically and publish it into the ring;
+ * VMSYNC_IOC_DETACH (or close) restores the slots.
+ */
+#ifndef _UAPI_LINUX_VMSYNC_H
+#define _UAPI_LINUX_VMSYNC_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+#define VMSYNC_DEVICE_PATH	"/dev/vmsync"
+#define VMSYNC_ABI_VERSION	1
+
+/* Feature bits reported by VMSYNC_IOC_GET_VERSION. */
+#define VMSYNC_FEATURE_RING		(1ULL << 0)	/* mmap'd gfn ring */
+#define VMSYNC_FEATURE_SLOT_TRACKING	(1ULL << 1)	/* follows slot changes */
+
+struct vmsync_version {
+	__u32 abi_version;	/* out: VMSYNC_ABI_VERSION */
+	__u32 pad;		/* must be zero */
+	__u64 features;		/* out: VMSYNC_FEATURE_* */
+	__u64 reserved[4];	/* must be zero */
+};
+
+struct vmsync_attach {
+	__s32 vm_fd;		/* in: fd of a KVM VM (anon_inode:kvm-vm) */
+	__u32 flags;		/* in: must be zero */
+	__u32 ring_entries;	/* in: power of two, 0 = module default;
+				 * out: entries actually used */
+	__u32 pad;		/* must be zero */
+	__u64 ring_bytes;	/* out: length to mmap at offset 0 */
+	__u64 reserved[4];	/* must be zero */
+};
+
+struct vmsync_harvest {
+	__u64 published;	/* out: gfns added to the ring by this call */
+	__u64 reserved[4];	/* must be zero */
+};
+
+/*
+ * Ring layout at mmap offset 0: this header, then entries[] of __u64
+ * guest frame numbers (address-space id in bits 63..56, gfn below).
+ * Single producer (module), single consumer (controller).  Indexes are
+ * free-running; slot = index & (entries - 1).  The consumer reads
+ * producer with acquire semantics and writes consumer with release.
+ */
+#define VMSYNC_RING_OVERFLOW	(1U << 0)  /* gfns were dropped: rescan all */
+
+struct vmsync_ring_header {
+	__u64 producer;		/* written by the module */
+	__u64 pad0[7];		/* keep producer on its own cache line */
+	__u64 consumer;		/* written by the controller */
+	__u64 pad1[7];
+	__u32 flags;		/* VMSYNC_RING_*; controller clears OVERFLOW
+				 * with VMSYNC_IOC_CLEAR_OVERFLOW */
+	__u32 entries;		/* number of entries, power of two */
+	__u64 reserved[7];
+	__u64 entries_offset;	/* byte offset of entries[] from ring start */
+};
+
+#define VMSYNC_GFN_AS_SHIFT	56
+#define VMSYNC_GFN_MASK		((1ULL << VMSYNC_GFN_AS_SHIFT) - 1)
+
+#define VMSYNC_IOC_GET_VERSION	_IOWR('V', 0x00, struct vmsync_version)
+#define VMSYNC_IOC_ATTACH	_IOWR('V', 0x01, struct vmsync_attach)
+#define VMSYNC_IOC_DETACH	_IO('V', 0x02)
+#define VMSYNC_IOC_HARVEST	_IOWR('V', 0x03, struct vmsync_harvest)
+#define VMSYNC_IOC_CLEAR_OVERFLOW _IO('V', 0x04)
+
+#endif /* _UAPI_LINUX_VMSYNC_H */
