@@ -4,10 +4,17 @@
 # kernel, loads kvm, kvm-amd and vmsync, checks /dev/vmsync and dmesg.
 # Exit 0 pass, 1 fail, 77 skip.
 set -eu
-KVER=${KVER:-6.1.0-56-amd64}
+# The newest Debian kernel installed with its headers (linux-image-amd64 + linux-headers-amd64).
+if [ -z "${KVER:-}" ]; then
+  KVER=$(ls -1 /usr/src 2>/dev/null | sed -n 's/^linux-headers-\(.*-amd64\)$/\1/p' | sort -V | tail -n 1)
+fi
 KDIR=${KDIR:-/usr/src/linux-headers-$KVER}
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
-skip() { echo "SKIP: $*"; exit 77; }
+# A missing prerequisite skips (77), unless VMSYNC_REQUIRE_ALL=1 makes it a failure.
+skip() {
+  if [ "${VMSYNC_REQUIRE_ALL:-}" = 1 ]; then echo "FAIL (required): $*"; exit 1; fi
+  echo "SKIP: $*"; exit 77
+}
 [ -d "$KDIR" ] || skip "no kernel headers at $KDIR"
 [ -f "/boot/vmlinuz-$KVER" ] || skip "no /boot/vmlinuz-$KVER"
 [ -d "/lib/modules/$KVER" ] || skip "no /lib/modules/$KVER"
