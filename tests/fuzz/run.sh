@@ -6,9 +6,12 @@ build=$1
 seconds=${2:-60}
 here=$(cd "$(dirname "$0")" && pwd)
 for target in xor_diff chunk_decode checkpoint_apply; do
-  corpus=$here/corpus/${target%%_*}
-  [ "$target" = chunk_decode ] && corpus=$here/corpus/chunk
-  [ "$target" = checkpoint_apply ] && corpus=$here/corpus/checkpoint
+  case "$target" in
+    xor_diff) corpus=$here/corpus/xor_diff ;;
+    chunk_decode) corpus=$here/corpus/chunk ;;
+    checkpoint_apply) corpus=$here/corpus/checkpoint ;;
+  esac
+  [ -d "$corpus" ] || { echo "fuzz: no seed corpus $corpus"; exit 1; }
   work=$(mktemp -d)
   echo "fuzz: $target for $seconds s"
   # New inputs go to a scratch corpus; the committed seeds stay as they are.
@@ -19,6 +22,6 @@ for target in xor_diff chunk_decode checkpoint_apply; do
   [ "$status" -eq 0 ] || tail -n 40 "$work.log"
   rm -f "$work.log"
   rm -rf "$work"
-  [ "$status" -eq 0 ] || { echo "fuzz: $target found a crash (see above)"; exit 1; }
+  [ "$status" -eq 0 ] || { echo "fuzz: $target failed (exit $status, see above)"; exit 1; }
 done
 echo "fuzz: every target ran $seconds s without a crash"
