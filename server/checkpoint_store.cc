@@ -1,9 +1,6 @@
 #include "checkpoint_store.h"
 
 #include <capnp/serialize.h>
-#include <fcntl.h>
-#include <liburing.h>
-#include <sys/uio.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,7 +8,10 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <string_view>
 
+#include "checkpoint_builder.h"
 #include "checkpoint_record.h"
 #include "durable_file.h"
 #include "error.h"
@@ -26,134 +26,91 @@ StoredCheckpoint::StoredCheckpoint(kj::Array<capnp::word> words)
 
 namespace {
 
-/// Writes `iov` to a new file `fd` at offset 0 and fsyncs it: one io_uring
-/// submission of a write linked to an fsync (the fsync runs only after the
-/// whole write completed). A short write is finished with pwrite, then fsync.
-void writeAndSync(int fd, const std::string& path, std::span<const iovec> iov, std::size_t total) {
-  io_uring ring{};
-  int rc = io_uring_queue_init(2, &ring, 0);
-  if (rc < 0) throwErrno(-rc, "cannot set up io_uring for the checkpoint log");
-  io_uring_sqe* write = io_uring_get_sqe(&ring);
-  io_uring_prep_writev(write, fd, iov.data(), static_cast<unsigned>(iov.size()), 0);
-  write->flags |= IOSQE_IO_LINK;
-  write->user_data = 1;
-  io_uring_sqe* sync = io_uring_get_sqe(&ring);
-  io_uring_prep_fsync(sync, fd, 0);
-  sync->user_data = 2;
-  rc = io_uring_submit_and_wait(&ring, 2);
-  std::int64_t written = -1;
-  int syncResult = -ECANCELED;
-  for (int seen = 0; rc >= 0 && seen < 2; ++seen) {
-    io_uring_cqe* cqe = nullptr;
-    rc = io_uring_wait_cqe(&ring, &cqe);
-    if (rc < 0) break;
-    if (cqe->user_data == 1) written = cqe->res;
-    else syncResult = cqe->res;
-    io_uring_cqe_seen(&ring, cqe);
+/// Sequence number in a file name "00000000000000000042.ckpt", or 0.
+std::uint64_t sequenceOf(const std::string& name, std::string_view suffix) {
+  if (!name.ends_with(suffix) || name.size() != 20 + suffix.size()) return 0;
+  std::uint64_t value = 0;
+  for (std::size_t i = 0; i < 20; ++i) {
+    if (name[i] < '0' || name[i] > '9') return 0;
+    value = value * 10 + static_cast<std::uint64_t>(name[i] - '0');
   }
-  io_uring_queue_exit(&ring);
-  if (rc < 0) throwErrno(-rc, fmt::format("io_uring failed while writing {}", path));
-  if (written < 0) throwErrno(static_cast<int>(-written), fmt::format("cannot write {}", path));
-  if (static_cast<std::size_t>(written) < total) {
-    // Short write (the linked fsync was cancelled): finish it by hand.
-    std::size_t done = static_cast<std::size_t>(written);
-    std::size_t base = 0;
-    for (const iovec& part : iov) {
-      while (done < base + part.iov_len) {
-        const char* from = static_cast<const char*>(part.iov_base) + (done - base);
-        ssize_t n = ::pwrite(fd, from, base + part.iov_len - done, static_cast<off_t>(done));
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) throwErrno(n < 0 ? errno : EIO, fmt::format("cannot write {}", path));
-        done += static_cast<std::size_t>(n);
-      }
-      base += part.iov_len;
-    }
-    syncResult = ::fsync(fd) == 0 ? 0 : -errno;
-  }
-  if (syncResult < 0) throwErrno(-syncResult, fmt::format("cannot fsync {}", path));
-}
-
-void syncDirectory(const std::string& dir) {
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) throwLastErrno(fmt::format("cannot open directory {}", dir));
-  int rc = ::fsync(dfd);
-  int err = errno;
-  ::close(dfd);
-  if (rc != 0) throwErrno(err, fmt::format("cannot fsync directory {}", dir));
-}
-
-/// Reads exactly `size` bytes at `offset`; false at a premature end of file.
-bool readExactly(int fd, void* into, std::size_t size, off_t offset, const std::string& path) {
-  std::size_t done = 0;
-  while (done < size) {
-    ssize_t n = ::pread(fd, static_cast<char*>(into) + done, size - done, offset + static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) throwLastErrno(fmt::format("cannot read checkpoint {}", path));
-    if (n == 0) return false;
-    done += static_cast<std::size_t>(n);
-  }
-  return true;
-}
-
-/// Reads and verifies the record in `path`: the payload words, or the reason
-/// it is torn or damaged in `why`.
-kj::Maybe<kj::Array<capnp::word>> readRecord(const std::string& path, std::string& why) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throwLastErrno(fmt::format("cannot open checkpoint {}", path));
-  KJ_DEFER(::close(fd));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) throwLastErrno(fmt::format("cannot stat checkpoint {}", path));
-  RecordHeader header{};
-  if (static_cast<std::uint64_t>(st.st_size) < sizeof header ||
-      !readExactly(fd, &header, sizeof header, 0, path)) {
-    why = fmt::format("it has {} bytes, less than a record header", st.st_size);
-    return nullptr;
-  }
-  why = checkRecordHeader(header, static_cast<std::uint64_t>(st.st_size) - sizeof header);
-  if (!why.empty()) return nullptr;
-  auto words = kj::heapArray<capnp::word>(header.length / sizeof(capnp::word));
-  auto bytes = words.asBytes();
-  if (!readExactly(fd, bytes.begin(), bytes.size(), sizeof header, path)) {
-    why = "the file shrank while it was read";
-    return nullptr;
-  }
-  why = checkRecordPayload(header, std::as_bytes(std::span(bytes.begin(), bytes.size())));
-  if (!why.empty()) return nullptr;
-  return kj::mv(words);
+  return value;
 }
 
 }  // namespace
 
 CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir)) {
-  fs::create_directories(dir_ + "/checkpoints");
-  // Whole files only: a temporary left by a crash was never committed.
-  for (const auto& entry : fs::directory_iterator(dir_ + "/checkpoints")) {
+  const std::string chain = dir_ + "/checkpoints";
+  fs::create_directories(chain);
+  // Compaction's scratch files are never part of the chain.
+  if (fs::exists(scratchDir())) fs::remove_all(scratchDir());
+  std::set<std::uint64_t> checkpoints, bases;
+  for (const auto& entry : fs::directory_iterator(chain)) {
     const std::string name = entry.path().filename().string();
     if (name.ends_with(".tmp")) {
+      // Whole files only: a temporary left by a crash was never committed.
       spdlog::info("discarding {} left by an interrupted write", name);
       fs::remove(entry.path());
-      continue;
+    } else if (std::uint64_t s = sequenceOf(name, ".ckpt")) {
+      checkpoints.insert(s);
+    } else if (std::uint64_t b = sequenceOf(name, ".base")) {
+      bases.insert(b);
     }
-    if (!name.ends_with(".ckpt")) continue;
-    std::uint64_t seq = std::stoull(name.substr(0, name.size() - 5));
-    head_ = std::max(head_, seq);
   }
-  for (std::uint64_t s = 1; s <= head_; ++s)
-    if (!fs::exists(checkpointPath(s))) fail("data directory {}: checkpoint {} is missing below head {}", dir_, s, head_);
+  if (!bases.empty()) {
+    // The newest fold is the base; a crash may have stopped the removal of
+    // what it replaced, which is finished now.
+    base_ = *bases.rbegin();
+    foldedBase_ = true;
+    std::string why;
+    if (readRecordFile(foldPath(base_), why) == nullptr)
+      fail("data directory {}: the base (checkpoint {} folded) is damaged ({}); restore it from a backup", dir_,
+           base_, why);
+    for (std::uint64_t b : bases)
+      if (b != base_) removeQuietly(foldPath(b));
+    for (auto it = checkpoints.begin(); it != checkpoints.end() && *it <= base_;) {
+      removeQuietly(checkpointPath(*it));
+      it = checkpoints.erase(it);
+    }
+    syncDirectory(chain);
+  } else if (!checkpoints.empty()) {
+    if (*checkpoints.begin() != 1)
+      fail("data directory {}: checkpoint 1 (the base) is missing; restore it from a backup", dir_);
+    base_ = 1;
+    checkpoints.erase(checkpoints.begin());
+  }
+  head_ = checkpoints.empty() ? base_ : *checkpoints.rbegin();
   // Every record is verified on start-up (as a log is replayed). A torn or
   // damaged record at the tail is dropped: it was never acknowledged, since
   // acknowledgement follows the commit and the commit follows the data fsync.
-  // One below the tail is damage that must not be skipped silently.
-  for (std::uint64_t s = 1; s <= head_; ++s) {
+  // One below the tail is damage that must not be skipped silently, and so is
+  // a missing checkpoint unless the one after the gap needs only the base.
+  std::vector<std::uint64_t> order;
+  if (base_ != 0 && !foldedBase_) order.push_back(base_);
+  order.insert(order.end(), checkpoints.begin(), checkpoints.end());
+  std::uint64_t previous = base_;
+  for (std::uint64_t s : order) {
     std::string why;
-    if (readRecord(checkpointPath(s), why) != nullptr) continue;
+    kj::Maybe<kj::Array<capnp::word>> record = readRecordFile(checkpointPath(s), why);
+    KJ_IF_MAYBE(words, record) {
+      if (s > previous + 1) {
+        StoredCheckpoint checkpoint(kj::mv(*words));
+        if (!isOrigPolicy(checkpoint.reader().getPolicy()))
+          fail("data directory {}: checkpoints {} to {} are missing and checkpoint {} depends on them; restore them "
+               "from a backup", dir_, previous + 1, s - 1, s);
+      }
+      if (s != base_) bytes_[s] = fs::file_size(checkpointPath(s));
+      previous = s;
+      continue;
+    }
     if (s != head_)
       fail("data directory {}: checkpoint {} is damaged ({}) and newer ones depend on it; restore it from a backup",
            dir_, s, why);
     spdlog::warn("dropping torn checkpoint {} at the tail of the chain: {}", s, why);
     fs::rename(checkpointPath(s), checkpointPath(s) + ".torn");
-    syncDirectory(dir_ + "/checkpoints");
-    --head_;
+    syncDirectory(chain);
+    if (s == base_) base_ = 0;
+    head_ = previous == s ? 0 : previous;
     break;
   }
   std::ifstream in(dir_ + "/state.json");
@@ -176,6 +133,25 @@ std::string CheckpointStore::checkpointPath(std::uint64_t sequence) const {
   return fmt::format("{}/checkpoints/{:020}.ckpt", dir_, sequence);
 }
 
+std::string CheckpointStore::foldPath(std::uint64_t sequence) const {
+  return fmt::format("{}/checkpoints/{:020}.base", dir_, sequence);
+}
+
+std::string CheckpointStore::pathOf(std::uint64_t sequence) const {
+  if (!stored(sequence)) {
+    if (sequence != 0 && sequence < head_)
+      fail("checkpoint {} is no longer stored: it was compacted into the base at {}", sequence, base_);
+    fail("checkpoint {} is not stored (the chain ends at {})", sequence, head_);
+  }
+  return sequence == base_ && foldedBase_ ? foldPath(sequence) : checkpointPath(sequence);
+}
+
+std::uint64_t CheckpointStore::bytesAfterBase() const {
+  std::uint64_t total = 0;
+  for (const auto& [sequence, bytes] : bytes_) total += bytes;
+  return total;
+}
+
 void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
   capnp::MallocMessageBuilder message;
   message.setRoot(checkpoint);
@@ -184,33 +160,50 @@ void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
   if (bytes.size() > kMaxRecordPayload)
     fail("checkpoint {} is {} bytes, above the store's limit of {}", checkpoint.getSequence(), bytes.size(),
          kMaxRecordPayload);
-  RecordHeader header = makeRecordHeader(std::as_bytes(std::span(bytes.begin(), bytes.size())));
-  const std::string path = checkpointPath(head_ + 1);
-  const std::string tmp = path + ".tmp";
-  crashPoint("before-data-write");
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) throwLastErrno(fmt::format("cannot create {}", tmp));
-  {
-    KJ_DEFER(::close(fd));
-    iovec iov[2] = {{&header, sizeof header}, {bytes.begin(), bytes.size()}};
-    writeAndSync(fd, tmp, iov, sizeof header + bytes.size());
-  }
-  crashPoint("after-data-fsync");
-  // The commit: the rename makes the record part of the chain, the directory
-  // fsync makes the rename durable.
-  if (::rename(tmp.c_str(), path.c_str()) != 0) throwLastErrno(fmt::format("cannot rename {} into place", tmp));
-  crashPoint("after-rename");
-  syncDirectory(dir_ + "/checkpoints");
-  crashPoint("after-commit");
+  writeRecordFile(checkpointPath(head_ + 1), std::as_bytes(std::span(bytes.begin(), bytes.size())),
+                  /*crashPoints=*/true);
   ++head_;
+  if (base_ == 0) base_ = head_;
+  else bytes_[head_] = sizeof(RecordHeader) + bytes.size();
 }
 
 kj::Own<StoredCheckpoint> CheckpointStore::read(std::uint64_t sequence) const {
-  if (sequence == 0 || sequence > head_) fail("checkpoint {} is not stored (the chain ends at {})", sequence, head_);
-  std::string path = checkpointPath(sequence);
+  std::string path = pathOf(sequence);
   std::string why;
-  KJ_IF_MAYBE(words, readRecord(path, why)) { return kj::heap<StoredCheckpoint>(kj::mv(*words)); }
+  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::heap<StoredCheckpoint>(kj::mv(*words)); }
   fail("checkpoint {} is damaged: {}", path, why);
+}
+
+void CheckpointStore::removeQuietly(const std::string& path) {
+  std::error_code ec;
+  fs::remove(path, ec);
+  if (ec) spdlog::warn("cannot remove {}: {} (it is removed at the next start)", path, ec.message());
+}
+
+void CheckpointStore::commitFold(std::uint64_t sequence) {
+  if (!bytes_.contains(sequence) || !fs::exists(foldPath(sequence)))
+    fail("cannot fold at checkpoint {}: it is not stored after the base, or its folded image was not written",
+         sequence);
+  // The fold file was committed when it was renamed into place: from here on
+  // the base is at `sequence`, and what it replaces goes.
+  const std::string oldBase = pathOf(base_);
+  base_ = sequence;
+  foldedBase_ = true;
+  removeQuietly(oldBase);
+  for (auto it = bytes_.begin(); it != bytes_.end() && it->first <= sequence;) {
+    removeQuietly(checkpointPath(it->first));
+    it = bytes_.erase(it);
+  }
+  syncDirectory(dir_ + "/checkpoints");
+}
+
+void CheckpointStore::prune(std::uint64_t sequence) {
+  if (!bytes_.contains(sequence)) fail("cannot prune below checkpoint {}: it is not stored", sequence);
+  for (auto it = bytes_.begin(); it != bytes_.end() && it->first < sequence;) {
+    removeQuietly(checkpointPath(it->first));
+    it = bytes_.erase(it);
+  }
+  syncDirectory(dir_ + "/checkpoints");
 }
 
 void CheckpointStore::saveState(const ServerState& state) {

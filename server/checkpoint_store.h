@@ -33,28 +33,69 @@ struct ServerState {
   std::map<std::string, std::uint64_t> appliedByDevice; // every device ever registered
 };
 
-/// The data directory: one file per checkpoint and a state file, each written
-/// to a temporary name, fsynced, renamed into place and the directory fsynced,
-/// so after a crash every file is whole or absent.
+/// The data directory: the base (a full checkpoint), then the checkpoints
+/// after it, one file each, plus a state file. Every file is written to a
+/// temporary name, fsynced, renamed into place and the directory fsynced, so
+/// after a crash every file is whole or absent.
+///
+/// The chain is base() followed by first()..head(). At the start the base is
+/// checkpoint 1 as the first device pushed it. Compaction moves it forward in
+/// one of two ways, each committed by a single rename or removal:
+///  - a fold (Prev policies): the image at sequence K, materialized from the
+///    base and the checkpoints up to K, is stored as a new full checkpoint
+///    "K.base"; everything at or below K is then removed;
+///  - a prune (Orig policies, whose checkpoints need only the base): the
+///    checkpoints between the base and the newest one are removed; the base
+///    stays. A gap is allowed only before an Orig checkpoint.
 class CheckpointStore {
  public:
   explicit CheckpointStore(std::string dataDir);
 
+  const std::string& dir() const { return dir_; }
   std::uint64_t head() const { return head_; }
+  /// Sequence of the base (0 while the chain is empty).
+  std::uint64_t base() const { return base_; }
+  /// Oldest stored checkpoint after the base (head()+1 when there is none).
+  std::uint64_t first() const { return bytes_.empty() ? head_ + 1 : bytes_.begin()->first; }
+  /// Bytes of the stored checkpoints after the base.
+  std::uint64_t bytesAfterBase() const;
+  /// True when `sequence` can be read.
+  bool stored(std::uint64_t sequence) const {
+    return sequence != 0 && (sequence == base_ || bytes_.contains(sequence));
+  }
   const ServerState& state() const { return state_; }
 
   /// Stores `checkpoint` as sequence head()+1; returns once it is durable.
   void append(wire::Checkpoint::Reader checkpoint);
-  /// Reads a stored checkpoint. Throws Error if it is missing or damaged.
+  /// Reads a stored checkpoint. Throws Error if it is not stored or damaged.
   kj::Own<StoredCheckpoint> read(std::uint64_t sequence) const;
+  /// Path of a stored checkpoint's file (for readers on other threads; the
+  /// file stays until the next fold or prune commits).
+  std::string pathOf(std::uint64_t sequence) const;
   /// Replaces and persists the state.
   void saveState(const ServerState& state);
 
+  /// Where a fold at `sequence` writes its new base before commitFold().
+  std::string foldPath(std::uint64_t sequence) const;
+  /// Makes the record at foldPath(`sequence`) (written whole and fsynced) the
+  /// base, then removes what it replaces.
+  void commitFold(std::uint64_t sequence);
+  /// Removes the checkpoints after the base and below `sequence`, which must
+  /// be stored (Orig policies only: each checkpoint is measured against the
+  /// base alone).
+  void prune(std::uint64_t sequence);
+  /// Scratch directory for compaction (emptied at start-up).
+  std::string scratchDir() const { return dir_ + "/compaction"; }
+
  private:
   std::string checkpointPath(std::uint64_t sequence) const;
+  void removeQuietly(const std::string& path);
 
   std::string dir_;
   std::uint64_t head_ = 0;
+  std::uint64_t base_ = 0;
+  bool foldedBase_ = false;  // the base is a "K.base" file, not checkpoint 1
+  std::map<std::uint64_t, std::uint64_t> bytes_;  // stored checkpoints after the base: sequence -> bytes
   ServerState state_;
 };
 

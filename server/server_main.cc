@@ -15,6 +15,12 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
   app.add_option("--listen", options.listen, "address to listen on, host:port")->capture_default_str();
   app.add_option("--data", options.dataDir, "data directory for the VM's image and checkpoints")
       ->capture_default_str();
+  app.add_option("--compact-after", options.compactAfter,
+                 "fold the chain into a new base once this many checkpoints follow it (0: no count limit)")
+      ->capture_default_str();
+  app.add_option("--compact-above-mb", options.compactAboveMb,
+                 "fold the chain into a new base once the checkpoints after it pass this many MiB (0: no size limit)")
+      ->capture_default_str();
 }
 
 int runServer(const ServerOptions& options) {
@@ -22,7 +28,7 @@ int runServer(const ServerOptions& options) {
     kj::UnixEventPort::captureSignal(SIGTERM);
     kj::UnixEventPort::captureSignal(SIGINT);
     auto io = kj::setupAsyncIo();
-    SyncServer server(options.dataDir);
+    SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20});
     auto address = io.provider->getNetwork().parseAddress(options.listen).wait(io.waitScope);
     auto listener = address->listen();
     spdlog::info("sync server listening on {} (data in {})", options.listen, options.dataDir);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <string>
 
 namespace vmsync {
@@ -9,6 +10,8 @@ namespace vmsync {
 struct ServerOptions {
   std::string listen = "127.0.0.1:7400";
   std::string dataDir = "vmsync-server-data";
+  std::uint64_t compactAfter = 128;    // checkpoints after the base; 0: never by count
+  std::uint64_t compactAboveMb = 1024; // MiB of checkpoints after the base; 0: never by size
 };
 
 /// Declares the server's options on `app`.

@@ -4,7 +4,9 @@
 
 #include <chrono>
 
+#include "checkpoint_builder.h"
 #include "checkpoint_merge.h"
+#include "compactor.h"
 #include "checkpoint_record.h"
 #include "error.h"
 #include "rpc_util.h"
@@ -77,18 +79,89 @@ class SyncServerImpl final : public wire::SyncServer::Server {
 
 }  // namespace
 
-SyncServer::SyncServer(std::string dataDir) : store_(std::move(dataDir)), state_(store_.state()) {
+SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction)
+    : store_(std::move(dataDir)), limits_(compaction), state_(store_.state()) {
   for (const auto& [id, applied] : state_.appliedByDevice) {
     auto entry = std::make_unique<DeviceEntry>();
     entry->id = id;
     entry->applied = applied;
     devices_[id] = std::move(entry);
   }
-  spdlog::info("sync server: VM '{}', {} checkpoints, lease epoch {} held by '{}'", state_.vmId, store_.head(),
-               state_.epoch, state_.holder);
+  spdlog::info("sync server: VM '{}', chain at {} (base {}), lease epoch {} held by '{}'", state_.vmId,
+               store_.head(), store_.base(), state_.epoch, state_.holder);
 }
 
-SyncServer::~SyncServer() = default;
+SyncServer::~SyncServer() {
+  // A fold under way is abandoned: its file is written whole or not at all,
+  // and the next start discards its scratch space.
+  cancelCompaction_ = true;
+  if (compactor_.joinable()) compactor_.join();
+}
+
+void SyncServer::maybeCompact(wire::Policy policy) {
+  if (compacting_) return;
+  const std::uint64_t count = store_.head() - store_.first() + 1;
+  const std::uint64_t bytes = store_.bytesAfterBase();
+  if (store_.first() > store_.head()) return;
+  const bool due = (limits_.checkpoints != 0 && count >= limits_.checkpoints) ||
+                   (limits_.bytes != 0 && bytes >= limits_.bytes);
+  if (!due) return;
+  const std::uint64_t to = store_.head();
+  if (isOrigPolicy(policy)) {
+    // Each Orig checkpoint needs only the base: the newest one makes the
+    // others useless, to every device.
+    if (count < 2) return;
+    store_.prune(to);
+    spdlog::info("compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base", count - 1,
+                 bytes - store_.bytesAfterBase(), to);
+    return;
+  }
+  std::vector<std::string> paths;
+  paths.push_back(store_.pathOf(store_.base()));
+  for (std::uint64_t s = store_.first(); s <= to; ++s) paths.push_back(store_.pathOf(s));
+  const std::string out = store_.foldPath(to);
+  const std::string scratch = store_.scratchDir();
+  spdlog::info("compaction: folding checkpoints {}..{} ({} checkpoints, {} bytes) into a new base", store_.base(), to,
+               paths.size(), bytes);
+  auto done = kj::newPromiseAndCrossThreadFulfiller<void>();
+  auto outcome = std::make_shared<std::string>();  // written by the worker before it fulfils
+  compacting_ = true;
+  const std::uint64_t start = nowNs();
+  // Held through a shared_ptr: std::thread needs a callable whose destructor
+  // cannot throw, which kj::Own's is not declared to be.
+  auto fulfiller =
+      std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<void>>>(kj::mv(done.fulfiller));
+  compactor_ = std::thread([this, paths = std::move(paths), out, scratch, fulfiller, outcome]() {
+    try {
+      FoldStats stats = foldChain(paths, scratch, out, cancelCompaction_);
+      *outcome = fmt::format("{} non-zero pages, {} non-zero blocks, {} bytes", stats.memoryUnits, stats.diskUnits,
+                            stats.bytes);
+    } catch (const std::exception& e) {
+      *outcome = std::string("!") + e.what();
+    } catch (const kj::Exception& e) {
+      *outcome = std::string("!") + describe(e);
+    }
+    (*fulfiller)->fulfill();
+  });
+  compaction_ = done.promise
+                    .then([this, to, start, outcome]() {
+                      compactor_.join();
+                      if (outcome->starts_with("!")) {
+                        spdlog::warn("compaction at {} failed: {}; the chain is kept as it is", to,
+                                     outcome->substr(1));
+                        return;
+                      }
+                      store_.commitFold(to);
+                      spdlog::info("compaction: the base is now checkpoint {} ({}), {:.0f} ms", to, *outcome,
+                                   (nowNs() - start) / 1e6);
+                    })
+                    .then([this]() { compacting_ = false; },
+                          [this](kj::Exception&& e) {
+                            spdlog::warn("compaction failed: {}", describe(e));
+                            compacting_ = false;
+                          })
+                    .eagerlyEvaluate(nullptr);
+}
 
 wire::SyncServer::Client SyncServer::client() { return kj::heap<SyncServerImpl>(*this); }
 
@@ -172,6 +245,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   crashPoint("before-ack");
   for (auto& [other, entry] : devices_)
     if (other != id) forwardUpTo(*entry, store_.head());
+  maybeCompact(checkpoint.getPolicy());
   return store_.head();
 }
 
@@ -200,7 +274,11 @@ void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
 kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, std::uint64_t to) {
   DeviceEntry& d = device(id);
   if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= to) return kj::READY_NOW;
-  const std::uint64_t from = d.applied + 1;
+  // A device behind the base (new, or offline across a compaction) starts
+  // over from the base: a full checkpoint replaces its whole image.
+  const std::uint64_t base = store_.base();
+  const bool behindBase = d.applied < base;
+  const std::uint64_t from = behindBase ? base : d.applied + 1;
   if (to > from) {
     // Under an Orig policy a checkpoint needs only the base (the full one):
     // a device that has it catches up with the latest checkpoint alone. Orig
@@ -208,13 +286,13 @@ kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, 
     // the base, which a union of chunks would not do.
     auto latest = store_.read(to);
     auto latestReader = latest->reader();
-    if (latestReader.getKind() != wire::CheckpointKind::FULL &&
-        (latestReader.getPolicy() == wire::Policy::DIRTY_ORIG || latestReader.getPolicy() == wire::Policy::DIFF_ORIG)) {
-      if (d.applied >= 1) {
+    if (latestReader.getKind() != wire::CheckpointKind::FULL && isOrigPolicy(latestReader.getPolicy())) {
+      if (!behindBase) {
         spdlog::info("catch-up for {}: checkpoint {} alone (Orig policy; {} skipped)", id, to, to - from);
         return sendApply(id, connection, latestReader).attach(kj::mv(latest));
       }
-      auto full = store_.read(1);
+      spdlog::info("catch-up for {}: the base (checkpoint {}) first, then checkpoint {}", id, base, to);
+      auto full = store_.read(base);
       auto fullReader = full->reader();
       return sendApply(id, connection, fullReader).attach(kj::mv(full)).then([this, id, connection, to]() {
         return catchUp(id, connection, to);
@@ -232,15 +310,18 @@ kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, 
     std::string refused = mergeCheckpoints(run, merged->initRoot<wire::Checkpoint>());
     if (refused.empty()) {
       const std::uint64_t mergedBytes = capnp::computeSerializedSizeInWords(*merged) * sizeof(capnp::word);
-      spdlog::info("catch-up for {}: checkpoints {}..{} ({} checkpoints, {} bytes) merged into one of {} bytes", id,
-                   from, to, to - from + 1, missedBytes, mergedBytes);
+      spdlog::info("catch-up for {}: checkpoints {}..{} ({} checkpoints{}, {} bytes) merged into one of {} bytes", id,
+                   from, to, to - from + 1, behindBase ? ", from the base" : "", missedBytes, mergedBytes);
       auto reader = merged->getRoot<wire::Checkpoint>().asReader();
       return sendApply(id, connection, reader).attach(kj::mv(merged));
     }
-    spdlog::info("catch-up for {}: sending checkpoints {}..{} one by one ({})", id, from, to, refused);
+    spdlog::info("catch-up for {}: sending checkpoints {}..{} ({} bytes) one by one ({})", id, from, to,
+                 missedBytes, refused);
   }
   auto one = store_.read(from);
   auto reader = one->reader();
+  if (to > from)
+    spdlog::info("catch-up for {}: checkpoint {} ({} bytes), {} more to go", id, from, one->bytes(), to - from);
   return sendApply(id, connection, reader).attach(kj::mv(one)).then([this, id, connection, to]() {
     return catchUp(id, connection, to);
   });

@@ -4,11 +4,13 @@
 #include <kj/async.h>
 #include <kj/timer.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "checkpoint_store.h"
 #include "vmsync.capnp.h"
@@ -28,10 +30,16 @@ struct DeviceEntry {
   std::uint64_t lastApplyNs = 0;                 // the device's own apply time for it
 };
 
+/// When the chain is compacted (0 turns a limit off).
+struct CompactionLimits {
+  std::uint64_t checkpoints = 128;    // stored checkpoints after the base
+  std::uint64_t bytes = 1ull << 30;   // their total size
+};
+
 /// Implements wire::SyncServer; one instance per data directory.
 class SyncServer {
  public:
-  explicit SyncServer(std::string dataDir);
+  explicit SyncServer(std::string dataDir, CompactionLimits compaction = {});
   ~SyncServer();
 
   /// The capability clients bootstrap.
@@ -48,6 +56,8 @@ class SyncServer {
 
   const std::string& vmId() const { return store_.state().vmId; }
   std::uint64_t head() const { return store_.head(); }
+  /// True while a fold runs on the worker thread.
+  bool compacting() const { return compacting_; }
 
  private:
   DeviceEntry& device(const std::string& id);
@@ -64,7 +74,16 @@ class SyncServer {
                                          wire::SwitchReport::Builder report, std::uint64_t startNs,
                                          std::uint64_t pushNs);
 
+  /// Starts compaction when the chain after the base passed a limit: a prune
+  /// under Orig (at once), a fold on a worker thread under Prev.
+  void maybeCompact(wire::Policy policy);
+
   CheckpointStore store_;
+  CompactionLimits limits_;
+  std::thread compactor_;
+  std::atomic<bool> cancelCompaction_{false};
+  bool compacting_ = false;
+  kj::Maybe<kj::Promise<void>> compaction_;  // the fold's completion on this thread
   ServerState state_;
   std::map<std::string, std::unique_ptr<DeviceEntry>> devices_;
   std::uint64_t connections_ = 0;

@@ -1,5 +1,6 @@
 #include "device.h"
 
+#include <capnp/serialize.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
@@ -13,9 +14,10 @@
 #include <set>
 
 #include "bpf_block_source.h"
-#include "crash_point.h"
 #include "checkpoint_applier.h"
 #include "checkpoint_builder.h"
+#include "checkpoint_record.h"
+#include "crash_point.h"
 #include "durable_file.h"
 #include "error.h"
 #include "image_file.h"
@@ -69,6 +71,7 @@ class Device {
     fs::create_directories(options_.stateDir);
     dir_ = fs::absolute(options_.stateDir).string();
     loadLocalState();
+    redoJournal();
   }
 
   ~Device() {
@@ -93,6 +96,12 @@ class Device {
  private:
   std::string path(const char* name) const { return dir_ + "/" + name; }
   void loadLocalState();
+  /// Finishes an apply a crash interrupted, from the journal, so the image is
+  /// at a whole checkpoint before this device offers it to anyone.
+  void redoJournal();
+  /// Writes the image changes of `checkpoint` (already checked to follow this
+  /// image) and records the sequence reached.
+  ApplyStats applyToImage(wire::Checkpoint::Reader checkpoint);
   void saveApplied(std::uint64_t sequence);
   void saveLocalSpec();
   void openImages(bool create);
@@ -229,6 +238,34 @@ void Device::loadLocalState() {
     deviceStateSequence_ = std::stoull(readWholeFile(path("device-state.seq"), 64));
   if (applied_ > 0 && !haveSpec_) fail("{} says checkpoint {} was applied but vm.json is missing", dir_, applied_);
   if (haveSpec_) openImages(false);
+  if (haveSpec_ && applied_ > 0 && isOrigPolicy(spec_.policy) && fs::exists(path("base-ram.img"))) openBase();
+}
+
+void Device::redoJournal() {
+  const std::string journal = path("apply.journal");
+  if (!fs::exists(journal)) return;
+  std::string why;
+  KJ_IF_MAYBE(words, readRecordFile(journal, why)) {
+    capnp::FlatArrayMessageReader message(*words, rpcReaderOptions());
+    auto checkpoint = message.getRoot<wire::Checkpoint>();
+    if (checkpoint.getSequence() > applied_) {
+      spdlog::warn("{}: applying checkpoint {} was interrupted (the image is between {} and it); finishing it from "
+                   "the journal", options_.deviceId, checkpoint.getSequence(), applied_);
+      try {
+        applyToImage(checkpoint);
+      } catch (const Error& e) {
+        // The image is neither the old checkpoint nor the new one: start over
+        // from the server's base, which replaces all of it.
+        spdlog::error("{}: cannot finish checkpoint {} ({}); the image is discarded and will be synced again from "
+                      "the server's base", options_.deviceId, checkpoint.getSequence(), e.what());
+        saveApplied(0);
+      }
+    }
+  } else {
+    // Torn: the crash came while the journal was written, before the image.
+    spdlog::info("{}: discarding a torn apply journal ({}); the image was not touched", options_.deviceId, why);
+  }
+  fs::remove(journal);
 }
 
 void Device::saveApplied(std::uint64_t sequence) {
@@ -650,10 +687,48 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   // Under Orig a checkpoint needs only the base: a device that missed some
   // catches up with the latest alone. Otherwise it must start where this
   // image is (a merged catch-up spans several sequences).
-  const bool selfContained = !full && isOrigPolicy(checkpoint.getPolicy()) && baseRam_ && sequence > applied_;
+  // A full checkpoint replaces the whole image: the server sends one to a
+  // device that is behind the base it compacted its chain into.
+  const bool selfContained =
+      sequence > applied_ && (full || (isOrigPolicy(checkpoint.getPolicy()) && baseRam_ != nullptr));
   if (!selfContained && (sequence <= applied_ || checkpoint.getBaseSequence() != applied_))
     fail("checkpoint {} (based on {}) does not follow this device's image at {}", sequence,
          checkpoint.getBaseSequence(), applied_);
+  if (!full && !ram_) fail("checkpoint {} is incremental but this device has no image yet", sequence);
+  if (!full && std::string(checkpoint.getVmId()) != spec_.vmId)
+    fail("checkpoint for VM '{}' does not belong to this device's VM '{}'", std::string(checkpoint.getVmId()),
+         spec_.vmId);
+  // Journal first: a crash in the middle of writing the image is finished
+  // from it at the next start, so the image is only ever at whole checkpoints.
+  {
+    capnp::MallocMessageBuilder copy;
+    copy.setRoot(checkpoint);
+    auto words = capnp::messageToFlatArray(copy);
+    auto bytes = words.asBytes();
+    writeRecordFile(path("apply.journal"), std::as_bytes(std::span(bytes.begin(), bytes.size())));
+  }
+  const std::uint64_t journaled = nowNs();
+  ApplyStats stats;
+  try {
+    stats = applyToImage(checkpoint);
+  } catch (const Error&) {
+    // Nothing to finish: a malformed checkpoint is refused before the image is
+    // written, except that a full one has already replaced it.
+    if (full) saveApplied(0);
+    fs::remove(path("apply.journal"));
+    throw;
+  }
+  fs::remove(path("apply.journal"));
+  results.setAppliedSequence(sequence);
+  results.setApplyNs(nowNs() - start);
+  spdlog::info("{}: applied checkpoint {} ({} pages, {} blocks; journal {:.1f} ms, image {:.1f} ms)",
+               options_.deviceId, sequence, stats.memoryUnits, stats.diskUnits, (journaled - start) / 1e6,
+               (nowNs() - journaled) / 1e6);
+}
+
+ApplyStats Device::applyToImage(wire::Checkpoint::Reader checkpoint) {
+  const std::uint64_t sequence = checkpoint.getSequence();
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   if (full) {
     auto spec = checkpoint.getSpec();
     spec_ = specFromWire(spec);
@@ -664,11 +739,6 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
     saveLocalSpec();
     openImages(true);
     damaged_.clear();
-  } else if (!ram_) {
-    fail("checkpoint {} is incremental but this device has no image yet", sequence);
-  } else if (std::string(checkpoint.getVmId()) != spec_.vmId) {
-    fail("checkpoint for VM '{}' does not belong to this device's VM '{}'", std::string(checkpoint.getVmId()),
-         spec_.vmId);
   }
   ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
   crashPoint("standby-after-write");
@@ -701,10 +771,7 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
     verifiedDiskHashes_ = std::move(diskHashes);
   }
   saveApplied(sequence);
-  results.setAppliedSequence(sequence);
-  results.setApplyNs(nowNs() - start);
-  spdlog::info("{}: applied checkpoint {} ({} pages, {} blocks)", options_.deviceId, sequence, stats.memoryUnits,
-               stats.diskUnits);
+  return stats;
 }
 
 kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Builder result) {

@@ -1,5 +1,6 @@
 #include "cluster.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <regex>
 
@@ -39,27 +40,35 @@ Cluster::~Cluster() {
   server_.reset();
 }
 
-void Cluster::startServer() {
-  server_ = std::make_unique<Process>(
-      std::vector<std::string>{vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server"},
-      dir_ + "/server.log");
+namespace {
+
+/// `argv` plus `--interval 1` unless `extra` sets it, plus `extra`.
+void withInterval(std::vector<std::string>& argv, const std::vector<std::string>& extra) {
+  if (std::find(extra.begin(), extra.end(), "--interval") == extra.end()) argv.insert(argv.end(), {"--interval", "1"});
+  argv.insert(argv.end(), extra.begin(), extra.end());
+}
+
+}  // namespace
+
+void Cluster::startServer(const std::vector<std::string>& extra) {
+  std::vector<std::string> argv{vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  server_ = std::make_unique<Process>(argv, dir_ + "/server.log");
   waitFor([&] { return status().has_value(); }, std::chrono::seconds(10));
 }
 
 void Cluster::startActive(const std::string& device, const std::vector<std::string>& extra) {
   std::vector<std::string> argv{vmsyncBinary(), "active", "--device", device,      "--state",   stateDir(device),
-                                "--server",     address(), "--image",  guestImage(), "--interval", "1"};
-  bool accelGiven = false;
-  for (const auto& a : extra) accelGiven |= a == "--accel";
-  if (!accelGiven) argv.insert(argv.end(), {"--accel", "tcg"});
-  argv.insert(argv.end(), extra.begin(), extra.end());
+                                "--server",     address(), "--image",  guestImage()};
+  if (std::find(extra.begin(), extra.end(), "--accel") == extra.end()) argv.insert(argv.end(), {"--accel", "tcg"});
+  withInterval(argv, extra);
   devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
 }
 
 void Cluster::startStandby(const std::string& device, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "standby", "--device", device,   "--state",
-                                stateDir(device), "--server", address(), "--interval", "1"};
-  argv.insert(argv.end(), extra.begin(), extra.end());
+  std::vector<std::string> argv{vmsyncBinary(), "standby", "--device", device, "--state", stateDir(device),
+                                "--server",     address()};
+  withInterval(argv, extra);
   devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
 }
 

@@ -29,8 +29,9 @@ class Cluster {
   std::string stateDir(const std::string& device) const { return dir_ + "/" + device; }
   std::string serialLog(const std::string& device) const { return stateDir(device) + "/serial.log"; }
 
-  void startServer();
-  /// Starts `vmsync active` (TCG unless `extra` says otherwise).
+  /// Starts `vmsync server` with `extra` options (restarts it when running).
+  void startServer(const std::vector<std::string>& extra = {});
+  /// Starts `vmsync active` (TCG and a 1 s interval unless `extra` says otherwise).
   void startActive(const std::string& device, const std::vector<std::string>& extra = {});
   void startStandby(const std::string& device, const std::vector<std::string>& extra = {});
   Process& device(const std::string& name) { return *devices_.at(name); }

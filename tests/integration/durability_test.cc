@@ -145,6 +145,11 @@ TEST_F(Durability, StandbyKilledMidApplyRecoversAndTakesOver) {
       << "B was not killed mid-apply" << cluster.logOf("B");
   ASSERT_NE(readFile(dir.path() + "/B.log").find("VMSYNC_CRASH_AT=standby-after-write"), std::string::npos);
   cluster.startStandby("B");
+  // Before it registers again, B finishes the interrupted checkpoint from its
+  // journal: its image is at a whole checkpoint, not between two.
+  ASSERT_TRUE(waitFor([&] { return readFile(dir.path() + "/B.log").find("from the journal") != std::string::npos; },
+                      std::chrono::seconds(30)))
+      << "B did not finish the interrupted apply from its journal" << cluster.logOf("B");
   ASSERT_TRUE(cluster.waitForHead(cluster.head() + 1, std::chrono::seconds(60))) << cluster.logOf("B");
   nlohmann::json report;
   std::string output;

@@ -10,6 +10,9 @@
 #include <string>
 #include <vector>
 
+#include <capnp/common.h>
+#include <kj/array.h>
+
 #include "crash_point.h"
 
 namespace vmsync {
@@ -40,5 +43,20 @@ std::string checkRecordHeader(const RecordHeader& header, std::uint64_t availabl
 
 /// Returns an empty string when `payload` matches `header`'s checksum, else why not.
 std::string checkRecordPayload(const RecordHeader& header, std::span<const std::byte> payload);
+
+/// Writes `payload` as one record to `path`: to `path`.tmp first (one io_uring
+/// submission of the write linked to an fsync), then renamed into place and the
+/// directory fsynced, so after a crash the file is whole or absent. With
+/// `crashPoints`, VMSYNC_CRASH_AT can stop the process between the steps
+/// (before-data-write, after-data-fsync, after-rename, after-commit).
+void writeRecordFile(const std::string& path, std::span<const std::byte> payload, bool crashPoints = false);
+
+/// Reads and verifies the record in `path`: its payload as words, or nullptr
+/// with the reason it is torn or damaged in `why`. Throws Error when the file
+/// cannot be opened or read at all.
+kj::Maybe<kj::Array<capnp::word>> readRecordFile(const std::string& path, std::string& why);
+
+/// fsyncs directory `dir`, making renames and removals in it durable.
+void syncDirectory(const std::string& dir);
 
 }  // namespace vmsync

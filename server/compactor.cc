@@ -1,0 +1,113 @@
+#include "compactor.h"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+
+#include <filesystem>
+
+#include "checkpoint_applier.h"
+#include "checkpoint_builder.h"
+#include "checkpoint_record.h"
+#include "checkpoint_store.h"
+#include "chunk_codec.h"
+#include "error.h"
+#include "image_file.h"
+#include "rpc_util.h"
+
+namespace vmsync {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+kj::Own<StoredCheckpoint> load(const std::string& path) {
+  std::string why;
+  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::heap<StoredCheckpoint>(kj::mv(*words)); }
+  fail("cannot fold {}: {}", path, why);
+}
+
+/// Every non-zero unit of `image` as a whole chunk, lz4 where it helps. A full
+/// checkpoint is applied on top of zeros, so zero units are left out.
+std::uint64_t fillImage(const ImageFile& image, capnp::Orphanage orphanage,
+                        capnp::Orphan<capnp::List<wire::Chunk>>& out, const std::atomic<bool>& cancel) {
+  std::vector<std::uint64_t> nonZero;
+  for (std::uint64_t i = 0; i < image.units(); ++i)
+    if (!isZeroUnit(image.unit(i))) nonZero.push_back(i);
+  out = orphanage.newOrphan<capnp::List<wire::Chunk>>(static_cast<unsigned>(nonZero.size()));
+  auto list = out.get();
+  for (unsigned i = 0; i < nonZero.size(); ++i) {
+    if (cancel.load(std::memory_order_relaxed)) fail("compaction cancelled");
+    toWire(encodeWhole(nonZero[i], image.unit(nonZero[i]), /*compress=*/true), list[i]);
+  }
+  return nonZero.size();
+}
+
+}  // namespace
+
+FoldStats foldChain(const std::vector<std::string>& paths, const std::string& scratchDir, const std::string& out,
+                    const std::atomic<bool>& cancel) {
+  if (paths.size() < 2) fail("a fold needs the base and at least one checkpoint after it");
+  fs::remove_all(scratchDir);
+  fs::create_directories(scratchDir);
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(dir, ec);
+    }
+  } cleanup{scratchDir};
+
+  auto base = load(paths.front());
+  auto baseReader = base->reader();
+  if (baseReader.getKind() != wire::CheckpointKind::FULL || !baseReader.hasSpec())
+    fail("cannot fold: {} is not a full checkpoint", paths.front());
+  auto spec = baseReader.getSpec();
+  if (spec.getMemoryBytes() == 0 || spec.getMemoryBytes() % kUnitSize || spec.getDiskBytes() == 0 ||
+      spec.getDiskBytes() % kUnitSize)
+    fail("cannot fold: the base {} has invalid image sizes", paths.front());
+  ImageFile ram(scratchDir + "/ram.img", true, spec.getMemoryBytes());
+  ImageFile disk(scratchDir + "/disk.img", true, spec.getDiskBytes());
+  applyCheckpoint(baseReader, ram, disk);
+
+  std::uint64_t expected = baseReader.getSequence();
+  kj::Own<StoredCheckpoint> last;
+  for (std::size_t i = 1; i < paths.size(); ++i) {
+    if (cancel.load(std::memory_order_relaxed)) fail("compaction cancelled");
+    last = load(paths[i]);
+    auto c = last->reader();
+    if (c.getBaseSequence() != expected || c.getKind() == wire::CheckpointKind::FULL)
+      fail("cannot fold: checkpoint {} in {} does not follow checkpoint {}", c.getSequence(), paths[i], expected);
+    if (isOrigPolicy(c.getPolicy())) fail("cannot fold: checkpoint {} is measured against the base", c.getSequence());
+    applyCheckpoint(c, ram, disk);
+    expected = c.getSequence();
+  }
+
+  auto top = last->reader();
+  capnp::MallocMessageBuilder message;
+  auto folded = message.initRoot<wire::Checkpoint>();
+  folded.setVmId(top.getVmId());
+  folded.setEpoch(top.getEpoch());
+  folded.setSequence(top.getSequence());
+  folded.setBaseSequence(0);
+  folded.setKind(wire::CheckpointKind::FULL);
+  folded.setPolicy(top.getPolicy());
+  folded.setOrigin(top.getOrigin());
+  folded.setCreatedUnixNs(top.getCreatedUnixNs());
+  folded.setSpec(spec);
+  FoldStats stats;
+  stats.sequence = top.getSequence();
+  stats.folded = paths.size();
+  auto orphanage = message.getOrphanage();
+  capnp::Orphan<capnp::List<wire::Chunk>> memory, blocks;
+  stats.memoryUnits = fillImage(ram, orphanage, memory, cancel);
+  stats.diskUnits = fillImage(disk, orphanage, blocks, cancel);
+  folded.adoptMemory(kj::mv(memory));
+  folded.adoptDisk(kj::mv(blocks));
+  auto words = capnp::messageToFlatArray(message);
+  auto bytes = words.asBytes();
+  writeRecordFile(out, std::as_bytes(std::span(bytes.begin(), bytes.size())));
+  stats.bytes = sizeof(RecordHeader) + bytes.size();
+  return stats;
+}
+
+}  // namespace vmsync

@@ -1,0 +1,129 @@
+// Compaction under load: the server folds the chain into a new base while the
+// active device keeps pushing; the data directory stays bounded over 200
+// checkpoints, and a standby that was offline across folds catches up from the
+// base and takes over with matching digests.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <regex>
+
+#include "cluster.h"
+
+namespace vmsync::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr auto kBootAndSync = std::chrono::seconds(180);
+constexpr std::uint64_t kCompactAfter = 20;
+constexpr std::uint64_t kCheckpoints = 200;
+
+struct DirSizes {
+  std::uint64_t total = 0;    // disk space of every file in the data directory
+  std::uint64_t largestBase = 0;
+  std::uint64_t largestCheckpoint = 0;
+};
+
+DirSizes measure(const std::string& dir) {
+  DirSizes sizes;
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(dir, ec); !ec && it != fs::recursive_directory_iterator();
+       it.increment(ec)) {
+    struct stat st {};
+    if (::lstat(it->path().c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;  // removed while listed
+    // Space taken, not length: compaction's scratch images are sparse.
+    sizes.total += static_cast<std::uint64_t>(st.st_blocks) * 512;
+    const auto bytes = static_cast<std::uint64_t>(st.st_size);
+    const std::string name = it->path().filename().string();
+    if (name.ends_with(".base") || name == "00000000000000000001.ckpt") {
+      sizes.largestBase = std::max(sizes.largestBase, bytes);
+    } else if (name.ends_with(".ckpt")) {
+      sizes.largestCheckpoint = std::max(sizes.largestCheckpoint, bytes);
+    }
+  }
+  return sizes;
+}
+
+class Compaction : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string missing = missingForVm();
+    if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  }
+};
+
+TEST_F(Compaction, DataDirectoryStaysBoundedAndADeviceBehindTheFoldTakesOver) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer({"--compact-after", std::to_string(kCompactAfter)});
+  cluster.startActive("A", {"--interval", "0.1"});
+  cluster.startStandby("B");
+  cluster.startStandby("C");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B") << cluster.logOf("C");
+  // C goes offline and stays away across several folds.
+  cluster.stopDevice("C");
+  const std::uint64_t cLeftAt = cluster.head();
+
+  const std::string data = dir.path() + "/server";
+  DirSizes peak;
+  std::uint64_t largestBase = 0, largestCheckpoint = 0;
+  ASSERT_TRUE(waitFor(
+      [&] {
+        DirSizes now = measure(data);
+        peak.total = std::max(peak.total, now.total);
+        largestBase = std::max(largestBase, now.largestBase);
+        largestCheckpoint = std::max(largestCheckpoint, now.largestCheckpoint);
+        return cluster.head() >= kCheckpoints;
+      },
+      std::chrono::seconds(600)))
+      << "the chain did not reach " << kCheckpoints << cluster.logOf("A") << cluster.logOf("server");
+
+  const std::string serverLog = readFile(dir.path() + "/server.log");
+  static const std::regex folded(R"(compaction: the base is now checkpoint (\d+))");
+  const auto folds = std::distance(std::sregex_iterator(serverLog.begin(), serverLog.end(), folded),
+                                   std::sregex_iterator());
+  // Stated bound: the base and the fold being written (two bases), the
+  // checkpoints that wait for the next fold, plus ten pushed while a fold runs,
+  // plus 1 MiB for the state file and directories.
+  const std::uint64_t bound = 2 * largestBase + (kCompactAfter + 10) * largestCheckpoint + (1u << 20);
+  std::printf("%llu checkpoints, %lld folds; data directory peaked at %llu bytes (bound %llu: base %llu, "
+              "largest checkpoint %llu)\n",
+              static_cast<unsigned long long>(cluster.head()), static_cast<long long>(folds),
+              static_cast<unsigned long long>(peak.total), static_cast<unsigned long long>(bound),
+              static_cast<unsigned long long>(largestBase), static_cast<unsigned long long>(largestCheckpoint));
+  EXPECT_GE(folds, static_cast<long>(kCheckpoints / kCompactAfter / 2)) << "the chain was hardly compacted";
+  EXPECT_LE(peak.total, bound) << "the data directory grew past its bound";
+  EXPECT_EQ(serverLog.find("compaction at"), std::string::npos) << "a fold failed" << cluster.logOf("server");
+
+  // C comes back behind the base: it starts over from it, then takes over.
+  const auto status = cluster.status();
+  ASSERT_TRUE(status);
+  cluster.startStandby("C");
+  ASSERT_TRUE(cluster.waitForHead(cluster.head(), std::chrono::seconds(120)))
+      << cluster.logOf("C") << cluster.logOf("server");
+  EXPECT_NE(readFile(dir.path() + "/server.log").find("catch-up for C: checkpoints"), std::string::npos);
+  std::printf("C left at checkpoint %llu and came back after %lld folds\n", static_cast<unsigned long long>(cLeftAt),
+              static_cast<long long>(folds));
+  // What the chain would hold without compaction: every checkpoint A pushed.
+  static const std::regex stored(R"(A: checkpoint \d+ \(\w+\) stored: \d+ pages, \d+ blocks, (\d+) bytes)");
+  const std::string activeLog = readFile(dir.path() + "/A.log");
+  std::uint64_t pushed = 0;
+  for (std::sregex_iterator it(activeLog.begin(), activeLog.end(), stored), end; it != end; ++it)
+    pushed += std::stoull((*it)[1]);
+  std::printf("A pushed %llu bytes of chunks in all; the data directory peaked at %llu bytes\n",
+              static_cast<unsigned long long>(pushed), static_cast<unsigned long long>(peak.total));
+
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("C", &report, &output), 0)
+      << output << cluster.logOf("A") << cluster.logOf("C") << cluster.logOf("server");
+  EXPECT_EQ(report["to"], "C");  // C verified the final digest before resuming
+  // B followed every fold online; it takes over from C too.
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0)
+      << output << cluster.logOf("B") << cluster.logOf("C") << cluster.logOf("server");
+  EXPECT_EQ(report["to"], "B");
+}
+
+}  // namespace
+}  // namespace vmsync::testing

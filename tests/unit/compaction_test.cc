@@ -1,0 +1,223 @@
+// Compaction: folding a Prev chain into a new base, pruning an Orig chain, and
+// what a restart makes of the files a fold or prune leaves behind.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <random>
+
+#include "checkpoint_applier.h"
+#include "checkpoint_store.h"
+#include "chunk_codec.h"
+#include "compactor.h"
+#include "error.h"
+#include "image_file.h"
+#include "units.h"
+
+namespace vmsync {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr std::uint64_t kUnits = 32;
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/vmsync-compact-XXXXXX";
+    path = ::mkdtemp(tmpl);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+using Image = std::vector<std::byte>;  // kUnits units
+
+std::span<const std::byte> unitOf(const Image& image, std::uint64_t i) { return {image.data() + i * kUnitSize, kUnitSize}; }
+
+/// Builds checkpoint `sequence` that turns `before` into `after` under
+/// `policy` (Diff policies XOR-diff against `reference`), as a device would.
+void buildCheckpoint(capnp::MallocMessageBuilder& message, std::uint64_t sequence, wire::Policy policy,
+                     const Image& after, const Image& reference, const Image& before) {
+  auto c = message.initRoot<wire::Checkpoint>();
+  c.setVmId("vm");
+  c.setEpoch(1);
+  c.setSequence(sequence);
+  c.setPolicy(policy);
+  c.setOrigin("phone");
+  const bool full = sequence == 1;
+  const bool orig = policy == wire::Policy::DIRTY_ORIG || policy == wire::Policy::DIFF_ORIG;
+  const bool diff = policy == wire::Policy::DIFF_PREV || policy == wire::Policy::DIFF_ORIG;
+  c.setBaseSequence(full ? 0 : sequence - 1);
+  c.setKind(full ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
+  if (full) {
+    auto spec = c.initSpec();
+    spec.setVmId("vm");
+    spec.setMemoryBytes(kUnits * kUnitSize);
+    spec.setDiskBytes(kUnits * kUnitSize);
+    spec.setPolicy(policy);
+  }
+  std::vector<EncodedUnit> units;
+  for (std::uint64_t i = 0; i < kUnits; ++i) {
+    // Orig lists every unit that differs from the base; Prev what changed.
+    const Image& against = orig ? reference : before;
+    if (!full && std::memcmp(unitOf(after, i).data(), unitOf(against, i).data(), kUnitSize) == 0) continue;
+    units.push_back(diff && !full ? encodeDiff(i, unitOf(after, i), unitOf(reference, i), true)
+                                  : encodeWhole(i, unitOf(after, i), true));
+  }
+  auto memory = c.initMemory(static_cast<unsigned>(units.size()));
+  auto disk = c.initDisk(static_cast<unsigned>(units.size()));
+  for (unsigned i = 0; i < units.size(); ++i) {
+    toWire(units[i], memory[i]);
+    toWire(units[i], disk[i]);
+  }
+}
+
+/// Rewrites a few bytes of a few units, the way a guest dirties pages.
+void mutate(Image& image, std::mt19937& rng) {
+  for (int n = 0; n < 3; ++n) {
+    std::uint64_t unit = rng() % kUnits;
+    for (int b = 0; b < 40; ++b) image[unit * kUnitSize + rng() % kUnitSize] = std::byte(rng() & 0xff);
+  }
+  std::uint64_t zeroed = rng() % kUnits;
+  std::fill_n(image.begin() + static_cast<long>(zeroed * kUnitSize), kUnitSize, std::byte{0});
+}
+
+/// Appends checkpoints 1..count to `store` from a random walk of the image;
+/// returns the image after the last one.
+Image writeChain(CheckpointStore& store, wire::Policy policy, int count, unsigned seed) {
+  std::mt19937 rng(seed);
+  Image zero(kUnits * kUnitSize), base, prev = zero, current(kUnits * kUnitSize);
+  for (auto& b : current) b = std::byte(rng() & 0xff);
+  const bool orig = policy == wire::Policy::DIRTY_ORIG || policy == wire::Policy::DIFF_ORIG;
+  for (int s = 1; s <= count; ++s) {
+    if (s > 1) mutate(current, rng);
+    capnp::MallocMessageBuilder message;
+    buildCheckpoint(message, static_cast<std::uint64_t>(s), policy, current, s == 1 ? zero : (orig ? base : prev),
+                    prev);
+    store.append(message.getRoot<wire::Checkpoint>().asReader());
+    if (s == 1) base = current;
+    prev = current;
+  }
+  return current;
+}
+
+/// Applies `checkpoint` to fresh images (or `ram`/`disk`) and returns RAM.
+Image contents(const ImageFile& image) { return Image(image.bytes().begin(), image.bytes().end()); }
+
+TEST(Compaction, FoldMaterializesTheSameImageAStandbyHas) {
+  for (wire::Policy policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV}) {
+    TempDir dir;
+    CheckpointStore store(dir.path);
+    Image expected = writeChain(store, policy, 12, 7);
+    std::vector<std::string> paths;
+    for (std::uint64_t s = 1; s <= 12; ++s) paths.push_back(store.pathOf(s));
+    std::atomic<bool> cancel{false};
+    FoldStats stats = foldChain(paths, store.scratchDir(), store.foldPath(12), cancel);
+    EXPECT_EQ(stats.sequence, 12u);
+    EXPECT_EQ(stats.folded, 12u);
+    EXPECT_FALSE(fs::exists(store.scratchDir())) << "the scratch images are removed";
+    store.commitFold(12);
+    EXPECT_EQ(store.base(), 12u);
+    EXPECT_EQ(store.head(), 12u);
+    EXPECT_FALSE(store.stored(11));
+    EXPECT_THROW(store.read(5), Error);
+
+    // A device that applies the new base alone has the image of checkpoint 12.
+    auto folded = store.read(12);
+    EXPECT_EQ(folded->reader().getKind(), wire::CheckpointKind::FULL);
+    EXPECT_EQ(folded->reader().getBaseSequence(), 0u);
+    ImageFile ram(dir.path + "/ram.img", true, kUnits * kUnitSize);
+    ImageFile disk(dir.path + "/disk.img", true, kUnits * kUnitSize);
+    applyCheckpoint(folded->reader(), ram, disk);
+    EXPECT_TRUE(contents(ram) == expected) << "policy " << static_cast<int>(policy);
+    EXPECT_TRUE(contents(disk) == expected);
+  }
+}
+
+TEST(Compaction, ChainAfterAFoldSurvivesRestartAndLeftoversAreRemoved) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    writeChain(store, wire::Policy::DIRTY_PREV, 6, 3);
+    std::vector<std::string> paths;
+    for (std::uint64_t s = 1; s <= 4; ++s) paths.push_back(store.pathOf(s));
+    std::atomic<bool> cancel{false};
+    foldChain(paths, store.scratchDir(), store.foldPath(4), cancel);
+    // Stopped here: the new base is committed, but what it replaces is still
+    // there, as after a crash before commitFold().
+    fs::create_directories(store.scratchDir());
+  }
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.base(), 4u);
+  EXPECT_EQ(store.first(), 5u);
+  EXPECT_EQ(store.head(), 6u);
+  EXPECT_FALSE(fs::exists(dir.path + "/checkpoints/00000000000000000001.ckpt"));
+  EXPECT_FALSE(fs::exists(dir.path + "/checkpoints/00000000000000000004.ckpt"));
+  EXPECT_FALSE(fs::exists(store.scratchDir()));
+  EXPECT_EQ(store.read(4)->reader().getKind(), wire::CheckpointKind::FULL);
+  EXPECT_EQ(store.read(6)->reader().getSequence(), 6u);
+}
+
+TEST(Compaction, FoldRefusesAChainThatDoesNotFollowOn) {
+  TempDir dir;
+  CheckpointStore store(dir.path);
+  writeChain(store, wire::Policy::DIRTY_PREV, 5, 5);
+  std::atomic<bool> cancel{false};
+  std::vector<std::string> gap = {store.pathOf(1), store.pathOf(2), store.pathOf(4)};
+  try {
+    foldChain(gap, store.scratchDir(), store.foldPath(4), cancel);
+    FAIL() << "a chain with a gap was folded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not follow checkpoint 2"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(store.foldPath(4)));
+  cancel = true;
+  std::vector<std::string> all = {store.pathOf(1), store.pathOf(2), store.pathOf(3)};
+  EXPECT_THROW(foldChain(all, store.scratchDir(), store.foldPath(3), cancel), Error);
+  EXPECT_FALSE(fs::exists(store.foldPath(3)));
+}
+
+TEST(Compaction, PruneKeepsTheBaseAndTheNewestOrigCheckpoint) {
+  TempDir dir;
+  Image expected;
+  {
+    CheckpointStore store(dir.path);
+    expected = writeChain(store, wire::Policy::DIFF_ORIG, 9, 11);
+    store.prune(9);
+    EXPECT_EQ(store.base(), 1u);
+    EXPECT_EQ(store.first(), 9u);
+    EXPECT_FALSE(store.stored(5));
+  }
+  // A restart accepts the gap: checkpoint 9 needs only the base.
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.base(), 1u);
+  EXPECT_EQ(store.first(), 9u);
+  EXPECT_EQ(store.head(), 9u);
+  ImageFile ram(dir.path + "/ram.img", true, kUnits * kUnitSize);
+  ImageFile disk(dir.path + "/disk.img", true, kUnits * kUnitSize);
+  applyCheckpoint(store.read(1)->reader(), ram, disk);
+  fs::copy_file(dir.path + "/ram.img", dir.path + "/base-ram.img");
+  fs::copy_file(dir.path + "/disk.img", dir.path + "/base-disk.img");
+  ImageFile baseRam(dir.path + "/base-ram.img", false), baseDisk(dir.path + "/base-disk.img", false);
+  applyCheckpoint(store.read(9)->reader(), ram, disk, BaseImage{&baseRam, &baseDisk});
+  EXPECT_TRUE(contents(ram) == expected);
+}
+
+TEST(Compaction, AMissingPrevCheckpointIsDamageNotAGap) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    writeChain(store, wire::Policy::DIRTY_PREV, 5, 13);
+  }
+  fs::remove(dir.path + "/checkpoints/00000000000000000003.ckpt");
+  try {
+    CheckpointStore store(dir.path);
+    FAIL() << "a chain missing a Prev checkpoint was opened";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("checkpoints 3 to 3 are missing"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace vmsync

@@ -1,0 +1,163 @@
+#include "checkpoint_record.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <kj/common.h>
+#include <liburing.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "error.h"
+
+namespace vmsync {
+
+namespace {
+
+/// Writes `iov` to a new file `fd` at offset 0 and fsyncs it: one io_uring
+/// submission of a write linked to an fsync (the fsync runs only after the
+/// whole write completed). A short write is finished with pwrite, then fsync.
+void writeAndSync(int fd, const std::string& path, std::span<const iovec> iov, std::size_t total) {
+  io_uring ring{};
+  int rc = io_uring_queue_init(2, &ring, 0);
+  if (rc < 0) throwErrno(-rc, "cannot set up io_uring for the checkpoint log");
+  io_uring_sqe* write = io_uring_get_sqe(&ring);
+  io_uring_prep_writev(write, fd, iov.data(), static_cast<unsigned>(iov.size()), 0);
+  write->flags |= IOSQE_IO_LINK;
+  write->user_data = 1;
+  io_uring_sqe* sync = io_uring_get_sqe(&ring);
+  io_uring_prep_fsync(sync, fd, 0);
+  sync->user_data = 2;
+  rc = io_uring_submit_and_wait(&ring, 2);
+  std::int64_t written = -1;
+  int syncResult = -ECANCELED;
+  for (int seen = 0; rc >= 0 && seen < 2; ++seen) {
+    io_uring_cqe* cqe = nullptr;
+    rc = io_uring_wait_cqe(&ring, &cqe);
+    if (rc < 0) break;
+    if (cqe->user_data == 1) written = cqe->res;
+    else syncResult = cqe->res;
+    io_uring_cqe_seen(&ring, cqe);
+  }
+  io_uring_queue_exit(&ring);
+  if (rc < 0) throwErrno(-rc, fmt::format("io_uring failed while writing {}", path));
+  if (written < 0) throwErrno(static_cast<int>(-written), fmt::format("cannot write {}", path));
+  if (static_cast<std::size_t>(written) < total) {
+    // Short write (the linked fsync was cancelled): finish it by hand.
+    std::size_t done = static_cast<std::size_t>(written);
+    std::size_t base = 0;
+    for (const iovec& part : iov) {
+      while (done < base + part.iov_len) {
+        const char* from = static_cast<const char*>(part.iov_base) + (done - base);
+        ssize_t n = ::pwrite(fd, from, base + part.iov_len - done, static_cast<off_t>(done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) throwErrno(n < 0 ? errno : EIO, fmt::format("cannot write {}", path));
+        done += static_cast<std::size_t>(n);
+      }
+      base += part.iov_len;
+    }
+    syncResult = ::fsync(fd) == 0 ? 0 : -errno;
+  }
+  if (syncResult < 0) throwErrno(-syncResult, fmt::format("cannot fsync {}", path));
+}
+
+/// Reads exactly `size` bytes at `offset`; false at a premature end of file.
+bool readExactly(int fd, void* into, std::size_t size, off_t offset, const std::string& path) {
+  std::size_t done = 0;
+  while (done < size) {
+    ssize_t n = ::pread(fd, static_cast<char*>(into) + done, size - done, offset + static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throwLastErrno(fmt::format("cannot read {}", path));
+    if (n == 0) return false;
+    done += static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
+}  // namespace
+
+void syncDirectory(const std::string& dir) {
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) throwLastErrno(fmt::format("cannot open directory {}", dir));
+  int rc = ::fsync(dfd);
+  int err = errno;
+  ::close(dfd);
+  if (rc != 0) throwErrno(err, fmt::format("cannot fsync directory {}", dir));
+}
+
+kj::Maybe<kj::Array<capnp::word>> readRecordFile(const std::string& path, std::string& why) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throwLastErrno(fmt::format("cannot open {}", path));
+  KJ_DEFER(::close(fd));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throwLastErrno(fmt::format("cannot stat {}", path));
+  RecordHeader header{};
+  if (static_cast<std::uint64_t>(st.st_size) < sizeof header ||
+      !readExactly(fd, &header, sizeof header, 0, path)) {
+    why = fmt::format("it has {} bytes, less than a record header", st.st_size);
+    return nullptr;
+  }
+  why = checkRecordHeader(header, static_cast<std::uint64_t>(st.st_size) - sizeof header);
+  if (!why.empty()) return nullptr;
+  auto words = kj::heapArray<capnp::word>(header.length / sizeof(capnp::word));
+  auto bytes = words.asBytes();
+  if (!readExactly(fd, bytes.begin(), bytes.size(), sizeof header, path)) {
+    why = "the file shrank while it was read";
+    return nullptr;
+  }
+  why = checkRecordPayload(header, std::as_bytes(std::span(bytes.begin(), bytes.size())));
+  if (!why.empty()) return nullptr;
+  return kj::mv(words);
+}
+
+void writeRecordFile(const std::string& path, std::span<const std::byte> payload, bool crashPoints) {
+  if (payload.size() > kMaxRecordPayload)
+    fail("record for {} is {} bytes, above the limit of {}", path, payload.size(), kMaxRecordPayload);
+  auto stop = [crashPoints](const char* point) {
+    if (crashPoints) crashPoint(point);
+  };
+  RecordHeader header = makeRecordHeader(payload);
+  const std::string tmp = path + ".tmp";
+  stop("before-data-write");
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) throwLastErrno(fmt::format("cannot create {}", tmp));
+  {
+    KJ_DEFER(::close(fd));
+    iovec iov[2] = {{&header, sizeof header}, {const_cast<std::byte*>(payload.data()), payload.size()}};
+    writeAndSync(fd, tmp, iov, sizeof header + payload.size());
+  }
+  stop("after-data-fsync");
+  // The commit: the rename makes the record visible, the directory fsync makes
+  // the rename durable.
+  if (::rename(tmp.c_str(), path.c_str()) != 0) throwLastErrno(fmt::format("cannot rename {} into place", tmp));
+  stop("after-rename");
+  const auto slash = path.find_last_of('/');
+  syncDirectory(slash == std::string::npos ? std::string(".") : path.substr(0, slash));
+  stop("after-commit");
+}
+
+RecordHeader makeRecordHeader(std::span<const std::byte> payload) {
+  return RecordHeader{kRecordMagic, kRecordVersion, 0, payload.size(), XXH3_64bits(payload.data(), payload.size())};
+}
+
+std::string checkRecordHeader(const RecordHeader& header, std::uint64_t available) {
+  if (header.magic != kRecordMagic) return "it does not start with a vmsync record header";
+  if (header.version != kRecordVersion)
+    return fmt::format("record version {} is not the supported version {}", header.version, kRecordVersion);
+  if (header.length > kMaxRecordPayload)
+    return fmt::format("record claims {} bytes, above the limit of {}", header.length, kMaxRecordPayload);
+  if (header.length % 8 != 0) return fmt::format("record length {} is not a whole number of words", header.length);
+  if (header.length != available)
+    return fmt::format("record claims {} bytes but {} follow its header (torn write)", header.length, available);
+  return {};
+}
+
+std::string checkRecordPayload(const RecordHeader& header, std::span<const std::byte> payload) {
+  std::uint64_t actual = XXH3_64bits(payload.data(), payload.size());
+  if (actual != header.checksum)
+    return fmt::format("payload checksum {:016x} does not match the recorded {:016x}", actual, header.checksum);
+  return {};
+}
+
+}  // namespace vmsync
