@@ -82,6 +82,9 @@ struct DeviceStatus {
   state @1 :DeviceState;        # online, offline or stale
   appliedSequence @2 :UInt64;   # last checkpoint the device has applied
   active @3 :Bool;              # holds the lease and runs the VM
+  sendingSequence @4 :UInt64;   # checkpoint (or merged catch-up up to it) on its way to the device; 0: none
+  sendingBytes @5 :UInt64;      # its size
+  sendingForNs @6 :UInt64;      # how long it has been on its way
 }
 
 struct ClusterStatus {
@@ -106,6 +109,8 @@ struct SwitchReport {
   resumeNs @10 :UInt64;         # target VM continues
   totalNs @11 :UInt64;          # from the request to the VM running on the target
   epoch @12 :UInt64;            # lease epoch granted to the target
+  catchUpNs @13 :UInt64;        # bringing a stale target up to date first, while the VM ran on
+  catchUpBytes @14 :UInt64;     # what that sent
 }
 
 struct HandOffResult {

@@ -334,10 +334,15 @@ kj::Promise<void> SyncServer::sendApply(std::string id, std::uint64_t connection
   auto request = d.peer->applyRequest();
   request.setCheckpoint(checkpoint);
   std::uint64_t start = nowNs();
+  d.sendingSequence = s;
+  d.sendingBytes = request.totalSize().wordCount * sizeof(capnp::word);
+  d.sendingSinceNs = start;
+  d.sentBytes += d.sendingBytes;
   return request.send().then(
       [this, id, connection, start](capnp::Response<wire::DevicePeer::ApplyResults> response) {
         DeviceEntry& d = device(id);
         if (d.connection != connection) return;
+        d.sendingSequence = 0;
         d.lastForwardNs = nowNs() - start;
         d.lastApplyNs = response.getApplyNs();
         d.applied = response.getAppliedSequence();
@@ -346,6 +351,7 @@ kj::Promise<void> SyncServer::sendApply(std::string id, std::uint64_t connection
       [this, id, s, connection](kj::Exception&& e) {
         DeviceEntry& d = device(id);
         if (d.connection != connection) return;
+        d.sendingSequence = 0;
         d.failure = fmt::format("applying checkpoint {} failed: {}", s, describe(e));
         spdlog::warn("device {}: {}", id, d.failure);
       });
@@ -368,6 +374,11 @@ void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
     d.setDeviceId(id);
     d.setAppliedSequence(entry->applied);
     d.setActive(state_.holder == id);
+    if (entry->peer && entry->sendingSequence != 0) {
+      d.setSendingSequence(entry->sendingSequence);
+      d.setSendingBytes(entry->sendingBytes);
+      d.setSendingForNs(nowNs() - entry->sendingSinceNs);
+    }
     if (!entry->peer) d.setState(wire::DeviceState::OFFLINE);
     else if (entry->applied < store_.head() && state_.holder != id) d.setState(wire::DeviceState::STALE);
     else d.setState(wire::DeviceState::ONLINE);
@@ -390,10 +401,36 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchRe
   const std::uint64_t start = nowNs();
   report.setFrom(source);
   report.setTo(target);
-  spdlog::info("switch {} -> {}: pausing {}", source, target, source);
-  auto request = from.peer->handOffRequest();
-  request.setTarget(target);
-  return request.send()
+  // A stale target is brought up to date first, while the VM runs on: the
+  // pause then only covers the last changes.
+  DeviceEntry& to = device(target);
+  kj::Promise<void> caughtUp = kj::READY_NOW;
+  if (to.applied < store_.head()) {
+    spdlog::info("switch {} -> {}: {} is at checkpoint {} of {}; catching it up before the pause", source, target,
+                 target, to.applied, store_.head());
+    // What is already on its way counts: the switch waits for it too.
+    const std::uint64_t sentBefore = to.sentBytes - (to.sendingSequence != 0 ? to.sendingBytes : 0);
+    forwardUpTo(to, store_.head());
+    caughtUp = drained(to).then([this, target, report, start, sentBefore]() mutable {
+      DeviceEntry& to = device(target);
+      if (!to.peer) rpcFail(fmt::format("device {} went offline while it was caught up; the VM stays here", target));
+      if (!to.failure.empty()) rpcFail(fmt::format("device {} cannot take over: {}", target, to.failure));
+      report.setCatchUpNs(nowNs() - start);
+      report.setCatchUpBytes(to.sentBytes - sentBefore);
+      spdlog::info("switch: {} caught up to {} ({} bytes in {:.0f} ms)", target, to.applied,
+                   to.sentBytes - sentBefore, (nowNs() - start) / 1e6);
+    });
+  }
+  return caughtUp
+      .then([this, source, target]() {
+        DeviceEntry& from = device(source);
+        if (!from.peer || state_.holder != source)
+          rpcFail(fmt::format("the active device {} went away during the switch", source));
+        spdlog::info("switch {} -> {}: pausing {}", source, target, source);
+        auto request = from.peer->handOffRequest();
+        request.setTarget(target);
+        return request.send();
+      })
       .then([this, source, target, report, start](capnp::Response<wire::DevicePeer::HandOffResults> response) mutable {
         auto r = response.getResult();
         report.setFinalSequence(r.getFinalSequence());

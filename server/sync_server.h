@@ -28,6 +28,10 @@ struct DeviceEntry {
   kj::Maybe<kj::ForkedPromise<void>> tail;       // in-order forwarding chain
   std::uint64_t lastForwardNs = 0;               // round trip of the last apply call
   std::uint64_t lastApplyNs = 0;                 // the device's own apply time for it
+  std::uint64_t sendingSequence = 0;             // apply call under way: up to which sequence
+  std::uint64_t sendingBytes = 0;                // its size
+  std::uint64_t sendingSinceNs = 0;              // when it was sent
+  std::uint64_t sentBytes = 0;                   // every apply call's size, for reports
 };
 
 /// When the chain is compacted (0 turns a limit off).

@@ -102,12 +102,13 @@ bool Cluster::waitForHead(std::uint64_t sequence, std::chrono::seconds timeout) 
 }
 
 int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output) {
-  std::string out;
-  int rc = run({vmsyncBinary(), "switch", "--server", address(), "--to", target, "--json"}, &out);
-  if (output) *output = out;
+  std::string out, progress;
+  int rc = run({vmsyncBinary(), "switch", "--server", address(), "--to", target, "--json"}, &out, &progress);
+  if (output) *output = progress + out;
   if (rc == 0 && report) {
     try {
       *report = nlohmann::json::parse(out);
+      (*report)["progress"] = progress;
     } catch (const nlohmann::json::exception&) {
       return -1;
     }

@@ -45,7 +45,8 @@ class Cluster {
   bool waitForHead(std::uint64_t sequence, std::chrono::seconds timeout);
   std::uint64_t head();
 
-  /// `vmsync switch --to target --json`: exit status, and the report or error text.
+  /// `vmsync switch --to target --json`: exit status, and the report (with what
+  /// the command printed on stderr as "progress") or the error text.
   int switchTo(const std::string& target, nlohmann::json* report, std::string* output);
 
   /// Log of a process, for failure messages.

@@ -91,14 +91,24 @@ void Process::kill() {
   pid_ = -1;
 }
 
-int run(const std::vector<std::string>& argv, std::string* output) {
+int run(const std::vector<std::string>& argv, std::string* output, std::string* errors) {
   std::string cmd;
   for (const auto& a : argv) {
     cmd += "'";
     for (char c : a) cmd += (c == '\'') ? std::string("'\\''") : std::string(1, c);
     cmd += "' ";
   }
-  cmd += "2>&1";
+  std::string errorFile;
+  if (errors) {
+    char tmpl[] = "/tmp/vmsync-stderr-XXXXXX";
+    int fd = ::mkstemp(tmpl);
+    if (fd < 0) return -1;
+    ::close(fd);
+    errorFile = tmpl;
+    cmd += "2>'" + errorFile + "'";
+  } else {
+    cmd += "2>&1";
+  }
   FILE* pipe = ::popen(cmd.c_str(), "r");
   if (pipe == nullptr) return -1;
   std::string out;
@@ -107,6 +117,10 @@ int run(const std::vector<std::string>& argv, std::string* output) {
   while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) out.append(buf, n);
   int status = ::pclose(pipe);
   if (output) *output = out;
+  if (errors) {
+    *errors = readFile(errorFile);
+    ::unlink(errorFile.c_str());
+  }
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 

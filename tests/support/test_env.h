@@ -55,8 +55,9 @@ class Process {
   std::string logPath_;
 };
 
-/// Runs a command to completion; returns exit status and fills `output` (stdout+stderr).
-int run(const std::vector<std::string>& argv, std::string* output);
+/// Runs a command to completion; returns exit status and fills `output` with
+/// stdout and stderr, or with stdout alone when `errors` takes stderr.
+int run(const std::vector<std::string>& argv, std::string* output, std::string* errors = nullptr);
 
 /// Polls `condition` every 100 ms until it holds or `timeout` passes.
 bool waitFor(const std::function<bool()>& condition, std::chrono::milliseconds timeout);

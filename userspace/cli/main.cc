@@ -9,6 +9,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <functional>
 #include <kj/async-io.h>
 #include <nlohmann/json.hpp>
 
@@ -79,7 +80,33 @@ int runSwitch(const std::string& server, const std::string& target, bool json) {
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
   auto request = client.switchToRequest();
   request.setTarget(target);
-  auto response = request.send().wait(io.waitScope);
+  // While the switch runs, say how far a stale target is from the head.
+  auto& timer = io.provider->getTimer();
+  std::string lastLine;
+  std::function<kj::Promise<void>()> watch = [&]() -> kj::Promise<void> {
+    return timer.afterDelay(500 * kj::MILLISECONDS).then([&]() {
+      return client.statusRequest().send().then([&](capnp::Response<vmsync::wire::SyncServer::StatusResults> s) {
+        auto status = s.getStatus();
+        for (auto d : status.getDevices()) {
+          if (d.getDeviceId() != target) continue;
+          std::string line;
+          if (d.getSendingSequence() != 0)
+            line = fmt::format("catching up {}: at checkpoint {}, receiving up to {} ({:.1f} MB, {:.1f} s so far)",
+                               target, d.getAppliedSequence(), d.getSendingSequence(), d.getSendingBytes() / 1e6,
+                               d.getSendingForNs() / 1e9);
+          else if (d.getAppliedSequence() < status.getHeadSequence())
+            line = fmt::format("catching up {}: at checkpoint {} of {}", target, d.getAppliedSequence(),
+                               status.getHeadSequence());
+          if (!line.empty() && line != lastLine) std::fprintf(stderr, "%s\n", line.c_str());
+          lastLine = line;
+        }
+        return watch();
+      });
+    });
+  };
+  auto response = request.send().exclusiveJoin(watch().then([]() -> capnp::Response<vmsync::wire::SyncServer::SwitchToResults> {
+                      KJ_UNREACHABLE;
+                    })).wait(io.waitScope);
   auto r = response.getReport();
   if (json) {
     nlohmann::json j{{"from", std::string(r.getFrom())},      {"to", std::string(r.getTo())},
@@ -89,13 +116,17 @@ int runSwitch(const std::string& server, const std::string& target, bool json) {
                      {"device_state_save_ms", ms(r.getDeviceStateSaveNs())},
                      {"transfer_ms", ms(r.getTransferNs())},   {"apply_ms", ms(r.getApplyNs())},
                      {"device_state_load_ms", ms(r.getDeviceStateLoadNs())},
-                     {"resume_ms", ms(r.getResumeNs())},       {"total_ms", ms(r.getTotalNs())}};
+                     {"resume_ms", ms(r.getResumeNs())},       {"total_ms", ms(r.getTotalNs())},
+                     {"catch_up_ms", ms(r.getCatchUpNs())},    {"catch_up_bytes", r.getCatchUpBytes()}};
     std::puts(j.dump(2).c_str());
     return 0;
   }
   std::printf("switched %s -> %s: final checkpoint %llu (%llu bytes), lease epoch %llu\n", r.getFrom().cStr(),
               r.getTo().cStr(), static_cast<unsigned long long>(r.getFinalSequence()),
               static_cast<unsigned long long>(r.getFinalBytes()), static_cast<unsigned long long>(r.getEpoch()));
+  if (r.getCatchUpNs() != 0)
+    std::printf("  catch-up first     %8.1f ms  (%llu bytes, while the VM ran on %s)\n", ms(r.getCatchUpNs()),
+                static_cast<unsigned long long>(r.getCatchUpBytes()), r.getFrom().cStr());
   std::printf("  pause              %8.1f ms\n", ms(r.getPauseNs()));
   std::printf("  final harvest      %8.1f ms\n", ms(r.getFinalHarvestNs()));
   std::printf("  device-state save  %8.1f ms\n", ms(r.getDeviceStateSaveNs()));
