@@ -120,6 +120,7 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
       state_.vmId = j.value("vm_id", "");
       state_.epoch = j.value("epoch", 0ull);
       state_.holder = j.value("holder", "");
+      state_.owner = j.value("owner", "");
       const nlohmann::json devices = j.value("devices", nlohmann::json::object());
       for (const auto& [id, applied] : devices.items())
         state_.appliedByDevice[id] = std::min(applied.get<std::uint64_t>(), head_);
@@ -211,6 +212,7 @@ void CheckpointStore::saveState(const ServerState& state) {
   j["vm_id"] = state.vmId;
   j["epoch"] = state.epoch;
   j["holder"] = state.holder;
+  j["owner"] = state.owner;
   j["devices"] = nlohmann::json::object();
   for (const auto& [id, applied] : state.appliedByDevice) j["devices"][id] = applied;
   std::string text = j.dump(2);

@@ -30,6 +30,7 @@ struct ServerState {
   std::string vmId;
   std::uint64_t epoch = 0;
   std::string holder;                                  // empty: no active device
+  std::string owner;                                   // user whose VM this is; empty: not claimed yet
   std::map<std::string, std::uint64_t> appliedByDevice; // every device ever registered
 };
 

@@ -7,6 +7,7 @@
 
 #include "error.h"
 #include "rpc_util.h"
+#include "secure_channel.h"
 #include "sync_server.h"
 
 namespace vmsync {
@@ -15,6 +16,9 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
   app.add_option("--listen", options.listen, "address to listen on, host:port")->capture_default_str();
   app.add_option("--data", options.dataDir, "data directory for the VM's image and checkpoints")
       ->capture_default_str();
+  app.add_option("--tls", options.tlsDir,
+                 "directory with the server identity from `vmsync init`; clients must present a device credential");
+  app.add_flag("--insecure", options.insecure, "plain TCP: no TLS, and any client may use the VM");
   app.add_option("--compact-after", options.compactAfter,
                  "fold the chain into a new base once this many checkpoints follow it (0: no count limit)")
       ->capture_default_str();
@@ -27,12 +31,20 @@ int runServer(const ServerOptions& options) {
   try {
     kj::UnixEventPort::captureSignal(SIGTERM);
     kj::UnixEventPort::captureSignal(SIGINT);
+    if (options.tlsDir.empty() == !options.insecure)
+      fail("give --tls DIR (a server identity from `vmsync init`) or --insecure for plain TCP, {}",
+           options.insecure ? "not both" : "one of them");
     auto io = kj::setupAsyncIo();
+    ServerTransport transport = options.insecure ? ServerTransport()
+                                                 : ServerTransport(options.tlsDir, io.provider->getTimer());
     SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20});
     auto address = io.provider->getNetwork().parseAddress(options.listen).wait(io.waitScope);
     auto listener = address->listen();
-    spdlog::info("sync server listening on {} (data in {})", options.listen, options.dataDir);
-    auto serving = serveRpc(*listener, server.client());
+    spdlog::info("sync server listening on {} ({}; data in {})", options.listen,
+                 transport.secure() ? "TLS, device certificates required" : "plain TCP, INSECURE", options.dataDir);
+    auto serving = transport.serve(*listener, [&server](const PeerIdentity& peer) -> capnp::Capability::Client {
+      return server.client(peer);
+    });
     auto stop = io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT));
     auto signal = stop.exclusiveJoin(serving.then([]() -> siginfo_t { KJ_UNREACHABLE; }));
     signal.wait(io.waitScope);

@@ -10,6 +10,8 @@ namespace vmsync {
 struct ServerOptions {
   std::string listen = "127.0.0.1:7400";
   std::string dataDir = "vmsync-server-data";
+  std::string tlsDir;                  // identity from `vmsync init`; empty with `insecure`
+  bool insecure = false;               // plain TCP, every client trusted
   std::uint64_t compactAfter = 128;    // checkpoints after the base; 0: never by count
   std::uint64_t compactAboveMb = 1024; // MiB of checkpoints after the base; 0: never by size
 };

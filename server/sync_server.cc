@@ -4,12 +4,14 @@
 
 #include <chrono>
 
+#include "checkpoint_applier.h"
 #include "checkpoint_builder.h"
 #include "checkpoint_merge.h"
 #include "compactor.h"
 #include "checkpoint_record.h"
 #include "error.h"
 #include "rpc_util.h"
+#include "units.h"
 
 namespace vmsync {
 
@@ -48,12 +50,15 @@ class DeviceSessionImpl final : public wire::DeviceSession::Server {
 
 class SyncServerImpl final : public wire::SyncServer::Server {
  public:
-  explicit SyncServerImpl(SyncServer& server) : server_(server) {}
+  SyncServerImpl(SyncServer& server, PeerIdentity peer) : server_(server), peer_(std::move(peer)) {}
 
   kj::Promise<void> register_(RegisterContext context) override {
     return guarded([&] {
       auto params = context.getParams();
       std::string id = params.getDeviceId();
+      if (peer_.authenticated && id != peer_.device)
+        fail("this connection is authenticated as {}; it cannot register as device {}", peer_.describe(), id);
+      server_.authorize(peer_, "use", /*claim=*/true);
       std::uint64_t connection = server_.registerDevice(id, params.getPeer(), params.getAppliedSequence());
       auto results = context.getResults();
       results.setSession(kj::heap<DeviceSessionImpl>(server_, id, connection));
@@ -63,11 +68,15 @@ class SyncServerImpl final : public wire::SyncServer::Server {
     });
   }
   kj::Promise<void> status(StatusContext context) override {
-    server_.fillStatus(context.getResults().initStatus());
-    return kj::READY_NOW;
+    return guarded([&] {
+      server_.authorize(peer_, "list");
+      server_.fillStatus(context.getResults().initStatus());
+      return kj::READY_NOW;
+    });
   }
   kj::Promise<void> switchTo(SwitchToContext context) override {
     return guarded([&] {
+      server_.authorize(peer_, "switch");
       std::string target = context.getParams().getTarget();
       return server_.switchTo(target, context.getResults().initReport());
     });
@@ -75,12 +84,18 @@ class SyncServerImpl final : public wire::SyncServer::Server {
 
  private:
   SyncServer& server_;
+  PeerIdentity peer_;
 };
 
 }  // namespace
 
 SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction)
     : store_(std::move(dataDir)), limits_(compaction), state_(store_.state()) {
+  if (store_.base() != 0) {
+    auto base = store_.read(store_.base());
+    memoryUnits_ = base->reader().getSpec().getMemoryBytes() / kUnitSize;
+    diskUnits_ = base->reader().getSpec().getDiskBytes() / kUnitSize;
+  }
   for (const auto& [id, applied] : state_.appliedByDevice) {
     auto entry = std::make_unique<DeviceEntry>();
     entry->id = id;
@@ -163,7 +178,21 @@ void SyncServer::maybeCompact(wire::Policy policy) {
                     .eagerlyEvaluate(nullptr);
 }
 
-wire::SyncServer::Client SyncServer::client() { return kj::heap<SyncServerImpl>(*this); }
+wire::SyncServer::Client SyncServer::client(const PeerIdentity& peer) { return kj::heap<SyncServerImpl>(*this, peer); }
+
+void SyncServer::authorize(const PeerIdentity& peer, const char* action, bool claim) {
+  if (!peer.authenticated) return;  // an --insecure server trusts its network
+  if (state_.owner.empty()) {
+    if (!claim) return;  // nothing here yet that belongs to anyone
+    state_.owner = peer.user;
+    persist();
+    spdlog::info("this server's VM now belongs to user {} (claimed by {})", peer.user, peer.describe());
+    return;
+  }
+  if (peer.user != state_.owner)
+    fail("{} may not {} VM '{}': it belongs to user {}", peer.describe(), action,
+         state_.vmId.empty() ? "(none yet)" : state_.vmId, state_.owner);
+}
 
 DeviceEntry& SyncServer::device(const std::string& id) {
   auto& slot = devices_[id];
@@ -221,6 +250,28 @@ std::uint64_t SyncServer::acquireLease(const std::string& id) {
 }
 
 std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader checkpoint) {
+  // Content first: a malformed checkpoint is refused with what is wrong with
+  // it, whoever sent it, before anything is stored.
+  const bool isFull = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  std::uint64_t memoryUnits = memoryUnits_, diskUnits = diskUnits_;
+  if (isFull) {
+    if (!checkpoint.hasSpec()) fail("full checkpoint {} rejected: it has no VM spec", checkpoint.getSequence());
+    auto spec = checkpoint.getSpec();
+    if (spec.getMemoryBytes() == 0 || spec.getMemoryBytes() % kUnitSize || spec.getMemoryBytes() > (1ull << 40) ||
+        spec.getDiskBytes() == 0 || spec.getDiskBytes() % kUnitSize || spec.getDiskBytes() > (1ull << 44))
+      fail("full checkpoint {} rejected: invalid image sizes (RAM {} bytes, disk {} bytes)", checkpoint.getSequence(),
+           spec.getMemoryBytes(), spec.getDiskBytes());
+    memoryUnits = spec.getMemoryBytes() / kUnitSize;
+    diskUnits = spec.getDiskBytes() / kUnitSize;
+  } else if (memoryUnits == 0) {
+    fail("checkpoint {} rejected: the server has no VM yet, so the first checkpoint must be full",
+         checkpoint.getSequence());
+  }
+  try {
+    validateCheckpoint(checkpoint, memoryUnits, diskUnits);
+  } catch (const Error& e) {
+    fail("checkpoint {} from {} rejected: {}", checkpoint.getSequence(), id, e.what());
+  }
   if (state_.holder != id || checkpoint.getEpoch() != state_.epoch)
     fail("checkpoint {} from {} rejected: the device was fenced (its lease epoch is {}, the current lease is "
          "epoch {} held by '{}')", checkpoint.getSequence(), id, checkpoint.getEpoch(), state_.epoch, state_.holder);
@@ -239,6 +290,10 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
          state_.vmId);
   }
   store_.append(checkpoint);
+  if (full) {
+    memoryUnits_ = memoryUnits;
+    diskUnits_ = diskUnits;
+  }
   DeviceEntry& origin = device(id);
   origin.applied = origin.queued = store_.head();
   persist();

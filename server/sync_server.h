@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "checkpoint_store.h"
+#include "secure_channel.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {
@@ -46,8 +47,12 @@ class SyncServer {
   explicit SyncServer(std::string dataDir, CompactionLimits compaction = {});
   ~SyncServer();
 
-  /// The capability clients bootstrap.
-  wire::SyncServer::Client client();
+  /// The capability a client bootstraps, acting for `peer`.
+  wire::SyncServer::Client client(const PeerIdentity& peer = {});
+  /// Throws Error unless `peer` may `action` this server's VM: on a TLS server
+  /// only the devices of the VM's owner may (the first user to register a
+  /// device claims an unclaimed server).
+  void authorize(const PeerIdentity& peer, const char* action, bool claim = false);
 
   // The calls behind the RPC interfaces (see schema/vmsync.capnp).
   std::uint64_t registerDevice(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied);
@@ -84,6 +89,8 @@ class SyncServer {
 
   CheckpointStore store_;
   CompactionLimits limits_;
+  std::uint64_t memoryUnits_ = 0;  // the VM's sizes, from the base's spec; 0 before the first push
+  std::uint64_t diskUnits_ = 0;
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};
   bool compacting_ = false;

@@ -70,7 +70,37 @@ std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const Ima
   return restored;
 }
 
+void validateList(capnp::List<wire::Chunk>::Reader chunks, std::uint64_t units, const char* what) {
+  if (chunks.size() > units)
+    fail("{} list has {} chunks, but the image has only {} units", what, chunks.size(), units);
+  std::vector<bool> seen(units);
+  static const std::byte zeros[kUnitSize] = {};
+  std::byte scratch[kUnitSize];
+  for (std::uint32_t i = 0; i < chunks.size(); ++i) {
+    auto chunk = chunks[i];
+    const std::uint64_t index = chunk.getIndex();
+    if (index >= units) fail("{} chunk {} names unit {}, but the image has {} units", what, i, index, units);
+    if (seen[index]) fail("{} chunk {} names unit {} a second time", what, i, index);
+    seen[index] = true;
+    if (chunk.getEncoding() == wire::ChunkEncoding::SAME_AS) {
+      if (chunk.getSameAs() >= i)
+        fail("{} chunk {} refers to chunk {}, which does not come before it", what, i, chunk.getSameAs());
+      continue;
+    }
+    try {
+      decodeChunk(chunk, std::span<const std::byte>(zeros, kUnitSize), std::span<std::byte>(scratch, kUnitSize));
+    } catch (const Error& e) {
+      fail("{} {}", what, e.what());
+    }
+  }
+}
+
 }  // namespace
+
+void validateCheckpoint(wire::Checkpoint::Reader checkpoint, std::uint64_t memoryUnits, std::uint64_t diskUnits) {
+  validateList(checkpoint.getMemory(), memoryUnits, "memory");
+  validateList(checkpoint.getDisk(), diskUnits, "disk");
+}
 
 ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, ImageFile& disk, BaseImage base) {
   const bool orig = isOrigPolicy(checkpoint.getPolicy()) && checkpoint.getKind() != wire::CheckpointKind::FULL;

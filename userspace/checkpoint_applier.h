@@ -21,6 +21,13 @@ struct BaseImage {
   const ImageFile* disk = nullptr;
 };
 
+/// Checks every chunk of `checkpoint` for images of `memoryUnits` and
+/// `diskUnits` units, writing nothing: indexes in range and each at most once,
+/// references only backwards, every payload decoding to exactly one unit
+/// (XOR-diffs are decoded against zeros, which checks their structure). Throws
+/// Error naming the first problem. The server runs it on every push.
+void validateCheckpoint(wire::Checkpoint::Reader checkpoint, std::uint64_t memoryUnits, std::uint64_t diskUnits);
+
 /// Applies `checkpoint` to `ram` and `disk`. Every chunk is checked and decoded
 /// before the first byte is written, so a malformed checkpoint is rejected whole
 /// (Error naming the problem) and the image is left as it was. Under an Orig

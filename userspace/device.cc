@@ -24,6 +24,7 @@
 #include "loop_device.h"
 #include "qemu_vm.h"
 #include "rpc_util.h"
+#include "secure_channel.h"
 #include "unit_hashes.h"
 #include "vmsync.capnp.h"
 
@@ -67,7 +68,14 @@ void fillEncodedList(capnp::List<wire::Chunk>::Builder list, const ImageDelta& d
 /// One device: its images, its VMM when active, its connection to the server.
 class Device {
  public:
-  Device(kj::AsyncIoContext& io, DeviceOptions options) : io_(io), options_(std::move(options)) {
+  Device(kj::AsyncIoContext& io, DeviceOptions options)
+      : io_(io), options_(std::move(options)), transport_(clientTransport(options_.credential, options_.insecure)) {
+    if (!options_.credential.empty()) {
+      DeviceCredential credential = loadCredential(options_.credential);
+      if (credential.device != options_.deviceId)
+        fail("credential {} is for device {} (of user {}), not for device {}", options_.credential,
+             credential.device, credential.user, options_.deviceId);
+    }
     fs::create_directories(options_.stateDir);
     dir_ = fs::absolute(options_.stateDir).string();
     loadLocalState();
@@ -155,6 +163,7 @@ class Device {
 
   LocalSpec spec_;
   bool haveSpec_ = false;
+  ClientTransport transport_;
   std::uint64_t applied_ = 0;
   std::uint64_t epoch_ = 0;
   std::uint64_t deviceStateSequence_ = 0;  // final checkpoint whose device state we hold
@@ -380,7 +389,7 @@ void Device::createFromImage() {
 }
 
 kj::Promise<capnp::Response<wire::SyncServer::RegisterResults>> Device::connectAndRegister(std::uint64_t applied) {
-  return connectRpc(io_, options_.server)
+  return transport_.connect(io_, options_.server)
       .catch_([this](kj::Exception&& e) -> kj::Own<RpcConnection> {
         rpcFail(fmt::format("cannot reach the sync server at {}: {}", options_.server, describe(e)));
       })

@@ -10,6 +10,8 @@ namespace vmsync {
 struct DeviceOptions {
   std::string deviceId;                 // this device's name on the server
   std::string server = "127.0.0.1:7400";
+  std::string credential;               // device credential from `vmsync enroll` (TLS)
+  bool insecure = false;                // plain TCP instead
   std::string stateDir;                 // RAM file, disk image, serial log, ...
   std::string imageDir;                 // active only: guest image (vm-images output)
   std::string vmId = "vm";              // active only: name of the new VM

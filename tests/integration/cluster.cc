@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <regex>
+#include <stdexcept>
 
 namespace vmsync::testing {
 
@@ -33,7 +34,23 @@ bool consecutive(const std::vector<long>& values, std::string* why) {
   return true;
 }
 
-Cluster::Cluster(const std::string& dir) : dir_(dir), port_(freePort()) {}
+Cluster::Cluster(const std::string& dir) : dir_(dir), port_(freePort()) {
+  // Every test cluster speaks TLS with enrolled devices, as a real one does.
+  std::string out;
+  if (run({vmsyncBinary(), "init", "--dir", identityDir(), "--server-name", "vmsync-test"}, &out) != 0)
+    throw std::runtime_error("vmsync init failed: " + out);
+}
+
+std::string Cluster::credential(const std::string& device, const std::string& user) {
+  const std::string path = dir_ + "/" + device + "@" + user + ".cred";
+  if (!fs::exists(path)) {
+    std::string out;
+    if (run({vmsyncBinary(), "enroll", "--dir", identityDir(), "--user", user, "--device", device, "--out", path},
+            &out) != 0)
+      throw std::runtime_error("vmsync enroll failed: " + out);
+  }
+  return path;
+}
 
 Cluster::~Cluster() {
   devices_.clear();
@@ -51,7 +68,8 @@ void withInterval(std::vector<std::string>& argv, const std::vector<std::string>
 }  // namespace
 
 void Cluster::startServer(const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server"};
+  std::vector<std::string> argv{vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server",
+                                "--tls", identityDir()};
   argv.insert(argv.end(), extra.begin(), extra.end());
   server_ = std::make_unique<Process>(argv, dir_ + "/server.log");
   waitFor([&] { return status().has_value(); }, std::chrono::seconds(10));
@@ -59,22 +77,23 @@ void Cluster::startServer(const std::vector<std::string>& extra) {
 
 void Cluster::startActive(const std::string& device, const std::vector<std::string>& extra) {
   std::vector<std::string> argv{vmsyncBinary(), "active", "--device", device,      "--state",   stateDir(device),
-                                "--server",     address(), "--image",  guestImage()};
+                                "--server",     address(), "--image",  guestImage(), "--credential", credential(device)};
   if (std::find(extra.begin(), extra.end(), "--accel") == extra.end()) argv.insert(argv.end(), {"--accel", "tcg"});
   withInterval(argv, extra);
   devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
 }
 
 void Cluster::startStandby(const std::string& device, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "standby", "--device", device, "--state", stateDir(device),
-                                "--server",     address()};
+  std::vector<std::string> argv{vmsyncBinary(), "standby",     "--device", device, "--state", stateDir(device),
+                                "--server",     address(), "--credential", credential(device)};
   withInterval(argv, extra);
   devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
 }
 
 std::optional<nlohmann::json> Cluster::status() {
   std::string out;
-  if (run({vmsyncBinary(), "status", "--server", address(), "--json"}, &out) != 0) return std::nullopt;
+  if (run({vmsyncBinary(), "status", "--server", address(), "--credential", credential("cli"), "--json"}, &out) != 0)
+    return std::nullopt;
   try {
     return nlohmann::json::parse(out);
   } catch (const nlohmann::json::exception&) {
@@ -103,7 +122,9 @@ bool Cluster::waitForHead(std::uint64_t sequence, std::chrono::seconds timeout) 
 
 int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output) {
   std::string out, progress;
-  int rc = run({vmsyncBinary(), "switch", "--server", address(), "--to", target, "--json"}, &out, &progress);
+  int rc = run({vmsyncBinary(), "switch", "--server", address(), "--credential", credential("cli"), "--to", target,
+                "--json"},
+               &out, &progress);
   if (output) *output = progress + out;
   if (rc == 0 && report) {
     try {

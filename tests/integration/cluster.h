@@ -28,6 +28,11 @@ class Cluster {
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   std::string stateDir(const std::string& device) const { return dir_ + "/" + device; }
   std::string serialLog(const std::string& device) const { return stateDir(device) + "/serial.log"; }
+  /// The server identity (`vmsync init`) the cluster's server uses.
+  std::string identityDir() const { return dir_ + "/identity"; }
+  /// Credential file of `user`'s `device`, enrolled on first use. The test
+  /// cluster's devices and commands act for user "owner".
+  std::string credential(const std::string& device, const std::string& user = "owner");
 
   /// Starts `vmsync server` with `extra` options (restarts it when running).
   void startServer(const std::vector<std::string>& extra = {});

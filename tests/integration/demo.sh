@@ -24,17 +24,23 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # (the guest's tty ends lines with CR LF)
 last_counter() { tr -d '\r' < "$1" 2>/dev/null | grep -a '^vmsync-counter [0-9]*$' | tail -n 1 | awk '{print $2}'; }
 first_counter_after() { tail -c +"$(( $2 + 1 ))" "$1" | tr -d '\r' | grep -a '^vmsync-counter [0-9]*$' | head -n 1 | awk '{print $2}'; }
-head_seq() { "$vmsync" status --server "$server" --json | sed -n 's/.*"head_sequence": \([0-9]*\).*/\1/p'; }
+head_seq() { "$vmsync" status --server "$server" --credential "$work/cli.cred" --json | sed -n 's/.*"head_sequence": \([0-9]*\).*/\1/p'; }
 wait_head() { # wait until the chain reaches $1
   for _ in $(seq 1 300); do [ "$(head_seq)" -ge "$1" ] 2>/dev/null && return 0; sleep 0.2; done
   echo "demo: the chain did not reach checkpoint $1" >&2; exit 1
 }
 
 say "state in $work; server on $server"
-"$vmsync" server --listen "$server" --data "$work/server" >"$work/server.log" 2>&1 & pids+=($!)
+say "a server identity, and a credential for each of the user's devices (TLS)"
+"$vmsync" init --dir "$work/identity" --server-name demo-server
+for device in A B cli; do
+  "$vmsync" enroll --dir "$work/identity" --user demo --device "$device" --out "$work/$device.cred"
+done
+"$vmsync" server --listen "$server" --data "$work/server" --tls "$work/identity" >"$work/server.log" 2>&1 & pids+=($!)
 sleep 0.5
-"$vmsync" standby --device B --state "$work/B" --server "$server" >"$work/B.log" 2>&1 & pids+=($!)
-"$vmsync" active --device A --state "$work/A" --server "$server" --image "$image" --accel auto \
+"$vmsync" standby --device B --state "$work/B" --server "$server" --credential "$work/B.cred" \
+  >"$work/B.log" 2>&1 & pids+=($!)
+"$vmsync" active --device A --state "$work/A" --server "$server" --credential "$work/A.cred" --image "$image" --accel auto \
   >"$work/A.log" 2>&1 & pids+=($!)
 
 say "device A boots the guest (counter workload); B follows as a standby"
@@ -42,11 +48,11 @@ for _ in $(seq 1 600); do [ -n "$(last_counter "$work/A/serial.log")" ] && break
 [ -n "$(last_counter "$work/A/serial.log")" ] || { echo "demo: the guest did not start counting"; cat "$work/A.log"; exit 1; }
 grep -a 'accel auto' "$work/A.log" || true
 wait_head $(( $(head_seq) + 3 ))
-"$vmsync" status --server "$server"
+"$vmsync" status --server "$server" --credential "$work/cli.cred"
 
 say "switch A -> B"
 offset_b=0
-"$vmsync" switch --to B --server "$server"
+"$vmsync" switch --to B --server "$server" --credential "$work/cli.cred"
 sleep 2
 echo "counter on A when it paused: $(last_counter "$work/A/serial.log")"
 echo "first counter B printed after resuming: $(first_counter_after "$work/B/serial.log" "$offset_b")"
@@ -54,7 +60,7 @@ echo "first counter B printed after resuming: $(first_counter_after "$work/B/ser
 wait_head $(( $(head_seq) + 3 ))
 say "switch B -> A"
 offset_a=$(stat -c %s "$work/A/serial.log")
-"$vmsync" switch --to A --server "$server"
+"$vmsync" switch --to A --server "$server" --credential "$work/cli.cred"
 sleep 2
 echo "counter on B when it paused: $(last_counter "$work/B/serial.log")"
 echo "first counter A printed after resuming: $(first_counter_after "$work/A/serial.log" "$offset_a")"
@@ -62,5 +68,5 @@ echo "first counter A printed after resuming: $(first_counter_after "$work/A/ser
 say "checkpoints"
 grep -a 'checkpoint .* stored' "$work/A.log" "$work/B.log" | sed 's/^.*info //' | tail -n 12
 echo "total checkpoints: $(head_seq)"
-"$vmsync" status --server "$server"
+"$vmsync" status --server "$server" --credential "$work/cli.cred"
 say "serial logs: $work/A/serial.log $work/B/serial.log (kept)"

@@ -10,6 +10,7 @@
 
 #include "cluster.h"
 #include "rpc_util.h"
+#include "secure_channel.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync::testing {
@@ -180,7 +181,8 @@ TEST_F(Durability, OldActiveWithOldEpochIsFencedAndChangesNothing) {
   const std::uint64_t head = (*before)["head_sequence"];
 
   auto io = kj::setupAsyncIo();
-  auto connection = connectRpc(io, cluster.address()).wait(io.waitScope);
+  ClientTransport transport(loadCredential(cluster.credential("A")));
+  auto connection = transport.connect(io, cluster.address()).wait(io.waitScope);
   auto server = connection->bootstrap().castAs<wire::SyncServer>();
   auto registration = server.registerRequest();
   registration.setDeviceId("A");

@@ -1,10 +1,13 @@
 // vmsync: the controller command.
 //
-//   vmsync server   --listen HOST:PORT --data DIR
-//   vmsync active   --device A --state DIR --image DIR [--server HOST:PORT] [--interval S] [--accel auto|kvm|tcg]
-//   vmsync standby  --device B --state DIR [--server HOST:PORT]
-//   vmsync switch   --to B [--server HOST:PORT] [--json]
-//   vmsync status   [--server HOST:PORT] [--json]
+//   vmsync init     --dir ID [--server-name NAME]
+//   vmsync enroll   --dir ID --user U --device A --out A.cred
+//   vmsync server   --listen HOST:PORT --data DIR (--tls ID | --insecure)
+//   vmsync active   --device A --state DIR --image DIR [--server HOST:PORT] (--credential A.cred | --insecure)
+//                   [--interval S] [--accel auto|kvm|tcg]
+//   vmsync standby  --device B --state DIR [--server HOST:PORT] (--credential B.cred | --insecure)
+//   vmsync switch   --to B [--server HOST:PORT] (--credential F | --insecure) [--json]
+//   vmsync status   [--server HOST:PORT] (--credential F | --insecure) [--json]
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -16,6 +19,7 @@
 #include "device.h"
 #include "error.h"
 #include "rpc_util.h"
+#include "secure_channel.h"
 #include "server_main.h"
 #include "study.h"
 #include "vmsync.capnp.h"
@@ -31,20 +35,43 @@ const char* stateName(vmsync::wire::DeviceState state) {
   return "unknown";
 }
 
+/// How `vmsync status` and `vmsync switch` reach the server.
+struct ClientOptions {
+  std::string server = "127.0.0.1:7400";
+  std::string credential;
+  bool insecure = false;
+};
+
 /// Connects to the server, saying which one could not be reached.
-kj::Own<vmsync::RpcConnection> connectOrExplain(kj::AsyncIoContext& io, const std::string& server) {
+kj::Own<vmsync::RpcConnection> connectOrExplain(kj::AsyncIoContext& io, vmsync::ClientTransport& transport,
+                                                const std::string& server) {
   try {
-    return vmsync::connectRpc(io, server).wait(io.waitScope);
+    return transport.connect(io, server).wait(io.waitScope);
   } catch (const kj::Exception& e) {
     throw vmsync::Error("cannot reach the sync server at " + server + ": " + vmsync::describe(e));
   }
 }
 
-int runStatus(const std::string& server, bool json) {
+/// Waits for `promise`; a plain-TCP client whose server hangs up is told the
+/// likely reason.
+template <typename T>
+T waitExplained(kj::Promise<T>&& promise, kj::WaitScope& scope, const vmsync::ClientTransport& transport,
+                const std::string& server) {
+  try {
+    return promise.wait(scope);
+  } catch (const kj::Exception& e) {
+    if (transport.secure() || e.getType() != kj::Exception::Type::DISCONNECTED) throw;
+    throw vmsync::Error("the sync server at " + server + " closed the connection (" + vmsync::describe(e) +
+                        "); if it runs with --tls, connect with --credential FILE");
+  }
+}
+
+int runStatus(const ClientOptions& options, bool json) {
+  auto transport = vmsync::clientTransport(options.credential, options.insecure);
   auto io = kj::setupAsyncIo();
-  auto connection = connectOrExplain(io, server);
+  auto connection = connectOrExplain(io, transport, options.server);
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
-  auto response = client.statusRequest().send().wait(io.waitScope);
+  auto response = waitExplained(client.statusRequest().send(), io.waitScope, transport, options.server);
   auto status = response.getStatus();
   if (json) {
     nlohmann::json j{{"vm_id", std::string(status.getVmId())},
@@ -74,9 +101,10 @@ int runStatus(const std::string& server, bool json) {
 
 double ms(std::uint64_t ns) { return static_cast<double>(ns) / 1e6; }
 
-int runSwitch(const std::string& server, const std::string& target, bool json) {
+int runSwitch(const ClientOptions& options, const std::string& target, bool json) {
+  auto transport = vmsync::clientTransport(options.credential, options.insecure);
   auto io = kj::setupAsyncIo();
-  auto connection = connectOrExplain(io, server);
+  auto connection = connectOrExplain(io, transport, options.server);
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
   auto request = client.switchToRequest();
   request.setTarget(target);
@@ -104,9 +132,11 @@ int runSwitch(const std::string& server, const std::string& target, bool json) {
       });
     });
   };
-  auto response = request.send().exclusiveJoin(watch().then([]() -> capnp::Response<vmsync::wire::SyncServer::SwitchToResults> {
-                      KJ_UNREACHABLE;
-                    })).wait(io.waitScope);
+  auto response = waitExplained(
+      request.send().exclusiveJoin(watch().then([]() -> capnp::Response<vmsync::wire::SyncServer::SwitchToResults> {
+        KJ_UNREACHABLE;
+      })),
+      io.waitScope, transport, options.server);
   auto r = response.getReport();
   if (json) {
     nlohmann::json j{{"from", std::string(r.getFrom())},      {"to", std::string(r.getTo())},
@@ -142,6 +172,8 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
   cmd.add_option("--device", o.deviceId, "this device's name")->required();
   cmd.add_option("--state", o.stateDir, "state directory (images, serial log)")->required();
   cmd.add_option("--server", o.server, "sync server address, host:port")->capture_default_str();
+  cmd.add_option("--credential", o.credential, "this device's credential from `vmsync enroll` (TLS)");
+  cmd.add_flag("--insecure", o.insecure, "plain TCP to a server started with --insecure");
   cmd.add_option("--accel", o.accel, "accelerator: auto, kvm or tcg")
       ->check(CLI::IsMember({"auto", "kvm", "tcg"}))
       ->capture_default_str();
@@ -186,17 +218,32 @@ int main(int argc, char** argv) {
   auto* standby = app.add_subcommand("standby", "keep a copy of the VM current, ready to take over");
   addDeviceOptions(*standby, standbyOptions);
 
-  std::string clientServer = "127.0.0.1:7400";
+  ClientOptions client;
+  auto addClientOptions = [&client](CLI::App* cmd) {
+    cmd->add_option("--server", client.server, "sync server address")->capture_default_str();
+    cmd->add_option("--credential", client.credential, "a device credential of the VM's owner (from `vmsync enroll`)");
+    cmd->add_flag("--insecure", client.insecure, "plain TCP to a server started with --insecure");
+  };
   std::string target;
   bool json = false;
   auto* sw = app.add_subcommand("switch", "move the running VM to another device");
   sw->add_option("--to", target, "device to continue on")->required();
-  sw->add_option("--server", clientServer, "sync server address")->capture_default_str();
+  addClientOptions(sw);
   sw->add_flag("--json", json, "print the report as JSON");
 
   auto* status = app.add_subcommand("status", "devices, the active one, applied checkpoints");
-  status->add_option("--server", clientServer, "sync server address")->capture_default_str();
+  addClientOptions(status);
   status->add_flag("--json", json, "print as JSON");
+
+  std::string identityDir, serverName = "vmsync-server", user, deviceName, credentialOut;
+  auto* init = app.add_subcommand("init", "create the server's identity (a certificate authority and a server key)");
+  init->add_option("--dir", identityDir, "directory for the identity (keep it private)")->required();
+  init->add_option("--server-name", serverName, "name the devices expect the server to prove")->capture_default_str();
+  auto* enroll = app.add_subcommand("enroll", "issue a device's credential, signed by the server's identity");
+  enroll->add_option("--dir", identityDir, "the server identity directory from `vmsync init`")->required();
+  enroll->add_option("--user", user, "the user the device belongs to")->required();
+  enroll->add_option("--device", deviceName, "the device's name")->required();
+  enroll->add_option("--out", credentialOut, "credential file to write (give it to the device only)")->required();
 
   vmsync::StudyOptions studyOptions;
   auto* study = app.add_subcommand("study", "measure every checkpoint policy and interval on a real workload");
@@ -222,8 +269,21 @@ int main(int argc, char** argv) {
     if (server->parsed()) return vmsync::runServer(serverOptions);
     if (active->parsed()) return vmsync::runDevice(activeOptions, vmsync::Role::active);
     if (standby->parsed()) return vmsync::runDevice(standbyOptions, vmsync::Role::standby);
-    if (sw->parsed()) return runSwitch(clientServer, target, json);
-    if (status->parsed()) return runStatus(clientServer, json);
+    if (sw->parsed()) return runSwitch(client, target, json);
+    if (status->parsed()) return runStatus(client, json);
+    if (init->parsed()) {
+      vmsync::initServerIdentity(identityDir, serverName);
+      std::printf("server identity for '%s' created in %s; start the server with --tls %s and enroll devices with "
+                  "`vmsync enroll --dir %s`\n", serverName.c_str(), identityDir.c_str(), identityDir.c_str(),
+                  identityDir.c_str());
+      return 0;
+    }
+    if (enroll->parsed()) {
+      vmsync::enrollDevice(identityDir, user, deviceName, credentialOut);
+      std::printf("credential for device %s of user %s written to %s\n", deviceName.c_str(), user.c_str(),
+                  credentialOut.c_str());
+      return 0;
+    }
     if (study->parsed()) {
       if (studyOptions.imageDir.empty()) studyOptions.imageDir = "build/vm-images/" + studyOptions.workload;
       studyOptions.progress = !noProgress;

@@ -1,0 +1,337 @@
+// Only the owner's devices get in, and bad input never crashes or corrupts:
+// a real server process with TLS, clients with enrolled, foreign or missing
+// credentials, and malformed checkpoints pushed at it, during a real handoff
+// too.
+#include <gtest/gtest.h>
+
+#include <lz4.h>
+
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include <kj/async-io.h>
+
+#include "cluster.h"
+#include "rpc_util.h"
+#include "secure_channel.h"
+#include "units.h"
+#include "vmsync.capnp.h"
+
+namespace vmsync::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr std::uint64_t kUnits = 16;  // of the small VM the unit tests push
+
+/// A device peer that takes no part: the tests only talk to the server.
+class SilentPeer final : public wire::DevicePeer::Server {
+  kj::Promise<void> apply(ApplyContext) override { KJ_FAIL_REQUIRE("test peer applies nothing"); }
+  kj::Promise<void> handOff(HandOffContext) override { KJ_FAIL_REQUIRE("test peer does not hand off"); }
+  kj::Promise<void> activate(ActivateContext) override { KJ_FAIL_REQUIRE("test peer does not activate"); }
+};
+
+/// One in-process client of the cluster's server, acting as `device`.
+class Client {
+ public:
+  Client(kj::AsyncIoContext& io, Cluster& cluster, const std::string& credentialPath)
+      : io_(io), transport_(loadCredential(credentialPath)), address_(cluster.address()) {}
+
+  /// Runs `body` against a fresh connection; the error text, or "" on success.
+  std::string attempt(const std::function<void(wire::SyncServer::Client, kj::WaitScope&)>& body) {
+    try {
+      auto connection = transport_.connect(io_, address_).wait(io_.waitScope);
+      body(connection->bootstrap().castAs<wire::SyncServer>(), io_.waitScope);
+      return {};
+    } catch (const kj::Exception& e) {
+      return describe(e);
+    }
+  }
+
+  /// Registers as `device` and keeps the session for push() and lease().
+  std::string registerAs(const std::string& device) {
+    try {
+      connection_ = transport_.connect(io_, address_).wait(io_.waitScope);
+      auto request = connection_->bootstrap().castAs<wire::SyncServer>().registerRequest();
+      request.setDeviceId(device);
+      request.setPeer(kj::heap<SilentPeer>());
+      request.setAppliedSequence(0);
+      auto response = request.send().wait(io_.waitScope);
+      session_ = response.getSession();
+      head_ = response.getHeadSequence();
+      return {};
+    } catch (const kj::Exception& e) {
+      return describe(e);
+    }
+  }
+  std::uint64_t lease() {
+    return session_->acquireLeaseRequest().send().wait(io_.waitScope).getEpoch();
+  }
+  /// Pushes the checkpoint `fill` builds; the error text, or "" when stored.
+  std::string push(const std::function<void(wire::Checkpoint::Builder)>& fill) {
+    auto request = session_->pushRequest();
+    fill(request.initCheckpoint());
+    try {
+      request.send().wait(io_.waitScope);
+      return {};
+    } catch (const kj::Exception& e) {
+      return describe(e);
+    }
+  }
+  std::uint64_t head() { return head_; }
+
+ private:
+  kj::AsyncIoContext& io_;
+  ClientTransport transport_;
+  std::string address_;
+  kj::Own<RpcConnection> connection_;
+  std::optional<wire::DeviceSession::Client> session_;
+  std::uint64_t head_ = 0;
+};
+
+std::string statusWith(Cluster& cluster, const std::vector<std::string>& how) {
+  std::vector<std::string> argv{vmsyncBinary(), "status", "--server", cluster.address()};
+  argv.insert(argv.end(), how.begin(), how.end());
+  std::string out;
+  int rc = run(argv, &out);
+  return rc == 0 ? "" : out;
+}
+
+TEST(Security, MissingOrForeignCredentialsAreRefused) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  ASSERT_EQ(statusWith(cluster, {"--credential", cluster.credential("cli")}), "") << cluster.logOf("server");
+
+  // Plain TCP to a TLS server.
+  std::string plain = statusWith(cluster, {"--insecure"});
+  EXPECT_NE(plain.find("closed the connection"), std::string::npos) << plain;
+  // A credential issued by another authority (another `vmsync init`).
+  std::string out;
+  ASSERT_EQ(run({vmsyncBinary(), "init", "--dir", dir.path() + "/foreign"}, &out), 0) << out;
+  ASSERT_EQ(run({vmsyncBinary(), "enroll", "--dir", dir.path() + "/foreign", "--user", "owner", "--device", "phone",
+                 "--out", dir.path() + "/foreign.cred"},
+                &out),
+            0)
+      << out;
+  std::string foreign = statusWith(cluster, {"--credential", dir.path() + "/foreign.cred"});
+  EXPECT_NE(foreign.find("not trusted"), std::string::npos) << foreign;
+  // No choice at all is an error that says what to give.
+  std::string none = statusWith(cluster, {});
+  EXPECT_NE(none.find("give --credential FILE"), std::string::npos) << none;
+  const std::string log = readFile(dir.path() + "/server.log");
+  EXPECT_NE(log.find("connection refused"), std::string::npos) << log;
+  std::printf("plain TCP: %sforeign authority: %s", plain.c_str(), foreign.c_str());
+
+  // A server needs one of --tls and --insecure too.
+  ASSERT_NE(run({vmsyncBinary(), "server", "--listen", "127.0.0.1:1", "--data", dir.path() + "/other"}, &out), 0);
+  EXPECT_NE(out.find("give --tls DIR"), std::string::npos) << out;
+}
+
+TEST(Security, AnotherUsersDeviceIsRefusedForEveryOperation) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  auto io = kj::setupAsyncIo();
+  Client phone(io, cluster, cluster.credential("phone"));
+  ASSERT_EQ(phone.registerAs("phone"), "");  // the owner's device claims the server
+
+  Client laptop(io, cluster, cluster.credential("laptop", "mallory"));
+  const std::string list = laptop.attempt([](wire::SyncServer::Client server, kj::WaitScope& scope) {
+    server.statusRequest().send().wait(scope);
+  });
+  const std::string join = laptop.registerAs("laptop");  // the only way to a session: push, lease, apply
+  const std::string move = laptop.attempt([](wire::SyncServer::Client server, kj::WaitScope& scope) {
+    auto request = server.switchToRequest();
+    request.setTarget("laptop");
+    request.send().wait(scope);
+  });
+  std::printf("list: %s\nregister: %s\nswitch: %s\n", list.c_str(), join.c_str(), move.c_str());
+  EXPECT_NE(list.find("device laptop of user mallory may not list"), std::string::npos) << list;
+  EXPECT_NE(join.find("device laptop of user mallory may not use"), std::string::npos) << join;
+  EXPECT_NE(move.find("device laptop of user mallory may not switch"), std::string::npos) << move;
+  // Not even under another of the owner's device names.
+  Client impostor(io, cluster, cluster.credential("laptop", "mallory"));
+  const std::string pose = impostor.registerAs("tablet");
+  EXPECT_NE(pose.find("cannot register as device tablet"), std::string::npos) << pose;
+
+  // The owner still sees only its own devices.
+  auto status = cluster.status();
+  ASSERT_TRUE(status);
+  ASSERT_EQ((*status)["devices"].size(), 1u) << status->dump();
+  EXPECT_EQ((*status)["devices"][0]["device"], "phone");
+}
+
+/// A full checkpoint of a kUnits-unit VM whose units are all 0x5a.
+void validFull(wire::Checkpoint::Builder c, std::uint64_t epoch) {
+  c.setVmId("vm");
+  c.setEpoch(epoch);
+  c.setSequence(1);
+  c.setBaseSequence(0);
+  c.setKind(wire::CheckpointKind::FULL);
+  c.setOrigin("phone");
+  auto spec = c.initSpec();
+  spec.setVmId("vm");
+  spec.setMemoryBytes(kUnits * kUnitSize);
+  spec.setDiskBytes(kUnits * kUnitSize);
+  std::vector<kj::byte> page(kUnitSize, 0x5a);
+  auto memory = c.initMemory(kUnits);
+  for (unsigned i = 0; i < kUnits; ++i) {
+    memory[i].setIndex(i);
+    memory[i].setEncoding(wire::ChunkEncoding::WHOLE);
+    memory[i].setData(kj::arrayPtr(page.data(), page.size()));
+  }
+}
+
+/// An incremental checkpoint on top of `head` with one chunk `chunk` fills.
+std::function<void(wire::Checkpoint::Builder)> incremental(std::uint64_t epoch, std::uint64_t head,
+                                                           std::function<void(capnp::List<wire::Chunk>::Builder)> fill,
+                                                           unsigned chunks = 1) {
+  return [=](wire::Checkpoint::Builder c) {
+    c.setVmId("vm");
+    c.setEpoch(epoch);
+    c.setSequence(head + 1);
+    c.setBaseSequence(head);
+    c.setKind(wire::CheckpointKind::INCREMENTAL);
+    c.setOrigin("phone");
+    fill(c.initMemory(chunks));
+  };
+}
+
+struct BadCase {
+  const char* what;
+  const char* expected;  // in the error
+  std::function<void(capnp::List<wire::Chunk>::Builder)> fill;
+  unsigned chunks = 1;
+};
+
+std::vector<BadCase> badCases() {
+  auto whole = [](wire::Chunk::Builder chunk, std::uint64_t index, std::size_t bytes) {
+    std::vector<kj::byte> data(bytes, 0x33);
+    chunk.setIndex(index);
+    chunk.setEncoding(wire::ChunkEncoding::WHOLE);
+    chunk.setData(kj::arrayPtr(data.data(), data.size()));
+  };
+  return {
+      {"out of range", "names unit 16, but the image has 16 units", [=](auto l) { whole(l[0], kUnits, kUnitSize); }},
+      {"truncated page", "whole unit has 100 bytes", [=](auto l) { whole(l[0], 3, 100); }},
+      {"oversized page", "whole unit has 8192 bytes", [=](auto l) { whole(l[0], 3, 2 * kUnitSize); }},
+      {"too many chunks", "list has 17 chunks", [=](auto l) {
+         for (unsigned i = 0; i < 17; ++i) whole(l[i], i % kUnits, kUnitSize);
+       }, 17},
+      {"same unit twice", "names unit 2 a second time", [=](auto l) {
+         whole(l[0], 2, kUnitSize);
+         whole(l[1], 2, kUnitSize);
+       }, 2},
+      {"forward reference", "does not come before it", [=](auto l) {
+         l[0].setIndex(1);
+         l[0].setEncoding(wire::ChunkEncoding::SAME_AS);
+         l[0].setSameAs(1);
+         whole(l[1], 2, kUnitSize);
+       }, 2},
+      {"garbled lz4", "lz4 data is corrupt", [](auto l) {
+         std::vector<kj::byte> junk(300);
+         for (std::size_t i = 0; i < junk.size(); ++i) junk[i] = static_cast<kj::byte>(i * 131 + 7);
+         l[0].setIndex(4);
+         l[0].setEncoding(wire::ChunkEncoding::WHOLE);
+         l[0].setCompression(wire::Compression::LZ4);
+         l[0].setRawSize(kUnitSize);
+         l[0].setData(kj::arrayPtr(junk.data(), junk.size()));
+       }},
+      {"lz4 raw size oversized", "raw size 1048576 out of range", [](auto l) {
+         std::vector<kj::byte> page(kUnitSize, 1), packed(LZ4_compressBound(kUnitSize));
+         int n = LZ4_compress_default(reinterpret_cast<const char*>(page.data()),
+                                      reinterpret_cast<char*>(packed.data()), kUnitSize,
+                                      static_cast<int>(packed.size()));
+         l[0].setIndex(5);
+         l[0].setEncoding(wire::ChunkEncoding::WHOLE);
+         l[0].setCompression(wire::Compression::LZ4);
+         l[0].setRawSize(1 << 20);
+         l[0].setData(kj::arrayPtr(packed.data(), static_cast<std::size_t>(n)));
+       }},
+      {"garbled xor-diff", "chunk 6", [](auto l) {
+         std::vector<kj::byte> junk = {0xff, 0xff, 0xff, 0xff, 0x0f, 0x80, 0x80, 0x01, 1, 2, 3};
+         l[0].setIndex(6);
+         l[0].setEncoding(wire::ChunkEncoding::XOR_DIFF);
+         l[0].setData(kj::arrayPtr(junk.data(), junk.size()));
+       }},
+  };
+}
+
+TEST(Security, MalformedCheckpointsAreRejectedWholeAndTheServerGoesOn) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  auto io = kj::setupAsyncIo();
+  Client phone(io, cluster, cluster.credential("phone"));
+  ASSERT_EQ(phone.registerAs("phone"), "");
+  const std::uint64_t epoch = phone.lease();
+  ASSERT_EQ(phone.push([&](auto c) { validFull(c, epoch); }), "");
+  std::uint64_t head = 1;
+  for (const BadCase& bad : badCases()) {
+    SCOPED_TRACE(bad.what);
+    const std::string error = phone.push(incremental(epoch, head, bad.fill, bad.chunks));
+    std::printf("%-24s -> %s\n", bad.what, error.c_str());
+    EXPECT_NE(error.find(bad.expected), std::string::npos) << error;
+    EXPECT_NE(error.find("rejected"), std::string::npos) << error;
+    EXPECT_EQ((*cluster.status())["head_sequence"], head) << "a rejected checkpoint was stored";
+  }
+  // The server is intact and goes on: a good checkpoint after all that is stored.
+  EXPECT_EQ(phone.push(incremental(epoch, head, [](auto l) {
+              l[0].setIndex(7);
+              l[0].setEncoding(wire::ChunkEncoding::ZERO);
+            })),
+            "");
+  EXPECT_EQ((*cluster.status())["head_sequence"], head + 1);
+  EXPECT_EQ(readFile(dir.path() + "/server.log").find("damaged"), std::string::npos);
+}
+
+class SecurityWithVm : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string missing = missingForVm();
+    if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  }
+};
+
+TEST_F(SecurityWithVm, HostilePushesDoNotDisturbAHandoff) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, std::chrono::seconds(180))) << cluster.logOf("A") << cluster.logOf("B");
+
+  // One of the owner's devices turned hostile: it floods the server with
+  // malformed checkpoints while the VM moves from A to B.
+  auto io = kj::setupAsyncIo();
+  Client hostile(io, cluster, cluster.credential("M"));
+  ASSERT_EQ(hostile.registerAs("M"), "");
+  std::atomic<bool> switched{false};
+  int rc = -1;
+  nlohmann::json report;
+  std::string output;
+  std::thread mover([&] {
+    rc = cluster.switchTo("B", &report, &output);
+    switched = true;
+  });
+  std::size_t rejected = 0;
+  std::uint64_t sequence = cluster.head();
+  const auto cases = badCases();
+  while (!switched) {
+    for (const BadCase& bad : cases) {
+      std::string error = hostile.push(incremental(1, sequence, bad.fill, bad.chunks));
+      EXPECT_FALSE(error.empty()) << "a malformed checkpoint (" << bad.what << ") was stored";
+      rejected += !error.empty();
+    }
+  }
+  mover.join();
+  std::printf("%zu malformed checkpoints rejected during the switch\n", rejected);
+  ASSERT_EQ(rc, 0) << output << cluster.logOf("A") << cluster.logOf("B") << cluster.logOf("server");
+  EXPECT_EQ(report["to"], "B");  // B verified the final digest before resuming
+  EXPECT_GT(rejected, 0u);
+}
+
+}  // namespace
+}  // namespace vmsync::testing

@@ -1,0 +1,102 @@
+// Who may talk to the sync server: TLS for every RPC connection, with the
+// server's identity and device credentials issued by `vmsync init` and
+// `vmsync enroll`; plain TCP only when asked for with --insecure.
+#pragma once
+
+#include <capnp/capability.h>
+#include <kj/async-io.h>
+#include <kj/compat/tls.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "rpc_util.h"
+
+namespace vmsync {
+
+/// The other end of a server connection, as its certificate names it.
+struct PeerIdentity {
+  bool authenticated = false;  // false on an --insecure server
+  std::string user;
+  std::string device;
+  /// "device phone of user alice", or "an unauthenticated client".
+  std::string describe() const;
+};
+
+/// A device's credential: who it is, its key and certificate, and the
+/// authority and server name it trusts.
+struct DeviceCredential {
+  std::string user;
+  std::string device;
+  std::string serverName;
+  std::string caPem;
+  std::string certificatePem;
+  std::string keyPem;
+};
+
+/// Reads a credential written by enrollDevice(). Throws Error naming the file
+/// and what is wrong with it.
+DeviceCredential loadCredential(const std::string& path);
+
+/// Checks a user or device name: 1 to 64 of [A-Za-z0-9._-]. Throws Error.
+void checkName(const std::string& what, const std::string& name);
+
+/// `vmsync init`: creates in `dir` a certificate authority (ca.pem, ca.key)
+/// and the server's key and certificate for `serverName` (server.pem,
+/// server.key). Refuses to overwrite an existing identity.
+void initServerIdentity(const std::string& dir, const std::string& serverName);
+
+/// `vmsync enroll`: issues the credential of `user`'s `device`, signed by the
+/// authority in `dir`, and writes it to `out` (mode 0600).
+void enrollDevice(const std::string& dir, const std::string& user, const std::string& device, const std::string& out);
+
+/// How a device or the command line reaches the server.
+class ClientTransport {
+ public:
+  /// Plain TCP (--insecure).
+  ClientTransport();
+  /// TLS: the server must present a certificate for the credential's server
+  /// name from its authority; this side presents the device certificate.
+  explicit ClientTransport(const DeviceCredential& credential);
+  ~ClientTransport();
+  ClientTransport(ClientTransport&&) noexcept;
+  ClientTransport& operator=(ClientTransport&&) noexcept;
+
+  bool secure() const;
+  kj::Promise<kj::Own<RpcConnection>> connect(kj::AsyncIoContext& io, const std::string& address);
+
+ private:
+  struct Tls;
+  std::unique_ptr<Tls> tls_;
+};
+
+/// The client transport the options ask for: exactly one of a credential file
+/// or `insecure`. Throws Error saying what to give otherwise.
+ClientTransport clientTransport(const std::string& credentialPath, bool insecure);
+
+/// How the server accepts connections.
+class ServerTransport {
+ public:
+  /// Plain TCP (--insecure): every peer is unauthenticated.
+  ServerTransport();
+  /// TLS with the identity in `dir` (from `vmsync init`); every client must
+  /// present a device certificate from the same authority.
+  ServerTransport(const std::string& dir, kj::Timer& timer);
+  ~ServerTransport();
+  ServerTransport(ServerTransport&&) noexcept;
+  ServerTransport& operator=(ServerTransport&&) noexcept;
+
+  bool secure() const;
+  /// Accepts connections on `listener` forever, serving on each the
+  /// capability `bootstrapFor` gives for its peer.
+  kj::Promise<void> serve(kj::ConnectionReceiver& listener,
+                          std::function<capnp::Capability::Client(const PeerIdentity&)> bootstrapFor);
+
+ private:
+  struct Tls;
+  std::unique_ptr<Tls> tls_;
+};
+
+}  // namespace vmsync
