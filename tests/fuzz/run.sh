@@ -5,11 +5,12 @@ set -euo pipefail
 build=$1
 seconds=${2:-60}
 here=$(cd "$(dirname "$0")" && pwd)
-for target in xor_diff chunk_decode checkpoint_apply; do
+for target in xor_diff chunk_decode checkpoint_apply server_push; do
   case "$target" in
     xor_diff) corpus=$here/corpus/xor_diff ;;
     chunk_decode) corpus=$here/corpus/chunk ;;
     checkpoint_apply) corpus=$here/corpus/checkpoint ;;
+    server_push) corpus=$here/corpus/server_push ;;
   esac
   [ -d "$corpus" ] || { echo "fuzz: no seed corpus $corpus"; exit 1; }
   work=$(mktemp -d)
