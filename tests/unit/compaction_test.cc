@@ -11,6 +11,7 @@
 #include "checkpoint_store.h"
 #include "chunk_codec.h"
 #include "compactor.h"
+#include "sync_server.h"
 #include "error.h"
 #include "image_file.h"
 #include "units.h"
@@ -217,6 +218,69 @@ TEST(Compaction, AMissingPrevCheckpointIsDamageNotAGap) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("checkpoints 3 to 3 are missing"), std::string::npos) << e.what();
   }
+}
+
+/// Pushes checkpoints 1..count of a random walk through a real SyncServer as
+/// device "phone"; returns the image after the last.
+Image pushChain(SyncServer& server, kj::WaitScope& scope, wire::Policy policy, int count, unsigned seed) {
+  server.registerDevice("phone", capnp::Capability::Client(nullptr).castAs<wire::DevicePeer>(), 0);
+  const std::uint64_t epoch = server.acquireLease("phone");
+  std::mt19937 rng(seed);
+  Image zero(kUnits * kUnitSize), base, prev = zero, current(kUnits * kUnitSize);
+  for (auto& b : current) b = std::byte(rng() & 0xff);
+  const bool orig = policy == wire::Policy::DIRTY_ORIG || policy == wire::Policy::DIFF_ORIG;
+  for (int s = 1; s <= count; ++s) {
+    if (s > 1) mutate(current, rng);
+    capnp::MallocMessageBuilder message;
+    buildCheckpoint(message, static_cast<std::uint64_t>(s), policy, current, s == 1 ? zero : (orig ? base : prev),
+                    prev);
+    auto c = message.getRoot<wire::Checkpoint>();
+    c.setEpoch(epoch);
+    if (s == 1) c.getSpec().setVmId("vm");
+    server.push("phone", c.asReader());
+    // Let a fold finish now and then, as the event loop would between pushes.
+    while (s % 4 == 0 && server.compacting()) scope.poll();
+    if (s == 1) base = current;
+    prev = current;
+  }
+  while (server.compacting()) scope.poll();
+  return current;
+}
+
+TEST(Compaction, ServerFoldsOnItsWorkerThreadAndReopensAtTheNewBase) {
+  TempDir dir;
+  kj::EventLoop loop;
+  kj::WaitScope scope(loop);
+  Image expected;
+  {
+    SyncServer server(dir.path, CompactionLimits{5, 0});
+    expected = pushChain(server, scope, wire::Policy::DIFF_PREV, 23, 17);
+    EXPECT_EQ(server.head(), 23u);
+  }
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.head(), 23u);
+  EXPECT_GE(store.base(), 15u) << "the chain was not folded";
+  EXPECT_LT(store.head() - store.base(), 10u);
+  // The base plus what follows it rebuilds the head's image.
+  ImageFile ram(dir.path + "/ram.img", true, kUnits * kUnitSize);
+  ImageFile disk(dir.path + "/disk.img", true, kUnits * kUnitSize);
+  applyCheckpoint(store.read(store.base())->reader(), ram, disk);
+  for (std::uint64_t s = store.first(); s <= store.head(); ++s) applyCheckpoint(store.read(s)->reader(), ram, disk);
+  EXPECT_TRUE(contents(ram) == expected);
+}
+
+TEST(Compaction, ServerPrunesAnOrigChainAtOnce) {
+  TempDir dir;
+  kj::EventLoop loop;
+  kj::WaitScope scope(loop);
+  {
+    SyncServer server(dir.path, CompactionLimits{4, 0});
+    pushChain(server, scope, wire::Policy::DIRTY_ORIG, 14, 19);
+  }
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.base(), 1u);
+  EXPECT_EQ(store.head(), 14u);
+  EXPECT_LT(store.head() - store.first(), 4u) << "old Orig checkpoints were kept";
 }
 
 }  // namespace
