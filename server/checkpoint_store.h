@@ -60,6 +60,8 @@ class CheckpointStore {
   std::uint64_t first() const { return bytes_.empty() ? head_ + 1 : bytes_.begin()->first; }
   /// Bytes of the stored checkpoints after the base.
   std::uint64_t bytesAfterBase() const;
+  /// Number of stored checkpoints after the base.
+  std::uint64_t countAfterBase() const { return bytes_.size(); }
   /// True when `sequence` can be read.
   bool stored(std::uint64_t sequence) const {
     return sequence != 0 && (sequence == base_ || bytes_.contains(sequence));

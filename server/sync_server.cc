@@ -115,29 +115,39 @@ SyncServer::~SyncServer() {
 
 void SyncServer::maybeCompact(wire::Policy policy) {
   if (compacting_) return;
-  const std::uint64_t count = store_.head() - store_.first() + 1;
+  const std::uint64_t count = store_.countAfterBase();
   const std::uint64_t bytes = store_.bytesAfterBase();
-  if (store_.first() > store_.head()) return;
   const bool due = (limits_.checkpoints != 0 && count >= limits_.checkpoints) ||
                    (limits_.bytes != 0 && bytes >= limits_.bytes);
-  if (!due) return;
-  const std::uint64_t to = store_.head();
+  if (!due || count == 0) return;
   if (isOrigPolicy(policy)) {
     // Each Orig checkpoint needs only the base: the newest one makes the
     // others useless, to every device.
+    const std::uint64_t to = store_.head();
     if (count < 2) return;
     store_.prune(to);
     spdlog::info("compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base", count - 1,
                  bytes - store_.bytesAfterBase(), to);
     return;
   }
+  // Fold no further than the online standbys have applied: they go on from
+  // where they are instead of starting over from the new base.
+  // A standby that lags by twice the limit no longer holds the chain back
+  // (it will start over from the base), so the directory stays bounded.
+  std::uint64_t to = store_.head();
+  const bool overdue = (limits_.checkpoints != 0 && count >= 2 * limits_.checkpoints) ||
+                       (limits_.bytes != 0 && bytes >= 2 * limits_.bytes);
+  if (!overdue)
+    for (const auto& [id, entry] : devices_)
+      if (entry->peer && entry->failure.empty() && id != state_.holder) to = std::min(to, entry->applied);
+  if (to <= store_.base()) return;
   std::vector<std::string> paths;
   paths.push_back(store_.pathOf(store_.base()));
   for (std::uint64_t s = store_.first(); s <= to; ++s) paths.push_back(store_.pathOf(s));
   const std::string out = store_.foldPath(to);
   const std::string scratch = store_.scratchDir();
-  spdlog::info("compaction: folding checkpoints {}..{} ({} checkpoints, {} bytes) into a new base", store_.base(), to,
-               paths.size(), bytes);
+  spdlog::info("compaction: folding checkpoints {}..{} ({} checkpoints) into a new base", store_.base(), to,
+               paths.size());
   auto done = kj::newPromiseAndCrossThreadFulfiller<void>();
   auto outcome = std::make_shared<std::string>();  // written by the worker before it fulfils
   compacting_ = true;
@@ -329,6 +339,8 @@ void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
 kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, std::uint64_t to) {
   DeviceEntry& d = device(id);
   if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= to) return kj::READY_NOW;
+  // Compacted away since this step was queued: catch up to the head instead.
+  if (!store_.stored(to)) to = store_.head();
   // A device behind the base (new, or offline across a compaction) starts
   // over from the base: a full checkpoint replaces its whole image.
   const std::uint64_t base = store_.base();
