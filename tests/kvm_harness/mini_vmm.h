@@ -38,8 +38,10 @@ class MiniVmm {
   /// True for data pages the guest never writes.
   static bool neverWritten(std::uint64_t unit);
 
-  /// The dirty ring source over this VM's vCPU.
+  /// The dirty ring source over this VM's vCPU (only with `ringEntries` > 0).
   KvmRingPageSource& ringSource() { return *source_; }
+  /// The VM's fd, for tests that query KVM about the VM directly.
+  int vmFd() const { return vm_; }
   /// The byte the guest last stored in data page `unit` (the round number).
   std::uint8_t dataByte(std::uint64_t unit) const { return memory_[unit * 4096]; }
 

@@ -1,0 +1,264 @@
+// The kmod page source's invariant test, run inside Debian's kernel under
+// QEMU TCG with nested KVM (run_kmod_test.sh builds it static for the
+// initramfs). A child process is the VMM: the minimal KVM VMM, with no dirty
+// logging of its own. The parent is the controller, a separate process: it
+// attaches to the child's VM through /dev/vmsync (pidfd_getfd of the child's
+// anon_inode:kvm-vm fd) and, as KVM's dirty_log_test does, checks every round
+// that every page the guest wrote is reported, and that pages the guest
+// never writes are not. Then it detaches while the guest runs (the slot's
+// logging must be off again), attaches again, and kills the VMM with SIGKILL
+// while attached. Prints FAIL: <why> and exits 1 on the first violation.
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "error.h"
+#include "kmod/uapi/vmsync.h"
+#include "kmod_page_source.h"
+#include "mini_vmm.h"
+
+namespace {
+
+using vmsync::testing::MiniVmm;
+
+// Commands from the controller to the VMM process, one byte each.
+constexpr char kRunRound = 'r';       // run one round, reply with its number
+constexpr char kRunFreely = 'f';      // from now on run rounds without waiting
+constexpr char kQueryDirtyLog = 'l';  // reply with the errno of the VMM's own KVM_GET_DIRTY_LOG
+
+// Lockstep rounds checked page by page.
+constexpr int kRounds = 30;
+// Outside the data pages only the guest's page tables (accessed/dirty bits)
+// may be written: at most this many units per round.
+constexpr std::size_t kOtherPagesBound = 4;
+
+[[noreturn]] void failTest(const std::string& why) {
+  std::printf("FAIL: %s\n", why.c_str());
+  std::fflush(stdout);
+  std::exit(1);
+}
+
+void writeAll(int fd, const void* data, std::size_t size) {
+  if (::write(fd, data, size) != static_cast<ssize_t>(size)) vmsync::throwLastErrno("pipe write");
+}
+
+std::uint64_t readReply(int fd) {
+  std::uint64_t value = 0;
+  if (::read(fd, &value, sizeof value) != static_cast<ssize_t>(sizeof value))
+    failTest("the VMM process stopped answering");
+  return value;
+}
+
+// The VMM's own view: KVM_GET_DIRTY_LOG on its slot 0 (ENOENT when logging is off).
+std::uint64_t dirtyLogErrno(const MiniVmm& vmm) {
+  static std::vector<std::uint64_t> bitmap(MiniVmm::kMemoryBytes / 4096 / 64);
+  kvm_dirty_log log{};
+  log.slot = 0;
+  log.dirty_bitmap = bitmap.data();
+  return ::ioctl(vmm.vmFd(), KVM_GET_DIRTY_LOG, &log) < 0 ? static_cast<std::uint64_t>(errno) : 0;
+}
+
+// The VMM process: obeys commands until its command pipe closes.
+int runVmm(int commands, int replies) {
+  try {
+    MiniVmm vmm(0);
+    std::uint64_t ready = 1;
+    writeAll(replies, &ready, sizeof ready);
+    bool freely = false;
+    while (true) {
+      pollfd p{.fd = commands, .events = POLLIN, .revents = 0};
+      if (freely && ::poll(&p, 1, 0) == 0) {
+        vmm.runRound();
+        continue;
+      }
+      char command;
+      if (::read(commands, &command, 1) != 1) return 0;
+      std::uint64_t reply = 0;
+      if (command == kRunRound)
+        reply = vmm.runRound();
+      else if (command == kRunFreely)
+        freely = true;
+      else if (command == kQueryDirtyLog)
+        reply = dirtyLogErrno(vmm);
+      if (command != kRunFreely) writeAll(replies, &reply, sizeof reply);
+    }
+  } catch (const std::exception& e) {
+    std::printf("FAIL: VMM: %s\n", e.what());
+    return 1;
+  }
+}
+
+struct Vmm {
+  pid_t pid = -1;
+  int commands = -1, replies = -1;
+  std::uint64_t ask(char command) {
+    writeAll(commands, &command, 1);
+    return readReply(replies);
+  }
+};
+
+Vmm startVmm() {
+  int toChild[2], fromChild[2];
+  if (::pipe(toChild) < 0 || ::pipe(fromChild) < 0) vmsync::throwLastErrno("pipe");
+  std::fflush(stdout);
+  pid_t pid = ::fork();
+  if (pid < 0) vmsync::throwLastErrno("fork");
+  if (pid == 0) {
+    ::close(toChild[1]);
+    ::close(fromChild[0]);
+    std::_Exit(runVmm(toChild[0], fromChild[1]));
+  }
+  ::close(toChild[0]);
+  ::close(fromChild[1]);
+  Vmm vmm{pid, toChild[1], fromChild[0]};
+  if (readReply(vmm.replies) != 1) failTest("the VMM did not start");
+  return vmm;
+}
+
+bool isDataPage(std::uint64_t unit) {
+  const std::uint64_t first = MiniVmm::kDataStart / 4096;
+  return unit >= first && unit < first + MiniVmm::kDataPages;
+}
+
+// The whole guest memory is one slot from GPA 0: gfn == unit.
+std::vector<vmsync::GfnRange> guestRanges() {
+  return {{.firstGfn = 0, .pages = MiniVmm::kMemoryBytes / 4096, .firstUnit = 0}};
+}
+
+void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source) {
+  std::size_t reportedTotal = 0;
+  std::set<std::uint64_t> writtenBefore;
+  for (int i = 0; i < kRounds; ++i) {
+    const std::uint64_t round = vmm.ask(kRunRound);
+    if (round != static_cast<std::uint64_t>(i))
+      failTest(fmt::format("round {} reported as {}", i, round));
+    vmsync::DirtyUnits reported = source.harvest();
+    if (reported.everything)
+      failTest(fmt::format("round {}: rescan asked: {}", round, reported.rescanReason));
+    const std::set<std::uint64_t> set(reported.units.begin(), reported.units.end());
+    const auto written = MiniVmm::pagesWrittenIn(round);
+    for (auto page : written)
+      if (!set.count(page))
+        failTest(fmt::format("round {}: page {} was written but not reported", round, page));
+    std::size_t others = 0;
+    for (auto unit : set) {
+      if (MiniVmm::neverWritten(unit))
+        failTest(fmt::format("round {}: page {} is never written but was reported", round, unit));
+      if (!isDataPage(unit))
+        ++others;
+      else if (!written.count(unit) && !writtenBefore.count(unit))
+        failTest(fmt::format(
+            "round {}: page {} reported, written in neither this round nor the one before", round,
+            unit));
+    }
+    if (others > kOtherPagesBound)
+      failTest(fmt::format("round {}: {} pages outside the data pages reported (bound {})", round,
+                           others, kOtherPagesBound));
+    reportedTotal += set.size();
+    writtenBefore = written;
+  }
+  std::printf(
+      "kmod invariant: %d lockstep rounds, %zu pages reported, every written page each round\n",
+      kRounds, reportedTotal);
+}
+
+int run() {
+  const std::string reason = vmsync::KmodPageSource::unavailableReason();
+  if (!reason.empty()) failTest(reason);
+  if (!MiniVmm::unavailableReason().empty()) failTest("KVM: " + MiniVmm::unavailableReason());
+
+  // The module checks what it is handed.
+  {
+    int device = ::open(VMSYNC_DEVICE_PATH, O_RDWR);
+    int notKvm = ::open("/dev/null", O_RDWR);
+    vmsync_attach attach{};
+    attach.vm_fd = notKvm;
+    if (::ioctl(device, VMSYNC_IOC_ATTACH, &attach) == 0 || errno != EINVAL)
+      failTest("attach with /dev/null was not refused with EINVAL");
+    vmsync_harvest harvest{};
+    if (::ioctl(device, VMSYNC_IOC_HARVEST, &harvest) == 0 || errno != ENOTCONN)
+      failTest("harvest before attach was not refused with ENOTCONN");
+    ::close(notKvm);
+    ::close(device);
+    std::printf("ATTACH_CHECKS_OK\n");
+  }
+
+  Vmm vmm = startVmm();
+  {
+    vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
+    std::printf("attached to pid %d: %u slot(s) followed\n", vmm.pid, source.slots());
+    if (source.slots() != 1) failTest("expected the VMM's one slot to be followed");
+    checkLockstepRounds(vmm, source);
+    std::printf("KMOD_INVARIANT_OK\n");
+
+    // The guest now runs on its own; harvest it while it runs, then detach.
+    const char freely = kRunFreely;
+    writeAll(vmm.commands, &freely, 1);
+    std::size_t reported = 0;
+    for (int i = 0; i < 10; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      vmsync::DirtyUnits units = source.harvest();
+      if (units.everything) failTest("running: rescan asked: " + units.rescanReason);
+      for (auto unit : units.units)
+        if (MiniVmm::neverWritten(unit))
+          failTest(fmt::format("running: never-written page {} reported", unit));
+      reported += units.units.size();
+    }
+    if (reported == 0) failTest("running: ten harvests reported nothing while the guest ran");
+    source.detach();
+    const std::uint64_t err = vmm.ask(kQueryDirtyLog);
+    if (err != ENOENT)
+      failTest(fmt::format(
+          "after detach the VMM's KVM_GET_DIRTY_LOG gave errno {}, not ENOENT (logging off)", err));
+    bool refused = false;
+    try {
+      source.harvest();
+    } catch (const vmsync::Error&) {
+      refused = true;
+    }
+    if (!refused) failTest("harvest after detach did not fail");
+    std::printf("DETACH_RUNNING_OK: %zu pages while running, slot logging off after detach\n",
+                reported);
+  }
+
+  {
+    vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
+    if (vmm.ask(kQueryDirtyLog) != 0) failTest("after a second attach the slot does not log");
+    for (int i = 0; i < 3; ++i) source.harvest();
+    ::kill(vmm.pid, SIGKILL);
+    int status = 0;
+    ::waitpid(vmm.pid, &status, 0);
+    if (!WIFSIGNALED(status)) failTest("the VMM did not die of SIGKILL");
+    std::string what;
+    try {
+      source.harvest();
+    } catch (const vmsync::Error& e) {
+      what = e.what();
+    }
+    if (what.empty()) failTest("harvest after the VMM was killed did not fail");
+    std::printf("KILL9_OK: %s\n", what.c_str());
+  }
+  std::printf("KMOD_TEST_DONE\n");
+  return 0;
+}
+
+}  // namespace
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  try {
+    return run();
+  } catch (const std::exception& e) {
+    failTest(e.what());
+  }
+}
