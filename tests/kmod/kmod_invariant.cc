@@ -5,9 +5,11 @@
 // attaches to the child's VM through /dev/vmsync (pidfd_getfd of the child's
 // anon_inode:kvm-vm fd) and, as KVM's dirty_log_test does, checks every round
 // that every page the guest wrote is reported, and that pages the guest
-// never writes are not. Then it detaches while the guest runs (the slot's
+// never writes are not; the VMM turning logging off must give one rescan and
+// then exact rounds again. Then it detaches while the guest runs (the slot's
 // logging must be off again), attaches again, and kills the VMM with SIGKILL
-// while attached. Prints FAIL: <why> and exits 1 on the first violation.
+// while attached. Last, the rounds again with KVM's manual protection on, as
+// QEMU runs. Prints FAIL: <why> and exits 1 on the first violation.
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <poll.h>
@@ -35,6 +37,8 @@ using vmsync::testing::MiniVmm;
 constexpr char kRunRound = 'r';       // run one round, reply with its number
 constexpr char kRunFreely = 'f';      // from now on run rounds without waiting
 constexpr char kQueryDirtyLog = 'l';  // reply with the errno of the VMM's own KVM_GET_DIRTY_LOG
+constexpr char kManualProtect = 'm';  // enable KVM's manual dirty-log protection (as QEMU does)
+constexpr char kLoggingOff = 'o';     // rewrite the slot without KVM_MEM_LOG_DIRTY_PAGES
 
 // Lockstep rounds checked page by page.
 constexpr int kRounds = 30;
@@ -68,6 +72,14 @@ std::uint64_t dirtyLogErrno(const MiniVmm& vmm) {
   return ::ioctl(vmm.vmFd(), KVM_GET_DIRTY_LOG, &log) < 0 ? static_cast<std::uint64_t>(errno) : 0;
 }
 
+// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 without INITIALLY_SET; replies errno.
+std::uint64_t enableManualProtect(const MiniVmm& vmm) {
+  kvm_enable_cap cap{};
+  cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+  cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+  return ::ioctl(vmm.vmFd(), KVM_ENABLE_CAP, &cap) < 0 ? static_cast<std::uint64_t>(errno) : 0;
+}
+
 // The VMM process: obeys commands until its command pipe closes.
 int runVmm(int commands, int replies) {
   try {
@@ -90,6 +102,10 @@ int runVmm(int commands, int replies) {
         freely = true;
       else if (command == kQueryDirtyLog)
         reply = dirtyLogErrno(vmm);
+      else if (command == kManualProtect)
+        reply = enableManualProtect(vmm);
+      else if (command == kLoggingOff)
+        vmm.setSlotFlags(0);
       if (command != kRunFreely) writeAll(replies, &reply, sizeof reply);
     }
   } catch (const std::exception& e) {
@@ -135,13 +151,16 @@ std::vector<vmsync::GfnRange> guestRanges() {
   return {{.firstGfn = 0, .pages = MiniVmm::kMemoryBytes / 4096, .firstUnit = 0}};
 }
 
-void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source) {
+// Runs `rounds` rounds one at a time, harvesting after each; `label` names the run.
+void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source, int rounds, const char* label) {
   std::size_t reportedTotal = 0;
   std::set<std::uint64_t> writtenBefore;
-  for (int i = 0; i < kRounds; ++i) {
+  std::uint64_t expected = ~0ull;
+  for (int i = 0; i < rounds; ++i) {
     const std::uint64_t round = vmm.ask(kRunRound);
-    if (round != static_cast<std::uint64_t>(i))
-      failTest(fmt::format("round {} reported as {}", i, round));
+    if (expected != ~0ull && round != expected)
+      failTest(fmt::format("round {} reported as {}", expected, round));
+    expected = round + 1;
     vmsync::DirtyUnits reported = source.harvest();
     if (reported.everything)
       failTest(fmt::format("round {}: rescan asked: {}", round, reported.rescanReason));
@@ -168,8 +187,22 @@ void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source) {
     writtenBefore = written;
   }
   std::printf(
-      "kmod invariant: %d lockstep rounds, %zu pages reported, every written page each round\n",
-      kRounds, reportedTotal);
+      "kmod invariant (%s): %d lockstep rounds, %zu pages reported, every written page each "
+      "round\n",
+      label, rounds, reportedTotal);
+}
+
+// The VMM turns logging off on its slot: the next harvest must ask for a
+// rescan, and the one after must be exact again (the module turned it back on).
+void checkSlotChangeIsFollowed(Vmm& vmm, vmsync::KmodPageSource& source) {
+  vmm.ask(kLoggingOff);
+  vmm.ask(kRunRound);
+  vmsync::DirtyUnits units = source.harvest();
+  if (!units.everything)
+    failTest("the VMM turned logging off and the harvest did not ask for a rescan");
+  std::printf("slot change: rescan asked (%s)\n", units.rescanReason.c_str());
+  checkLockstepRounds(vmm, source, 5, "after the slot change");
+  std::printf("SLOT_CHANGE_OK\n");
 }
 
 int run() {
@@ -198,8 +231,9 @@ int run() {
     vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
     std::printf("attached to pid %d: %u slot(s) followed\n", vmm.pid, source.slots());
     if (source.slots() != 1) failTest("expected the VMM's one slot to be followed");
-    checkLockstepRounds(vmm, source);
+    checkLockstepRounds(vmm, source, kRounds, "KVM_GET_DIRTY_LOG");
     std::printf("KMOD_INVARIANT_OK\n");
+    checkSlotChangeIsFollowed(vmm, source);
 
     // The guest now runs on its own; harvest it while it runs, then detach.
     const char freely = kRunFreely;
@@ -248,6 +282,22 @@ int run() {
     if (what.empty()) failTest("harvest after the VMM was killed did not fail");
     std::printf("KILL9_OK: %s\n", what.c_str());
   }
+
+  // QEMU enables manual protection: KVM_GET_DIRTY_LOG then only copies the
+  // log and the module re-arms with KVM_CLEAR_DIRTY_LOG.
+  Vmm manual = startVmm();
+  if (manual.ask(kManualProtect) != 0) failTest("KVM refused KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2");
+  {
+    vmsync::KmodPageSource source(manual.pid, guestRanges(), 4096);
+    checkLockstepRounds(manual, source, kRounds, "manual protect, KVM_CLEAR_DIRTY_LOG");
+  }
+  if (manual.ask(kQueryDirtyLog) != ENOENT)
+    failTest("manual protect: slot logging not off after close");
+  ::close(manual.commands);
+  int status = 0;
+  ::waitpid(manual.pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failTest("manual protect: the VMM failed");
+  std::printf("MANUAL_PROTECT_OK\n");
   std::printf("KMOD_TEST_DONE\n");
   return 0;
 }

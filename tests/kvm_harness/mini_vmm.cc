@@ -97,14 +97,7 @@ MiniVmm::MiniVmm(std::uint32_t ringEntries) {
   void* mem = ::mmap(nullptr, kMemoryBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (mem == MAP_FAILED) throwLastErrno("cannot map guest memory");
   memory_ = static_cast<std::uint8_t*>(mem);
-  kvm_userspace_memory_region region{};
-  region.slot = 0;
-  region.flags = ringEntries > 0 ? KVM_MEM_LOG_DIRTY_PAGES : 0;
-  region.guest_phys_addr = 0;
-  region.memory_size = kMemoryBytes;
-  region.userspace_addr = reinterpret_cast<__u64>(memory_);
-  ioctlOrThrow(vm_, KVM_SET_USER_MEMORY_REGION, reinterpret_cast<unsigned long>(&region),
-               "KVM_SET_USER_MEMORY_REGION");
+  setSlotFlags(ringEntries > 0 ? KVM_MEM_LOG_DIRTY_PAGES : 0);
   vcpu_ = ioctlOrThrow(vm_, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU");
   runSize_ = static_cast<std::size_t>(ioctlOrThrow(kvm_, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"));
   run_ = ::mmap(nullptr, runSize_, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_, 0);
@@ -130,6 +123,17 @@ MiniVmm::~MiniVmm() {
   if (vm_ >= 0) ::close(vm_);
   if (kvm_ >= 0) ::close(kvm_);
   if (memory_) ::munmap(memory_, kMemoryBytes);
+}
+
+void MiniVmm::setSlotFlags(std::uint32_t flags) {
+  kvm_userspace_memory_region region{};
+  region.slot = 0;
+  region.flags = flags;
+  region.guest_phys_addr = 0;
+  region.memory_size = kMemoryBytes;
+  region.userspace_addr = reinterpret_cast<__u64>(memory_);
+  ioctlOrThrow(vm_, KVM_SET_USER_MEMORY_REGION, reinterpret_cast<unsigned long>(&region),
+               "KVM_SET_USER_MEMORY_REGION");
 }
 
 void MiniVmm::setUpLongMode() {

@@ -42,6 +42,9 @@ class MiniVmm {
   KvmRingPageSource& ringSource() { return *source_; }
   /// The VM's fd, for tests that query KVM about the VM directly.
   int vmFd() const { return vm_; }
+  /// Rewrites the VM's one memory slot with `flags` (KVM_MEM_*), as a VMM
+  /// does when it turns dirty logging on or off. Throws Error if KVM refuses.
+  void setSlotFlags(std::uint32_t flags);
   /// The byte the guest last stored in data page `unit` (the round number).
   std::uint8_t dataByte(std::uint64_t unit) const { return memory_[unit * 4096]; }
 
