@@ -291,6 +291,15 @@ int run() {
     vmsync::KmodPageSource source(manual.pid, guestRanges(), 4096);
     checkLockstepRounds(manual, source, kRounds, "manual protect, KVM_CLEAR_DIRTY_LOG");
   }
+  {
+    // A ring smaller than one round's pages: the harvest must ask for a rescan.
+    vmsync::KmodPageSource source(manual.pid, guestRanges(), 64);
+    manual.ask(kRunRound);
+    vmsync::DirtyUnits units = source.harvest();
+    if (!units.everything || units.units.size() != 64)
+      failTest(fmt::format("a full ring of 64 gave {} units and no rescan", units.units.size()));
+    std::printf("RING_FULL_OK: %s\n", units.rescanReason.c_str());
+  }
   if (manual.ask(kQueryDirtyLog) != ENOENT)
     failTest("manual protect: slot logging not off after close");
   ::close(manual.commands);

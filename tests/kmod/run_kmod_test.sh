@@ -71,6 +71,6 @@ timeout 240 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 512M \
 	>"$WORK/console.log" 2>&1 || true
 grep -vE '^\[' "$WORK/console.log" | tail -30
 ok() { grep -q "$1" "$WORK/console.log"; }
-ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok MANUAL_PROTECT_OK &&
+ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK &&
 	ok KMOD_TEST_DONE && ok RMMOD_OK && ! ok DMESG_BAD && ! ok 'FAIL' && { echo PASS; exit 0; }
 echo FAIL; exit 1
