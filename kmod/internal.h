@@ -29,6 +29,13 @@ struct vmsync_vm {
 
 	/* The ring: allocated at attach, freed at release (it may be mapped). */
 	struct vmsync_ring_header *ring;
+	/*
+	 * Set once the attach succeeded and never cleared: what mmap maps.
+	 * mmap reads it without @lock, since it runs under the caller's
+	 * mmap_lock, which a harvest may need while holding @lock (a
+	 * controller attached to its own VM).
+	 */
+	struct vmsync_ring_header *mappable_ring;
 	u64 *entries;
 	u32 ring_entries;
 	size_t ring_bytes;

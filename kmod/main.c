@@ -134,6 +134,7 @@ static long vmsync_attach(struct vmsync_vm *vm, void __user *argp)
 		goto out;
 	}
 	vm->used = true;
+	smp_store_release(&vm->mappable_ring, vm->ring);
 	a.ring_entries = vm->ring_entries;
 	a.ring_bytes = vm->ring_bytes;
 	a.slots = vm->nr_slots;
@@ -164,7 +165,12 @@ static long vmsync_harvest(struct vmsync_vm *vm, void __user *argp)
 		goto out;
 	}
 	r = vmsync_vm_harvest(vm, &res);
-	/* Whatever was pushed before an error is real: publish it. */
+	/*
+	 * Whatever was pushed before an error is real: publish it.  But KVM
+	 * may have cleared bits we then failed to read: rescan.
+	 */
+	if (r)
+		vmsync_ring_set_overflow(vm);
 	vmsync_ring_publish(vm);
 	if (r == -ESRCH) {
 		/* The VMM's address space is gone: the VM is dead. */
@@ -223,20 +229,17 @@ static long vmsync_ioctl(struct file *file, unsigned int cmd,
 static int vmsync_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct vmsync_vm *vm = file->private_data;
+	struct vmsync_ring_header *ring = smp_load_acquire(&vm->mappable_ring);
 	unsigned long len = vma->vm_end - vma->vm_start;
-	int r;
 
 	if (vma->vm_pgoff)
 		return -EINVAL;
-	mutex_lock(&vm->lock);
-	if (!vm->ring)
-		r = -ENOTCONN;
-	else if (len > vm->ring_bytes)
-		r = -EINVAL;
-	else
-		r = remap_vmalloc_range(vma, vm->ring, 0);
-	mutex_unlock(&vm->lock);
-	return r;
+	if (!ring)
+		return -ENOTCONN;
+	/* ring_bytes was set before mappable_ring and never changes. */
+	if (len > vm->ring_bytes)
+		return -EINVAL;
+	return remap_vmalloc_range(vma, ring, 0);
 }
 
 static int vmsync_open(struct inode *inode, struct file *file)

@@ -177,8 +177,7 @@ static int vmsync_sync_slots(struct vmsync_vm *vm)
 		if (r) {
 			pr_warn_ratelimited("vmsync: cannot turn on dirty logging for slot %u/%u: %d\n",
 					    slots[i].as_id, slots[i].id, r);
-			/* Keep what we changed so that detach restores it. */
-			n = i;
+			/* Keep every slot: detach restores the ones we changed. */
 			break;
 		}
 		slots[i].enabled_by_us = true;
@@ -261,7 +260,22 @@ static long vmsync_vm_ioctl(struct vmsync_vm *vm, unsigned int cmd,
 						 (unsigned long)uarg);
 }
 
-/* Reads and re-arms one slot's log; publishes its gfns.  1 = slot gone. */
+/*
+ * After a failed dirty-log ioctl: 1 if the VMM changed its slots since our
+ * snapshot (the slot was removed, or re-created smaller or larger, and a
+ * larger one ran into the guard), else the error itself.
+ */
+static int vmsync_slot_error(struct vmsync_vm *vm, long err)
+{
+	bool changed;
+
+	mutex_lock(&vm->kvm->slots_lock);
+	changed = vmsync_generation_changed(vm);
+	mutex_unlock(&vm->kvm->slots_lock);
+	return changed ? 1 : (int)err;
+}
+
+/* Reads and re-arms one slot's log; publishes its gfns.  1 = slot changed. */
 static int vmsync_harvest_slot(struct vmsync_vm *vm, struct vmsync_slot *s,
 			       struct vmsync_harvest_result *res)
 {
@@ -276,11 +290,8 @@ static int vmsync_harvest_slot(struct vmsync_vm *vm, struct vmsync_slot *s,
 	long r;
 
 	r = vmsync_vm_ioctl(vm, KVM_GET_DIRTY_LOG, &log, sizeof(log));
-	/* The VMM removed the slot or its log since our snapshot. */
-	if (r == -ENOENT || r == -EINVAL)
-		return 1;
 	if (r)
-		return r;
+		return vmsync_slot_error(vm, r);
 	if (copy_from_user(vm->bitmap, ubitmap, bytes))
 		return -EFAULT;
 	if (READ_ONCE(vm->kvm->manual_dirty_log_protect)) {
@@ -294,10 +305,8 @@ static int vmsync_harvest_slot(struct vmsync_vm *vm, struct vmsync_slot *s,
 
 		r = vmsync_vm_ioctl(vm, KVM_CLEAR_DIRTY_LOG, &clear,
 				    sizeof(clear));
-		if (r == -ENOENT || r == -EINVAL)
-			return 1;
 		if (r)
-			return r;
+			return vmsync_slot_error(vm, r);
 	}
 	for_each_set_bit(bit, vm->bitmap, s->npages) {
 		res->dirty++;
