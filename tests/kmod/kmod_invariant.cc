@@ -8,8 +8,10 @@
 // never writes are not; the VMM turning logging off must give one rescan and
 // then exact rounds again. Then it detaches while the guest runs (the slot's
 // logging must be off again), attaches again, and kills the VMM with SIGKILL
-// while attached. Last, the rounds again with KVM's manual protection on, as
-// QEMU runs. Prints FAIL: <why> and exits 1 on the first violation.
+// while attached, harvesting back to back from another thread. Last, the
+// rounds again with KVM's manual protection on, as QEMU runs; a ring too
+// small; and a controller killed while attached. Prints FAIL: <why> and
+// exits 1 on the first violation.
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <poll.h>
@@ -18,6 +20,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <set>
@@ -268,19 +272,29 @@ int run() {
   {
     vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
     if (vmm.ask(kQueryDirtyLog) != 0) failTest("after a second attach the slot does not log");
-    for (int i = 0; i < 3; ++i) source.harvest();
+    // Harvest back to back from another thread while the VMM is killed: the
+    // kill lands before, during or between harvests; once the VMM is
+    // reaped, the next harvest must fail.
+    std::atomic<int> harvests{0};
+    std::string what;
+    std::thread harvester([&] {
+      try {
+        while (true) {
+          source.harvest();
+          ++harvests;
+        }
+      } catch (const vmsync::Error& e) {
+        what = e.what();
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
     ::kill(vmm.pid, SIGKILL);
     int status = 0;
     ::waitpid(vmm.pid, &status, 0);
+    harvester.join();
     if (!WIFSIGNALED(status)) failTest("the VMM did not die of SIGKILL");
-    std::string what;
-    try {
-      source.harvest();
-    } catch (const vmsync::Error& e) {
-      what = e.what();
-    }
-    if (what.empty()) failTest("harvest after the VMM was killed did not fail");
-    std::printf("KILL9_OK: %s\n", what.c_str());
+    if (harvests == 0) failTest("no harvest succeeded before the VMM was killed");
+    std::printf("KILL9_OK after %d harvests: %s\n", harvests.load(), what.c_str());
   }
 
   // QEMU enables manual protection: KVM_GET_DIRTY_LOG then only copies the
@@ -299,6 +313,34 @@ int run() {
     if (!units.everything || units.units.size() != 64)
       failTest(fmt::format("a full ring of 64 gave {} units and no rescan", units.units.size()));
     std::printf("RING_FULL_OK: %s\n", units.rescanReason.c_str());
+  }
+  {
+    // A controller killed while attached: the kernel closes its file and
+    // the module restores the slot.
+    int ready[2];
+    if (::pipe(ready) < 0) vmsync::throwLastErrno("pipe");
+    std::fflush(stdout);
+    const pid_t controller = ::fork();
+    if (controller == 0) {
+      try {
+        vmsync::KmodPageSource source(manual.pid, guestRanges(), 4096);
+        writeAll(ready[1], "a", 1);
+        ::pause();
+      } catch (const std::exception& e) {
+        std::printf("FAIL: controller: %s\n", e.what());
+      }
+      std::_Exit(1);
+    }
+    ::close(ready[1]);
+    char attached;
+    if (::read(ready[0], &attached, 1) != 1) failTest("the controller process did not attach");
+    ::close(ready[0]);
+    if (manual.ask(kQueryDirtyLog) != 0) failTest("controller attached but the slot does not log");
+    ::kill(controller, SIGKILL);
+    ::waitpid(controller, nullptr, 0);
+    if (manual.ask(kQueryDirtyLog) != ENOENT)
+      failTest("after the controller was killed the slot still logs");
+    std::printf("CONTROLLER_KILL9_OK\n");
   }
   if (manual.ask(kQueryDirtyLog) != ENOENT)
     failTest("manual protect: slot logging not off after close");

@@ -48,7 +48,7 @@ done
 cp "$SRC/vmsync.ko" "$R/mod/"
 gcc -static -O2 -Wall -o "$R/bin/version_probe" "$SRC/tests/kmod/version_probe.c" || { echo "FAIL: probe build"; exit 1; }
 # fmt header-only: the initramfs has no shared libraries.
-g++ -std=c++20 -static -O1 -Wall -DFMT_HEADER_ONLY -I"$SRC" -I"$SRC/userspace" -I"$SRC/tests/kvm_harness" \
+g++ -std=c++20 -static -O1 -Wall -pthread -DFMT_HEADER_ONLY -I"$SRC" -I"$SRC/userspace" -I"$SRC/tests/kvm_harness" \
 	-o "$R/bin/kmod_invariant" "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
 	"$SRC/userspace/kvm_ring_page_source.cc" "$SRC/userspace/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||
 	{ cat "$WORK/driver.log"; echo "FAIL: driver build"; exit 1; }
@@ -91,6 +91,6 @@ if [ $MODE = bench ]; then
 	ok KMOD_BENCH_DONE && ok RMMOD_OK && ! ok DMESG_BAD && exit 0
 	echo FAIL; exit 1
 fi
-ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK &&
+ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK &&
 	ok KMOD_TEST_DONE && ok RMMOD_OK && ! ok DMESG_BAD && ! ok 'FAIL' && { echo PASS; exit 0; }
 echo FAIL; exit 1
