@@ -142,6 +142,9 @@ DirtyUnits KmodPageSource::harvest() {
       std::atomic_ref<__u64>(header->producer).load(std::memory_order_acquire);
   std::uint64_t consumer = header->consumer;
 
+  if (producer - consumer > header->entries)
+    fail("vmsync.ko's ring is inconsistent: producer {} and consumer {} with {} entries", producer,
+         consumer, header->entries);
   DirtyUnits out;
   out.units.reserve(producer - consumer);
   for (; consumer != producer; ++consumer) {
