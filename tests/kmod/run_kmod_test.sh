@@ -48,29 +48,28 @@ for m in kernel/virt/lib/irqbypass.ko kernel/drivers/crypto/ccp/ccp.ko kernel/ar
 done
 cp "$SRC/vmsync.ko" "$R/mod/"
 gcc -static -O2 -Wall -o "$R/bin/version_probe" "$SRC/tests/kmod/version_probe.c" || { echo "FAIL: probe build"; exit 1; }
-# fmt header-only: the initramfs has no shared libraries.
-g++ -std=c++20 -static -O1 -Wall -pthread -DFMT_HEADER_ONLY -I"$SRC" -I"$SRC/userspace" -I"$SRC/tests/kvm_harness" \
-	-o "$R/bin/kmod_invariant" "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
-	"$SRC/userspace/kvm_ring_page_source.cc" "$SRC/userspace/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||
-	{ cat "$WORK/driver.log"; echo "FAIL: driver build"; exit 1; }
-g++ -std=c++20 -static -O1 -Wall -DFMT_HEADER_ONLY -I"$SRC" -I"$SRC/userspace" \
-	-o "$R/bin/kmod_qemu_check" "$SRC/tests/kmod/kmod_qemu_check.cc" "$SRC/userspace/kmod_page_source.cc" \
-	>"$WORK/qemu_check.log" 2>&1 || { cat "$WORK/qemu_check.log"; echo "FAIL: QEMU check build"; exit 1; }
-# Debian's QEMU with its shared libraries, and the tiny BIOS it runs.
-QEMU=$(command -v qemu-system-x86_64)
-mkdir -p "$R/usr/bin" "$R/qemu"
-cp "$QEMU" "$R/usr/bin/"
-for lib in $(ldd "$QEMU" | awk '/=>/ { print $3 } /^[ \t]*\/[^ ]*ld-linux/ { print $1 }'); do
-	mkdir -p "$R$(dirname "$lib")"
-	cp -L "$lib" "$R$lib"
-done
-# The option ROM QEMU loads for KVM's TPR patching (it runs without, with a warning).
-[ -f /usr/share/qemu/kvmvapic.bin ] && cp /usr/share/qemu/kvmvapic.bin "$R/qemu/"
-as -o "$WORK/bios.o" "$SRC/tests/kmod/qemu_guest_bios.S" && objcopy -O binary -j .text "$WORK/bios.o" "$R/qemu/bios.bin" ||
-	{ echo "FAIL: BIOS build"; exit 1; }
-if [ $MODE = bench ]; then
-	g++ -std=c++20 -static -O2 -Wall -DFMT_HEADER_ONLY -I"$SRC" -I"$SRC/userspace" -I"$SRC/tests/kvm_harness" \
-		-o "$R/bin/kmod_harvest_bench" "$SRC/bench/kmod_harvest_bench.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
+# The drivers are static (fmt header-only): the initramfs has no shared libraries.
+CXX_STATIC="g++ -std=c++20 -static -O2 -Wall -pthread -DFMT_HEADER_ONLY -I$SRC -I$SRC/userspace -I$SRC/tests/kvm_harness"
+if [ $MODE = test ]; then
+	$CXX_STATIC -o "$R/bin/kmod_invariant" "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
+		"$SRC/userspace/kvm_ring_page_source.cc" "$SRC/userspace/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||
+		{ cat "$WORK/driver.log"; echo "FAIL: driver build"; exit 1; }
+	$CXX_STATIC -o "$R/bin/kmod_qemu_check" "$SRC/tests/kmod/kmod_qemu_check.cc" "$SRC/userspace/kmod_page_source.cc" \
+		>"$WORK/qemu_check.log" 2>&1 || { cat "$WORK/qemu_check.log"; echo "FAIL: QEMU check build"; exit 1; }
+	# Debian's QEMU with its shared libraries, and the tiny BIOS it runs.
+	QEMU=$(command -v qemu-system-x86_64)
+	mkdir -p "$R/usr/bin" "$R/qemu"
+	cp "$QEMU" "$R/usr/bin/"
+	for lib in $(ldd "$QEMU" | awk '/=>/ { print $3 } /^[ \t]*\/[^ ]*ld-linux/ { print $1 }'); do
+		mkdir -p "$R$(dirname "$lib")"
+		cp -L "$lib" "$R$lib"
+	done
+	# The option ROM QEMU loads for KVM's TPR patching (it runs without, with a warning).
+	if [ -f /usr/share/qemu/kvmvapic.bin ]; then cp /usr/share/qemu/kvmvapic.bin "$R/qemu/"; fi
+	as -o "$WORK/bios.o" "$SRC/tests/kmod/qemu_guest_bios.S" &&
+		objcopy -O binary -j .text "$WORK/bios.o" "$R/qemu/bios.bin" || { echo "FAIL: BIOS build"; exit 1; }
+else
+	$CXX_STATIC -o "$R/bin/kmod_harvest_bench" "$SRC/bench/kmod_harvest_bench.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
 		"$SRC/userspace/kvm_ring_page_source.cc" "$SRC/userspace/kmod_page_source.cc" -lxxhash >"$WORK/bench.log" 2>&1 ||
 		{ cat "$WORK/bench.log"; echo "FAIL: benchmark build"; exit 1; }
 fi
