@@ -40,6 +40,7 @@ static bool is_power_of_two(u64 n)
 void vmsync_ring_push(struct vmsync_vm *vm, u64 entry,
 		      struct vmsync_harvest_result *res)
 {
+	/* Pairs with the consumer's release: it is done with those slots. */
 	u64 consumer = smp_load_acquire(&vm->ring->consumer);
 
 	if (vm->producer - consumer >= vm->ring_entries) {
@@ -55,6 +56,7 @@ void vmsync_ring_push(struct vmsync_vm *vm, u64 entry,
 /* Makes the pushed entries visible: entries before the producer index. */
 void vmsync_ring_publish(struct vmsync_vm *vm)
 {
+	/* Pairs with the consumer's acquire of producer. */
 	smp_store_release(&vm->ring->producer, vm->producer);
 }
 
@@ -134,6 +136,7 @@ static long vmsync_attach(struct vmsync_vm *vm, void __user *argp)
 		goto out;
 	}
 	vm->used = true;
+	/* Pairs with vmsync_mmap(): ring_bytes and the header are set. */
 	smp_store_release(&vm->mappable_ring, vm->ring);
 	a.ring_entries = vm->ring_entries;
 	a.ring_bytes = vm->ring_bytes;
@@ -229,9 +232,11 @@ static long vmsync_ioctl(struct file *file, unsigned int cmd,
 static int vmsync_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct vmsync_vm *vm = file->private_data;
-	struct vmsync_ring_header *ring = smp_load_acquire(&vm->mappable_ring);
+	struct vmsync_ring_header *ring;
 	unsigned long len = vma->vm_end - vma->vm_start;
 
+	/* Pairs with the release in vmsync_attach(). */
+	ring = smp_load_acquire(&vm->mappable_ring);
 	if (vma->vm_pgoff)
 		return -EINVAL;
 	if (!ring)
