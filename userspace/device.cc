@@ -21,6 +21,7 @@
 #include "durable_file.h"
 #include "error.h"
 #include "image_file.h"
+#include "kmod_page_source.h"
 #include "loop_device.h"
 #include "qemu_vm.h"
 #include "rpc_util.h"
@@ -531,9 +532,17 @@ void Device::setUpDisk() {
 void Device::attachSources() {
   // Called with the VMM started but paused: nothing the guest writes can
   // happen before the sources watch.
-  if (options_.pageSource != "scan" && options_.pageSource != "auto")
-    fail("--page-source {} is not available; use scan", options_.pageSource);
-  pageSource_ = std::make_unique<ScanPageSource>();
+  // kmod reads KVM's dirty log through vmsync.ko; auto takes it when both are there.
+  const std::string kmodMissing = spec_.accel != "kvm" ? fmt::format("the VM runs under {}, not kvm", spec_.accel)
+                                                       : KmodPageSource::unavailableReason();
+  if (options_.pageSource == "kmod" && !kmodMissing.empty())
+    fail("--page-source kmod is not available: {}", kmodMissing);
+  if (options_.pageSource == "kmod" || (options_.pageSource == "auto" && kmodMissing.empty()))
+    pageSource_ = std::make_unique<KmodPageSource>(vm_->pid(), qemuQ35GfnRanges(spec_.memoryBytes));
+  else if (options_.pageSource == "scan" || options_.pageSource == "auto")
+    pageSource_ = std::make_unique<ScanPageSource>();
+  else
+    fail("--page-source must be scan, kmod or auto, not '{}'", options_.pageSource);
   if (options_.blockSource == "scan") {
     blockSource_ = std::make_unique<ScanBlockSource>();
     return;

@@ -18,7 +18,7 @@ struct DeviceOptions {
   double intervalSeconds = 1.0;         // time between incremental checkpoints
   std::string accel = "auto";           // auto, kvm or tcg
   std::string qemuBinary = "qemu-system-x86_64";
-  std::string pageSource = "scan";      // where dirty guest pages come from: scan (kmod, kvm-ring: KVM only)
+  std::string pageSource = "scan";      // where dirty guest pages come from: scan, kmod (KVM only), auto
   std::string blockSource = "auto";     // where dirty disk blocks come from: bpf, scan, auto
   std::string disk = "file";            // how the VMM reaches the disk image: file, or loop (a loop device)
   bool compress = true;                 // lz4 on top of the encoding

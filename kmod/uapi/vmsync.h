@@ -10,6 +10,16 @@
  * consumer and producer; VMSYNC_IOC_HARVEST asks the module to read and
  * re-arm KVM's dirty state atomically and publish it into the ring;
  * VMSYNC_IOC_DETACH (or close) restores the slots.
+ *
+ * One attach per open file: the ring lives until the file is closed (it may
+ * still be mapped after a detach); to attach again, open the device again.
+ *
+ * The ring carries every gfn KVM logged in the VM's user memory slots
+ * (read-only slots are not followed).  Whenever the module cannot vouch for
+ * the set it sets VMSYNC_RING_OVERFLOW and the controller must rescan every
+ * page: the ring was full, or the VMM added, moved or removed a slot, or
+ * turned logging off on one (the module turns it back on at the next
+ * harvest, but writes in between were not logged).
  */
 #ifndef _UAPI_LINUX_VMSYNC_H
 #define _UAPI_LINUX_VMSYNC_H
@@ -38,12 +48,21 @@ struct vmsync_attach {
 				 * out: entries actually used */
 	__u32 pad;		/* must be zero */
 	__u64 ring_bytes;	/* out: length to mmap at offset 0 */
-	__u64 reserved[4];	/* must be zero */
+	__u32 slots;		/* out: memory slots followed */
+	__u32 pad2;		/* must be zero */
+	__u64 reserved[3];	/* must be zero */
 };
+
+/* Why a harvest could not vouch for its set (VMSYNC_RING_OVERFLOW is set). */
+#define VMSYNC_HARVEST_RING_FULL	(1U << 0)  /* gfns dropped */
+#define VMSYNC_HARVEST_SLOTS_CHANGED	(1U << 1)  /* the VMM changed slots */
 
 struct vmsync_harvest {
 	__u64 published;	/* out: gfns added to the ring by this call */
-	__u64 reserved[4];	/* must be zero */
+	__u64 dirty;		/* out: gfns KVM reported (published or not) */
+	__u32 slots;		/* out: memory slots read */
+	__u32 flags;		/* out: VMSYNC_HARVEST_* */
+	__u64 reserved[2];	/* must be zero */
 };
 
 /*

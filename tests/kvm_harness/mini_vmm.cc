@@ -52,8 +52,34 @@ vmsync_guest_code_end:
   .popsection
 )");
 
+// The stride guest: rdi = first address, rsi = end address, rdx = stride.
+// Round r (r8) writes the byte r at rdi, rdi + rdx, ... below rsi, then
+// reports with OUT to port 0x10 and goes on.
+asm(R"(
+  .pushsection .rodata
+  .globl vmsync_stride_guest_start
+  .globl vmsync_stride_guest_end
+vmsync_stride_guest_start:
+  xor %r8, %r8
+1:
+  mov %rdi, %rcx
+2:
+  mov %r8b, (%rcx)
+  add %rdx, %rcx
+  cmp %rsi, %rcx
+  jb 2b
+  mov %r8, %rax
+  out %al, $0x10
+  inc %r8
+  jmp 1b
+vmsync_stride_guest_end:
+  .popsection
+)");
+
 extern "C" const std::uint8_t vmsync_guest_code_start[];
 extern "C" const std::uint8_t vmsync_guest_code_end[];
+extern "C" const std::uint8_t vmsync_stride_guest_start[];
+extern "C" const std::uint8_t vmsync_stride_guest_end[];
 
 namespace vmsync::testing {
 
@@ -82,7 +108,14 @@ std::string MiniVmm::unavailableReason() {
   return reason;
 }
 
-MiniVmm::MiniVmm(std::uint32_t ringEntries) {
+MiniVmm::MiniVmm(std::uint32_t ringEntries) : MiniVmm(Options{.ringEntries = ringEntries}) {}
+
+MiniVmm::MiniVmm(const Options& options)
+    : memoryBytes_(options.memoryBytes), strideBytes_(options.strideBytes) {
+  const std::uint32_t ringEntries = options.ringEntries;
+  if (memoryBytes_ % (2u << 20) != 0 || memoryBytes_ == 0 || memoryBytes_ > (1u << 30))
+    fail("guest memory of {} bytes: must be a multiple of 2 MiB up to 1 GiB", memoryBytes_);
+  if (strideBytes_ % 4096 != 0) fail("stride of {} bytes is not page-aligned", strideBytes_);
   kvm_ = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (kvm_ < 0) throwLastErrno("cannot open /dev/kvm");
   vm_ = ioctlOrThrow(kvm_, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
@@ -94,17 +127,18 @@ MiniVmm::MiniVmm(std::uint32_t ringEntries) {
     enable.args[0] = kvmDirtyRingBytes(ringEntries);
     ioctlOrThrow(vm_, KVM_ENABLE_CAP, reinterpret_cast<unsigned long>(&enable), "KVM_ENABLE_CAP(dirty ring)");
   }
-  void* mem = ::mmap(nullptr, kMemoryBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* mem = MAP_FAILED;
+  if (options.sharedMemory) {
+    memoryFd_ = ::memfd_create("mini-vmm-ram", MFD_CLOEXEC);
+    if (memoryFd_ < 0 || ::ftruncate(memoryFd_, static_cast<off_t>(memoryBytes_)) < 0)
+      throwLastErrno("cannot create the guest memory file");
+    mem = ::mmap(nullptr, memoryBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, memoryFd_, 0);
+  } else {
+    mem = ::mmap(nullptr, memoryBytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  }
   if (mem == MAP_FAILED) throwLastErrno("cannot map guest memory");
   memory_ = static_cast<std::uint8_t*>(mem);
-  kvm_userspace_memory_region region{};
-  region.slot = 0;
-  region.flags = ringEntries > 0 ? KVM_MEM_LOG_DIRTY_PAGES : 0;
-  region.guest_phys_addr = 0;
-  region.memory_size = kMemoryBytes;
-  region.userspace_addr = reinterpret_cast<__u64>(memory_);
-  ioctlOrThrow(vm_, KVM_SET_USER_MEMORY_REGION, reinterpret_cast<unsigned long>(&region),
-               "KVM_SET_USER_MEMORY_REGION");
+  setSlotFlags(ringEntries > 0 ? KVM_MEM_LOG_DIRTY_PAGES : 0);
   vcpu_ = ioctlOrThrow(vm_, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU");
   runSize_ = static_cast<std::size_t>(ioctlOrThrow(kvm_, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"));
   run_ = ::mmap(nullptr, runSize_, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_, 0);
@@ -129,18 +163,30 @@ MiniVmm::~MiniVmm() {
   if (vcpu_ >= 0) ::close(vcpu_);
   if (vm_ >= 0) ::close(vm_);
   if (kvm_ >= 0) ::close(kvm_);
-  if (memory_) ::munmap(memory_, kMemoryBytes);
+  if (memory_) ::munmap(memory_, memoryBytes_);
+  if (memoryFd_ >= 0) ::close(memoryFd_);
+}
+
+void MiniVmm::setSlotFlags(std::uint32_t flags) {
+  kvm_userspace_memory_region region{};
+  region.slot = 0;
+  region.flags = flags;
+  region.guest_phys_addr = 0;
+  region.memory_size = memoryBytes_;
+  region.userspace_addr = reinterpret_cast<__u64>(memory_);
+  ioctlOrThrow(vm_, KVM_SET_USER_MEMORY_REGION, reinterpret_cast<unsigned long>(&region),
+               "KVM_SET_USER_MEMORY_REGION");
 }
 
 void MiniVmm::setUpLongMode() {
-  // Identity map of the first 4 MiB with two 2 MiB pages.
+  // Identity map of guest memory with 2 MiB pages.
   auto entry = [&](std::uint64_t at, std::uint64_t value) { std::memcpy(memory_ + at, &value, sizeof value); };
   entry(kPml4, kPdpt | 0x3);
   entry(kPdpt, kPd | 0x3);
-  entry(kPd, 0x0 | 0x83);
-  entry(kPd + 8, (2u << 20) | 0x83);
-  const std::size_t codeBytes = static_cast<std::size_t>(vmsync_guest_code_end - vmsync_guest_code_start);
-  std::memcpy(memory_ + kCode, vmsync_guest_code_start, codeBytes);
+  for (std::uint64_t i = 0; i < memoryBytes_ / (2u << 20); ++i) entry(kPd + 8 * i, (i * (2u << 20)) | 0x83);
+  const std::uint8_t* codeStart = strideBytes_ ? vmsync_stride_guest_start : vmsync_guest_code_start;
+  const std::uint8_t* codeEnd = strideBytes_ ? vmsync_stride_guest_end : vmsync_guest_code_end;
+  std::memcpy(memory_ + kCode, codeStart, static_cast<std::size_t>(codeEnd - codeStart));
 
   kvm_sregs sregs{};
   ioctlOrThrow(vcpu_, KVM_GET_SREGS, reinterpret_cast<unsigned long>(&sregs), "KVM_GET_SREGS");
@@ -169,7 +215,8 @@ void MiniVmm::setUpLongMode() {
   regs.rip = kCode;
   regs.rflags = 0x2;
   regs.rdi = kDataStart;
-  regs.rsi = kDataPages;
+  regs.rsi = strideBytes_ ? memoryBytes_ : kDataPages;
+  regs.rdx = strideBytes_;
   ioctlOrThrow(vcpu_, KVM_SET_REGS, reinterpret_cast<unsigned long>(&regs), "KVM_SET_REGS");
 }
 

@@ -20,10 +20,26 @@ class MiniVmm {
   static constexpr std::uint64_t kDataStart = 1u << 20;
   static constexpr std::uint64_t kDataPages = 512;
 
+  /// How to build the VM; the defaults are the invariant tests' guest.
+  struct Options {
+    /// Entries per vCPU of KVM's dirty ring; 0 leaves the ring off.
+    std::uint32_t ringEntries = 0;
+    /// Guest memory: a multiple of 2 MiB, at most 1 GiB.
+    std::uint64_t memoryBytes = kMemoryBytes;
+    /// 0: the round pattern of pagesWrittenIn(). Otherwise every round
+    /// writes the round number into one byte every `strideBytes` from
+    /// kDataStart to the end of memory (a page-aligned stride).
+    std::uint64_t strideBytes = 0;
+    /// Guest memory in a memfd mapped shared, as QEMU's shared RAM file, so
+    /// that another process can map it too (see memoryFd()).
+    bool sharedMemory = false;
+  };
+
   /// Opens /dev/kvm and builds the VM; with `ringEntries` > 0 KVM's dirty
   /// ring is enabled with that many entries per vCPU. Throws Error saying
   /// what KVM refused.
   explicit MiniVmm(std::uint32_t ringEntries);
+  explicit MiniVmm(const Options& options);
   ~MiniVmm();
 
   /// Why this machine cannot run the harness ("" if it can).
@@ -38,15 +54,25 @@ class MiniVmm {
   /// True for data pages the guest never writes.
   static bool neverWritten(std::uint64_t unit);
 
-  /// The dirty ring source over this VM's vCPU.
+  /// The dirty ring source over this VM's vCPU (only with `ringEntries` > 0).
   KvmRingPageSource& ringSource() { return *source_; }
+  /// The VM's fd, for tests that query KVM about the VM directly.
+  int vmFd() const { return vm_; }
+  /// Rewrites the VM's one memory slot with `flags` (KVM_MEM_*), as a VMM
+  /// does when it turns dirty logging on or off. Throws Error if KVM refuses.
+  void setSlotFlags(std::uint32_t flags);
+  /// The memfd holding guest memory (Options::sharedMemory), else -1.
+  int memoryFd() const { return memoryFd_; }
+  std::uint64_t memoryBytes() const { return memoryBytes_; }
   /// The byte the guest last stored in data page `unit` (the round number).
   std::uint8_t dataByte(std::uint64_t unit) const { return memory_[unit * 4096]; }
 
  private:
   void setUpLongMode();
 
-  int kvm_ = -1, vm_ = -1, vcpu_ = -1;
+  int kvm_ = -1, vm_ = -1, vcpu_ = -1, memoryFd_ = -1;
+  std::uint64_t memoryBytes_ = kMemoryBytes;
+  std::uint64_t strideBytes_ = 0;
   std::uint8_t* memory_ = nullptr;
   void* run_ = nullptr;
   std::size_t runSize_ = 0;

@@ -179,8 +179,8 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
       ->capture_default_str();
   cmd.add_option("--interval", o.intervalSeconds, "seconds between incremental checkpoints")->capture_default_str();
   cmd.add_option("--qemu", o.qemuBinary, "QEMU binary")->capture_default_str();
-  cmd.add_option("--page-source", o.pageSource, "dirty page source: scan")
-      ->check(CLI::IsMember({"scan", "auto"}))
+  cmd.add_option("--page-source", o.pageSource, "dirty page source: scan, kmod (vmsync.ko, KVM only) or auto")
+      ->check(CLI::IsMember({"scan", "kmod", "auto"}))
       ->capture_default_str();
   cmd.add_option("--block-source", o.blockSource, "dirty block source: bpf, scan, or auto (bpf where it loads)")
       ->check(CLI::IsMember({"bpf", "scan", "auto"}))

@@ -1,0 +1,83 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * vmsync.ko internals shared by main.c (the device, its ioctls and the ring)
+ * and vm.c (everything that talks to KVM).
+ */
+#ifndef VMSYNC_INTERNAL_H
+#define VMSYNC_INTERNAL_H
+
+#include <linux/mutex.h>
+#include <linux/types.h>
+
+#include "uapi/vmsync.h"
+
+struct file;
+struct kvm;
+
+/* One user memory slot whose dirty log the module reads. */
+struct vmsync_slot {
+	u16 as_id;
+	u16 id;
+	bool enabled_by_us;	/* we turned KVM_MEM_LOG_DIRTY_PAGES on */
+	u64 base_gfn;
+	u64 npages;
+};
+
+/* The state behind one open /dev/vmsync; every field under @lock. */
+struct vmsync_vm {
+	struct mutex lock;
+
+	/* The ring: allocated at attach, freed at release (it may be mapped). */
+	struct vmsync_ring_header *ring;
+	/*
+	 * Set once the attach succeeded and never cleared: what mmap maps.
+	 * mmap reads it without @lock, since it runs under the caller's
+	 * mmap_lock, which a harvest may need while holding @lock (a
+	 * controller attached to its own VM).
+	 */
+	struct vmsync_ring_header *mappable_ring;
+	u64 *entries;
+	u32 ring_entries;
+	size_t ring_bytes;
+	u64 producer;		/* our copy; the header's may be scribbled on */
+	bool overflow;		/* our copy of VMSYNC_RING_OVERFLOW */
+	bool used;		/* one attach per open file */
+
+	/* KVM side, set while attached. */
+	struct file *vm_file;	/* our reference keeps the VM alive */
+	struct kvm *kvm;
+	struct vmsync_slot *slots;
+	unsigned int nr_slots;
+	u64 generation[2];	/* memslot generations after our last sync */
+	bool slots_synced;
+
+	/* Scratch for KVM's ioctl arguments, mapped in the VMM's mm. */
+	unsigned long scratch;
+	size_t scratch_bytes;	/* read/write part */
+	size_t scratch_mapped;	/* including the PROT_NONE guard after it */
+
+	/* Kernel copy of one slot's dirty bitmap. */
+	unsigned long *bitmap;
+	size_t bitmap_bytes;
+};
+
+/* What one harvest found, for the reply. */
+struct vmsync_harvest_result {
+	u64 published;
+	u64 dirty;
+	u32 slots;
+	u32 flags;		/* VMSYNC_HARVEST_* */
+};
+
+/* main.c: the ring (producer side). */
+void vmsync_ring_push(struct vmsync_vm *vm, u64 entry,
+		      struct vmsync_harvest_result *res);
+void vmsync_ring_publish(struct vmsync_vm *vm);
+void vmsync_ring_set_overflow(struct vmsync_vm *vm);
+
+/* vm.c: attach/harvest/detach; called with vm->lock held. */
+int vmsync_vm_attach(struct vmsync_vm *vm, int vm_fd);
+int vmsync_vm_harvest(struct vmsync_vm *vm, struct vmsync_harvest_result *res);
+void vmsync_vm_detach(struct vmsync_vm *vm);
+
+#endif /* VMSYNC_INTERNAL_H */

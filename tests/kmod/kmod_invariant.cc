@@ -1,0 +1,412 @@
+// The kmod page source's invariant test, run inside Debian's kernel under
+// QEMU TCG with nested KVM (run_kmod_test.sh builds it static for the
+// initramfs). A child process is the VMM: the minimal KVM VMM, with no dirty
+// logging of its own. The parent is the controller, a separate process: it
+// attaches to the child's VM through /dev/vmsync (pidfd_getfd of the child's
+// anon_inode:kvm-vm fd) and, as KVM's dirty_log_test does, checks every round
+// that every page the guest wrote is reported, and that pages the guest
+// never writes are not; the VMM turning logging off must give one rescan and
+// then exact rounds again. Then it detaches while the guest runs (the slot's
+// logging must be off again), attaches again, and kills the VMM with SIGKILL
+// while attached, harvesting back to back from another thread. Last, the
+// rounds again with KVM's manual protection on, as QEMU runs; a ring too
+// small; and a controller killed while attached. Prints FAIL: <why> and
+// exits 1 on the first violation.
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "error.h"
+#include "kmod/uapi/vmsync.h"
+#include "kmod_page_source.h"
+#include "mini_vmm.h"
+
+namespace {
+
+using vmsync::testing::MiniVmm;
+
+// Commands from the controller to the VMM process, one byte each.
+constexpr char kRunRound = 'r';       // run one round, reply with its number
+constexpr char kRunFreely = 'f';      // from now on run rounds without waiting
+constexpr char kQueryDirtyLog = 'l';  // reply with the errno of the VMM's own KVM_GET_DIRTY_LOG
+constexpr char kManualProtect = 'm';  // enable KVM's manual dirty-log protection (as QEMU does)
+constexpr char kLoggingOff = 'o';     // rewrite the slot without KVM_MEM_LOG_DIRTY_PAGES
+
+// Lockstep rounds checked page by page.
+constexpr int kRounds = 30;
+// Harvests while the guest runs on its own.
+constexpr int kRunningHarvests = 40;
+// Outside the data pages only the guest's page tables (accessed/dirty bits)
+// may be written: at most this many units per round.
+constexpr std::size_t kOtherPagesBound = 4;
+
+[[noreturn]] void failTest(const std::string& why) {
+  std::printf("FAIL: %s\n", why.c_str());
+  std::fflush(stdout);
+  std::exit(1);
+}
+
+void writeAll(int fd, const void* data, std::size_t size) {
+  if (::write(fd, data, size) != static_cast<ssize_t>(size)) vmsync::throwLastErrno("pipe write");
+}
+
+std::uint64_t readReply(int fd) {
+  std::uint64_t value = 0;
+  if (::read(fd, &value, sizeof value) != static_cast<ssize_t>(sizeof value))
+    failTest("the VMM process stopped answering");
+  return value;
+}
+
+// The VMM's own view: KVM_GET_DIRTY_LOG on its slot 0 (ENOENT when logging is off).
+std::uint64_t dirtyLogErrno(const MiniVmm& vmm) {
+  static std::vector<std::uint64_t> bitmap(MiniVmm::kMemoryBytes / 4096 / 64);
+  kvm_dirty_log log{};
+  log.slot = 0;
+  log.dirty_bitmap = bitmap.data();
+  return ::ioctl(vmm.vmFd(), KVM_GET_DIRTY_LOG, &log) < 0 ? static_cast<std::uint64_t>(errno) : 0;
+}
+
+// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 without INITIALLY_SET; replies errno.
+std::uint64_t enableManualProtect(const MiniVmm& vmm) {
+  kvm_enable_cap cap{};
+  cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+  cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+  return ::ioctl(vmm.vmFd(), KVM_ENABLE_CAP, &cap) < 0 ? static_cast<std::uint64_t>(errno) : 0;
+}
+
+// The VMM process: obeys commands until its command pipe closes.
+int runVmm(int commands, int replies) {
+  try {
+    MiniVmm vmm(MiniVmm::Options{.sharedMemory = true});
+    // Ready: the number of its guest memory fd, for the controller to map.
+    std::uint64_t ready = static_cast<std::uint64_t>(vmm.memoryFd());
+    writeAll(replies, &ready, sizeof ready);
+    bool freely = false;
+    while (true) {
+      pollfd p{.fd = commands, .events = POLLIN, .revents = 0};
+      if (freely && ::poll(&p, 1, 0) == 0) {
+        vmm.runRound();
+        continue;
+      }
+      char command;
+      if (::read(commands, &command, 1) != 1) return 0;
+      std::uint64_t reply = 0;
+      if (command == kRunRound)
+        reply = vmm.runRound();
+      else if (command == kRunFreely)
+        freely = true;
+      else if (command == kQueryDirtyLog)
+        reply = dirtyLogErrno(vmm);
+      else if (command == kManualProtect)
+        reply = enableManualProtect(vmm);
+      else if (command == kLoggingOff)
+        vmm.setSlotFlags(0);
+      if (command != kRunFreely) writeAll(replies, &reply, sizeof reply);
+    }
+  } catch (const std::exception& e) {
+    std::printf("FAIL: VMM: %s\n", e.what());
+    return 1;
+  }
+}
+
+struct Vmm {
+  pid_t pid = -1;
+  int commands = -1, replies = -1;
+  const std::uint8_t* memory = nullptr;  // guest memory, mapped read-only
+  std::uint64_t ask(char command) {
+    writeAll(commands, &command, 1);
+    return readReply(replies);
+  }
+};
+
+Vmm startVmm() {
+  int toChild[2], fromChild[2];
+  if (::pipe(toChild) < 0 || ::pipe(fromChild) < 0) vmsync::throwLastErrno("pipe");
+  std::fflush(stdout);
+  pid_t pid = ::fork();
+  if (pid < 0) vmsync::throwLastErrno("fork");
+  if (pid == 0) {
+    ::close(toChild[1]);
+    ::close(fromChild[0]);
+    std::_Exit(runVmm(toChild[0], fromChild[1]));
+  }
+  ::close(toChild[0]);
+  ::close(fromChild[1]);
+  Vmm vmm{pid, toChild[1], fromChild[0]};
+  const int remoteMemoryFd = static_cast<int>(readReply(vmm.replies));
+  // The controller maps guest memory as it maps QEMU's shared RAM file.
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  const int memoryFd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remoteMemoryFd, 0));
+  if (pidfd < 0 || memoryFd < 0) vmsync::throwLastErrno("pidfd_getfd of the guest memory");
+  void* memory = ::mmap(nullptr, MiniVmm::kMemoryBytes, PROT_READ, MAP_SHARED, memoryFd, 0);
+  if (memory == MAP_FAILED) vmsync::throwLastErrno("cannot map guest memory");
+  ::close(memoryFd);
+  ::close(pidfd);
+  vmm.memory = static_cast<const std::uint8_t*>(memory);
+  return vmm;
+}
+
+bool isDataPage(std::uint64_t unit) {
+  const std::uint64_t first = MiniVmm::kDataStart / 4096;
+  return unit >= first && unit < first + MiniVmm::kDataPages;
+}
+
+// The whole guest memory is one slot from GPA 0: gfn == unit.
+std::vector<vmsync::GfnRange> guestRanges() {
+  return {{.firstGfn = 0, .pages = MiniVmm::kMemoryBytes / 4096, .firstUnit = 0}};
+}
+
+// Runs `rounds` rounds one at a time, harvesting after each; `label` names the run.
+void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source, int rounds, const char* label) {
+  std::size_t reportedTotal = 0;
+  std::set<std::uint64_t> writtenBefore;
+  std::uint64_t expected = ~0ull;
+  for (int i = 0; i < rounds; ++i) {
+    const std::uint64_t round = vmm.ask(kRunRound);
+    if (expected != ~0ull && round != expected)
+      failTest(fmt::format("round {} reported as {}", expected, round));
+    expected = round + 1;
+    vmsync::DirtyUnits reported = source.harvest();
+    if (reported.everything)
+      failTest(fmt::format("round {}: rescan asked: {}", round, reported.rescanReason));
+    const std::set<std::uint64_t> set(reported.units.begin(), reported.units.end());
+    const auto written = MiniVmm::pagesWrittenIn(round);
+    for (auto page : written)
+      if (vmm.memory[page * 4096] != static_cast<std::uint8_t>(round))
+        failTest(fmt::format("round {}: page {} does not hold the round's byte", round, page));
+    for (auto page : written)
+      if (!set.count(page))
+        failTest(fmt::format("round {}: page {} was written but not reported", round, page));
+    std::size_t others = 0;
+    for (auto unit : set) {
+      if (MiniVmm::neverWritten(unit))
+        failTest(fmt::format("round {}: page {} is never written but was reported", round, unit));
+      if (!isDataPage(unit))
+        ++others;
+      else if (!written.count(unit) && !writtenBefore.count(unit))
+        failTest(fmt::format(
+            "round {}: page {} reported, written in neither this round nor the one before", round,
+            unit));
+    }
+    if (others > kOtherPagesBound)
+      failTest(fmt::format("round {}: {} pages outside the data pages reported (bound {})", round,
+                           others, kOtherPagesBound));
+    reportedTotal += set.size();
+    writtenBefore = written;
+  }
+  std::printf(
+      "kmod invariant (%s): %d lockstep rounds, %zu pages reported, every written page each "
+      "round\n",
+      label, rounds, reportedTotal);
+}
+
+// With the guest running, as KVM's dirty_log_test: a data page whose byte
+// changed between the reads after harvests h-1 and h was written after
+// harvest h-1 re-armed it, so harvest h or h+1 must report it.
+void checkWhileRunning(Vmm& vmm, vmsync::KmodPageSource& source, std::size_t* reported,
+                       std::size_t* changed) {
+  const std::uint64_t first = MiniVmm::kDataStart / 4096;
+  std::vector<std::uint8_t> seen(MiniVmm::kDataPages);
+  for (std::uint64_t i = 0; i < MiniVmm::kDataPages; ++i) seen[i] = vmm.memory[(first + i) * 4096];
+  std::set<std::uint64_t> owed;  // changed pages harvest h did not report: h+1 must
+  for (int h = 0; h < kRunningHarvests; ++h) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    vmsync::DirtyUnits units = source.harvest();
+    if (units.everything) failTest("running: rescan asked: " + units.rescanReason);
+    const std::set<std::uint64_t> set(units.units.begin(), units.units.end());
+    for (auto unit : set)
+      if (MiniVmm::neverWritten(unit))
+        failTest(fmt::format("running: never-written page {} reported", unit));
+    for (auto unit : owed)
+      if (!set.count(unit))
+        failTest(fmt::format(
+            "running: page {} changed before harvest {} and was in neither it nor the next", unit,
+            h - 1));
+    owed.clear();
+    for (std::uint64_t i = 0; i < MiniVmm::kDataPages; ++i) {
+      const std::uint8_t now = vmm.memory[(first + i) * 4096];
+      if (now == seen[i]) continue;
+      seen[i] = now;
+      ++*changed;
+      if (!set.count(first + i)) owed.insert(first + i);
+    }
+    *reported += set.size();
+  }
+  if (*changed == 0) failTest("running: the guest changed no page");
+}
+
+// The VMM turns logging off on its slot: the next harvest must ask for a
+// rescan, and the one after must be exact again (the module turned it back on).
+void checkSlotChangeIsFollowed(Vmm& vmm, vmsync::KmodPageSource& source) {
+  vmm.ask(kLoggingOff);
+  vmm.ask(kRunRound);
+  vmsync::DirtyUnits units = source.harvest();
+  if (!units.everything)
+    failTest("the VMM turned logging off and the harvest did not ask for a rescan");
+  std::printf("slot change: rescan asked (%s)\n", units.rescanReason.c_str());
+  checkLockstepRounds(vmm, source, 5, "after the slot change");
+  std::printf("SLOT_CHANGE_OK\n");
+}
+
+int run() {
+  const std::string reason = vmsync::KmodPageSource::unavailableReason();
+  if (!reason.empty()) failTest(reason);
+  if (!MiniVmm::unavailableReason().empty()) failTest("KVM: " + MiniVmm::unavailableReason());
+
+  // The module checks what it is handed.
+  {
+    int device = ::open(VMSYNC_DEVICE_PATH, O_RDWR);
+    int notKvm = ::open("/dev/null", O_RDWR);
+    vmsync_attach attach{};
+    attach.vm_fd = notKvm;
+    if (::ioctl(device, VMSYNC_IOC_ATTACH, &attach) == 0 || errno != EINVAL)
+      failTest("attach with /dev/null was not refused with EINVAL");
+    vmsync_harvest harvest{};
+    if (::ioctl(device, VMSYNC_IOC_HARVEST, &harvest) == 0 || errno != ENOTCONN)
+      failTest("harvest before attach was not refused with ENOTCONN");
+    ::close(notKvm);
+    ::close(device);
+    std::printf("ATTACH_CHECKS_OK\n");
+  }
+
+  Vmm vmm = startVmm();
+  {
+    vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
+    std::printf("attached to pid %d: %u slot(s) followed\n", vmm.pid, source.slots());
+    if (source.slots() != 1) failTest("expected the VMM's one slot to be followed");
+    checkLockstepRounds(vmm, source, kRounds, "KVM_GET_DIRTY_LOG");
+    std::printf("KMOD_INVARIANT_OK\n");
+    checkSlotChangeIsFollowed(vmm, source);
+
+    // The guest now runs on its own; harvest it while it runs, then detach.
+    const char freely = kRunFreely;
+    writeAll(vmm.commands, &freely, 1);
+    std::size_t reported = 0, changed = 0;
+    checkWhileRunning(vmm, source, &reported, &changed);
+    source.detach();
+    const std::uint64_t err = vmm.ask(kQueryDirtyLog);
+    if (err != ENOENT)
+      failTest(fmt::format(
+          "after detach the VMM's KVM_GET_DIRTY_LOG gave errno {}, not ENOENT (logging off)", err));
+    bool refused = false;
+    try {
+      source.harvest();
+    } catch (const vmsync::Error&) {
+      refused = true;
+    }
+    if (!refused) failTest("harvest after detach did not fail");
+    std::printf(
+        "RUNNING_OK: %d harvests with the guest running, %zu pages reported, %zu seen changed, "
+        "each in its harvest or the next\n",
+        kRunningHarvests, reported, changed);
+    std::printf("DETACH_RUNNING_OK: slot logging off after detach\n");
+  }
+
+  {
+    vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
+    if (vmm.ask(kQueryDirtyLog) != 0) failTest("after a second attach the slot does not log");
+    // Harvest back to back from another thread while the VMM is killed: the
+    // kill lands before, during or between harvests; once the VMM is
+    // reaped, the next harvest must fail.
+    std::atomic<int> harvests{0};
+    std::string what;
+    std::thread harvester([&] {
+      try {
+        while (true) {
+          source.harvest();
+          ++harvests;
+        }
+      } catch (const vmsync::Error& e) {
+        what = e.what();
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    ::kill(vmm.pid, SIGKILL);
+    int status = 0;
+    ::waitpid(vmm.pid, &status, 0);
+    harvester.join();
+    if (!WIFSIGNALED(status)) failTest("the VMM did not die of SIGKILL");
+    if (harvests == 0) failTest("no harvest succeeded before the VMM was killed");
+    std::printf("KILL9_OK after %d harvests: %s\n", harvests.load(), what.c_str());
+  }
+
+  // QEMU enables manual protection: KVM_GET_DIRTY_LOG then only copies the
+  // log and the module re-arms with KVM_CLEAR_DIRTY_LOG.
+  Vmm manual = startVmm();
+  if (manual.ask(kManualProtect) != 0) failTest("KVM refused KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2");
+  {
+    vmsync::KmodPageSource source(manual.pid, guestRanges(), 4096);
+    checkLockstepRounds(manual, source, kRounds, "manual protect, KVM_CLEAR_DIRTY_LOG");
+  }
+  {
+    // A ring smaller than one round's pages: the harvest must ask for a rescan.
+    vmsync::KmodPageSource source(manual.pid, guestRanges(), 64);
+    manual.ask(kRunRound);
+    vmsync::DirtyUnits units = source.harvest();
+    if (!units.everything || units.units.size() != 64)
+      failTest(fmt::format("a full ring of 64 gave {} units and no rescan", units.units.size()));
+    std::printf("RING_FULL_OK: %s\n", units.rescanReason.c_str());
+  }
+  {
+    // A controller killed while attached: the kernel closes its file and
+    // the module restores the slot.
+    int ready[2];
+    if (::pipe(ready) < 0) vmsync::throwLastErrno("pipe");
+    std::fflush(stdout);
+    const pid_t controller = ::fork();
+    if (controller == 0) {
+      try {
+        vmsync::KmodPageSource source(manual.pid, guestRanges(), 4096);
+        writeAll(ready[1], "a", 1);
+        ::pause();
+      } catch (const std::exception& e) {
+        std::printf("FAIL: controller: %s\n", e.what());
+      }
+      std::_Exit(1);
+    }
+    ::close(ready[1]);
+    char attached;
+    if (::read(ready[0], &attached, 1) != 1) failTest("the controller process did not attach");
+    ::close(ready[0]);
+    if (manual.ask(kQueryDirtyLog) != 0) failTest("controller attached but the slot does not log");
+    ::kill(controller, SIGKILL);
+    ::waitpid(controller, nullptr, 0);
+    if (manual.ask(kQueryDirtyLog) != ENOENT)
+      failTest("after the controller was killed the slot still logs");
+    std::printf("CONTROLLER_KILL9_OK\n");
+  }
+  if (manual.ask(kQueryDirtyLog) != ENOENT)
+    failTest("manual protect: slot logging not off after close");
+  ::close(manual.commands);
+  int status = 0;
+  ::waitpid(manual.pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failTest("manual protect: the VMM failed");
+  std::printf("MANUAL_PROTECT_OK\n");
+  std::printf("KMOD_TEST_DONE\n");
+  return 0;
+}
+
+}  // namespace
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  try {
+    return run();
+  } catch (const std::exception& e) {
+    failTest(e.what());
+  }
+}

@@ -1,0 +1,69 @@
+// The `kmod` page source: vmsync.ko harvests the dirty log of a VM that
+// belongs to another, unmodified VMM (QEMU). The source takes the VM's file
+// from the VMM with pidfd_getfd(2), hands it to /dev/vmsync, and reads the
+// guest frame numbers the module publishes into a ring shared by mmap.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dirty_source.h"
+
+namespace vmsync {
+
+/// Guest frames [firstGfn, firstGfn + pages) are units [firstUnit, ...) of
+/// the harvested image. Frames outside every range are not in the image
+/// (video memory, ROMs) and are dropped.
+struct GfnRange {
+  std::uint64_t firstGfn = 0;
+  std::uint64_t pages = 0;
+  std::uint64_t firstUnit = 0;
+};
+
+/// Where QEMU's q35 machine puts `ramBytes` of RAM in guest-physical space:
+/// RAM below 4 GiB up to its low-memory limit, the rest from 4 GiB.
+std::vector<GfnRange> qemuQ35GfnRanges(std::uint64_t ramBytes);
+
+/// The fd number, in process `pid`'s table, of its KVM VM (the link
+/// anon_inode:kvm-vm under /proc/PID/fd), or -1 if it has none.
+int findKvmVmFd(pid_t pid);
+
+class KmodPageSource final : public PageSource {
+ public:
+  /// Why this machine cannot use the module ("" if it can): /dev/vmsync
+  /// missing, or a module with another ABI.
+  static std::string unavailableReason();
+
+  /// Attaches to the KVM VM of process `vmmPid`. `ringEntries` 0 takes the
+  /// module's default. Throws Error saying what failed (no KVM VM in that
+  /// process, pidfd_getfd refused, the module refused the VM).
+  KmodPageSource(pid_t vmmPid, std::vector<GfnRange> ranges, std::uint32_t ringEntries = 0);
+  /// Detaches (the module restores the VM's slots) and unmaps the ring.
+  ~KmodPageSource();
+  KmodPageSource(const KmodPageSource&) = delete;
+  KmodPageSource& operator=(const KmodPageSource&) = delete;
+
+  std::string name() const override { return "kmod"; }
+  /// Has the module read and re-arm KVM's dirty log, then drains the ring.
+  /// A full ring or slots the VMM changed turn into `everything`. Throws
+  /// Error when the VMM is gone or the module fails.
+  DirtyUnits harvest() override;
+
+  /// Detaches now, with the VM running; harvest() then throws.
+  void detach();
+  /// Memory slots the module follows (from the attach).
+  std::uint32_t slots() const { return slots_; }
+
+ private:
+  int device_ = -1;
+  pid_t vmmPid_;
+  void* ring_ = nullptr;
+  std::size_t ringBytes_ = 0;
+  std::uint32_t slots_ = 0;
+  std::vector<GfnRange> ranges_;
+};
+
+}  // namespace vmsync
