@@ -114,7 +114,7 @@ SyncServer::~SyncServer() {
 }
 
 void SyncServer::maybeCompact(wire::Policy policy) {
-  if (compacting_) return;
+  if (compacting_ || store_.head() < retryCompactionAt_) return;
   const std::uint64_t count = store_.countAfterBase();
   const std::uint64_t bytes = store_.bytesAfterBase();
   const bool due = (limits_.checkpoints != 0 && count >= limits_.checkpoints) ||
@@ -172,8 +172,10 @@ void SyncServer::maybeCompact(wire::Policy policy) {
                     .then([this, to, start, outcome]() {
                       compactor_.join();
                       if (outcome->starts_with("!")) {
-                        spdlog::warn("compaction at {} failed: {}; the chain is kept as it is", to,
-                                     outcome->substr(1));
+                        // Not again at every push: after as many checkpoints again.
+                        retryCompactionAt_ = store_.head() + std::max<std::uint64_t>(limits_.checkpoints, 16);
+                        spdlog::warn("compaction at {} failed: {}; the chain is kept as it is (next try at {})", to,
+                                     outcome->substr(1), retryCompactionAt_);
                         return;
                       }
                       store_.commitFold(to);

@@ -94,6 +94,7 @@ class SyncServer {
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};
   bool compacting_ = false;
+  std::uint64_t retryCompactionAt_ = 0;      // after a failed fold: not before this head
   kj::Maybe<kj::Promise<void>> compaction_;  // the fold's completion on this thread
   ServerState state_;
   std::map<std::string, std::unique_ptr<DeviceEntry>> devices_;
