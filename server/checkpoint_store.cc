@@ -161,8 +161,10 @@ void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
   if (bytes.size() > kMaxRecordPayload)
     fail("checkpoint {} is {} bytes, above the store's limit of {}", checkpoint.getSequence(), bytes.size(),
          kMaxRecordPayload);
-  writeRecordFile(checkpointPath(head_ + 1), std::as_bytes(std::span(bytes.begin(), bytes.size())),
-                  /*crashPoints=*/true);
+  const std::string path = checkpointPath(head_ + 1);
+  writeRecordFile(path, std::as_bytes(std::span(bytes.begin(), bytes.size())), /*crashPoints=*/true);
+  recentPath_ = path;
+  recent_ = kj::refcounted<StoredCheckpoint>(kj::mv(words));
   ++head_;
   if (base_ == 0) base_ = head_;
   else bytes_[head_] = sizeof(RecordHeader) + bytes.size();
@@ -170,8 +172,9 @@ void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
 
 kj::Own<StoredCheckpoint> CheckpointStore::read(std::uint64_t sequence) const {
   std::string path = pathOf(sequence);
+  if (path == recentPath_) KJ_IF_MAYBE(recent, recent_) { return kj::addRef(**recent); }
   std::string why;
-  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::heap<StoredCheckpoint>(kj::mv(*words)); }
+  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::refcounted<StoredCheckpoint>(kj::mv(*words)); }
   fail("checkpoint {} is damaged: {}", path, why);
 }
 

@@ -4,6 +4,7 @@
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 #include <kj/array.h>
+#include <kj/refcount.h>
 
 #include <cstdint>
 #include <map>
@@ -13,8 +14,9 @@
 
 namespace vmsync {
 
-/// A stored checkpoint, read back as a flat Cap'n Proto message.
-class StoredCheckpoint {
+/// A stored checkpoint, read back as a flat Cap'n Proto message. Shared (by
+/// reference count) between the devices it is being sent to.
+class StoredCheckpoint : public kj::Refcounted {
  public:
   explicit StoredCheckpoint(kj::Array<capnp::word> words);
   wire::Checkpoint::Reader reader() { return message_.getRoot<wire::Checkpoint>(); }
@@ -70,7 +72,8 @@ class CheckpointStore {
 
   /// Stores `checkpoint` as sequence head()+1; returns once it is durable.
   void append(wire::Checkpoint::Reader checkpoint);
-  /// Reads a stored checkpoint. Throws Error if it is not stored or damaged.
+  /// Reads a stored checkpoint (the newest from memory). Throws Error if it
+  /// is not stored or damaged.
   kj::Own<StoredCheckpoint> read(std::uint64_t sequence) const;
   /// Path of a stored checkpoint's file (for readers on other threads; the
   /// file stays until the next fold or prune commits).
@@ -99,6 +102,10 @@ class CheckpointStore {
   std::uint64_t base_ = 0;
   bool foldedBase_ = false;  // the base is a "K.base" file, not checkpoint 1
   std::map<std::uint64_t, std::uint64_t> bytes_;  // stored checkpoints after the base: sequence -> bytes
+  // The newest checkpoint appended, kept in memory: every standby is sent it,
+  // and each would otherwise read and verify the file again.
+  std::string recentPath_;
+  mutable kj::Maybe<kj::Own<StoredCheckpoint>> recent_;
   ServerState state_;
 };
 

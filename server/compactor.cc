@@ -22,7 +22,7 @@ namespace {
 
 kj::Own<StoredCheckpoint> load(const std::string& path) {
   std::string why;
-  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::heap<StoredCheckpoint>(kj::mv(*words)); }
+  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::refcounted<StoredCheckpoint>(kj::mv(*words)); }
   fail("cannot fold {}: {}", path, why);
 }
 
