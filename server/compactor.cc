@@ -9,6 +9,7 @@
 #include "checkpoint_builder.h"
 #include "checkpoint_record.h"
 #include "checkpoint_store.h"
+#include "crash_point.h"
 #include "chunk_codec.h"
 #include "error.h"
 #include "image_file.h"
@@ -105,6 +106,7 @@ FoldStats foldChain(const std::vector<std::string>& paths, const std::string& sc
   folded.adoptDisk(kj::mv(blocks));
   auto words = capnp::messageToFlatArray(message);
   auto bytes = words.asBytes();
+  crashPoint("fold-before-write");
   writeRecordFile(out, std::as_bytes(std::span(bytes.begin(), bytes.size())));
   stats.bytes = sizeof(RecordHeader) + bytes.size();
   return stats;

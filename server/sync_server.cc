@@ -178,6 +178,7 @@ void SyncServer::maybeCompact(wire::Policy policy) {
                                      outcome->substr(1), retryCompactionAt_);
                         return;
                       }
+                      crashPoint("fold-before-commit");  // the new base is in place, the old chain too
                       store_.commitFold(to);
                       spdlog::info("compaction: the base is now checkpoint {} ({}), {:.0f} ms", to, *outcome,
                                    (nowNs() - start) / 1e6);

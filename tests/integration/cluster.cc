@@ -71,6 +71,7 @@ void Cluster::startServer(const std::vector<std::string>& extra) {
   std::vector<std::string> argv{vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server",
                                 "--tls", identityDir()};
   argv.insert(argv.end(), extra.begin(), extra.end());
+  server_.reset();  // a running server stops first: the new one needs its port
   server_ = std::make_unique<Process>(argv, dir_ + "/server.log");
   waitFor([&] { return status().has_value(); }, std::chrono::seconds(10));
 }

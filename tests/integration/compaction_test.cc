@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <regex>
 
@@ -136,6 +137,59 @@ TEST_F(Compaction, DataDirectoryStaysBoundedAndADeviceBehindTheFoldTakesOver) {
   ASSERT_EQ(cluster.switchTo("B", &report, &output), 0)
       << output << cluster.logOf("B") << cluster.logOf("C") << cluster.logOf("server");
   EXPECT_EQ(report["to"], "B");
+}
+
+TEST_F(Compaction, ServerKilledDuringAFoldRecoversAWholeChain) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  const std::vector<std::string> compact = {"--compact-after", "6"};
+  cluster.startServer(compact);
+  cluster.startActive("A", {"--interval", "0.3"});
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+
+  const std::string chain = dir.path() + "/server/checkpoints";
+  for (const char* point : {"fold-before-write", "fold-before-commit"}) {
+    SCOPED_TRACE(point);
+    // The test hook: the server SIGKILLs itself at `point` of its next fold.
+    ::setenv("VMSYNC_CRASH_AT", point, 1);
+    cluster.startServer(compact);
+    ::unsetenv("VMSYNC_CRASH_AT");
+    ASSERT_TRUE(waitFor([&] { return !cluster.server().running(); }, std::chrono::seconds(120)))
+        << "the server did not reach " << point << cluster.logOf("server");
+    ASSERT_NE(readFile(dir.path() + "/server.log").find(std::string("VMSYNC_CRASH_AT=") + point), std::string::npos);
+    std::vector<std::string> left;
+    for (const auto& e : fs::directory_iterator(chain)) left.push_back(e.path().filename().string());
+    std::sort(left.begin(), left.end());
+    std::printf("killed at %-18s: %zu files in the chain, %s scratch space\n", point, left.size(),
+                fs::exists(dir.path() + "/server/compaction") ? "with" : "without");
+
+    cluster.startServer(compact);
+    const std::string log = readFile(dir.path() + "/server.log");
+    EXPECT_EQ(log.find("is damaged"), std::string::npos) << cluster.logOf("server");
+    EXPECT_FALSE(fs::exists(dir.path() + "/server/compaction")) << "scratch space survived the restart";
+    // Whole or absent: killed before the new base was written, the old chain
+    // stands; killed after, the new base stands and what it replaced is gone.
+    std::uint64_t newestBase = 0, oldestCheckpoint = UINT64_MAX;
+    for (const auto& e : fs::directory_iterator(chain)) {
+      const std::string name = e.path().filename().string();
+      EXPECT_FALSE(name.ends_with(".tmp")) << name;
+      if (name.ends_with(".base")) newestBase = std::max<std::uint64_t>(newestBase, std::stoull(name));
+      if (name.ends_with(".ckpt")) oldestCheckpoint = std::min<std::uint64_t>(oldestCheckpoint, std::stoull(name));
+    }
+    if (std::string(point) == "fold-before-commit") {
+      EXPECT_GT(newestBase, 0u) << "the fold written before the kill was lost";
+      EXPECT_GT(oldestCheckpoint, newestBase) << "checkpoints the new base replaced were kept";
+    }
+    const std::uint64_t head = cluster.head();
+    ASSERT_TRUE(cluster.waitForHead(head + 3, std::chrono::seconds(90)))
+        << cluster.logOf("server") << cluster.logOf("A") << cluster.logOf("B");
+  }
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0)
+      << output << cluster.logOf("A") << cluster.logOf("B") << cluster.logOf("server");
+  EXPECT_EQ(report["to"], "B");  // B's image matched A's digest at the switch
 }
 
 }  // namespace
