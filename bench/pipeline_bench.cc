@@ -66,6 +66,11 @@ BENCHMARK(BM_ScanHashPerUnit)->Unit(benchmark::kMillisecond);
 /// XOR-diff encode/decode on units with `percent` % of their bytes changed.
 void BM_XorDiffEncode(benchmark::State& state) {
   const auto percent = static_cast<std::size_t>(state.range(0));
+  const auto kernel = state.range(1) ? CompareKernel::kAvx2 : CompareKernel::kPortable;
+  if (!compareKernelSupported(kernel)) {
+    state.SkipWithError("this CPU has no AVX2");
+    return;
+  }
   auto ref = makeImage(64 * kUnitSize, 2);
   auto cur = ref;
   std::mt19937 rng(3);
@@ -74,11 +79,24 @@ void BM_XorDiffEncode(benchmark::State& state) {
   for (auto _ : state) {
     for (std::size_t u = 0; u < 64; ++u)
       benchmark::DoNotOptimize(encodeXorDiff({cur.data() + u * kUnitSize, kUnitSize},
-                                             {ref.data() + u * kUnitSize, kUnitSize}, 2 * kUnitSize, out));
+                                             {ref.data() + u * kUnitSize, kUnitSize}, 2 * kUnitSize, out, kernel));
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * cur.size()));
 }
-BENCHMARK(BM_XorDiffEncode)->Arg(1)->Arg(10)->Arg(50);
+BENCHMARK(BM_XorDiffEncode)->ArgsProduct({{1, 10, 50}, {0, 1}})->ArgNames({"pct", "avx2"});
+
+/// changedBytes() (the study's measure) over the same units.
+void BM_ChangedBytes(benchmark::State& state) {
+  auto ref = makeImage(64 * kUnitSize, 2);
+  auto cur = ref;
+  std::mt19937 rng(3);
+  for (std::size_t i = 0; i < cur.size() / 10; ++i) cur[rng() % cur.size()] ^= std::byte{0x5A};
+  for (auto _ : state)
+    for (std::size_t u = 0; u < 64; ++u)
+      benchmark::DoNotOptimize(changedBytes({cur.data() + u * kUnitSize, kUnitSize}, {ref.data() + u * kUnitSize, kUnitSize}));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * cur.size()));
+}
+BENCHMARK(BM_ChangedBytes);
 
 void BM_XorDiffDecode(benchmark::State& state) {
   auto ref = makeImage(64 * kUnitSize, 2);

@@ -3,8 +3,11 @@
 #include <lz4.h>
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cstring>
 
+#include "byte_compare.h"
 #include "error.h"
 #include "units.h"
 
@@ -51,14 +54,6 @@ EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current,
 
 namespace {
 
-void putVarint(std::vector<std::byte>& out, std::uint32_t value) {
-  while (value >= 0x80) {
-    out.push_back(static_cast<std::byte>((value & 0x7F) | 0x80));
-    value >>= 7;
-  }
-  out.push_back(static_cast<std::byte>(value));
-}
-
 /// Reads a varint of at most 3 bytes (values below 2^21, enough for a unit).
 bool getVarint(std::span<const std::byte> in, std::size_t& pos, std::uint32_t& value) {
   value = 0;
@@ -73,26 +68,106 @@ bool getVarint(std::span<const std::byte> in, std::size_t& pos, std::uint32_t& v
 
 }  // namespace
 
+namespace {
+
+/// Bytes a varint of `value` takes.
+inline std::size_t varintSize(std::uint32_t value) {
+  std::size_t n = 1;
+  while (value >= 0x80) {
+    value >>= 7;
+    ++n;
+  }
+  return n;
+}
+
+inline std::byte* writeVarint(std::byte* out, std::uint32_t value) {
+  while (value >= 0x80) {
+    *out++ = static_cast<std::byte>((value & 0x7F) | 0x80);
+    value >>= 7;
+  }
+  *out++ = static_cast<std::byte>(value);
+  return out;
+}
+
+}  // namespace
+
 bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference, std::size_t limit,
                    std::vector<std::byte>& out) {
+  return encodeXorDiff(current, reference, limit, out, bestCompareKernel());
+}
+
+bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference, std::size_t limit,
+                   std::vector<std::byte>& out, CompareKernel kernel) {
   out.clear();
   const std::size_t n = current.size();
-  std::size_t i = 0;
-  while (i < n) {
-    std::size_t same = i;
-    // Skip equal bytes a word at a time where possible.
-    while (same + 8 <= n && std::memcmp(current.data() + same, reference.data() + same, 8) == 0) same += 8;
-    while (same < n && current[same] == reference[same]) ++same;
-    if (same == n) break;  // a trailing unchanged run is implied
-    std::size_t diff = same;
-    while (diff < n && current[diff] != reference[diff]) ++diff;
-    putVarint(out, static_cast<std::uint32_t>(same - i));
-    putVarint(out, static_cast<std::uint32_t>(diff - same));
-    out.insert(out.end(), current.begin() + static_cast<std::ptrdiff_t>(same),
-               current.begin() + static_cast<std::ptrdiff_t>(diff));
-    if (out.size() > limit) return false;
-    i = diff;
+  if (reference.size() != n) fail("xor-diff reference has {} bytes, the unit {}", reference.size(), n);
+  // The mask of changed bytes, then its runs: the encoding is fixed by the mask,
+  // so every kernel gives the same bytes.
+  std::array<std::uint64_t, diffMaskWords(kUnitSize)> unitMask;
+  std::vector<std::uint64_t> largeMask;
+  std::span<std::uint64_t> mask(unitMask.data(), diffMaskWords(n));
+  if (n > kUnitSize) {
+    largeMask.resize(diffMaskWords(n));
+    mask = largeMask;
   }
+  diffMask(kernel, current, reference, mask);
+  // Runs are written to a scratch buffer that never shrinks, then copied out at
+  // their exact size. Each run has at least one changed byte and two varints of
+  // at most 5 bytes, so 11 bytes per input byte bound any encoding; short runs
+  // are copied 16 bytes at a time, hence the slack.
+  constexpr std::size_t kSlack = 16;
+  thread_local std::vector<std::byte> scratch;
+  const std::size_t capacity = std::min(limit, 11 * n) + kSlack;
+  if (scratch.size() < capacity) scratch.resize(capacity);
+  std::byte* const begin = scratch.data();
+  std::byte* at = begin;
+  std::size_t unchangedFrom = 0;  // where the current unchanged run began
+  std::size_t changedFrom = 0;    // where the current changed run began
+  bool inChanged = false;
+  // Emits the run of unchanged bytes [unchangedFrom, changedFrom) and the
+  // changed bytes [changedFrom, end).
+  auto emit = [&](std::size_t end) {
+    const auto same = static_cast<std::uint32_t>(changedFrom - unchangedFrom);
+    const auto changed = static_cast<std::uint32_t>(end - changedFrom);
+    if ((same | changed) < 0x80) {
+      if (static_cast<std::size_t>(at - begin) + 2 + changed > limit) return false;
+      at[0] = static_cast<std::byte>(same);
+      at[1] = static_cast<std::byte>(changed);
+      at += 2;
+    } else {
+      if (static_cast<std::size_t>(at - begin) + varintSize(same) + varintSize(changed) + changed > limit) return false;
+      at = writeVarint(at, same);
+      at = writeVarint(at, changed);
+    }
+    if (changed <= kSlack && changedFrom + kSlack <= n)
+      std::memcpy(at, current.data() + changedFrom, kSlack);
+    else
+      std::memcpy(at, current.data() + changedFrom, changed);
+    at += changed;
+    unchangedFrom = end;
+    return true;
+  };
+  // Walk the positions where the mask flips: each changed run starts at one and
+  // ends at the next. Bits past the end are zero, so a run reaching the end of
+  // a partial last word ends there.
+  std::uint64_t previous = 0;  // the bit before the current word
+  for (std::size_t word = 0; word < mask.size(); ++word) {
+    const std::uint64_t bits = mask[word];
+    std::uint64_t flips = bits ^ ((bits << 1) | previous);
+    previous = bits >> 63;
+    while (flips != 0) {
+      const std::size_t position = word * 64 + static_cast<std::size_t>(std::countr_zero(flips));
+      flips &= flips - 1;
+      if (!inChanged) {
+        changedFrom = position;
+      } else if (!emit(position)) {
+        return false;
+      }
+      inChanged = !inChanged;
+    }
+  }
+  if (inChanged && !emit(n)) return false;
+  out.assign(begin, at);
   return true;
 }
 
@@ -116,8 +191,16 @@ void decodeXorDiff(std::span<const std::byte> diff, std::span<const std::byte> r
 }
 
 std::uint32_t changedBytes(std::span<const std::byte> current, std::span<const std::byte> reference) {
+  std::array<std::uint64_t, diffMaskWords(kUnitSize)> unitMask;
+  std::vector<std::uint64_t> largeMask;
+  std::span<std::uint64_t> mask(unitMask.data(), diffMaskWords(current.size()));
+  if (current.size() > kUnitSize) {
+    largeMask.resize(diffMaskWords(current.size()));
+    mask = largeMask;
+  }
+  diffMask(current, reference, mask);
   std::uint32_t count = 0;
-  for (std::size_t i = 0; i < current.size(); ++i) count += current[i] != reference[i];
+  for (std::uint64_t word : mask) count += static_cast<std::uint32_t>(std::popcount(word));
   return count;
 }
 

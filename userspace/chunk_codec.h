@@ -5,6 +5,7 @@
 #include <span>
 #include <vector>
 
+#include "byte_compare.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {
@@ -32,6 +33,11 @@ EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current,
 /// longer than `limit` bytes.
 bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference,
                    std::size_t limit, std::vector<std::byte>& out);
+
+/// encodeXorDiff() with a given comparison kernel (which must be supported);
+/// every kernel gives the same bytes. For tests and benchmarks.
+bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference,
+                   std::size_t limit, std::vector<std::byte>& out, CompareKernel kernel);
 
 /// Applies an XOR-diff to `reference`, writing the result to `out`. Throws Error
 /// on malformed input; never reads or writes outside the given spans.
