@@ -14,26 +14,43 @@
 namespace vmsync {
 
 bool isZeroUnit(std::span<const std::byte> unit) {
-  // Compare word-wise: the compiler vectorizes this loop.
-  const auto* words = reinterpret_cast<const std::uint64_t*>(unit.data());
-  std::uint64_t acc = 0;
-  for (std::size_t i = 0; i < unit.size() / 8; ++i) acc |= words[i];
-  return acc == 0;
+  // Blocks of 256 bytes OR-ed word-wise (the compiler vectorizes each block):
+  // most non-zero units stop after the first block.
+  const std::byte* bytes = unit.data();
+  const std::size_t n = unit.size();
+  std::size_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    std::uint64_t acc = 0;
+    for (std::size_t k = 0; k < 32; ++k) {
+      std::uint64_t word;
+      std::memcpy(&word, bytes + i + k * 8, 8);
+      acc |= word;
+    }
+    if (acc != 0) return false;
+  }
+  for (; i < n; ++i)
+    if (bytes[i] != std::byte{0}) return false;
+  return true;
 }
 
 namespace {
 
-/// lz4-compresses `raw` into `unit`, keeping it only when it is smaller.
-void maybeCompress(EncodedUnit& unit) {
-  if (unit.data.empty()) return;
-  std::vector<std::byte> out(static_cast<std::size_t>(LZ4_compressBound(static_cast<int>(unit.data.size()))));
-  int n = LZ4_compress_default(reinterpret_cast<const char*>(unit.data.data()), reinterpret_cast<char*>(out.data()),
-                               static_cast<int>(unit.data.size()), static_cast<int>(out.size()));
-  if (n <= 0 || static_cast<std::size_t>(n) >= unit.data.size()) return;
-  out.resize(static_cast<std::size_t>(n));
-  unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  unit.data = std::move(out);
+/// lz4-compresses `raw` into `unit.data` when that makes it smaller, setting
+/// the unit's compression and raw size; returns whether it did. `raw` may be
+/// `unit.data` itself. Compresses into a per-thread buffer, so that the unit
+/// keeps only the compressed bytes.
+bool compressInto(std::span<const std::byte> raw, EncodedUnit& unit) {
+  if (raw.empty()) return false;
+  thread_local std::vector<std::byte> scratch;
+  const auto bound = static_cast<std::size_t>(LZ4_compressBound(static_cast<int>(raw.size())));
+  if (scratch.size() < bound) scratch.resize(bound);
+  int n = LZ4_compress_default(reinterpret_cast<const char*>(raw.data()), reinterpret_cast<char*>(scratch.data()),
+                               static_cast<int>(raw.size()), static_cast<int>(bound));
+  if (n <= 0 || static_cast<std::size_t>(n) >= raw.size()) return false;
+  unit.rawSize = static_cast<std::uint32_t>(raw.size());
+  unit.data.assign(scratch.begin(), scratch.begin() + n);
   unit.compression = wire::Compression::LZ4;
+  return true;
 }
 
 }  // namespace
@@ -46,9 +63,10 @@ EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current,
     return unit;
   }
   unit.encoding = wire::ChunkEncoding::WHOLE;
+  // Compressed straight from `current`; copied whole only when lz4 does not help.
+  if (compress && compressInto(current, unit)) return unit;
   unit.data.assign(current.begin(), current.end());
   unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  if (compress) maybeCompress(unit);
   return unit;
 }
 
@@ -212,7 +230,7 @@ EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current, 
   if (!encodeXorDiff(current, reference, kUnitSize - 1, unit.data)) return encodeWhole(index, current, compress);
   unit.encoding = wire::ChunkEncoding::XOR_DIFF;
   unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  if (compress) maybeCompress(unit);
+  if (compress) compressInto(unit.data, unit);
   return unit;
 }
 
