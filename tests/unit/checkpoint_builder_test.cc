@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "checkpoint_applier.h"
 #include "error.h"
@@ -88,6 +91,76 @@ TEST(ImageTracker, FailedPushShipsTheUnitsAgainEvenIfTheSourceForgetsThem) {
   EXPECT_EQ(again.units[0].index, 5u);
   tracker.acknowledge(again);
   EXPECT_TRUE(tracker.collect(DirtyUnits{}).units.empty());
+}
+
+/// Random bytes in some units, zero in some, a copy of unit 3 in others.
+void fillForPool(ImageFile& image, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::byte> unit(kUnitSize), three(kUnitSize, std::byte{3});
+  for (std::uint64_t i = 0; i < image.units(); ++i) {
+    switch (rng() % 5) {
+      case 0: continue;  // unchanged
+      case 1: std::fill(unit.begin(), unit.end(), std::byte{0}); break;
+      case 2: unit = three; break;
+      default:
+        std::memcpy(unit.data(), image.unit(i).data(), kUnitSize);
+        for (int k = 0; k < 40; ++k) unit[rng() % kUnitSize] = static_cast<std::byte>(rng());
+    }
+    image.writeUnit(i, unit);
+  }
+}
+
+// The chunks must not depend on how many threads built them: same encodings,
+// same SAME_AS positions, same bytes, in index order.
+TEST(ImageTracker, ThreadPoolSizeDoesNotChangeTheCheckpoint) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 3000;  // several scan tasks and many encode tasks
+  ImageFile source(dir.file("src"), true, kUnits * kUnitSize);
+  ThreadPool one(1), four(4);
+  for (auto policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV}) {
+    ImageTracker serial(source, hashAllUnits(source), policy, true,
+                        std::vector<std::byte>(source.bytes().begin(), source.bytes().end()));
+    ImageTracker parallel(source, hashAllUnits(source), policy, true,
+                          std::vector<std::byte>(source.bytes().begin(), source.bytes().end()));
+    serial.setThreadPool(one);
+    parallel.setThreadPool(four);
+    for (std::uint32_t round = 1; round <= 3; ++round) {
+      fillForPool(source, round);
+      ImageDelta a = serial.collect(DirtyUnits{.everything = true});
+      ImageDelta b = parallel.collect(DirtyUnits{.everything = true});
+      ASSERT_EQ(a.units.size(), b.units.size());
+      ASSERT_GT(a.units.size(), 100u);
+      for (std::size_t i = 0; i < a.units.size(); ++i) {
+        EXPECT_EQ(a.units[i].index, b.units[i].index);
+        EXPECT_EQ(a.units[i].encoding, b.units[i].encoding);
+        EXPECT_EQ(a.units[i].sameAs, b.units[i].sameAs);
+        EXPECT_EQ(a.units[i].data, b.units[i].data);
+      }
+      EXPECT_EQ(a.hashes, b.hashes);
+      EXPECT_TRUE(std::equal(a.raw.begin(), a.raw.end(), b.raw.begin(), b.raw.end()));
+      EXPECT_EQ(a.encodedBytes, b.encodedBytes);
+      serial.acknowledge(a);
+      parallel.acknowledge(b);
+    }
+  }
+}
+
+TEST(ThreadPool, EveryItemOnceAndErrorsReachTheCaller) {
+  ThreadPool pool(3);
+  std::vector<std::atomic<int>> seen(10007);
+  pool.parallelFor(seen.size(), 64, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t i = begin; i < end; ++i) seen[i]++;
+  });
+  for (auto& s : seen) EXPECT_EQ(s.load(), 1);
+  EXPECT_THROW(pool.parallelFor(1000, 10,
+                                [](std::size_t begin, std::size_t) {
+                                  if (begin == 500) fail("chunk at {}", begin);
+                                }),
+               Error);
+  // The pool still works after an error.
+  std::atomic<std::size_t> total{0};
+  pool.parallelFor(100, 7, [&](std::size_t begin, std::size_t end) { total += end - begin; });
+  EXPECT_EQ(total.load(), 100u);
 }
 
 TEST(ImageTracker, RejectsUnitsPastTheImage) {
