@@ -197,7 +197,7 @@ void BM_ApplyCheckpoint(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * delta.encodedBytes));
   state.counters["payload_MiB"] = static_cast<double>(delta.encodedBytes) / (1 << 20);
 }
-BENCHMARK(BM_ApplyCheckpoint)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ApplyCheckpoint)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime();
 
 }  // namespace
 }  // namespace vmsync

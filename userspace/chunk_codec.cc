@@ -245,49 +245,79 @@ void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk) {
   }
 }
 
-void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
-  if (out.size() != kUnitSize) fail("decode buffer of {} bytes, expected {}", out.size(), kUnitSize);
+ChunkFields chunkFields(wire::Chunk::Reader chunk) {
   auto data = chunk.getData();
-  std::vector<std::byte> decompressed;
-  std::span<const std::byte> payload(reinterpret_cast<const std::byte*>(data.begin()), data.size());
-  switch (chunk.getCompression()) {
+  return ChunkFields{chunk.getIndex(), chunk.getEncoding(), chunk.getCompression(), chunk.getRawSize(),
+                     {reinterpret_cast<const std::byte*>(data.begin()), data.size()}};
+}
+
+void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
+  decodeUnit(chunkFields(chunk), reference, out);
+}
+
+void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
+  if (out.size() != kUnitSize) fail("decode buffer of {} bytes, expected {}", out.size(), kUnitSize);
+  std::span<const std::byte> payload = chunk.payload;
+  switch (chunk.compression) {
     case wire::Compression::NONE:
       break;
     case wire::Compression::LZ4: {
-      std::uint32_t raw = chunk.getRawSize();
+      std::uint32_t raw = chunk.rawSize;
       if (raw == 0 || raw > kUnitSize * 2)
-        fail("chunk {}: lz4 raw size {} out of range (1..{})", chunk.getIndex(), raw, kUnitSize * 2);
-      decompressed.resize(raw);
-      int n = LZ4_decompress_safe(reinterpret_cast<const char*>(payload.data()), reinterpret_cast<char*>(decompressed.data()),
+        fail("chunk {}: lz4 raw size {} out of range (1..{})", chunk.index, raw, kUnitSize * 2);
+      // A whole unit decompresses straight into `out`; anything else (a diff,
+      // or a size the checks below refuse) into a per-thread buffer.
+      const bool direct = chunk.encoding == wire::ChunkEncoding::WHOLE && raw == kUnitSize;
+      thread_local std::vector<std::byte> decompressed;
+      if (!direct && decompressed.size() < kUnitSize * 2) decompressed.resize(kUnitSize * 2);
+      std::byte* target = direct ? out.data() : decompressed.data();
+      int n = LZ4_decompress_safe(reinterpret_cast<const char*>(payload.data()), reinterpret_cast<char*>(target),
                                   static_cast<int>(payload.size()), static_cast<int>(raw));
-      if (n != static_cast<int>(raw)) fail("chunk {}: lz4 data is corrupt", chunk.getIndex());
-      payload = decompressed;
+      if (n != static_cast<int>(raw)) fail("chunk {}: lz4 data is corrupt", chunk.index);
+      if (direct) return;
+      payload = std::span<const std::byte>(decompressed.data(), raw);
       break;
     }
     default:
-      fail("chunk {}: unknown compression {}", chunk.getIndex(), static_cast<unsigned>(chunk.getCompression()));
+      fail("chunk {}: unknown compression {}", chunk.index, static_cast<unsigned>(chunk.compression));
   }
-  switch (chunk.getEncoding()) {
+  switch (chunk.encoding) {
     case wire::ChunkEncoding::WHOLE:
       if (payload.size() != kUnitSize)
-        fail("chunk {}: whole unit has {} bytes, expected {}", chunk.getIndex(), payload.size(), kUnitSize);
+        fail("chunk {}: whole unit has {} bytes, expected {}", chunk.index, payload.size(), kUnitSize);
       std::memcpy(out.data(), payload.data(), kUnitSize);
       return;
     case wire::ChunkEncoding::ZERO:
-      if (!payload.empty()) fail("chunk {}: zero unit carries {} bytes of data", chunk.getIndex(), payload.size());
+      if (!payload.empty()) fail("chunk {}: zero unit carries {} bytes of data", chunk.index, payload.size());
       std::memset(out.data(), 0, kUnitSize);
       return;
     case wire::ChunkEncoding::XOR_DIFF:
-      if (reference.size() != kUnitSize) fail("chunk {}: xor-diff without a reference unit", chunk.getIndex());
+      if (reference.size() != kUnitSize) fail("chunk {}: xor-diff without a reference unit", chunk.index);
       try {
         decodeXorDiff(payload, reference, out);
       } catch (const Error& e) {
-        fail("chunk {}: {}", chunk.getIndex(), e.what());
+        fail("chunk {}: {}", chunk.index, e.what());
       }
       return;
     default:
-      fail("chunk {}: encoding {} is not supported here", chunk.getIndex(),
-           static_cast<unsigned>(chunk.getEncoding()));
+      fail("chunk {}: encoding {} is not supported here", chunk.index,
+           static_cast<unsigned>(chunk.encoding));
+  }
+}
+
+std::span<const std::byte> unitInPlace(const ChunkFields& chunk) {
+  if (chunk.compression != wire::Compression::NONE) return {};
+  switch (chunk.encoding) {
+    case wire::ChunkEncoding::WHOLE:
+      if (chunk.payload.size() != kUnitSize) return {};
+      return chunk.payload;
+    case wire::ChunkEncoding::ZERO: {
+      alignas(4096) static const std::array<std::byte, kUnitSize> zero{};
+      if (!chunk.payload.empty()) return {};
+      return zero;
+    }
+    default:
+      return {};
   }
 }
 

@@ -58,10 +58,30 @@ void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
 
 /// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the
 /// policy diffs against (needed for XOR_DIFF only). SAME_AS chunks are resolved
-/// by the caller, which holds the list. Throws Error naming what is malformed;
-/// never writes outside `out`.
+/// by the caller, which holds the list. Throws Error naming what is malformed
+/// (leaving `out` unspecified); never writes outside `out`.
 void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference,
                  std::span<std::byte> out);
+
+/// A chunk's fields read out of the message once, so that decoding them (on
+/// any thread) touches no Cap'n Proto reader. `payload` points into the message.
+struct ChunkFields {
+  std::uint64_t index = 0;
+  wire::ChunkEncoding encoding = wire::ChunkEncoding::WHOLE;
+  wire::Compression compression = wire::Compression::NONE;
+  std::uint32_t rawSize = 0;
+  std::span<const std::byte> payload;
+};
+ChunkFields chunkFields(wire::Chunk::Reader chunk);
+
+/// decodeChunk() on fields already read out of the message.
+void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, std::span<std::byte> out);
+
+/// The decoded unit of `chunk` when it needs no decoding: a whole unit sent
+/// uncompressed (its bytes in the message) or a zero unit (a static zero page).
+/// Empty for every other chunk, malformed ones included: decodeUnit() decides
+/// about those.
+std::span<const std::byte> unitInPlace(const ChunkFields& chunk);
 
 /// Encoded size of a chunk on the wire (payload plus a fixed header estimate),
 /// used for reports.

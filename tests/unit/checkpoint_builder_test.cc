@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
@@ -183,6 +184,104 @@ TEST(ApplyCheckpoint, OutOfRangeChunkIsRejectedAndNothingIsWritten) {
   checkpoint.initDisk(0);
   EXPECT_THROW(applyCheckpoint(checkpoint.asReader(), ram, disk), Error);
   EXPECT_EQ(hashUnit(ram.unit(0)), zeroUnitHash()) << "the valid first chunk must not have been applied";
+}
+
+/// A list of every kind of chunk, out of index order: whole and zero units sent
+/// as they are (applied from the message), lz4 and XOR-diff ones (decoded),
+/// and SAME_AS references to either kind. Some indexes are consecutive, so
+/// their writes go out together.
+void fillMixedList(capnp::List<wire::Chunk>::Builder list, const std::vector<std::vector<std::byte>>& units,
+                   std::span<const std::byte> reference) {
+  toWire(encodeWhole(5, units[5], false), list[0]);                        // whole, in place
+  toWire(encodeWhole(6, units[6], true), list[1]);                         // lz4
+  toWire(encodeWhole(2, units[2], false), list[2]);                        // zero, in place
+  toWire(encodeDiff(7, units[7], reference, false), list[3]);              // xor-diff
+  EncodedUnit same;
+  same.index = 3;
+  same.encoding = wire::ChunkEncoding::SAME_AS;
+  same.sameAs = 0;                                                         // = chunk 0 (in place)
+  toWire(same, list[4]);
+  same.index = 1;
+  same.sameAs = 3;                                                         // = chunk 3 (decoded)
+  toWire(same, list[5]);
+}
+
+TEST(ApplyCheckpoint, EveryKindOfChunkLandsWhereItBelongs) {
+  TempDir dir;
+  ImageFile ram(dir.file("ram"), true, 8 * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, kUnitSize);
+  std::mt19937 rng(31);
+  std::vector<std::vector<std::byte>> units(8, std::vector<std::byte>(kUnitSize));
+  for (std::size_t u : {5, 6, 7})
+    for (auto& b : units[u]) b = static_cast<std::byte>(u == 6 ? rng() % 3 : rng());
+  // Unit 7 differs from the receiver's (zero) unit in a few bytes only.
+  std::fill(units[7].begin(), units[7].end(), std::byte{0});
+  for (std::size_t i : {0, 100, 4095}) units[7][i] = std::byte{9};
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  fillMixedList(checkpoint.initMemory(6), units, ram.unit(7));
+  checkpoint.initDisk(0);
+  ASSERT_EQ(checkpoint.asReader().getMemory()[3].getEncoding(), wire::ChunkEncoding::XOR_DIFF);
+  ASSERT_EQ(checkpoint.asReader().getMemory()[1].getCompression(), wire::Compression::LZ4);
+  ApplyStats stats = applyCheckpoint(checkpoint.asReader(), ram, disk);
+  EXPECT_EQ(stats.memoryUnits, 6u);
+  std::vector<std::vector<std::byte>> expected = units;
+  expected[3] = units[5];
+  expected[1] = units[7];
+  for (std::uint64_t u = 0; u < 8; ++u)
+    EXPECT_TRUE(std::equal(ram.unit(u).begin(), ram.unit(u).end(), expected[u].begin())) << "unit " << u;
+}
+
+TEST(ApplyCheckpoint, CorruptChunkAfterGoodOnesIsRejectedAndNothingIsWritten) {
+  TempDir dir;
+  ImageFile ram(dir.file("ram"), true, 8 * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, kUnitSize);
+  std::vector<std::vector<std::byte>> units(8, std::vector<std::byte>(kUnitSize, std::byte{4}));
+  units[2].assign(kUnitSize, std::byte{0});
+  units[7][0] = std::byte{0};
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  auto list = checkpoint.initMemory(7);
+  fillMixedList(list, units, ram.unit(7));
+  // Chunk 6: lz4 that does not decompress to its raw size.
+  EncodedUnit bad = encodeWhole(0, units[5], true);
+  ASSERT_EQ(bad.compression, wire::Compression::LZ4);
+  bad.data.resize(bad.data.size() / 2);
+  toWire(bad, list[6]);
+  checkpoint.initDisk(0);
+  auto before = hashAllUnits(ram);
+  try {
+    applyCheckpoint(checkpoint.asReader(), ram, disk);
+    ADD_FAILURE() << "a corrupt chunk was applied";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("memory chunk 0: lz4 data is corrupt"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(hashAllUnits(ram), before) << "nothing may be written before every chunk is checked";
+}
+
+TEST(ImageFile, WriteUnitsInAnyOrderWithRunsAndRefusesAnIndexPastTheEnd) {
+  TempDir dir;
+  ImageFile image(dir.file("img"), true, 600 * kUnitSize);
+  std::vector<std::vector<std::byte>> data(600);
+  std::vector<UnitWrite> writes;
+  // A run longer than one pwritev, a gap, single units, given in reverse.
+  for (std::uint64_t i = 0; i < 600; ++i) {
+    if (i % 100 == 50 || (i > 400 && i % 3 == 0)) continue;
+    data[i].assign(kUnitSize, static_cast<std::byte>(i % 251 + 1));
+    writes.push_back({i, data[i].data()});
+  }
+  std::reverse(writes.begin(), writes.end());
+  image.writeUnits(writes);
+  for (std::uint64_t i = 0; i < 600; ++i) {
+    if (data[i].empty())
+      EXPECT_EQ(hashUnit(image.unit(i)), zeroUnitHash()) << "unit " << i;
+    else
+      EXPECT_TRUE(std::equal(image.unit(i).begin(), image.unit(i).end(), data[i].begin())) << "unit " << i;
+  }
+  std::vector<std::byte> other(kUnitSize, std::byte{0xEE});
+  std::vector<UnitWrite> pastEnd{{1, other.data()}, {600, other.data()}};
+  EXPECT_THROW(image.writeUnits(pastEnd), Error);
+  EXPECT_FALSE(std::equal(image.unit(1).begin(), image.unit(1).end(), other.begin())) << "unit 1 was written";
 }
 
 TEST(ApplyCheckpoint, MoreChunksThanUnitsIsRejectedBeforeDecoding) {
