@@ -216,6 +216,11 @@ void ImageTracker::acknowledge(const ImageDelta& delta) {
   }
 }
 
+std::uint64_t ImageTracker::stateBytes() const {
+  return (receiverHashes_.capacity() + baseHashes_.capacity()) * sizeof(std::uint64_t) + receiverBytes_.capacity() +
+         (sinceBase_.capacity() + unacknowledged_.capacity()) / 8;
+}
+
 void ImageTracker::retryLater(const ImageDelta& delta) {
   for (const auto& unit : delta.units) unacknowledged_[unit.index] = true;
   anyUnacknowledged_ = anyUnacknowledged_ || !delta.units.empty();

@@ -103,6 +103,9 @@ class ImageTracker {
   std::vector<std::uint64_t> hashesAfter(const ImageDelta& delta) const;
   /// Bytes of reference copies this tracker keeps (the policy's space overhead).
   std::uint64_t referenceBytes() const { return receiverBytes_.size(); }
+  /// Bytes of all state kept between checkpoints: hashes, bitmaps and the
+  /// reference copy (per GiB of image: see the class comment).
+  std::uint64_t stateBytes() const;
 
  private:
   bool origActive() const { return base_ != nullptr; }

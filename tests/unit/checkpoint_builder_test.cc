@@ -146,6 +146,32 @@ TEST(ImageTracker, ThreadPoolSizeDoesNotChangeTheCheckpoint) {
   }
 }
 
+// The state kept per unit of image, as the class comment states it per GiB:
+// 8 bytes of receiver hash, 8 more of base hash under Orig, 2 bits of bitmaps,
+// and under Diff Prev the 4096-byte reference copy.
+TEST(ImageTracker, StateStaysWithinItsStatedBoundPerUnit) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 4096;  // 16 MiB
+  ImageFile source(dir.file("src"), true, kUnits * kUnitSize);
+  ImageFile base(dir.file("base"), true, kUnits * kUnitSize);
+  auto bound = [&](std::uint64_t hashBytes, std::uint64_t referenceBytes) {
+    return kUnits * (hashBytes + referenceBytes) + kUnits / 4 + 64;
+  };
+  for (auto policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV, wire::Policy::DIRTY_ORIG,
+                      wire::Policy::DIFF_ORIG}) {
+    ImageTracker tracker(source, std::vector<std::uint64_t>(kUnits, zeroUnitHash()), policy, true);
+    tracker.setBase(base);
+    writeUnit(dir.file("src"), 9, 'x');
+    ImageDelta delta = tracker.collect(DirtyUnits{.units = {9}});
+    tracker.retryLater(delta);
+    tracker.acknowledge(tracker.collect(DirtyUnits{.everything = true}));
+    const std::uint64_t hashBytes = isOrigPolicy(policy) ? 16 : 8;
+    const std::uint64_t referenceBytes = policy == wire::Policy::DIFF_PREV ? kUnitSize : 0;
+    EXPECT_LE(tracker.stateBytes(), bound(hashBytes, referenceBytes)) << policyName(policy);
+    EXPECT_GE(tracker.stateBytes(), kUnits * (hashBytes + referenceBytes)) << policyName(policy);
+  }
+}
+
 TEST(ThreadPool, EveryItemOnceAndErrorsReachTheCaller) {
   ThreadPool pool(3);
   std::vector<std::atomic<int>> seen(10007);
