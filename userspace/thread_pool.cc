@@ -7,6 +7,14 @@
 
 namespace vmsync {
 
+namespace {
+
+/// Set while this thread runs a chunk: a loop started from inside one runs
+/// inline rather than waiting for the pool it is part of.
+thread_local bool insideChunk = false;
+
+}  // namespace
+
 ThreadPool::ThreadPool(unsigned threads) {
   if (threads == 0) threads = defaultThreadCount();
   for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
@@ -32,8 +40,11 @@ void ThreadPool::runChunks() {
       next_ = end;
     }
     try {
+      insideChunk = true;
       (*body_)(begin, end);
+      insideChunk = false;
     } catch (...) {
+      insideChunk = false;
       std::lock_guard lock(mutex_);
       if (!error_) error_ = std::current_exception();
     }
@@ -59,7 +70,7 @@ void ThreadPool::parallelFor(std::size_t count, std::size_t grain,
                              const std::function<void(std::size_t begin, std::size_t end)>& body) {
   if (count == 0) return;
   grain = std::max<std::size_t>(grain, 1);
-  if (workers_.empty() || count <= grain) {
+  if (workers_.empty() || count <= grain || insideChunk) {
     body(0, count);
     return;
   }

@@ -15,7 +15,7 @@ namespace vmsync {
 
 /// Runs the chunks of a loop on `threads` threads: the caller plus threads - 1
 /// workers, which sleep between loops. One loop runs at a time; a second caller
-/// waits for the first.
+/// waits for the first, and a loop started from inside a chunk runs inline.
 class ThreadPool {
  public:
   /// `threads` == 0: one per CPU the process may run on.

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "image_file.h"
+#include "thread_pool.h"
 #include "unit_hash_avx2.h"
 #include "units.h"
 
@@ -40,7 +41,10 @@ std::uint64_t zeroUnitHash() {
 
 std::vector<std::uint64_t> hashAllUnits(const ImageFile& image) {
   std::vector<std::uint64_t> hashes(image.units());
-  for (std::uint64_t i = 0; i < hashes.size(); ++i) hashes[i] = hashUnit(image.unit(i));
+  // On every core, 4 MiB per task.
+  defaultThreadPool().parallelFor(hashes.size(), 1024, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t i = begin; i < end; ++i) hashes[i] = hashUnit(image.unit(i));
+  });
   return hashes;
 }
 

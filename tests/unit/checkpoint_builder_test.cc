@@ -184,6 +184,12 @@ TEST(ThreadPool, EveryItemOnceAndErrorsReachTheCaller) {
                                   if (begin == 500) fail("chunk at {}", begin);
                                 }),
                Error);
+  // A loop inside a chunk runs inline instead of waiting for its own pool.
+  std::atomic<std::size_t> inner{0};
+  pool.parallelFor(8, 1, [&](std::size_t, std::size_t) {
+    pool.parallelFor(50, 5, [&](std::size_t begin, std::size_t end) { inner += end - begin; });
+  });
+  EXPECT_EQ(inner.load(), 400u);
   // The pool still works after an error.
   std::atomic<std::size_t> total{0};
   pool.parallelFor(100, 7, [&](std::size_t begin, std::size_t end) { total += end - begin; });
