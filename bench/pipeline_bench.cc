@@ -96,7 +96,8 @@ void BM_ChangedBytes(benchmark::State& state) {
   for (std::size_t i = 0; i < cur.size() / 10; ++i) cur[rng() % cur.size()] ^= std::byte{0x5A};
   for (auto _ : state)
     for (std::size_t u = 0; u < 64; ++u)
-      benchmark::DoNotOptimize(changedBytes({cur.data() + u * kUnitSize, kUnitSize}, {ref.data() + u * kUnitSize, kUnitSize}));
+      benchmark::DoNotOptimize(
+          changedBytes({cur.data() + u * kUnitSize, kUnitSize}, {ref.data() + u * kUnitSize, kUnitSize}));
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * cur.size()));
 }
 BENCHMARK(BM_ChangedBytes);

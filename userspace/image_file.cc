@@ -93,7 +93,8 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
     // A short write: the rest unit by unit (pwrite loops on short writes).
     for (std::size_t done = static_cast<std::size_t>(n); done < total;) {
       const std::size_t unit = done / kUnitSize, within = done % kUnitSize;
-      ssize_t m = ::pwrite(fd_, sorted[first + unit].bytes + within, kUnitSize - within, offset + static_cast<off_t>(done));
+      ssize_t m = ::pwrite(fd_, sorted[first + unit].bytes + within, kUnitSize - within,
+                           offset + static_cast<off_t>(done));
       if (m < 0) {
         if (errno == EINTR) continue;
         throwLastErrno(fmt::format("cannot write image {}", path_));
