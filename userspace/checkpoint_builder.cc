@@ -78,6 +78,10 @@ constexpr std::size_t kEncodeGrain = 32;  // changed units copied and encoded pe
 
 ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   const std::uint64_t count = image_.units();
+  // Checked before any state changes, so a bad report loses no retries.
+  if (!candidates.everything)
+    for (std::uint64_t i : candidates.units)
+      if (i >= count) fail("dirty source reported unit {} of {}, which has {} units", i, image_.path(), count);
   // Units of a failed push are candidates again; each is shipped below or found unchanged.
   std::vector<std::uint64_t> indexes;
   if (anyUnacknowledged_) {
@@ -90,8 +94,6 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   if (everything) {
     indexes.clear();
   } else {
-    for (std::uint64_t i : candidates.units)
-      if (i >= count) fail("dirty source reported unit {} of {}, which has {} units", i, image_.path(), count);
     indexes.insert(indexes.end(), candidates.units.begin(), candidates.units.end());
     if (origActive()) {
       // Every unit written since the base may still differ from it.

@@ -203,6 +203,18 @@ TEST(ImageTracker, RejectsUnitsPastTheImage) {
   EXPECT_THROW(tracker.collect(DirtyUnits{.units = {4}}), Error);
 }
 
+TEST(ImageTracker, BadReportAfterAFailedPushKeepsTheRetries) {
+  TempDir dir;
+  ImageFile source(dir.file("source"), true, 4 * kUnitSize);
+  ImageTracker tracker(source, std::vector<std::uint64_t>(4, zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
+  writeUnit(dir.file("source"), 2, 'r');
+  tracker.retryLater(tracker.collect(DirtyUnits{.units = {2}}));
+  EXPECT_THROW(tracker.collect(DirtyUnits{.units = {4}}), Error);
+  ImageDelta again = tracker.collect(DirtyUnits{});
+  ASSERT_EQ(again.units.size(), 1u);
+  EXPECT_EQ(again.units[0].index, 2u);
+}
+
 TEST(ApplyCheckpoint, OutOfRangeChunkIsRejectedAndNothingIsWritten) {
   TempDir dir;
   ImageFile ram(dir.file("ram"), true, 4 * kUnitSize);
