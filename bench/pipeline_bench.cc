@@ -44,6 +44,25 @@ void BM_MemcmpBaseline(benchmark::State& state) {
 }
 BENCHMARK(BM_MemcmpBaseline)->Unit(benchmark::kMillisecond);
 
+/// One pass reading the buffer (a sum of its words): the single-core memory-read
+/// speed that a scan, reading each byte once, can at best reach.
+void BM_ReadBaseline(benchmark::State& state) {
+  auto a = makeImage(kBufferBytes, 1);
+  for (auto _ : state) {
+    std::uint64_t sums[4] = {};
+    const std::size_t words = a.size() / 8;
+    for (std::size_t i = 0; i + 4 <= words; i += 4)
+      for (std::size_t k = 0; k < 4; ++k) {
+        std::uint64_t word;
+        std::memcpy(&word, a.data() + (i + k) * 8, 8);
+        sums[k] += word;
+      }
+    benchmark::DoNotOptimize(sums[0] + sums[1] + sums[2] + sums[3]);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * a.size()));
+}
+BENCHMARK(BM_ReadBaseline)->Unit(benchmark::kMillisecond);
+
 void BM_Xxh3Baseline(benchmark::State& state) {
   auto a = makeImage(kBufferBytes, 1);
   for (auto _ : state) benchmark::DoNotOptimize(XXH3_64bits(a.data(), a.size()));
@@ -51,21 +70,29 @@ void BM_Xxh3Baseline(benchmark::State& state) {
 }
 BENCHMARK(BM_Xxh3Baseline)->Unit(benchmark::kMillisecond);
 
-/// The scan page source's cost: hash every 4 KiB unit of the image.
+/// The scan page source's cost: hash every 4 KiB unit of the image, one core;
+/// avx2:1 is the build hashUnit() uses where the CPU has AVX2, avx2:0 the
+/// library's.
 void BM_ScanHashPerUnit(benchmark::State& state) {
   auto a = makeImage(kBufferBytes, 1);
   std::vector<std::uint64_t> hashes(a.size() / kUnitSize);
+  auto hash = state.range(0) ? hashUnit : hashUnitPortable;
   for (auto _ : state) {
-    for (std::size_t i = 0; i < hashes.size(); ++i) hashes[i] = hashUnit({a.data() + i * kUnitSize, kUnitSize});
+    for (std::size_t i = 0; i < hashes.size(); ++i) hashes[i] = hash({a.data() + i * kUnitSize, kUnitSize});
     benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * a.size()));
 }
-BENCHMARK(BM_ScanHashPerUnit)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ScanHashPerUnit)->Arg(0)->Arg(1)->ArgName("avx2")->Unit(benchmark::kMillisecond);
 
 /// XOR-diff encode/decode on units with `percent` % of their bytes changed.
 void BM_XorDiffEncode(benchmark::State& state) {
   const auto percent = static_cast<std::size_t>(state.range(0));
+  const auto kernel = state.range(1) ? CompareKernel::kAvx2 : CompareKernel::kPortable;
+  if (!compareKernelSupported(kernel)) {
+    state.SkipWithError("this CPU has no AVX2");
+    return;
+  }
   auto ref = makeImage(64 * kUnitSize, 2);
   auto cur = ref;
   std::mt19937 rng(3);
@@ -74,11 +101,25 @@ void BM_XorDiffEncode(benchmark::State& state) {
   for (auto _ : state) {
     for (std::size_t u = 0; u < 64; ++u)
       benchmark::DoNotOptimize(encodeXorDiff({cur.data() + u * kUnitSize, kUnitSize},
-                                             {ref.data() + u * kUnitSize, kUnitSize}, 2 * kUnitSize, out));
+                                             {ref.data() + u * kUnitSize, kUnitSize}, 2 * kUnitSize, out, kernel));
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * cur.size()));
 }
-BENCHMARK(BM_XorDiffEncode)->Arg(1)->Arg(10)->Arg(50);
+BENCHMARK(BM_XorDiffEncode)->ArgsProduct({{1, 10, 50}, {0, 1}})->ArgNames({"pct", "avx2"});
+
+/// changedBytes() (the study's measure) over the same units.
+void BM_ChangedBytes(benchmark::State& state) {
+  auto ref = makeImage(64 * kUnitSize, 2);
+  auto cur = ref;
+  std::mt19937 rng(3);
+  for (std::size_t i = 0; i < cur.size() / 10; ++i) cur[rng() % cur.size()] ^= std::byte{0x5A};
+  for (auto _ : state)
+    for (std::size_t u = 0; u < 64; ++u)
+      benchmark::DoNotOptimize(
+          changedBytes({cur.data() + u * kUnitSize, kUnitSize}, {ref.data() + u * kUnitSize, kUnitSize}));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * cur.size()));
+}
+BENCHMARK(BM_ChangedBytes);
 
 void BM_XorDiffDecode(benchmark::State& state) {
   auto ref = makeImage(64 * kUnitSize, 2);
@@ -124,22 +165,30 @@ struct CheckpointFixture {
     disk = std::make_unique<ImageFile>((dir / "disk").string(), true, kUnitSize);
   }
   ~CheckpointFixture() { fs::remove_all(dir); }
-  void change(std::size_t percent, std::uint32_t round) {
+  /// Rewrites `percent` % of the source's units (64 random bytes each); returns
+  /// their indexes, as a dirty-page source would report them.
+  std::vector<std::uint64_t> change(std::size_t percent, std::uint32_t round) {
     std::mt19937 rng(round);
     std::vector<std::byte> unit(kUnitSize);
+    std::vector<std::uint64_t> changed;
     const std::size_t units = source->units();
     for (std::size_t k = 0; k < units * percent / 100; ++k) {
       std::size_t u = rng() % units;
+      changed.push_back(u);
       std::memcpy(unit.data(), source->unit(u).data(), kUnitSize);
       for (int b = 0; b < 64; ++b) unit[rng() % kUnitSize] = static_cast<std::byte>(rng());
       source->writeUnit(u, unit);
     }
+    return changed;
   }
 };
 
 void BM_BuildCheckpoint512MiB(benchmark::State& state) {
   const auto percent = static_cast<std::size_t>(state.range(0));
   const auto policy = state.range(1) ? wire::Policy::DIFF_PREV : wire::Policy::DIRTY_PREV;
+  // scan:1 hashes every unit (the scan page source); scan:0 only the units a
+  // dirty-page source (kmod, kvm-ring) reports.
+  const bool scan = state.range(2) != 0;
   CheckpointFixture f(512u << 20);
   ImageTracker tracker(*f.source, hashAllUnits(*f.source), policy, true,
                        policy == wire::Policy::DIFF_PREV
@@ -149,9 +198,11 @@ void BM_BuildCheckpoint512MiB(benchmark::State& state) {
   std::uint64_t shipped = 0;
   for (auto _ : state) {
     state.PauseTiming();
-    f.change(percent, ++round);
+    DirtyUnits candidates{.everything = scan};
+    auto changed = f.change(percent, ++round);
+    if (!scan) candidates.units = std::move(changed);
     state.ResumeTiming();
-    ImageDelta delta = tracker.collect(DirtyUnits{.everything = true});
+    ImageDelta delta = tracker.collect(candidates);
     shipped += delta.encodedBytes;
     tracker.acknowledge(delta);
   }
@@ -159,8 +210,10 @@ void BM_BuildCheckpoint512MiB(benchmark::State& state) {
                                                       benchmark::Counter::kAvgIterations);
 }
 BENCHMARK(BM_BuildCheckpoint512MiB)
-    ->ArgsProduct({{1, 5, 20}, {0, 1}})
-    ->ArgNames({"pct", "diff"})
+    ->ArgsProduct({{1, 5, 20}, {0, 1}, {1}})
+    ->Args({5, 0, 0})
+    ->Args({5, 1, 0})
+    ->ArgNames({"pct", "diff", "scan"})
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime()
     ->Iterations(5);
@@ -179,7 +232,7 @@ void BM_ApplyCheckpoint(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * delta.encodedBytes));
   state.counters["payload_MiB"] = static_cast<double>(delta.encodedBytes) / (1 << 20);
 }
-BENCHMARK(BM_ApplyCheckpoint)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ApplyCheckpoint)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime();
 
 }  // namespace
 }  // namespace vmsync

@@ -1,21 +1,28 @@
 #include "checkpoint_applier.h"
 
+#include <algorithm>
 #include <cstring>
+#include <exception>
 #include <vector>
 
 #include "checkpoint_builder.h"
 #include "chunk_codec.h"
 #include "error.h"
+#include "thread_pool.h"
 #include "units.h"
 
 namespace vmsync {
 
 namespace {
 
-/// Decoded units of one list, in a single buffer.
+constexpr std::size_t kDecodeGrain = 64;  // chunks decoded per task
+
+/// Decoded units of one list: where each unit's bytes are. Units that needed no
+/// decoding (whole and uncompressed, or zero) point into the message or at a
+/// zero page; the others into `decoded`.
 struct DecodedList {
-  std::vector<std::uint64_t> indexes;
-  std::vector<std::byte> bytes;
+  std::vector<UnitWrite> writes;  // in chunk order
+  std::vector<std::byte, UninitializedAllocator<std::byte>> decoded;
 };
 
 DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile& image, const ImageFile* base,
@@ -24,43 +31,66 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile&
   // refused before the decode buffer is sized from the count.
   if (chunks.size() > image.units())
     fail("{} list has {} chunks, but the image has only {} units", what, chunks.size(), image.units());
+  const std::uint32_t count = chunks.size();
   DecodedList out;
-  out.indexes.reserve(chunks.size());
-  out.bytes.resize(static_cast<std::size_t>(chunks.size()) * kUnitSize);
+  out.writes.resize(count);
+  // First the checks that need the whole list, in order: index range, each unit
+  // once, SAME_AS pointing backwards. Chunks that need decoding get a slot.
+  constexpr std::uint32_t kNoSlot = ~std::uint32_t{0};
+  std::vector<std::uint32_t> slot(count, kNoSlot);
+  std::vector<ChunkFields> fields(count);
+  std::vector<std::uint32_t> sameAs(count);
+  std::uint32_t slots = 0;
   std::vector<bool> seen(image.units());
-  for (std::uint32_t i = 0; i < chunks.size(); ++i) {
+  for (std::uint32_t i = 0; i < count; ++i) {
     auto chunk = chunks[i];
-    std::uint64_t index = chunk.getIndex();
+    fields[i] = chunkFields(chunk);
+    std::uint64_t index = fields[i].index;
     if (index >= image.units())
       fail("{} chunk {} names unit {}, but the image has {} units", what, i, index, image.units());
     if (seen[index]) fail("{} chunk {} names unit {} a second time", what, i, index);
     seen[index] = true;
-    std::span<std::byte> dest(out.bytes.data() + static_cast<std::size_t>(i) * kUnitSize, kUnitSize);
-    if (chunk.getEncoding() == wire::ChunkEncoding::SAME_AS) {
+    out.writes[i].index = index;
+    if (fields[i].encoding == wire::ChunkEncoding::SAME_AS) {
       std::uint32_t earlier = chunk.getSameAs();
       if (earlier >= i) fail("{} chunk {} refers to chunk {}, which does not come before it", what, i, earlier);
-      std::memcpy(dest.data(), out.bytes.data() + static_cast<std::size_t>(earlier) * kUnitSize, kUnitSize);
+      sameAs[i] = earlier;
+    } else if (auto bytes = unitInPlace(fields[i]); !bytes.empty()) {
+      out.writes[i].bytes = bytes.data();
     } else {
-      try {
-        decodeChunk(chunk, base ? base->unit(index) : image.unit(index), dest);
-      } catch (const Error& e) {
-        fail("{} {}", what, e.what());
-      }
+      slot[i] = slots++;
     }
-    out.indexes.push_back(index);
   }
+  // Then decode, on every core (reading only `fields`, not the message). Each task keeps its first error; the error
+  // reported is the one of the earliest chunk, as a serial decode would.
+  out.decoded.resize(std::size_t{slots} * kUnitSize);
+  std::vector<std::exception_ptr> errors((count + kDecodeGrain - 1) / kDecodeGrain);
+  defaultThreadPool().parallelFor(count, kDecodeGrain, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t i = begin; i < end; ++i) {
+      if (slot[i] == kNoSlot) continue;
+      std::span<std::byte> dest(out.decoded.data() + std::size_t{slot[i]} * kUnitSize, kUnitSize);
+      const std::uint64_t index = out.writes[i].index;
+      try {
+        decodeUnit(fields[i], base ? base->unit(index) : image.unit(index), dest);
+      } catch (const Error& e) {
+        errors[begin / kDecodeGrain] = std::make_exception_ptr(Error(fmt::format("{} {}", what, e.what())));
+        return;
+      }
+      out.writes[i].bytes = dest.data();
+    }
+  });
+  for (const auto& error : errors)
+    if (error) std::rethrow_exception(error);
+  // SAME_AS last: its earlier chunk is resolved by now.
+  for (std::uint32_t i = 0; i < count; ++i)
+    if (out.writes[i].bytes == nullptr) out.writes[i].bytes = out.writes[sameAs[i]].bytes;
   return out;
-}
-
-void writeList(const DecodedList& list, ImageFile& image) {
-  for (std::size_t i = 0; i < list.indexes.size(); ++i)
-    image.writeUnit(list.indexes[i], {list.bytes.data() + i * kUnitSize, kUnitSize});
 }
 
 /// Orig: every unit not in `list` that differs from the base goes back to it.
 std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const ImageFile& base) {
   std::vector<bool> inList(image.units());
-  for (auto i : list.indexes) inList[i] = true;
+  for (const auto& write : list.writes) inList[write.index] = true;
   std::uint64_t restored = 0;
   for (std::uint64_t i = 0; i < image.units(); ++i) {
     if (inList[i] || std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) == 0) continue;
@@ -109,13 +139,14 @@ ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, 
          checkpoint.getSequence());
   DecodedList memory = decodeList(checkpoint.getMemory(), ram, orig ? base.ram : nullptr, "memory");
   DecodedList blocks = decodeList(checkpoint.getDisk(), disk, orig ? base.disk : nullptr, "disk");
-  ApplyStats stats{memory.indexes.size(), blocks.indexes.size(), 0};
+  ApplyStats stats{memory.writes.size(), blocks.writes.size(), 0};
+  // Nothing has been written up to here: every chunk is decoded and checked.
   if (orig) {
     stats.restoredUnits += restoreOthers(memory, ram, *base.ram);
     stats.restoredUnits += restoreOthers(blocks, disk, *base.disk);
   }
-  writeList(memory, ram);
-  writeList(blocks, disk);
+  ram.writeUnits(memory.writes);
+  disk.writeUnits(blocks.writes);
   return stats;
 }
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <map>
+#include <unordered_map>
 
 #include "error.h"
 #include "unit_hashes.h"
@@ -38,7 +38,12 @@ bool isOrigPolicy(wire::Policy policy) {
 
 ImageTracker::ImageTracker(const ImageFile& image, std::vector<std::uint64_t> receiverHashes, wire::Policy policy,
                            bool compress, std::vector<std::byte> receiverBytes)
-    : image_(image), policy_(policy), compress_(compress), receiverHashes_(std::move(receiverHashes)) {
+    : image_(image),
+      policy_(policy),
+      compress_(compress),
+      pool_(&defaultThreadPool()),
+      receiverHashes_(std::move(receiverHashes)),
+      unacknowledged_(image.units()) {
   if (receiverHashes_.size() != image_.units())
     fail("image {} has {} units but {} receiver hashes were given", image_.path(), image_.units(),
          receiverHashes_.size());
@@ -59,73 +64,139 @@ void ImageTracker::setBase(const ImageFile& base) {
   baseHashes_ = hashAllUnits(base);
   // Units where the receiver already differs from the base stay candidates
   // for as long as the base is the reference.
-  sinceBase_.clear();
+  sinceBase_.assign(image_.units(), false);
   for (std::uint64_t i = 0; i < baseHashes_.size(); ++i)
-    if (baseHashes_[i] != receiverHashes_[i]) sinceBase_.insert(i);
+    if (baseHashes_[i] != receiverHashes_[i]) sinceBase_[i] = true;
 }
 
-void ImageTracker::consider(std::uint64_t index, ImageDelta& delta, std::map<std::uint64_t, std::uint32_t>& byHash) {
-  ++delta.examined;
-  auto live = image_.unit(index);
-  // Against what is the unit measured: the base for Orig, else what the receiver holds.
-  const std::uint64_t referenceHash = origActive() ? baseHashes_[index] : receiverHashes_[index];
-  if (hashUnit(live) == referenceHash) return;
-  // Copy first, then hash and encode the copy: the VM may write the live page
-  // again meanwhile, and only the bytes we ship may be recorded as shipped.
-  alignas(64) std::array<std::byte, kUnitSize> copy;
-  std::memcpy(copy.data(), live.data(), kUnitSize);
-  const std::uint64_t hash = hashUnit(copy);
-  if (hash == referenceHash) return;
+namespace {
 
-  EncodedUnit unit;
-  auto earlier = byHash.find(hash);
-  if (earlier != byHash.end() &&
-      std::memcmp(delta.raw.data() + std::size_t{earlier->second} * kUnitSize, copy.data(), kUnitSize) == 0 &&
-      !isZeroUnit(copy)) {
-    unit.index = index;
-    unit.encoding = wire::ChunkEncoding::SAME_AS;
-    unit.sameAs = earlier->second;
-  } else if (isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty())) {
-    std::span<const std::byte> reference =
-        origActive() ? base_->unit(index)
-                     : std::span<const std::byte>(receiverBytes_.data() + index * kUnitSize, kUnitSize);
-    unit = encodeDiff(index, copy, reference, compress_);
-  } else {
-    // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
-    unit = encodeWhole(index, copy, compress_);
-  }
-  const auto position = static_cast<std::uint32_t>(delta.units.size());
-  if (unit.encoding != wire::ChunkEncoding::SAME_AS) byHash.emplace(hash, position);
-  delta.rawBytes += kUnitSize;
-  delta.encodedBytes += unit.data.size();
-  delta.units.push_back(std::move(unit));
-  delta.hashes.emplace_back(index, hash);
-  delta.raw.insert(delta.raw.end(), copy.begin(), copy.end());
-}
+constexpr std::size_t kScanGrain = 1024;  // units hashed per task (4 MiB)
+constexpr std::size_t kEncodeGrain = 32;  // changed units copied and encoded per task
+
+}  // namespace
 
 ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
-  ImageDelta delta;
-  std::map<std::uint64_t, std::uint32_t> byHash;
   const std::uint64_t count = image_.units();
+  // Checked before any state changes, so a bad report loses no retries.
+  if (!candidates.everything)
+    for (std::uint64_t i : candidates.units)
+      if (i >= count) fail("dirty source reported unit {} of {}, which has {} units", i, image_.path(), count);
   // Units of a failed push are candidates again; each is shipped below or found unchanged.
-  std::vector<std::uint64_t> retry(unacknowledged_.begin(), unacknowledged_.end());
-  unacknowledged_.clear();
-  if (candidates.everything) {
-    for (std::uint64_t i = 0; i < count; ++i) consider(i, delta, byHash);
-    return delta;
+  std::vector<std::uint64_t> indexes;
+  if (anyUnacknowledged_) {
+    for (std::uint64_t i = 0; i < count; ++i)
+      if (unacknowledged_[i]) indexes.push_back(i);
+    unacknowledged_.assign(count, false);
+    anyUnacknowledged_ = false;
   }
-  std::vector<std::uint64_t> indexes(candidates.units);
-  indexes.insert(indexes.end(), retry.begin(), retry.end());
-  for (std::uint64_t i : indexes)
-    if (i >= count) fail("dirty source reported unit {} of {}, which has {} units", i, image_.path(), count);
-  if (origActive()) {
-    // Every unit written since the base may still differ from it.
-    sinceBase_.insert(indexes.begin(), indexes.end());
-    indexes.assign(sinceBase_.begin(), sinceBase_.end());
+  const bool everything = candidates.everything;
+  if (everything) {
+    indexes.clear();
+  } else {
+    indexes.insert(indexes.end(), candidates.units.begin(), candidates.units.end());
+    if (origActive()) {
+      // Every unit written since the base may still differ from it.
+      for (std::uint64_t i : indexes) sinceBase_[i] = true;
+      indexes.clear();
+      for (std::uint64_t i = 0; i < count; ++i)
+        if (sinceBase_[i]) indexes.push_back(i);
+    }
+    std::sort(indexes.begin(), indexes.end());
+    indexes.erase(std::unique(indexes.begin(), indexes.end()), indexes.end());
   }
-  std::sort(indexes.begin(), indexes.end());
-  indexes.erase(std::unique(indexes.begin(), indexes.end()), indexes.end());
-  for (std::uint64_t i : indexes) consider(i, delta, byHash);
+  const std::size_t examined = everything ? count : indexes.size();
+  auto candidate = [&](std::size_t k) { return everything ? std::uint64_t{k} : indexes[k]; };
+
+  // 1. Hash every candidate in place, on every core, and keep those whose hash
+  //    differs from the reference (most do not: this is the memory-bound part).
+  std::vector<std::vector<std::uint64_t>> changedPerTask((examined + kScanGrain - 1) / kScanGrain);
+  pool_->parallelFor(examined, kScanGrain, [&](std::size_t begin, std::size_t end) {
+    auto& changed = changedPerTask[begin / kScanGrain];
+    for (std::size_t k = begin; k < end; ++k) {
+      const std::uint64_t index = candidate(k);
+      if (hashUnit(image_.unit(index)) != referenceHash(index)) changed.push_back(index);
+    }
+  });
+  std::vector<std::uint64_t> changed;
+  for (const auto& part : changedPerTask) changed.insert(changed.end(), part.begin(), part.end());
+
+  // 2. Copy each changed unit once, straight into the delta; then hash and
+  //    encode that copy: the VM may write the live page again meanwhile, and
+  //    only the bytes we ship may be recorded as shipped. A zero page is seen in
+  //    place and not copied (it ships as ZERO, recorded with the zero hash).
+  ImageDelta delta;
+  delta.examined = examined;
+  const std::size_t n = changed.size();
+  delta.units.resize(n);
+  delta.hashes.resize(n);
+  delta.raw.resize(n * kUnitSize);
+  std::vector<char> ships(n, 0);
+  const bool diff = isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty());
+  pool_->parallelFor(n, kEncodeGrain, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t k = begin; k < end; ++k) {
+      const std::uint64_t index = changed[k];
+      const auto live = image_.unit(index);
+      std::span<std::byte> copy(delta.raw.data() + k * kUnitSize, kUnitSize);
+      const bool zero = isZeroUnit(live);
+      std::uint64_t hash;
+      if (zero) {
+        std::memset(copy.data(), 0, kUnitSize);
+        hash = zeroUnitHash();
+      } else {
+        std::memcpy(copy.data(), live.data(), kUnitSize);
+        hash = hashUnit(copy);
+      }
+      if (hash == referenceHash(index)) continue;
+      ships[k] = 1;
+      delta.hashes[k] = {index, hash};
+      EncodedUnit& unit = delta.units[k];
+      if (zero) {
+        unit.index = index;
+        unit.encoding = wire::ChunkEncoding::ZERO;
+      } else if (diff) {
+        std::span<const std::byte> reference =
+            origActive() ? base_->unit(index)
+                         : std::span<const std::byte>(receiverBytes_.data() + index * kUnitSize, kUnitSize);
+        unit = encodeDiff(index, copy, reference, compress_);
+      } else {
+        // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
+        unit = encodeWhole(index, copy, compress_);
+      }
+    }
+  });
+
+  // 3. In order: drop units that turned out unchanged, and send a unit equal to
+  //    an earlier one of this checkpoint as a reference to it.
+  std::unordered_map<std::uint64_t, std::uint32_t> byHash;
+  byHash.reserve(n);
+  std::size_t kept = 0;
+  for (std::size_t k = 0; k < n; ++k) {
+    if (!ships[k]) continue;
+    if (kept != k) {
+      delta.units[kept] = std::move(delta.units[k]);
+      delta.hashes[kept] = delta.hashes[k];
+      std::memcpy(delta.raw.data() + kept * kUnitSize, delta.raw.data() + k * kUnitSize, kUnitSize);
+    }
+    EncodedUnit& unit = delta.units[kept];
+    const auto position = static_cast<std::uint32_t>(kept);
+    if (unit.encoding != wire::ChunkEncoding::ZERO) {
+      auto [earlier, first] = byHash.try_emplace(delta.hashes[kept].second, position);
+      if (!first && std::memcmp(delta.raw.data() + std::size_t{earlier->second} * kUnitSize,
+                                delta.raw.data() + kept * kUnitSize, kUnitSize) == 0) {
+        unit = EncodedUnit{};
+        unit.index = delta.hashes[kept].first;
+        unit.encoding = wire::ChunkEncoding::SAME_AS;
+        unit.sameAs = earlier->second;
+      }
+    }
+    delta.rawBytes += kUnitSize;
+    delta.encodedBytes += unit.data.size();
+    ++kept;
+  }
+  delta.units.resize(kept);
+  delta.hashes.resize(kept);
+  delta.raw.resize(kept * kUnitSize);
   return delta;
 }
 
@@ -137,7 +208,9 @@ std::vector<std::uint64_t> ImageTracker::hashesAfter(const ImageDelta& delta) co
 }
 
 void ImageTracker::acknowledge(const ImageDelta& delta) {
-  receiverHashes_ = hashesAfter(delta);
+  // As hashesAfter(), in place.
+  if (origActive()) receiverHashes_.assign(baseHashes_.begin(), baseHashes_.end());
+  for (auto [index, hash] : delta.hashes) receiverHashes_[index] = hash;
   if (!receiverBytes_.empty()) {
     for (std::size_t i = 0; i < delta.hashes.size(); ++i)
       std::memcpy(receiverBytes_.data() + delta.hashes[i].first * kUnitSize, delta.raw.data() + i * kUnitSize,
@@ -145,8 +218,14 @@ void ImageTracker::acknowledge(const ImageDelta& delta) {
   }
 }
 
+std::uint64_t ImageTracker::stateBytes() const {
+  return (receiverHashes_.capacity() + baseHashes_.capacity()) * sizeof(std::uint64_t) + receiverBytes_.capacity() +
+         (sinceBase_.capacity() + unacknowledged_.capacity()) / 8;
+}
+
 void ImageTracker::retryLater(const ImageDelta& delta) {
-  for (const auto& unit : delta.units) unacknowledged_.insert(unit.index);
+  for (const auto& unit : delta.units) unacknowledged_[unit.index] = true;
+  anyUnacknowledged_ = anyUnacknowledged_ || !delta.units.empty();
 }
 
 }  // namespace vmsync

@@ -2,9 +2,7 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
-#include <optional>
-#include <set>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -12,6 +10,7 @@
 #include "chunk_codec.h"
 #include "dirty_source.h"
 #include "image_file.h"
+#include "thread_pool.h"
 
 namespace vmsync {
 
@@ -24,12 +23,33 @@ bool isDiffPolicy(wire::Policy policy);
 /// True for the policies measured against the original (base) image.
 bool isOrigPolicy(wire::Policy policy);
 
+/// An allocator whose resize() leaves new elements uninitialized, for buffers
+/// that are written in full right after (and must not cost a zero-fill first).
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  UninitializedAllocator() = default;
+  template <typename U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
 /// One image's changes, ready to ship, and what shipping them will make the
 /// receiver's image look like.
 struct ImageDelta {
   std::vector<EncodedUnit> units;                              // chunks, by ascending index
   std::vector<std::pair<std::uint64_t, std::uint64_t>> hashes; // (index, hash of the shipped bytes)
-  std::vector<std::byte> raw;                                  // shipped bytes, 4096 per entry of `hashes`
+  std::vector<std::byte, UninitializedAllocator<std::byte>> raw;  // shipped bytes, 4096 per entry of `hashes`
   std::uint64_t examined = 0;                                  // units hashed in place
   std::uint64_t rawBytes = 0;                                  // changed units x 4096
   std::uint64_t encodedBytes = 0;                              // sum of chunk payloads
@@ -47,6 +67,11 @@ struct ImageDelta {
 /// base and a receiver needs the base plus the latest checkpoint only. Diff
 /// keeps a copy of the reference bytes (receiver copy for Prev, the base for
 /// Orig) to encode XOR-diffs.
+///
+/// Candidates are hashed and encoded on a thread pool (defaultThreadPool()
+/// unless setThreadPool() names another). State kept per GiB of image: 2 MiB of
+/// receiver hashes, 2 MiB more of base hashes under Orig, 64 KiB of unit bitmaps,
+/// and under Diff Prev the reference copy, 1 GiB (see referenceBytes()).
 class ImageTracker {
  public:
   /// `receiverHashes`: hash of every unit as the receiver has it.
@@ -57,6 +82,9 @@ class ImageTracker {
   /// Orig policies: from now on measure against `base` (which must outlive the
   /// tracker).
   void setBase(const ImageFile& base);
+
+  /// Hash and encode on `pool` (which must outlive the tracker).
+  void setThreadPool(ThreadPool& pool) { pool_ = &pool; }
 
   /// Collects the units among `candidates` (plus any unacknowledged ones) that
   /// the receiver must be sent under the policy.
@@ -75,20 +103,27 @@ class ImageTracker {
   std::vector<std::uint64_t> hashesAfter(const ImageDelta& delta) const;
   /// Bytes of reference copies this tracker keeps (the policy's space overhead).
   std::uint64_t referenceBytes() const { return receiverBytes_.size(); }
+  /// Bytes of all state kept between checkpoints: hashes, bitmaps and the
+  /// reference copy (per GiB of image: see the class comment).
+  std::uint64_t stateBytes() const;
 
  private:
-  void consider(std::uint64_t index, ImageDelta& delta, std::map<std::uint64_t, std::uint32_t>& byHash);
   bool origActive() const { return base_ != nullptr; }
+  std::uint64_t referenceHash(std::uint64_t index) const {
+    return origActive() ? baseHashes_[index] : receiverHashes_[index];
+  }
 
   const ImageFile& image_;
   wire::Policy policy_;
   bool compress_;
+  ThreadPool* pool_;
   std::vector<std::uint64_t> receiverHashes_;
   std::vector<std::byte> receiverBytes_;        // Diff Prev only
   const ImageFile* base_ = nullptr;             // Orig, once the base exists
   std::vector<std::uint64_t> baseHashes_;       // Orig
-  std::set<std::uint64_t> sinceBase_;           // Orig: units reported since the base
-  std::set<std::uint64_t> unacknowledged_;
+  std::vector<bool> sinceBase_;                 // Orig: units reported since the base, one bit each
+  std::vector<bool> unacknowledged_;            // units of a failed push, one bit each
+  bool anyUnacknowledged_ = false;
 };
 
 }  // namespace vmsync

@@ -3,34 +3,54 @@
 #include <lz4.h>
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cstring>
 
+#include "byte_compare.h"
 #include "error.h"
 #include "units.h"
 
 namespace vmsync {
 
 bool isZeroUnit(std::span<const std::byte> unit) {
-  // Compare word-wise: the compiler vectorizes this loop.
-  const auto* words = reinterpret_cast<const std::uint64_t*>(unit.data());
-  std::uint64_t acc = 0;
-  for (std::size_t i = 0; i < unit.size() / 8; ++i) acc |= words[i];
-  return acc == 0;
+  // Blocks of 256 bytes OR-ed word-wise (the compiler vectorizes each block):
+  // most non-zero units stop after the first block.
+  const std::byte* bytes = unit.data();
+  const std::size_t n = unit.size();
+  std::size_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    std::uint64_t acc = 0;
+    for (std::size_t k = 0; k < 32; ++k) {
+      std::uint64_t word;
+      std::memcpy(&word, bytes + i + k * 8, 8);
+      acc |= word;
+    }
+    if (acc != 0) return false;
+  }
+  for (; i < n; ++i)
+    if (bytes[i] != std::byte{0}) return false;
+  return true;
 }
 
 namespace {
 
-/// lz4-compresses `raw` into `unit`, keeping it only when it is smaller.
-void maybeCompress(EncodedUnit& unit) {
-  if (unit.data.empty()) return;
-  std::vector<std::byte> out(static_cast<std::size_t>(LZ4_compressBound(static_cast<int>(unit.data.size()))));
-  int n = LZ4_compress_default(reinterpret_cast<const char*>(unit.data.data()), reinterpret_cast<char*>(out.data()),
-                               static_cast<int>(unit.data.size()), static_cast<int>(out.size()));
-  if (n <= 0 || static_cast<std::size_t>(n) >= unit.data.size()) return;
-  out.resize(static_cast<std::size_t>(n));
-  unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  unit.data = std::move(out);
+/// lz4-compresses `raw` into `unit.data` when that makes it smaller, setting
+/// the unit's compression and raw size; returns whether it did. `raw` may be
+/// `unit.data` itself. Compresses into a per-thread buffer, so that the unit
+/// keeps only the compressed bytes.
+bool compressInto(std::span<const std::byte> raw, EncodedUnit& unit) {
+  if (raw.empty()) return false;
+  thread_local std::vector<std::byte> scratch;
+  const auto bound = static_cast<std::size_t>(LZ4_compressBound(static_cast<int>(raw.size())));
+  if (scratch.size() < bound) scratch.resize(bound);
+  int n = LZ4_compress_default(reinterpret_cast<const char*>(raw.data()), reinterpret_cast<char*>(scratch.data()),
+                               static_cast<int>(raw.size()), static_cast<int>(bound));
+  if (n <= 0 || static_cast<std::size_t>(n) >= raw.size()) return false;
+  unit.rawSize = static_cast<std::uint32_t>(raw.size());
+  unit.data.assign(scratch.begin(), scratch.begin() + n);
   unit.compression = wire::Compression::LZ4;
+  return true;
 }
 
 }  // namespace
@@ -43,21 +63,14 @@ EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current,
     return unit;
   }
   unit.encoding = wire::ChunkEncoding::WHOLE;
+  // Compressed straight from `current`; copied whole only when lz4 does not help.
+  if (compress && compressInto(current, unit)) return unit;
   unit.data.assign(current.begin(), current.end());
   unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  if (compress) maybeCompress(unit);
   return unit;
 }
 
 namespace {
-
-void putVarint(std::vector<std::byte>& out, std::uint32_t value) {
-  while (value >= 0x80) {
-    out.push_back(static_cast<std::byte>((value & 0x7F) | 0x80));
-    value >>= 7;
-  }
-  out.push_back(static_cast<std::byte>(value));
-}
 
 /// Reads a varint of at most 3 bytes (values below 2^21, enough for a unit).
 bool getVarint(std::span<const std::byte> in, std::size_t& pos, std::uint32_t& value) {
@@ -73,26 +86,106 @@ bool getVarint(std::span<const std::byte> in, std::size_t& pos, std::uint32_t& v
 
 }  // namespace
 
+namespace {
+
+/// Bytes a varint of `value` takes.
+inline std::size_t varintSize(std::uint32_t value) {
+  std::size_t n = 1;
+  while (value >= 0x80) {
+    value >>= 7;
+    ++n;
+  }
+  return n;
+}
+
+inline std::byte* writeVarint(std::byte* out, std::uint32_t value) {
+  while (value >= 0x80) {
+    *out++ = static_cast<std::byte>((value & 0x7F) | 0x80);
+    value >>= 7;
+  }
+  *out++ = static_cast<std::byte>(value);
+  return out;
+}
+
+}  // namespace
+
 bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference, std::size_t limit,
                    std::vector<std::byte>& out) {
+  return encodeXorDiff(current, reference, limit, out, bestCompareKernel());
+}
+
+bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference, std::size_t limit,
+                   std::vector<std::byte>& out, CompareKernel kernel) {
   out.clear();
   const std::size_t n = current.size();
-  std::size_t i = 0;
-  while (i < n) {
-    std::size_t same = i;
-    // Skip equal bytes a word at a time where possible.
-    while (same + 8 <= n && std::memcmp(current.data() + same, reference.data() + same, 8) == 0) same += 8;
-    while (same < n && current[same] == reference[same]) ++same;
-    if (same == n) break;  // a trailing unchanged run is implied
-    std::size_t diff = same;
-    while (diff < n && current[diff] != reference[diff]) ++diff;
-    putVarint(out, static_cast<std::uint32_t>(same - i));
-    putVarint(out, static_cast<std::uint32_t>(diff - same));
-    out.insert(out.end(), current.begin() + static_cast<std::ptrdiff_t>(same),
-               current.begin() + static_cast<std::ptrdiff_t>(diff));
-    if (out.size() > limit) return false;
-    i = diff;
+  if (reference.size() != n) fail("xor-diff reference has {} bytes, the unit {}", reference.size(), n);
+  // The mask of changed bytes, then its runs: the encoding is fixed by the mask,
+  // so every kernel gives the same bytes.
+  std::array<std::uint64_t, diffMaskWords(kUnitSize)> unitMask;
+  std::vector<std::uint64_t> largeMask;
+  std::span<std::uint64_t> mask(unitMask.data(), diffMaskWords(n));
+  if (n > kUnitSize) {
+    largeMask.resize(diffMaskWords(n));
+    mask = largeMask;
   }
+  diffMask(kernel, current, reference, mask);
+  // Runs are written to a scratch buffer that never shrinks, then copied out at
+  // their exact size. Each run has at least one changed byte and two varints of
+  // at most 5 bytes, so 11 bytes per input byte bound any encoding; short runs
+  // are copied 16 bytes at a time, hence the slack.
+  constexpr std::size_t kSlack = 16;
+  thread_local std::vector<std::byte> scratch;
+  const std::size_t capacity = std::min(limit, 11 * n) + kSlack;
+  if (scratch.size() < capacity) scratch.resize(capacity);
+  std::byte* const begin = scratch.data();
+  std::byte* at = begin;
+  std::size_t unchangedFrom = 0;  // where the current unchanged run began
+  std::size_t changedFrom = 0;    // where the current changed run began
+  bool inChanged = false;
+  // Emits the run of unchanged bytes [unchangedFrom, changedFrom) and the
+  // changed bytes [changedFrom, end).
+  auto emit = [&](std::size_t end) {
+    const auto same = static_cast<std::uint32_t>(changedFrom - unchangedFrom);
+    const auto changed = static_cast<std::uint32_t>(end - changedFrom);
+    if ((same | changed) < 0x80) {
+      if (static_cast<std::size_t>(at - begin) + 2 + changed > limit) return false;
+      at[0] = static_cast<std::byte>(same);
+      at[1] = static_cast<std::byte>(changed);
+      at += 2;
+    } else {
+      if (static_cast<std::size_t>(at - begin) + varintSize(same) + varintSize(changed) + changed > limit) return false;
+      at = writeVarint(at, same);
+      at = writeVarint(at, changed);
+    }
+    if (changed <= kSlack && changedFrom + kSlack <= n)
+      std::memcpy(at, current.data() + changedFrom, kSlack);
+    else
+      std::memcpy(at, current.data() + changedFrom, changed);
+    at += changed;
+    unchangedFrom = end;
+    return true;
+  };
+  // Walk the positions where the mask flips: each changed run starts at one and
+  // ends at the next. Bits past the end are zero, so a run reaching the end of
+  // a partial last word ends there.
+  std::uint64_t previous = 0;  // the bit before the current word
+  for (std::size_t word = 0; word < mask.size(); ++word) {
+    const std::uint64_t bits = mask[word];
+    std::uint64_t flips = bits ^ ((bits << 1) | previous);
+    previous = bits >> 63;
+    while (flips != 0) {
+      const std::size_t position = word * 64 + static_cast<std::size_t>(std::countr_zero(flips));
+      flips &= flips - 1;
+      if (!inChanged) {
+        changedFrom = position;
+      } else if (!emit(position)) {
+        return false;
+      }
+      inChanged = !inChanged;
+    }
+  }
+  if (inChanged && !emit(n)) return false;
+  out.assign(begin, at);
   return true;
 }
 
@@ -116,8 +209,16 @@ void decodeXorDiff(std::span<const std::byte> diff, std::span<const std::byte> r
 }
 
 std::uint32_t changedBytes(std::span<const std::byte> current, std::span<const std::byte> reference) {
+  std::array<std::uint64_t, diffMaskWords(kUnitSize)> unitMask;
+  std::vector<std::uint64_t> largeMask;
+  std::span<std::uint64_t> mask(unitMask.data(), diffMaskWords(current.size()));
+  if (current.size() > kUnitSize) {
+    largeMask.resize(diffMaskWords(current.size()));
+    mask = largeMask;
+  }
+  diffMask(current, reference, mask);
   std::uint32_t count = 0;
-  for (std::size_t i = 0; i < current.size(); ++i) count += current[i] != reference[i];
+  for (std::uint64_t word : mask) count += static_cast<std::uint32_t>(std::popcount(word));
   return count;
 }
 
@@ -129,7 +230,7 @@ EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current, 
   if (!encodeXorDiff(current, reference, kUnitSize - 1, unit.data)) return encodeWhole(index, current, compress);
   unit.encoding = wire::ChunkEncoding::XOR_DIFF;
   unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  if (compress) maybeCompress(unit);
+  if (compress) compressInto(unit.data, unit);
   return unit;
 }
 
@@ -144,49 +245,79 @@ void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk) {
   }
 }
 
-void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
-  if (out.size() != kUnitSize) fail("decode buffer of {} bytes, expected {}", out.size(), kUnitSize);
+ChunkFields chunkFields(wire::Chunk::Reader chunk) {
   auto data = chunk.getData();
-  std::vector<std::byte> decompressed;
-  std::span<const std::byte> payload(reinterpret_cast<const std::byte*>(data.begin()), data.size());
-  switch (chunk.getCompression()) {
+  return ChunkFields{chunk.getIndex(), chunk.getEncoding(), chunk.getCompression(), chunk.getRawSize(),
+                     {reinterpret_cast<const std::byte*>(data.begin()), data.size()}};
+}
+
+void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
+  decodeUnit(chunkFields(chunk), reference, out);
+}
+
+void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
+  if (out.size() != kUnitSize) fail("decode buffer of {} bytes, expected {}", out.size(), kUnitSize);
+  std::span<const std::byte> payload = chunk.payload;
+  switch (chunk.compression) {
     case wire::Compression::NONE:
       break;
     case wire::Compression::LZ4: {
-      std::uint32_t raw = chunk.getRawSize();
+      std::uint32_t raw = chunk.rawSize;
       if (raw == 0 || raw > kUnitSize * 2)
-        fail("chunk {}: lz4 raw size {} out of range (1..{})", chunk.getIndex(), raw, kUnitSize * 2);
-      decompressed.resize(raw);
-      int n = LZ4_decompress_safe(reinterpret_cast<const char*>(payload.data()), reinterpret_cast<char*>(decompressed.data()),
+        fail("chunk {}: lz4 raw size {} out of range (1..{})", chunk.index, raw, kUnitSize * 2);
+      // A whole unit decompresses straight into `out`; anything else (a diff,
+      // or a size the checks below refuse) into a per-thread buffer.
+      const bool direct = chunk.encoding == wire::ChunkEncoding::WHOLE && raw == kUnitSize;
+      thread_local std::vector<std::byte> decompressed;
+      if (!direct && decompressed.size() < kUnitSize * 2) decompressed.resize(kUnitSize * 2);
+      std::byte* target = direct ? out.data() : decompressed.data();
+      int n = LZ4_decompress_safe(reinterpret_cast<const char*>(payload.data()), reinterpret_cast<char*>(target),
                                   static_cast<int>(payload.size()), static_cast<int>(raw));
-      if (n != static_cast<int>(raw)) fail("chunk {}: lz4 data is corrupt", chunk.getIndex());
-      payload = decompressed;
+      if (n != static_cast<int>(raw)) fail("chunk {}: lz4 data is corrupt", chunk.index);
+      if (direct) return;
+      payload = std::span<const std::byte>(decompressed.data(), raw);
       break;
     }
     default:
-      fail("chunk {}: unknown compression {}", chunk.getIndex(), static_cast<unsigned>(chunk.getCompression()));
+      fail("chunk {}: unknown compression {}", chunk.index, static_cast<unsigned>(chunk.compression));
   }
-  switch (chunk.getEncoding()) {
+  switch (chunk.encoding) {
     case wire::ChunkEncoding::WHOLE:
       if (payload.size() != kUnitSize)
-        fail("chunk {}: whole unit has {} bytes, expected {}", chunk.getIndex(), payload.size(), kUnitSize);
+        fail("chunk {}: whole unit has {} bytes, expected {}", chunk.index, payload.size(), kUnitSize);
       std::memcpy(out.data(), payload.data(), kUnitSize);
       return;
     case wire::ChunkEncoding::ZERO:
-      if (!payload.empty()) fail("chunk {}: zero unit carries {} bytes of data", chunk.getIndex(), payload.size());
+      if (!payload.empty()) fail("chunk {}: zero unit carries {} bytes of data", chunk.index, payload.size());
       std::memset(out.data(), 0, kUnitSize);
       return;
     case wire::ChunkEncoding::XOR_DIFF:
-      if (reference.size() != kUnitSize) fail("chunk {}: xor-diff without a reference unit", chunk.getIndex());
+      if (reference.size() != kUnitSize) fail("chunk {}: xor-diff without a reference unit", chunk.index);
       try {
         decodeXorDiff(payload, reference, out);
       } catch (const Error& e) {
-        fail("chunk {}: {}", chunk.getIndex(), e.what());
+        fail("chunk {}: {}", chunk.index, e.what());
       }
       return;
     default:
-      fail("chunk {}: encoding {} is not supported here", chunk.getIndex(),
-           static_cast<unsigned>(chunk.getEncoding()));
+      fail("chunk {}: encoding {} is not supported here", chunk.index,
+           static_cast<unsigned>(chunk.encoding));
+  }
+}
+
+std::span<const std::byte> unitInPlace(const ChunkFields& chunk) {
+  if (chunk.compression != wire::Compression::NONE) return {};
+  switch (chunk.encoding) {
+    case wire::ChunkEncoding::WHOLE:
+      if (chunk.payload.size() != kUnitSize) return {};
+      return chunk.payload;
+    case wire::ChunkEncoding::ZERO: {
+      alignas(4096) static const std::array<std::byte, kUnitSize> zero{};
+      if (!chunk.payload.empty()) return {};
+      return zero;
+    }
+    default:
+      return {};
   }
 }
 

@@ -5,6 +5,7 @@
 #include <span>
 #include <vector>
 
+#include "byte_compare.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {
@@ -33,6 +34,11 @@ EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current,
 bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference,
                    std::size_t limit, std::vector<std::byte>& out);
 
+/// encodeXorDiff() with a given comparison kernel (which must be supported);
+/// every kernel gives the same bytes. For tests and benchmarks.
+bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference,
+                   std::size_t limit, std::vector<std::byte>& out, CompareKernel kernel);
+
 /// Applies an XOR-diff to `reference`, writing the result to `out`. Throws Error
 /// on malformed input; never reads or writes outside the given spans.
 void decodeXorDiff(std::span<const std::byte> diff, std::span<const std::byte> reference,
@@ -52,10 +58,30 @@ void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
 
 /// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the
 /// policy diffs against (needed for XOR_DIFF only). SAME_AS chunks are resolved
-/// by the caller, which holds the list. Throws Error naming what is malformed;
-/// never writes outside `out`.
+/// by the caller, which holds the list. Throws Error naming what is malformed
+/// (leaving `out` unspecified); never writes outside `out`.
 void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference,
                  std::span<std::byte> out);
+
+/// A chunk's fields read out of the message once, so that decoding them (on
+/// any thread) touches no Cap'n Proto reader. `payload` points into the message.
+struct ChunkFields {
+  std::uint64_t index = 0;
+  wire::ChunkEncoding encoding = wire::ChunkEncoding::WHOLE;
+  wire::Compression compression = wire::Compression::NONE;
+  std::uint32_t rawSize = 0;
+  std::span<const std::byte> payload;
+};
+ChunkFields chunkFields(wire::Chunk::Reader chunk);
+
+/// decodeChunk() on fields already read out of the message.
+void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, std::span<std::byte> out);
+
+/// The decoded unit of `chunk` when it needs no decoding: a whole unit sent
+/// uncompressed (its bytes in the message) or a zero unit (a static zero page).
+/// Empty for every other chunk, malformed ones included: decodeUnit() decides
+/// about those.
+std::span<const std::byte> unitInPlace(const ChunkFields& chunk);
 
 /// Encoded size of a chunk on the wire (payload plus a fixed header estimate),
 /// used for reports.

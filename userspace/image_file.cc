@@ -3,7 +3,12 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <vector>
 
 #include "error.h"
 
@@ -61,6 +66,42 @@ void ImageFile::writeUnit(std::uint64_t index, std::span<const std::byte> data) 
       throwLastErrno(fmt::format("cannot write image {}", path_));
     }
     done += static_cast<std::size_t>(n);
+  }
+}
+
+void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
+  for (const auto& write : writes)
+    if (write.index >= units()) fail("unit {} is past the end of image {} ({} units)", write.index, path_, units());
+  std::vector<UnitWrite> sorted(writes.begin(), writes.end());
+  std::sort(sorted.begin(), sorted.end(), [](const UnitWrite& a, const UnitWrite& b) { return a.index < b.index; });
+  constexpr std::size_t kMaxRun = std::min<std::size_t>(IOV_MAX, 256);
+  std::vector<iovec> iov;
+  iov.reserve(kMaxRun);
+  for (std::size_t first = 0; first < sorted.size();) {
+    // The run of consecutive units starting at `first`.
+    std::size_t end = first + 1;
+    while (end < sorted.size() && end - first < kMaxRun && sorted[end].index == sorted[end - 1].index + 1) ++end;
+    iov.clear();
+    for (std::size_t i = first; i < end; ++i)
+      iov.push_back({const_cast<std::byte*>(sorted[i].bytes), kUnitSize});
+    const std::size_t total = (end - first) * kUnitSize;
+    const off_t offset = static_cast<off_t>(sorted[first].index * kUnitSize);
+    ssize_t n;
+    do n = ::pwritev(fd_, iov.data(), static_cast<int>(iov.size()), offset);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) throwLastErrno(fmt::format("cannot write image {}", path_));
+    // A short write: the rest unit by unit (pwrite loops on short writes).
+    for (std::size_t done = static_cast<std::size_t>(n); done < total;) {
+      const std::size_t unit = done / kUnitSize, within = done % kUnitSize;
+      ssize_t m = ::pwrite(fd_, sorted[first + unit].bytes + within, kUnitSize - within,
+                           offset + static_cast<off_t>(done));
+      if (m < 0) {
+        if (errno == EINTR) continue;
+        throwLastErrno(fmt::format("cannot write image {}", path_));
+      }
+      done += static_cast<std::size_t>(m);
+    }
+    first = end;
   }
 }
 

@@ -9,6 +9,12 @@
 
 namespace vmsync {
 
+/// One unit to write: which, and its kUnitSize bytes.
+struct UnitWrite {
+  std::uint64_t index = 0;
+  const std::byte* bytes = nullptr;
+};
+
 /// An open image file mapped shared, so reads see what the VMM writes with no
 /// copy through the VMM. Writes go through pwrite so the page cache stays the one
 /// authority for the mapping, the VMM and the file.
@@ -34,6 +40,10 @@ class ImageFile {
 
   /// Writes one unit. Throws Error naming the file on failure.
   void writeUnit(std::uint64_t index, std::span<const std::byte> data);
+  /// Writes many units, each index at most once, in any order: runs of
+  /// consecutive units go out in one pwritev. Checks every index before writing
+  /// anything. Throws Error naming the file on failure.
+  void writeUnits(std::span<const UnitWrite> writes);
   /// Flushes written data to stable storage.
   void sync();
 

@@ -5,11 +5,31 @@
 #include <cstring>
 
 #include "image_file.h"
+#include "thread_pool.h"
+#include "unit_hash_avx2.h"
 #include "units.h"
 
 namespace vmsync {
 
-std::uint64_t hashUnit(std::span<const std::byte> unit) { return XXH3_64bits(unit.data(), unit.size()); }
+namespace {
+
+using HashFunction = std::uint64_t (*)(const void*, std::size_t);
+
+HashFunction chooseHash() {
+#ifdef VMSYNC_HAVE_AVX2_HASH
+  if (__builtin_cpu_supports("avx2")) return hashBytesAvx2;
+#endif
+  return [](const void* data, std::size_t size) -> std::uint64_t { return XXH3_64bits(data, size); };
+}
+
+}  // namespace
+
+std::uint64_t hashUnit(std::span<const std::byte> unit) {
+  static const HashFunction hash = chooseHash();
+  return hash(unit.data(), unit.size());
+}
+
+std::uint64_t hashUnitPortable(std::span<const std::byte> unit) { return XXH3_64bits(unit.data(), unit.size()); }
 
 std::uint64_t zeroUnitHash() {
   static const std::uint64_t hash = [] {
@@ -21,7 +41,10 @@ std::uint64_t zeroUnitHash() {
 
 std::vector<std::uint64_t> hashAllUnits(const ImageFile& image) {
   std::vector<std::uint64_t> hashes(image.units());
-  for (std::uint64_t i = 0; i < hashes.size(); ++i) hashes[i] = hashUnit(image.unit(i));
+  // On every core, 4 MiB per task.
+  defaultThreadPool().parallelFor(hashes.size(), 1024, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t i = begin; i < end; ++i) hashes[i] = hashUnit(image.unit(i));
+  });
   return hashes;
 }
 

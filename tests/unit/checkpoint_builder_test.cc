@@ -4,8 +4,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "checkpoint_applier.h"
 #include "error.h"
@@ -90,11 +94,125 @@ TEST(ImageTracker, FailedPushShipsTheUnitsAgainEvenIfTheSourceForgetsThem) {
   EXPECT_TRUE(tracker.collect(DirtyUnits{}).units.empty());
 }
 
+/// Random bytes in some units, zero in some, a copy of unit 3 in others.
+void fillForPool(ImageFile& image, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::byte> unit(kUnitSize), three(kUnitSize, std::byte{3});
+  for (std::uint64_t i = 0; i < image.units(); ++i) {
+    switch (rng() % 5) {
+      case 0: continue;  // unchanged
+      case 1: std::fill(unit.begin(), unit.end(), std::byte{0}); break;
+      case 2: unit = three; break;
+      default:
+        std::memcpy(unit.data(), image.unit(i).data(), kUnitSize);
+        for (int k = 0; k < 40; ++k) unit[rng() % kUnitSize] = static_cast<std::byte>(rng());
+    }
+    image.writeUnit(i, unit);
+  }
+}
+
+// The chunks must not depend on how many threads built them: same encodings,
+// same SAME_AS positions, same bytes, in index order.
+TEST(ImageTracker, ThreadPoolSizeDoesNotChangeTheCheckpoint) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 3000;  // several scan tasks and many encode tasks
+  ImageFile source(dir.file("src"), true, kUnits * kUnitSize);
+  ThreadPool one(1), four(4);
+  for (auto policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV}) {
+    ImageTracker serial(source, hashAllUnits(source), policy, true,
+                        std::vector<std::byte>(source.bytes().begin(), source.bytes().end()));
+    ImageTracker parallel(source, hashAllUnits(source), policy, true,
+                          std::vector<std::byte>(source.bytes().begin(), source.bytes().end()));
+    serial.setThreadPool(one);
+    parallel.setThreadPool(four);
+    for (std::uint32_t round = 1; round <= 3; ++round) {
+      fillForPool(source, round);
+      ImageDelta a = serial.collect(DirtyUnits{.everything = true});
+      ImageDelta b = parallel.collect(DirtyUnits{.everything = true});
+      ASSERT_EQ(a.units.size(), b.units.size());
+      ASSERT_GT(a.units.size(), 100u);
+      for (std::size_t i = 0; i < a.units.size(); ++i) {
+        EXPECT_EQ(a.units[i].index, b.units[i].index);
+        EXPECT_EQ(a.units[i].encoding, b.units[i].encoding);
+        EXPECT_EQ(a.units[i].sameAs, b.units[i].sameAs);
+        EXPECT_EQ(a.units[i].data, b.units[i].data);
+      }
+      EXPECT_EQ(a.hashes, b.hashes);
+      EXPECT_TRUE(std::equal(a.raw.begin(), a.raw.end(), b.raw.begin(), b.raw.end()));
+      EXPECT_EQ(a.encodedBytes, b.encodedBytes);
+      serial.acknowledge(a);
+      parallel.acknowledge(b);
+    }
+  }
+}
+
+// The state kept per unit of image, as the class comment states it per GiB:
+// 8 bytes of receiver hash, 8 more of base hash under Orig, 2 bits of bitmaps,
+// and under Diff Prev the 4096-byte reference copy.
+TEST(ImageTracker, StateStaysWithinItsStatedBoundPerUnit) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 4096;  // 16 MiB
+  ImageFile source(dir.file("src"), true, kUnits * kUnitSize);
+  ImageFile base(dir.file("base"), true, kUnits * kUnitSize);
+  auto bound = [&](std::uint64_t hashBytes, std::uint64_t referenceBytes) {
+    return kUnits * (hashBytes + referenceBytes) + kUnits / 4 + 64;
+  };
+  for (auto policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV, wire::Policy::DIRTY_ORIG,
+                      wire::Policy::DIFF_ORIG}) {
+    ImageTracker tracker(source, std::vector<std::uint64_t>(kUnits, zeroUnitHash()), policy, true);
+    tracker.setBase(base);
+    writeUnit(dir.file("src"), 9, 'x');
+    ImageDelta delta = tracker.collect(DirtyUnits{.units = {9}});
+    tracker.retryLater(delta);
+    tracker.acknowledge(tracker.collect(DirtyUnits{.everything = true}));
+    const std::uint64_t hashBytes = isOrigPolicy(policy) ? 16 : 8;
+    const std::uint64_t referenceBytes = policy == wire::Policy::DIFF_PREV ? kUnitSize : 0;
+    EXPECT_LE(tracker.stateBytes(), bound(hashBytes, referenceBytes)) << policyName(policy);
+    EXPECT_GE(tracker.stateBytes(), kUnits * (hashBytes + referenceBytes)) << policyName(policy);
+  }
+}
+
+TEST(ThreadPool, EveryItemOnceAndErrorsReachTheCaller) {
+  ThreadPool pool(3);
+  std::vector<std::atomic<int>> seen(10007);
+  pool.parallelFor(seen.size(), 64, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t i = begin; i < end; ++i) seen[i]++;
+  });
+  for (auto& s : seen) EXPECT_EQ(s.load(), 1);
+  EXPECT_THROW(pool.parallelFor(1000, 10,
+                                [](std::size_t begin, std::size_t) {
+                                  if (begin == 500) fail("chunk at {}", begin);
+                                }),
+               Error);
+  // A loop inside a chunk runs inline instead of waiting for its own pool.
+  std::atomic<std::size_t> inner{0};
+  pool.parallelFor(8, 1, [&](std::size_t, std::size_t) {
+    pool.parallelFor(50, 5, [&](std::size_t begin, std::size_t end) { inner += end - begin; });
+  });
+  EXPECT_EQ(inner.load(), 400u);
+  // The pool still works after an error.
+  std::atomic<std::size_t> total{0};
+  pool.parallelFor(100, 7, [&](std::size_t begin, std::size_t end) { total += end - begin; });
+  EXPECT_EQ(total.load(), 100u);
+}
+
 TEST(ImageTracker, RejectsUnitsPastTheImage) {
   TempDir dir;
   ImageFile source(dir.file("source"), true, 4 * kUnitSize);
   ImageTracker tracker(source, std::vector<std::uint64_t>(4, zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
   EXPECT_THROW(tracker.collect(DirtyUnits{.units = {4}}), Error);
+}
+
+TEST(ImageTracker, BadReportAfterAFailedPushKeepsTheRetries) {
+  TempDir dir;
+  ImageFile source(dir.file("source"), true, 4 * kUnitSize);
+  ImageTracker tracker(source, std::vector<std::uint64_t>(4, zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
+  writeUnit(dir.file("source"), 2, 'r');
+  tracker.retryLater(tracker.collect(DirtyUnits{.units = {2}}));
+  EXPECT_THROW(tracker.collect(DirtyUnits{.units = {4}}), Error);
+  ImageDelta again = tracker.collect(DirtyUnits{});
+  ASSERT_EQ(again.units.size(), 1u);
+  EXPECT_EQ(again.units[0].index, 2u);
 }
 
 TEST(ApplyCheckpoint, OutOfRangeChunkIsRejectedAndNothingIsWritten) {
@@ -110,6 +228,104 @@ TEST(ApplyCheckpoint, OutOfRangeChunkIsRejectedAndNothingIsWritten) {
   checkpoint.initDisk(0);
   EXPECT_THROW(applyCheckpoint(checkpoint.asReader(), ram, disk), Error);
   EXPECT_EQ(hashUnit(ram.unit(0)), zeroUnitHash()) << "the valid first chunk must not have been applied";
+}
+
+/// A list of every kind of chunk, out of index order: whole and zero units sent
+/// as they are (applied from the message), lz4 and XOR-diff ones (decoded),
+/// and SAME_AS references to either kind. Some indexes are consecutive, so
+/// their writes go out together.
+void fillMixedList(capnp::List<wire::Chunk>::Builder list, const std::vector<std::vector<std::byte>>& units,
+                   std::span<const std::byte> reference) {
+  toWire(encodeWhole(5, units[5], false), list[0]);                        // whole, in place
+  toWire(encodeWhole(6, units[6], true), list[1]);                         // lz4
+  toWire(encodeWhole(2, units[2], false), list[2]);                        // zero, in place
+  toWire(encodeDiff(7, units[7], reference, false), list[3]);              // xor-diff
+  EncodedUnit same;
+  same.index = 3;
+  same.encoding = wire::ChunkEncoding::SAME_AS;
+  same.sameAs = 0;                                                         // = chunk 0 (in place)
+  toWire(same, list[4]);
+  same.index = 1;
+  same.sameAs = 3;                                                         // = chunk 3 (decoded)
+  toWire(same, list[5]);
+}
+
+TEST(ApplyCheckpoint, EveryKindOfChunkLandsWhereItBelongs) {
+  TempDir dir;
+  ImageFile ram(dir.file("ram"), true, 8 * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, kUnitSize);
+  std::mt19937 rng(31);
+  std::vector<std::vector<std::byte>> units(8, std::vector<std::byte>(kUnitSize));
+  for (std::size_t u : {5, 6, 7})
+    for (auto& b : units[u]) b = static_cast<std::byte>(u == 6 ? rng() % 3 : rng());
+  // Unit 7 differs from the receiver's (zero) unit in a few bytes only.
+  std::fill(units[7].begin(), units[7].end(), std::byte{0});
+  for (std::size_t i : {0, 100, 4095}) units[7][i] = std::byte{9};
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  fillMixedList(checkpoint.initMemory(6), units, ram.unit(7));
+  checkpoint.initDisk(0);
+  ASSERT_EQ(checkpoint.asReader().getMemory()[3].getEncoding(), wire::ChunkEncoding::XOR_DIFF);
+  ASSERT_EQ(checkpoint.asReader().getMemory()[1].getCompression(), wire::Compression::LZ4);
+  ApplyStats stats = applyCheckpoint(checkpoint.asReader(), ram, disk);
+  EXPECT_EQ(stats.memoryUnits, 6u);
+  std::vector<std::vector<std::byte>> expected = units;
+  expected[3] = units[5];
+  expected[1] = units[7];
+  for (std::uint64_t u = 0; u < 8; ++u)
+    EXPECT_TRUE(std::equal(ram.unit(u).begin(), ram.unit(u).end(), expected[u].begin())) << "unit " << u;
+}
+
+TEST(ApplyCheckpoint, CorruptChunkAfterGoodOnesIsRejectedAndNothingIsWritten) {
+  TempDir dir;
+  ImageFile ram(dir.file("ram"), true, 8 * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, kUnitSize);
+  std::vector<std::vector<std::byte>> units(8, std::vector<std::byte>(kUnitSize, std::byte{4}));
+  units[2].assign(kUnitSize, std::byte{0});
+  units[7][0] = std::byte{0};
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  auto list = checkpoint.initMemory(7);
+  fillMixedList(list, units, ram.unit(7));
+  // Chunk 6: lz4 that does not decompress to its raw size.
+  EncodedUnit bad = encodeWhole(0, units[5], true);
+  ASSERT_EQ(bad.compression, wire::Compression::LZ4);
+  bad.data.resize(bad.data.size() / 2);
+  toWire(bad, list[6]);
+  checkpoint.initDisk(0);
+  auto before = hashAllUnits(ram);
+  try {
+    applyCheckpoint(checkpoint.asReader(), ram, disk);
+    ADD_FAILURE() << "a corrupt chunk was applied";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("memory chunk 0: lz4 data is corrupt"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(hashAllUnits(ram), before) << "nothing may be written before every chunk is checked";
+}
+
+TEST(ImageFile, WriteUnitsInAnyOrderWithRunsAndRefusesAnIndexPastTheEnd) {
+  TempDir dir;
+  ImageFile image(dir.file("img"), true, 600 * kUnitSize);
+  std::vector<std::vector<std::byte>> data(600);
+  std::vector<UnitWrite> writes;
+  // A run longer than one pwritev, a gap, single units, given in reverse.
+  for (std::uint64_t i = 0; i < 600; ++i) {
+    if (i % 100 == 50 || (i > 400 && i % 3 == 0)) continue;
+    data[i].assign(kUnitSize, static_cast<std::byte>(i % 251 + 1));
+    writes.push_back({i, data[i].data()});
+  }
+  std::reverse(writes.begin(), writes.end());
+  image.writeUnits(writes);
+  for (std::uint64_t i = 0; i < 600; ++i) {
+    if (data[i].empty())
+      EXPECT_EQ(hashUnit(image.unit(i)), zeroUnitHash()) << "unit " << i;
+    else
+      EXPECT_TRUE(std::equal(image.unit(i).begin(), image.unit(i).end(), data[i].begin())) << "unit " << i;
+  }
+  std::vector<std::byte> other(kUnitSize, std::byte{0xEE});
+  std::vector<UnitWrite> pastEnd{{1, other.data()}, {600, other.data()}};
+  EXPECT_THROW(image.writeUnits(pastEnd), Error);
+  EXPECT_FALSE(std::equal(image.unit(1).begin(), image.unit(1).end(), other.begin())) << "unit 1 was written";
 }
 
 TEST(ApplyCheckpoint, MoreChunksThanUnitsIsRejectedBeforeDecoding) {
