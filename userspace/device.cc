@@ -22,6 +22,7 @@
 #include "loop_device.h"
 #include "qemu_vm.h"
 #include "rpc_util.h"
+#include "transfer_progress.h"
 #include "unit_hashes.h"
 #include "vmsync.capnp.h"
 
@@ -123,6 +124,8 @@ class Device {
   kj::Promise<void> checkpointLoop();
   kj::Promise<void> pushCheckpoint(wire::CheckpointKind kind);
   kj::Promise<void> whenIdle();
+  /// Logs the progress of a push of `bytes` on the current connection while the promise lives.
+  kj::Promise<void> watchTransfer(std::string what, std::uint64_t bytes);
 
   /// A checkpoint on its way to the server.
   struct PendingPush {
@@ -562,6 +565,16 @@ kj::Promise<void> Device::whenIdle() {
   return kj::READY_NOW;
 }
 
+kj::Promise<void> Device::watchTransfer(std::string what, std::uint64_t bytes) {
+  RpcConnection* connection = connection_.get();
+  return logTransferProgress(io_.provider->getTimer(), kj::mv(what), bytes,
+                             [this, connection]() -> std::optional<std::uint64_t> {
+                               if (connection_.get() != connection) return std::nullopt;
+                               return connection->bytesAcknowledged();
+                             })
+      .eagerlyEvaluate(nullptr);
+}
+
 kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   if (!session_) {
     spdlog::debug("{}: not connected; the changes wait for the next checkpoint", options_.deviceId);
@@ -615,8 +628,13 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   }
   const std::uint64_t harvestNs = nowNs() - t0;
   const std::uint64_t bytes = pending->memory.encodedBytes + pending->disk.encodedBytes;
+  const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
+  auto progress = watchTransfer(fmt::format("{}: checkpoint {}", options_.deviceId, pending->sequence), wireBytes);
+  const std::uint64_t sendStart = nowNs();
   return request.send()
-      .then([this, pending, kind, harvestNs, bytes](capnp::Response<wire::DeviceSession::PushResults>) {
+      .attach(kj::mv(progress))
+      .then([this, pending, kind, harvestNs, bytes, wireBytes, sendStart](capnp::Response<wire::DeviceSession::PushResults>) {
+        const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
         ramTracker_->acknowledge(pending->memory);
         diskTracker_->acknowledge(pending->disk);
         saveApplied(pending->sequence);
@@ -626,10 +644,12 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
           ramTracker_->setBase(*baseRam_);
           diskTracker_->setBase(*baseDisk_);
         }
-        spdlog::info("{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms",
+        spdlog::info("{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms, "
+                     "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s)",
                      options_.deviceId, pending->sequence,
                      kind == wire::CheckpointKind::FULL ? "full" : "incremental", pending->memory.units.size(),
-                     pending->disk.units.size(), bytes, harvestNs / 1e6);
+                     pending->disk.units.size(), bytes, harvestNs / 1e6, wireBytes, sendSeconds,
+                     sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0);
       },
             [this, pending](kj::Exception&& e) {
               // Nothing is lost: these units are shipped again with the next checkpoint.
@@ -699,6 +719,7 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
     deviceStateSequence_ = sequence;
     verifiedRamHashes_ = std::move(ramHashes);
     verifiedDiskHashes_ = std::move(diskHashes);
+    spdlog::info("{}: final checkpoint {}: image digest {} verified", options_.deviceId, sequence, toHex(digest));
   }
   saveApplied(sequence);
   results.setAppliedSequence(sequence);
@@ -763,9 +784,11 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     result.setPauseNs(t1 - t0);
     result.setFinalHarvestNs(t2 - t1);
     result.setDeviceStateSaveNs(t3 - t2);
+    auto progress = watchTransfer(fmt::format("{}: final checkpoint {}", options_.deviceId, sequence),
+                                  request.totalSize().wordCount * sizeof(capnp::word));
     const std::uint64_t t4 = nowNs();
-    return request.send().then(
-        [this, result, memory, disk, sequence, t4, state = std::move(state), ramHashes = std::move(ramHashes),
+    return request.send().attach(kj::mv(progress)).then(
+        [this, result, memory, disk, sequence, t4, digest, state = std::move(state), ramHashes = std::move(ramHashes),
          diskHashes = std::move(diskHashes)](capnp::Response<wire::DeviceSession::PushResults>) mutable {
           result.setPushNs(nowNs() - t4);
           ramTracker_->acknowledge(*memory);
@@ -790,7 +813,8 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           role_ = Role::standby;
           ramTracker_.reset();
           diskTracker_.reset();
-          spdlog::info("{}: final checkpoint {} stored; now a standby", options_.deviceId, sequence);
+          spdlog::info("{}: final checkpoint {} stored (image digest {}); now a standby", options_.deviceId, sequence,
+                       toHex(digest));
         },
         [this, memory, disk, sequence](kj::Exception&& e) {
           // The server did not confirm the final checkpoint: keep running here.
