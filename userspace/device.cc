@@ -555,7 +555,8 @@ kj::Promise<void> Device::checkpointLoop() {
       .then([this, delay] { return io_.provider->getTimer().afterDelay(delay * kj::NANOSECONDS); })
       .then([this]() -> kj::Promise<void> {
         if (stopping_ || role_ != Role::active) return kj::READY_NOW;
-        inFlight_ = pushCheckpoint(wire::CheckpointKind::INCREMENTAL).fork();
+        // The full sync again when the first one never reached the server.
+        inFlight_ = pushCheckpoint(applied_ == 0 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL).fork();
         return checkpointLoop();
       });
 }
