@@ -3,6 +3,8 @@
 #include <filesystem>
 #include <regex>
 
+#include "error.h"
+
 namespace vmsync::testing {
 
 namespace fs = std::filesystem;
@@ -32,40 +34,72 @@ bool consecutive(const std::vector<long>& values, std::string* why) {
   return true;
 }
 
+std::string missingForNetworkLab() { return NetworkLab::unavailableReason(); }
+
 Cluster::Cluster(const std::string& dir) : dir_(dir), port_(freePort()) {}
 
 Cluster::~Cluster() {
   devices_.clear();
   server_.reset();
+  lab_.reset();  // after every process in its namespaces is gone
+}
+
+void Cluster::useNetworkLab() { lab_ = std::make_unique<NetworkLab>(static_cast<std::uint16_t>(port_)); }
+
+void Cluster::setLink(const std::string& device, const std::string& profile) {
+  if (!lab_) throw std::logic_error("Cluster::setLink needs useNetworkLab()");
+  lab_->addDevice(device, linkProfile(profile));
+}
+
+void Cluster::setLinkUp(const std::string& device, bool up) {
+  if (!lab_) throw std::logic_error("Cluster::setLinkUp needs useNetworkLab()");
+  lab_->setLinkUp(device, up);
+}
+
+std::string Cluster::addressFor(const std::string& device) {
+  if (!lab_) return address();
+  try {
+    return lab_->serverAddressFor(device);
+  } catch (const Error&) {
+    setLink(device, "wifi");
+    return lab_->serverAddressFor(device);
+  }
+}
+
+std::vector<std::string> Cluster::placed(const std::string& device, std::vector<std::string> argv) {
+  if (!lab_) return argv;
+  return NetworkLab::inNamespace(device.empty() ? lab_->serverNamespace() : lab_->deviceNamespace(device),
+                                 std::move(argv));
 }
 
 void Cluster::startServer() {
   server_ = std::make_unique<Process>(
-      std::vector<std::string>{vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server"},
+      placed("", {vmsyncBinary(), "server", "--listen", address(), "--data", dir_ + "/server"}),
       dir_ + "/server.log");
   waitFor([&] { return status().has_value(); }, std::chrono::seconds(10));
 }
 
 void Cluster::startActive(const std::string& device, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "active", "--device", device,      "--state",   stateDir(device),
-                                "--server",     address(), "--image",  guestImage(), "--interval", "1"};
+  std::vector<std::string> argv{vmsyncBinary(), "active",           "--device", device,       "--state",
+                                stateDir(device), "--server", addressFor(device), "--image", guestImage(),
+                                "--interval",   "1"};
   bool accelGiven = false;
   for (const auto& a : extra) accelGiven |= a == "--accel";
   if (!accelGiven) argv.insert(argv.end(), {"--accel", "tcg"});
   argv.insert(argv.end(), extra.begin(), extra.end());
-  devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
+  devices_[device] = std::make_unique<Process>(placed(device, argv), dir_ + "/" + device + ".log");
 }
 
 void Cluster::startStandby(const std::string& device, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "standby", "--device", device,   "--state",
-                                stateDir(device), "--server", address(), "--interval", "1"};
+  std::vector<std::string> argv{vmsyncBinary(),   "standby",  "--device",         device,       "--state",
+                                stateDir(device), "--server", addressFor(device), "--interval", "1"};
   argv.insert(argv.end(), extra.begin(), extra.end());
-  devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
+  devices_[device] = std::make_unique<Process>(placed(device, argv), dir_ + "/" + device + ".log");
 }
 
 std::optional<nlohmann::json> Cluster::status() {
   std::string out;
-  if (run({vmsyncBinary(), "status", "--server", address(), "--json"}, &out) != 0) return std::nullopt;
+  if (run(placed("", {vmsyncBinary(), "status", "--server", address(), "--json"}), &out) != 0) return std::nullopt;
   try {
     return nlohmann::json::parse(out);
   } catch (const nlohmann::json::exception&) {
@@ -94,7 +128,7 @@ bool Cluster::waitForHead(std::uint64_t sequence, std::chrono::seconds timeout) 
 
 int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output) {
   std::string out;
-  int rc = run({vmsyncBinary(), "switch", "--server", address(), "--to", target, "--json"}, &out);
+  int rc = run(placed("", {vmsyncBinary(), "switch", "--server", address(), "--to", target, "--json"}), &out);
   if (output) *output = out;
   if (rc == 0 && report) {
     try {
