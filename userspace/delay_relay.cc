@@ -38,17 +38,6 @@ sockaddr_in socketAddress(const std::string& host, std::uint16_t port) {
   return addr;
 }
 
-/// Enters the network namespace `name` on the calling thread.
-void enterNamespace(const std::string& name) {
-  if (name.empty()) return;
-  const std::string path = "/run/netns/" + name;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throwLastErrno(fmt::format("cannot open network namespace {}", name));
-  int rc = ::setns(fd, CLONE_NEWNET);
-  int err = errno;
-  ::close(fd);
-  if (rc != 0) throwErrno(err, fmt::format("cannot enter network namespace {}", name));
-}
 
 /// A chunk of bytes and when it may leave.
 struct Held {
@@ -141,6 +130,17 @@ void pump(const std::shared_ptr<Connection>& connection, int from, int to, std::
 
 }  // namespace
 
+void enterNetworkNamespace(const std::string& name) {
+  if (name.empty()) return;
+  const std::string path = "/run/netns/" + name;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throwLastErrno(fmt::format("cannot open network namespace {}", name));
+  int rc = ::setns(fd, CLONE_NEWNET);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) throwErrno(err, fmt::format("cannot enter network namespace {}", name));
+}
+
 bool detectDeadLink(int fd) {
   int on = 1;
   int idle = kKeepaliveIdleSeconds;
@@ -210,7 +210,7 @@ DelayRelay::DelayRelay(DelayRelayOptions options) : state_(std::make_unique<Stat
   std::string error;
   std::thread maker([&] {
     try {
-      enterNamespace(s.options.networkNamespace);
+      enterNetworkNamespace(s.options.networkNamespace);
       s.listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
       if (s.listener < 0) throwLastErrno("socket");
       int one = 1;
@@ -231,7 +231,7 @@ DelayRelay::DelayRelay(DelayRelayOptions options) : state_(std::make_unique<Stat
   // Connections to the target are made from the acceptor: it enters the namespace too.
   s.acceptor = std::thread([&s] {
     try {
-      enterNamespace(s.options.networkNamespace);
+      enterNetworkNamespace(s.options.networkNamespace);
     } catch (const Error& e) {
       spdlog::error("delay relay: {}", e.what());
       return;

@@ -41,6 +41,10 @@ class DelayRelay {
   std::unique_ptr<State> state_;
 };
 
+/// Enters the network namespace `name` (under /run/netns) on the calling
+/// thread; "" stays. Sockets made and processes forked by the thread live there.
+void enterNetworkNamespace(const std::string& name);
+
 /// Socket options that make a dead link fail a TCP connection within about
 /// `kDeadLinkSeconds` instead of TCP's default quarter of an hour: keepalive
 /// probes while idle, and a limit on how long sent data may stay unacknowledged.

@@ -202,7 +202,15 @@ const NetworkLab::DeviceLink& NetworkLab::link(const std::string& device) const 
 const std::string& NetworkLab::deviceNamespace(const std::string& device) const { return link(device).ns; }
 
 std::string NetworkLab::serverAddressFor(const std::string& device) const {
-  return "10.213." + std::to_string(link(device).index) + ".1:" + std::to_string(serverPort_);
+  return serverHostFor(device) + ":" + std::to_string(serverPort_);
+}
+
+std::string NetworkLab::deviceHost(const std::string& device) const {
+  return "10.213." + std::to_string(link(device).index) + ".2";
+}
+
+std::string NetworkLab::serverHostFor(const std::string& device) const {
+  return "10.213." + std::to_string(link(device).index) + ".1";
 }
 
 void NetworkLab::setLinkUp(const std::string& device, bool up) {

@@ -58,6 +58,9 @@ class NetworkLab {
   const std::string& deviceNamespace(const std::string& device) const;
   /// Address `device` dials to reach the server (its link's delay relay).
   std::string serverAddressFor(const std::string& device) const;
+  /// The device's own address on its link, and the server namespace's end of that link.
+  std::string deviceHost(const std::string& device) const;
+  std::string serverHostFor(const std::string& device) const;
   /// Takes the device's link down (an outage) or brings it back.
   void setLinkUp(const std::string& device, bool up);
 

@@ -5,6 +5,7 @@
 //   vmsync standby  --device B --state DIR [--server HOST:PORT]
 //   vmsync switch   --to B [--server HOST:PORT] [--json]
 //   vmsync status   [--server HOST:PORT] [--json]
+//   vmsync bench switch --profile wifi,lte --runs N [--image DIR]
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -12,6 +13,7 @@
 #include <kj/async-io.h>
 #include <nlohmann/json.hpp>
 
+#include "bench_switch.h"
 #include "device.h"
 #include "error.h"
 #include "rpc_util.h"
@@ -183,6 +185,27 @@ int main(int argc, char** argv) {
   bool noProgress = false;
   study->add_flag("--no-progress", noProgress, "no progress bar");
 
+  vmsync::BenchSwitchOptions benchOptions;
+  auto* bench = app.add_subcommand("bench", "benchmarks on a real guest");
+  bench->require_subcommand(1);
+  auto* benchSwitch = bench->add_subcommand(
+      "switch", "switch latency over emulated links (network namespaces, root), next to QEMU's live migration");
+  benchSwitch->add_option("--profile", benchOptions.profiles, "link profiles: wifi, lte, 3g")
+      ->delimiter(',')
+      ->capture_default_str();
+  benchSwitch->add_option("--runs", benchOptions.runs, "switches per profile")->capture_default_str();
+  benchSwitch->add_option("--image", benchOptions.imageDir, "guest image")->capture_default_str();
+  benchSwitch->add_option("--out", benchOptions.outDir, "state and logs of the server and devices")
+      ->capture_default_str();
+  benchSwitch->add_option("--interval", benchOptions.intervalSeconds, "checkpoint interval in seconds")
+      ->capture_default_str();
+  benchSwitch->add_option("--settle", benchOptions.settleSeconds, "seconds of checkpoints before each switch")
+      ->capture_default_str();
+  benchSwitch->add_flag("!--no-qemu-migration", benchOptions.qemuMigration, "do not measure QEMU's migration");
+  benchSwitch->add_option("--migration-timeout", benchOptions.migrationTimeoutSeconds,
+                          "seconds after which a QEMU migration is cancelled")
+      ->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(logLevel));
   spdlog::set_pattern("[%H:%M:%S.%e] %^%l%$ %v");
@@ -193,6 +216,7 @@ int main(int argc, char** argv) {
     if (standby->parsed()) return vmsync::runDevice(standbyOptions, vmsync::Role::standby);
     if (sw->parsed()) return runSwitch(clientServer, target, json);
     if (status->parsed()) return runStatus(clientServer, json);
+    if (benchSwitch->parsed()) return vmsync::runBenchSwitch(benchOptions);
     if (study->parsed()) {
       if (studyOptions.imageDir.empty()) studyOptions.imageDir = "build/vm-images/" + studyOptions.workload;
       studyOptions.progress = !noProgress;
