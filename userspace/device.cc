@@ -12,6 +12,7 @@
 #include <optional>
 #include <set>
 
+#include "adaptive_interval.h"
 #include "bpf_block_source.h"
 #include "crash_point.h"
 #include "checkpoint_applier.h"
@@ -176,6 +177,9 @@ class Device {
   std::shared_ptr<PendingPush> unconfirmed_;    // last push whose answer never came
   kj::Maybe<kj::Promise<void>> watch_;          // notices a lost connection
   kj::Maybe<kj::Promise<void>> reconnect_;      // reconnection attempts
+  std::optional<AdaptiveInterval> adaptive_;    // --target-switch-ms
+  std::uint64_t lastHarvestNs_ = 0;             // of the previous checkpoint, for the guest's dirty rate
+  std::uint64_t bytesPushed_ = 0;               // since this device became active: the link's share of the cost
 
   class LogTaskErrors final : public kj::TaskSet::ErrorHandler {
    public:
@@ -538,6 +542,9 @@ void Device::startCheckpoints() {
   spdlog::info("{}: active (policy {}, page source {}, block source {}, checkpoint every {} s)", options_.deviceId,
                policyName(spec_.policy), pageSource_->name(), blockSource_->name(), options_.intervalSeconds);
   stopping_ = false;
+  if (options_.targetSwitchMs > 0)
+    adaptive_.emplace(std::chrono::milliseconds(options_.targetSwitchMs), options_.intervalSeconds);
+  lastHarvestNs_ = 0;
   // The first checkpoint of a new VM is the full sync; after a switch the
   // first one is incremental on top of the final checkpoint.
   auto first = pushCheckpoint(applied_ == 0 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
@@ -550,7 +557,7 @@ void Device::scheduleCheckpoint() {
 }
 
 kj::Promise<void> Device::checkpointLoop() {
-  auto delay = static_cast<std::uint64_t>(options_.intervalSeconds * 1e9);
+  auto delay = static_cast<std::uint64_t>((adaptive_ ? adaptive_->intervalSeconds() : options_.intervalSeconds) * 1e9);
   return whenIdle()
       .then([this, delay] { return io_.provider->getTimer().afterDelay(delay * kj::NANOSECONDS); })
       .then([this]() -> kj::Promise<void> {
@@ -598,6 +605,8 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
     return kj::READY_NOW;
   }
   pending->sequence = applied_ + 1;
+  const double sinceLastHarvest = lastHarvestNs_ ? static_cast<double>(t0 - lastHarvestNs_) / 1e9 : 0.0;
+  lastHarvestNs_ = t0;
   auto request = session_->pushRequest();
   auto checkpoint = request.initCheckpoint();
   checkpoint.setVmId(spec_.vmId);
@@ -634,8 +643,14 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   const std::uint64_t sendStart = nowNs();
   return request.send()
       .attach(kj::mv(progress))
-      .then([this, pending, kind, harvestNs, bytes, wireBytes, sendStart](capnp::Response<wire::DeviceSession::PushResults>) {
+      .then([this, pending, kind, harvestNs, bytes, wireBytes, sendStart,
+             sinceLastHarvest](capnp::Response<wire::DeviceSession::PushResults>) {
         const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
+        bytesPushed_ += wireBytes;
+        if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
+          adaptive_->onPush(wireBytes, sinceLastHarvest, sendSeconds);
+          logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
+        }
         ramTracker_->acknowledge(pending->memory);
         diskTracker_->acknowledge(pending->disk);
         saveApplied(pending->sequence);

@@ -117,6 +117,10 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
       ->check(CLI::IsMember({"auto", "kvm", "tcg"}))
       ->capture_default_str();
   cmd.add_option("--interval", o.intervalSeconds, "seconds between incremental checkpoints")->capture_default_str();
+  cmd.add_option("--target-switch-ms", o.targetSwitchMs,
+                 "when active, choose the interval from the measured link rate and the guest's dirty rate so that "
+                 "a switch's final checkpoint is expected to travel in this many ms (0: --interval stays)")
+      ->capture_default_str();
   cmd.add_option("--qemu", o.qemuBinary, "QEMU binary")->capture_default_str();
   cmd.add_option("--page-source", o.pageSource, "dirty page source: scan")
       ->check(CLI::IsMember({"scan", "auto"}))
