@@ -671,7 +671,10 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
               // Nothing is lost: these units are shipped again with the next checkpoint.
               ramTracker_->retryLater(pending->memory);
               diskTracker_->retryLater(pending->disk);
-              unconfirmed_ = pending;
+              // A push made between registering again and settling an earlier
+              // unconfirmed one reuses its sequence and is refused: the earlier
+              // one is what the server may hold, so it is the one to settle.
+              if (!unconfirmed_ || unconfirmed_->sequence != pending->sequence) unconfirmed_ = pending;
               spdlog::warn("{}: checkpoint {} not stored ({}); its changes go into the next one", options_.deviceId,
                            pending->sequence, describe(e));
             })
