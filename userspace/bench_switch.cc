@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "delay_relay.h"
@@ -40,6 +42,9 @@ class Child {
     pid_ = ::fork();
     if (pid_ < 0) throwLastErrno("fork");
     if (pid_ == 0) {
+      // An interrupted bench takes its daemons with it (they stop their VMs);
+      // its namespaces go with the next run, as those of a dead process.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
       int fd = ::open(logPath.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
       if (fd >= 0) {
         ::dup2(fd, 1);
@@ -65,6 +70,19 @@ class Child {
   Child(const Child&) = delete;
   Child& operator=(const Child&) = delete;
   bool running() { return pid_ > 0 && ::waitpid(pid_, nullptr, WNOHANG) == 0; }
+  /// CPU time the process has used so far (user + system), in seconds.
+  double cpuSeconds() const {
+    std::ifstream in(fmt::format("/proc/{}/stat", pid_));
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::size_t end = text.rfind(')');
+    if (end == std::string::npos) return 0;
+    std::istringstream fields(text.substr(end + 2));
+    std::string field;
+    double ticks = 0;
+    for (int i = 3; fields >> field; ++i)
+      if (i == 14 || i == 15) ticks += std::stod(field);  // utime, stime
+    return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
+  }
 
  private:
   pid_t pid_ = -1;
@@ -105,16 +123,18 @@ class BenchCluster {
         dir_ + "/server.log");
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
     const std::string interval = fmt::format("{}", options_.intervalSeconds);
+    const std::string target = std::to_string(options_.targetSwitchMs);
     devices_["A"] = std::make_unique<Child>(
         NetworkLab::inNamespace(lab_.deviceNamespace("A"),
                                 {self, "active", "--device", "A", "--state", dir_ + "/A", "--server",
                                  lab_.serverAddressFor("A"), "--image", options_.imageDir, "--accel", options_.accel,
-                                 "--interval", interval, "--block-source", "scan"}),
+                                 "--interval", interval, "--block-source", "scan", "--target-switch-ms", target}),
         dir_ + "/A.log");
     devices_["B"] = std::make_unique<Child>(
         NetworkLab::inNamespace(lab_.deviceNamespace("B"),
                                 {self, "standby", "--device", "B", "--state", dir_ + "/B", "--server",
-                                 lab_.serverAddressFor("B"), "--interval", interval, "--block-source", "scan"}),
+                                 lab_.serverAddressFor("B"), "--interval", interval, "--block-source", "scan",
+                                 "--target-switch-ms", target}),
         dir_ + "/B.log");
   }
 
@@ -149,6 +169,22 @@ class BenchCluster {
       std::this_thread::sleep_for(std::chrono::milliseconds(500));
     }
     fail("the devices did not reach checkpoint {} within {} s; see the logs in {}", sequence, timeout.count(), dir_);
+  }
+
+  /// CPU seconds the two device daemons have used (checkpointing, applying).
+  double deviceCpuSeconds() {
+    double total = 0;
+    for (auto& [name, child] : devices_) total += child->cpuSeconds();
+    return total;
+  }
+
+  /// Bytes of checkpoints the server stores.
+  double storedBytes() const {
+    double total = 0;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(dir_ + "/server/checkpoints", ec))
+      if (e.is_regular_file()) total += static_cast<double>(e.file_size());
+    return total;
   }
 
   std::uint64_t head() {
@@ -331,6 +367,9 @@ int runBenchSwitch(const BenchSwitchOptions& options) {
       std::vector<nlohmann::json> reports;
       std::vector<Migration> migrations;
       std::string active = "A";
+      const auto measureStart = std::chrono::steady_clock::now();
+      const double cpuStart = cluster.deviceCpuSeconds();
+      const double bytesStart = cluster.storedBytes();
       for (int run = 1; run <= options.runs; ++run) {
         const std::string target = active == "A" ? "B" : "A";
         std::this_thread::sleep_for(std::chrono::duration<double>(options.settleSeconds));
@@ -351,6 +390,13 @@ int runBenchSwitch(const BenchSwitchOptions& options) {
         cluster.waitInSync(reports.back().value("final_sequence", 0ull) + 2, std::chrono::seconds(600));
       }
       printTable(profile, options.runs, reports, migrations);
+      const double minutes =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - measureStart).count() / 60.0;
+      std::printf("checkpointing cost (%s): device daemons' CPU %.1f s/min, checkpoints stored %.1f MiB/min\n",
+                  options.targetSwitchMs ? fmt::format("adaptive, target {} ms", options.targetSwitchMs).c_str()
+                                         : fmt::format("every {} s", options.intervalSeconds).c_str(),
+                  (cluster.deviceCpuSeconds() - cpuStart) / minutes,
+                  (cluster.storedBytes() - bytesStart) / 1048576.0 / minutes);
       std::fflush(stdout);
     }
     return 0;

@@ -18,6 +18,7 @@ struct BenchSwitchOptions {
   double settleSeconds = 5.0;                 // checkpoints before each measurement
   bool qemuMigration = true;                  // also measure QEMU's live migration
   int migrationTimeoutSeconds = 120;          // a migration not done by then is cancelled
+  std::uint32_t targetSwitchMs = 0;           // passed to the devices (adaptive interval); 0: fixed interval
 };
 
 /// Runs the benchmark (root: it makes network namespaces) and prints a table

@@ -205,6 +205,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   benchSwitch->add_option("--settle", benchOptions.settleSeconds, "seconds of checkpoints before each switch")
       ->capture_default_str();
+  benchSwitch->add_option("--target-switch-ms", benchOptions.targetSwitchMs,
+                          "devices choose their interval for this final-checkpoint transfer time (0: --interval)")
+      ->capture_default_str();
   benchSwitch->add_flag("!--no-qemu-migration", benchOptions.qemuMigration, "do not measure QEMU's migration");
   benchSwitch->add_option("--migration-timeout", benchOptions.migrationTimeoutSeconds,
                           "seconds after which a QEMU migration is cancelled")
