@@ -18,7 +18,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image demo test sanitize fuzz module bench study clean
+.PHONY: all setup build image demo test sanitize fuzz module bench bench-switch study clean
 
 all: build
 
@@ -64,6 +64,11 @@ module:
 bench: build
 	$(BUILD)/bench/vmsync_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json
 	$(BUILD)/bench/bpf_harvest_bench --benchmark_out=$(BUILD)/bench-bpf.json --benchmark_out_format=json
+
+# Switch latency over emulated wifi and lte links next to QEMU's live
+# migration (root: network namespaces; see README: Switch benchmark).
+bench-switch: build image
+	$(BUILD)/userspace/vmsync bench switch --profile wifi,lte --runs 5 --image $(IMAGE) --out $(BUILD)/bench-switch
 
 # The paper's study on the video workload (see README: Study).
 study: build
