@@ -17,28 +17,30 @@ double blend(double estimate, double sample) { return estimate == 0 ? sample : (
 
 }  // namespace
 
-AdaptiveInterval::AdaptiveInterval(std::chrono::milliseconds targetSwitch, double initialSeconds, double minSeconds,
-                                   double maxSeconds)
+AdaptiveInterval::AdaptiveInterval(std::chrono::milliseconds targetSwitch, double initialSeconds,
+                                   std::uint64_t deviceStateBytes, double minSeconds, double maxSeconds)
     : target_(static_cast<double>(targetSwitch.count()) / 1000.0),
       min_(minSeconds),
       max_(maxSeconds),
-      interval_(std::clamp(initialSeconds, minSeconds, maxSeconds)) {}
+      interval_(std::clamp(initialSeconds, minSeconds, maxSeconds)),
+      deviceState_(static_cast<double>(deviceStateBytes)) {}
 
-void AdaptiveInterval::onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double pushSeconds) {
+void AdaptiveInterval::onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double harvestSeconds,
+                              double pushSeconds) {
   if (pushSeconds <= 0 || sinceLastHarvestSeconds <= 0) return;
   const double bytes = static_cast<double>(wireBytes);
   linkRate_ = blend(linkRate_, bytes / pushSeconds);
   dirtyRate_ = blend(dirtyRate_, bytes / sinceLastHarvestSeconds);
-  pushSeconds_ = blend(pushSeconds_, pushSeconds);
-  // dirtyRate * (interval + push) / linkRate <= target
-  const double longest = target_ * linkRate_ / dirtyRate_ - pushSeconds_;
+  overheadSeconds_ = blend(overheadSeconds_, harvestSeconds + pushSeconds);
+  // 2 * (dirtyRate * (interval + overhead) + deviceState) / linkRate <= target
+  const double longest = ((target_ * linkRate_ / 2 - deviceState_) / dirtyRate_) - overheadSeconds_;
   reachable_ = longest >= min_;
   interval_ = std::clamp(longest, min_, max_);
 }
 
 double AdaptiveInterval::expectedFinalSeconds() const {
   if (linkRate_ == 0) return 0;
-  return dirtyRate_ * (interval_ + pushSeconds_) / linkRate_;
+  return 2 * (dirtyRate_ * (interval_ + overheadSeconds_) + deviceState_) / linkRate_;
 }
 
 double processCpuSeconds() {

@@ -11,22 +11,28 @@ namespace vmsync {
 /// Picks the interval between incremental checkpoints for `--target-switch-ms`.
 ///
 /// At a switch the final checkpoint carries what the guest changed since the
-/// last harvest: at most one interval plus the push under way. With the
-/// checkpoint bytes the guest produces per second (its dirty rate, measured
-/// from incremental checkpoints) and the rate pushes reach the server at
-/// (measured from push timings, so the link's latency counts), the final
-/// transfer is expected to take dirtyRate * (interval + push) / linkRate; the
-/// interval is the longest that keeps this under the target. Longer intervals
-/// cost fewer bytes and less CPU: a page rewritten within one interval is
-/// shipped once.
+/// last harvest (at most one cycle: the interval, the harvest and the push
+/// under way) and the VMM's device state. It goes up the active device's link
+/// and then down the target's. With the checkpoint bytes the guest produces
+/// per second (its dirty rate, measured from incremental checkpoints) and the
+/// rate pushes reach the server at (measured from push timings, so the link's
+/// latency counts), and taking the target's downlink to be at least as fast
+/// as this uplink (as on the profiles' links), the transfer is expected to take
+///
+///     2 * (dirtyRate * (interval + harvest + push) + deviceState) / linkRate
+///
+/// and the interval is the longest that keeps this under the target. Longer
+/// intervals cost fewer bytes and less CPU: a page rewritten within one
+/// interval is shipped once.
 class AdaptiveInterval {
  public:
-  AdaptiveInterval(std::chrono::milliseconds targetSwitch, double initialSeconds, double minSeconds = 0.2,
-                   double maxSeconds = 30.0);
+  /// `deviceStateBytes`: size of the VMM's device state in a final checkpoint.
+  AdaptiveInterval(std::chrono::milliseconds targetSwitch, double initialSeconds, std::uint64_t deviceStateBytes,
+                   double minSeconds = 0.2, double maxSeconds = 30.0);
 
   /// An incremental checkpoint of `wireBytes`, harvested `sinceLastHarvestSeconds`
-  /// after the previous one, reached the server in `pushSeconds`.
-  void onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double pushSeconds);
+  /// after the previous one in `harvestSeconds`, reached the server in `pushSeconds`.
+  void onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double harvestSeconds, double pushSeconds);
 
   /// The interval to wait before the next checkpoint.
   double intervalSeconds() const { return interval_; }
@@ -43,9 +49,10 @@ class AdaptiveInterval {
   double min_;
   double max_;
   double interval_;
+  double deviceState_;
   double linkRate_ = 0;
   double dirtyRate_ = 0;
-  double pushSeconds_ = 0;
+  double overheadSeconds_ = 0;  // harvest + push: the rest of a cycle
   bool reachable_ = true;
 };
 

@@ -542,8 +542,14 @@ void Device::startCheckpoints() {
   spdlog::info("{}: active (policy {}, page source {}, block source {}, checkpoint every {} s)", options_.deviceId,
                policyName(spec_.policy), pageSource_->name(), blockSource_->name(), options_.intervalSeconds);
   stopping_ = false;
-  if (options_.targetSwitchMs > 0)
-    adaptive_.emplace(std::chrono::milliseconds(options_.targetSwitchMs), options_.intervalSeconds);
+  if (options_.targetSwitchMs > 0) {
+    // The device state of the last switch, if there was one; else what QEMU
+    // saves for a small VM, with room to spare.
+    std::error_code ec;
+    const auto stateBytes = fs::file_size(path("device-state.bin"), ec);
+    adaptive_.emplace(std::chrono::milliseconds(options_.targetSwitchMs), options_.intervalSeconds,
+                      ec ? std::uint64_t{512 * 1024} : stateBytes);
+  }
   lastHarvestNs_ = 0;
   // The first checkpoint of a new VM is the full sync; after a switch the
   // first one is incremental on top of the final checkpoint.
@@ -648,7 +654,7 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
         const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
         bytesPushed_ += wireBytes;
         if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
-          adaptive_->onPush(wireBytes, sinceLastHarvest, sendSeconds);
+          adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds);
           logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
         }
         ramTracker_->acknowledge(pending->memory);
