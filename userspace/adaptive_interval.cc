@@ -25,9 +25,9 @@ AdaptiveInterval::AdaptiveInterval(std::chrono::milliseconds targetSwitch, doubl
       interval_(std::clamp(initialSeconds, minSeconds, maxSeconds)),
       deviceState_(static_cast<double>(deviceStateBytes)) {}
 
-void AdaptiveInterval::onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double harvestSeconds,
+bool AdaptiveInterval::onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double harvestSeconds,
                               double pushSeconds) {
-  if (pushSeconds <= 0 || sinceLastHarvestSeconds <= 0) return;
+  if (pushSeconds <= 0 || sinceLastHarvestSeconds <= 0) return false;
   const double bytes = static_cast<double>(wireBytes);
   linkRate_ = blend(linkRate_, bytes / pushSeconds);
   dirtyRate_ = blend(dirtyRate_, bytes / sinceLastHarvestSeconds);
@@ -36,6 +36,7 @@ void AdaptiveInterval::onPush(std::uint64_t wireBytes, double sinceLastHarvestSe
   const double longest = ((target_ * linkRate_ / 2 - deviceState_) / dirtyRate_) - overheadSeconds_;
   reachable_ = longest >= min_;
   interval_ = std::clamp(longest, min_, max_);
+  return true;
 }
 
 double AdaptiveInterval::expectedFinalSeconds() const {

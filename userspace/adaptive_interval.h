@@ -32,7 +32,8 @@ class AdaptiveInterval {
 
   /// An incremental checkpoint of `wireBytes`, harvested `sinceLastHarvestSeconds`
   /// after the previous one in `harvestSeconds`, reached the server in `pushSeconds`.
-  void onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double harvestSeconds, double pushSeconds);
+  /// Returns false when it tells nothing (the first push after activation).
+  bool onPush(std::uint64_t wireBytes, double sinceLastHarvestSeconds, double harvestSeconds, double pushSeconds);
 
   /// The interval to wait before the next checkpoint.
   double intervalSeconds() const { return interval_; }

@@ -654,8 +654,8 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
         const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
         bytesPushed_ += wireBytes;
         if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
-          adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds);
-          logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
+          if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds))
+            logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
         }
         ramTracker_->acknowledge(pending->memory);
         diskTracker_->acknowledge(pending->disk);
