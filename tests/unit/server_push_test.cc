@@ -18,8 +18,8 @@ namespace fs = std::filesystem;
 struct TempDir {
   std::string path;
   TempDir() {
-    char tmpl[] = "/tmp/vmsync-push-XXXXXX";
-    path = ::mkdtemp(tmpl);
+    std::string tmpl = (fs::temp_directory_path() / "vmsync-push-XXXXXX").string();
+    path = ::mkdtemp(tmpl.data());
   }
   ~TempDir() { fs::remove_all(path); }
 };
