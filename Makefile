@@ -18,7 +18,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image demo test sanitize fuzz module bench bench-kmod study clean
+.PHONY: all setup build image demo test sanitize fuzz module bench bench-kmod bench-switch study clean
 
 all: build
 
@@ -70,6 +70,11 @@ bench: build
 # Debian's kernel under QEMU TCG (timings of an emulated CPU).
 bench-kmod: setup
 	tests/kmod/run_kmod_test.sh --bench
+
+# Switch latency over emulated wifi and lte links next to QEMU's live
+# migration (root: network namespaces; see README: Switch benchmark).
+bench-switch: build image
+	$(BUILD)/userspace/vmsync bench switch --profile wifi,lte --runs 5 --image $(IMAGE) --out $(BUILD)/bench-switch
 
 # The paper's study on the video workload (see README: Study).
 study: build

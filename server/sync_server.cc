@@ -6,6 +6,7 @@
 
 #include "checkpoint_applier.h"
 #include "checkpoint_builder.h"
+#include "checkpoint_identity.h"
 #include "checkpoint_merge.h"
 #include "compactor.h"
 #include "checkpoint_record.h"
@@ -288,6 +289,13 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   if (state_.holder != id || checkpoint.getEpoch() != state_.epoch)
     fail("checkpoint {} from {} rejected: the device was fenced (its lease epoch is {}, the current lease is "
          "epoch {} held by '{}')", checkpoint.getSequence(), id, checkpoint.getEpoch(), state_.epoch, state_.holder);
+  if (checkpoint.getSequence() == store_.head() && store_.head() > 0 &&
+      checkpointDigest(checkpoint) == checkpointDigest(store_.read(store_.head())->reader())) {
+    // A push re-sent after its answer was lost: the chain holds it already.
+    spdlog::info("checkpoint {} from {} is already stored (same epoch and content); acknowledged again",
+                 checkpoint.getSequence(), id);
+    return store_.head();
+  }
   if (checkpoint.getSequence() != store_.head() + 1 || checkpoint.getBaseSequence() != store_.head())
     fail("checkpoint {} (based on {}) rejected: the chain ends at {}", checkpoint.getSequence(),
          checkpoint.getBaseSequence(), store_.head());

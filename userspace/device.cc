@@ -13,6 +13,7 @@
 #include <optional>
 #include <set>
 
+#include "adaptive_interval.h"
 #include "bpf_block_source.h"
 #include "checkpoint_applier.h"
 #include "checkpoint_builder.h"
@@ -26,6 +27,7 @@
 #include "qemu_vm.h"
 #include "rpc_util.h"
 #include "secure_channel.h"
+#include "transfer_progress.h"
 #include "unit_hashes.h"
 #include "vmsync.capnp.h"
 
@@ -141,6 +143,8 @@ class Device {
   kj::Promise<void> checkpointLoop();
   kj::Promise<void> pushCheckpoint(wire::CheckpointKind kind);
   kj::Promise<void> whenIdle();
+  /// Logs the progress of a push of `bytes` on the current connection while the promise lives.
+  kj::Promise<void> watchTransfer(std::string what, std::uint64_t bytes);
 
   /// A checkpoint on its way to the server.
   struct PendingPush {
@@ -192,6 +196,9 @@ class Device {
   std::shared_ptr<PendingPush> unconfirmed_;    // last push whose answer never came
   kj::Maybe<kj::Promise<void>> watch_;          // notices a lost connection
   kj::Maybe<kj::Promise<void>> reconnect_;      // reconnection attempts
+  std::optional<AdaptiveInterval> adaptive_;    // --target-switch-ms
+  std::uint64_t lastHarvestNs_ = 0;             // of the previous checkpoint, for the guest's dirty rate
+  std::uint64_t bytesPushed_ = 0;               // since this device became active: the link's share of the cost
 
   class LogTaskErrors final : public kj::TaskSet::ErrorHandler {
    public:
@@ -590,6 +597,15 @@ void Device::startCheckpoints() {
   spdlog::info("{}: active (policy {}, page source {}, block source {}, checkpoint every {} s)", options_.deviceId,
                policyName(spec_.policy), pageSource_->name(), blockSource_->name(), options_.intervalSeconds);
   stopping_ = false;
+  if (options_.targetSwitchMs > 0) {
+    // The device state of the last switch, if there was one; else what QEMU
+    // saves for a small VM, with room to spare.
+    std::error_code ec;
+    const auto stateBytes = fs::file_size(path("device-state.bin"), ec);
+    adaptive_.emplace(std::chrono::milliseconds(options_.targetSwitchMs), options_.intervalSeconds,
+                      ec ? std::uint64_t{512 * 1024} : stateBytes);
+  }
+  lastHarvestNs_ = 0;
   // The first checkpoint of a new VM is the full sync; after a switch the
   // first one is incremental on top of the final checkpoint.
   auto first = pushCheckpoint(applied_ == 0 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
@@ -602,12 +618,13 @@ void Device::scheduleCheckpoint() {
 }
 
 kj::Promise<void> Device::checkpointLoop() {
-  auto delay = static_cast<std::uint64_t>(options_.intervalSeconds * 1e9);
+  auto delay = static_cast<std::uint64_t>((adaptive_ ? adaptive_->intervalSeconds() : options_.intervalSeconds) * 1e9);
   return whenIdle()
       .then([this, delay] { return io_.provider->getTimer().afterDelay(delay * kj::NANOSECONDS); })
       .then([this]() -> kj::Promise<void> {
         if (stopping_ || role_ != Role::active) return kj::READY_NOW;
-        inFlight_ = pushCheckpoint(wire::CheckpointKind::INCREMENTAL).fork();
+        // The full sync again when the first one never reached the server.
+        inFlight_ = pushCheckpoint(applied_ == 0 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL).fork();
         return checkpointLoop();
       });
 }
@@ -615,6 +632,16 @@ kj::Promise<void> Device::checkpointLoop() {
 kj::Promise<void> Device::whenIdle() {
   KJ_IF_MAYBE(push, inFlight_) { return push->addBranch(); }
   return kj::READY_NOW;
+}
+
+kj::Promise<void> Device::watchTransfer(std::string what, std::uint64_t bytes) {
+  RpcConnection* connection = connection_.get();
+  return logTransferProgress(io_.provider->getTimer(), kj::mv(what), bytes,
+                             [this, connection]() -> std::optional<std::uint64_t> {
+                               if (connection_.get() != connection) return std::nullopt;
+                               return connection->bytesAcknowledged();
+                             })
+      .eagerlyEvaluate(nullptr);
 }
 
 kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
@@ -639,6 +666,8 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
     return kj::READY_NOW;
   }
   pending->sequence = applied_ + 1;
+  const double sinceLastHarvest = lastHarvestNs_ ? static_cast<double>(t0 - lastHarvestNs_) / 1e9 : 0.0;
+  lastHarvestNs_ = t0;
   auto request = session_->pushRequest();
   auto checkpoint = request.initCheckpoint();
   checkpoint.setVmId(spec_.vmId);
@@ -670,8 +699,19 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   }
   const std::uint64_t harvestNs = nowNs() - t0;
   const std::uint64_t bytes = pending->memory.encodedBytes + pending->disk.encodedBytes;
+  const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
+  auto progress = watchTransfer(fmt::format("{}: checkpoint {}", options_.deviceId, pending->sequence), wireBytes);
+  const std::uint64_t sendStart = nowNs();
   return request.send()
-      .then([this, pending, kind, harvestNs, bytes](capnp::Response<wire::DeviceSession::PushResults>) {
+      .attach(kj::mv(progress))
+      .then([this, pending, kind, harvestNs, bytes, wireBytes, sendStart,
+             sinceLastHarvest](capnp::Response<wire::DeviceSession::PushResults>) {
+        const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
+        bytesPushed_ += wireBytes;
+        if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
+          if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds))
+            logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
+        }
         ramTracker_->acknowledge(pending->memory);
         diskTracker_->acknowledge(pending->disk);
         saveApplied(pending->sequence);
@@ -681,16 +721,21 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
           ramTracker_->setBase(*baseRam_);
           diskTracker_->setBase(*baseDisk_);
         }
-        spdlog::info("{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms",
+        spdlog::info("{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms, "
+                     "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s)",
                      options_.deviceId, pending->sequence,
                      kind == wire::CheckpointKind::FULL ? "full" : "incremental", pending->memory.units.size(),
-                     pending->disk.units.size(), bytes, harvestNs / 1e6);
+                     pending->disk.units.size(), bytes, harvestNs / 1e6, wireBytes, sendSeconds,
+                     sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0);
       },
             [this, pending](kj::Exception&& e) {
               // Nothing is lost: these units are shipped again with the next checkpoint.
               ramTracker_->retryLater(pending->memory);
               diskTracker_->retryLater(pending->disk);
-              unconfirmed_ = pending;
+              // A push made between registering again and settling an earlier
+              // unconfirmed one reuses its sequence and is refused: the earlier
+              // one is what the server may hold, so it is the one to settle.
+              if (!unconfirmed_ || unconfirmed_->sequence != pending->sequence) unconfirmed_ = pending;
               spdlog::warn("{}: checkpoint {} not stored ({}); its changes go into the next one", options_.deviceId,
                            pending->sequence, describe(e));
             })
@@ -787,6 +832,7 @@ ApplyStats Device::applyToImage(wire::Checkpoint::Reader checkpoint) {
     deviceStateSequence_ = sequence;
     verifiedRamHashes_ = std::move(ramHashes);
     verifiedDiskHashes_ = std::move(diskHashes);
+    spdlog::info("{}: final checkpoint {}: image digest {} verified", options_.deviceId, sequence, toHex(digest));
   }
   saveApplied(sequence);
   return stats;
@@ -848,9 +894,11 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     result.setPauseNs(t1 - t0);
     result.setFinalHarvestNs(t2 - t1);
     result.setDeviceStateSaveNs(t3 - t2);
+    auto progress = watchTransfer(fmt::format("{}: final checkpoint {}", options_.deviceId, sequence),
+                                  request.totalSize().wordCount * sizeof(capnp::word));
     const std::uint64_t t4 = nowNs();
-    return request.send().then(
-        [this, result, memory, disk, sequence, t4, state = std::move(state), ramHashes = std::move(ramHashes),
+    return request.send().attach(kj::mv(progress)).then(
+        [this, result, memory, disk, sequence, t4, digest, state = std::move(state), ramHashes = std::move(ramHashes),
          diskHashes = std::move(diskHashes)](capnp::Response<wire::DeviceSession::PushResults>) mutable {
           result.setPushNs(nowNs() - t4);
           ramTracker_->acknowledge(*memory);
@@ -875,7 +923,8 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           role_ = Role::standby;
           ramTracker_.reset();
           diskTracker_.reset();
-          spdlog::info("{}: final checkpoint {} stored; now a standby", options_.deviceId, sequence);
+          spdlog::info("{}: final checkpoint {} stored (image digest {}); now a standby", options_.deviceId, sequence,
+                       toHex(digest));
         },
         [this, memory, disk, sequence](kj::Exception&& e) {
           // The server did not confirm the final checkpoint: keep running here.

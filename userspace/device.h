@@ -24,6 +24,7 @@ struct DeviceOptions {
   bool compress = true;                 // lz4 on top of the encoding
   std::string policy = "dirty-prev";    // active only: checkpoint policy of a new VM
   std::uint32_t memoryMb = 0;           // active only: overrides the image's memory size
+  std::uint32_t targetSwitchMs = 0;     // when active: pick the interval so a final checkpoint travels in this time (0: fixed)
 };
 
 enum class Role { active, standby };

@@ -135,6 +135,9 @@ std::vector<std::string> QemuVm::commandLine() const {
       "-chardev", fmt::format("file,id=serial0,path={},append=on", config_.serialLogPath),
       "-serial", "chardev:serial0",
       "-qmp", fmt::format("unix:{}/qmp.sock,server=on,wait=off", config_.runDir),
+      // A second monitor for tools beside the daemon (`vmsync bench switch`
+      // drives QEMU's own migration through it): a QMP socket takes one client.
+      "-qmp", fmt::format("unix:{}/tools-qmp.sock,server=on,wait=off", config_.runDir),
       "-no-reboot",
       "-S",
   };

@@ -1,8 +1,36 @@
 #include "rpc_util.h"
 
+#include <netinet/in.h>
+#include <linux/tcp.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
+
+#include "delay_relay.h"
 
 namespace vmsync {
+
+namespace {
+
+/// A dead link (a phone out of coverage) must end the connection in seconds,
+/// so that the device reconnects, not after TCP's quarter of an hour.
+void detectDeadLinkOn(kj::AsyncIoStream& stream) {
+  int on = 1;
+  int idle = kKeepaliveIdleSeconds;
+  int interval = kKeepaliveIntervalSeconds;
+  int count = (kDeadLinkSeconds - idle) / interval;
+  unsigned userTimeoutMs = kDeadLinkSeconds * 1000u;
+  try {
+    stream.setsockopt(SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+    stream.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+    stream.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+    stream.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+    stream.setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof userTimeoutMs);
+  } catch (const kj::Exception& e) {
+    spdlog::debug("connection: no dead-link detection: {}", describe(e));
+  }
+}
+
+}  // namespace
 
 void rpcFail(const std::string& message) {
   kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(message.c_str())));
@@ -25,7 +53,21 @@ RpcConnection::RpcConnection(kj::Own<kj::AsyncIoStream> stream, capnp::rpc::twop
                              capnp::Capability::Client bootstrap)
     : stream_(kj::mv(stream)),
       network_(*stream_, side, rpcReaderOptions()),
-      rpc_(capnp::makeRpcServer(network_, kj::mv(bootstrap))) {}
+      rpc_(capnp::makeRpcServer(network_, kj::mv(bootstrap))) {
+  detectDeadLinkOn(*stream_);
+}
+
+std::optional<std::uint64_t> RpcConnection::bytesAcknowledged() {
+  tcp_info info{};
+  uint length = sizeof info;
+  try {
+    stream_->getsockopt(IPPROTO_TCP, TCP_INFO, &info, &length);
+  } catch (const kj::Exception&) {
+    return std::nullopt;
+  }
+  if (length < offsetof(tcp_info, tcpi_bytes_acked) + sizeof info.tcpi_bytes_acked) return std::nullopt;
+  return info.tcpi_bytes_acked;
+}
 
 capnp::Capability::Client RpcConnection::bootstrap() {
   capnp::word scratch[4];

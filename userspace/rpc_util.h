@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "error.h"
@@ -25,6 +26,10 @@ class RpcConnection {
                 capnp::Capability::Client bootstrap);
   /// The other side's bootstrap capability.
   capnp::Capability::Client bootstrap();
+  /// Bytes sent on this connection that the other end (or the first relay on
+  /// the way) has acknowledged, from the kernel's TCP_INFO; nullopt where the
+  /// stream is not a TCP socket. For progress reports of long transfers.
+  std::optional<std::uint64_t> bytesAcknowledged();
   /// Resolves when the connection ends.
   kj::Promise<void> onDisconnect() { return network_.onDisconnect(); }
 

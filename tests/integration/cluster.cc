@@ -5,6 +5,8 @@
 #include <regex>
 #include <stdexcept>
 
+#include "error.h"
+
 namespace vmsync::testing {
 
 namespace fs = std::filesystem;
@@ -34,6 +36,8 @@ bool consecutive(const std::vector<long>& values, std::string* why) {
   return true;
 }
 
+std::string missingForNetworkLab() { return NetworkLab::unavailableReason(); }
+
 Cluster::Cluster(const std::string& dir) : dir_(dir), port_(freePort()) {
   // Every test cluster speaks TLS with enrolled devices, as a real one does.
   std::string out;
@@ -55,6 +59,35 @@ std::string Cluster::credential(const std::string& device, const std::string& us
 Cluster::~Cluster() {
   devices_.clear();
   server_.reset();
+  lab_.reset();  // after every process in its namespaces is gone
+}
+
+void Cluster::useNetworkLab() { lab_ = std::make_unique<NetworkLab>(static_cast<std::uint16_t>(port_)); }
+
+void Cluster::setLink(const std::string& device, const std::string& profile) {
+  if (!lab_) throw std::logic_error("Cluster::setLink needs useNetworkLab()");
+  lab_->addDevice(device, linkProfile(profile));
+}
+
+void Cluster::setLinkUp(const std::string& device, bool up) {
+  if (!lab_) throw std::logic_error("Cluster::setLinkUp needs useNetworkLab()");
+  lab_->setLinkUp(device, up);
+}
+
+std::string Cluster::addressFor(const std::string& device) {
+  if (!lab_) return address();
+  try {
+    return lab_->serverAddressFor(device);
+  } catch (const Error&) {
+    setLink(device, "wifi");
+    return lab_->serverAddressFor(device);
+  }
+}
+
+std::vector<std::string> Cluster::placed(const std::string& device, std::vector<std::string> argv) {
+  if (!lab_) return argv;
+  return NetworkLab::inNamespace(device.empty() ? lab_->serverNamespace() : lab_->deviceNamespace(device),
+                                 std::move(argv));
 }
 
 namespace {
@@ -72,28 +105,30 @@ void Cluster::startServer(const std::vector<std::string>& extra) {
                                 "--tls", identityDir()};
   argv.insert(argv.end(), extra.begin(), extra.end());
   server_.reset();  // a running server stops first: the new one needs its port
-  server_ = std::make_unique<Process>(argv, dir_ + "/server.log");
+  server_ = std::make_unique<Process>(placed("", argv), dir_ + "/server.log");
   waitFor([&] { return status().has_value(); }, std::chrono::seconds(10));
 }
 
 void Cluster::startActive(const std::string& device, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "active", "--device", device,      "--state",   stateDir(device),
-                                "--server",     address(), "--image",  guestImage(), "--credential", credential(device)};
+  std::vector<std::string> argv{vmsyncBinary(), "active",           "--device", device,       "--state",
+                                stateDir(device), "--server", addressFor(device), "--image", guestImage(),
+                                "--credential",   credential(device)};
   if (std::find(extra.begin(), extra.end(), "--accel") == extra.end()) argv.insert(argv.end(), {"--accel", "tcg"});
   withInterval(argv, extra);
-  devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
+  devices_[device] = std::make_unique<Process>(placed(device, argv), dir_ + "/" + device + ".log");
 }
 
 void Cluster::startStandby(const std::string& device, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv{vmsyncBinary(), "standby",     "--device", device, "--state", stateDir(device),
-                                "--server",     address(), "--credential", credential(device)};
+  std::vector<std::string> argv{vmsyncBinary(),   "standby",  "--device",         device,        "--state",
+                                stateDir(device), "--server", addressFor(device), "--credential", credential(device)};
   withInterval(argv, extra);
-  devices_[device] = std::make_unique<Process>(argv, dir_ + "/" + device + ".log");
+  devices_[device] = std::make_unique<Process>(placed(device, argv), dir_ + "/" + device + ".log");
 }
 
 std::optional<nlohmann::json> Cluster::status() {
   std::string out;
-  if (run({vmsyncBinary(), "status", "--server", address(), "--credential", credential("cli"), "--json"}, &out) != 0)
+  if (run(placed("", {vmsyncBinary(), "status", "--server", address(), "--credential", credential("cli"), "--json"}),
+          &out) != 0)
     return std::nullopt;
   try {
     return nlohmann::json::parse(out);
@@ -123,8 +158,8 @@ bool Cluster::waitForHead(std::uint64_t sequence, std::chrono::seconds timeout) 
 
 int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output) {
   std::string out, progress;
-  int rc = run({vmsyncBinary(), "switch", "--server", address(), "--credential", credential("cli"), "--to", target,
-                "--json"},
+  int rc = run(placed("", {vmsyncBinary(), "switch", "--server", address(), "--credential", credential("cli"), "--to",
+                           target, "--json"}),
                &out, &progress);
   if (output) *output = progress + out;
   if (rc == 0 && report) {

@@ -1,4 +1,5 @@
-// A sync server and devices as separate processes on loopback, for end-to-end tests.
+// A sync server and devices as separate processes, for end-to-end tests: on
+// loopback, or each in its own network namespace behind an emulated mobile link.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "network_lab.h"
 #include "test_env.h"
 
 namespace vmsync::testing {
@@ -20,12 +22,27 @@ std::vector<long> counterValues(const std::string& text);
 /// True when `values` go up by exactly one each step; `why` says where not.
 bool consecutive(const std::vector<long>& values, std::string* why);
 
+/// Empty when the host can put the server and devices in network namespaces, else why not.
+std::string missingForNetworkLab();
+
 class Cluster {
  public:
   explicit Cluster(const std::string& dir);
   ~Cluster();
 
+  /// From now on the server and each device run in a namespace of their own
+  /// (call before startServer). Throws vmsync::Error when namespaces cannot be made.
+  void useNetworkLab();
+  /// Links `device` to the server with link profile `profile` (wifi, lte, 3g);
+  /// a device started without one gets wifi. Needs useNetworkLab().
+  void setLink(const std::string& device, const std::string& profile);
+  /// Takes `device`'s link down (an outage) or brings it back up.
+  void setLinkUp(const std::string& device, bool up);
+
+  /// The server's address as the test's own commands reach it.
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  /// The server's address as `device` reaches it.
+  std::string addressFor(const std::string& device);
   std::string stateDir(const std::string& device) const { return dir_ + "/" + device; }
   std::string serialLog(const std::string& device) const { return stateDir(device) + "/serial.log"; }
   /// The server identity (`vmsync init`) the cluster's server uses.
@@ -58,8 +75,12 @@ class Cluster {
   std::string logOf(const std::string& device) const;
 
  private:
+  /// `argv` as run for `device` ("" for the server and the test's commands).
+  std::vector<std::string> placed(const std::string& device, std::vector<std::string> argv);
+
   std::string dir_;
   int port_;
+  std::unique_ptr<NetworkLab> lab_;
   std::unique_ptr<Process> server_;
   std::map<std::string, std::unique_ptr<Process>> devices_;
 };

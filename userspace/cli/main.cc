@@ -8,6 +8,7 @@
 //   vmsync standby  --device B --state DIR [--server HOST:PORT] (--credential B.cred | --insecure)
 //   vmsync switch   --to B [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync status   [--server HOST:PORT] (--credential F | --insecure) [--json]
+//   vmsync bench switch --profile wifi,lte --runs N [--image DIR]
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -16,6 +17,7 @@
 #include <kj/async-io.h>
 #include <nlohmann/json.hpp>
 
+#include "bench_switch.h"
 #include "device.h"
 #include "error.h"
 #include "rpc_util.h"
@@ -178,6 +180,10 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
       ->check(CLI::IsMember({"auto", "kvm", "tcg"}))
       ->capture_default_str();
   cmd.add_option("--interval", o.intervalSeconds, "seconds between incremental checkpoints")->capture_default_str();
+  cmd.add_option("--target-switch-ms", o.targetSwitchMs,
+                 "when active, choose the interval from the measured link rate and the guest's dirty rate so that "
+                 "a switch's final checkpoint is expected to travel in this many ms (0: --interval stays)")
+      ->capture_default_str();
   cmd.add_option("--qemu", o.qemuBinary, "QEMU binary")->capture_default_str();
   cmd.add_option("--page-source", o.pageSource, "dirty page source: scan, kmod (vmsync.ko, KVM only) or auto")
       ->check(CLI::IsMember({"scan", "kmod", "auto"}))
@@ -261,6 +267,30 @@ int main(int argc, char** argv) {
   bool noProgress = false;
   study->add_flag("--no-progress", noProgress, "no progress bar");
 
+  vmsync::BenchSwitchOptions benchOptions;
+  auto* bench = app.add_subcommand("bench", "benchmarks on a real guest");
+  bench->require_subcommand(1);
+  auto* benchSwitch = bench->add_subcommand(
+      "switch", "switch latency over emulated links (network namespaces, root), next to QEMU's live migration");
+  benchSwitch->add_option("--profile", benchOptions.profiles, "link profiles: wifi, lte, 3g")
+      ->delimiter(',')
+      ->capture_default_str();
+  benchSwitch->add_option("--runs", benchOptions.runs, "switches per profile")->capture_default_str();
+  benchSwitch->add_option("--image", benchOptions.imageDir, "guest image")->capture_default_str();
+  benchSwitch->add_option("--out", benchOptions.outDir, "state and logs of the server and devices")
+      ->capture_default_str();
+  benchSwitch->add_option("--interval", benchOptions.intervalSeconds, "checkpoint interval in seconds")
+      ->capture_default_str();
+  benchSwitch->add_option("--settle", benchOptions.settleSeconds, "seconds of checkpoints before each switch")
+      ->capture_default_str();
+  benchSwitch->add_option("--target-switch-ms", benchOptions.targetSwitchMs,
+                          "devices choose their interval for this final-checkpoint transfer time (0: --interval)")
+      ->capture_default_str();
+  benchSwitch->add_flag("!--no-qemu-migration", benchOptions.qemuMigration, "do not measure QEMU's migration");
+  benchSwitch->add_option("--migration-timeout", benchOptions.migrationTimeoutSeconds,
+                          "seconds after which a QEMU migration is cancelled")
+      ->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(logLevel));
   spdlog::set_pattern("[%H:%M:%S.%e] %^%l%$ %v");
@@ -284,6 +314,7 @@ int main(int argc, char** argv) {
                   credentialOut.c_str());
       return 0;
     }
+    if (benchSwitch->parsed()) return vmsync::runBenchSwitch(benchOptions);
     if (study->parsed()) {
       if (studyOptions.imageDir.empty()) studyOptions.imageDir = "build/vm-images/" + studyOptions.workload;
       studyOptions.progress = !noProgress;

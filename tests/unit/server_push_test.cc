@@ -1,0 +1,134 @@
+// A push re-sent after a cut connection: the server recognises the checkpoint
+// it already stored and acknowledges it again, without storing it twice.
+#include <capnp/message.h>
+#include <gtest/gtest.h>
+#include <kj/async.h>
+
+#include <filesystem>
+
+#include "checkpoint_identity.h"
+#include "error.h"
+#include "sync_server.h"
+
+namespace vmsync {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "vmsync-push-XXXXXX").string();
+    path = ::mkdtemp(tmpl.data());
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+/// A checkpoint of VM "vm" whose one memory chunk holds `tag`.
+struct Built {
+  capnp::MallocMessageBuilder message;
+  wire::Checkpoint::Builder root = message.initRoot<wire::Checkpoint>();
+
+  Built(std::uint64_t sequence, std::uint64_t epoch, std::uint8_t tag) {
+    root.setVmId("vm");
+    root.setEpoch(epoch);
+    root.setSequence(sequence);
+    root.setBaseSequence(sequence - 1);
+    root.setKind(sequence == 1 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
+    if (sequence == 1) root.initSpec().setVmId("vm");
+    auto memory = root.initMemory(1);
+    memory[0].setIndex(7);
+    memory[0].setEncoding(wire::ChunkEncoding::WHOLE);
+    memory[0].initData(1)[0] = tag;
+  }
+  wire::Checkpoint::Reader reader() { return root.asReader(); }
+};
+
+std::size_t storedFiles(const std::string& dir) {
+  std::size_t n = 0;
+  for (const auto& e : fs::directory_iterator(dir + "/checkpoints")) n += e.is_regular_file();
+  return n;
+}
+
+TEST(ServerPush, SamePushAgainIsAcknowledgedNotStoredTwice) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  SyncServer server(dir.path);
+  const std::uint64_t epoch = server.acquireLease("A");
+  Built full(1, epoch, 1);
+  Built second(2, epoch, 2);
+  EXPECT_EQ(server.push("A", full.reader()), 1u);
+  EXPECT_EQ(server.push("A", second.reader()), 2u);
+  const std::size_t files = storedFiles(dir.path);
+
+  // The answer to checkpoint 2 was lost; the device sends it again.
+  Built again(2, epoch, 2);
+  EXPECT_EQ(server.push("A", again.reader()), 2u);
+  EXPECT_EQ(server.head(), 2u);
+  EXPECT_EQ(storedFiles(dir.path), files);
+  // The next checkpoint follows as usual.
+  Built third(3, epoch, 3);
+  EXPECT_EQ(server.push("A", third.reader()), 3u);
+}
+
+TEST(ServerPush, SameSequenceWithOtherContentIsRefused) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  SyncServer server(dir.path);
+  const std::uint64_t epoch = server.acquireLease("A");
+  Built full(1, epoch, 1);
+  Built second(2, epoch, 2);
+  server.push("A", full.reader());
+  server.push("A", second.reader());
+  Built other(2, epoch, 9);
+  EXPECT_THROW(server.push("A", other.reader()), Error);
+  // Only the head is recognised: an older sequence is refused even with its content.
+  Built first(1, epoch, 1);
+  EXPECT_THROW(server.push("A", first.reader()), Error);
+  EXPECT_EQ(server.head(), 2u);
+}
+
+TEST(ServerPush, RecognisedAfterTheServerRestarts) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  std::uint64_t epoch = 0;
+  {
+    SyncServer server(dir.path);
+    epoch = server.acquireLease("A");
+    Built full(1, epoch, 1);
+    server.push("A", full.reader());
+  }
+  SyncServer server(dir.path);
+  Built again(1, epoch, 1);
+  EXPECT_EQ(server.push("A", again.reader()), 1u);
+  EXPECT_EQ(server.head(), 1u);
+}
+
+TEST(ServerPush, ARepushUnderAnOldEpochIsFenced) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  SyncServer server(dir.path);
+  const std::uint64_t epoch = server.acquireLease("A");
+  Built full(1, epoch, 1);
+  server.push("A", full.reader());
+  Built stale(1, epoch + 1, 1);  // not the lease's epoch
+  EXPECT_THROW(server.push("A", stale.reader()), Error);
+}
+
+TEST(CheckpointDigest, IgnoresLayoutAndSeesEveryField) {
+  Built a(2, 1, 5);
+  capnp::MallocMessageBuilder copy;
+  copy.setRoot(a.reader());  // another layout of the same checkpoint
+  EXPECT_EQ(checkpointDigest(a.reader()), checkpointDigest(copy.getRoot<wire::Checkpoint>().asReader()));
+  Built otherEpoch(2, 2, 5);
+  Built otherByte(2, 1, 6);
+  EXPECT_NE(checkpointDigest(a.reader()), checkpointDigest(otherEpoch.reader()));
+  EXPECT_NE(checkpointDigest(a.reader()), checkpointDigest(otherByte.reader()));
+}
+
+}  // namespace
+}  // namespace vmsync

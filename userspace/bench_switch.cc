@@ -1,0 +1,422 @@
+#include "bench_switch.h"
+
+#include <fcntl.h>
+#include <kj/common.h>
+#include <sched.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "delay_relay.h"
+#include "error.h"
+#include "network_lab.h"
+#include "qemu_vm.h"
+#include "qmp_client.h"
+
+namespace vmsync {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::uint16_t kServerPort = 7400;
+constexpr std::uint16_t kMigrationPort = 7600;
+
+/// A child process (server or device daemon) with its output in a log file;
+/// SIGTERM, then SIGKILL, when it goes.
+class Child {
+ public:
+  Child(const std::vector<std::string>& argv, const std::string& logPath) {
+    pid_ = ::fork();
+    if (pid_ < 0) throwLastErrno("fork");
+    if (pid_ == 0) {
+      // An interrupted bench takes its daemons with it (they stop their VMs);
+      // its namespaces go with the next run, as those of a dead process.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      int fd = ::open(logPath.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+      if (fd >= 0) {
+        ::dup2(fd, 1);
+        ::dup2(fd, 2);
+      }
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      ::execv(args[0], args.data());
+      ::_exit(127);
+    }
+  }
+  ~Child() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGTERM);
+    for (int i = 0; i < 400; ++i) {
+      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+  bool running() { return pid_ > 0 && ::waitpid(pid_, nullptr, WNOHANG) == 0; }
+  /// CPU time the process has used so far (user + system), in seconds.
+  double cpuSeconds() const {
+    std::ifstream in(fmt::format("/proc/{}/stat", pid_));
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::size_t end = text.rfind(')');
+    if (end == std::string::npos) return 0;
+    std::istringstream fields(text.substr(end + 2));
+    std::string field;
+    double ticks = 0;
+    for (int i = 3; fields >> field; ++i)
+      if (i == 14 || i == 15) ticks += std::stod(field);  // utime, stime
+    return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+std::string selfBinary() { return fs::read_symlink("/proc/self/exe").string(); }
+
+/// Nearest-rank percentile of `values` (p in 0..100).
+double percentile(std::vector<double> values, double p) {
+  if (values.empty()) return std::nan("");
+  std::sort(values.begin(), values.end());
+  std::size_t rank = static_cast<std::size_t>(std::ceil(p / 100.0 * values.size()));
+  return values[std::clamp<std::size_t>(rank, 1, values.size()) - 1];
+}
+
+/// One QEMU live migration.
+struct Migration {
+  bool completed = false;
+  std::string status;
+  double totalMs = 0;
+  double downtimeMs = 0;
+  double transferredBytes = 0;
+};
+
+/// A server and two devices, A active and B standby, each in its namespace.
+class BenchCluster {
+ public:
+  BenchCluster(const BenchSwitchOptions& options, const LinkProfile& profile, const std::string& dir)
+      : options_(options), profile_(profile), dir_(dir), lab_(kServerPort) {
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    lab_.addDevice("A", profile);
+    lab_.addDevice("B", profile);
+    const std::string self = selfBinary();
+    // TLS as in real use: a server identity and a credential per device.
+    runCommand({self, "init", "--dir", dir_ + "/identity", "--server-name", "vmsync-bench"});
+    for (const char* device : {"A", "B", "cli"})
+      runCommand({self, "enroll", "--dir", dir_ + "/identity", "--user", "bench", "--device", device, "--out",
+                  credential(device)});
+    server_ = std::make_unique<Child>(
+        NetworkLab::inNamespace(lab_.serverNamespace(), {self, "server", "--listen", lab_.serverAddress(), "--data",
+                                                          dir_ + "/server", "--tls", dir_ + "/identity"}),
+        dir_ + "/server.log");
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    const std::string interval = fmt::format("{}", options_.intervalSeconds);
+    const std::string target = std::to_string(options_.targetSwitchMs);
+    devices_["A"] = std::make_unique<Child>(
+        NetworkLab::inNamespace(lab_.deviceNamespace("A"),
+                                {self, "active", "--device", "A", "--state", dir_ + "/A", "--server",
+                                 lab_.serverAddressFor("A"), "--credential", credential("A"), "--image",
+                                 options_.imageDir, "--accel", options_.accel,
+                                 "--interval", interval, "--block-source", "scan", "--target-switch-ms", target}),
+        dir_ + "/A.log");
+    devices_["B"] = std::make_unique<Child>(
+        NetworkLab::inNamespace(lab_.deviceNamespace("B"),
+                                {self, "standby", "--device", "B", "--state", dir_ + "/B", "--server",
+                                 lab_.serverAddressFor("B"), "--credential", credential("B"), "--interval", interval,
+                                 "--block-source", "scan",
+                                 "--target-switch-ms", target}),
+        dir_ + "/B.log");
+  }
+
+  ~BenchCluster() {
+    devices_.clear();
+    server_.reset();
+  }
+
+  std::string credential(const std::string& device) const { return dir_ + "/" + device + ".cred"; }
+
+  /// `vmsync status --json` run in the server's namespace.
+  std::optional<nlohmann::json> status() {
+    try {
+      return nlohmann::json::parse(runCommand(NetworkLab::inNamespace(
+          lab_.serverNamespace(),
+          {selfBinary(), "status", "--server", lab_.serverAddress(), "--credential", credential("cli"), "--json"})));
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+
+  /// Waits until the head is at least `sequence` and the standby has applied it.
+  void waitInSync(std::uint64_t sequence, std::chrono::seconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      for (auto& [name, child] : devices_)
+        if (!child->running()) fail("device {} exited; see {}/{}.log", name, dir_, name);
+      if (auto s = status()) {
+        const std::uint64_t head = (*s)["head_sequence"];
+        bool synced = head >= sequence;
+        for (const auto& d : (*s)["devices"])
+          synced &= d["active"].get<bool>() || (d["state"] == "online" && d["applied_sequence"] == head);
+        if (synced) return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
+    fail("the devices did not reach checkpoint {} within {} s; see the logs in {}", sequence, timeout.count(), dir_);
+  }
+
+  /// CPU seconds the two device daemons have used (checkpointing, applying).
+  double deviceCpuSeconds() {
+    double total = 0;
+    for (auto& [name, child] : devices_) total += child->cpuSeconds();
+    return total;
+  }
+
+  /// Bytes of checkpoints the server stores.
+  double storedBytes() const {
+    double total = 0;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(dir_ + "/server/checkpoints", ec))
+      if (e.is_regular_file()) total += static_cast<double>(e.file_size());
+    return total;
+  }
+
+  std::uint64_t head() {
+    auto s = status();
+    return s ? (*s)["head_sequence"].get<std::uint64_t>() : 0;
+  }
+
+  nlohmann::json switchTo(const std::string& target) {
+    std::string out = runCommand(NetworkLab::inNamespace(
+        lab_.serverNamespace(), {selfBinary(), "switch", "--server", lab_.serverAddress(), "--credential",
+                                 credential("cli"), "--to", target, "--json"}));
+    // Progress lines (stderr, merged here) come before the report.
+    const auto report = out.rfind("\n{");
+    return nlohmann::json::parse(report == std::string::npos ? out : out.substr(report + 1));
+  }
+
+  /// QEMU's live migration of `source`'s running VM to a QEMU started with
+  /// -incoming in `target`'s namespace, over the same links as the checkpoints
+  /// (source uplink, server namespace, target downlink), xbzrle and compression on.
+  Migration migrate(const std::string& source, const std::string& target) {
+    const std::string sourceDir = dir_ + "/" + source;
+    auto spec = nlohmann::json::parse(std::ifstream(sourceDir + "/vm.json"));
+    const std::string scratch = dir_ + "/migration-" + target;
+    fs::remove_all(scratch);
+    fs::create_directories(scratch);
+    fs::copy_file(options_.imageDir + "/disk.img", scratch + "/disk.img");
+    VmConfig config;
+    config.accel = spec.at("accel");
+    config.cpuModel = spec.at("cpu_model");
+    config.memoryBytes = spec.at("memory_bytes");
+    config.vcpus = spec.at("vcpus");
+    config.kernelPath = sourceDir + "/vmlinuz";
+    config.initrdPath = sourceDir + "/initrd.img";
+    config.kernelCmdline = spec.at("cmdline");
+    config.ramPath = scratch + "/ram.img";
+    config.diskPath = scratch + "/disk.img";
+    config.serialLogPath = scratch + "/serial.log";
+    config.runDir = scratch + "/run";
+    config.incoming = true;
+    // Started with this thread inside the target's namespace, so that QEMU
+    // listens there (not from a helper thread: QEMU dies with the thread that
+    // forked it, PR_SET_PDEATHSIG).
+    std::unique_ptr<QemuVm> destination;
+    {
+      int home = ::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+      if (home < 0) throwLastErrno("cannot open this thread's network namespace");
+      KJ_DEFER({
+        if (::setns(home, CLONE_NEWNET) != 0) spdlog::error("cannot return to the bench's network namespace");
+        ::close(home);
+      });
+      enterNetworkNamespace(lab_.deviceNamespace(target));
+      destination = std::make_unique<QemuVm>(config);
+    }
+    const nlohmann::json on = {{{"capability", "xbzrle"}, {"state", true}},
+                               {{"capability", "compress"}, {"state", true}},
+                               {{"capability", "x-ignore-shared"}, {"state", false}}};
+    destination->qmp().execute("migrate-set-capabilities", {{"capabilities", on}});
+    destination->qmp().execute("migrate-incoming",
+                               {{"uri", fmt::format("tcp:{}:{}", lab_.deviceHost(target), kMigrationPort)}});
+    // The relay gives the stream the one-way delay of both links, as a checkpoint has.
+    DelayRelayOptions relayOptions;
+    relayOptions.listenHost = lab_.serverHostFor(source);
+    relayOptions.listenPort = kMigrationPort;
+    relayOptions.targetHost = lab_.deviceHost(target);
+    relayOptions.targetPort = kMigrationPort;
+    relayOptions.oneWayDelay = 2 * profile_.oneWayDelay;
+    relayOptions.networkNamespace = lab_.serverNamespace();
+    DelayRelay relay(relayOptions);
+
+    QmpClient monitor(sourceDir + "/run/tools-qmp.sock", std::chrono::seconds(5));
+    nlohmann::json before = monitor.execute("query-migrate-capabilities");
+    monitor.execute("migrate-set-capabilities", {{"capabilities", on}});
+    Migration result;
+    try {
+      monitor.execute("migrate", {{"uri", fmt::format("tcp:{}:{}", lab_.serverHostFor(source), kMigrationPort)}});
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(options_.migrationTimeoutSeconds);
+      while (true) {
+        auto info = monitor.execute("query-migrate");
+        result.status = info.value("status", "");
+        if (result.status == "completed") {
+          result.completed = true;
+          result.totalMs = info.value("total-time", 0.0);
+          result.downtimeMs = info.value("downtime", 0.0);
+          result.transferredBytes = info["ram"].value("transferred", 0.0);
+          break;
+        }
+        if (result.status == "failed" || result.status == "cancelled") {
+          result.status += ": " + info.value("error-desc", std::string("no reason given"));
+          break;
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+          monitor.execute("migrate_cancel");
+          result.status = fmt::format("not done in {} s (cancelled)", options_.migrationTimeoutSeconds);
+          if (info.contains("ram")) result.transferredBytes = info["ram"].value("transferred", 0.0);
+          for (int i = 0; i < 100 && monitor.execute("query-migrate").value("status", "") != "cancelled"; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    } catch (const Error& e) {
+      result.status = e.what();
+    }
+    // The VM goes on where it was, for vmsync to switch it; the daemon's own
+    // device-state saves must find the capabilities as they were.
+    if (monitor.execute("query-status").value("status", "") == "postmigrate") monitor.execute("cont");
+    nlohmann::json restore = nlohmann::json::array();
+    for (const auto& c : before)
+      if (c["capability"] == "xbzrle" || c["capability"] == "compress" || c["capability"] == "x-ignore-shared")
+        restore.push_back({{"capability", c["capability"]}, {"state", c["state"]}});
+    monitor.execute("migrate-set-capabilities", {{"capabilities", restore}});
+    destination.reset();
+    fs::remove_all(scratch);
+    return result;
+  }
+
+ private:
+  const BenchSwitchOptions& options_;
+  LinkProfile profile_;
+  std::string dir_;
+  NetworkLab lab_;
+  std::unique_ptr<Child> server_;
+  std::map<std::string, std::unique_ptr<Child>> devices_;
+};
+
+std::string cell(const std::vector<double>& values) {
+  if (values.empty()) return "-";
+  return fmt::format("{:.0f} / {:.0f}", percentile(values, 50), percentile(values, 95));
+}
+
+void printTable(const LinkProfile& profile, int runs, const std::vector<nlohmann::json>& reports,
+                const std::vector<Migration>& migrations) {
+  std::printf("\n%s: %.0f/%.1f Mbit/s down/up, %lld ms one way; %d runs (median / p95)\n", profile.name.c_str(),
+              profile.downMbit, profile.upMbit, static_cast<long long>(profile.oneWayDelay.count()), runs);
+  std::printf("| %-38s | %-18s |\n", "vmsync switch", "ms");
+  std::printf("|%s|%s|\n", std::string(40, '-').c_str(), std::string(20, '-').c_str());
+  for (const char* field : {"pause_ms", "final_harvest_ms", "device_state_save_ms", "transfer_ms", "apply_ms",
+                            "device_state_load_ms", "resume_ms", "total_ms"}) {
+    std::vector<double> values;
+    for (const auto& r : reports) values.push_back(r.value(field, 0.0));
+    std::printf("| %-38s | %-18s |\n", field, cell(values).c_str());
+  }
+  std::vector<double> kib;
+  for (const auto& r : reports) kib.push_back(r.value("final_bytes", 0.0) / 1024);
+  std::printf("| %-38s | %-18s |\n", "final checkpoint (KiB)", cell(kib).c_str());
+  if (migrations.empty()) return;
+  std::vector<double> total, downtime, moved;
+  std::string failures;
+  for (const auto& m : migrations) {
+    if (!m.completed) {
+      failures += (failures.empty() ? "" : "; ") + m.status;
+      continue;
+    }
+    total.push_back(m.totalMs);
+    downtime.push_back(m.downtimeMs);
+    moved.push_back(m.transferredBytes / 1024);
+  }
+  std::printf("| %-38s | %-18s |\n", "QEMU migration total (xbzrle+compress)", cell(total).c_str());
+  std::printf("| %-38s | %-18s |\n", "QEMU migration downtime", cell(downtime).c_str());
+  std::printf("| %-38s | %-18s |\n", "QEMU migration RAM moved (KiB)", cell(moved).c_str());
+  std::printf("QEMU migrations completed: %zu of %zu%s%s\n", total.size(), migrations.size(),
+              failures.empty() ? "" : "; ", failures.c_str());
+}
+
+}  // namespace
+
+int runBenchSwitch(const BenchSwitchOptions& options) {
+  try {
+    if (options.runs < 1) fail("--runs must be at least 1");
+    std::string unavailable = NetworkLab::unavailableReason();
+    if (!unavailable.empty()) fail("cannot build the emulated links: {}", unavailable);
+    for (const char* f : {"vmlinuz", "initrd.img", "disk.img", "cmdline"})
+      if (!fs::exists(fs::path(options.imageDir) / f))
+        fail("guest image {} has no {}; build it with vm-images/build.sh", options.imageDir, f);
+    BenchSwitchOptions resolved = options;
+    resolved.imageDir = fs::absolute(options.imageDir).string();
+    const std::string outDir = fs::absolute(options.outDir).string();
+    for (const auto& name : options.profiles) {
+      const LinkProfile& profile = linkProfile(name);
+      spdlog::info("bench switch: profile {}: starting the server and devices A, B", name);
+      BenchCluster cluster(resolved, profile, outDir + "/" + name);
+      cluster.waitInSync(3, std::chrono::seconds(900));
+      std::vector<nlohmann::json> reports;
+      std::vector<Migration> migrations;
+      std::string active = "A";
+      const auto measureStart = std::chrono::steady_clock::now();
+      const double cpuStart = cluster.deviceCpuSeconds();
+      const double bytesStart = cluster.storedBytes();
+      for (int run = 1; run <= options.runs; ++run) {
+        const std::string target = active == "A" ? "B" : "A";
+        std::this_thread::sleep_for(std::chrono::duration<double>(options.settleSeconds));
+        if (options.qemuMigration) {
+          spdlog::info("bench switch: {} run {}: QEMU migration {} -> {}", name, run, active, target);
+          migrations.push_back(cluster.migrate(active, target));
+          const auto& m = migrations.back();
+          spdlog::info("bench switch: QEMU migration: {} ({:.0f} ms, downtime {:.0f} ms, {:.0f} KiB)", m.status,
+                       m.totalMs, m.downtimeMs, m.transferredBytes / 1024);
+          // Checkpoints held up by the migration's traffic catch up first.
+          cluster.waitInSync(cluster.head() + 2, std::chrono::seconds(600));
+        }
+        spdlog::info("bench switch: {} run {}: vmsync switch {} -> {}", name, run, active, target);
+        reports.push_back(cluster.switchTo(target));
+        spdlog::info("bench switch: switched in {:.0f} ms ({} bytes)", reports.back().value("total_ms", 0.0),
+                     reports.back().value("final_bytes", 0));
+        active = target;
+        cluster.waitInSync(reports.back().value("final_sequence", 0ull) + 2, std::chrono::seconds(600));
+      }
+      printTable(profile, options.runs, reports, migrations);
+      const double minutes =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - measureStart).count() / 60.0;
+      std::printf("checkpointing cost (%s): device daemons' CPU %.1f s/min, checkpoints stored %.1f MiB/min\n",
+                  options.targetSwitchMs ? fmt::format("adaptive, target {} ms", options.targetSwitchMs).c_str()
+                                         : fmt::format("every {} s", options.intervalSeconds).c_str(),
+                  (cluster.deviceCpuSeconds() - cpuStart) / minutes,
+                  (cluster.storedBytes() - bytesStart) / 1048576.0 / minutes);
+      std::fflush(stdout);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    spdlog::error("bench switch: {}", e.what());
+    return 1;
+  }
+}
+
+}  // namespace vmsync

@@ -1,0 +1,241 @@
+#include "network_lab.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+
+#include "error.h"
+
+namespace vmsync {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+/// Namespaces this module makes are called "vmsync-<pid>-..." after the process that made them.
+constexpr const char* kPrefix = "vmsync-";
+
+/// Removes namespaces left by a lab whose process is gone (killed mid-test).
+void removeLeftovers() {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator("/run/netns", ec)) {
+    std::string name = entry.path().filename().string();
+    if (name.rfind(kPrefix, 0) != 0) continue;
+    std::size_t dash = name.find('-', std::string(kPrefix).size());
+    if (dash == std::string::npos) continue;
+    pid_t pid = 0;
+    try {
+      pid = static_cast<pid_t>(std::stol(name.substr(std::string(kPrefix).size(), dash)));
+    } catch (const std::exception&) {
+      continue;
+    }
+    if (pid <= 0 || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    try {
+      runCommand({"ip", "netns", "del", name});
+      spdlog::info("network lab: removed namespace {} left by process {}", name, pid);
+    } catch (const Error& e) {
+      spdlog::warn("network lab: {}", e.what());
+    }
+  }
+}
+
+std::string kbit(double mbit) { return std::to_string(static_cast<std::uint64_t>(std::llround(mbit * 1000))) + "kbit"; }
+
+}  // namespace
+
+const std::vector<LinkProfile>& linkProfiles() {
+  // Typical rates and delays of each kind of link for a phone, not a
+  // measurement of any network. The queue bounds the bufferbloat.
+  static const std::vector<LinkProfile> profiles{
+      {"wifi", 30.0, 15.0, std::chrono::milliseconds(5), 100},
+      {"lte", 12.0, 5.0, std::chrono::milliseconds(30), 150},
+      {"3g", 2.0, 0.5, std::chrono::milliseconds(100), 300},
+  };
+  return profiles;
+}
+
+const LinkProfile& linkProfile(const std::string& name) {
+  std::string known;
+  for (const auto& p : linkProfiles()) {
+    if (p.name == name) return p;
+    known += (known.empty() ? "" : ", ") + p.name;
+  }
+  fail("unknown link profile '{}' (known: {})", name, known);
+}
+
+std::string runCommand(const std::vector<std::string>& argv) {
+  int pipeFds[2];
+  if (::pipe2(pipeFds, O_CLOEXEC) != 0) throwLastErrno("pipe");
+  pid_t pid = ::fork();
+  if (pid < 0) throwLastErrno("fork");
+  if (pid == 0) {
+    ::dup2(pipeFds[1], 1);
+    ::dup2(pipeFds[1], 2);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execvp(args[0], args.data());
+    ::_exit(127);
+  }
+  ::close(pipeFds[1]);
+  std::string output;
+  char buffer[4096];
+  ssize_t n;
+  while ((n = ::read(pipeFds[0], buffer, sizeof buffer)) > 0 || (n < 0 && errno == EINTR))
+    if (n > 0) output.append(buffer, static_cast<std::size_t>(n));
+  ::close(pipeFds[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    std::string command;
+    for (const auto& a : argv) command += (command.empty() ? "" : " ") + a;
+    while (!output.empty() && output.back() == '\n') output.pop_back();
+    fail("`{}` failed: {}", command, output.empty() ? "no output" : output);
+  }
+  return output;
+}
+
+std::string NetworkLab::unavailableReason() {
+  if (::geteuid() != 0) return "network namespaces, veth and tc need root";
+  const std::string probe = std::string(kPrefix) + std::to_string(::getpid()) + "-probe";
+  try {
+    runCommand({"ip", "netns", "add", probe});
+  } catch (const Error& e) {
+    return std::string("cannot create a network namespace: ") + e.what();
+  }
+  std::string reason;
+  try {
+    runCommand({"ip", "-n", probe, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"});
+    runCommand({"tc", "-n", probe, "qdisc", "add", "dev", "probe0", "root", "handle", "1:", "htb", "default", "1"});
+  } catch (const Error& e) {
+    reason = std::string("veth or tc HTB unavailable: ") + e.what();
+  }
+  try {
+    runCommand({"ip", "netns", "del", probe});
+  } catch (const Error&) {
+  }
+  return reason;
+}
+
+NetworkLab::NetworkLab(std::uint16_t serverPort)
+    : prefix_(std::string(kPrefix) + std::to_string(::getpid()) + "-"), serverPort_(serverPort) {
+  removeLeftovers();
+  // Several labs may live in one process (one per test): number them.
+  static int labs = 0;
+  prefix_ += std::to_string(++labs) + "-";
+  serverNamespace_ = prefix_ + "server";
+  runCommand({"ip", "netns", "add", serverNamespace_});
+  namespaces_.push_back(serverNamespace_);
+  runCommand({"ip", "-n", serverNamespace_, "link", "set", "lo", "up"});
+}
+
+NetworkLab::~NetworkLab() {
+  // Relays first: their threads hold sockets in the server's namespace.
+  for (auto& [name, link] : devices_) link.relay.reset();
+  for (const auto& ns : namespaces_) {
+    try {
+      runCommand({"ip", "netns", "del", ns});
+    } catch (const Error& e) {
+      spdlog::warn("network lab: {}", e.what());
+    }
+  }
+}
+
+std::string NetworkLab::serverAddress() const { return "127.0.0.1:" + std::to_string(serverPort_); }
+
+void NetworkLab::shape(const std::string& ns, const std::string& interface, double mbit, std::uint32_t queueMs) {
+  const std::uint64_t queueBytes =
+      std::max<std::uint64_t>(256 * 1024, static_cast<std::uint64_t>(mbit * 1e6 / 8 * queueMs / 1000));
+  runCommand({"tc", "-n", ns, "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "1"});
+  runCommand({"tc", "-n", ns, "class", "add", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate",
+              kbit(mbit), "ceil", kbit(mbit)});
+  runCommand({"tc", "-n", ns, "qdisc", "add", "dev", interface, "parent", "1:1", "handle", "10:", "bfifo", "limit",
+              std::to_string(queueBytes)});
+}
+
+void NetworkLab::addDevice(const std::string& device, const LinkProfile& profile) {
+  if (devices_.count(device)) fail("device {} is already in the network lab", device);
+  DeviceLink link;
+  link.index = static_cast<int>(devices_.size()) + 1;
+  if (link.index > 250) fail("the network lab holds at most 250 devices");
+  link.ns = prefix_ + device;
+  link.profile = profile;
+  runCommand({"ip", "netns", "add", link.ns});
+  namespaces_.push_back(link.ns);
+  const std::string serverSide = "dev" + std::to_string(link.index);
+  const std::string subnet = "10.213." + std::to_string(link.index) + ".";
+  runCommand({"ip", "-n", link.ns, "link", "set", "lo", "up"});
+  runCommand({"ip", "-n", serverNamespace_, "link", "add", serverSide, "type", "veth", "peer", "name", "uplink",
+              "netns", link.ns});
+  runCommand({"ip", "-n", serverNamespace_, "addr", "add", subnet + "1/24", "dev", serverSide});
+  runCommand({"ip", "-n", link.ns, "addr", "add", subnet + "2/24", "dev", "uplink"});
+  runCommand({"ip", "-n", serverNamespace_, "link", "set", serverSide, "up"});
+  runCommand({"ip", "-n", link.ns, "link", "set", "uplink", "up"});
+  shape(link.ns, "uplink", profile.upMbit, profile.queueMs);
+  shape(serverNamespace_, serverSide, profile.downMbit, profile.queueMs);
+  DelayRelayOptions relay;
+  relay.listenHost = subnet + "1";
+  relay.listenPort = serverPort_;
+  relay.targetPort = serverPort_;
+  relay.oneWayDelay = profile.oneWayDelay;
+  relay.networkNamespace = serverNamespace_;
+  link.relay = std::make_unique<DelayRelay>(relay);
+  spdlog::info("network lab: device {} in namespace {} on a {} link ({} Mbit/s down, {} Mbit/s up, {} ms one way)",
+               device, link.ns, profile.name, profile.downMbit, profile.upMbit, profile.oneWayDelay.count());
+  devices_.emplace(device, std::move(link));
+}
+
+const NetworkLab::DeviceLink& NetworkLab::link(const std::string& device) const {
+  auto it = devices_.find(device);
+  if (it == devices_.end()) fail("device {} is not in the network lab", device);
+  return it->second;
+}
+
+const std::string& NetworkLab::deviceNamespace(const std::string& device) const { return link(device).ns; }
+
+std::string NetworkLab::serverAddressFor(const std::string& device) const {
+  return serverHostFor(device) + ":" + std::to_string(serverPort_);
+}
+
+std::string NetworkLab::deviceHost(const std::string& device) const {
+  return "10.213." + std::to_string(link(device).index) + ".2";
+}
+
+std::string NetworkLab::serverHostFor(const std::string& device) const {
+  return "10.213." + std::to_string(link(device).index) + ".1";
+}
+
+void NetworkLab::setLinkUp(const std::string& device, bool up) {
+  runCommand({"ip", "-n", link(device).ns, "link", "set", "uplink", up ? "up" : "down"});
+  spdlog::info("network lab: {}'s link {}", device, up ? "back up" : "down");
+}
+
+std::vector<std::string> NetworkLab::inNamespace(const std::string& ns, std::vector<std::string> argv) {
+  // A full path: callers may exec without a PATH search.
+  static const std::string ip = [] {
+    std::string path = std::getenv("PATH") ? std::getenv("PATH") : "";
+    path += ":/usr/sbin:/sbin:/usr/bin:/bin";
+    std::size_t start = 0;
+    while (start <= path.size()) {
+      std::size_t end = path.find(':', start);
+      if (end == std::string::npos) end = path.size();
+      std::string candidate = path.substr(start, end - start) + "/ip";
+      if (end > start && ::access(candidate.c_str(), X_OK) == 0) return candidate;
+      start = end + 1;
+    }
+    return std::string("ip");
+  }();
+  std::vector<std::string> wrapped{ip, "netns", "exec", ns};
+  wrapped.insert(wrapped.end(), argv.begin(), argv.end());
+  return wrapped;
+}
+
+}  // namespace vmsync

@@ -1,0 +1,90 @@
+// Devices on their own hosts: the sync server and each device in its own
+// network namespace, each device joined to the server's namespace by a veth
+// pair shaped like a mobile link (profiles below).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "delay_relay.h"
+
+namespace vmsync {
+
+/// A mobile link as emulated here. Bandwidth: tc HTB on each end of the veth
+/// (uplink on the device's end, downlink on the server's end) with a short
+/// byte queue under it (a bfifo holding `queueMs` at the link's rate, at least
+/// 256 KiB so that one offloaded 64 KiB segment always fits). One-way delay: a DelayRelay in the server's
+/// namespace that every connection from the device goes through. Outages:
+/// NetworkLab::setLinkUp (the device's end of the veth taken down).
+struct LinkProfile {
+  std::string name;
+  double downMbit = 0;                  // server -> device
+  double upMbit = 0;                    // device -> server
+  std::chrono::milliseconds oneWayDelay{0};
+  std::uint32_t queueMs = 0;            // queue at each end, in time at the link's rate
+};
+
+/// Every profile, in one table: wifi, lte, 3g.
+const std::vector<LinkProfile>& linkProfiles();
+/// The profile called `name`; throws Error naming the known ones.
+const LinkProfile& linkProfile(const std::string& name);
+
+/// Namespaces, veth pairs, shaping and delay relays for one server and its
+/// devices; everything is removed by the destructor (also when a test fails
+/// halfway), and leftovers of a process that died are removed on creation.
+class NetworkLab {
+ public:
+  /// Creates the server's namespace. `serverPort`: where the server listens on
+  /// 127.0.0.1 inside it. Throws Error with the reason when namespaces cannot
+  /// be made (not root, no netns support).
+  explicit NetworkLab(std::uint16_t serverPort);
+  ~NetworkLab();
+  NetworkLab(const NetworkLab&) = delete;
+  NetworkLab& operator=(const NetworkLab&) = delete;
+
+  /// Empty when this host can run a lab, else why not.
+  static std::string unavailableReason();
+
+  const std::string& serverNamespace() const { return serverNamespace_; }
+  /// Address processes in the server's namespace use to reach the server.
+  std::string serverAddress() const;
+
+  /// Adds `device` in a namespace of its own, linked with `profile`.
+  void addDevice(const std::string& device, const LinkProfile& profile);
+  const std::string& deviceNamespace(const std::string& device) const;
+  /// Address `device` dials to reach the server (its link's delay relay).
+  std::string serverAddressFor(const std::string& device) const;
+  /// The device's own address on its link, and the server namespace's end of that link.
+  std::string deviceHost(const std::string& device) const;
+  std::string serverHostFor(const std::string& device) const;
+  /// Takes the device's link down (an outage) or brings it back.
+  void setLinkUp(const std::string& device, bool up);
+
+  /// `argv` run inside namespace `ns` (through `ip netns exec`).
+  static std::vector<std::string> inNamespace(const std::string& ns, std::vector<std::string> argv);
+
+ private:
+  struct DeviceLink {
+    std::string ns;
+    int index = 0;
+    LinkProfile profile;
+    std::unique_ptr<DelayRelay> relay;
+  };
+  const DeviceLink& link(const std::string& device) const;
+  void shape(const std::string& ns, const std::string& interface, double mbit, std::uint32_t queueMs);
+
+  std::string prefix_;
+  std::uint16_t serverPort_;
+  std::string serverNamespace_;
+  std::map<std::string, DeviceLink> devices_;
+  std::vector<std::string> namespaces_;  // to delete, server's first
+};
+
+/// Runs a command to completion; throws Error with its output when it fails.
+std::string runCommand(const std::vector<std::string>& argv);
+
+}  // namespace vmsync
