@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 #include <kj/async.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "checkpoint_identity.h"
 #include "error.h"
 #include "sync_server.h"
+#include "units.h"
 
 namespace vmsync {
 namespace {
@@ -35,11 +37,17 @@ struct Built {
     root.setSequence(sequence);
     root.setBaseSequence(sequence - 1);
     root.setKind(sequence == 1 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
-    if (sequence == 1) root.initSpec().setVmId("vm");
+    if (sequence == 1) {
+      auto spec = root.initSpec();
+      spec.setVmId("vm");
+      spec.setMemoryBytes(16 * kUnitSize);  // the server checks every chunk against the VM's sizes
+      spec.setDiskBytes(16 * kUnitSize);
+    }
     auto memory = root.initMemory(1);
     memory[0].setIndex(7);
     memory[0].setEncoding(wire::ChunkEncoding::WHOLE);
-    memory[0].initData(1)[0] = tag;
+    auto data = memory[0].initData(kUnitSize);
+    std::fill(data.begin(), data.end(), tag);
   }
   wire::Checkpoint::Reader reader() { return root.asReader(); }
 };
