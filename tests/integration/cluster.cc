@@ -156,6 +156,18 @@ bool Cluster::waitForHead(std::uint64_t sequence, std::chrono::seconds timeout) 
       timeout);
 }
 
+bool Cluster::waitForDevice(const std::string& device, std::uint64_t sequence, std::chrono::seconds timeout) {
+  return waitFor(
+      [&] {
+        auto s = status();
+        if (!s) return false;
+        for (const auto& d : (*s)["devices"])
+          if (d["device"] == device) return d["state"] != "offline" && d["applied_sequence"] >= sequence;
+        return false;
+      },
+      timeout);
+}
+
 int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output) {
   std::string out, progress;
   int rc = run(placed("", {vmsyncBinary(), "switch", "--server", address(), "--credential", credential("cli"), "--to",

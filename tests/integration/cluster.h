@@ -63,9 +63,12 @@ class Cluster {
   /// `vmsync status --json`, or nullopt when the command fails.
   std::optional<nlohmann::json> status();
   /// Waits until the head is at least `sequence` and every online device other
-  /// than the active one has applied it.
+  /// than the active one has applied it (offline devices are not waited for).
   bool waitForHead(std::uint64_t sequence, std::chrono::seconds timeout);
   std::uint64_t head();
+  /// Waits until `device` is connected (a restarted one has registered again)
+  /// and has applied at least `sequence`.
+  bool waitForDevice(const std::string& device, std::uint64_t sequence, std::chrono::seconds timeout);
 
   /// `vmsync switch --to target --json`: exit status, and the report (with what
   /// the command printed on stderr as "progress") or the error text.

@@ -108,7 +108,8 @@ TEST_F(Durability, StandbyOfflineForTenCheckpointsCatchesUpInOneMerge) {
   const std::uint64_t left = cluster.head();
   ASSERT_TRUE(waitFor([&] { return cluster.head() >= left + 12; }, std::chrono::seconds(90))) << cluster.logOf("A");
   cluster.startStandby("B");
-  ASSERT_TRUE(cluster.waitForHead(left + 12, std::chrono::seconds(90))) << cluster.logOf("B") << cluster.logOf("server");
+  ASSERT_TRUE(cluster.waitForDevice("B", left + 12, std::chrono::seconds(90)))
+      << cluster.logOf("B") << cluster.logOf("server");
 
   static const std::regex merged(
       R"(catch-up for B: checkpoints (\d+)\.\.(\d+) \((\d+) checkpoints, (\d+) bytes\) merged into one of (\d+) bytes)");
@@ -151,7 +152,7 @@ TEST_F(Durability, StandbyKilledMidApplyRecoversAndTakesOver) {
   ASSERT_TRUE(waitFor([&] { return readFile(dir.path() + "/B.log").find("from the journal") != std::string::npos; },
                       std::chrono::seconds(30)))
       << "B did not finish the interrupted apply from its journal" << cluster.logOf("B");
-  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 1, std::chrono::seconds(60))) << cluster.logOf("B");
+  ASSERT_TRUE(cluster.waitForDevice("B", cluster.head() + 1, std::chrono::seconds(60))) << cluster.logOf("B");
   nlohmann::json report;
   std::string output;
   ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
