@@ -5,9 +5,11 @@
 
 #include <atomic>
 #include <filesystem>
+#include <functional>
 #include <random>
 
 #include "checkpoint_applier.h"
+#include "checkpoint_builder.h"
 #include "checkpoint_store.h"
 #include "chunk_codec.h"
 #include "compactor.h"
@@ -47,8 +49,8 @@ void buildCheckpoint(capnp::MallocMessageBuilder& message, std::uint64_t sequenc
   c.setPolicy(policy);
   c.setOrigin("phone");
   const bool full = sequence == 1;
-  const bool orig = policy == wire::Policy::DIRTY_ORIG || policy == wire::Policy::DIFF_ORIG;
-  const bool diff = policy == wire::Policy::DIFF_PREV || policy == wire::Policy::DIFF_ORIG;
+  const bool orig = isOrigPolicy(policy);
+  const bool diff = isDiffPolicy(policy);
   c.setBaseSequence(full ? 0 : sequence - 1);
   c.setKind(full ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
   if (full) {
@@ -84,23 +86,28 @@ void mutate(Image& image, std::mt19937& rng) {
   std::fill_n(image.begin() + static_cast<long>(zeroed * kUnitSize), kUnitSize, std::byte{0});
 }
 
-/// Appends checkpoints 1..count to `store` from a random walk of the image;
-/// returns the image after the last one.
-Image writeChain(CheckpointStore& store, wire::Policy policy, int count, unsigned seed) {
+/// Builds checkpoints 1..count of a random walk of the image, handing each
+/// to `sink` (with its sequence); returns the image after the last one.
+Image walkChain(wire::Policy policy, int count, unsigned seed,
+                const std::function<void(int, wire::Checkpoint::Builder)>& sink) {
   std::mt19937 rng(seed);
   Image zero(kUnits * kUnitSize), base, prev = zero, current(kUnits * kUnitSize);
   for (auto& b : current) b = std::byte(rng() & 0xff);
-  const bool orig = policy == wire::Policy::DIRTY_ORIG || policy == wire::Policy::DIFF_ORIG;
   for (int s = 1; s <= count; ++s) {
     if (s > 1) mutate(current, rng);
     capnp::MallocMessageBuilder message;
-    buildCheckpoint(message, static_cast<std::uint64_t>(s), policy, current, s == 1 ? zero : (orig ? base : prev),
-                    prev);
-    store.append(message.getRoot<wire::Checkpoint>().asReader());
+    buildCheckpoint(message, static_cast<std::uint64_t>(s), policy, current,
+                    s == 1 ? zero : (isOrigPolicy(policy) ? base : prev), prev);
+    sink(s, message.getRoot<wire::Checkpoint>());
     if (s == 1) base = current;
     prev = current;
   }
   return current;
+}
+
+/// Appends checkpoints 1..count of a random walk to `store`.
+Image writeChain(CheckpointStore& store, wire::Policy policy, int count, unsigned seed) {
+  return walkChain(policy, count, seed, [&](int, wire::Checkpoint::Builder c) { store.append(c.asReader()); });
 }
 
 /// Applies `checkpoint` to fresh images (or `ram`/`disk`) and returns RAM.
@@ -225,26 +232,15 @@ TEST(Compaction, AMissingPrevCheckpointIsDamageNotAGap) {
 Image pushChain(SyncServer& server, kj::WaitScope& scope, wire::Policy policy, int count, unsigned seed) {
   server.registerDevice("phone", capnp::Capability::Client(nullptr).castAs<wire::DevicePeer>(), 0);
   const std::uint64_t epoch = server.acquireLease("phone");
-  std::mt19937 rng(seed);
-  Image zero(kUnits * kUnitSize), base, prev = zero, current(kUnits * kUnitSize);
-  for (auto& b : current) b = std::byte(rng() & 0xff);
-  const bool orig = policy == wire::Policy::DIRTY_ORIG || policy == wire::Policy::DIFF_ORIG;
-  for (int s = 1; s <= count; ++s) {
-    if (s > 1) mutate(current, rng);
-    capnp::MallocMessageBuilder message;
-    buildCheckpoint(message, static_cast<std::uint64_t>(s), policy, current, s == 1 ? zero : (orig ? base : prev),
-                    prev);
-    auto c = message.getRoot<wire::Checkpoint>();
+  Image last = walkChain(policy, count, seed, [&](int s, wire::Checkpoint::Builder c) {
     c.setEpoch(epoch);
     if (s == 1) c.getSpec().setVmId("vm");
     server.push("phone", c.asReader());
     // Let a fold finish now and then, as the event loop would between pushes.
     while (s % 4 == 0 && server.compacting()) scope.poll();
-    if (s == 1) base = current;
-    prev = current;
-  }
+  });
   while (server.compacting()) scope.poll();
-  return current;
+  return last;
 }
 
 TEST(Compaction, ServerFoldsOnItsWorkerThreadAndReopensAtTheNewBase) {
