@@ -16,6 +16,7 @@
 #include "sync_server.h"
 #include "error.h"
 #include "image_file.h"
+#include "test_env.h"
 #include "units.h"
 
 namespace vmsync {
@@ -25,14 +26,7 @@ namespace fs = std::filesystem;
 
 constexpr std::uint64_t kUnits = 32;
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/vmsync-compact-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using testing::TempDir;
 
 using Image = std::vector<std::byte>;  // kUnits units
 
@@ -116,7 +110,7 @@ Image contents(const ImageFile& image) { return Image(image.bytes().begin(), ima
 TEST(Compaction, FoldMaterializesTheSameImageAStandbyHas) {
   for (wire::Policy policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV}) {
     TempDir dir;
-    CheckpointStore store(dir.path);
+    CheckpointStore store(dir.path());
     Image expected = writeChain(store, policy, 12, 7);
     std::vector<std::string> paths;
     for (std::uint64_t s = 1; s <= 12; ++s) paths.push_back(store.pathOf(s));
@@ -135,8 +129,8 @@ TEST(Compaction, FoldMaterializesTheSameImageAStandbyHas) {
     auto folded = store.read(12);
     EXPECT_EQ(folded->reader().getKind(), wire::CheckpointKind::FULL);
     EXPECT_EQ(folded->reader().getBaseSequence(), 0u);
-    ImageFile ram(dir.path + "/ram.img", true, kUnits * kUnitSize);
-    ImageFile disk(dir.path + "/disk.img", true, kUnits * kUnitSize);
+    ImageFile ram(dir.path() + "/ram.img", true, kUnits * kUnitSize);
+    ImageFile disk(dir.path() + "/disk.img", true, kUnits * kUnitSize);
     applyCheckpoint(folded->reader(), ram, disk);
     EXPECT_TRUE(contents(ram) == expected) << "policy " << static_cast<int>(policy);
     EXPECT_TRUE(contents(disk) == expected);
@@ -146,7 +140,7 @@ TEST(Compaction, FoldMaterializesTheSameImageAStandbyHas) {
 TEST(Compaction, ChainAfterAFoldSurvivesRestartAndLeftoversAreRemoved) {
   TempDir dir;
   {
-    CheckpointStore store(dir.path);
+    CheckpointStore store(dir.path());
     writeChain(store, wire::Policy::DIRTY_PREV, 6, 3);
     std::vector<std::string> paths;
     for (std::uint64_t s = 1; s <= 4; ++s) paths.push_back(store.pathOf(s));
@@ -156,12 +150,12 @@ TEST(Compaction, ChainAfterAFoldSurvivesRestartAndLeftoversAreRemoved) {
     // there, as after a crash before commitFold().
     fs::create_directories(store.scratchDir());
   }
-  CheckpointStore store(dir.path);
+  CheckpointStore store(dir.path());
   EXPECT_EQ(store.base(), 4u);
   EXPECT_EQ(store.first(), 5u);
   EXPECT_EQ(store.head(), 6u);
-  EXPECT_FALSE(fs::exists(dir.path + "/checkpoints/00000000000000000001.ckpt"));
-  EXPECT_FALSE(fs::exists(dir.path + "/checkpoints/00000000000000000004.ckpt"));
+  EXPECT_FALSE(fs::exists(dir.path() + "/checkpoints/00000000000000000001.ckpt"));
+  EXPECT_FALSE(fs::exists(dir.path() + "/checkpoints/00000000000000000004.ckpt"));
   EXPECT_FALSE(fs::exists(store.scratchDir()));
   EXPECT_EQ(store.read(4)->reader().getKind(), wire::CheckpointKind::FULL);
   EXPECT_EQ(store.read(6)->reader().getSequence(), 6u);
@@ -169,7 +163,7 @@ TEST(Compaction, ChainAfterAFoldSurvivesRestartAndLeftoversAreRemoved) {
 
 TEST(Compaction, FoldRefusesAChainThatDoesNotFollowOn) {
   TempDir dir;
-  CheckpointStore store(dir.path);
+  CheckpointStore store(dir.path());
   writeChain(store, wire::Policy::DIRTY_PREV, 5, 5);
   std::atomic<bool> cancel{false};
   std::vector<std::string> gap = {store.pathOf(1), store.pathOf(2), store.pathOf(4)};
@@ -190,7 +184,7 @@ TEST(Compaction, PruneKeepsTheBaseAndTheNewestOrigCheckpoint) {
   TempDir dir;
   Image expected;
   {
-    CheckpointStore store(dir.path);
+    CheckpointStore store(dir.path());
     expected = writeChain(store, wire::Policy::DIFF_ORIG, 9, 11);
     store.prune(9);
     EXPECT_EQ(store.base(), 1u);
@@ -198,16 +192,16 @@ TEST(Compaction, PruneKeepsTheBaseAndTheNewestOrigCheckpoint) {
     EXPECT_FALSE(store.stored(5));
   }
   // A restart accepts the gap: checkpoint 9 needs only the base.
-  CheckpointStore store(dir.path);
+  CheckpointStore store(dir.path());
   EXPECT_EQ(store.base(), 1u);
   EXPECT_EQ(store.first(), 9u);
   EXPECT_EQ(store.head(), 9u);
-  ImageFile ram(dir.path + "/ram.img", true, kUnits * kUnitSize);
-  ImageFile disk(dir.path + "/disk.img", true, kUnits * kUnitSize);
+  ImageFile ram(dir.path() + "/ram.img", true, kUnits * kUnitSize);
+  ImageFile disk(dir.path() + "/disk.img", true, kUnits * kUnitSize);
   applyCheckpoint(store.read(1)->reader(), ram, disk);
-  fs::copy_file(dir.path + "/ram.img", dir.path + "/base-ram.img");
-  fs::copy_file(dir.path + "/disk.img", dir.path + "/base-disk.img");
-  ImageFile baseRam(dir.path + "/base-ram.img", false), baseDisk(dir.path + "/base-disk.img", false);
+  fs::copy_file(dir.path() + "/ram.img", dir.path() + "/base-ram.img");
+  fs::copy_file(dir.path() + "/disk.img", dir.path() + "/base-disk.img");
+  ImageFile baseRam(dir.path() + "/base-ram.img", false), baseDisk(dir.path() + "/base-disk.img", false);
   applyCheckpoint(store.read(9)->reader(), ram, disk, BaseImage{&baseRam, &baseDisk});
   EXPECT_TRUE(contents(ram) == expected);
 }
@@ -215,12 +209,12 @@ TEST(Compaction, PruneKeepsTheBaseAndTheNewestOrigCheckpoint) {
 TEST(Compaction, AMissingPrevCheckpointIsDamageNotAGap) {
   TempDir dir;
   {
-    CheckpointStore store(dir.path);
+    CheckpointStore store(dir.path());
     writeChain(store, wire::Policy::DIRTY_PREV, 5, 13);
   }
-  fs::remove(dir.path + "/checkpoints/00000000000000000003.ckpt");
+  fs::remove(dir.path() + "/checkpoints/00000000000000000003.ckpt");
   try {
-    CheckpointStore store(dir.path);
+    CheckpointStore store(dir.path());
     FAIL() << "a chain missing a Prev checkpoint was opened";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("checkpoints 3 to 3 are missing"), std::string::npos) << e.what();
@@ -249,17 +243,17 @@ TEST(Compaction, ServerFoldsOnItsWorkerThreadAndReopensAtTheNewBase) {
   kj::WaitScope scope(loop);
   Image expected;
   {
-    SyncServer server(dir.path, CompactionLimits{5, 0});
+    SyncServer server(dir.path(), CompactionLimits{5, 0});
     expected = pushChain(server, scope, wire::Policy::DIFF_PREV, 23, 17);
     EXPECT_EQ(server.head(), 23u);
   }
-  CheckpointStore store(dir.path);
+  CheckpointStore store(dir.path());
   EXPECT_EQ(store.head(), 23u);
   EXPECT_GE(store.base(), 15u) << "the chain was not folded";
   EXPECT_LT(store.head() - store.base(), 10u);
   // The base plus what follows it rebuilds the head's image.
-  ImageFile ram(dir.path + "/ram.img", true, kUnits * kUnitSize);
-  ImageFile disk(dir.path + "/disk.img", true, kUnits * kUnitSize);
+  ImageFile ram(dir.path() + "/ram.img", true, kUnits * kUnitSize);
+  ImageFile disk(dir.path() + "/disk.img", true, kUnits * kUnitSize);
   applyCheckpoint(store.read(store.base())->reader(), ram, disk);
   for (std::uint64_t s = store.first(); s <= store.head(); ++s) applyCheckpoint(store.read(s)->reader(), ram, disk);
   EXPECT_TRUE(contents(ram) == expected);
@@ -270,10 +264,10 @@ TEST(Compaction, ServerPrunesAnOrigChainAtOnce) {
   kj::EventLoop loop;
   kj::WaitScope scope(loop);
   {
-    SyncServer server(dir.path, CompactionLimits{4, 0});
+    SyncServer server(dir.path(), CompactionLimits{4, 0});
     pushChain(server, scope, wire::Policy::DIRTY_ORIG, 14, 19);
   }
-  CheckpointStore store(dir.path);
+  CheckpointStore store(dir.path());
   EXPECT_EQ(store.base(), 1u);
   EXPECT_EQ(store.head(), 14u);
   EXPECT_LT(store.head() - store.first(), 4u) << "old Orig checkpoints were kept";

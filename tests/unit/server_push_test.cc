@@ -10,6 +10,7 @@
 #include "checkpoint_identity.h"
 #include "error.h"
 #include "sync_server.h"
+#include "test_env.h"
 #include "units.h"
 
 namespace vmsync {
@@ -17,14 +18,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "vmsync-push-XXXXXX").string();
-    path = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using testing::TempDir;
 
 /// A checkpoint of VM "vm" whose one memory chunk holds `tag`.
 struct Built {
@@ -62,19 +56,19 @@ TEST(ServerPush, SamePushAgainIsAcknowledgedNotStoredTwice) {
   kj::EventLoop loop;
   kj::WaitScope waitScope(loop);
   TempDir dir;
-  SyncServer server(dir.path);
+  SyncServer server(dir.path());
   const std::uint64_t epoch = server.acquireLease("A");
   Built full(1, epoch, 1);
   Built second(2, epoch, 2);
   EXPECT_EQ(server.push("A", full.reader()), 1u);
   EXPECT_EQ(server.push("A", second.reader()), 2u);
-  const std::size_t files = storedFiles(dir.path);
+  const std::size_t files = storedFiles(dir.path());
 
   // The answer to checkpoint 2 was lost; the device sends it again.
   Built again(2, epoch, 2);
   EXPECT_EQ(server.push("A", again.reader()), 2u);
   EXPECT_EQ(server.head(), 2u);
-  EXPECT_EQ(storedFiles(dir.path), files);
+  EXPECT_EQ(storedFiles(dir.path()), files);
   // The next checkpoint follows as usual.
   Built third(3, epoch, 3);
   EXPECT_EQ(server.push("A", third.reader()), 3u);
@@ -84,7 +78,7 @@ TEST(ServerPush, SameSequenceWithOtherContentIsRefused) {
   kj::EventLoop loop;
   kj::WaitScope waitScope(loop);
   TempDir dir;
-  SyncServer server(dir.path);
+  SyncServer server(dir.path());
   const std::uint64_t epoch = server.acquireLease("A");
   Built full(1, epoch, 1);
   Built second(2, epoch, 2);
@@ -104,12 +98,12 @@ TEST(ServerPush, RecognisedAfterTheServerRestarts) {
   TempDir dir;
   std::uint64_t epoch = 0;
   {
-    SyncServer server(dir.path);
+    SyncServer server(dir.path());
     epoch = server.acquireLease("A");
     Built full(1, epoch, 1);
     server.push("A", full.reader());
   }
-  SyncServer server(dir.path);
+  SyncServer server(dir.path());
   Built again(1, epoch, 1);
   EXPECT_EQ(server.push("A", again.reader()), 1u);
   EXPECT_EQ(server.head(), 1u);
@@ -119,7 +113,7 @@ TEST(ServerPush, ARepushUnderAnOldEpochIsFenced) {
   kj::EventLoop loop;
   kj::WaitScope waitScope(loop);
   TempDir dir;
-  SyncServer server(dir.path);
+  SyncServer server(dir.path());
   const std::uint64_t epoch = server.acquireLease("A");
   Built full(1, epoch, 1);
   server.push("A", full.reader());
