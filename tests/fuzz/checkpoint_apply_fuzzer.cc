@@ -9,6 +9,7 @@
 
 #include "checkpoint_applier.h"
 #include "error.h"
+#include "fuzz_input.h"
 #include "image_file.h"
 #include "unit_hashes.h"
 
@@ -33,11 +34,8 @@ struct Images {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static Images images;
   if (size < 8) return 0;
-  std::vector<capnp::word> words(size / sizeof(capnp::word));
-  std::memcpy(words.data(), data, words.size() * sizeof(capnp::word));
-  capnp::ReaderOptions limits;
-  limits.traversalLimitInWords = 1 << 20;
-  limits.nestingLimit = 16;
+  std::vector<capnp::word> words = vmsync::fuzz::inputWords(data, size);
+  const capnp::ReaderOptions limits = vmsync::fuzz::inputLimits();
   auto before = vmsync::hashAllUnits(*images.ram);
   try {
     capnp::FlatArrayMessageReader reader(kj::arrayPtr(words.data(), words.size()), limits);

@@ -12,6 +12,7 @@
 
 #include "checkpoint_merge.h"
 #include "error.h"
+#include "fuzz_input.h"
 #include "sync_server.h"
 #include "units.h"
 
@@ -57,11 +58,8 @@ struct Server {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static Server s;
   if (size < 8) return 0;
-  std::vector<capnp::word> words(size / sizeof(capnp::word));
-  std::memcpy(words.data(), data, words.size() * sizeof(capnp::word));
-  capnp::ReaderOptions limits;
-  limits.traversalLimitInWords = 1 << 20;
-  limits.nestingLimit = 16;
+  std::vector<capnp::word> words = vmsync::fuzz::inputWords(data, size);
+  const capnp::ReaderOptions limits = vmsync::fuzz::inputLimits();
   const std::uint64_t head = s.server->head();
   try {
     capnp::FlatArrayMessageReader reader(kj::arrayPtr(words.data(), words.size()), limits);
