@@ -63,9 +63,12 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
     base_ = *bases.rbegin();
     foldedBase_ = true;
     std::string why;
-    if (readRecordFile(foldPath(base_), why) == nullptr)
+    KJ_IF_MAYBE(words, readRecordFile(foldPath(base_), why)) {
+      noteBase(StoredCheckpoint(kj::mv(*words)).reader());
+    } else {
       fail("data directory {}: the base (checkpoint {} folded) is damaged ({}); restore it from a backup", dir_,
            base_, why);
+    }
     for (std::uint64_t b : bases)
       if (b != base_) removeQuietly(foldPath(b));
     for (auto it = checkpoints.begin(); it != checkpoints.end() && *it <= base_;) {
@@ -93,12 +96,11 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
     std::string why;
     kj::Maybe<kj::Array<capnp::word>> record = readRecordFile(checkpointPath(s), why);
     KJ_IF_MAYBE(words, record) {
-      if (s > previous + 1) {
-        StoredCheckpoint checkpoint(kj::mv(*words));
-        if (!isOrigPolicy(checkpoint.reader().getPolicy()))
-          fail("data directory {}: checkpoints {} to {} are missing and checkpoint {} depends on them; restore them "
-               "from a backup", dir_, previous + 1, s - 1, s);
-      }
+      StoredCheckpoint checkpoint(kj::mv(*words));
+      if (s == base_) noteBase(checkpoint.reader());
+      if (s > previous + 1 && !isOrigPolicy(checkpoint.reader().getPolicy()))
+        fail("data directory {}: checkpoints {} to {} are missing and checkpoint {} depends on them; restore them "
+             "from a backup", dir_, previous + 1, s - 1, s);
       if (s != base_) bytes_[s] = fs::file_size(checkpointPath(s));
       previous = s;
       continue;
@@ -128,6 +130,11 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
       fail("data directory {}: state.json is unreadable: {}", dir_, e.what());
     }
   }
+}
+
+void CheckpointStore::noteBase(wire::Checkpoint::Reader base) {
+  memoryBytes_ = base.hasSpec() ? base.getSpec().getMemoryBytes() : 0;
+  diskBytes_ = base.hasSpec() ? base.getSpec().getDiskBytes() : 0;
 }
 
 std::string CheckpointStore::checkpointPath(std::uint64_t sequence) const {
@@ -166,7 +173,10 @@ void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
   recentPath_ = path;
   recent_ = kj::refcounted<StoredCheckpoint>(kj::mv(words));
   ++head_;
-  if (base_ == 0) base_ = head_;
+  if (base_ == 0) {
+    base_ = head_;
+    noteBase(checkpoint);
+  }
   else bytes_[head_] = sizeof(RecordHeader) + bytes.size();
 }
 

@@ -62,6 +62,10 @@ class CheckpointStore {
   std::uint64_t first() const { return bytes_.empty() ? head_ + 1 : bytes_.begin()->first; }
   /// Bytes of the stored checkpoints after the base.
   std::uint64_t bytesAfterBase() const;
+  /// The VM's image sizes, from the base's spec (0 while the chain is empty).
+  /// A fold keeps the spec, so they stay as the first full checkpoint set them.
+  std::uint64_t memoryBytes() const { return memoryBytes_; }
+  std::uint64_t diskBytes() const { return diskBytes_; }
   /// Number of stored checkpoints after the base.
   std::uint64_t countAfterBase() const { return bytes_.size(); }
   /// True when `sequence` can be read.
@@ -96,11 +100,15 @@ class CheckpointStore {
  private:
   std::string checkpointPath(std::uint64_t sequence) const;
   void removeQuietly(const std::string& path);
+  /// Takes the VM's sizes from the base, read anyway when it is stored or verified.
+  void noteBase(wire::Checkpoint::Reader base);
 
   std::string dir_;
   std::uint64_t head_ = 0;
   std::uint64_t base_ = 0;
-  bool foldedBase_ = false;  // the base is a "K.base" file, not checkpoint 1
+  bool foldedBase_ = false;
+  std::uint64_t memoryBytes_ = 0;
+  std::uint64_t diskBytes_ = 0;  // the base is a "K.base" file, not checkpoint 1
   std::map<std::uint64_t, std::uint64_t> bytes_;  // stored checkpoints after the base: sequence -> bytes
   // The newest checkpoint appended, kept in memory: every standby is sent it,
   // and each would otherwise read and verify the file again.

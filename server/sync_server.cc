@@ -92,11 +92,6 @@ class SyncServerImpl final : public wire::SyncServer::Server {
 
 SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction)
     : store_(std::move(dataDir)), limits_(compaction), state_(store_.state()) {
-  if (store_.base() != 0) {
-    auto base = store_.read(store_.base());
-    memoryUnits_ = base->reader().getSpec().getMemoryBytes() / kUnitSize;
-    diskUnits_ = base->reader().getSpec().getDiskBytes() / kUnitSize;
-  }
   for (const auto& [id, applied] : state_.appliedByDevice) {
     auto entry = std::make_unique<DeviceEntry>();
     entry->id = id;
@@ -267,7 +262,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   // Content first: a malformed checkpoint is refused with what is wrong with
   // it, whoever sent it, before anything is stored.
   const bool isFull = checkpoint.getKind() == wire::CheckpointKind::FULL;
-  std::uint64_t memoryUnits = memoryUnits_, diskUnits = diskUnits_;
+  std::uint64_t memoryUnits = store_.memoryBytes() / kUnitSize, diskUnits = store_.diskBytes() / kUnitSize;
   if (isFull) {
     if (!checkpoint.hasSpec()) fail("full checkpoint {} rejected: it has no VM spec", checkpoint.getSequence());
     auto spec = checkpoint.getSpec();
@@ -311,10 +306,6 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
          state_.vmId);
   }
   store_.append(checkpoint);
-  if (full) {
-    memoryUnits_ = memoryUnits;
-    diskUnits_ = diskUnits;
-  }
   DeviceEntry& origin = device(id);
   origin.applied = origin.queued = store_.head();
   persist();

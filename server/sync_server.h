@@ -89,8 +89,6 @@ class SyncServer {
 
   CheckpointStore store_;
   CompactionLimits limits_;
-  std::uint64_t memoryUnits_ = 0;  // the VM's sizes, from the base's spec; 0 before the first push
-  std::uint64_t diskUnits_ = 0;
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};
   bool compacting_ = false;
