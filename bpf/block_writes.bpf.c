@@ -6,12 +6,17 @@
  * (the programs of the other mode are not loaded):
  *
  * Block device mode: the VM's disk is a block device (a loop device over
- * the image). raw_tp/block_rq_complete sees every request of the disk as it
- * completes, with its whole-disk sector and the bytes done. Recording at
- * completion, not at queue or issue time, matters: the controller reads the
- * dirty set and then copies the blocks, so a mark must never precede the
- * data it announces. A request traced at issue time whose data lands after
- * the harvest and after the copy would be lost.
+ * the image). Every write request of the disk is recorded twice, with its
+ * whole-disk sector and length: when it is issued to the driver
+ * (raw_tp/block_rq_issue) and when it completes (raw_tp/block_rq_complete).
+ * The completion record comes after the data landed, so a harvest that has
+ * it can copy the blocks. The issue record is the safety net: the loader
+ * keeps reporting an issued request at every harvest until it has seen the
+ * request complete, or until the disk's request timeout has passed. The
+ * kernel has been seen to skip a raw tracepoint program without counting it
+ * anywhere (a completion run in softirq on top of an unrelated task); a
+ * request whose completion is skipped that way is still reported, later
+ * than its data, because its issue was seen.
  *
  * File mode: the VMM writes the image file with pwrite64/pwritev/pwritev2
  * (QEMU's aio=threads). The entry of each call of the VMM's process is kept
@@ -24,7 +29,9 @@
  * Records are reserved in the ring buffer; a failed reservation is counted
  * in ring_full_drops, a failed per-thread insert in pending_full_drops. The
  * loader reads both counters at every harvest: any movement means lost
- * records and a full rescan, never silence.
+ * records and a full rescan, never silence. So does the kernel's count of
+ * the runs of a program it skipped because the program was already running
+ * on that CPU (bpf_prog_info.recursion_misses).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -107,6 +114,41 @@ static __always_inline void emit(__u64 offset, __u64 length, __u32 flags, __u32 
 }
 
 /*
+ * Records [sector, sector + bytes) of a write request of the target disk.
+ * Reads, flushes and other disks are skipped. op_is_write(): writes,
+ * discards, write-zeroes and zone resets have odd operation numbers.
+ */
+static __always_inline void record_request(struct request *rq, __u32 bytes, __u32 flags)
+{
+	struct gendisk *disk;
+	__u32 op, dev;
+
+	if (mode != BLOCK_WRITES_MODE_BLOCK_DEVICE)
+		return;
+	disk = BPF_CORE_READ(rq, q, disk);
+	if (!disk)
+		return;
+	dev = ((__u32)BPF_CORE_READ(disk, major) << 20) |
+	      (__u32)BPF_CORE_READ(disk, first_minor);
+	if (dev != target_dev)
+		return;
+	op = BPF_CORE_READ(rq, cmd_flags) & REQ_OP_BITS_MASK;
+	if (!(op & 1))
+		return;
+	emit(BPF_CORE_READ(rq, __sector) << 9, bytes, flags, 0);
+}
+
+/* block_rq_issue(struct request *rq): the driver is about to get rq. */
+SEC("raw_tp/block_rq_issue")
+int block_rq_issue(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct request *rq = (struct request *)ctx->args[0];
+
+	record_request(rq, BPF_CORE_READ(rq, __data_len), BLOCK_WRITE_ISSUED);
+	return 0;
+}
+
+/*
  * block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)
  * fires at the top of blk_update_request(), before the request is advanced:
  * rq->__sector is the first sector of the nr_bytes being completed.
@@ -114,27 +156,7 @@ static __always_inline void emit(__u64 offset, __u64 length, __u32 flags, __u32 
 SEC("raw_tp/block_rq_complete")
 int block_rq_complete(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct request *rq = (struct request *)ctx->args[0];
-	__u32 nr_bytes = (__u32)ctx->args[2];
-	struct gendisk *disk;
-	__u32 op, dev;
-	__u64 sector;
-
-	if (mode != BLOCK_WRITES_MODE_BLOCK_DEVICE)
-		return 0;
-	disk = BPF_CORE_READ(rq, q, disk);
-	if (!disk)
-		return 0;
-	dev = ((__u32)BPF_CORE_READ(disk, major) << 20) |
-	      (__u32)BPF_CORE_READ(disk, first_minor);
-	if (dev != target_dev)
-		return 0;
-	/* op_is_write(): writes, discards, write-zeroes, zone resets are odd. */
-	op = BPF_CORE_READ(rq, cmd_flags) & REQ_OP_BITS_MASK;
-	if (!(op & 1))
-		return 0;
-	sector = BPF_CORE_READ(rq, __sector);
-	emit(sector << 9, nr_bytes, 0, 0);
+	record_request((struct request *)ctx->args[0], (__u32)ctx->args[2], 0);
 	return 0;
 }
 

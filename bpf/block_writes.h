@@ -15,6 +15,12 @@ enum block_writes_mode {
 
 /* The record's range is unknown: the loader must treat every block as written. */
 #define BLOCK_WRITE_UNKNOWN_RANGE 0x1u
+/*
+ * Block device mode: the request was issued, not completed; its data may
+ * land after this record is read. The completion comes as a record without
+ * this flag.
+ */
+#define BLOCK_WRITE_ISSUED 0x2u
 
 /*
  * One write to the VM's disk image. [offset, offset + length) is a byte

@@ -1,5 +1,6 @@
 #include "bpf_block_source.h"
 
+#include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <fcntl.h>
 #include <fmt/ranges.h>
@@ -14,6 +15,7 @@
 #include <bit>
 #include <cerrno>
 #include <climits>
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -162,6 +164,14 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
     dev = kernelDevOfWholeDisk(options_.blockDevicePath);
     description_ = fmt::format("bpf: block device {} ({}:{})", options_.blockDevicePath, dev >> 20,
                                dev & ((1u << 20) - 1));
+    inFlightExpiry_ = std::chrono::milliseconds(options_.inFlightExpiryMilliseconds);
+    if (inFlightExpiry_.count() <= 0) {
+      long timeout = 30000;
+      std::ifstream sysfs(
+          fmt::format("/sys/dev/block/{}:{}/queue/io_timeout", dev >> 20, dev & ((1u << 20) - 1)));
+      if (long value = 0; sysfs >> value && value > 0) timeout = value;
+      inFlightExpiry_ = std::chrono::milliseconds(timeout + 5000);
+    }
   } else {
     std::string path = checkImageFd(options_.vmmPid, options_.imageFd);
     notes = ensureTracefs(options_.mountTracefsIfMissing);
@@ -188,7 +198,8 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
   // Load only the programs of the chosen mode.
   bpf_program* program = nullptr;
   bpf_object__for_each_program(program, skeleton_->obj) {
-    bool isBlockProgram = program == skeleton_->progs.block_rq_complete;
+    bool isBlockProgram =
+        program == skeleton_->progs.block_rq_issue || program == skeleton_->progs.block_rq_complete;
     bpf_program__set_autoload(program, isBlockProgram == blockMode);
   }
 
@@ -196,6 +207,23 @@ BpfBlockSource::BpfBlockSource(const BpfBlockSourceOptions& options) : options_(
   if (err) throwErrno(-err, fmt::format("cannot load BPF program {}", kProgramName));
   err = block_writes_bpf__attach(skeleton_.get());
   if (err) throwErrno(-err, fmt::format("cannot attach BPF program {}", kProgramName));
+
+  bpf_object__for_each_program(program, skeleton_->obj) {
+    if (!bpf_program__autoload(program)) continue;
+    programs_.push_back({.fd = bpf_program__fd(program), .name = bpf_program__name(program)});
+  }
+  for (ProgramSkips& skips : programs_) {
+    bpf_prog_info info{};
+    std::uint32_t length = sizeof(info);
+    err = bpf_obj_get_info_by_fd(skips.fd, &info, &length);
+    if (err) throwErrno(-err, fmt::format("cannot read BPF program {}'s counters", skips.name));
+    if (length < offsetof(bpf_prog_info, recursion_misses) + sizeof(info.recursion_misses))
+      fail(
+          "this kernel does not count the runs it skips of BPF program {} "
+          "(bpf_prog_info.recursion_misses, Linux 5.12): lost records could go unseen",
+          skips.name);
+    skips.seen = info.recursion_misses;
+  }
 
   ring_.reset(ring_buffer__new(bpf_map__fd(skeleton_->maps.events), &BpfBlockSource::onRecord, this,
                                nullptr));
@@ -293,7 +321,23 @@ void BpfBlockSource::fold(const void* data, std::size_t size) {
                                       event.offset, event.length, options_.maxImageBytes);
     return;
   }
-  markUnits(event.offset / kUnitSize, (end - 1) / kUnitSize);
+  markRange(event.offset, event.length);
+  auto key = std::make_pair(event.offset, event.length);
+  if (event.flags & BLOCK_WRITE_ISSUED) {
+    ++stats_.issuedRequests;
+    inFlight_[key].push_back(std::chrono::steady_clock::now());
+    ++inFlightCount_;
+  } else if (auto found = inFlight_.find(key); found != inFlight_.end()) {
+    // The completion of the oldest request issued on this range. A partial
+    // completion matches nothing; its request is then reported until it expires.
+    found->second.pop_front();
+    if (found->second.empty()) inFlight_.erase(found);
+    --inFlightCount_;
+  }
+}
+
+void BpfBlockSource::markRange(std::uint64_t offset, std::uint64_t length) {
+  markUnits(offset / kUnitSize, (offset + length - 1) / kUnitSize);
 }
 
 void BpfBlockSource::markUnits(std::uint64_t first, std::uint64_t last) {
@@ -334,6 +378,31 @@ DirtyUnits BpfBlockSource::harvest() {
   }
   stats_.ringFullDrops = ringDrops;
   stats_.pendingFullDrops = pendingDrops;
+  if (std::string skipped = checkSkippedRunsLocked(); !skipped.empty()) addReason(skipped);
+
+  // Requests issued but not seen completing: their data may land after this
+  // harvest, or may have landed with the completion record skipped. Report
+  // them now and at every harvest until their completion or their expiry.
+  const auto now = std::chrono::steady_clock::now();
+  for (auto it = inFlight_.begin(); it != inFlight_.end();) {
+    markRange(it->first.first, it->first.second);
+    auto& issued = it->second;
+    while (!issued.empty() && now - issued.front() > inFlightExpiry_) {
+      issued.pop_front();
+      --inFlightCount_;
+      ++stats_.unseenCompletions;
+    }
+    it = issued.empty() ? inFlight_.erase(it) : std::next(it);
+  }
+  if (inFlightCount_ > options_.maxInFlight) {
+    addReason(fmt::format("{} write requests issued without a completion seen (limit {})",
+                          inFlightCount_, options_.maxInFlight));
+    // The rescan covers what has landed. A request still in flight is then
+    // covered by its completion record alone.
+    inFlight_.clear();
+    inFlightCount_ = 0;
+  }
+  stats_.inFlightRequests = inFlightCount_;
 
   DirtyUnits result;
   if (!everythingReason_.empty()) {
@@ -353,6 +422,25 @@ DirtyUnits BpfBlockSource::harvest() {
     }
   }
   return result;
+}
+
+std::string BpfBlockSource::checkSkippedRunsLocked() {
+  std::uint64_t total = 0;
+  for (ProgramSkips& program : programs_) {
+    bpf_prog_info info{};
+    std::uint32_t length = sizeof(info);
+    if (int err = bpf_obj_get_info_by_fd(program.fd, &info, &length); err)
+      return fmt::format("cannot read BPF program {}'s skip counter: {}", program.name,
+                         std::strerror(-err));
+    total += info.recursion_misses - program.seen;
+    program.seen = info.recursion_misses;
+  }
+  stats_.skippedRuns += total;
+  if (!total) return {};
+  return fmt::format(
+      "the kernel skipped the BPF programs {} times (a write traced while another was being "
+      "traced on the same CPU)",
+      total);
 }
 
 BpfBlockSourceStats BpfBlockSource::stats() const {

@@ -4,23 +4,39 @@
 //
 // Two modes (bpf/block_writes.bpf.c explains what each traces):
 // - block device: the VM's disk is a block device (a loop device over the
-//   image); completed write requests on that disk are recorded;
+//   image); write requests on that disk are recorded when issued and done;
 // - file: the VMM writes the image file with pwrite64/pwritev/pwritev2
 //   (QEMU's aio=threads); the VMM's calls on the image's fd are recorded.
 //
 // Lost records are never silent: a full ring, a full per-thread table, a ring
-// read error or a write the programs could not place (write(2) at the file
-// position, ftruncate, ...) turn that harvest into `everything` with a reason.
+// read error, a program the kernel skipped (see below) or a write the
+// programs could not place (write(2) at the file position, ftruncate, ...)
+// turn that harvest into `everything` with a reason.
+//
+// The kernel runs a tracing program at most once per CPU at a time and skips
+// a nested run, counting it in the program's recursion_misses: any count
+// turns the harvest into a rescan.
+//
+// Block device mode records each write request when issued and again when it
+// completes. A harvest reports the completed requests' blocks, and also the
+// blocks of every request issued but not seen completing: its data may land
+// after the harvest. Such a request is reported at every harvest until its
+// completion is read, or, if the kernel skipped the completion (it can, without
+// saying so), until the disk's request timeout has passed since its issue.
 #pragma once
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "dirty_source.h"
@@ -55,6 +71,13 @@ struct BpfBlockSourceOptions {
   /// Writes ending beyond this offset turn the round into `everything`
   /// instead of growing the dirty bitmap without bound.
   std::uint64_t maxImageBytes = std::uint64_t{1} << 40;
+  /// Block device mode: how long an issued request whose completion was
+  /// never read keeps being reported. 0: the disk's request timeout
+  /// (queue/io_timeout in sysfs) plus 5 s, or 35 s if sysfs does not say.
+  int inFlightExpiryMilliseconds = 0;
+  /// Block device mode: past this many requests issued and not completed,
+  /// the harvest rescans and forgets them instead of growing without bound.
+  std::size_t maxInFlight = 1 << 16;
   /// File mode needs tracefs for the syscall tracepoints; mount it at
   /// /sys/kernel/tracing if it is not mounted there or under debugfs.
   bool mountTracefsIfMissing = true;
@@ -66,6 +89,15 @@ struct BpfBlockSourceStats {
   std::uint64_t unknownRanges = 0;     ///< records that forced a rescan
   std::uint64_t ringFullDrops = 0;     ///< reservations that failed in BPF
   std::uint64_t pendingFullDrops = 0;  ///< per-thread entries that did not fit
+  /// Times the kernel said it skipped one of the programs because it was
+  /// already running on that CPU (bpf_prog_info.recursion_misses, summed).
+  std::uint64_t skippedRuns = 0;
+  /// Block device mode: requests seen issued; those issued whose completion
+  /// was not read by the last harvest; and those whose completion was never
+  /// read, reported until the request timeout instead.
+  std::uint64_t issuedRequests = 0;
+  std::uint64_t inFlightRequests = 0;
+  std::uint64_t unseenCompletions = 0;
 };
 
 /// Owns the loaded and attached programs, the ring buffer and the drain thread.
@@ -99,7 +131,9 @@ class BpfBlockSource final : public BlockSource {
   static int onRecord(void* self, void* data, std::size_t size);
   void fold(const void* data, std::size_t size);  // with mutex_ held
   void markUnits(std::uint64_t first, std::uint64_t last);
+  void markRange(std::uint64_t offset, std::uint64_t length);
   void drainLocked();
+  std::string checkSkippedRunsLocked();
   void drainLoop();
   void stopDrainThread();
 
@@ -113,6 +147,20 @@ class BpfBlockSource final : public BlockSource {
   std::string everythingReason_;          // non-empty: this round rescans
   std::uint64_t seenRingFullDrops_ = 0;
   std::uint64_t seenPendingFullDrops_ = 0;
+  // Per loaded program: its skip counter at the last harvest.
+  struct ProgramSkips {
+    int fd = -1;
+    std::string name;
+    std::uint64_t seen = 0;
+  };
+  std::vector<ProgramSkips> programs_;
+  // Block device mode: requests issued, completion not read yet, by their
+  // byte range; the value holds the issue times (oldest first).
+  std::map<std::pair<std::uint64_t, std::uint64_t>,
+           std::deque<std::chrono::steady_clock::time_point>>
+      inFlight_;
+  std::size_t inFlightCount_ = 0;
+  std::chrono::milliseconds inFlightExpiry_{0};
   BpfBlockSourceStats stats_;
 
   int stopEventFd_ = -1;
