@@ -5,12 +5,15 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <memory>
 #include <set>
 #include <thread>
 
 #include "bpf_block_source.h"
 #include "cluster.h"
+#include "error.h"
 #include "image_file.h"
+#include "loop_device.h"
 #include "qemu_vm.h"
 #include "unit_hashes.h"
 
@@ -19,33 +22,54 @@ namespace {
 
 namespace fs = std::filesystem;
 
-TEST(BpfGuest, EveryChangedBlockIsReportedEveryRound) {
+// File mode: QEMU writes the image file (aio=threads, pwritev). Block device
+// mode: QEMU writes a loop device over the image with cache=none, as
+// `vmsync active --disk loop` runs it.
+class BpfGuest : public ::testing::TestWithParam<BpfBlockSourceOptions::Mode> {};
+
+TEST_P(BpfGuest, EveryChangedBlockIsReportedEveryRound) {
   std::string missing = missingForVm();
   if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   if (::geteuid() != 0) VMSYNC_SKIP_OR_FAIL("loading BPF programs needs root");
+  const bool blockDevice = GetParam() == BpfBlockSourceOptions::Mode::BlockDevice;
   TempDir dir;
   const std::string image = guestImage();
   fs::copy_file(image + "/disk.img", dir / "disk.img");
   { ImageFile ram(dir / "ram.img", true, 128u << 20); }
+  std::unique_ptr<LoopDevice> loop;
+  if (blockDevice) {
+    try {
+      loop = std::make_unique<LoopDevice>(dir / "disk.img");
+    } catch (const Error& error) {
+      VMSYNC_SKIP_OR_FAIL(error.what());
+    }
+  }
   VmConfig config;
   config.memoryBytes = 128u << 20;
   config.kernelPath = image + "/vmlinuz";
   config.initrdPath = image + "/initrd.img";
   config.kernelCmdline = readFile(image + "/cmdline");
-  while (!config.kernelCmdline.empty() && config.kernelCmdline.back() == '\n') config.kernelCmdline.pop_back();
+  while (!config.kernelCmdline.empty() && config.kernelCmdline.back() == '\n')
+    config.kernelCmdline.pop_back();
   config.ramPath = dir / "ram.img";
-  config.diskPath = dir / "disk.img";
+  config.diskPath = blockDevice ? loop->path() : dir / "disk.img";
+  if (blockDevice) config.diskCache = "none";
   config.serialLogPath = dir / "serial.log";
   config.runDir = dir / "run";
   QemuVm vm(config);  // started paused: no write can happen before the source watches
 
   BpfBlockSourceOptions options;
-  options.mode = BpfBlockSourceOptions::Mode::File;
-  options.vmmPid = vm.pid();
-  options.imageFd = findFileDescriptor(vm.pid(), config.diskPath);
+  options.mode = GetParam();
+  if (blockDevice) {
+    options.blockDevicePath = loop->path();
+  } else {
+    options.vmmPid = vm.pid();
+    options.imageFd = findFileDescriptor(vm.pid(), config.diskPath);
+  }
   auto probe = tryCreateBpfBlockSource(options);
-  if (!probe.source) VMSYNC_SKIP_OR_FAIL("bpf block source unavailable: " + probe.unavailableReason);
-  ImageFile disk(config.diskPath, false);
+  if (!probe.source)
+    VMSYNC_SKIP_OR_FAIL("bpf block source unavailable: " + probe.unavailableReason);
+  ImageFile disk(dir / "disk.img", false);
   std::vector<std::uint64_t> previous = hashAllUnits(disk);
   vm.cont();
   // The first round covers the boot (everything written since the VMM
@@ -57,7 +81,7 @@ TEST(BpfGuest, EveryChangedBlockIsReportedEveryRound) {
   std::uint64_t reportedTotal = 0;
   for (int round = 0; round < 20; ++round) {
     std::this_thread::sleep_for(std::chrono::milliseconds(600));
-    vm.stop();  // the VMM's writes have all returned
+    vm.stop();  // the VMM's writes have all returned (QEMU drains its disk requests)
     DirtyUnits reported = probe.source->harvest();
     std::vector<std::uint64_t> now = hashAllUnits(disk);
     vm.cont();
@@ -75,16 +99,27 @@ TEST(BpfGuest, EveryChangedBlockIsReportedEveryRound) {
     bool changed = false;
     for (std::uint64_t i = 0; i < now.size(); ++i) changed |= now[i] != previous[i];
     roundsWithWrites += changed;
-    ASSERT_TRUE(missed.empty()) << "round " << round << ": " << missed.size() << " changed blocks not reported, first "
-                                << missed.front() << " (" << set.size() << " reported)";
+    ASSERT_TRUE(missed.empty()) << "round " << round << ": " << missed.size()
+                                << " changed blocks not reported, first " << missed.front() << " ("
+                                << set.size() << " reported)";
     previous = now;
   }
   EXPECT_GE(roundsWithWrites, 10) << "the guest should write its counter file every round";
   EXPECT_LT(rescans, rounds / 2) << "the source fell back to rescans too often";
-  std::printf("bpf guest invariant: %d rounds, %d with writes, %d rescans, %llu blocks reported\n", rounds,
-              roundsWithWrites, rescans, static_cast<unsigned long long>(reportedTotal));
+  std::printf(
+      "bpf guest invariant (%s): %d rounds, %d with writes, %d rescans, %llu blocks reported\n",
+      blockDevice ? "block device" : "file", rounds, roundsWithWrites, rescans,
+      static_cast<unsigned long long>(reportedTotal));
   vm.quit();
 }
+
+INSTANTIATE_TEST_SUITE_P(Modes, BpfGuest,
+                         ::testing::Values(BpfBlockSourceOptions::Mode::File,
+                                           BpfBlockSourceOptions::Mode::BlockDevice),
+                         [](const auto& info) {
+                           return info.param == BpfBlockSourceOptions::Mode::File ? "File"
+                                                                                  : "BlockDevice";
+                         });
 
 }  // namespace
 }  // namespace vmsync::testing
