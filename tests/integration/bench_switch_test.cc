@@ -1,0 +1,68 @@
+// `vmsync bench switch` end to end, shortened: one switch per profile over the
+// emulated wifi and lte links, with QEMU's live migration of the same VM side
+// by side and the devices on the adaptive interval. The numbers are the
+// bench's business (README: Switch benchmark); this test checks that the
+// bench runs, that each profile gets its table, that every phase and the
+// migration were measured, and that the cost line names the adaptive target.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <regex>
+#include <string>
+
+#include "cluster.h"
+
+namespace vmsync::testing {
+namespace {
+
+/// The part of the bench's output from profile `name`'s heading to the next
+/// blank line or the end.
+std::string tableOf(const std::string& output, const std::string& name) {
+  const std::string heading = "\n" + name + ": ";
+  auto start = output.find(heading);
+  if (start == std::string::npos) return {};
+  auto end = output.find("\n\n", start + 1);
+  return output.substr(start + 1, end == std::string::npos ? std::string::npos : end - start - 1);
+}
+
+/// The cell of row `field` ("| total_ms | 812 / 812 |" gives "812 / 812").
+std::string cellOf(const std::string& table, const std::string& field) {
+  std::smatch match;
+  const std::regex row("\\| " + field + R"( *\| ([^|]*?) *\|)");
+  return std::regex_search(table, match, row) ? match[1].str() : std::string{};
+}
+
+TEST(BenchSwitch, PrintsATablePerProfileWithQemuMigrationAlongside) {
+  std::string missing = missingForVm();
+  if (missing.empty()) missing = missingForNetworkLab();
+  if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  TempDir dir;
+  std::string output, errors;
+  const int status =
+      run({vmsyncBinary(), "bench", "switch", "--profile", "wifi,lte", "--runs", "1", "--settle",
+           "2", "--target-switch-ms", "4000", "--image", guestImage(), "--out", dir / "bench"},
+          &output, &errors);
+  ASSERT_EQ(status, 0) << output << errors;
+  std::printf("%s\n", output.c_str());  // the tables, for the test log
+
+  const std::regex number(R"(^[0-9]+(\.[0-9]+)? / [0-9]+(\.[0-9]+)?$)");
+  for (const std::string profile : {"wifi", "lte"}) {
+    SCOPED_TRACE(profile);
+    const std::string table = tableOf(output, profile);
+    ASSERT_FALSE(table.empty()) << "no table for " << profile << ":\n" << output;
+    for (const char* field :
+         {"pause_ms", "final_harvest_ms", "device_state_save_ms", "transfer_ms", "apply_ms",
+          "device_state_load_ms", "resume_ms", "total_ms", "final checkpoint \\(KiB\\)",
+          "QEMU migration total \\(xbzrle\\+compress\\)", "QEMU migration downtime"}) {
+      const std::string cell = cellOf(table, field);
+      EXPECT_TRUE(std::regex_match(cell, number)) << field << ": '" << cell << "' in\n" << table;
+    }
+    EXPECT_NE(table.find("QEMU migrations completed: 1 of 1"), std::string::npos) << table;
+  }
+  const std::regex cost(
+      R"(checkpointing cost \(adaptive, target 4000 ms\): device daemons' CPU [0-9.]+ s/min)");
+  EXPECT_TRUE(std::regex_search(output, cost)) << output;
+}
+
+}  // namespace
+}  // namespace vmsync::testing
