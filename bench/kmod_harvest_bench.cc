@@ -6,6 +6,8 @@
 // load, so it runs inside Debian's kernel under QEMU TCG
 // (`make bench-kmod` = tests/kmod/run_kmod_test.sh --bench), built static for
 // the initramfs; Debian ships no static Google Benchmark, hence plain timing.
+// `--rounds N` sets the measured rounds per share (8 unless given); the kmod
+// test runs it with few rounds after its checks, in the same boot.
 // Under TCG every instruction is emulated: compare the two sources with each
 // other, not with native numbers.
 //
@@ -22,7 +24,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "error.h"
@@ -37,7 +41,7 @@ using Clock = std::chrono::steady_clock;
 constexpr std::uint64_t kGuestBytes = 128u << 20;
 constexpr std::uint64_t kUnit = 4096;
 constexpr int kWarmUpRounds = 2;
-constexpr int kMeasuredRounds = 8;
+constexpr int kDefaultMeasuredRounds = 8;
 
 void writeAll(int fd, const void* data, std::size_t size) {
   if (::write(fd, data, size) != static_cast<ssize_t>(size)) vmsync::throwLastErrno("pipe write");
@@ -84,12 +88,36 @@ std::vector<std::uint64_t> scan(const std::uint8_t* memory, std::vector<std::uin
   return changed;
 }
 
-double median(std::vector<double> values) {
+/// Median, smallest and largest of one source's harvest times, in ms.
+struct Spread {
+  double median = 0, min = 0, max = 0;
+};
+
+Spread spread(std::vector<double> values) {
   std::sort(values.begin(), values.end());
-  return values[values.size() / 2];
+  return {values[values.size() / 2], values.front(), values.back()};
 }
 
-void measure(int percent) {
+/// One table cell: "median (min-max)", the medians aligned.
+std::string cell(const Spread& ms) {
+  return fmt::format("{:8.2f} ({:.2f}-{:.2f})", ms.median, ms.min, ms.max);
+}
+
+void printHeader(int measuredRounds) {
+  std::printf(
+      "harvest cost per round, kmod against scan: %llu MiB guest (%llu pages of 4 KiB) under "
+      "nested KVM in QEMU TCG\n"
+      "kmod = vmsync.ko's HARVEST ioctl plus draining its ring; scan = xxh3 of every page, "
+      "compared with the last hashes\n"
+      "ms of wall-clock time per harvest, median (min-max) of %d rounds after %d warm-up rounds; "
+      "the CPU is emulated: compare the two columns with each other, not with native numbers\n",
+      static_cast<unsigned long long>(kGuestBytes >> 20),
+      static_cast<unsigned long long>(kGuestBytes / kUnit), measuredRounds, kWarmUpRounds);
+  std::printf("%-19s | %-26s | %-26s | %s\n", "written per round", "kmod ms", "scan ms",
+              "pages per round: kmod reported, scan found");
+}
+
+void measure(int percent, int measuredRounds) {
   const std::uint64_t dataPages = (kGuestBytes - MiniVmm::kDataStart) / kUnit;
   const std::uint64_t stridePages = 100 / percent;
   const std::uint64_t strideBytes = stridePages * kUnit;
@@ -120,7 +148,7 @@ void measure(int percent) {
   std::vector<std::uint64_t> hashes(kGuestBytes / kUnit, 0);
   std::vector<double> kmodMs, scanMs;
   std::size_t reported = 0, changed = 0;
-  for (int round = 0; round < kWarmUpRounds + kMeasuredRounds; ++round) {
+  for (int round = 0; round < kWarmUpRounds + measuredRounds; ++round) {
     const char run = 'r';
     writeAll(toChild[1], &run, 1);
     readReply(fromChild[0]);
@@ -146,22 +174,29 @@ void measure(int percent) {
   ::munmap(mapped, kGuestBytes);
   ::close(memoryFd);
   ::close(pidfd);
-  std::printf(
-      "%3d%% written (%5llu of %llu pages): kmod %8.2f ms  scan %8.2f ms  (median of %d rounds; "
-      "per round kmod reported %zu, scan found %zu)\n",
-      percent, static_cast<unsigned long long>((dataPages + stridePages - 1) / stridePages),
-      static_cast<unsigned long long>(kGuestBytes / kUnit), median(kmodMs), median(scanMs),
-      kMeasuredRounds, reported / kMeasuredRounds, changed / kMeasuredRounds);
+  std::printf("%3d %% (%5llu pages) | %-26s | %-26s | %zu, %zu\n", percent,
+              static_cast<unsigned long long>((dataPages + stridePages - 1) / stridePages),
+              cell(spread(kmodMs)).c_str(), cell(spread(scanMs)).c_str(), reported / measuredRounds,
+              changed / measuredRounds);
 }
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  int measuredRounds = kDefaultMeasuredRounds;
+  if (argc == 3 && std::string(argv[1]) == "--rounds") {
+    measuredRounds = std::atoi(argv[2]);
+  } else if (argc != 1) {
+    measuredRounds = 0;
+  }
+  if (measuredRounds < 1) {
+    std::fprintf(stderr, "usage: %s [--rounds N]   (N >= 1 measured rounds per share)\n", argv[0]);
+    return 2;
+  }
   try {
-    std::printf("harvest per round, %llu MiB guest under nested KVM in QEMU TCG\n",
-                static_cast<unsigned long long>(kGuestBytes >> 20));
-    for (int percent : {1, 5, 20}) measure(percent);
+    printHeader(measuredRounds);
+    for (int percent : {1, 5, 20}) measure(percent, measuredRounds);
     std::printf("KMOD_BENCH_DONE\n");
     return 0;
   } catch (const std::exception& e) {
