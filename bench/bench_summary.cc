@@ -1,0 +1,129 @@
+// vmsync_bench_summary: reads the JSON that vmsync_bench wrote
+// (--benchmark_out=FILE --benchmark_out_format=json) and prints the pipeline's
+// speed targets next to what that run measured, each with its baseline from
+// the same run. It judges nothing by its exit status: 0 when every figure the
+// targets need is in the file, 1 when one is missing (a benchmark renamed or
+// filtered out), 2 on bad arguments or an unreadable file.
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Run {
+  double cpuMs = 0;           // CPU time per iteration, in ms
+  double bytesPerSecond = 0;  // 0 when the benchmark does not count bytes
+};
+
+double toMs(double value, const std::string& unit) {
+  if (unit == "ns") return value / 1e6;
+  if (unit == "us") return value / 1e3;
+  if (unit == "s") return value * 1e3;
+  return value;  // ms
+}
+
+class Results {
+ public:
+  explicit Results(const nlohmann::json& report) {
+    for (const auto& b : report.at("benchmarks")) {
+      // With repetitions the median stands for the benchmark, else its first run.
+      const bool aggregate = b.value("run_type", "iteration") == "aggregate";
+      if (aggregate && b.value("aggregate_name", "") != "median") continue;
+      const std::string name = b.value("run_name", b.value("name", ""));
+      if (!aggregate && runs_.count(name)) continue;
+      runs_[name] = Run{toMs(b.value("cpu_time", 0.0), b.value("time_unit", "ns")),
+                        b.value("bytes_per_second", 0.0)};
+    }
+  }
+
+  /// The run whose name starts with `prefix` (benchmark names carry their
+  /// arguments and options after it), or nothing; notes the missing name.
+  std::optional<Run> find(const std::string& prefix) {
+    for (const auto& [name, run] : runs_)
+      if (name.rfind(prefix, 0) == 0) return run;
+    missing_.push_back(prefix);
+    return std::nullopt;
+  }
+  const std::vector<std::string>& missing() const { return missing_; }
+
+ private:
+  std::map<std::string, Run> runs_;
+  std::vector<std::string> missing_;
+};
+
+void row(const std::string& target, const std::string& measured, bool met) {
+  std::printf("%-72s | %-30s | %s\n", target.c_str(), measured.c_str(), met ? "met" : "NOT met");
+}
+
+std::string format(const char* pattern, double a, double b = 0, double c = 0) {
+  char text[128];
+  std::snprintf(text, sizeof(text), pattern, a, b, c);
+  return text;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s VMSYNC_BENCH_JSON\n", argv[0]);
+    return 2;
+  }
+  nlohmann::json report;
+  try {
+    std::ifstream in(argv[1]);
+    if (!in) {
+      std::fprintf(stderr, "cannot open %s\n", argv[1]);
+      return 2;
+    }
+    report = nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s is not a Google Benchmark JSON report: %s\n", argv[1], e.what());
+    return 2;
+  }
+  Results results(report);
+  const auto& context = report.value("context", nlohmann::json::object());
+  std::printf("pipeline targets (issue 8), measured in one run: %d CPUs at %.0f MHz, load %s\n",
+              context.value("num_cpus", 0), context.value("mhz_per_cpu", 0.0),
+              context.contains("load_avg") ? context["load_avg"].dump().c_str() : "unknown");
+  std::printf("%-72s | %-30s |\n", "target", "measured in this run");
+
+  auto read = results.find("BM_ReadBaseline");
+  auto scan = results.find("BM_ScanHashPerUnit/avx2:1");
+  if (read && scan && read->bytesPerSecond > 0) {
+    const double share = scan->bytesPerSecond / read->bytesPerSecond;
+    row("scan >= 75 % of the one-pass read baseline, one core",
+        format("%.0f %% (%.1f of %.1f GB/s)", share * 100, scan->bytesPerSecond / 1e9,
+               read->bytesPerSecond / 1e9),
+        share >= 0.75);
+  }
+  if (auto xorDiff = results.find("BM_XorDiffEncode/pct:10/avx2:1"))
+    row("XOR-diff encode >= 2 GB/s per core, 10 % of bytes changed",
+        format("%.2f GB/s", xorDiff->bytesPerSecond / 1e9), xorDiff->bytesPerSecond >= 2e9);
+  auto listDirty = results.find("BM_BuildCheckpoint512MiB/pct:5/diff:0/scan:0");
+  auto listDiff = results.find("BM_BuildCheckpoint512MiB/pct:5/diff:1/scan:0");
+  if (listDirty && listDiff)
+    row("512 MiB checkpoint, 5 % changed, <= 30 ms CPU (dirty list; Dirty / Diff)",
+        format("%.1f / %.1f ms CPU", listDirty->cpuMs, listDiff->cpuMs),
+        listDirty->cpuMs <= 30 && listDiff->cpuMs <= 30);
+  auto scanDirty = results.find("BM_BuildCheckpoint512MiB/pct:5/diff:0/scan:1");
+  auto scanDiff = results.find("BM_BuildCheckpoint512MiB/pct:5/diff:1/scan:1");
+  if (scanDirty && scanDiff && read && read->bytesPerSecond > 0) {
+    // Reading 512 MiB once at the baseline's speed: the floor of any scan.
+    const double floorMs = 512.0 * (1 << 20) / read->bytesPerSecond * 1e3;
+    row(format("  the same by scan (reading 512 MiB alone takes %.0f ms here)", floorMs),
+        format("%.1f / %.1f ms CPU", scanDirty->cpuMs, scanDiff->cpuMs),
+        scanDirty->cpuMs <= 30 && scanDiff->cpuMs <= 30);
+  }
+  if (auto apply = results.find("BM_ApplyCheckpoint"))
+    row("standby apply >= 1 GB/s of checkpoint payload, per CPU second",
+        format("%.2f GB/s", apply->bytesPerSecond / 1e9), apply->bytesPerSecond >= 1e9);
+
+  for (const auto& name : results.missing())
+    std::fprintf(stderr, "%s: no result for %s; the targets above are incomplete\n", argv[1],
+                 name.c_str());
+  return results.missing().empty() ? 0 : 1;
+}
