@@ -3,7 +3,8 @@
 // by side and the devices on the adaptive interval. The numbers are the
 // bench's business (README: Switch benchmark); this test checks that the
 // bench runs, that each profile gets its table, that every phase and the
-// migration were measured, and that the cost line names the adaptive target.
+// migration were measured, and that the final transfer is set against the
+// adaptive target and the cost line names it.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -58,6 +59,9 @@ TEST(BenchSwitch, PrintsATablePerProfileWithQemuMigrationAlongside) {
       EXPECT_TRUE(std::regex_match(cell, number)) << field << ": '" << cell << "' in\n" << table;
     }
     EXPECT_NE(table.find("QEMU migrations completed: 1 of 1"), std::string::npos) << table;
+    const std::regex againstTarget(
+        R"(final checkpoint transfer against the target of 4000 ms: median [0-9]+ ms, worst [0-9]+ ms; )");
+    EXPECT_TRUE(std::regex_search(table, againstTarget)) << table;
   }
   const std::regex cost(
       R"(checkpointing cost \(adaptive, target 4000 ms\): device daemons' CPU [0-9.]+ s/min)");
