@@ -200,6 +200,13 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   return delta;
 }
 
+void toWire(const ImageDelta& delta, capnp::List<wire::Chunk>::Builder list) {
+  if (list.size() != delta.units.size())
+    fail("chunk list has {} elements for {} units", list.size(), delta.units.size());
+  for (std::size_t i = 0; i < delta.units.size(); ++i)
+    toWire(delta.units[i], list[static_cast<unsigned>(i)]);
+}
+
 std::vector<std::uint64_t> ImageTracker::hashesAfter(const ImageDelta& delta) const {
   // Under Orig the receiver rebuilds base + checkpoint: units left out revert.
   std::vector<std::uint64_t> hashes = origActive() ? baseHashes_ : receiverHashes_;

@@ -55,6 +55,9 @@ struct ImageDelta {
   std::uint64_t encodedBytes = 0;                              // sum of chunk payloads
 };
 
+/// Writes the chunks of `delta` into `list`, which has one element per unit.
+void toWire(const ImageDelta& delta, capnp::List<wire::Chunk>::Builder list);
+
 /// Tracks one image (guest RAM or disk) for the active device: the hash of what
 /// the receiver holds for every unit, and units whose shipment is not yet
 /// acknowledged. Follows the pre-copy rules: candidates come from a source that

@@ -62,10 +62,6 @@ LocalSpec specFromWire(wire::VmSpec::Reader spec) {
                    spec.getAccel(),  spec.getCpuModel(),    spec.getVcpus(),       spec.getPolicy()};
 }
 
-void fillEncodedList(capnp::List<wire::Chunk>::Builder list, const ImageDelta& delta) {
-  for (std::size_t i = 0; i < delta.units.size(); ++i) toWire(delta.units[i], list[static_cast<unsigned>(i)]);
-}
-
 }  // namespace
 
 /// One device: its images, its VMM when active, its connection to the server.
@@ -680,8 +676,9 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   checkpoint.setCreatedUnixNs(static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
           .count()));
-  fillEncodedList(checkpoint.initMemory(static_cast<unsigned>(pending->memory.units.size())), pending->memory);
-  fillEncodedList(checkpoint.initDisk(static_cast<unsigned>(pending->disk.units.size())), pending->disk);
+  toWire(pending->memory,
+         checkpoint.initMemory(static_cast<unsigned>(pending->memory.units.size())));
+  toWire(pending->disk, checkpoint.initDisk(static_cast<unsigned>(pending->disk.units.size())));
   if (kind == wire::CheckpointKind::FULL) {
     auto spec = checkpoint.initSpec();
     spec.setVmId(spec_.vmId);
@@ -884,8 +881,8 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     checkpoint.setKind(wire::CheckpointKind::FINAL);
     checkpoint.setPolicy(spec_.policy);
     checkpoint.setOrigin(options_.deviceId);
-    fillEncodedList(checkpoint.initMemory(static_cast<unsigned>(memory->units.size())), *memory);
-    fillEncodedList(checkpoint.initDisk(static_cast<unsigned>(disk->units.size())), *disk);
+    toWire(*memory, checkpoint.initMemory(static_cast<unsigned>(memory->units.size())));
+    toWire(*disk, checkpoint.initDisk(static_cast<unsigned>(disk->units.size())));
     checkpoint.setDeviceState(asCapnp(state));
     checkpoint.setImageDigest(asCapnp(digest));
     const std::uint64_t finalBytes = memory->encodedBytes + disk->encodedBytes + state.size();

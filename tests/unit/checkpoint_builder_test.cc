@@ -45,7 +45,7 @@ void shipTo(const ImageDelta& memory, ImageFile& ram, ImageFile& disk) {
   capnp::MallocMessageBuilder message;
   auto checkpoint = message.initRoot<wire::Checkpoint>();
   auto list = checkpoint.initMemory(static_cast<unsigned>(memory.units.size()));
-  for (std::size_t i = 0; i < memory.units.size(); ++i) toWire(memory.units[i], list[static_cast<unsigned>(i)]);
+  toWire(memory, list);
   checkpoint.initDisk(0);
   applyCheckpoint(checkpoint.asReader(), ram, disk);
 }

@@ -36,7 +36,7 @@ void fill(capnp::MallocMessageBuilder& message, const ImageDelta& memory, wire::
   c.setKind(full ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
   c.setSequence(sequence);
   auto list = c.initMemory(static_cast<unsigned>(memory.units.size()));
-  for (std::size_t i = 0; i < memory.units.size(); ++i) toWire(memory.units[i], list[static_cast<unsigned>(i)]);
+  toWire(memory, list);
   c.initDisk(0);
 }
 
