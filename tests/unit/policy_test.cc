@@ -105,7 +105,9 @@ TEST_P(EveryPolicy, ReceiverEqualsSourceAfterEveryCheckpoint) {
     applyCheckpoint(latest->getRoot<wire::Checkpoint>().asReader(), late, disk, BaseImage{base.get(), &disk});
     EXPECT_EQ(hashAllUnits(late), hashAllUnits(source)) << "catch-up from the latest Orig checkpoint alone";
   }
-  if (isDiffPolicy(policy) && !compress) EXPECT_LT(diffBytes, dirtyBytes / 4) << "Diff should ship far less";
+  if (isDiffPolicy(policy) && !compress) {
+    EXPECT_LT(diffBytes, dirtyBytes / 4) << "Diff should ship far less";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Policies, EveryPolicy,
