@@ -93,6 +93,7 @@ struct ClusterStatus {
   epoch @2 :UInt64;             # current lease epoch
   activeDevice @3 :Text;        # lease holder, empty if none
   devices @4 :List(DeviceStatus); # every device ever registered
+  storedBytes @5 :UInt64;       # checkpoint bytes stored since this server started (folds not subtracted)
 }
 
 struct SwitchReport {

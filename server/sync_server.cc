@@ -306,6 +306,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
          state_.vmId);
   }
   store_.append(checkpoint);
+  storedBytes_ += store_.read(store_.head())->bytes();
   DeviceEntry& origin = device(id);
   origin.applied = origin.queued = store_.head();
   persist();
@@ -436,6 +437,7 @@ void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
   status.setHeadSequence(store_.head());
   status.setEpoch(state_.epoch);
   status.setActiveDevice(state_.holder);
+  status.setStoredBytes(storedBytes_);
   auto list = status.initDevices(static_cast<unsigned>(devices_.size()));
   unsigned i = 0;
   for (const auto& [id, entry] : devices_) {

@@ -97,6 +97,7 @@ class SyncServer {
   ServerState state_;
   std::map<std::string, std::unique_ptr<DeviceEntry>> devices_;
   std::uint64_t connections_ = 0;
+  std::uint64_t storedBytes_ = 0;  // checkpoint bytes stored since start, for status
   bool switching_ = false;
 };
 

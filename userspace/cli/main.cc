@@ -80,6 +80,7 @@ int runStatus(const ClientOptions& options, bool json) {
                      {"head_sequence", status.getHeadSequence()},
                      {"epoch", status.getEpoch()},
                      {"active_device", std::string(status.getActiveDevice())},
+                     {"stored_bytes", status.getStoredBytes()},
                      {"devices", nlohmann::json::array()}};
     for (auto d : status.getDevices())
       j["devices"].push_back({{"device", std::string(d.getDeviceId())},
