@@ -106,9 +106,9 @@ class CheckpointStore {
   std::string dir_;
   std::uint64_t head_ = 0;
   std::uint64_t base_ = 0;
-  bool foldedBase_ = false;
-  std::uint64_t memoryBytes_ = 0;
-  std::uint64_t diskBytes_ = 0;  // the base is a "K.base" file, not checkpoint 1
+  bool foldedBase_ = false;  // the base is a "K.base" file, not checkpoint 1
+  std::uint64_t memoryBytes_ = 0;  // the VM's sizes, from the base's spec
+  std::uint64_t diskBytes_ = 0;
   std::map<std::uint64_t, std::uint64_t> bytes_;  // stored checkpoints after the base: sequence -> bytes
   // The newest checkpoint appended, kept in memory: every standby is sent it,
   // and each would otherwise read and verify the file again.
