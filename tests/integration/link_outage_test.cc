@@ -40,6 +40,22 @@ class LinkOutage : public ::testing::Test {
     if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   }
 
+  /// Starts the server, A active on `linkA` and B standby on `linkB`, each in
+  /// its own namespace, and waits for the full sync, two checkpoints after it,
+  /// and the guest counting on A.
+  void startCounting(Cluster& cluster, const char* linkA, const char* linkB) {
+    cluster.useNetworkLab();
+    cluster.setLink("A", linkA);
+    cluster.setLink("B", linkB);
+    cluster.startServer();
+    cluster.startActive("A", {"--block-source", "scan"});
+    cluster.startStandby("B", {"--block-source", "scan"});
+    ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+    ASSERT_TRUE(
+        waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
+        << "the guest on A is not counting" << cluster.logOf("A");
+  }
+
   /// Switches to `target` and checks that the VM goes on there where it
   /// stopped, and that the digest the source shipped is the one the target verified.
   void switchAndCheck(Cluster& cluster, const std::string& dir, const std::string& source, const std::string& target) {
@@ -66,15 +82,7 @@ class LinkOutage : public ::testing::Test {
 TEST_F(LinkOutage, StandbyCutOffForThirtySecondsCatchesUpAndTakesOver) {
   TempDir dir;
   Cluster cluster(dir.path());
-  cluster.useNetworkLab();
-  cluster.setLink("A", "wifi");
-  cluster.setLink("B", "lte");
-  cluster.startServer();
-  cluster.startActive("A", {"--block-source", "scan"});
-  cluster.startStandby("B", {"--block-source", "scan"});
-  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
-  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
-      << "the guest on A is not counting" << cluster.logOf("A");
+  ASSERT_NO_FATAL_FAILURE(startCounting(cluster, "wifi", "lte"));
   ASSERT_TRUE(waitFor([&] { return deviceStatus(cluster, "B")["applied_sequence"] == cluster.head(); },
                       std::chrono::seconds(60)))
       << cluster.logOf("B");
@@ -107,15 +115,7 @@ TEST_F(LinkOutage, StandbyCutOffForThirtySecondsCatchesUpAndTakesOver) {
 TEST_F(LinkOutage, ActiveCutOffMidPushLosesNothing) {
   TempDir dir;
   Cluster cluster(dir.path());
-  cluster.useNetworkLab();
-  cluster.setLink("A", "lte");
-  cluster.setLink("B", "wifi");
-  cluster.startServer();
-  cluster.startActive("A", {"--block-source", "scan"});
-  cluster.startStandby("B", {"--block-source", "scan"});
-  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
-  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
-      << "the guest on A is not counting" << cluster.logOf("A");
+  ASSERT_NO_FATAL_FAILURE(startCounting(cluster, "lte", "wifi"));
 
   // Checkpoints go every second: the link drops under one on its way, and the
   // next one is sent into the dead link until the connection gives up.
