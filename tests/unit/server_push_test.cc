@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <memory>
 
 #include "checkpoint_identity.h"
 #include "error.h"
@@ -52,73 +53,69 @@ std::size_t storedFiles(const std::string& dir) {
   return n;
 }
 
-TEST(ServerPush, SamePushAgainIsAcknowledgedNotStoredTwice) {
-  kj::EventLoop loop;
-  kj::WaitScope waitScope(loop);
-  TempDir dir;
-  SyncServer server(dir.path());
-  const std::uint64_t epoch = server.acquireLease("A");
-  Built full(1, epoch, 1);
-  Built second(2, epoch, 2);
-  EXPECT_EQ(server.push("A", full.reader()), 1u);
-  EXPECT_EQ(server.push("A", second.reader()), 2u);
-  const std::size_t files = storedFiles(dir.path());
+/// A server in a fresh data directory, with device A holding the lease.
+class ServerPush : public ::testing::Test {
+ protected:
+  ~ServerPush() noexcept override {}  // kj::EventLoop's destructor may throw; a test fixture's may not
+
+  /// Starts the server again on the same data directory.
+  void restart() {
+    server_.reset();
+    server_ = std::make_unique<SyncServer>(dir_.path());
+  }
+  SyncServer& server() { return *server_; }
+
+  kj::EventLoop loop_;
+  kj::WaitScope waitScope_{loop_};
+  TempDir dir_;
+  std::unique_ptr<SyncServer> server_ = std::make_unique<SyncServer>(dir_.path());
+  const std::uint64_t epoch_ = server_->acquireLease("A");
+};
+
+TEST_F(ServerPush, SamePushAgainIsAcknowledgedNotStoredTwice) {
+  Built full(1, epoch_, 1);
+  Built second(2, epoch_, 2);
+  EXPECT_EQ(server().push("A", full.reader()), 1u);
+  EXPECT_EQ(server().push("A", second.reader()), 2u);
+  const std::size_t files = storedFiles(dir_.path());
 
   // The answer to checkpoint 2 was lost; the device sends it again.
-  Built again(2, epoch, 2);
-  EXPECT_EQ(server.push("A", again.reader()), 2u);
-  EXPECT_EQ(server.head(), 2u);
-  EXPECT_EQ(storedFiles(dir.path()), files);
+  Built again(2, epoch_, 2);
+  EXPECT_EQ(server().push("A", again.reader()), 2u);
+  EXPECT_EQ(server().head(), 2u);
+  EXPECT_EQ(storedFiles(dir_.path()), files);
   // The next checkpoint follows as usual.
-  Built third(3, epoch, 3);
-  EXPECT_EQ(server.push("A", third.reader()), 3u);
+  Built third(3, epoch_, 3);
+  EXPECT_EQ(server().push("A", third.reader()), 3u);
 }
 
-TEST(ServerPush, SameSequenceWithOtherContentIsRefused) {
-  kj::EventLoop loop;
-  kj::WaitScope waitScope(loop);
-  TempDir dir;
-  SyncServer server(dir.path());
-  const std::uint64_t epoch = server.acquireLease("A");
-  Built full(1, epoch, 1);
-  Built second(2, epoch, 2);
-  server.push("A", full.reader());
-  server.push("A", second.reader());
-  Built other(2, epoch, 9);
-  EXPECT_THROW(server.push("A", other.reader()), Error);
+TEST_F(ServerPush, SameSequenceWithOtherContentIsRefused) {
+  Built full(1, epoch_, 1);
+  Built second(2, epoch_, 2);
+  server().push("A", full.reader());
+  server().push("A", second.reader());
+  Built other(2, epoch_, 9);
+  EXPECT_THROW(server().push("A", other.reader()), Error);
   // Only the head is recognised: an older sequence is refused even with its content.
-  Built first(1, epoch, 1);
-  EXPECT_THROW(server.push("A", first.reader()), Error);
-  EXPECT_EQ(server.head(), 2u);
+  Built first(1, epoch_, 1);
+  EXPECT_THROW(server().push("A", first.reader()), Error);
+  EXPECT_EQ(server().head(), 2u);
 }
 
-TEST(ServerPush, RecognisedAfterTheServerRestarts) {
-  kj::EventLoop loop;
-  kj::WaitScope waitScope(loop);
-  TempDir dir;
-  std::uint64_t epoch = 0;
-  {
-    SyncServer server(dir.path());
-    epoch = server.acquireLease("A");
-    Built full(1, epoch, 1);
-    server.push("A", full.reader());
-  }
-  SyncServer server(dir.path());
-  Built again(1, epoch, 1);
-  EXPECT_EQ(server.push("A", again.reader()), 1u);
-  EXPECT_EQ(server.head(), 1u);
+TEST_F(ServerPush, RecognisedAfterTheServerRestarts) {
+  Built full(1, epoch_, 1);
+  server().push("A", full.reader());
+  restart();
+  Built again(1, epoch_, 1);
+  EXPECT_EQ(server().push("A", again.reader()), 1u);
+  EXPECT_EQ(server().head(), 1u);
 }
 
-TEST(ServerPush, ARepushUnderAnOldEpochIsFenced) {
-  kj::EventLoop loop;
-  kj::WaitScope waitScope(loop);
-  TempDir dir;
-  SyncServer server(dir.path());
-  const std::uint64_t epoch = server.acquireLease("A");
-  Built full(1, epoch, 1);
-  server.push("A", full.reader());
-  Built stale(1, epoch + 1, 1);  // not the lease's epoch
-  EXPECT_THROW(server.push("A", stale.reader()), Error);
+TEST_F(ServerPush, ARepushUnderAnOldEpochIsFenced) {
+  Built full(1, epoch_, 1);
+  server().push("A", full.reader());
+  Built stale(1, epoch_ + 1, 1);  // not the lease's epoch
+  EXPECT_THROW(server().push("A", stale.reader()), Error);
 }
 
 TEST(CheckpointDigest, IgnoresLayoutAndSeesEveryField) {
