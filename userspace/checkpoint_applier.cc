@@ -91,13 +91,12 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile&
 std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const ImageFile& base) {
   std::vector<bool> inList(image.units());
   for (const auto& write : list.writes) inList[write.index] = true;
-  std::uint64_t restored = 0;
-  for (std::uint64_t i = 0; i < image.units(); ++i) {
-    if (inList[i] || std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) == 0) continue;
-    image.writeUnit(i, base.unit(i));
-    ++restored;
-  }
-  return restored;
+  std::vector<UnitWrite> restore;
+  for (std::uint64_t i = 0; i < image.units(); ++i)
+    if (!inList[i] && std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) != 0)
+      restore.push_back({i, base.unit(i).data()});
+  image.writeUnits(restore);  // runs of consecutive units in one pwritev each
+  return restore.size();
 }
 
 void validateList(capnp::List<wire::Chunk>::Reader chunks, std::uint64_t units, const char* what) {
