@@ -88,6 +88,19 @@ bool getVarint(std::span<const std::byte> in, std::size_t& pos, std::uint32_t& v
 
 namespace {
 
+/// Room for the changed-byte mask of `n` bytes: on the stack for a unit, on
+/// the heap for anything larger.
+struct MaskStorage {
+  std::array<std::uint64_t, diffMaskWords(kUnitSize)> unit;
+  std::vector<std::uint64_t> large;
+
+  std::span<std::uint64_t> forBytes(std::size_t n) {
+    if (n <= kUnitSize) return {unit.data(), diffMaskWords(n)};
+    large.resize(diffMaskWords(n));
+    return large;
+  }
+};
+
 /// Bytes a varint of `value` takes.
 inline std::size_t varintSize(std::uint32_t value) {
   std::size_t n = 1;
@@ -121,13 +134,8 @@ bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte
   if (reference.size() != n) fail("xor-diff reference has {} bytes, the unit {}", reference.size(), n);
   // The mask of changed bytes, then its runs: the encoding is fixed by the mask,
   // so every kernel gives the same bytes.
-  std::array<std::uint64_t, diffMaskWords(kUnitSize)> unitMask;
-  std::vector<std::uint64_t> largeMask;
-  std::span<std::uint64_t> mask(unitMask.data(), diffMaskWords(n));
-  if (n > kUnitSize) {
-    largeMask.resize(diffMaskWords(n));
-    mask = largeMask;
-  }
+  MaskStorage storage;
+  const std::span<std::uint64_t> mask = storage.forBytes(n);
   diffMask(kernel, current, reference, mask);
   // Runs are written to a scratch buffer that never shrinks, then copied out at
   // their exact size. Each run has at least one changed byte and two varints of
@@ -209,13 +217,8 @@ void decodeXorDiff(std::span<const std::byte> diff, std::span<const std::byte> r
 }
 
 std::uint32_t changedBytes(std::span<const std::byte> current, std::span<const std::byte> reference) {
-  std::array<std::uint64_t, diffMaskWords(kUnitSize)> unitMask;
-  std::vector<std::uint64_t> largeMask;
-  std::span<std::uint64_t> mask(unitMask.data(), diffMaskWords(current.size()));
-  if (current.size() > kUnitSize) {
-    largeMask.resize(diffMaskWords(current.size()));
-    mask = largeMask;
-  }
+  MaskStorage storage;
+  const std::span<std::uint64_t> mask = storage.forBytes(current.size());
   diffMask(current, reference, mask);
   std::uint32_t count = 0;
   for (std::uint64_t word : mask) count += static_cast<std::uint32_t>(std::popcount(word));
