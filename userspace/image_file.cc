@@ -57,10 +57,12 @@ ImageFile::~ImageFile() {
 void ImageFile::writeUnit(std::uint64_t index, std::span<const std::byte> data) {
   if (index >= units()) fail("unit {} is past the end of image {} ({} units)", index, path_, units());
   if (data.size() != kUnitSize) fail("unit {} of {}: {} bytes, expected {}", index, path_, data.size(), kUnitSize);
-  std::size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
-                         static_cast<off_t>(index * kUnitSize + done));
+  writeAt(data.data(), data.size(), index * kUnitSize);
+}
+
+void ImageFile::writeAt(const std::byte* data, std::size_t size, std::uint64_t offset) {
+  for (std::size_t done = 0; done < size;) {
+    ssize_t n = ::pwrite(fd_, data + done, size - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       throwLastErrno(fmt::format("cannot write image {}", path_));
@@ -90,16 +92,11 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
     do n = ::pwritev(fd_, iov.data(), static_cast<int>(iov.size()), offset);
     while (n < 0 && errno == EINTR);
     if (n < 0) throwLastErrno(fmt::format("cannot write image {}", path_));
-    // A short write: the rest unit by unit (pwrite loops on short writes).
+    // A short write: the rest unit by unit.
     for (std::size_t done = static_cast<std::size_t>(n); done < total;) {
       const std::size_t unit = done / kUnitSize, within = done % kUnitSize;
-      ssize_t m = ::pwrite(fd_, sorted[first + unit].bytes + within, kUnitSize - within,
-                           offset + static_cast<off_t>(done));
-      if (m < 0) {
-        if (errno == EINTR) continue;
-        throwLastErrno(fmt::format("cannot write image {}", path_));
-      }
-      done += static_cast<std::size_t>(m);
+      writeAt(sorted[first + unit].bytes + within, kUnitSize - within, static_cast<std::uint64_t>(offset) + done);
+      done += kUnitSize - within;
     }
     first = end;
   }

@@ -48,6 +48,9 @@ class ImageFile {
   void sync();
 
  private:
+  /// pwrite()s all `size` bytes at `offset`, again after a short write.
+  void writeAt(const std::byte* data, std::size_t size, std::uint64_t offset);
+
   std::string path_;
   int fd_ = -1;
   std::uint64_t size_ = 0;
