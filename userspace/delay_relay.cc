@@ -141,18 +141,24 @@ void enterNetworkNamespace(const std::string& name) {
   if (rc != 0) throwErrno(err, fmt::format("cannot enter network namespace {}", name));
 }
 
-bool detectDeadLink(int fd) {
+bool detectDeadLink(const SetSocketOption& set) {
   int on = 1;
   int idle = kKeepaliveIdleSeconds;
   int interval = kKeepaliveIntervalSeconds;
   int count = (kDeadLinkSeconds - idle) / interval;
   unsigned userTimeoutMs = kDeadLinkSeconds * 1000u;
-  bool ok = ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on) == 0;
-  ok &= ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle) == 0;
-  ok &= ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval) == 0;
-  ok &= ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count) == 0;
-  ok &= ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof userTimeoutMs) == 0;
+  bool ok = set(SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+  ok &= set(IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  ok &= set(IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+  ok &= set(IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+  ok &= set(IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof userTimeoutMs);
   return ok;
+}
+
+bool detectDeadLink(int fd) {
+  return detectDeadLink([fd](int level, int name, const void* value, unsigned length) {
+    return ::setsockopt(fd, level, name, value, length) == 0;
+  });
 }
 
 struct DelayRelay::State {

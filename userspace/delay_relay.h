@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <functional>
 #include <string>
 
 namespace vmsync {
@@ -51,7 +52,11 @@ void enterNetworkNamespace(const std::string& name);
 inline constexpr int kDeadLinkSeconds = 20;
 inline constexpr int kKeepaliveIdleSeconds = 5;      // idle time before the first probe
 inline constexpr int kKeepaliveIntervalSeconds = 2;  // between probes
-/// Applies them to a connected socket; returns false when the kernel refused one.
+/// Applies them through `set` (setsockopt on some socket, true when it took
+/// the option); returns false when one was refused.
+using SetSocketOption = std::function<bool(int level, int name, const void* value, unsigned length)>;
+bool detectDeadLink(const SetSocketOption& set);
+/// The same on a connected socket.
 bool detectDeadLink(int fd);
 
 }  // namespace vmsync

@@ -14,20 +14,18 @@ namespace {
 /// A dead link (a phone out of coverage) must end the connection in seconds,
 /// so that the device reconnects, not after TCP's quarter of an hour.
 void detectDeadLinkOn(kj::AsyncIoStream& stream) {
-  int on = 1;
-  int idle = kKeepaliveIdleSeconds;
-  int interval = kKeepaliveIntervalSeconds;
-  int count = (kDeadLinkSeconds - idle) / interval;
-  unsigned userTimeoutMs = kDeadLinkSeconds * 1000u;
-  try {
-    stream.setsockopt(SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
-    stream.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
-    stream.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
-    stream.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
-    stream.setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof userTimeoutMs);
-  } catch (const kj::Exception& e) {
-    spdlog::debug("connection: no dead-link detection: {}", describe(e));
-  }
+  std::string refused;
+  detectDeadLink([&](int level, int name, const void* value, unsigned length) {
+    if (!refused.empty()) return false;  // one refusal: the stream takes none
+    try {
+      stream.setsockopt(level, name, value, length);
+      return true;
+    } catch (const kj::Exception& e) {
+      if (refused.empty()) refused = describe(e);
+      return false;
+    }
+  });
+  if (!refused.empty()) spdlog::debug("connection: no dead-link detection: {}", refused);
 }
 
 }  // namespace
