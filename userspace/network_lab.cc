@@ -61,6 +61,14 @@ const std::vector<LinkProfile>& linkProfiles() {
   return profiles;
 }
 
+namespace {
+
+/// Address of `host` (1: the server's end, 2: the device's) on the veth
+/// subnet of the device numbered `index`.
+std::string linkAddress(int index, int host) { return fmt::format("10.213.{}.{}", index, host); }
+
+}  // namespace
+
 const LinkProfile& linkProfile(const std::string& name) {
   std::string known;
   for (const auto& p : linkProfiles()) {
@@ -171,18 +179,17 @@ void NetworkLab::addDevice(const std::string& device, const LinkProfile& profile
   runCommand({"ip", "netns", "add", link.ns});
   namespaces_.push_back(link.ns);
   const std::string serverSide = "dev" + std::to_string(link.index);
-  const std::string subnet = "10.213." + std::to_string(link.index) + ".";
   runCommand({"ip", "-n", link.ns, "link", "set", "lo", "up"});
   runCommand({"ip", "-n", serverNamespace_, "link", "add", serverSide, "type", "veth", "peer", "name", "uplink",
               "netns", link.ns});
-  runCommand({"ip", "-n", serverNamespace_, "addr", "add", subnet + "1/24", "dev", serverSide});
-  runCommand({"ip", "-n", link.ns, "addr", "add", subnet + "2/24", "dev", "uplink"});
+  runCommand({"ip", "-n", serverNamespace_, "addr", "add", linkAddress(link.index, 1) + "/24", "dev", serverSide});
+  runCommand({"ip", "-n", link.ns, "addr", "add", linkAddress(link.index, 2) + "/24", "dev", "uplink"});
   runCommand({"ip", "-n", serverNamespace_, "link", "set", serverSide, "up"});
   runCommand({"ip", "-n", link.ns, "link", "set", "uplink", "up"});
   shape(link.ns, "uplink", profile.upMbit, profile.queueMs);
   shape(serverNamespace_, serverSide, profile.downMbit, profile.queueMs);
   DelayRelayOptions relay;
-  relay.listenHost = subnet + "1";
+  relay.listenHost = linkAddress(link.index, 1);
   relay.listenPort = serverPort_;
   relay.targetPort = serverPort_;
   relay.oneWayDelay = profile.oneWayDelay;
@@ -206,11 +213,11 @@ std::string NetworkLab::serverAddressFor(const std::string& device) const {
 }
 
 std::string NetworkLab::deviceHost(const std::string& device) const {
-  return "10.213." + std::to_string(link(device).index) + ".2";
+  return linkAddress(link(device).index, 2);
 }
 
 std::string NetworkLab::serverHostFor(const std::string& device) const {
-  return "10.213." + std::to_string(link(device).index) + ".1";
+  return linkAddress(link(device).index, 1);
 }
 
 void NetworkLab::setLinkUp(const std::string& device, bool up) {
