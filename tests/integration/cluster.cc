@@ -156,14 +156,19 @@ bool Cluster::waitForHead(std::uint64_t sequence, std::chrono::seconds timeout) 
       timeout);
 }
 
+nlohmann::json Cluster::deviceStatus(const std::string& device) {
+  auto s = status();
+  if (!s) return nullptr;
+  for (const auto& d : (*s)["devices"])
+    if (d["device"] == device) return d;
+  return nullptr;
+}
+
 bool Cluster::waitForDevice(const std::string& device, std::uint64_t sequence, std::chrono::seconds timeout) {
   return waitFor(
       [&] {
-        auto s = status();
-        if (!s) return false;
-        for (const auto& d : (*s)["devices"])
-          if (d["device"] == device) return d["state"] != "offline" && d["applied_sequence"] >= sequence;
-        return false;
+        auto d = deviceStatus(device);
+        return !d.is_null() && d["state"] != "offline" && d["applied_sequence"] >= sequence;
       },
       timeout);
 }

@@ -62,6 +62,8 @@ class Cluster {
 
   /// `vmsync status --json`, or nullopt when the command fails.
   std::optional<nlohmann::json> status();
+  /// The device's entry in the status, or null (server unreachable, device unknown).
+  nlohmann::json deviceStatus(const std::string& device);
   /// Waits until the head is at least `sequence` and every online device other
   /// than the active one has applied it (offline devices are not waited for).
   bool waitForHead(std::uint64_t sequence, std::chrono::seconds timeout);

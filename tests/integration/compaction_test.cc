@@ -101,16 +101,7 @@ TEST_F(Compaction, DataDirectoryStaysBoundedAndADeviceBehindTheFoldTakesOver) {
   // server catches C up from the base first (the VM runs on meanwhile), then
   // hands over.
   cluster.startStandby("C");
-  ASSERT_TRUE(waitFor(
-      [&] {
-        auto s = cluster.status();
-        if (!s) return false;
-        for (const auto& d : (*s)["devices"])
-          if (d["device"] == "C" && d["state"] != "offline") return true;
-        return false;
-      },
-      std::chrono::seconds(30)))
-      << cluster.logOf("C");
+  ASSERT_TRUE(cluster.waitForDevice("C", 0, std::chrono::seconds(30))) << cluster.logOf("C");  // registered again
   std::printf("C left at checkpoint %llu and came back after %lld folds\n", static_cast<unsigned long long>(cLeftAt),
               static_cast<long long>(folds));
   // What the chain would hold without compaction: every checkpoint A pushed.

@@ -23,15 +23,6 @@ std::map<std::uint64_t, std::string> loggedDigests(const std::string& log, const
   return digests;
 }
 
-/// The device's entry in `vmsync status --json`, or null.
-nlohmann::json deviceStatus(Cluster& cluster, const std::string& device) {
-  auto status = cluster.status();
-  if (!status) return nullptr;
-  for (const auto& d : (*status)["devices"])
-    if (d["device"] == device) return d;
-  return nullptr;
-}
-
 class LinkOutage : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -83,7 +74,7 @@ TEST_F(LinkOutage, StandbyCutOffForThirtySecondsCatchesUpAndTakesOver) {
   TempDir dir;
   Cluster cluster(dir.path());
   ASSERT_NO_FATAL_FAILURE(startCounting(cluster, "wifi", "lte"));
-  ASSERT_TRUE(waitFor([&] { return deviceStatus(cluster, "B")["applied_sequence"] == cluster.head(); },
+  ASSERT_TRUE(waitFor([&] { return cluster.deviceStatus("B")["applied_sequence"] == cluster.head(); },
                       std::chrono::seconds(60)))
       << cluster.logOf("B");
 
@@ -93,7 +84,7 @@ TEST_F(LinkOutage, StandbyCutOffForThirtySecondsCatchesUpAndTakesOver) {
   // The checkpoints went on without B, which fell behind.
   const std::uint64_t during = cluster.head();
   EXPECT_GE(during, before + 10) << cluster.logOf("A");
-  auto b = deviceStatus(cluster, "B");
+  auto b = cluster.deviceStatus("B");
   ASSERT_FALSE(b.is_null());
   EXPECT_LT(b["applied_sequence"].get<std::uint64_t>(), during);
   cluster.setLinkUp("B", true);
@@ -101,7 +92,7 @@ TEST_F(LinkOutage, StandbyCutOffForThirtySecondsCatchesUpAndTakesOver) {
   // B catches up to the head: missed checkpoints merged into one.
   ASSERT_TRUE(waitFor(
       [&] {
-        auto d = deviceStatus(cluster, "B");
+        auto d = cluster.deviceStatus("B");
         return !d.is_null() && d["state"] == "online" && d["applied_sequence"].get<std::uint64_t>() >= during;
       },
       std::chrono::seconds(120)))
@@ -131,7 +122,7 @@ TEST_F(LinkOutage, ActiveCutOffMidPushLosesNothing) {
   // A reconnects and goes on; B follows.
   ASSERT_TRUE(cluster.waitForHead(afterCut + 3, std::chrono::seconds(120)))
       << cluster.logOf("A") << cluster.logOf("server");
-  ASSERT_TRUE(waitFor([&] { return deviceStatus(cluster, "B")["applied_sequence"] == cluster.head(); },
+  ASSERT_TRUE(waitFor([&] { return cluster.deviceStatus("B")["applied_sequence"] == cluster.head(); },
                       std::chrono::seconds(60)))
       << cluster.logOf("B");
   const std::string aLog = readFile(dir / "A.log").substr(logBefore);
