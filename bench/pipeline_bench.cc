@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -165,6 +166,15 @@ struct CheckpointFixture {
     disk = std::make_unique<ImageFile>((dir / "disk").string(), true, kUnitSize);
   }
   ~CheckpointFixture() { fs::remove_all(dir); }
+  /// A tracker of the source as the receiver holds it now; under Diff Prev
+  /// with its copy of the receiver's bytes.
+  std::unique_ptr<ImageTracker> tracker(wire::Policy policy) const {
+    return std::make_unique<ImageTracker>(
+        *source, hashAllUnits(*source), policy, true,
+        policy == wire::Policy::DIFF_PREV
+            ? std::vector<std::byte>(source->bytes().begin(), source->bytes().end())
+            : std::vector<std::byte>{});
+  }
   /// Rewrites `percent` % of the source's units (64 random bytes each); returns
   /// their indexes, as a dirty-page source would report them.
   std::vector<std::uint64_t> change(std::size_t percent, std::uint32_t round) {
@@ -183,6 +193,14 @@ struct CheckpointFixture {
   }
 };
 
+/// A checkpoint in `message` whose memory list holds `delta` and whose disk list is empty.
+wire::Checkpoint::Builder fillMemoryOnly(capnp::MallocMessageBuilder& message, const ImageDelta& delta) {
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  toWire(delta, checkpoint.initMemory(static_cast<unsigned>(delta.units.size())));
+  checkpoint.initDisk(0);
+  return checkpoint;
+}
+
 void BM_BuildCheckpoint512MiB(benchmark::State& state) {
   const auto percent = static_cast<std::size_t>(state.range(0));
   const auto policy = state.range(1) ? wire::Policy::DIFF_PREV : wire::Policy::DIRTY_PREV;
@@ -190,10 +208,7 @@ void BM_BuildCheckpoint512MiB(benchmark::State& state) {
   // dirty-page source (kmod, kvm-ring) reports.
   const bool scan = state.range(2) != 0;
   CheckpointFixture f(512u << 20);
-  ImageTracker tracker(*f.source, hashAllUnits(*f.source), policy, true,
-                       policy == wire::Policy::DIFF_PREV
-                           ? std::vector<std::byte>(f.source->bytes().begin(), f.source->bytes().end())
-                           : std::vector<std::byte>{});
+  auto tracker = f.tracker(policy);
   std::uint32_t round = 0;
   std::uint64_t shipped = 0;
   for (auto _ : state) {
@@ -202,9 +217,9 @@ void BM_BuildCheckpoint512MiB(benchmark::State& state) {
     auto changed = f.change(percent, ++round);
     if (!scan) candidates.units = std::move(changed);
     state.ResumeTiming();
-    ImageDelta delta = tracker.collect(candidates);
+    ImageDelta delta = tracker->collect(candidates);
     shipped += delta.encodedBytes;
-    tracker.acknowledge(delta);
+    tracker->acknowledge(delta);
   }
   state.counters["encoded_MiB"] = benchmark::Counter(static_cast<double>(shipped) / (1 << 20),
                                                       benchmark::Counter::kAvgIterations);
@@ -224,24 +239,18 @@ void BM_BuildCheckpointMessage512MiB(benchmark::State& state) {
   const auto percent = static_cast<std::size_t>(state.range(0));
   const auto policy = state.range(1) ? wire::Policy::DIFF_PREV : wire::Policy::DIRTY_PREV;
   CheckpointFixture f(512u << 20);
-  ImageTracker tracker(
-      *f.source, hashAllUnits(*f.source), policy, true,
-      policy == wire::Policy::DIFF_PREV
-          ? std::vector<std::byte>(f.source->bytes().begin(), f.source->bytes().end())
-          : std::vector<std::byte>{});
+  auto tracker = f.tracker(policy);
   std::uint32_t round = 0;
   std::uint64_t words = 0;
   for (auto _ : state) {
     state.PauseTiming();
     f.change(percent, ++round);
     state.ResumeTiming();
-    ImageDelta delta = tracker.collect(DirtyUnits{.everything = true});
+    ImageDelta delta = tracker->collect(DirtyUnits{.everything = true});
     capnp::MallocMessageBuilder message;
-    auto c = message.initRoot<wire::Checkpoint>();
-    toWire(delta, c.initMemory(static_cast<unsigned>(delta.units.size())));
-    c.initDisk(0);
+    fillMemoryOnly(message, delta);
     words += message.sizeInWords();
-    tracker.acknowledge(delta);
+    tracker->acknowledge(delta);
   }
   state.counters["message_MiB"] =
       benchmark::Counter(static_cast<double>(words * sizeof(capnp::word)) / (1 << 20),
@@ -256,13 +265,11 @@ BENCHMARK(BM_BuildCheckpointMessage512MiB)
 
 void BM_ApplyCheckpoint(benchmark::State& state) {
   CheckpointFixture f(512u << 20);
-  ImageTracker tracker(*f.source, hashAllUnits(*f.source), wire::Policy::DIRTY_PREV, true);
+  auto tracker = f.tracker(wire::Policy::DIRTY_PREV);
   f.change(5, 1);
-  ImageDelta delta = tracker.collect(DirtyUnits{.everything = true});
+  ImageDelta delta = tracker->collect(DirtyUnits{.everything = true});
   capnp::MallocMessageBuilder message;
-  auto c = message.initRoot<wire::Checkpoint>();
-  toWire(delta, c.initMemory(static_cast<unsigned>(delta.units.size())));
-  c.initDisk(0);
+  auto c = fillMemoryOnly(message, delta);
   for (auto _ : state) applyCheckpoint(c.asReader(), *f.receiver, *f.disk);
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * delta.encodedBytes));
   state.counters["payload_MiB"] = static_cast<double>(delta.encodedBytes) / (1 << 20);
