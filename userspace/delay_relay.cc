@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "error.h"
+#include "rpc_util.h"
 
 namespace vmsync {
 
@@ -139,20 +140,6 @@ void enterNetworkNamespace(const std::string& name) {
   int err = errno;
   ::close(fd);
   if (rc != 0) throwErrno(err, fmt::format("cannot enter network namespace {}", name));
-}
-
-bool detectDeadLink(const SetSocketOption& set) {
-  int on = 1;
-  int idle = kKeepaliveIdleSeconds;
-  int interval = kKeepaliveIntervalSeconds;
-  int count = (kDeadLinkSeconds - idle) / interval;
-  unsigned userTimeoutMs = kDeadLinkSeconds * 1000u;
-  bool ok = set(SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
-  ok &= set(IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
-  ok &= set(IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
-  ok &= set(IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
-  ok &= set(IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof userTimeoutMs);
-  return ok;
 }
 
 bool detectDeadLink(int fd) {

@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <functional>
 #include <string>
 
 namespace vmsync {
@@ -46,17 +45,8 @@ class DelayRelay {
 /// thread; "" stays. Sockets made and processes forked by the thread live there.
 void enterNetworkNamespace(const std::string& name);
 
-/// Socket options that make a dead link fail a TCP connection within about
-/// `kDeadLinkSeconds` instead of TCP's default quarter of an hour: keepalive
-/// probes while idle, and a limit on how long sent data may stay unacknowledged.
-inline constexpr int kDeadLinkSeconds = 20;
-inline constexpr int kKeepaliveIdleSeconds = 5;      // idle time before the first probe
-inline constexpr int kKeepaliveIntervalSeconds = 2;  // between probes
-/// Applies them through `set` (setsockopt on some socket, true when it took
-/// the option); returns false when one was refused.
-using SetSocketOption = std::function<bool(int level, int name, const void* value, unsigned length)>;
-bool detectDeadLink(const SetSocketOption& set);
-/// The same on a connected socket.
+/// Applies the dead-link socket options (rpc_util.h) to a connected socket;
+/// returns false when the kernel refused one.
 bool detectDeadLink(int fd);
 
 }  // namespace vmsync

@@ -5,9 +5,22 @@
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
-#include "delay_relay.h"
 
 namespace vmsync {
+
+bool detectDeadLink(const SetSocketOption& set) {
+  int on = 1;
+  int idle = kKeepaliveIdleSeconds;
+  int interval = kKeepaliveIntervalSeconds;
+  int count = (kDeadLinkSeconds - idle) / interval;
+  unsigned userTimeoutMs = kDeadLinkSeconds * 1000u;
+  bool ok = set(SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+  ok &= set(IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  ok &= set(IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+  ok &= set(IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+  ok &= set(IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof userTimeoutMs);
+  return ok;
+}
 
 namespace {
 

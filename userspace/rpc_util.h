@@ -6,12 +6,24 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
 #include "error.h"
 
 namespace vmsync {
+
+/// Socket options that make a dead link fail a TCP connection within about
+/// `kDeadLinkSeconds` instead of TCP's default quarter of an hour: keepalive
+/// probes while idle, and a limit on how long sent data may stay unacknowledged.
+inline constexpr int kDeadLinkSeconds = 20;
+inline constexpr int kKeepaliveIdleSeconds = 5;      // idle time before the first probe
+inline constexpr int kKeepaliveIntervalSeconds = 2;  // between probes
+/// Applies them through `set` (setsockopt on some socket, true when it took
+/// the option); returns false when one was refused.
+using SetSocketOption = std::function<bool(int level, int name, const void* value, unsigned length)>;
+bool detectDeadLink(const SetSocketOption& set);
 
 /// Reader limits for RPC messages: checkpoints may be large (a full sync of
 /// guest RAM), so the traversal limit is raised to `kMaxMessageBytes`; nesting
