@@ -68,7 +68,8 @@ struct Connection {
 /// Moves bytes from `from` to `to`, each held `delay` after it was read.
 /// Returns when `from` ends and everything is delivered, on an error, or when
 /// `stop` becomes readable.
-void pump(const std::shared_ptr<Connection>& connection, int from, int to, std::chrono::milliseconds delay, int stop) {
+void pump(const std::shared_ptr<Connection>& connection, int from, int to,
+          const std::atomic<std::int64_t>& delayMs, int stop) {
   std::deque<Held> held;
   std::size_t heldBytes = 0;
   bool ended = false;
@@ -96,6 +97,8 @@ void pump(const std::shared_ptr<Connection>& connection, int from, int to, std::
     if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
       ssize_t n = ::read(from, buffer.data(), buffer.size());
       if (n > 0) {
+        // A new delay holds new bytes; those held already keep their time (and their order).
+        const std::chrono::milliseconds delay(delayMs.load(std::memory_order_relaxed));
         held.push_back(Held{Clock::now() + delay, std::vector<char>(buffer.begin(), buffer.begin() + n)});
         heldBytes += static_cast<std::size_t>(n);
       } else if (n == 0) {
@@ -153,6 +156,7 @@ struct DelayRelay::State {
   int listener = -1;
   int stop = -1;  // eventfd: readable once the relay shuts down
   std::atomic<std::uint64_t> accepted{0};
+  std::atomic<std::int64_t> delayMs{0};  // options.oneWayDelay, or what setOneWayDelay set since
   std::mutex mutex;
   std::list<std::thread> pumps;
   std::list<std::shared_ptr<Connection>> open;
@@ -186,9 +190,8 @@ struct DelayRelay::State {
       ++accepted;
       std::lock_guard lock(mutex);
       open.push_back(connection);
-      const auto delay = options.oneWayDelay;
-      pumps.emplace_back([connection, delay, this] { pump(connection, connection->outer, connection->inner, delay, stop); });
-      pumps.emplace_back([connection, delay, this] { pump(connection, connection->inner, connection->outer, delay, stop); });
+      pumps.emplace_back([connection, this] { pump(connection, connection->outer, connection->inner, delayMs, stop); });
+      pumps.emplace_back([connection, this] { pump(connection, connection->inner, connection->outer, delayMs, stop); });
     }
   }
 };
@@ -196,6 +199,7 @@ struct DelayRelay::State {
 DelayRelay::DelayRelay(DelayRelayOptions options) : state_(std::make_unique<State>()) {
   State& s = *state_;
   s.options = std::move(options);
+  s.delayMs = s.options.oneWayDelay.count();
   s.stop = ::eventfd(0, EFD_CLOEXEC);
   if (s.stop < 0) throwLastErrno("eventfd");
   // The listening socket is made in the namespace by a thread that entered
@@ -249,5 +253,7 @@ DelayRelay::~DelayRelay() {
 }
 
 std::uint64_t DelayRelay::connections() const { return state_->accepted; }
+
+void DelayRelay::setOneWayDelay(std::chrono::milliseconds delay) { state_->delayMs = delay.count(); }
 
 }  // namespace vmsync

@@ -36,6 +36,9 @@ class DelayRelay {
   /// Connections accepted so far.
   std::uint64_t connections() const;
 
+  /// Changes the delay of bytes read from now on, on open connections too.
+  void setOneWayDelay(std::chrono::milliseconds delay);
+
  private:
   struct State;
   std::unique_ptr<State> state_;

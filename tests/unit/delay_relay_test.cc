@@ -110,5 +110,38 @@ TEST(DelayRelay, AConnectionToAnAbsentTargetIsClosed) {
   EXPECT_EQ(relay.connections(), 0u);
 }
 
+/// A link that changes (wifi to lte): a new delay holds the bytes an open
+/// connection sends from then on, and the bytes held already stay ahead of them.
+TEST(DelayRelay, ANewDelayHoldsLaterBytesOfAnOpenConnectionInOrder) {
+  Listener target;
+  DelayRelayOptions options;
+  options.listenHost = "127.0.0.1";
+  options.listenPort = unusedPort();
+  options.targetPort = target.port;
+  options.oneWayDelay = std::chrono::milliseconds(0);
+  DelayRelay relay(options);
+  std::string received;
+  std::thread server([&] {
+    int fd = ::accept(target.fd, nullptr, nullptr);
+    received = readAll(fd);
+    ::close(fd);
+  });
+  int client = connectTo(options.listenPort);
+  ASSERT_GE(client, 0);
+  using Clock = std::chrono::steady_clock;
+  relay.setOneWayDelay(std::chrono::milliseconds(400));
+  const auto start = Clock::now();
+  writeAll(client, "first, held 400 ms;");
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  relay.setOneWayDelay(std::chrono::milliseconds(0));
+  writeAll(client, " then second, not held");
+  ::shutdown(client, SHUT_WR);
+  server.join();
+  const auto elapsed = Clock::now() - start;
+  ::close(client);
+  EXPECT_EQ(received, "first, held 400 ms; then second, not held");
+  EXPECT_GE(elapsed, std::chrono::milliseconds(400));  // the first bytes were held (a lower bound only)
+}
+
 }  // namespace
 }  // namespace vmsync
