@@ -46,6 +46,9 @@ void removeLeftovers() {
   }
 }
 
+/// The server namespace's end of device link `index`'s veth (the device's end is "uplink").
+std::string serverEnd(int index) { return "dev" + std::to_string(index); }
+
 std::string kbit(double mbit) { return std::to_string(static_cast<std::uint64_t>(std::llround(mbit * 1000))) + "kbit"; }
 
 }  // namespace
@@ -57,6 +60,7 @@ const std::vector<LinkProfile>& linkProfiles() {
       {"wifi", 30.0, 15.0, std::chrono::milliseconds(5), 100},
       {"lte", 12.0, 5.0, std::chrono::milliseconds(30), 150},
       {"3g", 2.0, 0.5, std::chrono::milliseconds(100), 300},
+      {"lan", 1000.0, 1000.0, std::chrono::milliseconds(0), 10},
   };
   return profiles;
 }
@@ -162,11 +166,13 @@ std::string NetworkLab::serverAddress() const { return "127.0.0.1:" + std::to_st
 void NetworkLab::shape(const std::string& ns, const std::string& interface, double mbit, std::uint32_t queueMs) {
   const std::uint64_t queueBytes =
       std::max<std::uint64_t>(256 * 1024, static_cast<std::uint64_t>(mbit * 1e6 / 8 * queueMs / 1000));
-  runCommand({"tc", "-n", ns, "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "1"});
-  runCommand({"tc", "-n", ns, "class", "add", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate",
+  // The HTB root once; a link shaped before gets its new rate and queue in place.
+  if (runCommand({"tc", "-n", ns, "qdisc", "show", "dev", interface, "root"}).find("htb 1:") == std::string::npos)
+    runCommand({"tc", "-n", ns, "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "1"});
+  runCommand({"tc", "-n", ns, "class", "replace", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate",
               kbit(mbit), "ceil", kbit(mbit)});
-  runCommand({"tc", "-n", ns, "qdisc", "add", "dev", interface, "parent", "1:1", "handle", "10:", "bfifo", "limit",
-              std::to_string(queueBytes)});
+  runCommand({"tc", "-n", ns, "qdisc", "replace", "dev", interface, "parent", "1:1", "handle", "10:", "bfifo",
+              "limit", std::to_string(queueBytes)});
 }
 
 void NetworkLab::addDevice(const std::string& device, const LinkProfile& profile) {
@@ -178,7 +184,7 @@ void NetworkLab::addDevice(const std::string& device, const LinkProfile& profile
   link.profile = profile;
   runCommand({"ip", "netns", "add", link.ns});
   namespaces_.push_back(link.ns);
-  const std::string serverSide = "dev" + std::to_string(link.index);
+  const std::string serverSide = serverEnd(link.index);
   runCommand({"ip", "-n", link.ns, "link", "set", "lo", "up"});
   runCommand({"ip", "-n", serverNamespace_, "link", "add", serverSide, "type", "veth", "peer", "name", "uplink",
               "netns", link.ns});
@@ -218,6 +224,18 @@ std::string NetworkLab::deviceHost(const std::string& device) const {
 
 std::string NetworkLab::serverHostFor(const std::string& device) const {
   return linkAddress(link(device).index, 1);
+}
+
+void NetworkLab::setProfile(const std::string& device, const LinkProfile& profile) {
+  auto it = devices_.find(device);
+  if (it == devices_.end()) fail("device {} is not in the network lab", device);
+  DeviceLink& link = it->second;
+  shape(link.ns, "uplink", profile.upMbit, profile.queueMs);
+  shape(serverNamespace_, serverEnd(link.index), profile.downMbit, profile.queueMs);
+  link.relay->setOneWayDelay(profile.oneWayDelay);
+  link.profile = profile;
+  spdlog::info("network lab: device {} now on a {} link ({} Mbit/s down, {} Mbit/s up, {} ms one way)", device,
+               profile.name, profile.downMbit, profile.upMbit, profile.oneWayDelay.count());
 }
 
 void NetworkLab::setLinkUp(const std::string& device, bool up) {

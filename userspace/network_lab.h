@@ -28,7 +28,8 @@ struct LinkProfile {
   std::uint32_t queueMs = 0;            // queue at each end, in time at the link's rate
 };
 
-/// Every profile, in one table: wifi, lte, 3g.
+/// Every profile, in one table: wifi, lte, 3g, and lan (a home network, for
+/// an initial sync before the devices go mobile).
 const std::vector<LinkProfile>& linkProfiles();
 /// The profile called `name`; throws Error naming the known ones.
 const LinkProfile& linkProfile(const std::string& name);
@@ -61,6 +62,10 @@ class NetworkLab {
   /// The device's own address on its link, and the server namespace's end of that link.
   std::string deviceHost(const std::string& device) const;
   std::string serverHostFor(const std::string& device) const;
+  /// Gives the device's link another profile: rates and queues at once, the
+  /// delay for bytes sent from now on. Connections stay open.
+  void setProfile(const std::string& device, const LinkProfile& profile);
+
   /// Takes the device's link down (an outage) or brings it back.
   void setLinkUp(const std::string& device, bool up);
 
