@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "delay_relay.h"
+#include "durable_file.h"
 #include "error.h"
 #include "network_lab.h"
 #include "qemu_vm.h"
@@ -110,12 +111,14 @@ struct Migration {
 /// A server and two devices, A active and B standby, each in its namespace.
 class BenchCluster {
  public:
-  BenchCluster(const BenchSwitchOptions& options, const LinkProfile& profile, const std::string& dir)
+  /// The links start as `initialProfile` (see syncInitially) or as `profile`.
+  BenchCluster(const BenchSwitchOptions& options, const LinkProfile& profile, const LinkProfile& initialProfile,
+               const std::string& dir)
       : options_(options), profile_(profile), dir_(dir), lab_(kServerPort) {
     fs::remove_all(dir_);
     fs::create_directories(dir_);
-    lab_.addDevice("A", profile);
-    lab_.addDevice("B", profile);
+    lab_.addDevice("A", initialProfile);
+    lab_.addDevice("B", initialProfile);
     const std::string self = selfBinary();
     // TLS as in real use: a server identity and a credential per device.
     runCommand({self, "init", "--dir", dir_ + "/identity", "--server-name", "vmsync-bench"});
@@ -163,8 +166,9 @@ class BenchCluster {
     }
   }
 
-  /// Waits until the head is at least `sequence` and the standby has applied it.
-  void waitInSync(std::uint64_t sequence, std::chrono::seconds timeout) {
+  /// Waits until the head is at least `sequence` and the standby has applied
+  /// it; with `standbyToo` false, only until the head is there.
+  void waitInSync(std::uint64_t sequence, std::chrono::seconds timeout, bool standbyToo = true) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (std::chrono::steady_clock::now() < deadline) {
       for (auto& [name, child] : devices_)
@@ -173,12 +177,24 @@ class BenchCluster {
         const std::uint64_t head = (*s)["head_sequence"];
         bool synced = head >= sequence;
         for (const auto& d : (*s)["devices"])
-          synced &= d["active"].get<bool>() || (d["state"] == "online" && d["applied_sequence"] == head);
+          synced &= !standbyToo || d["active"].get<bool>() ||
+                    (d["state"] == "online" && d["applied_sequence"] == head);
         if (synced) return;
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      std::this_thread::sleep_for(std::chrono::milliseconds(standbyToo ? 500 : 100));
     }
     fail("the devices did not reach checkpoint {} within {} s; see the logs in {}", sequence, timeout.count(), dir_);
+  }
+
+  /// The initial full sync over the links' initial profile; each link takes
+  /// the measured profile as soon as its part is done: A's once the server
+  /// stored the full sync (before A's estimates of its link begin), B's once
+  /// B applied it.
+  void syncInitially() {
+    waitInSync(1, std::chrono::seconds(900), false);
+    lab_.setProfile("A", profile_);
+    waitInSync(1, std::chrono::seconds(900));
+    lab_.setProfile("B", profile_);
   }
 
   /// CPU seconds the two device daemons have used (checkpointing, applying).
@@ -357,6 +373,22 @@ void printTable(const LinkProfile& profile, int runs, const std::vector<nlohmann
               failures.empty() ? "" : "; ", failures.c_str());
 }
 
+/// The image as the devices boot it: `image`'s files, linked, with the
+/// workload's duration set on the kernel command line, so that a workload
+/// that ends (video, music) keeps the guest busy for the whole bench.
+std::string imageWithWorkloadDuration(const fs::path& image, std::uint32_t seconds, const fs::path& dir) {
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const char* f : {"vmlinuz", "initrd.img", "disk.img", "spec.json"})
+    if (fs::exists(image / f)) fs::create_symlink(fs::absolute(image / f), dir / f);
+  std::istringstream words(readWholeFile((image / "cmdline").string(), 4096));
+  std::string cmdline, word;
+  while (words >> word)
+    if (!word.starts_with("vmsync.duration=")) cmdline += word + " ";
+  std::ofstream(dir / "cmdline") << cmdline << "vmsync.duration=" << seconds << "\n";
+  return dir.string();
+}
+
 }  // namespace
 
 int runBenchSwitch(const BenchSwitchOptions& options) {
@@ -370,10 +402,15 @@ int runBenchSwitch(const BenchSwitchOptions& options) {
     BenchSwitchOptions resolved = options;
     resolved.imageDir = fs::absolute(options.imageDir).string();
     const std::string outDir = fs::absolute(options.outDir).string();
+    if (options.workloadSeconds)
+      resolved.imageDir = imageWithWorkloadDuration(resolved.imageDir, options.workloadSeconds, outDir + "/image");
     for (const auto& name : options.profiles) {
       const LinkProfile& profile = linkProfile(name);
       spdlog::info("bench switch: profile {}: starting the server and devices A, B", name);
-      BenchCluster cluster(resolved, profile, outDir + "/" + name);
+      const LinkProfile& initial =
+          options.initialSyncProfile.empty() ? profile : linkProfile(options.initialSyncProfile);
+      BenchCluster cluster(resolved, profile, initial, outDir + "/" + name);
+      if (&initial != &profile) cluster.syncInitially();
       cluster.waitInSync(3, std::chrono::seconds(900));
       std::vector<nlohmann::json> reports;
       std::vector<Migration> migrations;

@@ -287,6 +287,12 @@ int main(int argc, char** argv) {
   benchSwitch->add_option("--target-switch-ms", benchOptions.targetSwitchMs,
                           "devices choose their interval for this final-checkpoint transfer time (0: --interval)")
       ->capture_default_str();
+  benchSwitch->add_option("--initial-sync-profile", benchOptions.initialSyncProfile,
+                          "link profile for the initial full sync (e.g. lan), before the links take the measured "
+                          "profile (default: the measured profile throughout)");
+  benchSwitch->add_option("--workload-seconds", benchOptions.workloadSeconds,
+                          "how long the guest's workload runs (vmsync.duration; 0: as the image was built)")
+      ->capture_default_str();
   benchSwitch->add_flag("!--no-qemu-migration", benchOptions.qemuMigration, "do not measure QEMU's migration");
   benchSwitch->add_option("--migration-timeout", benchOptions.migrationTimeoutSeconds,
                           "seconds after which a QEMU migration is cancelled")
