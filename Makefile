@@ -6,6 +6,7 @@
 
 BUILD      ?= build
 IMAGE      ?= $(BUILD)/vm-images/counter
+VIDEO_IMAGE ?= $(BUILD)/vm-images/video
 JOBS       ?= $(shell nproc)
 KVER       ?= $(shell ls -1 /usr/src 2>/dev/null | sed -n 's/^linux-headers-\(.*-amd64\)$$/\1/p' | sort -V | tail -n 1)
 KDIR       ?= /usr/src/linux-headers-$(KVER)
@@ -18,7 +19,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image demo test sanitize fuzz module bench bench-kmod bench-switch study clean
+.PHONY: all setup build image video-image demo test sanitize fuzz module bench bench-kmod bench-switch study clean
 
 all: build
 
@@ -38,11 +39,15 @@ build: setup
 image: setup
 	vm-images/build.sh --out $(IMAGE) --workload counter
 
+# The paper's video workload: the study and the adaptive-interval bench run on it.
+video-image: setup
+	vm-images/build.sh --out $(VIDEO_IMAGE) --workload video
+
 demo: build image
 	tests/integration/demo.sh $(BUILD) $(IMAGE)
 
-test: build image
-	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) ctest --output-on-failure -j 1 --timeout 900
+test: build image video-image
+	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) VMSYNC_VIDEO_IMAGE=$(abspath $(VIDEO_IMAGE)) ctest --output-on-failure -j 1 --timeout 900
 	$(MAKE) --no-print-directory sanitize fuzz FUZZ_SECONDS=10
 
 # Unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
@@ -78,9 +83,8 @@ bench-switch: build image
 	$(BUILD)/userspace/vmsync bench switch --profile wifi,lte --runs 5 --image $(IMAGE) --out $(BUILD)/bench-switch
 
 # The paper's study on the video workload (see README: Study).
-study: build
-	vm-images/build.sh --out $(BUILD)/vm-images/video --workload video
-	$(BUILD)/userspace/vmsync study --workload video --image $(BUILD)/vm-images/video \
+study: build video-image
+	$(BUILD)/userspace/vmsync study --workload video --image $(VIDEO_IMAGE) \
 	  --duration 120 --intervals 1,2,5,10,30,60 --repeat 3 --out $(BUILD)/study-video
 
 clean:

@@ -156,15 +156,20 @@ std::string vmsyncBinary() { return VMSYNC_BINARY; }
 
 std::string guestImage() {
   const char* v = std::getenv("VMSYNC_IMAGE");
-  return v ? v : VMSYNC_DEFAULT_IMAGE;
+  return v ? v : VMSYNC_IMAGES_DIR "/counter";
 }
 
-std::string missingForVm() {
+std::string videoImage() {
+  const char* v = std::getenv("VMSYNC_VIDEO_IMAGE");
+  return v ? v : VMSYNC_IMAGES_DIR "/video";
+}
+
+std::string missingForVm(const std::string& image) {
   std::string out;
   if (run({"qemu-system-x86_64", "--version"}, &out) != 0) return "qemu-system-x86_64 is not installed";
   for (const char* f : {"vmlinuz", "initrd.img", "disk.img", "cmdline"})
-    if (!fs::exists(guestImage() + "/" + f))
-      return "guest image " + guestImage() + " has no " + f + " (run vm-images/build.sh or make test)";
+    if (!fs::exists(image + "/" + f))
+      return "guest image " + image + " has no " + f + " (run vm-images/build.sh or make test)";
   return "";
 }
 

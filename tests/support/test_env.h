@@ -68,11 +68,14 @@ std::string readFile(const std::string& path);
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 int freePort();
 
-/// Path of the vmsync binary under test, and of the guest image (env VMSYNC_IMAGE).
+/// Path of the vmsync binary under test, and of the guest images `make test`
+/// builds: the counter guest (env VMSYNC_IMAGE) and the video guest (env
+/// VMSYNC_VIDEO_IMAGE).
 std::string vmsyncBinary();
 std::string guestImage();
+std::string videoImage();
 
-/// Checks for QEMU and the guest image; empty when present, else the reason.
-std::string missingForVm();
+/// Checks for QEMU and a guest image; empty when present, else the reason.
+std::string missingForVm(const std::string& image = guestImage());
 
 }  // namespace vmsync::testing
