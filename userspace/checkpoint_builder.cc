@@ -110,16 +110,23 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
 
   // 1. Hash every candidate in place, on every core, and keep those whose hash
   //    differs from the reference (most do not: this is the memory-bound part).
-  std::vector<std::vector<std::uint64_t>> changedPerTask((examined + kScanGrain - 1) / kScanGrain);
-  pool_->parallelFor(examined, kScanGrain, [&](std::size_t begin, std::size_t end) {
-    auto& changed = changedPerTask[begin / kScanGrain];
-    for (std::size_t k = begin; k < end; ++k) {
-      const std::uint64_t index = candidate(k);
-      if (hashUnit(image_.unit(index)) != referenceHash(index)) changed.push_back(index);
-    }
-  });
+  //    Not for a dirty-page list under Prev: it names units written since the
+  //    last harvest, nearly all changed, and step 2 hashes its copy of each
+  //    anyway and drops those that are not.
   std::vector<std::uint64_t> changed;
-  for (const auto& part : changedPerTask) changed.insert(changed.end(), part.begin(), part.end());
+  if (!everything && !origActive()) {
+    changed = std::move(indexes);
+  } else {
+    std::vector<std::vector<std::uint64_t>> changedPerTask((examined + kScanGrain - 1) / kScanGrain);
+    pool_->parallelFor(examined, kScanGrain, [&](std::size_t begin, std::size_t end) {
+      auto& part = changedPerTask[begin / kScanGrain];
+      for (std::size_t k = begin; k < end; ++k) {
+        const std::uint64_t index = candidate(k);
+        if (hashUnit(image_.unit(index)) != referenceHash(index)) part.push_back(index);
+      }
+    });
+    for (const auto& part : changedPerTask) changed.insert(changed.end(), part.begin(), part.end());
+  }
 
   // 2. Copy each changed unit once, straight into the delta; then hash and
   //    encode that copy: the VM may write the live page again meanwhile, and

@@ -94,6 +94,40 @@ TEST(ImageTracker, FailedPushShipsTheUnitsAgainEvenIfTheSourceForgetsThem) {
   EXPECT_TRUE(tracker.collect(DirtyUnits{}).units.empty());
 }
 
+// A dirty-page list names units that were written, not units that changed:
+// a list and a scan of the same image build the same checkpoint, whatever the
+// list holds twice or holds rewritten with the same bytes.
+TEST(ImageTracker, ADirtyListBuildsWhatAScanBuilds) {
+  TempDir dir;
+  ImageFile source(dir.file("source"), true, 64 * kUnitSize);
+  for (auto policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV}) {
+    SCOPED_TRACE(static_cast<int>(policy));
+    auto reference = [&] { return std::vector<std::byte>(source.bytes().begin(), source.bytes().end()); };
+    ImageTracker byList(source, hashAllUnits(source), policy, true, reference());
+    ImageTracker byScan(source, hashAllUnits(source), policy, true, reference());
+    for (std::uint32_t round = 1; round <= 3; ++round) {
+      std::vector<std::byte> same(source.unit(7).begin(), source.unit(7).end());
+      source.writeUnit(7, same);                       // written, unchanged
+      const char fill = static_cast<char>('a' + round + 4 * static_cast<int>(policy));
+      writeUnit(source.path(), 10 + round, fill);      // changed
+      writeUnit(source.path(), 30, fill + 16);         // changed every round
+      ImageDelta list = byList.collect(DirtyUnits{.units = {30, 7, 10 + round, 30}});
+      ImageDelta scan = byScan.collect(DirtyUnits{.everything = true});
+      ASSERT_EQ(list.units.size(), 2u) << "round " << round;
+      ASSERT_EQ(list.units.size(), scan.units.size());
+      for (std::size_t i = 0; i < list.units.size(); ++i) {
+        EXPECT_EQ(list.units[i].index, scan.units[i].index);
+        EXPECT_EQ(list.units[i].encoding, scan.units[i].encoding);
+        EXPECT_EQ(list.units[i].data, scan.units[i].data);
+      }
+      EXPECT_EQ(list.hashes, scan.hashes);
+      EXPECT_EQ(list.encodedBytes, scan.encodedBytes);
+      byList.acknowledge(list);
+      byScan.acknowledge(scan);
+    }
+  }
+}
+
 /// Random bytes in some units, zero in some, a copy of unit 3 in others.
 void fillForPool(ImageFile& image, std::uint32_t seed) {
   std::mt19937 rng(seed);
