@@ -66,13 +66,19 @@ std::uint16_t unusedPort() {
   return probe.port;
 }
 
-TEST(DelayRelay, CarriesEveryByteInOrderBothWays) {
-  Listener target;
+/// A relay on 127.0.0.1 to `targetPort`, holding bytes `delay` each way.
+DelayRelayOptions relayTo(std::uint16_t targetPort, std::chrono::milliseconds delay) {
   DelayRelayOptions options;
   options.listenHost = "127.0.0.1";
   options.listenPort = unusedPort();
-  options.targetPort = target.port;
-  options.oneWayDelay = std::chrono::milliseconds(20);
+  options.targetPort = targetPort;
+  options.oneWayDelay = delay;
+  return options;
+}
+
+TEST(DelayRelay, CarriesEveryByteInOrderBothWays) {
+  Listener target;
+  const DelayRelayOptions options = relayTo(target.port, std::chrono::milliseconds(20));
   DelayRelay relay(options);
 
   std::string upstream(3 << 20, '\0');
@@ -98,10 +104,7 @@ TEST(DelayRelay, CarriesEveryByteInOrderBothWays) {
 }
 
 TEST(DelayRelay, AConnectionToAnAbsentTargetIsClosed) {
-  DelayRelayOptions options;
-  options.listenHost = "127.0.0.1";
-  options.listenPort = unusedPort();
-  options.targetPort = unusedPort();  // nothing listens there
+  const DelayRelayOptions options = relayTo(unusedPort(), std::chrono::milliseconds(0));  // nothing listens there
   DelayRelay relay(options);
   int client = connectTo(options.listenPort);
   ASSERT_GE(client, 0);
@@ -114,11 +117,7 @@ TEST(DelayRelay, AConnectionToAnAbsentTargetIsClosed) {
 /// connection sends from then on, and the bytes held already stay ahead of them.
 TEST(DelayRelay, ANewDelayHoldsLaterBytesOfAnOpenConnectionInOrder) {
   Listener target;
-  DelayRelayOptions options;
-  options.listenHost = "127.0.0.1";
-  options.listenPort = unusedPort();
-  options.targetPort = target.port;
-  options.oneWayDelay = std::chrono::milliseconds(0);
+  const DelayRelayOptions options = relayTo(target.port, std::chrono::milliseconds(0));
   DelayRelay relay(options);
   std::string received;
   std::thread server([&] {
