@@ -188,8 +188,8 @@ class BenchCluster {
 
   /// The initial full sync over the links' initial profile; each link takes
   /// the measured profile as soon as its part is done: A's once the server
-  /// stored the full sync (before A's estimates of its link begin), B's once
-  /// B applied it.
+  /// stored the full sync (normally before A's first estimate of its link:
+  /// A's next checkpoint starts an interval later), B's once B applied it.
   void syncInitially() {
     waitInSync(1, std::chrono::seconds(900), false);
     lab_.setProfile("A", profile_);

@@ -19,7 +19,7 @@ struct BenchSwitchOptions {
   bool qemuMigration = true;                  // also measure QEMU's live migration
   int migrationTimeoutSeconds = 120;          // a migration not done by then is cancelled
   std::uint32_t targetSwitchMs = 0;           // passed to the devices (adaptive interval); 0: fixed interval
-  std::string initialSyncProfile;              // the links' profile until the initial sync is done; "": the measured one
+  std::string initialSyncProfile;             // the links' profile for the initial sync; "": the measured one
   std::uint32_t workloadSeconds = 3600;       // the guest's workload runs this long (vmsync.duration); 0: as built
 };
 
