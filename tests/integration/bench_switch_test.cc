@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <regex>
 #include <string>
+#include <vector>
 
 #include "cluster.h"
 
@@ -33,19 +34,37 @@ std::string cellOf(const std::string& table, const std::string& field) {
   return std::regex_search(table, match, row) ? match[1].str() : std::string{};
 }
 
+/// What the bench needs here: QEMU, the guest `image`, network namespaces;
+/// empty when all are there.
+std::string missingForBench(const std::string& image) {
+  std::string missing = missingForVm(image);
+  return missing.empty() ? missingForNetworkLab() : missing;
+}
+
+/// Runs `vmsync bench switch` once per link (wifi, lte) with one switch each,
+/// the adaptive target of 4000 ms and the initial sync over lan, on `image`
+/// with `options` added; its state goes under `out`. Its output (the tables)
+/// is printed for the test log and returned in `output`.
+void runSwitchBench(const std::string& image, const std::vector<std::string>& options, const std::string& out,
+                    std::string& output) {
+  std::vector<std::string> argv{vmsyncBinary(), "bench", "switch", "--profile", "wifi,lte", "--runs", "1",
+                                "--target-switch-ms", "4000", "--initial-sync-profile", "lan", "--image", image,
+                                "--out", out};
+  argv.insert(argv.end(), options.begin(), options.end());
+  std::string errors;
+  ASSERT_EQ(run(argv, &output, &errors), 0) << output << errors;
+  std::printf("%s\n", output.c_str());
+}
+
+/// The line that sets the final transfer against the target, up to its verdict.
+const std::string kAgainstTarget =
+    R"(final checkpoint transfer against the target of 4000 ms: median [0-9]+ ms, worst [0-9]+ ms; )";
+
 TEST(BenchSwitch, PrintsATablePerProfileWithQemuMigrationAlongside) {
-  std::string missing = missingForVm();
-  if (missing.empty()) missing = missingForNetworkLab();
-  if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  if (auto missing = missingForBench(guestImage()); !missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   TempDir dir;
-  std::string output, errors;
-  const int status =
-      run({vmsyncBinary(), "bench", "switch", "--profile", "wifi,lte", "--runs", "1", "--settle", "2",
-           "--target-switch-ms", "4000", "--initial-sync-profile", "lan", "--image", guestImage(), "--out",
-           dir / "bench"},
-          &output, &errors);
-  ASSERT_EQ(status, 0) << output << errors;
-  std::printf("%s\n", output.c_str());  // the tables, for the test log
+  std::string output;
+  ASSERT_NO_FATAL_FAILURE(runSwitchBench(guestImage(), {"--settle", "2"}, dir / "bench", output));
 
   const std::regex number(R"(^[0-9]+(\.[0-9]+)? / [0-9]+(\.[0-9]+)?$)");
   for (const std::string profile : {"wifi", "lte"}) {
@@ -60,9 +79,7 @@ TEST(BenchSwitch, PrintsATablePerProfileWithQemuMigrationAlongside) {
       EXPECT_TRUE(std::regex_match(cell, number)) << field << ": '" << cell << "' in\n" << table;
     }
     EXPECT_NE(table.find("QEMU migrations completed: 1 of 1"), std::string::npos) << table;
-    const std::regex againstTarget(
-        R"(final checkpoint transfer against the target of 4000 ms: median [0-9]+ ms, worst [0-9]+ ms; )");
-    EXPECT_TRUE(std::regex_search(table, againstTarget)) << table;
+    EXPECT_TRUE(std::regex_search(table, std::regex(kAgainstTarget))) << table;
   }
   const std::regex cost(
       R"(checkpointing cost \(adaptive, target 4000 ms\): device daemons' CPU [0-9.]+ s/min)");
@@ -77,27 +94,18 @@ TEST(BenchSwitch, PrintsATablePerProfileWithQemuMigrationAlongside) {
 /// the bench's finding, printed in the test log (README: Adaptive interval);
 /// the test checks that the bench measured it on both links.
 TEST(BenchSwitch, AdaptiveIntervalOnTheVideoGuestOverWifiAndLte) {
-  std::string missing = missingForVm(videoImage());
-  if (missing.empty()) missing = missingForNetworkLab();
-  if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  if (auto missing = missingForBench(videoImage()); !missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   TempDir dir;
-  std::string output, errors;
-  const int status =
-      run({vmsyncBinary(), "bench", "switch", "--profile", "wifi,lte", "--runs", "1", "--settle", "10",
-           "--target-switch-ms", "4000", "--no-qemu-migration", "--initial-sync-profile", "lan", "--image",
-           videoImage(), "--out", dir / "bench"},
-          &output, &errors);
-  ASSERT_EQ(status, 0) << output << errors;
-  std::printf("%s\n", output.c_str());  // the tables and the verdicts, for the test log
+  std::string output;
+  ASSERT_NO_FATAL_FAILURE(
+      runSwitchBench(videoImage(), {"--settle", "10", "--no-qemu-migration"}, dir / "bench", output));
 
   for (const std::string profile : {"wifi", "lte"}) {
     SCOPED_TRACE(profile);
     const std::string table = tableOf(output, profile);
     ASSERT_FALSE(table.empty()) << "no table for " << profile << ":\n" << output;
     EXPECT_TRUE(std::regex_match(cellOf(table, "transfer_ms"), std::regex(R"([0-9]+ / [0-9]+)"))) << table;
-    const std::regex verdict(
-        R"(final checkpoint transfer against the target of 4000 ms: median [0-9]+ ms, worst [0-9]+ ms; )"
-        R"((under the target in every run|over the target in 1 of 1 runs))");
+    const std::regex verdict(kAgainstTarget + R"((under the target in every run|over the target in 1 of 1 runs))");
     EXPECT_TRUE(std::regex_search(table, verdict)) << table;
     // The video guest it was, playing until the end on both devices.
     EXPECT_NE(readFile(dir / ("bench/" + profile + "/A/serial.log")).find("workload video starting"),
