@@ -65,7 +65,8 @@ struct Connection {
   }
 };
 
-/// Moves bytes from `from` to `to`, each held `delay` after it was read.
+/// Moves bytes from `from` to `to`, each held for the delay `delayMs` held
+/// when it was read.
 /// Returns when `from` ends and everything is delivered, on an error, or when
 /// `stop` becomes readable.
 void pump(const std::shared_ptr<Connection>& connection, int from, int to,
