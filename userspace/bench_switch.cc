@@ -20,7 +20,6 @@
 #include <thread>
 
 #include "delay_relay.h"
-#include "durable_file.h"
 #include "error.h"
 #include "network_lab.h"
 #include "qemu_vm.h"
@@ -381,7 +380,7 @@ std::string imageWithWorkloadDuration(const fs::path& image, std::uint32_t secon
   fs::create_directories(dir);
   for (const char* f : {"vmlinuz", "initrd.img", "disk.img", "spec.json"})
     if (fs::exists(image / f)) fs::create_symlink(fs::absolute(image / f), dir / f);
-  std::istringstream words(readWholeFile((image / "cmdline").string(), 4096));
+  std::istringstream words(readImageCmdline(image.string()));
   std::string cmdline, word;
   while (words >> word)
     if (!word.starts_with("vmsync.duration=")) cmdline += word + " ";

@@ -378,8 +378,7 @@ void Device::createFromImage() {
   fs::remove(path("device-state.bin"));
   fs::remove(path("device-state.seq"));
   deviceStateSequence_ = 0;
-  std::string cmdline = readWholeFile((image / "cmdline").string(), 4096);
-  while (!cmdline.empty() && (cmdline.back() == '\n' || cmdline.back() == ' ')) cmdline.pop_back();
+  const std::string cmdline = readImageCmdline(image.string());
   spec_ = LocalSpec{options_.vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "",
                     "qemu64",       1,                             parsePolicy(options_.policy)};
   fs::remove(path("base-ram.img"));

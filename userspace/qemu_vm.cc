@@ -14,6 +14,7 @@
 #include <sstream>
 #include <thread>
 
+#include "durable_file.h"
 #include "error.h"
 
 namespace vmsync {
@@ -236,6 +237,12 @@ void QemuVm::quit() {
     reap(pid_, std::chrono::seconds(5));
   }
   pid_ = -1;
+}
+
+std::string readImageCmdline(const std::string& imageDir) {
+  std::string cmdline = readWholeFile(imageDir + "/cmdline", 4096);
+  while (!cmdline.empty() && (cmdline.back() == '\n' || cmdline.back() == ' ')) cmdline.pop_back();
+  return cmdline;
 }
 
 std::string resolveAccel(const std::string& requested, const VmConfig& probe, std::chrono::seconds limit) {

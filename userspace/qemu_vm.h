@@ -74,6 +74,10 @@ class QemuVm {
   std::unique_ptr<QmpClient> qmp_;
 };
 
+/// The kernel command line of a guest image built by vm-images/build.sh: its
+/// `cmdline` file, without the trailing newline. Throws Error when unreadable.
+std::string readImageCmdline(const std::string& imageDir);
+
 /// Resolves --accel: "kvm" and "tcg" are returned as they are (kvm is checked
 /// to be usable); "auto" boots `probe` under KVM with a time limit and returns
 /// "kvm" when the guest reaches user space, else "tcg", logging why. Never hangs.

@@ -149,8 +149,7 @@ RunTotals runOnce(const StudyOptions& options, int run, std::ofstream& csv) {
   }
   fs::copy_file(image / "disk.img", dir / "disk.img");
   { ImageFile ram((dir / "ram.img").string(), true, std::uint64_t{memoryMb} << 20); }
-  std::string cmdline = readWholeFile((image / "cmdline").string(), 4096);
-  while (!cmdline.empty() && (cmdline.back() == '\n' || cmdline.back() == ' ')) cmdline.pop_back();
+  const std::string cmdline = readImageCmdline(image.string());
   VmConfig config;
   config.qemuBinary = options.qemuBinary;
   config.memoryBytes = std::uint64_t{memoryMb} << 20;

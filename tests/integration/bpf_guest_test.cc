@@ -48,9 +48,7 @@ TEST_P(BpfGuest, EveryChangedBlockIsReportedEveryRound) {
   config.memoryBytes = 128u << 20;
   config.kernelPath = image + "/vmlinuz";
   config.initrdPath = image + "/initrd.img";
-  config.kernelCmdline = readFile(image + "/cmdline");
-  while (!config.kernelCmdline.empty() && config.kernelCmdline.back() == '\n')
-    config.kernelCmdline.pop_back();
+  config.kernelCmdline = readImageCmdline(image);
   config.ramPath = dir / "ram.img";
   config.diskPath = blockDevice ? loop->path() : dir / "disk.img";
   if (blockDevice) config.diskCache = "none";
