@@ -91,11 +91,13 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile&
 std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const ImageFile& base) {
   std::vector<bool> inList(image.units());
   for (const auto& write : list.writes) inList[write.index] = true;
+  image.prefetch();  // the comparison reads both images whole
+  base.prefetch();
   std::vector<UnitWrite> restore;
   for (std::uint64_t i = 0; i < image.units(); ++i)
     if (!inList[i] && std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) != 0)
       restore.push_back({i, base.unit(i).data()});
-  image.writeUnits(restore);  // runs of consecutive units in one pwritev each
+  image.writeUnits(restore);
   return restore.size();
 }
 

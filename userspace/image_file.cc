@@ -3,11 +3,10 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <climits>
+#include <memory>
 #include <vector>
 
 #include "error.h"
@@ -15,7 +14,7 @@
 namespace vmsync {
 
 ImageFile::ImageFile(std::string path, bool writable, std::uint64_t createBytes)
-    : path_(std::move(path)) {
+    : path_(std::move(path)), writable_(writable) {
   int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
   if (createBytes > 0) flags |= O_CREAT;
   fd_ = ::open(path_.c_str(), flags, 0600);
@@ -47,6 +46,17 @@ ImageFile::ImageFile(std::string path, bool writable, std::uint64_t createBytes)
     throwErrno(err, fmt::format("cannot map image {}", path_));
   }
   base_ = static_cast<std::byte*>(map);
+  if (writable) {
+    // Random access: a read of the fd caches the pages it asks for, a fault
+    // the page it needs, each in a 4 KiB folio (see the class comment).
+    int err = ::posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
+    if (err == 0 && ::madvise(base_, size_, MADV_RANDOM) != 0) err = errno;
+    if (err != 0) {
+      ::munmap(base_, size_);
+      ::close(fd_);
+      throwErrno(err, fmt::format("cannot set random access on image {}", path_));
+    }
+  }
 }
 
 ImageFile::~ImageFile() {
@@ -76,30 +86,54 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
     if (write.index >= units()) fail("unit {} is past the end of image {} ({} units)", write.index, path_, units());
   std::vector<UnitWrite> sorted(writes.begin(), writes.end());
   std::sort(sorted.begin(), sorted.end(), [](const UnitWrite& a, const UnitWrite& b) { return a.index < b.index; });
-  constexpr std::size_t kMaxRun = std::min<std::size_t>(IOV_MAX, 256);
-  std::vector<iovec> iov;
-  iov.reserve(kMaxRun);
-  for (std::size_t first = 0; first < sorted.size();) {
-    // The run of consecutive units starting at `first`.
-    std::size_t end = first + 1;
-    while (end < sorted.size() && end - first < kMaxRun && sorted[end].index == sorted[end - 1].index + 1) ++end;
-    iov.clear();
-    for (std::size_t i = first; i < end; ++i)
-      iov.push_back({const_cast<std::byte*>(sorted[i].bytes), kUnitSize});
-    const std::size_t total = (end - first) * kUnitSize;
-    const off_t offset = static_cast<off_t>(sorted[first].index * kUnitSize);
-    ssize_t n;
-    do n = ::pwritev(fd_, iov.data(), static_cast<int>(iov.size()), offset);
-    while (n < 0 && errno == EINTR);
-    if (n < 0) throwLastErrno(fmt::format("cannot write image {}", path_));
-    // A short write: the rest unit by unit.
-    for (std::size_t done = static_cast<std::size_t>(n); done < total;) {
-      const std::size_t unit = done / kUnitSize, within = done % kUnitSize;
-      writeAt(sorted[first + unit].bytes + within, kUnitSize - within, static_cast<std::uint64_t>(offset) + done);
-      done += kUnitSize - within;
+  for (const auto& write : sorted) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
+}
+
+void ImageFile::readAt(std::byte* data, std::size_t size, std::uint64_t offset) const {
+  for (std::size_t done = 0; done < size;) {
+    ssize_t n = ::pread(fd_, data + done, size - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throwLastErrno(fmt::format("cannot read image {}", path_));
+    if (n == 0)
+      fail("image {} ends at {} bytes, before the {} it had when opened", path_, offset + done,
+           size_);
+    done += static_cast<std::size_t>(n);
+  }
+}
+
+void ImageFile::prefetch() const {
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const std::size_t pages = (size_ + page - 1) / page;
+  std::vector<unsigned char> resident(pages);
+  if (::mincore(base_, size_, resident.data()) != 0)
+    throwLastErrno(fmt::format("cannot see which pages of image {} are cached", path_));
+  constexpr std::size_t kMaxRead = 1u << 20;
+  const std::size_t maxPages = std::max<std::size_t>(1, kMaxRead / page);
+  auto scratch = std::make_unique_for_overwrite<std::byte[]>(maxPages * page);
+  for (std::size_t first = 0; first < pages;) {
+    if (resident[first] & 1) {
+      ++first;
+      continue;
     }
+    std::size_t end = first + 1;
+    while (end < pages && !(resident[end] & 1) && end - first < maxPages) ++end;
+    const std::uint64_t offset = std::uint64_t{first} * page;
+    readAt(scratch.get(),
+           std::min<std::uint64_t>(std::uint64_t{end - first} * page, size_ - offset), offset);
     first = end;
   }
+}
+
+void ImageFile::recache() {
+  if (!writable_) fail("image {} is open read-only; only a writable image is recached", path_);
+  sync();
+  // Unmap this process's pages first: the kernel drops no page that is mapped.
+  // The mapping is shared and read-only, so nothing is lost.
+  if (::madvise(base_, size_, MADV_DONTNEED) != 0)
+    throwLastErrno(fmt::format("cannot unmap image {}", path_));
+  if (int err = ::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED); err != 0)
+    throwErrno(err, fmt::format("cannot drop image {} from the page cache", path_));
+  prefetch();
 }
 
 void ImageFile::sync() {

@@ -40,6 +40,7 @@ std::uint64_t zeroUnitHash() {
 }
 
 std::vector<std::uint64_t> hashAllUnits(const ImageFile& image) {
+  image.prefetch();  // what is not cached comes in by large reads, not a fault a page
   std::vector<std::uint64_t> hashes(image.units());
   // On every core, 4 MiB per task.
   defaultThreadPool().parallelFor(hashes.size(), 1024, [&](std::size_t begin, std::size_t end) {

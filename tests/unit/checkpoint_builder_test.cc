@@ -342,7 +342,7 @@ TEST(ImageFile, WriteUnitsInAnyOrderWithRunsAndRefusesAnIndexPastTheEnd) {
   ImageFile image(dir.file("img"), true, 600 * kUnitSize);
   std::vector<std::vector<std::byte>> data(600);
   std::vector<UnitWrite> writes;
-  // A run longer than one pwritev, a gap, single units, given in reverse.
+  // Runs, gaps and single units, given in reverse.
   for (std::uint64_t i = 0; i < 600; ++i) {
     if (i % 100 == 50 || (i > 400 && i % 3 == 0)) continue;
     data[i].assign(kUnitSize, static_cast<std::byte>(i % 251 + 1));
