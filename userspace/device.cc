@@ -112,6 +112,8 @@ class Device {
   void saveApplied(std::uint64_t sequence);
   void saveLocalSpec();
   void openImages(bool create);
+  /// Has the page cache hold the images in 4 KiB folios (ImageFile::recache).
+  void recacheImages();
   /// Orig policies: opens the base image files.
   void openBase();
   /// Orig policies: writes the base image from the full checkpoint's units.
@@ -309,6 +311,17 @@ void Device::openImages(bool create) {
   if (ram_->sizeBytes() != spec_.memoryBytes || disk_->sizeBytes() != spec_.diskBytes)
     fail("local image in {} does not match the VM: RAM {} / {} bytes, disk {} / {} bytes", dir_, ram_->sizeBytes(),
          spec_.memoryBytes, disk_->sizeBytes(), spec_.diskBytes);
+  // An image from before may be cached in large folios (a VMM ran on it, or
+  // it was copied), which makes every checkpoint's unit writes slower.
+  if (!create) recacheImages();
+}
+
+void Device::recacheImages() {
+  const std::uint64_t start = nowNs();
+  ram_->recache();
+  disk_->recache();
+  spdlog::info("{}: images recached in 4 KiB pages in {:.0f} ms", options_.deviceId,
+               (nowNs() - start) / 1e6);
 }
 
 void Device::openBase() {
@@ -905,7 +918,12 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           retiringVm_ = std::move(vm_);
           retiringBlockSource_ = std::move(blockSource_);
           retiringLoop_ = std::move(loop_);
-          background_.add(io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] { retireVm(); }));
+          background_.add(io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] {
+            retireVm();
+            // The VMM's faults cached the images in large folios; a standby
+            // writes them a unit at a time.
+            if (role_ == Role::standby) recacheImages();
+          }));
           pageSource_.reset();
           ram_->sync();
           disk_->sync();
