@@ -88,7 +88,13 @@ class Child {
   pid_t pid_ = -1;
 };
 
-std::string selfBinary() { return fs::read_symlink("/proc/self/exe").string(); }
+/// This program's path, read once: should the binary be rebuilt during a
+/// bench, /proc/self/exe names the old file with " (deleted)" after it, which
+/// nothing can run.
+const std::string& selfBinary() {
+  static const std::string path = fs::read_symlink("/proc/self/exe").string();
+  return path;
+}
 
 /// Nearest-rank percentile of `values` (p in 0..100).
 double percentile(std::vector<double> values, double p) {
