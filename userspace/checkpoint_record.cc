@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "durable_file.h"
 #include "error.h"
 
 namespace vmsync {
@@ -60,19 +61,6 @@ void writeAndSync(int fd, const std::string& path, std::span<const iovec> iov, s
     syncResult = ::fsync(fd) == 0 ? 0 : -errno;
   }
   if (syncResult < 0) throwErrno(-syncResult, fmt::format("cannot fsync {}", path));
-}
-
-/// Reads exactly `size` bytes at `offset`; false at a premature end of file.
-bool readExactly(int fd, void* into, std::size_t size, off_t offset, const std::string& path) {
-  std::size_t done = 0;
-  while (done < size) {
-    ssize_t n = ::pread(fd, static_cast<char*>(into) + done, size - done, offset + static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) throwLastErrno(fmt::format("cannot read {}", path));
-    if (n == 0) return false;
-    done += static_cast<std::size_t>(n);
-  }
-  return true;
 }
 
 }  // namespace

@@ -73,4 +73,17 @@ std::string readWholeFile(const std::string& path, std::size_t maxBytes) {
   return out;
 }
 
+bool readExactly(int fd, void* into, std::size_t size, off_t offset, const std::string& path) {
+  std::size_t done = 0;
+  while (done < size) {
+    ssize_t n = ::pread(fd, static_cast<char*>(into) + done, size - done,
+                        offset + static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throwLastErrno(fmt::format("cannot read {}", path));
+    if (n == 0) return false;
+    done += static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
 }  // namespace vmsync

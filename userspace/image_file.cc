@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "durable_file.h"
 #include "error.h"
 
 namespace vmsync {
@@ -89,18 +90,6 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
   for (const auto& write : sorted) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
 }
 
-void ImageFile::readAt(std::byte* data, std::size_t size, std::uint64_t offset) const {
-  for (std::size_t done = 0; done < size;) {
-    ssize_t n = ::pread(fd_, data + done, size - done, static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) throwLastErrno(fmt::format("cannot read image {}", path_));
-    if (n == 0)
-      fail("image {} ends at {} bytes, before the {} it had when opened", path_, offset + done,
-           size_);
-    done += static_cast<std::size_t>(n);
-  }
-}
-
 void ImageFile::prefetch() const {
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   const std::size_t pages = (size_ + page - 1) / page;
@@ -118,8 +107,11 @@ void ImageFile::prefetch() const {
     std::size_t end = first + 1;
     while (end < pages && !(resident[end] & 1) && end - first < maxPages) ++end;
     const std::uint64_t offset = std::uint64_t{first} * page;
-    readAt(scratch.get(),
-           std::min<std::uint64_t>(std::uint64_t{end - first} * page, size_ - offset), offset);
+    const std::size_t bytes =
+        std::min<std::uint64_t>(std::uint64_t{end - first} * page, size_ - offset);
+    if (!readExactly(fd_, scratch.get(), bytes, static_cast<off_t>(offset), "image " + path_))
+      fail("image {} ends before byte {}, short of the {} bytes it had when opened", path_,
+           offset + bytes, size_);
     first = end;
   }
 }

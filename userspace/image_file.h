@@ -73,8 +73,6 @@ class ImageFile {
  private:
   /// pwrite()s all `size` bytes at `offset`, again after a short write.
   void writeAt(const std::byte* data, std::size_t size, std::uint64_t offset);
-  /// pread()s all `size` bytes at `offset` into `data`.
-  void readAt(std::byte* data, std::size_t size, std::uint64_t offset) const;
 
   std::string path_;
   int fd_ = -1;
