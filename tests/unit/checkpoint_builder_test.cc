@@ -337,31 +337,6 @@ TEST(ApplyCheckpoint, CorruptChunkAfterGoodOnesIsRejectedAndNothingIsWritten) {
   EXPECT_EQ(hashAllUnits(ram), before) << "nothing may be written before every chunk is checked";
 }
 
-TEST(ImageFile, WriteUnitsInAnyOrderWithRunsAndRefusesAnIndexPastTheEnd) {
-  TempDir dir;
-  ImageFile image(dir.file("img"), true, 600 * kUnitSize);
-  std::vector<std::vector<std::byte>> data(600);
-  std::vector<UnitWrite> writes;
-  // Runs, gaps and single units, given in reverse.
-  for (std::uint64_t i = 0; i < 600; ++i) {
-    if (i % 100 == 50 || (i > 400 && i % 3 == 0)) continue;
-    data[i].assign(kUnitSize, static_cast<std::byte>(i % 251 + 1));
-    writes.push_back({i, data[i].data()});
-  }
-  std::reverse(writes.begin(), writes.end());
-  image.writeUnits(writes);
-  for (std::uint64_t i = 0; i < 600; ++i) {
-    if (data[i].empty())
-      EXPECT_EQ(hashUnit(image.unit(i)), zeroUnitHash()) << "unit " << i;
-    else
-      EXPECT_TRUE(std::equal(image.unit(i).begin(), image.unit(i).end(), data[i].begin())) << "unit " << i;
-  }
-  std::vector<std::byte> other(kUnitSize, std::byte{0xEE});
-  std::vector<UnitWrite> pastEnd{{1, other.data()}, {600, other.data()}};
-  EXPECT_THROW(image.writeUnits(pastEnd), Error);
-  EXPECT_FALSE(std::equal(image.unit(1).begin(), image.unit(1).end(), other.begin())) << "unit 1 was written";
-}
-
 TEST(ApplyCheckpoint, MoreChunksThanUnitsIsRejectedBeforeDecoding) {
   TempDir dir;
   ImageFile ram(dir.file("ram"), true, 2 * kUnitSize);

@@ -1,5 +1,6 @@
-// ImageFile keeps a writable image's page cache in 4 KiB folios, and its
-// prefetch and recache keep every byte.
+// ImageFile writes units in any order and refuses one past the end, keeps a
+// writable image's page cache in 4 KiB folios, and its prefetch and recache
+// keep every byte.
 #include "image_file.h"
 
 #include <fcntl.h>
@@ -7,12 +8,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <vector>
 
 #include "error.h"
 #include "test_env.h"
+#include "unit_hashes.h"
 #include "units.h"
 
 namespace vmsync {
@@ -79,6 +82,33 @@ void writeAndReadSequentially(const std::string& path, const std::vector<std::by
   for (std::size_t offset = 0; offset < bytes.size(); offset += kChunk)
     ASSERT_EQ(::pread(fd, scratch.data(), kChunk, static_cast<off_t>(offset)), static_cast<ssize_t>(kChunk));
   ::close(fd);
+}
+
+TEST(ImageFile, WriteUnitsInAnyOrderWithRunsAndRefusesAnIndexPastTheEnd) {
+  TempDir dir;
+  ImageFile image(dir / "img", true, 600 * kUnitSize);
+  std::vector<std::vector<std::byte>> data(600);
+  std::vector<UnitWrite> writes;
+  // Runs, gaps and single units, given in reverse.
+  for (std::uint64_t i = 0; i < 600; ++i) {
+    if (i % 100 == 50 || (i > 400 && i % 3 == 0)) continue;
+    data[i].assign(kUnitSize, static_cast<std::byte>(i % 251 + 1));
+    writes.push_back({i, data[i].data()});
+  }
+  std::reverse(writes.begin(), writes.end());
+  image.writeUnits(writes);
+  for (std::uint64_t i = 0; i < 600; ++i) {
+    if (data[i].empty())
+      EXPECT_EQ(hashUnit(image.unit(i)), zeroUnitHash()) << "unit " << i;
+    else
+      EXPECT_TRUE(std::equal(image.unit(i).begin(), image.unit(i).end(), data[i].begin()))
+          << "unit " << i;
+  }
+  std::vector<std::byte> other(kUnitSize, std::byte{0xEE});
+  std::vector<UnitWrite> pastEnd{{1, other.data()}, {600, other.data()}};
+  EXPECT_THROW(image.writeUnits(pastEnd), Error);
+  EXPECT_FALSE(std::equal(image.unit(1).begin(), image.unit(1).end(), other.begin()))
+      << "unit 1 was written";
 }
 
 TEST(ImageFile, RecacheLeavesNoLargeFolioAndEveryByte) {
