@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <memory>
 #include <vector>
 
@@ -90,7 +91,52 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
   for (const auto& write : sorted) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
 }
 
-void ImageFile::prefetch() const {
+std::vector<UnitRun> ImageFile::dataRuns() const {
+  const std::uint64_t count = units();
+  std::vector<UnitRun> runs;
+  for (std::uint64_t from = 0; from < size_;) {
+    if (runs.size() == kMaxDataRuns - 1) {
+      runs.push_back({from / kUnitSize, count});
+      break;
+    }
+    const off_t data = ::lseek(fd_, static_cast<off_t>(from), SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;  // only a hole from `from` to the end
+    // Where the file system cannot tell, what is left may all be data.
+    const off_t hole = data < 0 ? -1 : ::lseek(fd_, data, SEEK_HOLE);
+    UnitRun run{from / kUnitSize, count};
+    if (data >= 0 && hole >= 0) {
+      // Outward to whole units: a unit is skipped only if all of it is a hole.
+      run.first = static_cast<std::uint64_t>(data) / kUnitSize;
+      run.end = std::min(count, (static_cast<std::uint64_t>(hole) + kUnitSize - 1) / kUnitSize);
+    }
+    if (run.first >= run.end) break;  // data only past the size the image was opened with
+    if (!runs.empty() && runs.back().end >= run.first)
+      runs.back().end = std::max(runs.back().end, run.end);
+    else
+      runs.push_back(run);
+    from = run.end * kUnitSize;
+  }
+  return runs;
+}
+
+std::vector<UnitSpan> spansByHoles(const std::vector<UnitRun>& dataRuns, std::uint64_t units,
+                                   std::uint64_t grain) {
+  std::vector<UnitSpan> spans;
+  auto add = [&](std::uint64_t first, std::uint64_t end, bool hole) {
+    for (std::uint64_t at = first; at < end; at += grain)
+      spans.push_back({at, std::min(at + grain, end), hole});
+  };
+  std::uint64_t next = 0;  // the first unit not yet in a span
+  for (const UnitRun& run : dataRuns) {
+    add(next, run.first, true);
+    add(run.first, run.end, false);
+    next = run.end;
+  }
+  add(next, units, true);
+  return spans;
+}
+
+void ImageFile::prefetch(const std::vector<UnitRun>& runs) const {
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   const std::size_t pages = (size_ + page - 1) / page;
   std::vector<unsigned char> resident(pages);
@@ -99,20 +145,25 @@ void ImageFile::prefetch() const {
   constexpr std::size_t kMaxRead = 1u << 20;
   const std::size_t maxPages = std::max<std::size_t>(1, kMaxRead / page);
   auto scratch = std::make_unique_for_overwrite<std::byte[]>(maxPages * page);
-  for (std::size_t first = 0; first < pages;) {
-    if (resident[first] & 1) {
-      ++first;
-      continue;
+  for (const UnitRun& run : runs) {
+    // The pages that hold any byte of the run's units.
+    const std::size_t endPage =
+        std::min<std::uint64_t>((run.end * kUnitSize + page - 1) / page, pages);
+    for (std::size_t first = run.first * kUnitSize / page; first < endPage;) {
+      if (resident[first] & 1) {
+        ++first;
+        continue;
+      }
+      std::size_t end = first + 1;
+      while (end < endPage && !(resident[end] & 1) && end - first < maxPages) ++end;
+      const std::uint64_t offset = std::uint64_t{first} * page;
+      const std::size_t bytes =
+          std::min<std::uint64_t>(std::uint64_t{end - first} * page, size_ - offset);
+      if (!readExactly(fd_, scratch.get(), bytes, static_cast<off_t>(offset), "image " + path_))
+        fail("image {} ends before byte {}, short of the {} bytes it had when opened", path_,
+             offset + bytes, size_);
+      first = end;
     }
-    std::size_t end = first + 1;
-    while (end < pages && !(resident[end] & 1) && end - first < maxPages) ++end;
-    const std::uint64_t offset = std::uint64_t{first} * page;
-    const std::size_t bytes =
-        std::min<std::uint64_t>(std::uint64_t{end - first} * page, size_ - offset);
-    if (!readExactly(fd_, scratch.get(), bytes, static_cast<off_t>(offset), "image " + path_))
-      fail("image {} ends before byte {}, short of the {} bytes it had when opened", path_,
-           offset + bytes, size_);
-    first = end;
   }
 }
 

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "units.h"
 
@@ -14,6 +15,25 @@ struct UnitWrite {
   std::uint64_t index = 0;
   const std::byte* bytes = nullptr;
 };
+
+/// Units [first, end) of an image.
+struct UnitRun {
+  std::uint64_t first = 0;
+  std::uint64_t end = 0;
+};
+
+/// Units [first, end) of an image, all of them in a hole of the file or all
+/// of them possibly holding data.
+struct UnitSpan {
+  std::uint64_t first = 0;
+  std::uint64_t end = 0;
+  bool hole = false;
+};
+
+/// Every unit of an image of `units` units in index order, cut into spans of
+/// at most `grain` units that are all in `dataRuns` or all outside them.
+std::vector<UnitSpan> spansByHoles(const std::vector<UnitRun>& dataRuns, std::uint64_t units,
+                                   std::uint64_t grain);
 
 /// An open image file mapped shared, so reads see what the VMM writes with no
 /// copy through the VMM. Writes go through pwrite so the page cache stays the one
@@ -60,14 +80,28 @@ class ImageFile {
   /// Flushes written data to stable storage.
   void sync();
 
-  /// Brings every page of the image that is not in the page cache in through
-  /// the file descriptor, up to 1 MiB per read. Call it before a pass over the
-  /// whole mapping: a writable image's mapping faults one page at a time.
-  void prefetch() const;
-  /// Writes the image out, drops it from the page cache and reads it back in
-  /// 4 KiB folios. For an image others have cached in large folios (a VMM's
-  /// faults, a copy, a sequential read) before it takes scattered writes.
-  /// Pages another process still maps stay as they are.
+  /// The runs of units that may hold data, in index order. Every unit outside
+  /// them lies in a hole of the file and reads as zeros, so a pass over the
+  /// whole image need not read it (nor cache a page of zeros for it). Found
+  /// with SEEK_DATA / SEEK_HOLE; where the file system cannot tell, and for a
+  /// block device, one run covers the image. After kMaxDataRuns runs the rest
+  /// of the image is one run, which bounds the system calls for a file of many
+  /// small holes (seeking past a one-unit hole costs about what reading it
+  /// does). Taken while another process writes the file, it is as fuzzy as a
+  /// read of the file would be.
+  std::vector<UnitRun> dataRuns() const;
+  static constexpr std::size_t kMaxDataRuns = 4096;
+
+  /// Brings every page of `runs` that is not in the page cache in through the
+  /// file descriptor, up to 1 MiB per read. Call it before a pass over those
+  /// units of the mapping: a writable image's mapping faults one page at a time.
+  void prefetch(const std::vector<UnitRun>& runs) const;
+  /// The same for every unit that may hold data (dataRuns()).
+  void prefetch() const { prefetch(dataRuns()); }
+  /// Writes the image out, drops it from the page cache and reads back what
+  /// may hold data (dataRuns()) in 4 KiB folios. For an image others have cached in large folios (a
+  /// VMM's faults, a copy, a sequential read) before it takes scattered writes. Pages another
+  /// process still maps stay as they are.
   void recache();
 
  private:

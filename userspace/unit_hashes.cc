@@ -40,11 +40,18 @@ std::uint64_t zeroUnitHash() {
 }
 
 std::vector<std::uint64_t> hashAllUnits(const ImageFile& image) {
-  image.prefetch();  // what is not cached comes in by large reads, not a fault a page
-  std::vector<std::uint64_t> hashes(image.units());
-  // On every core, 4 MiB per task.
-  defaultThreadPool().parallelFor(hashes.size(), 1024, [&](std::size_t begin, std::size_t end) {
-    for (std::size_t i = begin; i < end; ++i) hashes[i] = hashUnit(image.unit(i));
+  // Units in holes of the file read as zeros: they are not read at all.
+  const std::vector<UnitRun> runs = image.dataRuns();
+  image.prefetch(runs);  // what is not cached comes in by large reads, not a fault a page
+  std::vector<std::uint64_t> hashes(image.units(), zeroUnitHash());
+  // On every core, up to 4 MiB per task.
+  const std::vector<UnitSpan> spans = spansByHoles(runs, image.units(), 1024);
+  defaultThreadPool().parallelFor(spans.size(), 1, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t s = begin; s < end; ++s) {
+      if (spans[s].hole) continue;
+      for (std::uint64_t i = spans[s].first; i < spans[s].end; ++i)
+        hashes[i] = hashUnit(image.unit(i));
+    }
   });
   return hashes;
 }

@@ -20,7 +20,8 @@ std::uint64_t hashUnitPortable(std::span<const std::byte> unit);
 /// The hash of an all-zero unit.
 std::uint64_t zeroUnitHash();
 
-/// Hashes of every unit of `image`, in order.
+/// Hashes of every unit of `image`, in order. Units in holes of the file
+/// (ImageFile::dataRuns) get zeroUnitHash() without being read.
 std::vector<std::uint64_t> hashAllUnits(const ImageFile& image);
 
 /// Digest of a VM image (RAM then disk): xxh3-128 over the per-unit hash arrays.

@@ -143,7 +143,7 @@ TEST(ImageFile, UnitWritesAndPrefetchCacheNoLargeFolio) {
     if (i < 2048 || i % 7 == 0) writes.push_back({i, bytes.data() + i * kUnitSize});
   image.writeUnits(writes);
   image.sync();
-  // The rest of the image (holes, never cached) comes in through prefetch.
+  // Holes: prefetch leaves them, the mapping faults them in a page at a time.
   image.prefetch();
   touchAll(image);
   auto large = pagesInLargeFolios(image.bytes().data(), image.sizeBytes());
@@ -151,6 +151,102 @@ TEST(ImageFile, UnitWritesAndPrefetchCacheNoLargeFolio) {
   EXPECT_EQ(*large, 0u) << "pages of the written image in large folios";
   for (const auto& write : writes)
     ASSERT_EQ(std::memcmp(image.unit(write.index).data(), write.bytes, kUnitSize), 0) << "unit " << write.index;
+}
+
+/// A sparse 8 MiB image: data at units 3, 1000-1099 and 2047, and unit 1500
+/// written with zeros (data, not a hole); the rest never written.
+constexpr std::uint64_t kSparseUnits = 2048;
+constexpr std::uint64_t kWrittenZeros = 1500;
+
+std::vector<UnitWrite> sparseWrites(const std::vector<std::byte>& bytes,
+                                    const std::vector<std::byte>& zeros) {
+  std::vector<UnitWrite> writes{{3, bytes.data() + 3 * kUnitSize}, {kWrittenZeros, zeros.data()}};
+  for (std::uint64_t i = 1000; i < 1100; ++i) writes.push_back({i, bytes.data() + i * kUnitSize});
+  writes.push_back({kSparseUnits - 1, bytes.data() + (kSparseUnits - 1) * kUnitSize});
+  return writes;
+}
+
+bool inRuns(const std::vector<UnitRun>& runs, std::uint64_t index) {
+  return std::any_of(runs.begin(), runs.end(),
+                     [&](const UnitRun& r) { return r.first <= index && index < r.end; });
+}
+
+TEST(ImageFile, HashesOfASparseImageAreThoseOfEveryUnitRead) {
+  TempDir dir;
+  const auto bytes = pattern(kSparseUnits);
+  const std::vector<std::byte> zeros(kUnitSize);
+  ImageFile image(dir / "ram.img", true, kSparseUnits * kUnitSize);
+  const auto writes = sparseWrites(bytes, zeros);
+  image.writeUnits(writes);
+  // Before the sync the written units are only in the page cache (delayed
+  // allocation on ext4); after it, in the file's extents.
+  for (bool synced : {false, true}) {
+    if (synced) image.sync();
+    const auto runs = image.dataRuns();
+    for (std::size_t k = 0; k < runs.size(); ++k) {
+      EXPECT_LT(runs[k].first, runs[k].end) << "run " << k;
+      EXPECT_LE(runs[k].end, kSparseUnits) << "run " << k;
+      if (k > 0) {
+        EXPECT_LT(runs[k - 1].end, runs[k].first) << "runs " << k - 1 << " and " << k;
+      }
+    }
+    for (const auto& write : writes)
+      EXPECT_TRUE(inRuns(runs, write.index)) << "unit " << write.index;
+    const auto hashes = hashAllUnits(image);
+    ASSERT_EQ(hashes.size(), kSparseUnits);
+    for (std::uint64_t i = 0; i < kSparseUnits; ++i)
+      ASSERT_EQ(hashes[i], hashUnit(image.unit(i))) << "unit " << i << (synced ? ", synced" : "");
+  }
+}
+
+TEST(ImageFile, ManySmallHolesEndInOneRunOfData) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 2 * ImageFile::kMaxDataRuns + 200;
+  const std::vector<std::byte> bytes(kUnitSize, std::byte{7});
+  ImageFile image(dir / "ram.img", true, kUnits * kUnitSize);
+  std::vector<UnitWrite> writes;
+  for (std::uint64_t i = 0; i < kUnits; i += 2) writes.push_back({i, bytes.data()});
+  image.writeUnits(writes);
+  image.sync();
+  const auto runs = image.dataRuns();
+  if (runs.size() == 1 && runs[0].first == 0 && runs[0].end == kUnits)
+    VMSYNC_SKIP_OR_FAIL("the file system under the test's directory reports no holes");
+  ASSERT_EQ(runs.size(), ImageFile::kMaxDataRuns);
+  EXPECT_EQ(runs[0].first, 0u);
+  EXPECT_EQ(runs[0].end, 1u);
+  EXPECT_EQ(runs.back().first, runs[runs.size() - 2].end) << "the rest, from where the seeking stopped";
+  EXPECT_EQ(runs.back().end, kUnits);
+  for (const auto& write : writes) ASSERT_TRUE(inRuns(runs, write.index)) << "unit " << write.index;
+}
+
+TEST(ImageFile, HolesAreNeitherReadNorCached) {
+  TempDir dir;
+  const auto bytes = pattern(kSparseUnits);
+  const std::vector<std::byte> zeros(kUnitSize);
+  ImageFile image(dir / "ram.img", true, kSparseUnits * kUnitSize);
+  const auto writes = sparseWrites(bytes, zeros);
+  image.writeUnits(writes);
+  image.recache();  // out to the file, dropped, and what may hold data read back
+  const auto runs = image.dataRuns();
+  if (inRuns(runs, 500) && inRuns(runs, 1800))
+    VMSYNC_SKIP_OR_FAIL("the file system under the test's directory reports no holes");
+  const auto hashes = hashAllUnits(image);
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> resident((image.sizeBytes() + page - 1) / page);
+  ASSERT_EQ(
+      ::mincore(const_cast<std::byte*>(image.bytes().data()), image.sizeBytes(), resident.data()),
+      0)
+      << std::strerror(errno);
+  auto cached = [&](std::uint64_t unit) { return (resident[unit * kUnitSize / page] & 1) != 0; };
+  for (const auto& write : writes)
+    EXPECT_TRUE(cached(write.index)) << "unit " << write.index << " was not read";
+  for (std::uint64_t unit : {0, 500, 999, 1100, 1800, 2046})
+    if (!inRuns(runs, unit)) {
+      EXPECT_FALSE(cached(unit)) << "unit " << unit << " is in a hole but was read";
+    }
+  EXPECT_EQ(hashes[500], zeroUnitHash());
+  EXPECT_EQ(hashes[kWrittenZeros], zeroUnitHash());
+  EXPECT_EQ(hashes[3], hashUnit(std::span(bytes.data() + 3 * kUnitSize, kUnitSize)));
 }
 
 TEST(ImageFile, PrefetchAndRecacheKeepWhatWasWrittenButNotSynced) {
