@@ -106,24 +106,37 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
     indexes.erase(std::unique(indexes.begin(), indexes.end()), indexes.end());
   }
   const std::size_t examined = everything ? count : indexes.size();
-  auto candidate = [&](std::size_t k) { return everything ? std::uint64_t{k} : indexes[k]; };
 
   // 1. Hash every candidate in place, on every core, and keep those whose hash
   //    differs from the reference (most do not: this is the memory-bound part).
   //    Not for a dirty-page list under Prev: it names units written since the
   //    last harvest, nearly all changed, and step 2 hashes its copy of each
   //    anyway and drops those that are not.
+  //    A scan of the whole image does not read the units in holes of the file:
+  //    they read as zeros, so only the zero hash is compared.
   std::vector<std::uint64_t> changed;
   if (!everything && !origActive()) {
     changed = std::move(indexes);
+  } else if (everything) {
+    const auto spans = spansByHoles(image_.dataRuns(), count, kScanGrain);
+    std::vector<std::vector<std::uint64_t>> changedPerSpan(spans.size());
+    pool_->parallelFor(spans.size(), 1, [&](std::size_t begin, std::size_t end) {
+      for (std::size_t s = begin; s < end; ++s) {
+        const UnitSpan& span = spans[s];
+        for (std::uint64_t i = span.first; i < span.end; ++i) {
+          const std::uint64_t hash = span.hole ? zeroUnitHash() : hashUnit(image_.unit(i));
+          if (hash != referenceHash(i)) changedPerSpan[s].push_back(i);
+        }
+      }
+    });
+    for (const auto& part : changedPerSpan) changed.insert(changed.end(), part.begin(), part.end());
   } else {
     std::vector<std::vector<std::uint64_t>> changedPerTask((examined + kScanGrain - 1) / kScanGrain);
     pool_->parallelFor(examined, kScanGrain, [&](std::size_t begin, std::size_t end) {
       auto& part = changedPerTask[begin / kScanGrain];
-      for (std::size_t k = begin; k < end; ++k) {
-        const std::uint64_t index = candidate(k);
-        if (hashUnit(image_.unit(index)) != referenceHash(index)) part.push_back(index);
-      }
+      for (std::size_t k = begin; k < end; ++k)
+        if (hashUnit(image_.unit(indexes[k])) != referenceHash(indexes[k]))
+          part.push_back(indexes[k]);
     });
     for (const auto& part : changedPerTask) changed.insert(changed.end(), part.begin(), part.end());
   }

@@ -2,6 +2,7 @@
 
 #include <capnp/message.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include "checkpoint_applier.h"
 #include "error.h"
+#include "test_env.h"
 #include "unit_hashes.h"
 
 namespace vmsync {
@@ -75,6 +77,41 @@ TEST(ImageTracker, ScanFindsExactlyTheChangedUnitsAndTheReceiverConverges) {
 
   EXPECT_EQ(hashAllUnits(source), hashAllUnits(receiverRam));
   EXPECT_EQ(tracker.receiverHashes(), hashAllUnits(receiverRam));
+}
+
+// A scan compares the units in holes of the image file by the zero hash and
+// does not read them. It finds a unit written into a hole, and a unit the
+// receiver holds non-zero where the file now has a hole (a VMM that discards
+// guest RAM punches one).
+TEST(ImageTracker, AScanFindsChangesInAndAroundHolesWithoutReadingThem) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 2048;
+  ImageFile source(dir.file("source"), true, kUnits * kUnitSize);
+  writeUnit(source.path(), 10, 'a');
+  writeUnit(source.path(), 1000, 'b');
+  std::vector<std::uint64_t> receiver = hashAllUnits(source);
+  const std::vector<std::byte> nonZero(kUnitSize, std::byte{'z'});
+  receiver[1500] = hashUnit(nonZero);
+  ImageTracker tracker(source, receiver, wire::Policy::DIRTY_PREV, true);
+  writeUnit(source.path(), 700, 'c');
+  source.recache();  // out to the file; what may hold data read back, holes left out
+  ImageDelta delta = tracker.collect(DirtyUnits{.everything = true});
+  ASSERT_EQ(delta.units.size(), 2u);
+  EXPECT_EQ(delta.units[0].index, 700u);
+  EXPECT_EQ(delta.units[1].index, 1500u);
+  EXPECT_EQ(delta.units[1].encoding, wire::ChunkEncoding::ZERO);
+  tracker.acknowledge(delta);
+  EXPECT_EQ(tracker.receiverHashes(), hashAllUnits(source));
+
+  const auto runs = source.dataRuns();
+  if (std::any_of(runs.begin(), runs.end(),
+                  [](const UnitRun& r) { return r.first <= 300 && 300 < r.end; }))
+    VMSYNC_SKIP_OR_FAIL("the file system under the test's directory reports no holes");
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const std::byte* unit300 = source.bytes().data() + 300 * kUnitSize / page * page;
+  unsigned char resident = 1;
+  ASSERT_EQ(::mincore(const_cast<std::byte*>(unit300), page, &resident), 0) << std::strerror(errno);
+  EXPECT_EQ(resident & 1, 0) << "the scan read unit 300, which is in a hole";
 }
 
 TEST(ImageTracker, FailedPushShipsTheUnitsAgainEvenIfTheSourceForgetsThem) {
