@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "delay_relay.h"
+#include "durable_file.h"
 #include "error.h"
 #include "network_lab.h"
 #include "qemu_vm.h"
@@ -239,7 +240,7 @@ class BenchCluster {
     const std::string scratch = dir_ + "/migration-" + target;
     fs::remove_all(scratch);
     fs::create_directories(scratch);
-    fs::copy_file(options_.imageDir + "/disk.img", scratch + "/disk.img");
+    copySparse(options_.imageDir + "/disk.img", scratch + "/disk.img");
     VmConfig config;
     config.accel = spec.at("accel");
     config.cpuModel = spec.at("cpu_model");

@@ -386,7 +386,7 @@ void Device::createFromImage() {
   fs::copy_file(image / "vmlinuz", path("vmlinuz"), fs::copy_options::overwrite_existing);
   fs::copy_file(image / "initrd.img", path("initrd.img"), fs::copy_options::overwrite_existing);
   fs::remove(path("disk.img"));
-  fs::copy_file(image / "disk.img", path("disk.img"));
+  copySparse((image / "disk.img").string(), path("disk.img"));
   fs::remove(path("ram.img"));
   fs::remove(path("device-state.bin"));
   fs::remove(path("device-state.seq"));
@@ -819,8 +819,8 @@ ApplyStats Device::applyToImage(wire::Checkpoint::Reader checkpoint) {
   if (full && isOrigPolicy(spec_.policy)) {
     baseRam_.reset();
     baseDisk_.reset();
-    fs::copy_file(path("ram.img"), path("base-ram.img"), fs::copy_options::overwrite_existing);
-    fs::copy_file(path("disk.img"), path("base-disk.img"), fs::copy_options::overwrite_existing);
+    copySparse(path("ram.img"), path("base-ram.img"));
+    copySparse(path("disk.img"), path("base-disk.img"));
     openBase();
   }
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) {

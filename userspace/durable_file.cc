@@ -4,7 +4,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <filesystem>
+#include <memory>
 
 #include "error.h"
 
@@ -84,6 +87,88 @@ bool readExactly(int fd, void* into, std::size_t size, off_t offset, const std::
     done += static_cast<std::size_t>(n);
   }
   return true;
+}
+
+std::vector<std::pair<std::uint64_t, std::uint64_t>> dataRanges(int fd, std::uint64_t size,
+                                                                std::size_t maxRanges) {
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
+  for (std::uint64_t from = 0; from < size;) {
+    const off_t data =
+        ranges.size() + 1 >= maxRanges ? -1 : ::lseek(fd, static_cast<off_t>(from), SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;  // only a hole from `from` to the end
+    const off_t hole = data < 0 ? -1 : ::lseek(fd, data, SEEK_HOLE);
+    if (data < 0 || hole < 0) {  // cannot tell (or enough ranges): the rest may all be data
+      ranges.emplace_back(from, size);
+      break;
+    }
+    const auto first = static_cast<std::uint64_t>(data);
+    const auto end = std::min(static_cast<std::uint64_t>(hole), size);
+    if (first >= end) break;  // data only past `size`
+    ranges.emplace_back(first, end);
+    from = end;
+  }
+  return ranges;
+}
+
+namespace {
+
+/// Copies bytes [first, end) of `in` to the same place in `out`: in the kernel
+/// where it can, else through a buffer.
+void copyRange(int in, int out, std::uint64_t first, std::uint64_t end, const std::string& from,
+               const std::string& to) {
+  bool kernelCopy = true;
+  std::unique_ptr<char[]> buffer;
+  constexpr std::size_t kChunk = 1u << 20;
+  for (std::uint64_t at = first; at < end;) {
+    const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(end - at, kChunk));
+    ssize_t n;
+    if (kernelCopy) {
+      off_t inOffset = static_cast<off_t>(at), outOffset = static_cast<off_t>(at);
+      n = ::copy_file_range(in, &inOffset, out, &outOffset, want, 0);
+      if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
+        kernelCopy = false;  // not between these files: through the buffer
+        continue;
+      }
+    } else {
+      if (!buffer) buffer = std::make_unique<char[]>(kChunk);
+      if (!readExactly(in, buffer.get(), want, static_cast<off_t>(at), from))
+        fail("{} ended at byte {} while it was copied to {}", from, at, to);
+      n = ::pwrite(out, buffer.get(), want, static_cast<off_t>(at));
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throwLastErrno(fmt::format("cannot copy {} to {} at byte {}", from, to, at));
+    if (n == 0) fail("{} ended at byte {} while it was copied to {}", from, at, to);
+    at += static_cast<std::uint64_t>(n);
+  }
+}
+
+}  // namespace
+
+void copySparse(const std::string& from, const std::string& to) {
+  int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) throwLastErrno(fmt::format("cannot open {}", from));
+  int out = -1;
+  try {
+    struct stat st {};
+    if (::fstat(in, &st) != 0) throwLastErrno(fmt::format("cannot stat {}", from));
+    const auto size = static_cast<std::uint64_t>(st.st_size);
+    // A new file: one that replaced `to` in place would change under any
+    // process that has the old one open or mapped.
+    if (::unlink(to.c_str()) != 0 && errno != ENOENT)
+      throwLastErrno(fmt::format("cannot replace {}", to));
+    out = ::open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (out < 0) throwLastErrno(fmt::format("cannot create {}", to));
+    if (::ftruncate(out, static_cast<off_t>(size)) != 0)
+      throwLastErrno(fmt::format("cannot size {} to {} bytes", to, size));
+    for (auto [first, end] : dataRanges(in, size, SIZE_MAX))
+      copyRange(in, out, first, end, from, to);
+  } catch (...) {
+    ::close(in);
+    if (out >= 0) ::close(out);
+    throw;
+  }
+  ::close(in);
+  if (::close(out) != 0) throwLastErrno(fmt::format("cannot write {}", to));
 }
 
 }  // namespace vmsync

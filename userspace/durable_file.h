@@ -4,7 +4,10 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace vmsync {
 
@@ -19,5 +22,17 @@ std::string readWholeFile(const std::string& path, std::size_t maxBytes);
 /// Reads exactly `size` bytes of `fd` at `offset`, again after a short read;
 /// false at a premature end of file. Throws Error naming `path` when a read fails.
 bool readExactly(int fd, void* into, std::size_t size, off_t offset, const std::string& path);
+
+/// Byte ranges [first, end) of the open file `fd`, `size` bytes long, that may
+/// hold data, in order; the rest of the file is holes and reads as zeros. Found
+/// with SEEK_DATA / SEEK_HOLE; where the file system cannot tell, the rest of
+/// the file is one range, and so it is once `maxRanges` - 1 ranges are found.
+std::vector<std::pair<std::uint64_t, std::uint64_t>> dataRanges(int fd, std::uint64_t size,
+                                                                std::size_t maxRanges);
+
+/// Copies the file `from` to a new file `to` (mode 0600; a file there before
+/// is unlinked first), leaving the holes of `from` holes in `to`: a sparse
+/// image stays sparse. Not synced. Throws Error naming the file that failed.
+void copySparse(const std::string& from, const std::string& to);
 
 }  // namespace vmsync

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <memory>
 #include <vector>
 
@@ -92,29 +91,14 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
 }
 
 std::vector<UnitRun> ImageFile::dataRuns() const {
-  const std::uint64_t count = units();
   std::vector<UnitRun> runs;
-  for (std::uint64_t from = 0; from < size_;) {
-    if (runs.size() == kMaxDataRuns - 1) {
-      runs.push_back({from / kUnitSize, count});
-      break;
-    }
-    const off_t data = ::lseek(fd_, static_cast<off_t>(from), SEEK_DATA);
-    if (data < 0 && errno == ENXIO) break;  // only a hole from `from` to the end
-    // Where the file system cannot tell, what is left may all be data.
-    const off_t hole = data < 0 ? -1 : ::lseek(fd_, data, SEEK_HOLE);
-    UnitRun run{from / kUnitSize, count};
-    if (data >= 0 && hole >= 0) {
-      // Outward to whole units: a unit is skipped only if all of it is a hole.
-      run.first = static_cast<std::uint64_t>(data) / kUnitSize;
-      run.end = std::min(count, (static_cast<std::uint64_t>(hole) + kUnitSize - 1) / kUnitSize);
-    }
-    if (run.first >= run.end) break;  // data only past the size the image was opened with
+  for (auto [first, end] : dataRanges(fd_, size_, kMaxDataRuns)) {
+    // Outward to whole units: a unit is skipped only if all of it is a hole.
+    const UnitRun run{first / kUnitSize, (end + kUnitSize - 1) / kUnitSize};
     if (!runs.empty() && runs.back().end >= run.first)
       runs.back().end = std::max(runs.back().end, run.end);
     else
       runs.push_back(run);
-    from = run.end * kUnitSize;
   }
   return runs;
 }

@@ -147,7 +147,7 @@ RunTotals runOnce(const StudyOptions& options, int run, std::ofstream& csv) {
     auto j = nlohmann::json::parse(readWholeFile((image / "spec.json").string(), 1 << 20));
     memoryMb = j.value("memory_mb", 128u);
   }
-  fs::copy_file(image / "disk.img", dir / "disk.img");
+  copySparse((image / "disk.img").string(), (dir / "disk.img").string());
   { ImageFile ram((dir / "ram.img").string(), true, std::uint64_t{memoryMb} << 20); }
   const std::string cmdline = readImageCmdline(image.string());
   VmConfig config;

@@ -1,0 +1,84 @@
+// copySparse copies every byte and keeps the holes; dataRanges finds them.
+#include "durable_file.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <string>
+#include <vector>
+
+#include "error.h"
+#include "test_env.h"
+
+namespace vmsync {
+namespace {
+
+using testing::TempDir;
+
+constexpr std::uint64_t kMiB = 1u << 20;
+
+void writeAt(int fd, const std::string& bytes, std::uint64_t offset) {
+  ASSERT_EQ(::pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(offset)),
+            static_cast<ssize_t>(bytes.size()));
+}
+
+std::uint64_t allocatedBytes(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+  return static_cast<std::uint64_t>(st.st_blocks) * 512;
+}
+
+TEST(CopySparse, CopiesEveryByteAndKeepsTheHoles) {
+  TempDir dir;
+  const std::string from = dir / "disk.img", to = dir / "copy.img";
+  // 8 MiB and 100 bytes: data at 4 KiB, 1 MiB of it at 3 MiB, and the last 100 bytes.
+  const std::uint64_t size = 8 * kMiB + 100;
+  int fd = ::open(from.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(size)), 0);
+  std::string mib(kMiB, '\0');
+  for (std::size_t i = 0; i < mib.size(); ++i) mib[i] = static_cast<char>(i * 7 + 1);
+  writeAt(fd, std::string(4096, 'a'), 4096);
+  writeAt(fd, mib, 3 * kMiB);
+  writeAt(fd, std::string(100, 'z'), 8 * kMiB);
+  ASSERT_EQ(::fsync(fd), 0);
+  const auto ranges = dataRanges(fd, size, SIZE_MAX);
+  ::close(fd);
+  // A copy replaces what was there, larger or not.
+  {
+    int old = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    ASSERT_GE(old, 0);
+    writeAt(old, std::string(9 * kMiB, 'x'), 0);
+    ::close(old);
+  }
+  copySparse(from, to);
+  EXPECT_EQ(readWholeFile(to, 16 * kMiB), readWholeFile(from, 16 * kMiB));
+  struct stat st {};
+  ASSERT_EQ(::stat(to.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  if (ranges.size() == 1 && ranges[0].first == 0 && ranges[0].second == size)
+    VMSYNC_SKIP_OR_FAIL("the file system under the test's directory reports no holes");
+  std::uint64_t data = 0;
+  for (auto [first, end] : ranges) {
+    EXPECT_LT(first, end);
+    data += end - first;
+  }
+  EXPECT_LT(data, 2 * kMiB) << "the source's holes were not found";
+  EXPECT_LT(allocatedBytes(to), 2 * kMiB) << "the copy filled the holes in";
+}
+
+TEST(CopySparse, SaysWhichFileIsMissing) {
+  TempDir dir;
+  try {
+    copySparse(dir / "absent.img", dir / "copy.img");
+    FAIL() << "copied a file that does not exist";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("absent.img"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace vmsync
