@@ -93,9 +93,9 @@ std::vector<std::pair<std::uint64_t, std::uint64_t>> dataRanges(int fd, std::uin
                                                                 std::size_t maxRanges) {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
   for (std::uint64_t from = 0; from < size;) {
-    const off_t data =
-        ranges.size() + 1 >= maxRanges ? -1 : ::lseek(fd, static_cast<off_t>(from), SEEK_DATA);
-    if (data < 0 && errno == ENXIO) break;  // only a hole from `from` to the end
+    const bool enough = ranges.size() + 1 >= maxRanges;
+    const off_t data = enough ? -1 : ::lseek(fd, static_cast<off_t>(from), SEEK_DATA);
+    if (!enough && data < 0 && errno == ENXIO) break;  // only a hole from `from` to the end
     const off_t hole = data < 0 ? -1 : ::lseek(fd, data, SEEK_HOLE);
     if (data < 0 || hole < 0) {  // cannot tell (or enough ranges): the rest may all be data
       ranges.emplace_back(from, size);

@@ -99,9 +99,10 @@ class ImageFile {
   /// The same for every unit that may hold data (dataRuns()).
   void prefetch() const { prefetch(dataRuns()); }
   /// Writes the image out, drops it from the page cache and reads back what
-  /// may hold data (dataRuns()) in 4 KiB folios. For an image others have cached in large folios (a
-  /// VMM's faults, a copy, a sequential read) before it takes scattered writes. Pages another
-  /// process still maps stay as they are.
+  /// may hold data (dataRuns()) in 4 KiB folios. For an image others have
+  /// cached in large folios (a VMM's faults, a copy, a sequential read)
+  /// before it takes scattered writes. Pages another process still maps stay
+  /// as they are.
   void recache();
 
  private:

@@ -6,7 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "error.h"
@@ -68,6 +70,25 @@ TEST(CopySparse, CopiesEveryByteAndKeepsTheHoles) {
   }
   EXPECT_LT(data, 2 * kMiB) << "the source's holes were not found";
   EXPECT_LT(allocatedBytes(to), 2 * kMiB) << "the copy filled the holes in";
+}
+
+TEST(DataRanges, PastItsCapTheRestIsDataWhateverErrnoHeld) {
+  TempDir dir;
+  const std::string path = dir / "disk.img";
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(4 * kMiB)), 0);
+  writeAt(fd, std::string(4096, 'a'), 2 * kMiB);
+  using Ranges = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
+  // A cap of one range: no seeking, the whole file may hold data. An errno
+  // left over from some earlier call must not make it a hole.
+  errno = ENXIO;
+  EXPECT_EQ(dataRanges(fd, 4 * kMiB, 1), (Ranges{{0, 4 * kMiB}}));
+  const Ranges all = dataRanges(fd, 4 * kMiB, SIZE_MAX);
+  ::close(fd);
+  ASSERT_FALSE(all.empty());
+  EXPECT_LE(all.front().first, 2 * kMiB);
+  EXPECT_GE(all.back().second, 2 * kMiB + 4096);
 }
 
 TEST(CopySparse, SaysWhichFileIsMissing) {
