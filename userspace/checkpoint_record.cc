@@ -65,15 +65,6 @@ void writeAndSync(int fd, const std::string& path, std::span<const iovec> iov, s
 
 }  // namespace
 
-void syncDirectory(const std::string& dir) {
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) throwLastErrno(fmt::format("cannot open directory {}", dir));
-  int rc = ::fsync(dfd);
-  int err = errno;
-  ::close(dfd);
-  if (rc != 0) throwErrno(err, fmt::format("cannot fsync directory {}", dir));
-}
-
 kj::Maybe<kj::Array<capnp::word>> readRecordFile(const std::string& path, std::string& why) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throwLastErrno(fmt::format("cannot open {}", path));

@@ -56,7 +56,4 @@ void writeRecordFile(const std::string& path, std::span<const std::byte> payload
 /// cannot be opened or read at all.
 kj::Maybe<kj::Array<capnp::word>> readRecordFile(const std::string& path, std::string& why);
 
-/// fsyncs directory `dir`, making renames and removals in it durable.
-void syncDirectory(const std::string& dir);
-
 }  // namespace vmsync

@@ -15,6 +15,16 @@ namespace vmsync {
 
 namespace fs = std::filesystem;
 
+namespace {
+
+/// The directory that holds `path` ("." for a bare name).
+std::string parentDirectory(const std::string& path) {
+  std::string dir = fs::path(path).parent_path().string();
+  return dir.empty() ? "." : dir;
+}
+
+}  // namespace
+
 void writeFileDurably(const std::string& path, const void* bytes, std::size_t size) {
   std::string tmp = path + ".tmp";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -38,8 +48,11 @@ void writeFileDurably(const std::string& path, const void* bytes, std::size_t si
   }
   ::close(fd);
   if (::rename(tmp.c_str(), path.c_str()) != 0) throwLastErrno(fmt::format("cannot rename {} into place", tmp));
-  std::string dir = fs::path(path).parent_path().string();
-  int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  syncDirectory(parentDirectory(path));
+}
+
+void syncDirectory(const std::string& dir) {
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) throwLastErrno(fmt::format("cannot open directory {}", dir));
   int rc = ::fsync(dfd);
   int err = errno;

@@ -15,6 +15,9 @@ namespace vmsync {
 /// fsync, rename into place, fsync of the directory.
 void writeFileDurably(const std::string& path, const void* bytes, std::size_t size);
 
+/// fsyncs directory `dir`, making creations, renames and removals in it durable.
+void syncDirectory(const std::string& dir);
+
 /// Reads a whole file; throws Error naming it when it cannot, or when it is
 /// larger than `maxBytes`.
 std::string readWholeFile(const std::string& path, std::size_t maxBytes);
