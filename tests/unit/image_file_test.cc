@@ -171,13 +171,20 @@ bool inRuns(const std::vector<UnitRun>& runs, std::uint64_t index) {
                      [&](const UnitRun& r) { return r.first <= index && index < r.end; });
 }
 
-TEST(ImageFile, HashesOfASparseImageAreThoseOfEveryUnitRead) {
+/// A sparse image of kSparseUnits units with sparseWrites() written, not synced.
+struct SparseImage {
   TempDir dir;
-  const auto bytes = pattern(kSparseUnits);
-  const std::vector<std::byte> zeros(kUnitSize);
-  ImageFile image(dir / "ram.img", true, kSparseUnits * kUnitSize);
-  const auto writes = sparseWrites(bytes, zeros);
-  image.writeUnits(writes);
+  std::vector<std::byte> bytes = pattern(kSparseUnits);
+  std::vector<std::byte> zeros = std::vector<std::byte>(kUnitSize);
+  ImageFile image{dir / "ram.img", true, kSparseUnits* kUnitSize};
+  std::vector<UnitWrite> writes = sparseWrites(bytes, zeros);
+  SparseImage() { image.writeUnits(writes); }
+};
+
+TEST(ImageFile, HashesOfASparseImageAreThoseOfEveryUnitRead) {
+  SparseImage sparse;
+  ImageFile& image = sparse.image;
+  const auto& writes = sparse.writes;
   // Before the sync the written units are only in the page cache (delayed
   // allocation on ext4); after it, in the file's extents.
   for (bool synced : {false, true}) {
@@ -222,12 +229,9 @@ TEST(ImageFile, ManySmallHolesEndInOneRunOfData) {
 }
 
 TEST(ImageFile, HolesAreNeitherReadNorCached) {
-  TempDir dir;
-  const auto bytes = pattern(kSparseUnits);
-  const std::vector<std::byte> zeros(kUnitSize);
-  ImageFile image(dir / "ram.img", true, kSparseUnits * kUnitSize);
-  const auto writes = sparseWrites(bytes, zeros);
-  image.writeUnits(writes);
+  SparseImage sparse;
+  ImageFile& image = sparse.image;
+  const auto& writes = sparse.writes;
   image.recache();  // out to the file, dropped, and what may hold data read back
   const auto runs = image.dataRuns();
   if (inRuns(runs, 500) && inRuns(runs, 1800))
@@ -248,7 +252,7 @@ TEST(ImageFile, HolesAreNeitherReadNorCached) {
     }
   EXPECT_EQ(hashes[500], zeroUnitHash());
   EXPECT_EQ(hashes[kWrittenZeros], zeroUnitHash());
-  EXPECT_EQ(hashes[3], hashUnit(std::span(bytes.data() + 3 * kUnitSize, kUnitSize)));
+  EXPECT_EQ(hashes[3], hashUnit(std::span(sparse.bytes.data() + 3 * kUnitSize, kUnitSize)));
 }
 
 TEST(ImageFile, PrefetchAndRecacheKeepWhatWasWrittenButNotSynced) {
