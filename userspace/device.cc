@@ -341,6 +341,7 @@ void Device::writeBase(const ImageDelta& memory, const ImageDelta& disk) {
   };
   write("base-ram.img", spec_.memoryBytes, memory);
   write("base-disk.img", spec_.diskBytes, disk);
+  syncDirectory(dir_);  // the two new names
   openBase();
 }
 
@@ -819,8 +820,11 @@ ApplyStats Device::applyToImage(wire::Checkpoint::Reader checkpoint) {
   if (full && isOrigPolicy(spec_.policy)) {
     baseRam_.reset();
     baseDisk_.reset();
-    copySparse(path("ram.img"), path("base-ram.img"));
-    copySparse(path("disk.img"), path("base-disk.img"));
+    // Durable before the checkpoint counts as applied: Orig checkpoints to
+    // come restore from the base, and the journal that would redo this copy
+    // after a crash goes once it returns.
+    copySparse(path("ram.img"), path("base-ram.img"), /*durable=*/true);
+    copySparse(path("disk.img"), path("base-disk.img"), /*durable=*/true);
     openBase();
   }
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) {

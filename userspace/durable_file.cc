@@ -157,7 +157,7 @@ void copyRange(int in, int out, std::uint64_t first, std::uint64_t end, const st
 
 }  // namespace
 
-void copySparse(const std::string& from, const std::string& to) {
+void copySparse(const std::string& from, const std::string& to, bool durable) {
   int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
   if (in < 0) throwLastErrno(fmt::format("cannot open {}", from));
   int out = -1;
@@ -175,6 +175,7 @@ void copySparse(const std::string& from, const std::string& to) {
       throwLastErrno(fmt::format("cannot size {} to {} bytes", to, size));
     for (auto [first, end] : dataRanges(in, size, SIZE_MAX))
       copyRange(in, out, first, end, from, to);
+    if (durable && ::fsync(out) != 0) throwLastErrno(fmt::format("cannot fsync {}", to));
   } catch (...) {
     ::close(in);
     if (out >= 0) ::close(out);
@@ -182,6 +183,7 @@ void copySparse(const std::string& from, const std::string& to) {
   }
   ::close(in);
   if (::close(out) != 0) throwLastErrno(fmt::format("cannot write {}", to));
+  if (durable) syncDirectory(parentDirectory(to));
 }
 
 }  // namespace vmsync

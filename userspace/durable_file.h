@@ -35,7 +35,8 @@ std::vector<std::pair<std::uint64_t, std::uint64_t>> dataRanges(int fd, std::uin
 
 /// Copies the file `from` to a new file `to` (mode 0600; a file there before
 /// is unlinked first), leaving the holes of `from` holes in `to`: a sparse
-/// image stays sparse. Not synced. Throws Error naming the file that failed.
-void copySparse(const std::string& from, const std::string& to);
+/// image stays sparse. With `durable`, the copy and its name are on stable
+/// storage when it returns. Throws Error naming the file that failed.
+void copySparse(const std::string& from, const std::string& to, bool durable = false);
 
 }  // namespace vmsync
