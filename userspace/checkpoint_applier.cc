@@ -89,13 +89,20 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile&
 
 /// Orig: every unit not in `list` that differs from the base goes back to it.
 std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const ImageFile& base) {
-  std::vector<bool> inList(image.units());
-  for (const auto& write : list.writes) inList[write.index] = true;
-  image.prefetch();  // the comparison reads both images whole
-  base.prefetch();
+  // Units in holes of both files are zeros in both: only the others are
+  // compared, and what they read comes in by large reads.
+  std::vector<bool> compare(image.units());
+  for (const ImageFile* file : {static_cast<const ImageFile*>(&image), &base}) {
+    const auto runs = file->dataRuns();
+    file->prefetch(runs);
+    for (const UnitRun& run : runs)
+      std::fill(compare.begin() + static_cast<std::ptrdiff_t>(run.first),
+                compare.begin() + static_cast<std::ptrdiff_t>(run.end), true);
+  }
+  for (const auto& write : list.writes) compare[write.index] = false;
   std::vector<UnitWrite> restore;
   for (std::uint64_t i = 0; i < image.units(); ++i)
-    if (!inList[i] && std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) != 0)
+    if (compare[i] && std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) != 0)
       restore.push_back({i, base.unit(i).data()});
   image.writeUnits(restore);
   return restore.size();

@@ -386,7 +386,6 @@ void Device::createFromImage() {
   if (memoryMb == 0) memoryMb = 128;
   fs::copy_file(image / "vmlinuz", path("vmlinuz"), fs::copy_options::overwrite_existing);
   fs::copy_file(image / "initrd.img", path("initrd.img"), fs::copy_options::overwrite_existing);
-  fs::remove(path("disk.img"));
   copySparse((image / "disk.img").string(), path("disk.img"));
   fs::remove(path("ram.img"));
   fs::remove(path("device-state.bin"));
@@ -525,7 +524,7 @@ void Device::prepareActive(std::uint64_t epoch, std::vector<std::uint64_t> ramHa
   // device's own image as it stands now (the final checkpoint); for a new VM, zeros.
   const bool copyReference = spec_.policy == wire::Policy::DIFF_PREV && applied_ > 0;
   auto reference = [&](const ImageFile& image) {
-    return copyReference ? std::vector<std::byte>(image.bytes().begin(), image.bytes().end()) : std::vector<std::byte>{};
+    return copyReference ? image.copyBytes() : std::vector<std::byte>{};
   };
   ramTracker_ = std::make_unique<ImageTracker>(*ram_, std::move(ramHashes), spec_.policy, options_.compress,
                                                reference(*ram_));

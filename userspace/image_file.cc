@@ -141,14 +141,25 @@ void ImageFile::prefetch(const std::vector<UnitRun>& runs) const {
       std::size_t end = first + 1;
       while (end < endPage && !(resident[end] & 1) && end - first < maxPages) ++end;
       const std::uint64_t offset = std::uint64_t{first} * page;
-      const std::size_t bytes =
-          std::min<std::uint64_t>(std::uint64_t{end - first} * page, size_ - offset);
-      if (!readExactly(fd_, scratch.get(), bytes, static_cast<off_t>(offset), "image " + path_))
-        fail("image {} ends before byte {}, short of the {} bytes it had when opened", path_,
-             offset + bytes, size_);
+      readAt(scratch.get(),
+             std::min<std::uint64_t>(std::uint64_t{end - first} * page, size_ - offset), offset);
       first = end;
     }
   }
+}
+
+void ImageFile::readAt(std::byte* into, std::size_t size, std::uint64_t offset) const {
+  if (!readExactly(fd_, into, size, static_cast<off_t>(offset), "image " + path_))
+    fail("image {} ends before byte {}, short of the {} bytes it had when opened", path_,
+         offset + size, size_);
+}
+
+std::vector<std::byte> ImageFile::copyBytes() const {
+  std::vector<std::byte> bytes(size_);
+  for (const UnitRun& run : dataRuns())
+    readAt(bytes.data() + run.first * kUnitSize, (run.end - run.first) * kUnitSize,
+           run.first * kUnitSize);
+  return bytes;
 }
 
 void ImageFile::recache() {

@@ -98,6 +98,9 @@ class ImageFile {
   void prefetch(const std::vector<UnitRun>& runs) const;
   /// The same for every unit that may hold data (dataRuns()).
   void prefetch() const { prefetch(dataRuns()); }
+  /// A copy of the whole image, read through the file descriptor; units in
+  /// holes are left zero and not read.
+  std::vector<std::byte> copyBytes() const;
   /// Writes the image out, drops it from the page cache and reads back what
   /// may hold data (dataRuns()) in 4 KiB folios. For an image others have
   /// cached in large folios (a VMM's faults, a copy, a sequential read)
@@ -108,6 +111,8 @@ class ImageFile {
  private:
   /// pwrite()s all `size` bytes at `offset`, again after a short write.
   void writeAt(const std::byte* data, std::size_t size, std::uint64_t offset);
+  /// pread()s all `size` bytes at `offset`; throws Error if the file ends first.
+  void readAt(std::byte* into, std::size_t size, std::uint64_t offset) const;
 
   std::string path_;
   int fd_ = -1;

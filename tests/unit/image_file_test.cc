@@ -203,6 +203,10 @@ TEST(ImageFile, HashesOfASparseImageAreThoseOfEveryUnitRead) {
     ASSERT_EQ(hashes.size(), kSparseUnits);
     for (std::uint64_t i = 0; i < kSparseUnits; ++i)
       ASSERT_EQ(hashes[i], hashUnit(image.unit(i))) << "unit " << i << (synced ? ", synced" : "");
+    const auto copy = image.copyBytes();
+    ASSERT_EQ(copy.size(), image.sizeBytes());
+    EXPECT_EQ(std::memcmp(copy.data(), image.bytes().data(), copy.size()), 0)
+        << (synced ? "synced" : "");
   }
 }
 
@@ -237,6 +241,7 @@ TEST(ImageFile, HolesAreNeitherReadNorCached) {
   if (inRuns(runs, 500) && inRuns(runs, 1800))
     VMSYNC_SKIP_OR_FAIL("the file system under the test's directory reports no holes");
   const auto hashes = hashAllUnits(image);
+  const auto copy = image.copyBytes();
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   std::vector<unsigned char> resident((image.sizeBytes() + page - 1) / page);
   ASSERT_EQ(
@@ -253,6 +258,8 @@ TEST(ImageFile, HolesAreNeitherReadNorCached) {
   EXPECT_EQ(hashes[500], zeroUnitHash());
   EXPECT_EQ(hashes[kWrittenZeros], zeroUnitHash());
   EXPECT_EQ(hashes[3], hashUnit(std::span(sparse.bytes.data() + 3 * kUnitSize, kUnitSize)));
+  EXPECT_EQ(
+      std::memcmp(copy.data() + 3 * kUnitSize, sparse.bytes.data() + 3 * kUnitSize, kUnitSize), 0);
 }
 
 TEST(ImageFile, PrefetchAndRecacheKeepWhatWasWrittenButNotSynced) {
