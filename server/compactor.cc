@@ -32,8 +32,9 @@ kj::Own<StoredCheckpoint> load(const std::string& path) {
 std::uint64_t fillImage(const ImageFile& image, capnp::Orphanage orphanage,
                         capnp::Orphan<capnp::List<wire::Chunk>>& out, const std::atomic<bool>& cancel) {
   std::vector<std::uint64_t> nonZero;
-  for (std::uint64_t i = 0; i < image.units(); ++i)
-    if (!isZeroUnit(image.unit(i))) nonZero.push_back(i);
+  for (const UnitRun& run : image.dataRuns())  // units in holes are zero
+    for (std::uint64_t i = run.first; i < run.end; ++i)
+      if (!isZeroUnit(image.unit(i))) nonZero.push_back(i);
   out = orphanage.newOrphan<capnp::List<wire::Chunk>>(static_cast<unsigned>(nonZero.size()));
   auto list = out.get();
   for (unsigned i = 0; i < nonZero.size(); ++i) {
