@@ -111,8 +111,7 @@ void writeRecordFile(const std::string& path, std::span<const std::byte> payload
   // the rename durable.
   if (::rename(tmp.c_str(), path.c_str()) != 0) throwLastErrno(fmt::format("cannot rename {} into place", tmp));
   stop("after-rename");
-  const auto slash = path.find_last_of('/');
-  syncDirectory(slash == std::string::npos ? std::string(".") : path.substr(0, slash));
+  syncParentDirectory(path);
   stop("after-commit");
 }
 

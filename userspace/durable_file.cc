@@ -15,16 +15,6 @@ namespace vmsync {
 
 namespace fs = std::filesystem;
 
-namespace {
-
-/// The directory that holds `path` ("." for a bare name).
-std::string parentDirectory(const std::string& path) {
-  std::string dir = fs::path(path).parent_path().string();
-  return dir.empty() ? "." : dir;
-}
-
-}  // namespace
-
 void writeFileDurably(const std::string& path, const void* bytes, std::size_t size) {
   std::string tmp = path + ".tmp";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -48,7 +38,7 @@ void writeFileDurably(const std::string& path, const void* bytes, std::size_t si
   }
   ::close(fd);
   if (::rename(tmp.c_str(), path.c_str()) != 0) throwLastErrno(fmt::format("cannot rename {} into place", tmp));
-  syncDirectory(parentDirectory(path));
+  syncParentDirectory(path);
 }
 
 void syncDirectory(const std::string& dir) {
@@ -58,6 +48,11 @@ void syncDirectory(const std::string& dir) {
   int err = errno;
   ::close(dfd);
   if (rc != 0) throwErrno(err, fmt::format("cannot fsync directory {}", dir));
+}
+
+void syncParentDirectory(const std::string& path) {
+  const std::string dir = fs::path(path).parent_path().string();
+  syncDirectory(dir.empty() ? "." : dir);
 }
 
 std::string readWholeFile(const std::string& path, std::size_t maxBytes) {
@@ -183,7 +178,7 @@ void copySparse(const std::string& from, const std::string& to, bool durable) {
   }
   ::close(in);
   if (::close(out) != 0) throwLastErrno(fmt::format("cannot write {}", to));
-  if (durable) syncDirectory(parentDirectory(to));
+  if (durable) syncParentDirectory(to);
 }
 
 }  // namespace vmsync

@@ -17,6 +17,8 @@ void writeFileDurably(const std::string& path, const void* bytes, std::size_t si
 
 /// fsyncs directory `dir`, making creations, renames and removals in it durable.
 void syncDirectory(const std::string& dir);
+/// fsyncs the directory that holds `path` ("." for a bare name).
+void syncParentDirectory(const std::string& path);
 
 /// Reads a whole file; throws Error naming it when it cannot, or when it is
 /// larger than `maxBytes`.
