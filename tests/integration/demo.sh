@@ -22,7 +22,7 @@ trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # Whole counter lines only: a switch may cut a line in two between the logs.
 # (the guest's tty ends lines with CR LF)
-last_counter() { tr -d '\r' < "$1" 2>/dev/null | grep -a '^vmsync-counter [0-9]*$' | tail -n 1 | awk '{print $2}'; }
+last_counter() { tr -d '\r' 2>/dev/null < "$1" | grep -a '^vmsync-counter [0-9]*$' | tail -n 1 | awk '{print $2}'; }
 first_counter_after() { tail -c +"$(( $2 + 1 ))" "$1" | tr -d '\r' | grep -a '^vmsync-counter [0-9]*$' | head -n 1 | awk '{print $2}'; }
 head_seq() { "$vmsync" status --server "$server" --credential "$work/cli.cred" --json | sed -n 's/.*"head_sequence": \([0-9]*\).*/\1/p'; }
 wait_head() { # wait until the chain reaches $1
