@@ -151,9 +151,16 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   delta.units.resize(n);
   delta.hashes.resize(n);
   delta.raw.resize(n * kUnitSize);
+  // The encoder writes each payload straight here, kMaxPayload bytes of room per
+  // unit, and the units of a task one after the other: only what it writes is
+  // touched.
+  delta.payloads.resize(n * kMaxPayload);
   std::vector<char> ships(n, 0);
   const bool diff = isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty());
   pool_->parallelFor(n, kEncodeGrain, [&](std::size_t begin, std::size_t end) {
+    // Each unit leaves at most kMaxPayload bytes behind it, so the task stays
+    // within [begin, end) x kMaxPayload.
+    std::byte* room = delta.payloads.data() + begin * kMaxPayload;
     for (std::size_t k = begin; k < end; ++k) {
       const std::uint64_t index = changed[k];
       const auto live = image_.unit(index);
@@ -170,7 +177,8 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
       if (hash == referenceHash(index)) continue;
       ships[k] = 1;
       delta.hashes[k] = {index, hash};
-      EncodedUnit& unit = delta.units[k];
+      ChunkView& unit = delta.units[k];
+      const std::span<std::byte> unitRoom(room, kMaxPayload);
       if (zero) {
         unit.index = index;
         unit.encoding = wire::ChunkEncoding::ZERO;
@@ -178,11 +186,12 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
         std::span<const std::byte> reference =
             origActive() ? base_->unit(index)
                          : std::span<const std::byte>(receiverBytes_.data() + index * kUnitSize, kUnitSize);
-        unit = encodeDiff(index, copy, reference, compress_);
+        unit = encodeDiffInto(index, copy, reference, compress_, unitRoom);
       } else {
         // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
-        unit = encodeWhole(index, copy, compress_);
+        unit = encodeWholeInto(index, copy, compress_, unitRoom);
       }
+      if (unit.data.data() == room) room += unit.data.size();
     }
   });
 
@@ -194,17 +203,20 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   for (std::size_t k = 0; k < n; ++k) {
     if (!ships[k]) continue;
     if (kept != k) {
-      delta.units[kept] = std::move(delta.units[k]);
+      delta.units[kept] = delta.units[k];
       delta.hashes[kept] = delta.hashes[k];
       std::memcpy(delta.raw.data() + kept * kUnitSize, delta.raw.data() + k * kUnitSize, kUnitSize);
+      // A whole unit sent uncompressed ships its copy, which just moved.
+      if (delta.units[kept].data.data() == delta.raw.data() + k * kUnitSize)
+        delta.units[kept].data = {delta.raw.data() + kept * kUnitSize, kUnitSize};
     }
-    EncodedUnit& unit = delta.units[kept];
+    ChunkView& unit = delta.units[kept];
     const auto position = static_cast<std::uint32_t>(kept);
     if (unit.encoding != wire::ChunkEncoding::ZERO) {
       auto [earlier, first] = byHash.try_emplace(delta.hashes[kept].second, position);
       if (!first && std::memcmp(delta.raw.data() + std::size_t{earlier->second} * kUnitSize,
                                 delta.raw.data() + kept * kUnitSize, kUnitSize) == 0) {
-        unit = EncodedUnit{};
+        unit = ChunkView{};
         unit.index = delta.hashes[kept].first;
         unit.encoding = wire::ChunkEncoding::SAME_AS;
         unit.sameAs = earlier->second;

@@ -46,10 +46,18 @@ struct UninitializedAllocator : std::allocator<T> {
 
 /// One image's changes, ready to ship, and what shipping them will make the
 /// receiver's image look like.
+/// The chunks point into `raw` and `payloads`, so a delta is moved, never copied.
 struct ImageDelta {
-  std::vector<EncodedUnit> units;                              // chunks, by ascending index
+  ImageDelta() = default;
+  ImageDelta(ImageDelta&&) = default;
+  ImageDelta& operator=(ImageDelta&&) = default;
+  ImageDelta(const ImageDelta&) = delete;
+  ImageDelta& operator=(const ImageDelta&) = delete;
+
+  std::vector<ChunkView> units;                                // chunks, by ascending index
   std::vector<std::pair<std::uint64_t, std::uint64_t>> hashes; // (index, hash of the shipped bytes)
   std::vector<std::byte, UninitializedAllocator<std::byte>> raw;  // shipped bytes, 4096 per entry of `hashes`
+  std::vector<std::byte, UninitializedAllocator<std::byte>> payloads;  // what the encoder wrote (lz4, diffs)
   std::uint64_t examined = 0;                                  // units hashed in place
   std::uint64_t rawBytes = 0;                                  // changed units x 4096
   std::uint64_t encodedBytes = 0;                              // sum of chunk payloads

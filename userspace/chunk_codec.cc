@@ -6,6 +6,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <optional>
 
 #include "byte_compare.h"
 #include "error.h"
@@ -35,39 +36,62 @@ bool isZeroUnit(std::span<const std::byte> unit) {
 
 namespace {
 
-/// lz4-compresses `raw` into `unit.data` when that makes it smaller, setting
-/// the unit's compression and raw size; returns whether it did. `raw` may be
-/// `unit.data` itself. Compresses into a per-thread buffer, so that the unit
-/// keeps only the compressed bytes.
-bool compressInto(std::span<const std::byte> raw, EncodedUnit& unit) {
-  if (raw.empty()) return false;
-  thread_local std::vector<std::byte> scratch;
-  const auto bound = static_cast<std::size_t>(LZ4_compressBound(static_cast<int>(raw.size())));
-  if (scratch.size() < bound) scratch.resize(bound);
-  int n = LZ4_compress_default(reinterpret_cast<const char*>(raw.data()), reinterpret_cast<char*>(scratch.data()),
-                               static_cast<int>(raw.size()), static_cast<int>(bound));
-  if (n <= 0 || static_cast<std::size_t>(n) >= raw.size()) return false;
-  unit.rawSize = static_cast<std::uint32_t>(raw.size());
-  unit.data.assign(scratch.begin(), scratch.begin() + n);
-  unit.compression = wire::Compression::LZ4;
-  return true;
+static_assert(kMaxPayload == LZ4_COMPRESSBOUND(kUnitSize));
+
+/// lz4-compresses `raw` into `room` (at least lz4's bound for it); returns the
+/// compressed size, or 0 when compression does not make it smaller.
+std::size_t compressInto(std::span<const std::byte> raw, std::span<std::byte> room) {
+  if (raw.empty()) return 0;
+  int n = LZ4_compress_default(reinterpret_cast<const char*>(raw.data()), reinterpret_cast<char*>(room.data()),
+                               static_cast<int>(raw.size()), static_cast<int>(room.size()));
+  if (n <= 0 || static_cast<std::size_t>(n) >= raw.size()) return 0;
+  return static_cast<std::size_t>(n);
+}
+
+/// The chunk as an EncodedUnit holding a copy of its payload.
+EncodedUnit owning(const ChunkView& chunk) {
+  EncodedUnit unit;
+  unit.index = chunk.index;
+  unit.encoding = chunk.encoding;
+  unit.compression = chunk.compression;
+  unit.rawSize = chunk.rawSize;
+  unit.sameAs = chunk.sameAs;
+  unit.data.assign(chunk.data.begin(), chunk.data.end());
+  return unit;
+}
+
+/// Per-thread room for the encoders that return an EncodedUnit.
+std::span<std::byte> threadRoom() {
+  thread_local std::array<std::byte, kMaxPayload> room;
+  return room;
 }
 
 }  // namespace
 
-EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current, bool compress) {
-  EncodedUnit unit;
-  unit.index = index;
+ChunkView encodeWholeInto(std::uint64_t index, std::span<const std::byte> current, bool compress,
+                          std::span<std::byte> room) {
+  ChunkView chunk;
+  chunk.index = index;
   if (isZeroUnit(current)) {
-    unit.encoding = wire::ChunkEncoding::ZERO;
-    return unit;
+    chunk.encoding = wire::ChunkEncoding::ZERO;
+    return chunk;
   }
-  unit.encoding = wire::ChunkEncoding::WHOLE;
-  // Compressed straight from `current`; copied whole only when lz4 does not help.
-  if (compress && compressInto(current, unit)) return unit;
-  unit.data.assign(current.begin(), current.end());
-  unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  return unit;
+  chunk.encoding = wire::ChunkEncoding::WHOLE;
+  chunk.rawSize = static_cast<std::uint32_t>(current.size());
+  // Compressed straight from `current`; left where it is when lz4 does not help.
+  if (compress) {
+    if (std::size_t n = compressInto(current, room); n > 0) {
+      chunk.compression = wire::Compression::LZ4;
+      chunk.data = room.first(n);
+      return chunk;
+    }
+  }
+  chunk.data = current;
+  return chunk;
+}
+
+EncodedUnit encodeWhole(std::uint64_t index, std::span<const std::byte> current, bool compress) {
+  return owning(encodeWholeInto(index, current, compress, threadRoom()));
 }
 
 namespace {
@@ -127,9 +151,21 @@ bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte
   return encodeXorDiff(current, reference, limit, out, bestCompareKernel());
 }
 
-bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference, std::size_t limit,
-                   std::vector<std::byte>& out, CompareKernel kernel) {
-  out.clear();
+namespace {
+
+/// Bytes past an XOR-diff's end that encoding it may write: short runs are
+/// copied 16 bytes at a time.
+constexpr std::size_t kDiffSlack = 16;
+
+/// Room an XOR-diff of `n` bytes kept to `limit` needs. Each run has at least
+/// one changed byte and two varints of at most 5 bytes, so 11 bytes per input
+/// byte bound any encoding.
+std::size_t diffRoom(std::size_t n, std::size_t limit) { return std::min(limit, 11 * n) + kDiffSlack; }
+
+/// Encodes the XOR-diff into `begin` (diffRoom() bytes); returns its size, or
+/// nothing when it would be longer than `limit`.
+std::optional<std::size_t> encodeXorDiffTo(std::span<const std::byte> current, std::span<const std::byte> reference,
+                                           std::size_t limit, CompareKernel kernel, std::byte* const begin) {
   const std::size_t n = current.size();
   if (reference.size() != n) fail("xor-diff reference has {} bytes, the unit {}", reference.size(), n);
   // The mask of changed bytes, then its runs: the encoding is fixed by the mask,
@@ -137,15 +173,7 @@ bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte
   MaskStorage storage;
   const std::span<std::uint64_t> mask = storage.forBytes(n);
   diffMask(kernel, current, reference, mask);
-  // Runs are written to a scratch buffer that never shrinks, then copied out at
-  // their exact size. Each run has at least one changed byte and two varints of
-  // at most 5 bytes, so 11 bytes per input byte bound any encoding; short runs
-  // are copied 16 bytes at a time, hence the slack.
-  constexpr std::size_t kSlack = 16;
-  thread_local std::vector<std::byte> scratch;
-  const std::size_t capacity = std::min(limit, 11 * n) + kSlack;
-  if (scratch.size() < capacity) scratch.resize(capacity);
-  std::byte* const begin = scratch.data();
+  constexpr std::size_t kSlack = kDiffSlack;
   std::byte* at = begin;
   std::size_t unchangedFrom = 0;  // where the current unchanged run began
   std::size_t changedFrom = 0;    // where the current changed run began
@@ -187,13 +215,28 @@ bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte
       if (!inChanged) {
         changedFrom = position;
       } else if (!emit(position)) {
-        return false;
+        return std::nullopt;
       }
       inChanged = !inChanged;
     }
   }
-  if (inChanged && !emit(n)) return false;
-  out.assign(begin, at);
+  if (inChanged && !emit(n)) return std::nullopt;
+  return static_cast<std::size_t>(at - begin);
+}
+
+}  // namespace
+
+bool encodeXorDiff(std::span<const std::byte> current, std::span<const std::byte> reference, std::size_t limit,
+                   std::vector<std::byte>& out, CompareKernel kernel) {
+  out.clear();
+  // Runs are written to a scratch buffer that never shrinks, then copied out at
+  // their exact size.
+  thread_local std::vector<std::byte> scratch;
+  const std::size_t capacity = diffRoom(current.size(), limit);
+  if (scratch.size() < capacity) scratch.resize(capacity);
+  auto size = encodeXorDiffTo(current, reference, limit, kernel, scratch.data());
+  if (!size) return false;
+  out.assign(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(*size));
   return true;
 }
 
@@ -225,19 +268,44 @@ std::uint32_t changedBytes(std::span<const std::byte> current, std::span<const s
   return count;
 }
 
+ChunkView encodeDiffInto(std::uint64_t index, std::span<const std::byte> current,
+                         std::span<const std::byte> reference, bool compress, std::span<std::byte> room) {
+  if (isZeroUnit(current)) return encodeWholeInto(index, current, compress, room);
+  constexpr std::size_t kLimit = kUnitSize - 1;
+  if (diffRoom(current.size(), kLimit) > room.size())
+    fail("encoder room of {} bytes is too small for a unit of {}", room.size(), current.size());
+  // Without lz4 the diff is written into `room`; with it, into a per-thread
+  // buffer that lz4 reads from, and copied only when lz4 does not help.
+  thread_local std::array<std::byte, kMaxPayload> diff;
+  std::byte* const target = compress ? diff.data() : room.data();
+  auto size = encodeXorDiffTo(current, reference, kLimit, bestCompareKernel(), target);
+  if (!size) return encodeWholeInto(index, current, compress, room);
+  ChunkView chunk;
+  chunk.index = index;
+  chunk.encoding = wire::ChunkEncoding::XOR_DIFF;
+  chunk.rawSize = static_cast<std::uint32_t>(*size);
+  if (compress) {
+    if (std::size_t n = compressInto({diff.data(), *size}, room); n > 0) {
+      chunk.compression = wire::Compression::LZ4;
+      chunk.data = room.first(n);
+      return chunk;
+    }
+    std::memcpy(room.data(), diff.data(), *size);
+  }
+  chunk.data = room.first(*size);
+  return chunk;
+}
+
 EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current, std::span<const std::byte> reference,
                        bool compress) {
-  if (isZeroUnit(current)) return encodeWhole(index, current, compress);
-  EncodedUnit unit;
-  unit.index = index;
-  if (!encodeXorDiff(current, reference, kUnitSize - 1, unit.data)) return encodeWhole(index, current, compress);
-  unit.encoding = wire::ChunkEncoding::XOR_DIFF;
-  unit.rawSize = static_cast<std::uint32_t>(unit.data.size());
-  if (compress) compressInto(unit.data, unit);
-  return unit;
+  return owning(encodeDiffInto(index, current, reference, compress, threadRoom()));
 }
 
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk) {
+  toWire(ChunkView{unit.index, unit.encoding, unit.compression, unit.rawSize, unit.sameAs, unit.data}, chunk);
+}
+
+void toWire(const ChunkView& unit, wire::Chunk::Builder chunk) {
   chunk.setIndex(unit.index);
   chunk.setEncoding(unit.encoding);
   chunk.setCompression(unit.compression);

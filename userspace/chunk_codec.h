@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "byte_compare.h"
+#include "units.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {
@@ -19,6 +20,22 @@ struct EncodedUnit {
   std::uint32_t sameAs = 0;      // for SAME_AS: position of the earlier chunk
   std::vector<std::byte> data;   // payload (empty for ZERO and SAME_AS)
 };
+
+/// One unit as it goes on the wire, its payload held by someone else: the
+/// unit's own bytes (a whole unit sent uncompressed) or the room the encoder was
+/// given. Lives no longer than those.
+struct ChunkView {
+  std::uint64_t index = 0;
+  wire::ChunkEncoding encoding = wire::ChunkEncoding::WHOLE;
+  wire::Compression compression = wire::Compression::NONE;
+  std::uint32_t rawSize = 0;             // bytes of `data` after decompression
+  std::uint32_t sameAs = 0;              // for SAME_AS: position of the earlier chunk
+  std::span<const std::byte> data;       // payload (empty for ZERO and SAME_AS)
+};
+
+/// Room the payload of one encoded unit can need: lz4's bound for a unit (an
+/// XOR-diff is kept below a unit, and needs 16 bytes of slack past its end).
+inline constexpr std::size_t kMaxPayload = kUnitSize + kUnitSize / 255 + 16;
 
 /// True when every byte of `unit` is zero.
 bool isZeroUnit(std::span<const std::byte> unit);
@@ -53,8 +70,17 @@ std::uint32_t changedBytes(std::span<const std::byte> current, std::span<const s
 EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current,
                        std::span<const std::byte> reference, bool compress);
 
-/// Writes `unit` into a wire chunk.
+/// encodeWhole() and encodeDiff() with the payload written straight into
+/// `room` (kMaxPayload bytes), or for a whole unit sent uncompressed left in
+/// `current`: the result points into one of them. Same bytes as those give.
+ChunkView encodeWholeInto(std::uint64_t index, std::span<const std::byte> current, bool compress,
+                          std::span<std::byte> room);
+ChunkView encodeDiffInto(std::uint64_t index, std::span<const std::byte> current,
+                         std::span<const std::byte> reference, bool compress, std::span<std::byte> room);
+
+/// Writes `unit` into a wire chunk (its payload is copied into the message).
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
+void toWire(const ChunkView& unit, wire::Chunk::Builder chunk);
 
 /// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the
 /// policy diffs against (needed for XOR_DIFF only). SAME_AS chunks are resolved

@@ -951,7 +951,7 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
           // Should it have stored it after all, the reconnection finds out.
           ramTracker_->retryLater(*memory);
           diskTracker_->retryLater(*disk);
-          unconfirmed_ = std::make_shared<PendingPush>(PendingPush{*memory, *disk, sequence});
+          unconfirmed_ = std::make_shared<PendingPush>(PendingPush{std::move(*memory), std::move(*disk), sequence});
           vm_->cont();
           stopping_ = false;
           scheduleCheckpoint();
