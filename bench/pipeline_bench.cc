@@ -214,8 +214,7 @@ struct CheckpointFixture {
 /// A checkpoint in `message` whose memory list holds `delta` and whose disk list is empty.
 wire::Checkpoint::Builder fillMemoryOnly(capnp::MallocMessageBuilder& message, const ImageDelta& delta) {
   auto checkpoint = message.initRoot<wire::Checkpoint>();
-  toWire(delta, checkpoint.initMemory(static_cast<unsigned>(delta.units.size())));
-  checkpoint.initDisk(0);
+  toWire(delta, ImageDelta{}, checkpoint);
   return checkpoint;
 }
 

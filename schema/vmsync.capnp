@@ -38,8 +38,11 @@ struct Chunk {
   encoding @1 :ChunkEncoding;   # how `data` describes the unit
   compression @2 :Compression;  # compression applied on top of the encoding
   rawSize @3 :UInt32;           # bytes of `data` after decompression
-  data @4 :Data;                # payload; empty for zero and sameAs
+  data @4 :Data;                # payload, unless it is in a blob; empty for zero and sameAs
   sameAs @5 :UInt32;            # for encoding sameAs: position of the earlier chunk
+  blob @6 :UInt32;              # 0: the payload is `data`; k: it is bytes
+  blobOffset @7 :UInt32;        #   [blobOffset, blobOffset + blobSize) of the
+  blobSize @8 :UInt32;          #   checkpoint's blobs[k - 1] (`data` then empty)
 }
 
 struct VmSpec {
@@ -69,6 +72,9 @@ struct Checkpoint {
   spec @10 :VmSpec;             # full only: what a receiver needs to build the VM
   origin @11 :Text;             # device id that produced the checkpoint
   createdUnixNs @12 :UInt64;    # wall clock at creation, for reports
+  blobs @13 :List(Data);        # chunk payloads packed together, as the encoder wrote
+                                # them: a sender adds them to the message without
+                                # copying (at most 64 per list of chunks)
 }
 
 enum DeviceState {

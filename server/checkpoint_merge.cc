@@ -4,6 +4,9 @@
 
 #include <map>
 
+#include "chunk_codec.h"
+#include "error.h"
+
 namespace vmsync {
 
 namespace {
@@ -12,11 +15,18 @@ bool selfContained(wire::Chunk::Reader chunk) {
   return chunk.getEncoding() == wire::ChunkEncoding::WHOLE || chunk.getEncoding() == wire::ChunkEncoding::ZERO;
 }
 
+/// A chunk to copy, and its payload (which may be in a blob of its checkpoint).
+struct Newest {
+  wire::Chunk::Reader chunk;
+  std::span<const std::byte> payload;
+};
+
 /// Newest chunk per unit index across the run, for one of the two images.
 template <typename ListOf>
 std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, ListOf list,
-                         std::map<std::uint64_t, wire::Chunk::Reader>& newest) {
+                         std::map<std::uint64_t, Newest>& newest) {
   for (auto checkpoint : run) {
+    const PayloadBlobs blobs(checkpoint);
     auto chunks = list(checkpoint);
     for (unsigned i = 0; i < chunks.size(); ++i) {
       auto chunk = chunks[i];
@@ -30,17 +40,29 @@ std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, ListO
       if (!selfContained(chunk))
         return fmt::format("checkpoint {} has a chunk for unit {} that refers to other bytes (encoding {})",
                            checkpoint.getSequence(), chunks[i].getIndex(), static_cast<int>(chunk.getEncoding()));
-      newest.insert_or_assign(chunks[i].getIndex(), chunk);
+      try {
+        newest.insert_or_assign(chunks[i].getIndex(), Newest{chunk, blobs.payload(chunk)});
+      } catch (const Error& e) {
+        return fmt::format("checkpoint {}: {}", checkpoint.getSequence(), e.what());
+      }
     }
   }
   return {};
 }
 
-void copyChunks(const std::map<std::uint64_t, wire::Chunk::Reader>& chunks, capnp::List<wire::Chunk>::Builder list) {
+/// Copies the chunks, each with its payload in itself (the merge has no blobs).
+void copyChunks(const std::map<std::uint64_t, Newest>& chunks,
+                capnp::List<wire::Chunk>::Builder list) {
   unsigned i = 0;
-  for (const auto& [index, chunk] : chunks) {
-    list.setWithCaveats(i, chunk);
-    list[i++].setIndex(index);
+  for (const auto& [index, newest] : chunks) {
+    auto out = list[i++];
+    out.setIndex(index);
+    out.setEncoding(newest.chunk.getEncoding());
+    out.setCompression(newest.chunk.getCompression());
+    out.setRawSize(newest.chunk.getRawSize());
+    if (!newest.payload.empty())
+      out.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(newest.payload.data()),
+                               newest.payload.size()));
   }
 }
 
@@ -60,7 +82,7 @@ std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, w
   const bool full = first.getKind() == wire::CheckpointKind::FULL;
   if (full && last.getKind() == wire::CheckpointKind::FINAL && run.size() > 1)
     return "a full checkpoint cannot be merged with a final one (the merge would need both kinds)";
-  std::map<std::uint64_t, wire::Chunk::Reader> memory, disk;
+  std::map<std::uint64_t, Newest> memory, disk;
   if (auto why = newestChunks(run, [](auto c) { return c.getMemory(); }, memory); !why.empty()) return why;
   if (auto why = newestChunks(run, [](auto c) { return c.getDisk(); }, disk); !why.empty()) return why;
 

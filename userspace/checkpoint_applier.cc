@@ -25,8 +25,8 @@ struct DecodedList {
   std::vector<std::byte, UninitializedAllocator<std::byte>> decoded;
 };
 
-DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile& image, const ImageFile* base,
-                       const char* what) {
+DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& blobs,
+                       const ImageFile& image, const ImageFile* base, const char* what) {
   // Each unit may appear once: more chunks than units is malformed, and is
   // refused before the decode buffer is sized from the count.
   if (chunks.size() > image.units())
@@ -44,7 +44,11 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const ImageFile&
   std::vector<bool> seen(image.units());
   for (std::uint32_t i = 0; i < count; ++i) {
     auto chunk = chunks[i];
-    fields[i] = chunkFields(chunk);
+    try {
+      fields[i] = chunkFields(chunk, blobs);
+    } catch (const Error& e) {
+      fail("{} {}", what, e.what());
+    }
     std::uint64_t index = fields[i].index;
     if (index >= image.units())
       fail("{} chunk {} names unit {}, but the image has {} units", what, i, index, image.units());
@@ -108,7 +112,8 @@ std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const Ima
   return restore.size();
 }
 
-void validateList(capnp::List<wire::Chunk>::Reader chunks, std::uint64_t units, const char* what) {
+void validateList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& blobs,
+                  std::uint64_t units, const char* what) {
   if (chunks.size() > units)
     fail("{} list has {} chunks, but the image has only {} units", what, chunks.size(), units);
   std::vector<bool> seen(units);
@@ -126,7 +131,8 @@ void validateList(capnp::List<wire::Chunk>::Reader chunks, std::uint64_t units, 
       continue;
     }
     try {
-      decodeChunk(chunk, std::span<const std::byte>(zeros, kUnitSize), std::span<std::byte>(scratch, kUnitSize));
+      decodeChunk(chunk, std::span<const std::byte>(zeros, kUnitSize),
+                  std::span<std::byte>(scratch, kUnitSize), blobs);
     } catch (const Error& e) {
       fail("{} {}", what, e.what());
     }
@@ -136,8 +142,9 @@ void validateList(capnp::List<wire::Chunk>::Reader chunks, std::uint64_t units, 
 }  // namespace
 
 void validateCheckpoint(wire::Checkpoint::Reader checkpoint, std::uint64_t memoryUnits, std::uint64_t diskUnits) {
-  validateList(checkpoint.getMemory(), memoryUnits, "memory");
-  validateList(checkpoint.getDisk(), diskUnits, "disk");
+  const PayloadBlobs blobs(checkpoint);
+  validateList(checkpoint.getMemory(), blobs, memoryUnits, "memory");
+  validateList(checkpoint.getDisk(), blobs, diskUnits, "disk");
 }
 
 ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, ImageFile& disk, BaseImage base) {
@@ -145,8 +152,11 @@ ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, 
   if (orig && (base.ram == nullptr || base.disk == nullptr))
     fail("checkpoint {} is measured against the base image, which this device does not have",
          checkpoint.getSequence());
-  DecodedList memory = decodeList(checkpoint.getMemory(), ram, orig ? base.ram : nullptr, "memory");
-  DecodedList blocks = decodeList(checkpoint.getDisk(), disk, orig ? base.disk : nullptr, "disk");
+  const PayloadBlobs blobs(checkpoint);
+  DecodedList memory =
+      decodeList(checkpoint.getMemory(), blobs, ram, orig ? base.ram : nullptr, "memory");
+  DecodedList blocks =
+      decodeList(checkpoint.getDisk(), blobs, disk, orig ? base.disk : nullptr, "disk");
   ApplyStats stats{memory.writes.size(), blocks.writes.size(), 0};
   // Nothing has been written up to here: every chunk is decoded and checked.
   if (orig) {

@@ -72,7 +72,49 @@ void ImageTracker::setBase(const ImageFile& base) {
 namespace {
 
 constexpr std::size_t kScanGrain = 1024;  // units hashed per task (4 MiB)
-constexpr std::size_t kEncodeGrain = 32;  // changed units copied and encoded per task
+constexpr std::size_t kEncodeGrain = 32;  // changed units copied and encoded per task, at least
+constexpr std::size_t kMaxBlobs = 64;     // blobs per image, unless they would be larger than
+constexpr std::size_t kMaxBlobBytes = std::size_t{256} << 20;
+
+/// Units per encoding task: each task's payloads become one blob, and a
+/// message may have no more than 511 segments (each blob is one).
+std::size_t encodeGrain(std::size_t n) {
+  const std::size_t grain = std::max(kEncodeGrain, (n + kMaxBlobs - 1) / kMaxBlobs);
+  return std::min(grain, kMaxBlobBytes / kMaxPayload);
+}
+
+/// Closes the gaps the encoding tasks left in `delta.payloads` (room a task did
+/// not use, payloads of units dropped or sent as SAME_AS), so that the chunks
+/// of each task of `taskBytes` room lie one after the other from its start, a
+/// blob; numbers the chunks' blobs and offsets. Each blob is padded with zeros
+/// to whole words, which Cap'n Proto reads as part of its segment.
+void packBlobs(ImageDelta& delta, std::size_t taskBytes) {
+  std::byte* const base = delta.payloads.data();
+  std::byte* start = nullptr;  // of the blob being packed
+  std::byte* at = nullptr;     // where its next payload goes
+  std::size_t task = ~std::size_t{0};
+  auto close = [&] {
+    if (start == nullptr) return;
+    const std::size_t size = static_cast<std::size_t>(at - start);
+    std::memset(at, 0, (size + 7) / 8 * 8 - size);
+    delta.blobs.emplace_back(start, size);
+  };
+  for (ChunkView& unit : delta.units) {
+    if (unit.data.empty()) continue;
+    const std::size_t owner = static_cast<std::size_t>(unit.data.data() - base) / taskBytes;
+    if (owner != task) {
+      close();
+      task = owner;
+      start = at = base + owner * taskBytes;
+    }
+    if (unit.data.data() != at) std::memmove(at, unit.data.data(), unit.data.size());
+    unit.blob = static_cast<std::uint32_t>(delta.blobs.size() + 1);
+    unit.blobOffset = static_cast<std::uint32_t>(at - start);
+    unit.data = {at, unit.data.size()};
+    at += unit.data.size();
+  }
+  close();
+}
 
 }  // namespace
 
@@ -153,15 +195,19 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   delta.raw.resize(n * kUnitSize);
   // The encoder writes each payload straight here, kMaxPayload bytes of room per
   // unit, and the units of a task one after the other: only what it writes is
-  // touched.
+  // touched. Each task's payloads become one blob of the message, so there are
+  // few tasks (kMaxBlobs, unless that makes a blob too large).
   delta.payloads.resize(n * kMaxPayload);
+  const std::size_t grain = encodeGrain(n);
   std::vector<char> ships(n, 0);
   const bool diff = isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty());
-  pool_->parallelFor(n, kEncodeGrain, [&](std::size_t begin, std::size_t end) {
+  pool_->parallelFor(n, grain, [&](std::size_t begin, std::size_t end) {
     // Each unit leaves at most kMaxPayload bytes behind it, so the task stays
-    // within [begin, end) x kMaxPayload.
-    std::byte* room = delta.payloads.data() + begin * kMaxPayload;
+    // within [first, first + grain) x kMaxPayload. A pool may hand out several
+    // tasks at once (all of them, on one thread): each starts at its own room.
+    std::byte* room = nullptr;
     for (std::size_t k = begin; k < end; ++k) {
+      if (k % grain == 0 || k == begin) room = delta.payloads.data() + k * kMaxPayload;
       const std::uint64_t index = changed[k];
       const auto live = image_.unit(index);
       std::span<std::byte> copy(delta.raw.data() + k * kUnitSize, kUnitSize);
@@ -191,7 +237,14 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
         // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
         unit = encodeWholeInto(index, copy, compress_, unitRoom);
       }
-      if (unit.data.data() == room) room += unit.data.size();
+      if (unit.data.empty()) continue;
+      // A whole unit lz4 does not shrink was left in the copy: it joins the
+      // task's payloads (the one copy of a payload, and not of lz4's output).
+      if (unit.data.data() != room) {
+        std::memcpy(room, unit.data.data(), unit.data.size());
+        unit.data = {room, unit.data.size()};
+      }
+      room += unit.data.size();
     }
   });
 
@@ -206,9 +259,6 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
       delta.units[kept] = delta.units[k];
       delta.hashes[kept] = delta.hashes[k];
       std::memcpy(delta.raw.data() + kept * kUnitSize, delta.raw.data() + k * kUnitSize, kUnitSize);
-      // A whole unit sent uncompressed ships its copy, which just moved.
-      if (delta.units[kept].data.data() == delta.raw.data() + k * kUnitSize)
-        delta.units[kept].data = {delta.raw.data() + kept * kUnitSize, kUnitSize};
     }
     ChunkView& unit = delta.units[kept];
     const auto position = static_cast<std::uint32_t>(kept);
@@ -229,14 +279,37 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   delta.units.resize(kept);
   delta.hashes.resize(kept);
   delta.raw.resize(kept * kUnitSize);
+  packBlobs(delta, grain * kMaxPayload);
   return delta;
 }
 
-void toWire(const ImageDelta& delta, capnp::List<wire::Chunk>::Builder list) {
-  if (list.size() != delta.units.size())
-    fail("chunk list has {} elements for {} units", list.size(), delta.units.size());
-  for (std::size_t i = 0; i < delta.units.size(); ++i)
-    toWire(delta.units[i], list[static_cast<unsigned>(i)]);
+namespace {
+
+/// Writes `delta`'s chunks into `list`, their blob numbers after `blobBase`.
+void chunksToWire(const ImageDelta& delta, capnp::List<wire::Chunk>::Builder list,
+                  std::uint32_t blobBase) {
+  for (std::size_t i = 0; i < delta.units.size(); ++i) {
+    ChunkView unit = delta.units[i];
+    if (unit.blob != 0) unit.blob += blobBase;
+    toWire(unit, list[static_cast<unsigned>(i)]);
+  }
+}
+
+}  // namespace
+
+void toWire(const ImageDelta& memory, const ImageDelta& disk,
+            wire::Checkpoint::Builder checkpoint) {
+  const std::size_t count = memory.blobs.size() + disk.blobs.size();
+  auto blobs = checkpoint.initBlobs(static_cast<unsigned>(count));
+  auto orphanage = capnp::Orphanage::getForMessageContaining(checkpoint);
+  unsigned b = 0;
+  for (const ImageDelta* delta : {&memory, &disk})
+    for (auto blob : delta->blobs)
+      blobs.adopt(b++, orphanage.referenceExternalData(capnp::Data::Reader(
+                           reinterpret_cast<const kj::byte*>(blob.data()), blob.size())));
+  chunksToWire(memory, checkpoint.initMemory(static_cast<unsigned>(memory.units.size())), 0);
+  chunksToWire(disk, checkpoint.initDisk(static_cast<unsigned>(disk.units.size())),
+               static_cast<std::uint32_t>(memory.blobs.size()));
 }
 
 std::vector<std::uint64_t> ImageTracker::hashesAfter(const ImageDelta& delta) const {

@@ -45,8 +45,9 @@ struct UninitializedAllocator : std::allocator<T> {
 };
 
 /// One image's changes, ready to ship, and what shipping them will make the
-/// receiver's image look like.
-/// The chunks point into `raw` and `payloads`, so a delta is moved, never copied.
+/// receiver's image look like. The chunks' payloads lie in `payloads`, packed
+/// into blobs that a message references without copying them; so a delta is
+/// moved, never copied.
 struct ImageDelta {
   ImageDelta() = default;
   ImageDelta(ImageDelta&&) = default;
@@ -58,13 +59,16 @@ struct ImageDelta {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> hashes; // (index, hash of the shipped bytes)
   std::vector<std::byte, UninitializedAllocator<std::byte>> raw;  // shipped bytes, 4096 per entry of `hashes`
   std::vector<std::byte, UninitializedAllocator<std::byte>> payloads;  // what the encoder wrote (lz4, diffs)
+  std::vector<std::span<const std::byte>> blobs;  // parts of `payloads` the chunks name, in order
   std::uint64_t examined = 0;                                  // units hashed in place
   std::uint64_t rawBytes = 0;                                  // changed units x 4096
   std::uint64_t encodedBytes = 0;                              // sum of chunk payloads
 };
 
-/// Writes the chunks of `delta` into `list`, which has one element per unit.
-void toWire(const ImageDelta& delta, capnp::List<wire::Chunk>::Builder list);
+/// Writes the chunks of both deltas into `checkpoint`, the memory and disk
+/// lists and their blobs. The blobs are not copied: the message points at the
+/// deltas' payloads, which must outlive it, and anything that sends it.
+void toWire(const ImageDelta& memory, const ImageDelta& disk, wire::Checkpoint::Builder checkpoint);
 
 /// Tracks one image (guest RAM or disk) for the active device: the hash of what
 /// the receiver holds for every unit, and units whose shipment is not yet

@@ -311,19 +311,50 @@ void toWire(const ChunkView& unit, wire::Chunk::Builder chunk) {
   chunk.setCompression(unit.compression);
   chunk.setRawSize(unit.rawSize);
   chunk.setSameAs(unit.sameAs);
-  if (!unit.data.empty()) {
+  if (unit.blob != 0) {
+    chunk.setBlob(unit.blob);
+    chunk.setBlobOffset(unit.blobOffset);
+    chunk.setBlobSize(static_cast<std::uint32_t>(unit.data.size()));
+  } else if (!unit.data.empty()) {
     chunk.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(unit.data.data()), unit.data.size()));
   }
 }
 
-ChunkFields chunkFields(wire::Chunk::Reader chunk) {
-  auto data = chunk.getData();
-  return ChunkFields{chunk.getIndex(), chunk.getEncoding(), chunk.getCompression(), chunk.getRawSize(),
-                     {reinterpret_cast<const std::byte*>(data.begin()), data.size()}};
+PayloadBlobs::PayloadBlobs(wire::Checkpoint::Reader checkpoint) {
+  for (auto blob : checkpoint.getBlobs())
+    blobs_.emplace_back(reinterpret_cast<const std::byte*>(blob.begin()), blob.size());
 }
 
-void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
-  decodeUnit(chunkFields(chunk), reference, out);
+std::span<const std::byte> PayloadBlobs::payload(wire::Chunk::Reader chunk) const {
+  auto data = chunk.getData();
+  const std::uint32_t blob = chunk.getBlob();
+  if (blob == 0) {
+    if (chunk.getBlobOffset() != 0 || chunk.getBlobSize() != 0)
+      fail("chunk {}: blob offset or size given, but no blob", chunk.getIndex());
+    return {reinterpret_cast<const std::byte*>(data.begin()), data.size()};
+  }
+  if (data.size() != 0)
+    fail("chunk {}: carries {} bytes of its own and names blob {} too", chunk.getIndex(),
+         data.size(), blob);
+  if (blob > blobs_.size())
+    fail("chunk {}: names blob {}, but the checkpoint has {}", chunk.getIndex(), blob,
+         blobs_.size());
+  const auto bytes = blobs_[blob - 1];
+  const std::uint64_t offset = chunk.getBlobOffset(), size = chunk.getBlobSize();
+  if (offset + size > bytes.size())
+    fail("chunk {}: names bytes {}..{} of blob {}, which has {}", chunk.getIndex(), offset,
+         offset + size, blob, bytes.size());
+  return bytes.subspan(offset, size);
+}
+
+ChunkFields chunkFields(wire::Chunk::Reader chunk, const PayloadBlobs& blobs) {
+  return ChunkFields{chunk.getIndex(), chunk.getEncoding(), chunk.getCompression(),
+                     chunk.getRawSize(), blobs.payload(chunk)};
+}
+
+void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference,
+                 std::span<std::byte> out, const PayloadBlobs& blobs) {
+  decodeUnit(chunkFields(chunk, blobs), reference, out);
 }
 
 void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, std::span<std::byte> out) {
@@ -391,7 +422,5 @@ std::span<const std::byte> unitInPlace(const ChunkFields& chunk) {
       return {};
   }
 }
-
-std::uint64_t payloadBytes(wire::Chunk::Reader chunk) { return chunk.getData().size() + 16; }
 
 }  // namespace vmsync

@@ -31,6 +31,8 @@ struct ChunkView {
   std::uint32_t rawSize = 0;             // bytes of `data` after decompression
   std::uint32_t sameAs = 0;              // for SAME_AS: position of the earlier chunk
   std::span<const std::byte> data;       // payload (empty for ZERO and SAME_AS)
+  std::uint32_t blob = 0;                // when non-zero: `data` goes as these bytes of the
+  std::uint32_t blobOffset = 0;          //   checkpoint's blob number `blob` (from 1)
 };
 
 /// Room the payload of one encoded unit can need: lz4's bound for a unit (an
@@ -78,16 +80,32 @@ ChunkView encodeWholeInto(std::uint64_t index, std::span<const std::byte> curren
 ChunkView encodeDiffInto(std::uint64_t index, std::span<const std::byte> current,
                          std::span<const std::byte> reference, bool compress, std::span<std::byte> room);
 
-/// Writes `unit` into a wire chunk (its payload is copied into the message).
+/// Writes `unit` into a wire chunk, its payload copied into the chunk's `data`.
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
 void toWire(const ChunkView& unit, wire::Chunk::Builder chunk);
+
+/// The payload blobs of one checkpoint: where a chunk's payload is when it is
+/// not in the chunk itself.
+class PayloadBlobs {
+ public:
+  /// No blobs: every payload must be in its chunk.
+  PayloadBlobs() = default;
+  explicit PayloadBlobs(wire::Checkpoint::Reader checkpoint);
+  /// The payload of `chunk`, pointing into the message. Throws Error naming
+  /// the chunk when it names bytes outside the blobs, or carries bytes both in
+  /// itself and in a blob.
+  std::span<const std::byte> payload(wire::Chunk::Reader chunk) const;
+
+ private:
+  std::vector<std::span<const std::byte>> blobs_;
+};
 
 /// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the
 /// policy diffs against (needed for XOR_DIFF only). SAME_AS chunks are resolved
 /// by the caller, which holds the list. Throws Error naming what is malformed
 /// (leaving `out` unspecified); never writes outside `out`.
 void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference,
-                 std::span<std::byte> out);
+                 std::span<std::byte> out, const PayloadBlobs& blobs = {});
 
 /// A chunk's fields read out of the message once, so that decoding them (on
 /// any thread) touches no Cap'n Proto reader. `payload` points into the message.
@@ -98,7 +116,9 @@ struct ChunkFields {
   std::uint32_t rawSize = 0;
   std::span<const std::byte> payload;
 };
-ChunkFields chunkFields(wire::Chunk::Reader chunk);
+/// The fields of `chunk`, its payload found through `blobs`. Throws Error as
+/// PayloadBlobs::payload() does.
+ChunkFields chunkFields(wire::Chunk::Reader chunk, const PayloadBlobs& blobs = {});
 
 /// decodeChunk() on fields already read out of the message.
 void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, std::span<std::byte> out);
@@ -108,9 +128,5 @@ void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, 
 /// Empty for every other chunk, malformed ones included: decodeUnit() decides
 /// about those.
 std::span<const std::byte> unitInPlace(const ChunkFields& chunk);
-
-/// Encoded size of a chunk on the wire (payload plus a fixed header estimate),
-/// used for reports.
-std::uint64_t payloadBytes(wire::Chunk::Reader chunk);
 
 }  // namespace vmsync

@@ -151,6 +151,13 @@ class Device {
     std::uint64_t sequence = 0;
   };
 
+  /// `push`'s message is on its way on the current connection.
+  void holdWhileSending(const std::shared_ptr<const PendingPush>& push) {
+    sending_.push_back(push);
+  }
+  /// The server answered `push`: it has read all of its message.
+  void sent(const std::shared_ptr<const PendingPush>& push) { std::erase(sending_, push); }
+
   kj::Promise<capnp::Response<wire::SyncServer::RegisterResults>> connectAndRegister(std::uint64_t applied);
   void onDisconnected();
   kj::Promise<void> reconnectLoop(std::chrono::milliseconds delay);
@@ -160,6 +167,10 @@ class Device {
   std::string dir_;
   Role role_ = Role::standby;
 
+  /// Checkpoints whose message on `connection_` references their payloads
+  /// (toWire() does not copy them): kept until the server answers, or the
+  /// connection is gone. Declared before it, so it outlives it.
+  std::vector<std::shared_ptr<const PendingPush>> sending_;
   kj::Own<RpcConnection> connection_;
   std::optional<wire::SyncServer::Client> server_;
   std::optional<wire::DeviceSession::Client> session_;
@@ -411,6 +422,8 @@ kj::Promise<capnp::Response<wire::SyncServer::RegisterResults>> Device::connectA
       })
       .then([this, applied](kj::Own<RpcConnection> connection) {
         connection_ = kj::mv(connection);
+        // The old connection is gone, and with it every message it was sending.
+        sending_.clear();
         server_ = connection_->bootstrap().castAs<wire::SyncServer>();
         auto request = server_->registerRequest();
         request.setDeviceId(options_.deviceId);
@@ -688,9 +701,8 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   checkpoint.setCreatedUnixNs(static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
           .count()));
-  toWire(pending->memory,
-         checkpoint.initMemory(static_cast<unsigned>(pending->memory.units.size())));
-  toWire(pending->disk, checkpoint.initDisk(static_cast<unsigned>(pending->disk.units.size())));
+  toWire(pending->memory, pending->disk, checkpoint);
+  holdWhileSending(pending);
   if (kind == wire::CheckpointKind::FULL) {
     auto spec = checkpoint.initSpec();
     spec.setVmId(spec_.vmId);
@@ -713,41 +725,46 @@ kj::Promise<void> Device::pushCheckpoint(wire::CheckpointKind kind) {
   const std::uint64_t sendStart = nowNs();
   return request.send()
       .attach(kj::mv(progress))
-      .then([this, pending, kind, harvestNs, bytes, wireBytes, sendStart,
-             sinceLastHarvest](capnp::Response<wire::DeviceSession::PushResults>) {
-        const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
-        bytesPushed_ += wireBytes;
-        if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
-          if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds))
-            logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
-        }
-        ramTracker_->acknowledge(pending->memory);
-        diskTracker_->acknowledge(pending->disk);
-        saveApplied(pending->sequence);
-        if (kind == wire::CheckpointKind::FULL && isOrigPolicy(spec_.policy)) {
-          // The full checkpoint is the base that Orig checkpoints are measured against.
-          writeBase(pending->memory, pending->disk);
-          ramTracker_->setBase(*baseRam_);
-          diskTracker_->setBase(*baseDisk_);
-        }
-        spdlog::info("{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms, "
-                     "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s)",
-                     options_.deviceId, pending->sequence,
-                     kind == wire::CheckpointKind::FULL ? "full" : "incremental", pending->memory.units.size(),
-                     pending->disk.units.size(), bytes, harvestNs / 1e6, wireBytes, sendSeconds,
-                     sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0);
-      },
-            [this, pending](kj::Exception&& e) {
-              // Nothing is lost: these units are shipped again with the next checkpoint.
-              ramTracker_->retryLater(pending->memory);
-              diskTracker_->retryLater(pending->disk);
-              // A push made between registering again and settling an earlier
-              // unconfirmed one reuses its sequence and is refused: the earlier
-              // one is what the server may hold, so it is the one to settle.
-              if (!unconfirmed_ || unconfirmed_->sequence != pending->sequence) unconfirmed_ = pending;
-              spdlog::warn("{}: checkpoint {} not stored ({}); its changes go into the next one", options_.deviceId,
-                           pending->sequence, describe(e));
-            })
+      .then(
+          [this, pending, kind, harvestNs, bytes, wireBytes, sendStart,
+           sinceLastHarvest](capnp::Response<wire::DeviceSession::PushResults>) {
+            sent(pending);
+            const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
+            bytesPushed_ += wireBytes;
+            if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
+              if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds))
+                logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs,
+                                    bytesPushed_);
+            }
+            ramTracker_->acknowledge(pending->memory);
+            diskTracker_->acknowledge(pending->disk);
+            saveApplied(pending->sequence);
+            if (kind == wire::CheckpointKind::FULL && isOrigPolicy(spec_.policy)) {
+              // The full checkpoint is the base that Orig checkpoints are measured against.
+              writeBase(pending->memory, pending->disk);
+              ramTracker_->setBase(*baseRam_);
+              diskTracker_->setBase(*baseDisk_);
+            }
+            spdlog::info(
+                "{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms, "
+                "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s)",
+                options_.deviceId, pending->sequence,
+                kind == wire::CheckpointKind::FULL ? "full" : "incremental",
+                pending->memory.units.size(), pending->disk.units.size(), bytes, harvestNs / 1e6,
+                wireBytes, sendSeconds, sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0);
+          },
+          [this, pending](kj::Exception&& e) {
+            // Nothing is lost: these units are shipped again with the next checkpoint.
+            ramTracker_->retryLater(pending->memory);
+            diskTracker_->retryLater(pending->disk);
+            // A push made between registering again and settling an earlier
+            // unconfirmed one reuses its sequence and is refused: the earlier
+            // one is what the server may hold, so it is the one to settle.
+            if (!unconfirmed_ || unconfirmed_->sequence != pending->sequence)
+              unconfirmed_ = pending;
+            spdlog::warn("{}: checkpoint {} not stored ({}); its changes go into the next one",
+                         options_.deviceId, pending->sequence, describe(e));
+          })
       .eagerlyEvaluate(nullptr);
 }
 
@@ -869,10 +886,13 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     // compare every unit (the VM is paused) and say if a source missed one.
     DirtyUnits reportedPages = pageSource_->harvest();
     DirtyUnits reportedBlocks = blockSource_->harvest();
-    auto memory = std::make_shared<ImageDelta>(ramTracker_->collect(DirtyUnits{.everything = true}));
-    auto disk = std::make_shared<ImageDelta>(diskTracker_->collect(DirtyUnits{.everything = true}));
-    warnIfMissed(pageSource_->name(), reportedPages, *memory);
-    warnIfMissed(blockSource_->name(), reportedBlocks, *disk);
+    auto pending = std::make_shared<PendingPush>();
+    pending->memory = ramTracker_->collect(DirtyUnits{.everything = true});
+    pending->disk = diskTracker_->collect(DirtyUnits{.everything = true});
+    const ImageDelta& memory = pending->memory;
+    const ImageDelta& disk = pending->disk;
+    warnIfMissed(pageSource_->name(), reportedPages, memory);
+    warnIfMissed(blockSource_->name(), reportedBlocks, disk);
     std::uint64_t t2 = nowNs();
     std::vector<std::byte> state;
     try {
@@ -885,11 +905,12 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     }
     std::uint64_t t3 = nowNs();
     // The digest of the image the receiver will hold: every unit as shipped.
-    auto ramHashes = ramTracker_->hashesAfter(*memory);
-    auto diskHashes = diskTracker_->hashesAfter(*disk);
+    auto ramHashes = ramTracker_->hashesAfter(memory);
+    auto diskHashes = diskTracker_->hashesAfter(disk);
     Digest digest = imageDigest(ramHashes, diskHashes);
 
     const std::uint64_t sequence = applied_ + 1;
+    pending->sequence = sequence;
     auto request = session_->pushRequest();
     auto checkpoint = request.initCheckpoint();
     checkpoint.setVmId(spec_.vmId);
@@ -899,11 +920,11 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     checkpoint.setKind(wire::CheckpointKind::FINAL);
     checkpoint.setPolicy(spec_.policy);
     checkpoint.setOrigin(options_.deviceId);
-    toWire(*memory, checkpoint.initMemory(static_cast<unsigned>(memory->units.size())));
-    toWire(*disk, checkpoint.initDisk(static_cast<unsigned>(disk->units.size())));
+    toWire(memory, disk, checkpoint);
+    holdWhileSending(pending);
     checkpoint.setDeviceState(asCapnp(state));
     checkpoint.setImageDigest(asCapnp(digest));
-    const std::uint64_t finalBytes = memory->encodedBytes + disk->encodedBytes + state.size();
+    const std::uint64_t finalBytes = memory.encodedBytes + disk.encodedBytes + state.size();
     result.setFinalSequence(sequence);
     result.setFinalBytes(finalBytes);
     result.setPauseNs(t1 - t0);
@@ -912,52 +933,58 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
     auto progress = watchTransfer(fmt::format("{}: final checkpoint {}", options_.deviceId, sequence),
                                   request.totalSize().wordCount * sizeof(capnp::word));
     const std::uint64_t t4 = nowNs();
-    return request.send().attach(kj::mv(progress)).then(
-        [this, result, memory, disk, sequence, t4, digest, state = std::move(state), ramHashes = std::move(ramHashes),
-         diskHashes = std::move(diskHashes)](capnp::Response<wire::DeviceSession::PushResults>) mutable {
-          result.setPushNs(nowNs() - t4);
-          ramTracker_->acknowledge(*memory);
-          diskTracker_->acknowledge(*disk);
-          // The paused VMM writes nothing more; it quits after this answer is on
-          // its way (QEMU takes about half a second to exit), off the switch's path.
-          // Detaching BPF programs waits for RCU grace periods: that too.
-          retiringVm_ = std::move(vm_);
-          retiringBlockSource_ = std::move(blockSource_);
-          retiringLoop_ = std::move(loop_);
-          background_.add(io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] {
-            retireVm();
-            // The VMM's faults cached the images in large folios; a standby
-            // writes them a unit at a time.
-            if (role_ == Role::standby) recacheImages();
-          }));
-          pageSource_.reset();
-          ram_->sync();
-          disk_->sync();
-          writeFileDurably(path("device-state.bin"), state.data(), state.size());
-          std::string seq = std::to_string(sequence);
-          writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
-          deviceStateSequence_ = sequence;
-          saveApplied(sequence);
-          verifiedRamHashes_ = std::move(ramHashes);
-          verifiedDiskHashes_ = std::move(diskHashes);
-          role_ = Role::standby;
-          ramTracker_.reset();
-          diskTracker_.reset();
-          spdlog::info("{}: final checkpoint {} stored (image digest {}); now a standby", options_.deviceId, sequence,
-                       toHex(digest));
-        },
-        [this, memory, disk, sequence](kj::Exception&& e) {
-          // The server did not confirm the final checkpoint: keep running here.
-          // Should it have stored it after all, the reconnection finds out.
-          ramTracker_->retryLater(*memory);
-          diskTracker_->retryLater(*disk);
-          unconfirmed_ = std::make_shared<PendingPush>(PendingPush{std::move(*memory), std::move(*disk), sequence});
-          vm_->cont();
-          stopping_ = false;
-          scheduleCheckpoint();
-          rpcFail(fmt::format("{} could not store its final checkpoint ({}); the VM goes on running there",
-                              options_.deviceId, describe(e)));
-        });
+    return request.send()
+        .attach(kj::mv(progress))
+        .then(
+            [this, result, pending, sequence, t4, digest, state = std::move(state),
+             ramHashes = std::move(ramHashes), diskHashes = std::move(diskHashes)](
+                capnp::Response<wire::DeviceSession::PushResults>) mutable {
+              sent(pending);
+              result.setPushNs(nowNs() - t4);
+              ramTracker_->acknowledge(pending->memory);
+              diskTracker_->acknowledge(pending->disk);
+              // The paused VMM writes nothing more; it quits after this answer is on
+              // its way (QEMU takes about half a second to exit), off the switch's path.
+              // Detaching BPF programs waits for RCU grace periods: that too.
+              retiringVm_ = std::move(vm_);
+              retiringBlockSource_ = std::move(blockSource_);
+              retiringLoop_ = std::move(loop_);
+              background_.add(
+                  io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] {
+                    retireVm();
+                    // The VMM's faults cached the images in large folios; a standby
+                    // writes them a unit at a time.
+                    if (role_ == Role::standby) recacheImages();
+                  }));
+              pageSource_.reset();
+              ram_->sync();
+              disk_->sync();
+              writeFileDurably(path("device-state.bin"), state.data(), state.size());
+              std::string seq = std::to_string(sequence);
+              writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
+              deviceStateSequence_ = sequence;
+              saveApplied(sequence);
+              verifiedRamHashes_ = std::move(ramHashes);
+              verifiedDiskHashes_ = std::move(diskHashes);
+              role_ = Role::standby;
+              ramTracker_.reset();
+              diskTracker_.reset();
+              spdlog::info("{}: final checkpoint {} stored (image digest {}); now a standby",
+                           options_.deviceId, sequence, toHex(digest));
+            },
+            [this, pending](kj::Exception&& e) {
+              // The server did not confirm the final checkpoint: keep running here.
+              // Should it have stored it after all, the reconnection finds out.
+              ramTracker_->retryLater(pending->memory);
+              diskTracker_->retryLater(pending->disk);
+              unconfirmed_ = pending;
+              vm_->cont();
+              stopping_ = false;
+              scheduleCheckpoint();
+              rpcFail(fmt::format(
+                  "{} could not store its final checkpoint ({}); the VM goes on running there",
+                  options_.deviceId, describe(e)));
+            });
   });
 }
 

@@ -1,6 +1,7 @@
 #include "checkpoint_builder.h"
 
 #include <capnp/message.h>
+#include <capnp/serialize.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -46,9 +47,7 @@ void writeUnit(const std::string& path, std::uint64_t index, char fill) {
 void shipTo(const ImageDelta& memory, ImageFile& ram, ImageFile& disk) {
   capnp::MallocMessageBuilder message;
   auto checkpoint = message.initRoot<wire::Checkpoint>();
-  auto list = checkpoint.initMemory(static_cast<unsigned>(memory.units.size()));
-  toWire(memory, list);
-  checkpoint.initDisk(0);
+  toWire(memory, ImageDelta{}, checkpoint);
   applyCheckpoint(checkpoint.asReader(), ram, disk);
 }
 
@@ -155,7 +154,7 @@ TEST(ImageTracker, ADirtyListBuildsWhatAScanBuilds) {
       for (std::size_t i = 0; i < list.units.size(); ++i) {
         EXPECT_EQ(list.units[i].index, scan.units[i].index);
         EXPECT_EQ(list.units[i].encoding, scan.units[i].encoding);
-        EXPECT_EQ(list.units[i].data, scan.units[i].data);
+        EXPECT_TRUE(std::ranges::equal(list.units[i].data, scan.units[i].data));
       }
       EXPECT_EQ(list.hashes, scan.hashes);
       EXPECT_EQ(list.encodedBytes, scan.encodedBytes);
@@ -211,10 +210,123 @@ TEST(ImageTracker, ThreadPoolSizeDoesNotChangeTheCheckpoint) {
       EXPECT_EQ(a.hashes, b.hashes);
       EXPECT_TRUE(std::equal(a.raw.begin(), a.raw.end(), b.raw.begin(), b.raw.end()));
       EXPECT_EQ(a.encodedBytes, b.encodedBytes);
+      // Blobs too: the messages are the same bytes.
+      EXPECT_GT(a.blobs.size(), 1u);
+      capnp::MallocMessageBuilder ma, mb;
+      toWire(a, ImageDelta{}, ma.initRoot<wire::Checkpoint>());
+      toWire(b, ImageDelta{}, mb.initRoot<wire::Checkpoint>());
+      EXPECT_TRUE(capnp::messageToFlatArray(ma).asBytes() ==
+                  capnp::messageToFlatArray(mb).asBytes());
       serial.acknowledge(a);
       parallel.acknowledge(b);
     }
   }
+}
+
+// The payloads go into the message as blobs that point at the delta's memory:
+// not copied, packed without gaps (units dropped or sent as SAME_AS leave none),
+// and the message, flattened as the wire carries it, applies to the source's bytes.
+TEST(CheckpointMessage, PayloadsAreBlobsTheMessageReferencesNotCopies) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 3000;
+  ImageFile source(dir.file("src"), true, kUnits * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, 300 * kUnitSize);
+  fillForPool(source, 1);
+  fillForPool(disk, 2);
+  std::mt19937 rng(3);
+  std::vector<std::byte> noise(kUnitSize);
+  for (std::uint64_t i = 0; i < kUnits; i += 7) {  // incompressible units, sent whole
+    for (auto& b : noise) b = static_cast<std::byte>(rng());
+    source.writeUnit(i, noise);
+  }
+  ImageTracker ramTracker(source,
+                          hashAllUnits(ImageFile(dir.file("zeros"), true, kUnits * kUnitSize)),
+                          wire::Policy::DIRTY_PREV, true);
+  ImageTracker diskTracker(disk, hashAllUnits(ImageFile(dir.file("zeros2"), true, 300 * kUnitSize)),
+                           wire::Policy::DIRTY_PREV, true);
+  ImageDelta memory = ramTracker.collect(DirtyUnits{.everything = true});
+  ImageDelta blocks = diskTracker.collect(DirtyUnits{.everything = true});
+  std::size_t sameAs = 0, whole = 0;
+  for (const auto& unit : memory.units) {
+    sameAs += unit.encoding == wire::ChunkEncoding::SAME_AS;
+    whole +=
+        unit.encoding == wire::ChunkEncoding::WHOLE && unit.compression == wire::Compression::NONE;
+  }
+  ASSERT_GT(sameAs, 100u);
+  ASSERT_GT(whole, 100u);
+  std::uint64_t blobBytes = 0;
+  for (auto blob : memory.blobs) blobBytes += blob.size();
+  EXPECT_EQ(blobBytes, memory.encodedBytes) << "blobs hold exactly the payloads";
+
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  toWire(memory, blocks, checkpoint);
+  ASSERT_EQ(checkpoint.getBlobs().size(), memory.blobs.size() + blocks.blobs.size());
+  std::vector<const void*> segments;
+  for (auto segment : message.getSegmentsForOutput()) segments.push_back(segment.begin());
+  for (const ImageDelta* delta : {&memory, &blocks})
+    for (auto blob : delta->blobs)
+      EXPECT_NE(std::find(segments.begin(), segments.end(), static_cast<const void*>(blob.data())),
+                segments.end())
+          << "a blob of " << blob.size() << " bytes was copied into the message";
+  for (auto chunk : checkpoint.getDisk())
+    if (chunk.getEncoding() != wire::ChunkEncoding::ZERO &&
+        chunk.getEncoding() != wire::ChunkEncoding::SAME_AS) {
+      EXPECT_GT(chunk.getBlob(), memory.blobs.size()) << "disk chunks name the disk's blobs";
+      EXPECT_EQ(chunk.getData().size(), 0u);
+    }
+
+  auto words = capnp::messageToFlatArray(message);
+  capnp::FlatArrayMessageReader reader(words,
+                                       capnp::ReaderOptions{.traversalLimitInWords = 1u << 30});
+  ImageFile ram(dir.file("ram"), true, kUnits * kUnitSize);
+  ImageFile receivedDisk(dir.file("rdisk"), true, 300 * kUnitSize);
+  applyCheckpoint(reader.getRoot<wire::Checkpoint>(), ram, receivedDisk);
+  EXPECT_EQ(hashAllUnits(ram), hashAllUnits(source));
+  EXPECT_EQ(hashAllUnits(receivedDisk), hashAllUnits(disk));
+}
+
+/// A checkpoint with one blob of 8 bytes and one memory chunk, which `edit` sets up.
+template <typename Edit>
+void applyWithBlobChunk(Edit edit, const std::string& expected) {
+  TempDir dir;
+  ImageFile ram(dir.file("ram"), true, 4 * kUnitSize);
+  ImageFile disk(dir.file("disk"), true, kUnitSize);
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  checkpoint.initBlobs(1).set(0, kj::StringPtr("12345678").asBytes());
+  auto chunk = checkpoint.initMemory(1)[0];
+  chunk.setIndex(1);
+  chunk.setEncoding(wire::ChunkEncoding::XOR_DIFF);
+  chunk.setRawSize(2);
+  edit(chunk);
+  checkpoint.initDisk(0);
+  try {
+    validateCheckpoint(checkpoint.asReader(), ram.units(), disk.units());
+    ADD_FAILURE() << "validation accepted it";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+  }
+  try {
+    applyCheckpoint(checkpoint.asReader(), ram, disk);
+    ADD_FAILURE() << "apply accepted it";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(hashAllUnits(ram), hashAllUnits(ImageFile(dir.file("zeros"), true, 4 * kUnitSize)));
+}
+
+TEST(PayloadBlobs, AChunkNamingBytesOutsideTheBlobsIsRefusedWithWhatItNamed) {
+  applyWithBlobChunk([](auto c) { c.setBlob(2); },
+                     "memory chunk 1: names blob 2, but the checkpoint has 1");
+  applyWithBlobChunk([](auto c) { c.setBlob(1), c.setBlobOffset(4), c.setBlobSize(8); },
+                     "memory chunk 1: names bytes 4..12 of blob 1, which has 8");
+  applyWithBlobChunk(
+      [](auto c) { c.setBlob(1), c.setBlobOffset(0xffffffff), c.setBlobSize(0xffffffff); },
+      "names bytes 4294967295..8589934590 of blob 1");
+  applyWithBlobChunk([](auto c) { c.setBlob(1), c.setBlobSize(2), c.initData(2); },
+                     "carries 2 bytes of its own and names blob 1 too");
+  applyWithBlobChunk([](auto c) { c.setBlobSize(2); }, "blob offset or size given, but no blob");
 }
 
 // The state kept per unit of image, as the class comment states it per GiB:

@@ -35,9 +35,7 @@ void fill(capnp::MallocMessageBuilder& message, const ImageDelta& memory, wire::
   c.setPolicy(policy);
   c.setKind(full ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
   c.setSequence(sequence);
-  auto list = c.initMemory(static_cast<unsigned>(memory.units.size()));
-  toWire(memory, list);
-  c.initDisk(0);
+  toWire(memory, ImageDelta{}, c);
 }
 
 /// Mutates the source: rewrites a few bytes of some units, zeroes one, copies one onto another.

@@ -94,6 +94,51 @@ TEST(ServerMerge, RefusesChunksThatReferToOtherBytes) {
   EXPECT_NE(mergeCheckpoints({a.root.asReader(), b.root.asReader()}, out.initRoot<wire::Checkpoint>()), "");
 }
 
+/// Moves the payload of memory chunk `i` of `b` into blob 1 (after `before`
+/// bytes of other payloads), as a device's encoder sends it.
+void moveToBlob(Built& b, unsigned i, unsigned before) {
+  auto chunk = b.root.getMemory()[i];
+  std::vector<kj::byte> bytes(before, 0xee);
+  for (auto byte : chunk.getData()) bytes.push_back(byte);
+  chunk.disownData();
+  chunk.setBlob(1);
+  chunk.setBlobOffset(before);
+  chunk.setBlobSize(static_cast<std::uint32_t>(bytes.size() - before));
+  b.root.initBlobs(1).set(0, kj::arrayPtr(bytes.data(), bytes.size()));
+}
+
+TEST(ServerMerge, PayloadsInBlobsComeOutInTheirChunks) {
+  Built a, b;
+  fill(a, 4, wire::CheckpointKind::INCREMENTAL, {1, 2}, 0xa);
+  fill(b, 5, wire::CheckpointKind::INCREMENTAL, {2}, 0xb);
+  moveToBlob(a, 0, 3);
+  moveToBlob(b, 0, 5);
+  capnp::MallocMessageBuilder out;
+  auto merged = out.initRoot<wire::Checkpoint>();
+  ASSERT_EQ(mergeCheckpoints({a.root.asReader(), b.root.asReader()}, merged), "");
+  EXPECT_EQ(merged.getBlobs().size(), 0u);
+  ASSERT_EQ(merged.getMemory().size(), 2u);
+  for (auto chunk : merged.getMemory()) {
+    EXPECT_EQ(chunk.getBlob(), 0u);
+    EXPECT_EQ(chunk.getBlobSize(), 0u);
+    ASSERT_EQ(chunk.getData().size(), 1u);
+  }
+  EXPECT_EQ(merged.getMemory()[0].getData()[0], 0xa);  // page 1 from 4, out of its blob
+  EXPECT_EQ(merged.getMemory()[1].getData()[0], 0xb);  // page 2 from 5, out of its blob
+}
+
+TEST(ServerMerge, RefusesAChunkNamingBytesPastItsBlob) {
+  Built a, b;
+  fill(a, 4, wire::CheckpointKind::INCREMENTAL, {1}, 1);
+  fill(b, 5, wire::CheckpointKind::INCREMENTAL, {1}, 2);
+  moveToBlob(b, 0, 0);
+  b.root.getMemory()[0].setBlobSize(2);
+  capnp::MallocMessageBuilder out;
+  EXPECT_EQ(
+      mergeCheckpoints({a.root.asReader(), b.root.asReader()}, out.initRoot<wire::Checkpoint>()),
+      "checkpoint 5: chunk 1: names bytes 0..2 of blob 1, which has 1");
+}
+
 TEST(ServerMerge, RefusesAGapInTheRun) {
   Built a, b;
   fill(a, 4, wire::CheckpointKind::INCREMENTAL, {1}, 1);
