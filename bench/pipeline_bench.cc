@@ -255,15 +255,18 @@ BENCHMARK(BM_BuildCheckpoint512MiB)
 void BM_BuildCheckpointMessage512MiB(benchmark::State& state) {
   const auto percent = static_cast<std::size_t>(state.range(0));
   const auto policy = state.range(1) ? wire::Policy::DIFF_PREV : wire::Policy::DIRTY_PREV;
+  const bool scan = state.range(2) != 0;  // as in BM_BuildCheckpoint512MiB
   CheckpointFixture f(512u << 20);
   auto tracker = f.tracker(policy);
   std::uint32_t round = 0;
   std::uint64_t words = 0;
   for (auto _ : state) {
     state.PauseTiming();
-    f.change(percent, ++round);
+    DirtyUnits candidates{.everything = scan};
+    auto changed = f.change(percent, ++round);
+    if (!scan) candidates.units = std::move(changed);
     state.ResumeTiming();
-    ImageDelta delta = tracker->collect(DirtyUnits{.everything = true});
+    ImageDelta delta = tracker->collect(candidates);
     capnp::MallocMessageBuilder message;
     fillMemoryOnly(message, delta);
     words += message.sizeInWords();
@@ -274,8 +277,9 @@ void BM_BuildCheckpointMessage512MiB(benchmark::State& state) {
                          benchmark::Counter::kAvgIterations);
 }
 BENCHMARK(BM_BuildCheckpointMessage512MiB)
-    ->ArgsProduct({{1, 5, 20}, {0, 1}})
-    ->ArgNames({"pct", "diff"})
+    ->ArgsProduct({{1, 5, 20}, {0, 1}, {1}})
+    ->ArgsProduct({{5, 20}, {0, 1}, {0}})
+    ->ArgNames({"pct", "diff", "scan"})
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime()
     ->Iterations(5);
