@@ -11,6 +11,6 @@ summary=$2
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 "$bench" --benchmark_min_time=0.05 \
-	--benchmark_filter='^BM_(ReadBaseline|ScanHashPerUnit/avx2:1|XorDiffEncode/pct:10/avx2:1|BuildCheckpoint512MiB/pct:5/|ApplyCheckpoint)' \
+	--benchmark_filter='^BM_(ReadBaseline|ScanHashPerUnit/avx2:1|XorDiffEncode/pct:10/avx2:1|BuildCheckpoint512MiB/pct:5/|BuildCheckpointMessage512MiB/pct:5/diff:./scan:0|ApplyCheckpoint)' \
 	--benchmark_out="$out" --benchmark_out_format=json
 "$summary" "$out"
