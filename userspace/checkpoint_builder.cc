@@ -76,6 +76,10 @@ constexpr std::size_t kEncodeGrain = 32;  // changed units copied and encoded pe
 constexpr std::size_t kMaxBlobs = 64;     // blobs per image, unless they would be larger than
 constexpr std::size_t kMaxBlobBytes = std::size_t{256} << 20;
 
+// A task's room starts kMaxPayload x its first unit into the delta's buffer: on
+// a word, as Cap'n Proto needs of a blob it references.
+static_assert(kMaxPayload % sizeof(capnp::word) == 0);
+
 /// Units per encoding task: each task's payloads become one blob, and a
 /// message may have no more than 511 segments (each blob is one).
 std::size_t encodeGrain(std::size_t n) {

@@ -73,6 +73,7 @@ TEST_P(EveryPolicy, ReceiverEqualsSourceAfterEveryCheckpoint) {
   ImageTracker tracker(source, std::vector<std::uint64_t>(kUnits, zeroUnitHash()), policy, compress);
   std::unique_ptr<ImageFile> base, lateBase;
   std::unique_ptr<capnp::MallocMessageBuilder> latest;
+  ImageDelta latestDelta;  // the payloads `latest` references
   std::uint64_t diffBytes = 0, dirtyBytes = 0;
 
   for (std::uint64_t round = 1; round <= 8; ++round) {
@@ -96,6 +97,7 @@ TEST_P(EveryPolicy, ReceiverEqualsSourceAfterEveryCheckpoint) {
       }
     }
     latest = std::move(message);
+    latestDelta = std::move(delta);
     ASSERT_EQ(hashAllUnits(receiver), hashAllUnits(source)) << "round " << round;
     ASSERT_EQ(tracker.receiverHashes(), hashAllUnits(source)) << "round " << round;
   }
