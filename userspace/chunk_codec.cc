@@ -50,14 +50,7 @@ std::size_t compressInto(std::span<const std::byte> raw, std::span<std::byte> ro
 
 /// The chunk as an EncodedUnit holding a copy of its payload.
 EncodedUnit owning(const ChunkView& chunk) {
-  EncodedUnit unit;
-  unit.index = chunk.index;
-  unit.encoding = chunk.encoding;
-  unit.compression = chunk.compression;
-  unit.rawSize = chunk.rawSize;
-  unit.sameAs = chunk.sameAs;
-  unit.data.assign(chunk.data.begin(), chunk.data.end());
-  return unit;
+  return EncodedUnit{chunk, {chunk.data.begin(), chunk.data.end()}};
 }
 
 /// Per-thread room for the encoders that return an EncodedUnit.
@@ -302,7 +295,7 @@ EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current, 
 }
 
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk) {
-  toWire(ChunkView{unit.index, unit.encoding, unit.compression, unit.rawSize, unit.sameAs, unit.data}, chunk);
+  toWire(ChunkView{unit, unit.data}, chunk);
 }
 
 void toWire(const ChunkView& unit, wire::Chunk::Builder chunk) {

@@ -11,28 +11,27 @@
 
 namespace vmsync {
 
-/// One unit as it goes on the wire.
-struct EncodedUnit {
+/// What a chunk says of its unit, besides the payload.
+struct ChunkHeader {
   std::uint64_t index = 0;
   wire::ChunkEncoding encoding = wire::ChunkEncoding::WHOLE;
   wire::Compression compression = wire::Compression::NONE;
-  std::uint32_t rawSize = 0;     // bytes of `data` after decompression
+  std::uint32_t rawSize = 0;     // bytes of the payload after decompression
   std::uint32_t sameAs = 0;      // for SAME_AS: position of the earlier chunk
+};
+
+/// One unit as it goes on the wire.
+struct EncodedUnit : ChunkHeader {
   std::vector<std::byte> data;   // payload (empty for ZERO and SAME_AS)
 };
 
 /// One unit as it goes on the wire, its payload held by someone else: the
 /// unit's own bytes (a whole unit sent uncompressed) or the room the encoder was
 /// given. Lives no longer than those.
-struct ChunkView {
-  std::uint64_t index = 0;
-  wire::ChunkEncoding encoding = wire::ChunkEncoding::WHOLE;
-  wire::Compression compression = wire::Compression::NONE;
-  std::uint32_t rawSize = 0;             // bytes of `data` after decompression
-  std::uint32_t sameAs = 0;              // for SAME_AS: position of the earlier chunk
-  std::span<const std::byte> data;       // payload (empty for ZERO and SAME_AS)
-  std::uint32_t blob = 0;                // when non-zero: `data` goes as these bytes of the
-  std::uint32_t blobOffset = 0;          //   checkpoint's blob number `blob` (from 1)
+struct ChunkView : ChunkHeader {
+  std::span<const std::byte> data;  // payload (empty for ZERO and SAME_AS)
+  std::uint32_t blob = 0;           // when non-zero: `data` goes as these bytes of the
+  std::uint32_t blobOffset = 0;     //   checkpoint's blob number `blob` (from 1)
 };
 
 /// Room the payload of one encoded unit can need: lz4's bound for a unit (an
