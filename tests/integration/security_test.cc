@@ -214,23 +214,32 @@ std::vector<BadCase> badCases() {
     chunk.setData(kj::arrayPtr(data.data(), data.size()));
   };
   return {
-      {"out of range", "names unit 16, but the image has 16 units", [=](auto l) { whole(l[0], kUnits, kUnitSize); }},
+      {"out of range", "names unit 16, but the image has 16 units",
+       [=](auto l) { whole(l[0], kUnits, kUnitSize); }},
       {"truncated page", "whole unit has 100 bytes", [=](auto l) { whole(l[0], 3, 100); }},
-      {"oversized page", "whole unit has 8192 bytes", [=](auto l) { whole(l[0], 3, 2 * kUnitSize); }},
-      {"too many chunks", "list has 17 chunks", [=](auto l) {
+      {"oversized page", "whole unit has 8192 bytes",
+       [=](auto l) { whole(l[0], 3, 2 * kUnitSize); }},
+      {"too many chunks", "list has 17 chunks",
+       [=](auto l) {
          for (unsigned i = 0; i < 17; ++i) whole(l[i], i % kUnits, kUnitSize);
-       }, 17},
-      {"same unit twice", "names unit 2 a second time", [=](auto l) {
+       },
+       17},
+      {"same unit twice", "names unit 2 a second time",
+       [=](auto l) {
          whole(l[0], 2, kUnitSize);
          whole(l[1], 2, kUnitSize);
-       }, 2},
-      {"forward reference", "does not come before it", [=](auto l) {
+       },
+       2},
+      {"forward reference", "does not come before it",
+       [=](auto l) {
          l[0].setIndex(1);
          l[0].setEncoding(wire::ChunkEncoding::SAME_AS);
          l[0].setSameAs(1);
          whole(l[1], 2, kUnitSize);
-       }, 2},
-      {"garbled lz4", "lz4 data is corrupt", [](auto l) {
+       },
+       2},
+      {"garbled lz4", "lz4 data is corrupt",
+       [](auto l) {
          std::vector<kj::byte> junk(300);
          for (std::size_t i = 0; i < junk.size(); ++i) junk[i] = static_cast<kj::byte>(i * 131 + 7);
          l[0].setIndex(4);
@@ -239,7 +248,8 @@ std::vector<BadCase> badCases() {
          l[0].setRawSize(kUnitSize);
          l[0].setData(kj::arrayPtr(junk.data(), junk.size()));
        }},
-      {"lz4 raw size oversized", "raw size 1048576 out of range", [](auto l) {
+      {"lz4 raw size oversized", "raw size 1048576 out of range",
+       [](auto l) {
          std::vector<kj::byte> page(kUnitSize, 1), packed(LZ4_compressBound(kUnitSize));
          int n = LZ4_compress_default(reinterpret_cast<const char*>(page.data()),
                                       reinterpret_cast<char*>(packed.data()), kUnitSize,
@@ -250,7 +260,20 @@ std::vector<BadCase> badCases() {
          l[0].setRawSize(1 << 20);
          l[0].setData(kj::arrayPtr(packed.data(), static_cast<std::size_t>(n)));
        }},
-      {"garbled xor-diff", "chunk 6", [](auto l) {
+      {"blob not there", "chunk 8: names blob 3, but the checkpoint has 0",
+       [](auto l) {
+         l[0].setIndex(8);
+         l[0].setEncoding(wire::ChunkEncoding::WHOLE);
+         l[0].setBlob(3);
+         l[0].setBlobSize(kUnitSize);
+       }},
+      {"payload in two places", "carries 4096 bytes of its own and names blob 1 too",
+       [=](auto l) {
+         whole(l[0], 9, kUnitSize);
+         l[0].setBlob(1);
+       }},
+      {"garbled xor-diff", "chunk 6",
+       [](auto l) {
          std::vector<kj::byte> junk = {0xff, 0xff, 0xff, 0xff, 0x0f, 0x80, 0x80, 0x01, 1, 2, 3};
          l[0].setIndex(6);
          l[0].setEncoding(wire::ChunkEncoding::XOR_DIFF);
