@@ -22,7 +22,7 @@ constexpr std::size_t kDecodeGrain = 64;  // chunks decoded per task
 /// zero page; the others into `decoded`.
 struct DecodedList {
   std::vector<UnitWrite> writes;  // in chunk order
-  std::vector<std::byte, UninitializedAllocator<std::byte>> decoded;
+  std::vector<std::byte, RecyclingAllocator<std::byte>> decoded;
 };
 
 DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& blobs,

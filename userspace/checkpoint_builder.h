@@ -10,6 +10,7 @@
 #include "chunk_codec.h"
 #include "dirty_source.h"
 #include "image_file.h"
+#include "recycled_memory.h"
 #include "thread_pool.h"
 
 namespace vmsync {
@@ -22,27 +23,6 @@ std::string policyName(wire::Policy policy);
 bool isDiffPolicy(wire::Policy policy);
 /// True for the policies measured against the original (base) image.
 bool isOrigPolicy(wire::Policy policy);
-
-/// An allocator whose resize() leaves new elements uninitialized, for buffers
-/// that are written in full right after (and must not cost a zero-fill first).
-template <typename T>
-struct UninitializedAllocator : std::allocator<T> {
-  template <typename U>
-  struct rebind {
-    using other = UninitializedAllocator<U>;
-  };
-  UninitializedAllocator() = default;
-  template <typename U>
-  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
-  template <typename U>
-  void construct(U* p) noexcept {
-    ::new (static_cast<void*>(p)) U;
-  }
-  template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) {
-    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
-  }
-};
 
 /// One image's changes, ready to ship, and what shipping them will make the
 /// receiver's image look like. The chunks' payloads lie in `payloads`, packed
@@ -57,8 +37,10 @@ struct ImageDelta {
 
   std::vector<ChunkView> units;                                // chunks, by ascending index
   std::vector<std::pair<std::uint64_t, std::uint64_t>> hashes; // (index, hash of the shipped bytes)
-  std::vector<std::byte, UninitializedAllocator<std::byte>> raw;  // shipped bytes, 4096 per entry of `hashes`
-  std::vector<std::byte, UninitializedAllocator<std::byte>> payloads;  // what the encoder wrote (lz4, diffs)
+  std::vector<std::byte, RecyclingAllocator<std::byte>>
+      raw;  // shipped bytes, 4096 per entry of `hashes`
+  std::vector<std::byte, RecyclingAllocator<std::byte>>
+      payloads;                                   // what the encoder wrote (lz4, diffs)
   std::vector<std::span<const std::byte>> blobs;  // parts of `payloads` the chunks name, in order
   std::uint64_t examined = 0;                                  // units hashed in place
   std::uint64_t rawBytes = 0;                                  // changed units x 4096
