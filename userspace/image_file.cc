@@ -1,21 +1,36 @@
 #include "image_file.h"
 
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
+#include <string_view>
+#include <thread>
 #include <vector>
 
 #include "durable_file.h"
 #include "error.h"
+#include "write_ring.h"
 
 namespace vmsync {
 
+ImageWrites imageWritesFromEnvironment() {
+  const char* value = std::getenv("VMSYNC_IMAGE_WRITES");
+  if (value == nullptr || std::string_view(value) == "auto") return ImageWrites::automatic;
+  if (std::string_view(value) == "pwrite") return ImageWrites::pwrite;
+  if (std::string_view(value) == "io_uring") return ImageWrites::ring;
+  fail("VMSYNC_IMAGE_WRITES is '{}'; it takes auto, pwrite or io_uring", value);
+}
+
 ImageFile::ImageFile(std::string path, bool writable, std::uint64_t createBytes)
     : path_(std::move(path)), writable_(writable) {
+  if (writable) writes_ = imageWritesFromEnvironment();
   int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
   if (createBytes > 0) flags |= O_CREAT;
   fd_ = ::open(path_.c_str(), flags, 0600);
@@ -61,6 +76,7 @@ ImageFile::ImageFile(std::string path, bool writable, std::uint64_t createBytes)
 }
 
 ImageFile::~ImageFile() {
+  ring_.reset();
   if (base_ != nullptr) ::munmap(base_, size_);
   if (fd_ >= 0) ::close(fd_);
 }
@@ -76,7 +92,7 @@ void ImageFile::writeAt(const std::byte* data, std::size_t size, std::uint64_t o
     ssize_t n = ::pwrite(fd_, data + done, size - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      throwLastErrno(fmt::format("cannot write image {}", path_));
+      throwLastErrno(fmt::format("cannot write image {} at byte {}", path_, offset + done));
     }
     done += static_cast<std::size_t>(n);
   }
@@ -87,7 +103,49 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
     if (write.index >= units()) fail("unit {} is past the end of image {} ({} units)", write.index, path_, units());
   std::vector<UnitWrite> sorted(writes.begin(), writes.end());
   std::sort(sorted.begin(), sorted.end(), [](const UnitWrite& a, const UnitWrite& b) { return a.index < b.index; });
-  for (const auto& write : sorted) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
+  std::span<const UnitWrite> rest(sorted);
+  if (writes_ == ImageWrites::automatic && !rest.empty()) rest = rest.subspan(chooseWrites(rest));
+  if (rest.empty()) return;
+  if (writes_ == ImageWrites::pwrite) {
+    for (const auto& write : rest) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
+    return;
+  }
+  // A ring takes submissions from the thread that set it up only. It is idle
+  // between calls, so another thread gets a ring of its own.
+  if (ring_ && ring_->owner() != std::this_thread::get_id()) ring_.reset();
+  if (!ring_) ring_ = std::make_unique<WriteRing>(path_, /*punt=*/!nowait_);
+  ring_->write(fd_, path_, rest);
+}
+
+std::size_t ImageFile::chooseWrites(std::span<const UnitWrite> sorted) {
+  const UnitWrite& first = sorted.front();
+  const off_t offset = static_cast<off_t>(first.index * kUnitSize);
+  iovec iov{const_cast<std::byte*>(first.bytes), kUnitSize};
+  ssize_t n;
+  do n = ::pwritev2(fd_, &iov, 1, offset, RWF_NOWAIT);
+  while (n < 0 && errno == EINTR);
+  std::size_t done = 0;
+  if (n >= 0 || errno == EAGAIN) {
+    // Taken, or refused only because this one would have blocked: the file
+    // system takes buffered writes without blocking, and io_uring can write
+    // inline (XFS, btrfs).
+    nowait_ = true;
+    writes_ = ImageWrites::ring;
+    if (n >= 0) {
+      writeAt(first.bytes + n, kUnitSize - static_cast<std::size_t>(n), offset + n);
+      done = 1;
+    }
+    spdlog::debug(
+        "image {}: the file system takes writes without blocking; writing through io_uring", path_);
+  } else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) {
+    // ext4 and tmpfs refuse (EOPNOTSUPP); kernels before 4.14 know no RWF_NOWAIT.
+    writes_ = ImageWrites::pwrite;
+    spdlog::debug("image {}: the file system blocks on buffered writes; writing with pwrite",
+                  path_);
+  } else {
+    throwLastErrno(fmt::format("cannot write image {} at byte {}", path_, offset));
+  }
+  return done;
 }
 
 std::vector<UnitRun> ImageFile::dataRuns() const {

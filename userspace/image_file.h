@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -30,6 +31,23 @@ struct UnitSpan {
   bool hole = false;
 };
 
+/// How a writable image's writeUnits() reaches the file.
+enum class ImageWrites {
+  /// Through io_uring where the file system takes buffered writes without
+  /// blocking, one pwrite per unit elsewhere (decided at the first writeUnits).
+  automatic,
+  /// One pwrite per unit.
+  pwrite,
+  /// Through io_uring, on any file system.
+  ring,
+};
+
+/// What VMSYNC_IMAGE_WRITES asks for: "auto" (or unset), "pwrite" or
+/// "io_uring". Throws Error naming the variable and its value otherwise.
+ImageWrites imageWritesFromEnvironment();
+
+class WriteRing;
+
 /// Every unit of an image of `units` units in index order, cut into spans of
 /// at most `grain` units that are all in `dataRuns` or all outside them.
 std::vector<UnitSpan> spansByHoles(const std::vector<UnitRun>& dataRuns, std::uint64_t units,
@@ -49,11 +67,18 @@ std::vector<UnitSpan> spansByHoles(const std::vector<UnitRun>& dataRuns, std::ui
 /// write or a read spans more than one page of a range it has not cached, so a
 /// writable image reads in random-access mode (fd and mapping), which caches
 /// exactly the pages asked for, in 4 KiB folios, and writes one unit per
-/// pwrite.
+/// write.
+///
+/// Those writes go through io_uring, many per system call, where the file
+/// system takes buffered writes without blocking (XFS, btrfs). Where it does
+/// not (ext4, tmpfs), io_uring would hand each write to a worker thread, which
+/// cost a third more CPU and time than a pwrite per unit on a build machine,
+/// so the writes are pwrites there. VMSYNC_IMAGE_WRITES forces either.
 class ImageFile {
  public:
   /// Opens `path`; with `createBytes` > 0 the file is created (or resized) sparse
-  /// to that size first. `writable` allows write()/sync().
+  /// to that size first. `writable` allows write()/sync(); writeUnits() then
+  /// writes as VMSYNC_IMAGE_WRITES says (imageWritesFromEnvironment()).
   ImageFile(std::string path, bool writable, std::uint64_t createBytes = 0);
   ~ImageFile();
   ImageFile(const ImageFile&) = delete;
@@ -73,10 +98,14 @@ class ImageFile {
   /// Writes one unit. Throws Error naming the file on failure.
   void writeUnit(std::uint64_t index, std::span<const std::byte> data);
   /// Writes many units, each index at most once, in any order, in index order
-  /// and one pwrite each (a write spanning uncached units would cache them in
-  /// one large folio). Checks every index before writing anything. Throws
-  /// Error naming the file on failure.
+  /// and one write each (a write spanning uncached units would cache them in
+  /// one large folio), by the means writes() says. Checks every index before
+  /// writing anything. Throws Error naming the file and the byte on failure;
+  /// some of the units may be written then.
   void writeUnits(std::span<const UnitWrite> writes);
+  /// How writeUnits() writes: pwrite or ring, or automatic until the first
+  /// writeUnits() of an image left to choose has found out.
+  ImageWrites writes() const { return writes_; }
   /// Flushes written data to stable storage.
   void sync();
 
@@ -111,6 +140,10 @@ class ImageFile {
  private:
   /// pwrite()s all `size` bytes at `offset`, again after a short write.
   void writeAt(const std::byte* data, std::size_t size, std::uint64_t offset);
+  /// Tries the first of `sorted` with RWF_NOWAIT to find out whether the file
+  /// system takes buffered writes without blocking, and settles writes_.
+  /// Returns how many of `sorted` that wrote (0 or 1).
+  std::size_t chooseWrites(std::span<const UnitWrite> sorted);
   /// pread()s all `size` bytes at `offset`; throws Error if the file ends first.
   void readAt(std::byte* into, std::size_t size, std::uint64_t offset) const;
 
@@ -119,6 +152,10 @@ class ImageFile {
   std::uint64_t size_ = 0;
   std::byte* base_ = nullptr;
   bool writable_ = false;
+  ImageWrites writes_ = ImageWrites::automatic;
+  /// Whether the file took a buffered write without blocking (RWF_NOWAIT).
+  bool nowait_ = false;
+  std::unique_ptr<WriteRing> ring_;  // set up at the first write through it
 };
 
 }  // namespace vmsync

@@ -1,4 +1,5 @@
-// ImageFile writes units in any order and refuses one past the end, keeps a
+// ImageFile writes units in any order and refuses one past the end, through
+// io_uring where the file system takes writes without blocking, keeps a
 // writable image's page cache in 4 KiB folios, and its prefetch and recache
 // keep every byte.
 #include "image_file.h"
@@ -6,14 +7,24 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "error.h"
+#include "loop_device.h"
 #include "test_env.h"
 #include "unit_hashes.h"
 #include "units.h"
@@ -131,6 +142,208 @@ TEST(ImageFile, RecacheLeavesNoLargeFolioAndEveryByte) {
   ASSERT_TRUE(after);
   EXPECT_EQ(*after, 0u) << "pages of the recached image in large folios";
   EXPECT_EQ(std::memcmp(image.bytes().data(), bytes.data(), bytes.size()), 0);
+}
+
+/// Sets VMSYNC_IMAGE_WRITES for as long as it lives.
+class ImageWritesSetting {
+ public:
+  explicit ImageWritesSetting(const char* value) { ::setenv("VMSYNC_IMAGE_WRITES", value, 1); }
+  ~ImageWritesSetting() { ::unsetenv("VMSYNC_IMAGE_WRITES"); }
+};
+
+/// Writes units 0, 2, 3, ... (not 1 or any multiple of 97) of `bytes`, in
+/// reverse, into a new image at `path`; returns it once every unit reads
+/// back as written, or as zeros where nothing was written.
+std::unique_ptr<ImageFile> writeScattered(const std::string& path,
+                                          const std::vector<std::byte>& bytes) {
+  const std::uint64_t units = bytes.size() / kUnitSize;
+  auto image = std::make_unique<ImageFile>(path, true, bytes.size());
+  auto written = [](std::uint64_t i) { return i != 1 && i % 97 != 0; };
+  std::vector<UnitWrite> writes;
+  for (std::uint64_t i = 0; i < units; ++i)
+    if (written(i)) writes.push_back({i, bytes.data() + i * kUnitSize});
+  std::reverse(writes.begin(), writes.end());
+  image->writeUnits(writes);
+  const std::vector<std::byte> zeros(kUnitSize);
+  for (std::uint64_t i = 0; i < units; ++i) {
+    const std::byte* expected = written(i) ? bytes.data() + i * kUnitSize : zeros.data();
+    EXPECT_EQ(std::memcmp(image->unit(i).data(), expected, kUnitSize), 0) << path << ": unit " << i;
+  }
+  return image;
+}
+
+TEST(ImageFile, WritesThroughIoUringOnAnyFileSystemWhenAskedTo) {
+  TempDir dir;
+  ImageWritesSetting ring("io_uring");
+  // More writes than the ring has entries, so some wait for room.
+  auto image = writeScattered(dir / "img", pattern(1000));
+  EXPECT_EQ(image->writes(), ImageWrites::ring);
+  // A second batch, from another thread: a ring takes submissions from the
+  // thread that set it up only.
+  const auto other = pattern(1001);
+  std::vector<UnitWrite> writes{{5, other.data() + 1000 * kUnitSize},
+                                {900, other.data() + 1000 * kUnitSize}};
+  std::thread([&] { image->writeUnits(writes); }).join();
+  for (std::uint64_t i : {5, 900})
+    EXPECT_EQ(std::memcmp(image->unit(i).data(), other.data() + 1000 * kUnitSize, kUnitSize), 0)
+        << "unit " << i;
+}
+
+TEST(ImageFile, AnUnknownWayOfWritingIsRefusedByName) {
+  TempDir dir;
+  ImageWritesSetting wrong("uring");
+  try {
+    ImageFile image(dir / "img", true, kUnitSize);
+    FAIL() << "an image opened with VMSYNC_IMAGE_WRITES=uring";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("VMSYNC_IMAGE_WRITES is 'uring'"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir / "img"));
+  // A read-only image writes nothing, so the setting is not its concern.
+  std::ofstream(dir / "img").close();
+  std::filesystem::resize_file(dir / "img", kUnitSize);
+  ImageFile readOnly(dir / "img", false);
+}
+
+/// Caps the size of files this process writes, and ignores the SIGXFSZ a
+/// write past it raises, for as long as it lives.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    ::getrlimit(RLIMIT_FSIZE, &saved_);
+    previous_ = std::signal(SIGXFSZ, SIG_IGN);
+    rlimit limit = saved_;
+    limit.rlim_cur = bytes;
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &saved_);
+    std::signal(SIGXFSZ, previous_);
+  }
+
+ private:
+  rlimit saved_{};
+  void (*previous_)(int) = nullptr;
+};
+
+TEST(ImageFile, AFailedWriteNamesTheImageAndTheByteAndEveryWriteHasEnded) {
+  for (const char* how : {"pwrite", "io_uring"}) {
+    SCOPED_TRACE(how);
+    TempDir dir;
+    ImageWritesSetting setting(how);
+    const auto bytes = pattern(300);
+    ImageFile image(dir / "img", true, bytes.size());
+    std::vector<UnitWrite> writes;
+    for (std::uint64_t i = 0; i < 300; ++i) writes.push_back({i, bytes.data() + i * kUnitSize});
+    std::string message;
+    {
+      // Units from 200 on are past what this process may write.
+      FileSizeLimit limit(200 * kUnitSize);
+      try {
+        image.writeUnits(writes);
+      } catch (const Error& e) {
+        message = e.what();
+      }
+    }
+    ASSERT_FALSE(message.empty()) << "writes past RLIMIT_FSIZE succeeded";
+    EXPECT_NE(message.find("cannot write image " + dir / "img" + " at byte "), std::string::npos)
+        << message;
+    EXPECT_NE(message.find(std::strerror(EFBIG)), std::string::npos) << message;
+    const std::size_t at = message.find(" at byte ");
+    EXPECT_GE(std::stoull(message.substr(at + 9)), 200 * kUnitSize) << message;
+    // Every write has ended (the buffers may go); those below the limit landed.
+    for (std::uint64_t i = 0; i < 200; ++i)
+      ASSERT_EQ(std::memcmp(image.unit(i).data(), bytes.data() + i * kUnitSize, kUnitSize), 0)
+          << "unit " << i;
+  }
+}
+
+constexpr long kXfsMagic = 0x58465342;  // "XFSB", include/uapi/linux/magic.h
+constexpr long kExt4Magic = 0xEF53;
+constexpr long kTmpfsMagic = 0x01021994;
+
+long fileSystemOf(const std::string& path) {
+  struct statfs fs {};
+  return ::statfs(path.c_str(), &fs) == 0 ? static_cast<long>(fs.f_type) : 0;
+}
+
+/// An empty XFS file system mounted on a loop device over a sparse file, or
+/// the reason there cannot be one here.
+class XfsMount {
+ public:
+  XfsMount() {
+    if (::geteuid() != 0) {
+      missing_ = "mounting XFS takes root";
+      return;
+    }
+    std::ifstream known("/proc/filesystems");
+    std::string line;
+    bool xfs = false;
+    while (std::getline(known, line)) xfs = xfs || line.ends_with("\txfs");
+    if (!xfs) {
+      missing_ = "this kernel has no XFS";
+      return;
+    }
+    const std::string backing = dir_ / "xfs.img";
+    std::ofstream(backing).close();
+    std::filesystem::resize_file(backing, 512u << 20);
+    std::string out;
+    if (testing::run({"mkfs.xfs", "-q", "-f", backing}, &out) != 0) {
+      missing_ = "mkfs.xfs failed (is xfsprogs installed?): " + out;
+      return;
+    }
+    loop_ = std::make_unique<LoopDevice>(backing);
+    mountPoint_ = dir_ / "mnt";
+    std::filesystem::create_directory(mountPoint_);
+    if (::mount(loop_->path().c_str(), mountPoint_.c_str(), "xfs", 0, nullptr) != 0) {
+      missing_ = std::string("cannot mount XFS: ") + std::strerror(errno);
+      return;
+    }
+    mounted_ = true;
+  }
+  ~XfsMount() {
+    if (mounted_) ::umount2(mountPoint_.c_str(), MNT_DETACH);
+  }
+  const std::string& missing() const { return missing_; }
+  std::string operator/(const std::string& name) const { return mountPoint_ + "/" + name; }
+
+ private:
+  TempDir dir_;
+  std::unique_ptr<LoopDevice> loop_;
+  std::string mountPoint_;
+  bool mounted_ = false;
+  std::string missing_;
+};
+
+TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) {
+  {
+    // ext4 would hand every io_uring write to a worker thread.
+    TempDir dir;
+    if (fileSystemOf(dir.path()) == kExt4Magic) {
+      EXPECT_EQ(writeScattered(dir / "img", pattern(300))->writes(), ImageWrites::pwrite)
+          << "on ext4";
+    }
+  }
+  {
+    // So would tmpfs.
+    if (fileSystemOf("/dev/shm") == kTmpfsMagic) {
+      const std::string path = "/dev/shm/vmsync-image-test-" + std::to_string(::getpid());
+      EXPECT_EQ(writeScattered(path, pattern(300))->writes(), ImageWrites::pwrite) << "on tmpfs";
+      std::filesystem::remove(path);
+    }
+  }
+  XfsMount xfs;
+  if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
+  ASSERT_EQ(fileSystemOf(xfs / ""), kXfsMagic);
+  auto image = writeScattered(xfs / "img", pattern(300));
+  EXPECT_EQ(image->writes(), ImageWrites::ring) << "on XFS";
+  image->sync();
+  // What the ring wrote is in the file, not only in this process's view of it.
+  image.reset();
+  ImageFile again(xfs / "img", false);
+  const auto bytes = pattern(300);
+  EXPECT_EQ(std::memcmp(again.unit(299).data(), bytes.data() + 299 * kUnitSize, kUnitSize), 0);
 }
 
 TEST(ImageFile, UnitWritesAndPrefetchCacheNoLargeFolio) {
