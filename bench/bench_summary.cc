@@ -1,10 +1,12 @@
 // vmsync_bench_summary: reads the JSON that vmsync_bench wrote
 // (--benchmark_out=FILE --benchmark_out_format=json) and prints the pipeline's
 // speed targets next to what that run measured, each with its baseline from
-// the same run. It judges nothing by its exit status: 0 when every figure the
-// targets need is in the file, 1 when one is missing (a benchmark renamed or
-// filtered out), 2 on bad arguments or an unreadable file.
+// the same run. A second report, of BM_ApplyCheckpointWrites run on XFS, adds
+// the standby's image writes there. It judges nothing by its exit status: 0
+// when every figure the targets need is in the files, 1 when one is missing (a
+// benchmark renamed or filtered out), 2 on bad arguments or an unreadable file.
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -17,6 +19,7 @@ namespace {
 struct Run {
   double cpuMs = 0;           // CPU time per iteration, in ms
   double bytesPerSecond = 0;  // 0 when the benchmark does not count bytes
+  std::string label;
 };
 
 double toMs(double value, const std::string& unit) {
@@ -36,7 +39,7 @@ class Results {
       const std::string name = b.value("run_name", b.value("name", ""));
       if (!aggregate && runs_.count(name)) continue;
       runs_[name] = Run{toMs(b.value("cpu_time", 0.0), b.value("time_unit", "ns")),
-                        b.value("bytes_per_second", 0.0)};
+                        b.value("bytes_per_second", 0.0), b.value("label", "")};
     }
   }
 
@@ -78,25 +81,41 @@ void checkpointRow(Results& results, const std::string& target, const std::strin
   row(target, format("%.1f / %.1f ms CPU", dirty->cpuMs, diff->cpuMs), dirty->cpuMs <= 30 && diff->cpuMs <= 30);
 }
 
+/// The row of the standby's image writes, pwrite against io_uring, from one
+/// report of BM_ApplyCheckpointWrites; none when a run is missing.
+void imageWritesRow(Results& results, const std::string& target) {
+  auto pwrite = results.find("BM_ApplyCheckpointWrites/ring:0");
+  auto ring = results.find("BM_ApplyCheckpointWrites/ring:1");
+  if (!pwrite || !ring) return;
+  // The label: the file system, and what an image left to choose writes with.
+  row(target + " (" + pwrite->label + ")",
+      format("%.2f / %.2f GB/s", pwrite->bytesPerSecond / 1e9, ring->bytesPerSecond / 1e9),
+      "for comparison");
+}
+
+/// The JSON report at `path`; exits with status 2 if it cannot be read.
+nlohmann::json readReport(const char* path) {
+  try {
+    std::ifstream in(path);
+    if (!in) {
+      std::fprintf(stderr, "cannot open %s\n", path);
+      std::exit(2);
+    }
+    return nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s is not a Google Benchmark JSON report: %s\n", path, e.what());
+    std::exit(2);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s VMSYNC_BENCH_JSON\n", argv[0]);
+  if (argc != 2 && argc != 3) {
+    std::fprintf(stderr, "usage: %s VMSYNC_BENCH_JSON [XFS_IMAGE_WRITES_JSON]\n", argv[0]);
     return 2;
   }
-  nlohmann::json report;
-  try {
-    std::ifstream in(argv[1]);
-    if (!in) {
-      std::fprintf(stderr, "cannot open %s\n", argv[1]);
-      return 2;
-    }
-    report = nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s is not a Google Benchmark JSON report: %s\n", argv[1], e.what());
-    return 2;
-  }
+  const nlohmann::json report = readReport(argv[1]);
   Results results(report);
   const auto& context = report.value("context", nlohmann::json::object());
   std::printf("pipeline targets (issue 8), measured in one run: %d CPUs at %.0f MHz, load %s\n",
@@ -132,8 +151,20 @@ int main(int argc, char** argv) {
     row("  the same into the large folios a sequential read leaves (not recached)",
         format("%.2f GB/s", unsettled->bytesPerSecond / 1e9), "for comparison");
 
-  for (const auto& name : results.missing())
+  imageWritesRow(results, "  its image writes, pwrite / io_uring");
+  bool complete = true;
+  for (const auto& name : results.missing()) {
     std::fprintf(stderr, "%s: no result for %s; the targets above are incomplete\n", argv[1],
                  name.c_str());
-  return results.missing().empty() ? 0 : 1;
+    complete = false;
+  }
+  if (argc == 3) {
+    Results xfs(readReport(argv[2]));
+    imageWritesRow(xfs, "  the same on XFS");
+    for (const auto& name : xfs.missing()) {
+      std::fprintf(stderr, "%s: no result for %s\n", argv[2], name.c_str());
+      complete = false;
+    }
+  }
+  return complete ? 0 : 1;
 }

@@ -3,9 +3,12 @@
 #include <benchmark/benchmark.h>
 #include <capnp/message.h>
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -157,8 +160,7 @@ struct CheckpointFixture {
   /// file leaves (as after a copy, or a VMM's faults), not what a standby's
   /// own unit writes and reads leave.
   explicit CheckpointFixture(std::size_t bytes, bool readCache = false) {
-    char tmpl[] = "/tmp/vmsync-bench-XXXXXX";
-    dir = ::mkdtemp(tmpl);
+    dir = makeDirectory();
     auto content = makeImage(bytes, 5);
     std::vector<UnitWrite> all(bytes / kUnitSize);
     for (std::size_t u = 0; u < all.size(); ++u) all[u] = {u, content.data() + u * kUnitSize};
@@ -172,6 +174,15 @@ struct CheckpointFixture {
     source = std::make_unique<ImageFile>((dir / "source").string(), true);
     receiver = std::make_unique<ImageFile>((dir / "receiver").string(), true);
     disk = std::make_unique<ImageFile>((dir / "disk").string(), true, kUnitSize);
+  }
+  /// A new directory under VMSYNC_BENCH_DIR, or under /tmp.
+  static fs::path makeDirectory() {
+    const char* under = std::getenv("VMSYNC_BENCH_DIR");
+    std::string path = std::string(under != nullptr ? under : "/tmp") + "/vmsync-bench-XXXXXX";
+    if (::mkdtemp(path.data()) == nullptr)
+      throw std::runtime_error("cannot make a directory like " + path + ": " +
+                               std::strerror(errno));
+    return path;
   }
   /// Drops `path` from the page cache and reads it back with a plain read.
   static void readSequentially(const fs::path& path) {
@@ -288,8 +299,9 @@ BENCHMARK(BM_BuildCheckpointMessage512MiB)
 /// writes and reads leave them (ImageFile::recache sees to that after a VMM
 /// ran on them). cache:1 shows what that avoids: the receiver's page cache is
 /// what a sequential read leaves, in large folios where the kernel makes them.
-void BM_ApplyCheckpoint(benchmark::State& state) {
-  CheckpointFixture f(512u << 20, state.range(0) != 0);
+/// Applies a checkpoint of 5 % of `f`'s source, changed, to its receiver at
+/// every iteration; counts its payload as the bytes processed.
+void applyFivePercent(benchmark::State& state, CheckpointFixture& f) {
   auto tracker = f.tracker(wire::Policy::DIRTY_PREV);
   f.change(5, 1);
   ImageDelta delta = tracker->collect(DirtyUnits{.everything = true});
@@ -306,10 +318,62 @@ void BM_ApplyCheckpoint(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * delta.encodedBytes));
   state.counters["payload_MiB"] = static_cast<double>(delta.encodedBytes) / (1 << 20);
 }
+
+void BM_ApplyCheckpoint(benchmark::State& state) {
+  CheckpointFixture f(512u << 20, state.range(0) != 0);
+  applyFivePercent(state, f);
+}
 BENCHMARK(BM_ApplyCheckpoint)
     ->Arg(0)
     ->Arg(1)
     ->ArgName("cache")
+    ->Unit(benchmark::kMillisecond)
+    ->MeasureProcessCPUTime();
+
+/// The name of the file system `path` is on.
+std::string fileSystemName(const fs::path& path) {
+  struct statfs info {};
+  if (::statfs(path.c_str(), &info) != 0) return "unknown";
+  switch (static_cast<unsigned long>(info.f_type)) {
+    case 0xEF53:
+      return "ext4";
+    case 0x58465342:
+      return "xfs";
+    case 0x9123683E:
+      return "btrfs";
+    case 0x01021994:
+      return "tmpfs";
+    default:
+      return fmt::format("file system {:#x}", static_cast<unsigned long>(info.f_type));
+  }
+}
+
+/// BM_ApplyCheckpoint/cache:0 with the receiver's unit writes one pwrite each
+/// (ring:0) or through io_uring (ring:1), on the file system of
+/// VMSYNC_BENCH_DIR (or /tmp). The label names the file system and what an
+/// image left to choose (ImageWrites::automatic) writes with there.
+void BM_ApplyCheckpointWrites(benchmark::State& state) {
+  const bool ring = state.range(0) != 0;
+  ::setenv("VMSYNC_IMAGE_WRITES", ring ? "io_uring" : "pwrite", 1);
+  CheckpointFixture f(512u << 20);
+  ::unsetenv("VMSYNC_IMAGE_WRITES");
+  {
+    // The choice is made at an image's first write.
+    ImageFile probe((f.dir / "probe").string(), true, kUnitSize);
+    const std::vector<std::byte> unit(kUnitSize, std::byte{1});
+    const UnitWrite write{0, unit.data()};
+    probe.writeUnits({&write, 1});
+    state.SetLabel(fmt::format("{}, chosen: {}", fileSystemName(f.dir),
+                               probe.writes() == ImageWrites::ring ? "io_uring" : "pwrite"));
+  }
+  applyFivePercent(state, f);
+  if (f.receiver->writes() != (ring ? ImageWrites::ring : ImageWrites::pwrite))
+    state.SkipWithError("the receiver did not write the way it was asked to");
+}
+BENCHMARK(BM_ApplyCheckpointWrites)
+    ->Arg(0)
+    ->Arg(1)
+    ->ArgName("ring")
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime();
 

@@ -104,7 +104,10 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
   std::vector<UnitWrite> sorted(writes.begin(), writes.end());
   std::sort(sorted.begin(), sorted.end(), [](const UnitWrite& a, const UnitWrite& b) { return a.index < b.index; });
   std::span<const UnitWrite> rest(sorted);
-  if (writes_ == ImageWrites::automatic && !rest.empty()) rest = rest.subspan(chooseWrites(rest));
+  if (!probed_ && writes_ != ImageWrites::pwrite && !rest.empty()) {
+    probed_ = true;
+    rest = rest.subspan(probeWrites(rest));
+  }
   if (rest.empty()) return;
   if (writes_ == ImageWrites::pwrite) {
     for (const auto& write : rest) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
@@ -117,7 +120,7 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
   ring_->write(fd_, path_, rest);
 }
 
-std::size_t ImageFile::chooseWrites(std::span<const UnitWrite> sorted) {
+std::size_t ImageFile::probeWrites(std::span<const UnitWrite> sorted) {
   const UnitWrite& first = sorted.front();
   const off_t offset = static_cast<off_t>(first.index * kUnitSize);
   iovec iov{const_cast<std::byte*>(first.bytes), kUnitSize};
@@ -130,21 +133,19 @@ std::size_t ImageFile::chooseWrites(std::span<const UnitWrite> sorted) {
     // system takes buffered writes without blocking, and io_uring can write
     // inline (XFS, btrfs).
     nowait_ = true;
-    writes_ = ImageWrites::ring;
     if (n >= 0) {
       writeAt(first.bytes + n, kUnitSize - static_cast<std::size_t>(n), offset + n);
       done = 1;
     }
-    spdlog::debug(
-        "image {}: the file system takes writes without blocking; writing through io_uring", path_);
-  } else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) {
+  } else if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS) {
     // ext4 and tmpfs refuse (EOPNOTSUPP); kernels before 4.14 know no RWF_NOWAIT.
-    writes_ = ImageWrites::pwrite;
-    spdlog::debug("image {}: the file system blocks on buffered writes; writing with pwrite",
-                  path_);
-  } else {
     throwLastErrno(fmt::format("cannot write image {} at byte {}", path_, offset));
   }
+  if (writes_ == ImageWrites::automatic)
+    writes_ = nowait_ ? ImageWrites::ring : ImageWrites::pwrite;
+  spdlog::debug("image {}: the file system {} buffered writes without blocking; writing {}", path_,
+                nowait_ ? "takes" : "does not take",
+                writes_ == ImageWrites::ring ? "through io_uring" : "with pwrite");
   return done;
 }
 

@@ -141,9 +141,10 @@ class ImageFile {
   /// pwrite()s all `size` bytes at `offset`, again after a short write.
   void writeAt(const std::byte* data, std::size_t size, std::uint64_t offset);
   /// Tries the first of `sorted` with RWF_NOWAIT to find out whether the file
-  /// system takes buffered writes without blocking, and settles writes_.
-  /// Returns how many of `sorted` that wrote (0 or 1).
-  std::size_t chooseWrites(std::span<const UnitWrite> sorted);
+  /// system takes buffered writes without blocking (nowait_), and settles
+  /// writes_ if it was left to choose. Returns how many of `sorted` that wrote
+  /// (0 or 1).
+  std::size_t probeWrites(std::span<const UnitWrite> sorted);
   /// pread()s all `size` bytes at `offset`; throws Error if the file ends first.
   void readAt(std::byte* into, std::size_t size, std::uint64_t offset) const;
 
@@ -153,8 +154,10 @@ class ImageFile {
   std::byte* base_ = nullptr;
   bool writable_ = false;
   ImageWrites writes_ = ImageWrites::automatic;
-  /// Whether the file took a buffered write without blocking (RWF_NOWAIT).
+  /// Whether the file took a buffered write without blocking (RWF_NOWAIT);
+  /// a ring sends its writes to a worker at once where it does not.
   bool nowait_ = false;
+  bool probed_ = false;
   std::unique_ptr<WriteRing> ring_;  // set up at the first write through it
 };
 
