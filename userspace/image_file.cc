@@ -143,9 +143,9 @@ std::size_t ImageFile::probeWrites(std::span<const UnitWrite> sorted) {
   }
   if (writes_ == ImageWrites::automatic)
     writes_ = nowait_ ? ImageWrites::ring : ImageWrites::pwrite;
-  spdlog::debug("image {}: the file system {} buffered writes without blocking; writing {}", path_,
-                nowait_ ? "takes" : "does not take",
-                writes_ == ImageWrites::ring ? "through io_uring" : "with pwrite");
+  spdlog::info("image {}: the file system {} buffered writes without blocking; writing {}", path_,
+               nowait_ ? "takes" : "does not take",
+               writes_ == ImageWrites::ring ? "through io_uring" : "with pwrite");
   return done;
 }
 

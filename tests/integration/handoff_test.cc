@@ -156,6 +156,45 @@ TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
   EXPECT_TRUE(consecutive(counterValues(readFile(cluster.serialLog("A"))), &why)) << why;
 }
 
+// A standby whose images are on XFS, which takes buffered writes without
+// blocking, writes them through io_uring, and the handoff to it verifies them
+// (the target checks the image digest before it resumes).
+TEST_F(LiveHandoff, StandbyOnXfsWritesItsImagesThroughIoUringAndTakesOver) {
+  TempDir dir;
+  // Mounted before the cluster starts and unmounted after it stops.
+  XfsMount xfs(dir / "B");
+  if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
+  Cluster cluster(dir.path());
+  ASSERT_EQ(cluster.stateDir("B"), xfs.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  cluster.startStandby("B");
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; },
+                      kBootAndSync))
+      << "the guest on A is not counting" << cluster.logOf("A");
+  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 2, std::chrono::seconds(60)))
+      << cluster.logOf("B");
+
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0)
+      << output << cluster.logOf("A") << cluster.logOf("B");
+  const std::string aLog = readFile(cluster.serialLog("A"));
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 3; },
+                      std::chrono::seconds(60)))
+      << cluster.logOf("B");
+  std::string why;
+  EXPECT_TRUE(consecutive(counterValues(aLog + readFile(cluster.serialLog("B"))), &why)) << why;
+  const std::string bLog = readFile(dir / "B.log");
+  for (const char* image : {"ram.img", "disk.img"})
+    EXPECT_NE(bLog.find(std::string(image) +
+                        ": the file system takes buffered writes without blocking; writing "
+                        "through io_uring"),
+              std::string::npos)
+        << image << " of B was not written through io_uring\n"
+        << cluster.logOf("B");
+}
+
 }  // namespace
 }  // namespace vmsync::testing
 

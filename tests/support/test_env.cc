@@ -34,6 +34,38 @@ TempDir::~TempDir() {
   if (std::getenv("VMSYNC_KEEP_TEST_DIRS") == nullptr) fs::remove_all(path_);
 }
 
+XfsMount::XfsMount(std::string at) : at_(std::move(at)) {
+  if (::geteuid() != 0) {
+    missing_ = "mounting XFS takes root";
+    return;
+  }
+  std::ifstream known("/proc/filesystems");
+  bool xfs = false;
+  for (std::string line; std::getline(known, line);) xfs = xfs || line.ends_with("\txfs");
+  if (!xfs) {
+    missing_ = "this kernel has no XFS";
+    return;
+  }
+  // 512 MiB: XFS's smallest; sparse, so it takes what is written only.
+  const std::string image = backing_ / "xfs.img";
+  std::ofstream(image).close();
+  fs::resize_file(image, 512u << 20);
+  std::string out;
+  if (run({"mkfs.xfs", "-q", "-f", image}, &out) != 0) {
+    missing_ = "mkfs.xfs failed (is xfsprogs installed?): " + out;
+    return;
+  }
+  fs::create_directories(at_);
+  // A loop device that goes with the mount (autoclear).
+  if (run({"mount", "-t", "xfs", "-o", "loop", image, at_}, &out) != 0)
+    missing_ = "cannot mount XFS: " + out;
+}
+
+XfsMount::~XfsMount() {
+  std::string out;
+  if (missing_.empty() && run({"umount", at_}, &out) != 0) run({"umount", "-l", at_}, &out);
+}
+
 Process::Process(std::vector<std::string> argv, std::string logPath) : logPath_(std::move(logPath)) {
   std::vector<char*> args;
   for (auto& a : argv) args.push_back(a.data());

@@ -33,6 +33,29 @@ class TempDir {
   std::string path_;
 };
 
+/// An empty XFS file system from a loop device over a sparse file, mounted at
+/// a directory until it goes; or the reason there cannot be one here (not
+/// root, no XFS in the kernel, no xfsprogs). XFS takes buffered writes
+/// without blocking, which ext4 and tmpfs do not.
+class XfsMount {
+ public:
+  /// Mounts at `at`, made if missing.
+  explicit XfsMount(std::string at);
+  ~XfsMount();
+  XfsMount(const XfsMount&) = delete;
+  XfsMount& operator=(const XfsMount&) = delete;
+
+  /// Empty once mounted, else why it is not.
+  const std::string& missing() const { return missing_; }
+  const std::string& path() const { return at_; }
+  std::string operator/(const std::string& name) const { return at_ + "/" + name; }
+
+ private:
+  TempDir backing_;
+  std::string at_;
+  std::string missing_;
+};
+
 /// A child process with stdout+stderr in a log file; SIGTERM then SIGKILL on destruction.
 class Process {
  public:

@@ -7,7 +7,6 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -24,7 +23,6 @@
 #include <vector>
 
 #include "error.h"
-#include "loop_device.h"
 #include "test_env.h"
 #include "unit_hashes.h"
 #include "units.h"
@@ -268,54 +266,6 @@ long fileSystemOf(const std::string& path) {
   return ::statfs(path.c_str(), &fs) == 0 ? static_cast<long>(fs.f_type) : 0;
 }
 
-/// An empty XFS file system mounted on a loop device over a sparse file, or
-/// the reason there cannot be one here.
-class XfsMount {
- public:
-  XfsMount() {
-    if (::geteuid() != 0) {
-      missing_ = "mounting XFS takes root";
-      return;
-    }
-    std::ifstream known("/proc/filesystems");
-    std::string line;
-    bool xfs = false;
-    while (std::getline(known, line)) xfs = xfs || line.ends_with("\txfs");
-    if (!xfs) {
-      missing_ = "this kernel has no XFS";
-      return;
-    }
-    const std::string backing = dir_ / "xfs.img";
-    std::ofstream(backing).close();
-    std::filesystem::resize_file(backing, 512u << 20);
-    std::string out;
-    if (testing::run({"mkfs.xfs", "-q", "-f", backing}, &out) != 0) {
-      missing_ = "mkfs.xfs failed (is xfsprogs installed?): " + out;
-      return;
-    }
-    loop_ = std::make_unique<LoopDevice>(backing);
-    mountPoint_ = dir_ / "mnt";
-    std::filesystem::create_directory(mountPoint_);
-    if (::mount(loop_->path().c_str(), mountPoint_.c_str(), "xfs", 0, nullptr) != 0) {
-      missing_ = std::string("cannot mount XFS: ") + std::strerror(errno);
-      return;
-    }
-    mounted_ = true;
-  }
-  ~XfsMount() {
-    if (mounted_) ::umount2(mountPoint_.c_str(), MNT_DETACH);
-  }
-  const std::string& missing() const { return missing_; }
-  std::string operator/(const std::string& name) const { return mountPoint_ + "/" + name; }
-
- private:
-  TempDir dir_;
-  std::unique_ptr<LoopDevice> loop_;
-  std::string mountPoint_;
-  bool mounted_ = false;
-  std::string missing_;
-};
-
 TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) {
   {
     // ext4 would hand every io_uring write to a worker thread.
@@ -333,7 +283,8 @@ TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) 
       std::filesystem::remove(path);
     }
   }
-  XfsMount xfs;
+  TempDir dir;
+  testing::XfsMount xfs(dir / "xfs");
   if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
   ASSERT_EQ(fileSystemOf(xfs / ""), kXfsMagic);
   auto image = writeScattered(xfs / "img", pattern(300));
