@@ -4,6 +4,7 @@
 #include <capnp/message.h>
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -26,6 +27,12 @@ namespace vmsync {
 namespace {
 
 namespace fs = std::filesystem;
+
+// Each image says at info level how it writes; the tables need no such lines.
+const bool kQuiet = [] {
+  spdlog::set_level(spdlog::level::warn);
+  return true;
+}();
 
 /// A guest-like buffer: compressible text-ish pages, some zero pages.
 std::vector<std::byte> makeImage(std::size_t bytes, std::uint32_t seed) {
