@@ -30,7 +30,7 @@ ImageWrites imageWritesFromEnvironment() {
 
 ImageFile::ImageFile(std::string path, bool writable, std::uint64_t createBytes)
     : path_(std::move(path)), writable_(writable) {
-  if (writable) writes_ = imageWritesFromEnvironment();
+  if (writable) writes_ = requested_ = imageWritesFromEnvironment();
   int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
   if (createBytes > 0) flags |= O_CREAT;
   fd_ = ::open(path_.c_str(), flags, 0600);
@@ -109,15 +109,26 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
     rest = rest.subspan(probeWrites(rest));
   }
   if (rest.empty()) return;
-  if (writes_ == ImageWrites::pwrite) {
-    for (const auto& write : rest) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
-    return;
+  if (writes_ == ImageWrites::ring) {
+    // A ring takes submissions from the thread that set it up only. It is
+    // idle between calls, so another thread gets a ring of its own.
+    if (ring_ && ring_->owner() != std::this_thread::get_id()) ring_.reset();
+    if (!ring_) {
+      try {
+        ring_ = std::make_unique<WriteRing>(path_, /*punt=*/!nowait_);
+      } catch (const Error& e) {
+        if (requested_ == ImageWrites::ring) throw;
+        // Left to choose: io_uring may be turned off here (io_uring_disabled).
+        spdlog::warn("{}; writing with pwrite instead", e.what());
+        writes_ = ImageWrites::pwrite;
+      }
+    }
+    if (ring_) {
+      ring_->write(fd_, path_, rest);
+      return;
+    }
   }
-  // A ring takes submissions from the thread that set it up only. It is idle
-  // between calls, so another thread gets a ring of its own.
-  if (ring_ && ring_->owner() != std::this_thread::get_id()) ring_.reset();
-  if (!ring_) ring_ = std::make_unique<WriteRing>(path_, /*punt=*/!nowait_);
-  ring_->write(fd_, path_, rest);
+  for (const auto& write : rest) writeAt(write.bytes, kUnitSize, write.index * kUnitSize);
 }
 
 std::size_t ImageFile::probeWrites(std::span<const UnitWrite> sorted) {

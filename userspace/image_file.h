@@ -153,6 +153,8 @@ class ImageFile {
   std::uint64_t size_ = 0;
   std::byte* base_ = nullptr;
   bool writable_ = false;
+  /// What VMSYNC_IMAGE_WRITES asked for, and how writes go (once known).
+  ImageWrites requested_ = ImageWrites::automatic;
   ImageWrites writes_ = ImageWrites::automatic;
   /// Whether the file took a buffered write without blocking (RWF_NOWAIT);
   /// a ring sends its writes to a worker at once where it does not.

@@ -3,7 +3,6 @@
 
 #include <liburing.h>
 
-#include <memory>
 #include <span>
 #include <string>
 #include <thread>

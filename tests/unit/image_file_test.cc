@@ -6,9 +6,14 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +22,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -295,6 +301,81 @@ TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) 
   ImageFile again(xfs / "img", false);
   const auto bytes = pattern(300);
   EXPECT_EQ(std::memcmp(again.unit(299).data(), bytes.data() + 299 * kUnitSize, kUnitSize), 0);
+}
+
+/// Makes io_uring_setup fail with EPERM in this process from now on, as where
+/// io_uring is turned off (kernel.io_uring_disabled). Returns false if it
+/// cannot.
+bool refuseIoUring() {
+  sock_filter filter[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+  };
+  sock_fprog program{static_cast<unsigned short>(std::size(filter)), filter};
+  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+         ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0;
+}
+
+/// Runs `body` in a child process; returns what it printed on failure, or
+/// nothing when it exited 0.
+std::string inChild(const std::function<std::string()>& body) {
+  int pipeFds[2];
+  if (::pipe(pipeFds) != 0) return "pipe failed";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(pipeFds[0]);
+    std::string failure;
+    try {
+      failure = body();
+    } catch (const std::exception& e) {
+      failure = std::string("threw: ") + e.what();
+    }
+    if (!failure.empty()) (void)!::write(pipeFds[1], failure.data(), failure.size());
+    ::_exit(failure.empty() ? 0 : 1);
+  }
+  ::close(pipeFds[1]);
+  std::string output;
+  char buffer[512];
+  for (ssize_t n; (n = ::read(pipeFds[0], buffer, sizeof buffer)) > 0;) output.append(buffer, n);
+  ::close(pipeFds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (!WIFEXITED(status)) return "the child died: " + output;
+  return WEXITSTATUS(status) == 0 ? "" : output;
+}
+
+TEST(ImageFile, WithoutIoUringAnImageLeftToChooseWritesWithPwriteAndOneToldToFails) {
+  TempDir dir;
+  testing::XfsMount xfs(dir / "xfs");
+  if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
+  EXPECT_EQ(inChild([&]() -> std::string {
+              if (!refuseIoUring()) return "cannot install a seccomp filter";
+              auto image = writeScattered(xfs / "auto", pattern(300));
+              if (::testing::Test::HasFailure()) return "units read back wrong";
+              if (image->writes() != ImageWrites::pwrite) return "did not fall back to pwrite";
+              return "";
+            }),
+            "");
+  EXPECT_EQ(inChild([&]() -> std::string {
+              if (!refuseIoUring()) return "cannot install a seccomp filter";
+              ImageWritesSetting ring("io_uring");
+              ImageFile image(xfs / "forced", true, 8 * kUnitSize);
+              const std::vector<std::byte> unit(kUnitSize, std::byte{7});
+              const std::vector<UnitWrite> writes{{1, unit.data()}, {5, unit.data()}};
+              try {
+                image.writeUnits(writes);
+              } catch (const Error& e) {
+                const std::string what = e.what();
+                return what.find("cannot set up io_uring to write image " + xfs / "forced") !=
+                               std::string::npos
+                           ? ""
+                           : "wrong error: " + what;
+              }
+              return "wrote with io_uring refused, though told to use it";
+            }),
+            "");
 }
 
 TEST(ImageFile, UnitWritesAndPrefetchCacheNoLargeFolio) {
