@@ -68,8 +68,8 @@ module:
 
 bench: build
 	$(BUILD)/bench/vmsync_bench --benchmark_out=$(BUILD)/bench.json --benchmark_out_format=json
-	$(BUILD)/bench/vmsync_bench_summary $(BUILD)/bench.json
 	$(BUILD)/bench/vmsync_fanout_bench --benchmark_out=$(BUILD)/bench-fanout.json --benchmark_out_format=json
+	$(BUILD)/bench/vmsync_bench_summary $(BUILD)/bench.json --fanout $(BUILD)/bench-fanout.json
 	$(BUILD)/bench/bpf_harvest_bench --benchmark_out=$(BUILD)/bench-bpf.json --benchmark_out_format=json
 
 # Harvest cost per round, kmod against scan; needs vmsync.ko, so it runs in

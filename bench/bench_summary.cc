@@ -1,10 +1,12 @@
 // vmsync_bench_summary: reads the JSON that vmsync_bench wrote
 // (--benchmark_out=FILE --benchmark_out_format=json) and prints the pipeline's
 // speed targets next to what that run measured, each with its baseline from
-// the same run. A second report, of BM_ApplyCheckpointWrites run on XFS, adds
-// the standby's image writes there. It judges nothing by its exit status: 0
-// when every figure the targets need is in the files, 1 when one is missing (a
-// benchmark renamed or filtered out), 2 on bad arguments or an unreadable file.
+// the same run, then the benchmarks issue 8 names that have no target. With
+// --xfs, a report of BM_ApplyCheckpointWrites run on XFS adds the standby's
+// image writes there; with --fanout, a report of vmsync_fanout_bench adds the
+// server's fan-out. It judges nothing by its exit status: 0 when every figure
+// it prints is in the files, 1 when one is missing (a benchmark renamed or
+// filtered out), 2 on bad arguments or an unreadable file.
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -18,6 +20,7 @@ namespace {
 
 struct Run {
   double cpuMs = 0;           // CPU time per iteration, in ms
+  double realMs = 0;          // wall time per iteration, in ms
   double bytesPerSecond = 0;  // 0 when the benchmark does not count bytes
   std::string label;
 };
@@ -38,7 +41,8 @@ class Results {
       if (aggregate && b.value("aggregate_name", "") != "median") continue;
       const std::string name = b.value("run_name", b.value("name", ""));
       if (!aggregate && runs_.count(name)) continue;
-      runs_[name] = Run{toMs(b.value("cpu_time", 0.0), b.value("time_unit", "ns")),
+      const std::string unit = b.value("time_unit", "ns");
+      runs_[name] = Run{toMs(b.value("cpu_time", 0.0), unit), toMs(b.value("real_time", 0.0), unit),
                         b.value("bytes_per_second", 0.0), b.value("label", "")};
     }
   }
@@ -69,6 +73,17 @@ std::string format(const char* pattern, double a, double b = 0, double c = 0) {
   char text[128];
   std::snprintf(text, sizeof(text), pattern, a, b, c);
   return text;
+}
+
+/// Dirty / Diff CPU times of `benchmark` at `percent` % changed with `scan`,
+/// or nothing when a run is missing.
+std::optional<std::string> checkpointTimes(Results& results, const std::string& benchmark,
+                                           int percent, int scan) {
+  const std::string args = format("/scan:%.0f", scan);
+  auto dirty = results.find(benchmark + format("/pct:%.0f/diff:0", percent) + args);
+  auto diff = results.find(benchmark + format("/pct:%.0f/diff:1", percent) + args);
+  if (!dirty || !diff) return std::nullopt;
+  return format("%.1f / %.1f", dirty->cpuMs, diff->cpuMs);
 }
 
 /// The row of the 30 ms CPU target for one way of building the 5 % checkpoint
@@ -108,12 +123,63 @@ nlohmann::json readReport(const char* path) {
   }
 }
 
+/// The rows of the benchmarks issue 8 asks for that have no target.
+void comparisonRows(Results& results) {
+  auto lz4 = results.find("BM_Lz4WholeUnit");
+  auto unlz4 = results.find("BM_Lz4DecodeWholeUnit");
+  if (lz4 && unlz4)
+    row("lz4, one core: compress guest-like units / decompress 2.5:1 ones",
+        format("%.2f / %.2f GB/s", lz4->bytesPerSecond / 1e9, unlz4->bytesPerSecond / 1e9),
+        "for comparison");
+  if (auto decode = results.find("BM_XorDiffDecode"))
+    row("XOR-diff decode, 10 % of bytes changed, one core",
+        format("%.2f GB/s", decode->bytesPerSecond / 1e9), "for comparison");
+  auto one = checkpointTimes(results, "BM_BuildCheckpoint512MiB", 1, 1);
+  auto twenty = checkpointTimes(results, "BM_BuildCheckpoint512MiB", 20, 1);
+  if (one && twenty)
+    row("512 MiB checkpoint by scan, 1 % and 20 % changed (Dirty / Diff)",
+        *one + ", " + *twenty + " ms CPU", "for comparison");
+}
+
+/// The fan-out rows, from a report of vmsync_fanout_bench.
+void fanOutRows(Results& results) {
+  auto small = results.find("BM_ServerFanOutTo8Standbys/256");
+  auto large = results.find("BM_ServerFanOutTo8Standbys/2048");
+  if (small && large)
+    row("server fan-out of one checkpoint to 8 standbys, 256 / 2048 pages",
+        format("%.1f / %.1f ms (%.2f GB/s)", small->realMs, large->realMs,
+               large->bytesPerSecond / 1e9),
+        "for comparison");
+}
+
+/// Notes what `results` (read from `path`) lacks; false if anything.
+bool complete(const Results& results, const char* path) {
+  for (const auto& name : results.missing())
+    std::fprintf(stderr, "%s: no result for %s; the summary is incomplete\n", path, name.c_str());
+  return results.missing().empty();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2 && argc != 3) {
-    std::fprintf(stderr, "usage: %s VMSYNC_BENCH_JSON [XFS_IMAGE_WRITES_JSON]\n", argv[0]);
+  const char* usage =
+      "usage: %s VMSYNC_BENCH_JSON [--xfs IMAGE_WRITES_ON_XFS_JSON] [--fanout FANOUT_JSON]\n";
+  if (argc < 2 || argc % 2 != 0) {
+    std::fprintf(stderr, usage, argv[0]);
     return 2;
+  }
+  const char* xfsPath = nullptr;
+  const char* fanOutPath = nullptr;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--xfs") {
+      xfsPath = argv[i + 1];
+    } else if (flag == "--fanout") {
+      fanOutPath = argv[i + 1];
+    } else {
+      std::fprintf(stderr, usage, argv[0]);
+      return 2;
+    }
   }
   const nlohmann::json report = readReport(argv[1]);
   Results results(report);
@@ -150,21 +216,21 @@ int main(int argc, char** argv) {
   if (auto unsettled = results.find("BM_ApplyCheckpoint/cache:1"))
     row("  the same into the large folios a sequential read leaves (not recached)",
         format("%.2f GB/s", unsettled->bytesPerSecond / 1e9), "for comparison");
-
   imageWritesRow(results, "  its image writes, pwrite / io_uring");
-  bool complete = true;
-  for (const auto& name : results.missing()) {
-    std::fprintf(stderr, "%s: no result for %s; the targets above are incomplete\n", argv[1],
-                 name.c_str());
-    complete = false;
+  std::optional<Results> xfs;
+  if (xfsPath != nullptr) {
+    xfs.emplace(readReport(xfsPath));
+    imageWritesRow(*xfs, "  the same on XFS");
   }
-  if (argc == 3) {
-    Results xfs(readReport(argv[2]));
-    imageWritesRow(xfs, "  the same on XFS");
-    for (const auto& name : xfs.missing()) {
-      std::fprintf(stderr, "%s: no result for %s\n", argv[2], name.c_str());
-      complete = false;
-    }
+  comparisonRows(results);
+  std::optional<Results> fanOut;
+  if (fanOutPath != nullptr) {
+    fanOut.emplace(readReport(fanOutPath));
+    fanOutRows(*fanOut);
   }
-  return complete ? 0 : 1;
+
+  bool whole = complete(results, argv[1]);
+  if (xfs) whole = complete(*xfs, xfsPath) && whole;
+  if (fanOut) whole = complete(*fanOut, fanOutPath) && whole;
+  return whole ? 0 : 1;
 }

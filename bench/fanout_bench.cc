@@ -2,12 +2,12 @@
 // standbys through a real SyncServer over loopback RPC (all in one event
 // loop, so the time includes every side's CPU on this thread).
 #include <benchmark/benchmark.h>
+#include <kj/async-io.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <random>
-
-#include <kj/async-io.h>
 
 #include "chunk_codec.h"
 #include "secure_channel.h"
@@ -19,6 +19,12 @@ namespace {
 
 constexpr std::uint64_t kMemoryUnits = 1 << 16;  // 256 MiB guest RAM
 constexpr unsigned kStandbys = 8;
+
+// The server says at info level who comes and goes; the table needs no such lines.
+const bool kQuiet = [] {
+  spdlog::set_level(spdlog::level::warn);
+  return true;
+}();
 
 /// A standby that acknowledges every checkpoint at once.
 class CountingPeer final : public wire::DevicePeer::Server {
