@@ -148,11 +148,23 @@ TEST(ImageFile, RecacheLeavesNoLargeFolioAndEveryByte) {
   EXPECT_EQ(std::memcmp(image.bytes().data(), bytes.data(), bytes.size()), 0);
 }
 
-/// Sets VMSYNC_IMAGE_WRITES for as long as it lives.
+/// Sets VMSYNC_IMAGE_WRITES for as long as it lives, then puts back what was there.
 class ImageWritesSetting {
  public:
-  explicit ImageWritesSetting(const char* value) { ::setenv("VMSYNC_IMAGE_WRITES", value, 1); }
-  ~ImageWritesSetting() { ::unsetenv("VMSYNC_IMAGE_WRITES"); }
+  explicit ImageWritesSetting(const char* value) {
+    if (const char* was = std::getenv(kName)) previous_ = was;
+    ::setenv(kName, value, 1);
+  }
+  ~ImageWritesSetting() {
+    if (previous_)
+      ::setenv(kName, previous_->c_str(), 1);
+    else
+      ::unsetenv(kName);
+  }
+
+ private:
+  static constexpr const char* kName = "VMSYNC_IMAGE_WRITES";
+  std::optional<std::string> previous_;
 };
 
 /// Writes units 0, 2, 3, ... (not 1 or any multiple of 97) of `bytes`, in
@@ -273,6 +285,7 @@ long fileSystemOf(const std::string& path) {
 }
 
 TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) {
+  ImageWritesSetting automatic("auto");
   {
     // ext4 would hand every io_uring write to a worker thread.
     TempDir dir;
@@ -352,6 +365,7 @@ TEST(ImageFile, WithoutIoUringAnImageLeftToChooseWritesWithPwriteAndOneToldToFai
   if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
   EXPECT_EQ(inChild([&]() -> std::string {
               if (!refuseIoUring()) return "cannot install a seccomp filter";
+              ImageWritesSetting automatic("auto");
               auto image = writeScattered(xfs / "auto", pattern(300));
               if (::testing::Test::HasFailure()) return "units read back wrong";
               if (image->writes() != ImageWrites::pwrite) return "did not fall back to pwrite";
