@@ -190,6 +190,19 @@ int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::st
   return rc;
 }
 
+void Cluster::switchAndWatchTheCounter(const std::string& from, const std::string& to,
+                                       std::string* fromSerial) {
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(switchTo(to, &report, &output), 0) << output << logOf(from) << logOf(to);
+  *fromSerial = readFile(serialLog(from));
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(serialLog(to))).size() >= 3; },
+                      std::chrono::seconds(60)))
+      << logOf(to);
+  std::string why;
+  EXPECT_TRUE(consecutive(counterValues(*fromSerial + readFile(serialLog(to))), &why)) << why;
+}
+
 std::string Cluster::logOf(const std::string& device) const {
   std::string text = readFile(dir_ + "/" + device + ".log");
   if (text.size() > 6000) text = "..." + text.substr(text.size() - 6000);

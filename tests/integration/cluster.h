@@ -79,6 +79,13 @@ class Cluster {
   /// Log of a process, for failure messages.
   std::string logOf(const std::string& device) const;
 
+  /// Switches the VM from `from` to `to` and checks, as test assertions, that
+  /// the guest counts on there (three more values) from where it stopped on
+  /// `from`. `fromSerial` gets `from`'s serial log as it was at the switch.
+  /// Call it in ASSERT_NO_FATAL_FAILURE.
+  void switchAndWatchTheCounter(const std::string& from, const std::string& to,
+                                std::string* fromSerial);
+
  private:
   /// `argv` as run for `device` ("" for the server and the test's commands).
   std::vector<std::string> placed(const std::string& device, std::vector<std::string> argv);

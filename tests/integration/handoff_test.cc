@@ -175,16 +175,8 @@ TEST_F(LiveHandoff, StandbyOnXfsWritesItsImagesThroughIoUringAndTakesOver) {
   ASSERT_TRUE(cluster.waitForHead(cluster.head() + 2, std::chrono::seconds(60)))
       << cluster.logOf("B");
 
-  nlohmann::json report;
-  std::string output;
-  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0)
-      << output << cluster.logOf("A") << cluster.logOf("B");
-  const std::string aLog = readFile(cluster.serialLog("A"));
-  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 3; },
-                      std::chrono::seconds(60)))
-      << cluster.logOf("B");
-  std::string why;
-  EXPECT_TRUE(consecutive(counterValues(aLog + readFile(cluster.serialLog("B"))), &why)) << why;
+  std::string aSerial;
+  ASSERT_NO_FATAL_FAILURE(cluster.switchAndWatchTheCounter("A", "B", &aSerial));
   const std::string bLog = readFile(dir / "B.log");
   for (const char* image : {"ram.img", "disk.img"})
     EXPECT_NE(bLog.find(std::string(image) +
@@ -244,15 +236,8 @@ TEST(ServerRestart, DevicesReconnectAndTheHandoffStillVerifies) {
   std::this_thread::sleep_for(std::chrono::seconds(3));  // pushes fail meanwhile
   cluster.startServer();
   ASSERT_TRUE(cluster.waitForHead(before + 3, std::chrono::seconds(60))) << cluster.logOf("A") << cluster.logOf("B");
-  nlohmann::json report;
-  std::string output;
-  ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
-  const std::string aLog = readFile(cluster.serialLog("A"));
-  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 3; },
-                      std::chrono::seconds(60)))
-      << cluster.logOf("B");
-  std::string why;
-  EXPECT_TRUE(consecutive(counterValues(aLog + readFile(cluster.serialLog("B"))), &why)) << why;
+  std::string aSerial;
+  ASSERT_NO_FATAL_FAILURE(cluster.switchAndWatchTheCounter("A", "B", &aSerial));
   EXPECT_NE(readFile(dir / "A.log").find("reconnecting"), std::string::npos);
 }
 
