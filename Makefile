@@ -17,7 +17,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
   libspdlog-dev libfmt-dev libssl-dev \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
-  linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
+  linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs btrfs-progs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
 .PHONY: all setup build image video-image demo test sanitize fuzz module bench bench-kmod bench-switch study clean
 

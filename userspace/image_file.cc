@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -115,7 +116,7 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
     if (ring_ && ring_->owner() != std::this_thread::get_id()) ring_.reset();
     if (!ring_) {
       try {
-        ring_ = std::make_unique<WriteRing>(path_, /*punt=*/!nowait_);
+        ring_ = std::make_unique<WriteRing>(path_, /*punt=*/!inline_);
       } catch (const Error& e) {
         if (requested_ == ImageWrites::ring) throw;
         // Left to choose: io_uring may be turned off here (io_uring_disabled).
@@ -132,30 +133,35 @@ void ImageFile::writeUnits(std::span<const UnitWrite> writes) {
 }
 
 std::size_t ImageFile::probeWrites(std::span<const UnitWrite> sorted) {
-  const UnitWrite& first = sorted.front();
-  const off_t offset = static_cast<off_t>(first.index * kUnitSize);
-  iovec iov{const_cast<std::byte*>(first.bytes), kUnitSize};
-  ssize_t n;
-  do n = ::pwritev2(fd_, &iov, 1, offset, RWF_NOWAIT);
-  while (n < 0 && errno == EINTR);
+  // io_uring completes a buffered write inline only where the file system
+  // allows it (FMODE_BUF_WASYNC), which user space cannot ask: XFS, since
+  // Linux 6.0. btrfs takes RWF_NOWAIT writes, but io_uring still sent every
+  // write to a worker there. So XFS, on a kernel that takes non-blocking
+  // buffered writes on it: the first write goes with RWF_NOWAIT, and is
+  // taken, or refused only because it would block (a hole to allocate, a
+  // timestamp to update); a kernel before 6.0 refuses it with EOPNOTSUPP.
+  constexpr long kXfsMagic = 0x58465342;  // include/uapi/linux/magic.h
+  struct statfs fs {};
   std::size_t done = 0;
-  if (n >= 0 || errno == EAGAIN) {
-    // Taken, or refused only because this one would have blocked: the file
-    // system takes buffered writes without blocking, and io_uring can write
-    // inline (XFS, btrfs).
-    nowait_ = true;
+  if (::fstatfs(fd_, &fs) == 0 && static_cast<long>(fs.f_type) == kXfsMagic) {
+    const UnitWrite& first = sorted.front();
+    const off_t offset = static_cast<off_t>(first.index * kUnitSize);
+    iovec iov{const_cast<std::byte*>(first.bytes), kUnitSize};
+    ssize_t n;
+    do n = ::pwritev2(fd_, &iov, 1, offset, RWF_NOWAIT);
+    while (n < 0 && errno == EINTR);
     if (n >= 0) {
       writeAt(first.bytes + n, kUnitSize - static_cast<std::size_t>(n), offset + n);
       done = 1;
+    } else if (errno != EAGAIN && errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS) {
+      throwLastErrno(fmt::format("cannot write image {} at byte {}", path_, offset));
     }
-  } else if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS) {
-    // ext4 and tmpfs refuse (EOPNOTSUPP); kernels before 4.14 know no RWF_NOWAIT.
-    throwLastErrno(fmt::format("cannot write image {} at byte {}", path_, offset));
+    inline_ = n >= 0 || errno == EAGAIN;
   }
   if (writes_ == ImageWrites::automatic)
-    writes_ = nowait_ ? ImageWrites::ring : ImageWrites::pwrite;
-  spdlog::info("image {}: the file system {} buffered writes without blocking; writing {}", path_,
-               nowait_ ? "takes" : "does not take",
+    writes_ = inline_ ? ImageWrites::ring : ImageWrites::pwrite;
+  spdlog::info("image {}: io_uring {} writes to it inline; writing {}", path_,
+               inline_ ? "completes" : "would hand every one of its",
                writes_ == ImageWrites::ring ? "through io_uring" : "with pwrite");
   return done;
 }

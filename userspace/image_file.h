@@ -33,8 +33,8 @@ struct UnitSpan {
 
 /// How a writable image's writeUnits() reaches the file.
 enum class ImageWrites {
-  /// Through io_uring where the file system takes buffered writes without
-  /// blocking, one pwrite per unit elsewhere (decided at the first writeUnits).
+  /// Through io_uring where it completes buffered writes inline, one pwrite
+  /// per unit elsewhere (decided at the first writeUnits).
   automatic,
   /// One pwrite per unit.
   pwrite,
@@ -69,11 +69,11 @@ std::vector<UnitSpan> spansByHoles(const std::vector<UnitRun>& dataRuns, std::ui
 /// exactly the pages asked for, in 4 KiB folios, and writes one unit per
 /// write.
 ///
-/// Those writes go through io_uring, many per system call, where the file
-/// system takes buffered writes without blocking (XFS, btrfs). Where it does
-/// not (ext4, tmpfs), io_uring would hand each write to a worker thread, which
-/// cost a third more CPU and time than a pwrite per unit on a build machine,
-/// so the writes are pwrites there. VMSYNC_IMAGE_WRITES forces either.
+/// Those writes go through io_uring, many per system call, where io_uring
+/// completes buffered writes inline (XFS). Elsewhere (ext4, tmpfs, btrfs)
+/// io_uring hands each write to a worker thread, which cost a third more CPU
+/// than a pwrite per unit on ext4 and twice as much on btrfs on a build
+/// machine, so the writes are pwrites there. VMSYNC_IMAGE_WRITES forces either.
 class ImageFile {
  public:
   /// Opens `path`; with `createBytes` > 0 the file is created (or resized) sparse
@@ -140,10 +140,10 @@ class ImageFile {
  private:
   /// pwrite()s all `size` bytes at `offset`, again after a short write.
   void writeAt(const std::byte* data, std::size_t size, std::uint64_t offset);
-  /// Tries the first of `sorted` with RWF_NOWAIT to find out whether the file
-  /// system takes buffered writes without blocking (nowait_), and settles
-  /// writes_ if it was left to choose. Returns how many of `sorted` that wrote
-  /// (0 or 1).
+  /// Finds out whether io_uring completes writes to this file inline
+  /// (inline_), writing the first of `sorted` with RWF_NOWAIT on XFS, and
+  /// settles writes_ if it was left to choose. Returns how many of `sorted`
+  /// that wrote (0 or 1).
   std::size_t probeWrites(std::span<const UnitWrite> sorted);
   /// pread()s all `size` bytes at `offset`; throws Error if the file ends first.
   void readAt(std::byte* into, std::size_t size, std::uint64_t offset) const;
@@ -156,9 +156,9 @@ class ImageFile {
   /// What VMSYNC_IMAGE_WRITES asked for, and how writes go (once known).
   ImageWrites requested_ = ImageWrites::automatic;
   ImageWrites writes_ = ImageWrites::automatic;
-  /// Whether the file took a buffered write without blocking (RWF_NOWAIT);
-  /// a ring sends its writes to a worker at once where it does not.
-  bool nowait_ = false;
+  /// Whether io_uring completes buffered writes to the file inline; a ring
+  /// sends its writes to a worker at once where it does not.
+  bool inline_ = false;
   bool probed_ = false;
   std::unique_ptr<WriteRing> ring_;  // set up at the first write through it
 };

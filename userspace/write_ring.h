@@ -15,11 +15,11 @@ namespace vmsync {
 /// that are ready in one submission, one 4 KiB write each (see ImageFile on
 /// why units are not merged into longer writes).
 ///
-/// Where the file system takes buffered writes without blocking (XFS, btrfs),
+/// Where the file system lets io_uring complete buffered writes inline (XFS),
 /// a write completes inside the submission, so a batch of units costs one
-/// system call. Elsewhere (ext4, tmpfs) io_uring hands every write to a worker
-/// thread; `punt` then sends it there at once (IOSQE_ASYNC), which measured
-/// cheaper than trying inline first.
+/// system call. Elsewhere (ext4, tmpfs, btrfs) io_uring hands every write to a
+/// worker thread; `punt` then sends it there at once (IOSQE_ASYNC), which
+/// measured cheaper than trying inline first.
 class WriteRing {
  public:
   static constexpr unsigned kEntries = 128;

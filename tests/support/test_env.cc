@@ -34,34 +34,34 @@ TempDir::~TempDir() {
   if (std::getenv("VMSYNC_KEEP_TEST_DIRS") == nullptr) fs::remove_all(path_);
 }
 
-XfsMount::XfsMount(std::string at) : at_(std::move(at)) {
+LoopMount::LoopMount(std::string type, std::string at) : at_(std::move(at)) {
   if (::geteuid() != 0) {
-    missing_ = "mounting XFS takes root";
+    missing_ = "mounting " + type + " takes root";
     return;
   }
   std::ifstream known("/proc/filesystems");
-  bool xfs = false;
-  for (std::string line; std::getline(known, line);) xfs = xfs || line.ends_with("\txfs");
-  if (!xfs) {
-    missing_ = "this kernel has no XFS";
+  bool there = false;
+  for (std::string line; std::getline(known, line);) there = there || line.ends_with("\t" + type);
+  if (!there) {
+    missing_ = "this kernel has no " + type;
     return;
   }
-  // 512 MiB: XFS's smallest; sparse, so it takes what is written only.
-  const std::string image = backing_ / "xfs.img";
+  // 512 MiB: room for XFS's smallest; sparse, so it takes what is written only.
+  const std::string image = backing_ / "fs.img";
   std::ofstream(image).close();
   fs::resize_file(image, 512u << 20);
   std::string out;
-  if (run({"mkfs.xfs", "-q", "-f", image}, &out) != 0) {
-    missing_ = "mkfs.xfs failed (is xfsprogs installed?): " + out;
+  if (run({"mkfs." + type, "-q", "-f", image}, &out) != 0) {
+    missing_ = "mkfs." + type + " failed (are its tools installed?): " + out;
     return;
   }
   fs::create_directories(at_);
   // A loop device that goes with the mount (autoclear).
-  if (run({"mount", "-t", "xfs", "-o", "loop", image, at_}, &out) != 0)
-    missing_ = "cannot mount XFS: " + out;
+  if (run({"mount", "-t", type, "-o", "loop", image, at_}, &out) != 0)
+    missing_ = "cannot mount " + type + ": " + out;
 }
 
-XfsMount::~XfsMount() {
+LoopMount::~LoopMount() {
   std::string out;
   if (missing_.empty() && run({"umount", at_}, &out) != 0) run({"umount", "-l", at_}, &out);
 }

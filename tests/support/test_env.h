@@ -33,17 +33,18 @@ class TempDir {
   std::string path_;
 };
 
-/// An empty XFS file system from a loop device over a sparse file, mounted at
-/// a directory until it goes; or the reason there cannot be one here (not
-/// root, no XFS in the kernel, no xfsprogs). XFS takes buffered writes
-/// without blocking, which ext4 and tmpfs do not.
-class XfsMount {
+/// An empty file system of `type` (xfs, btrfs: what mkfs.TYPE makes) from a
+/// loop device over a sparse file, mounted at a directory until it goes; or
+/// the reason there cannot be one here (not root, not in the kernel, no mkfs
+/// for it). For what differs between file systems: XFS lets io_uring complete
+/// buffered writes inline, ext4, tmpfs and btrfs do not.
+class LoopMount {
  public:
   /// Mounts at `at`, made if missing.
-  explicit XfsMount(std::string at);
-  ~XfsMount();
-  XfsMount(const XfsMount&) = delete;
-  XfsMount& operator=(const XfsMount&) = delete;
+  LoopMount(std::string type, std::string at);
+  ~LoopMount();
+  LoopMount(const LoopMount&) = delete;
+  LoopMount& operator=(const LoopMount&) = delete;
 
   /// Empty once mounted, else why it is not.
   const std::string& missing() const { return missing_; }

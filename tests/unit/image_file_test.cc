@@ -1,5 +1,5 @@
 // ImageFile writes units in any order and refuses one past the end, through
-// io_uring where the file system takes writes without blocking, keeps a
+// io_uring where io_uring completes them inline, keeps a
 // writable image's page cache in 4 KiB folios, and its prefetch and recache
 // keep every byte.
 #include "image_file.h"
@@ -284,10 +284,10 @@ long fileSystemOf(const std::string& path) {
   return ::statfs(path.c_str(), &fs) == 0 ? static_cast<long>(fs.f_type) : 0;
 }
 
-TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) {
+TEST(ImageFile, WritesThroughIoUringWhereItCompletesThemInline) {
   ImageWritesSetting automatic("auto");
   {
-    // ext4 would hand every io_uring write to a worker thread.
+    // io_uring would hand every write on ext4 to a worker thread.
     TempDir dir;
     if (fileSystemOf(dir.path()) == kExt4Magic) {
       EXPECT_EQ(writeScattered(dir / "img", pattern(300))->writes(), ImageWrites::pwrite)
@@ -303,7 +303,7 @@ TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) 
     }
   }
   TempDir dir;
-  testing::XfsMount xfs(dir / "xfs");
+  testing::LoopMount xfs("xfs", dir / "xfs");
   if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
   ASSERT_EQ(fileSystemOf(xfs / ""), kXfsMagic);
   auto image = writeScattered(xfs / "img", pattern(300));
@@ -314,6 +314,15 @@ TEST(ImageFile, WritesThroughIoUringWhereTheFileSystemTakesThemWithoutBlocking) 
   ImageFile again(xfs / "img", false);
   const auto bytes = pattern(300);
   EXPECT_EQ(std::memcmp(again.unit(299).data(), bytes.data() + 299 * kUnitSize, kUnitSize), 0);
+}
+
+TEST(ImageFile, WritesWithPwriteOnBtrfsWhichTakesNonBlockingWritesButNotInlineFromIoUring) {
+  ImageWritesSetting automatic("auto");
+  TempDir dir;
+  testing::LoopMount btrfs("btrfs", dir / "btrfs");
+  if (!btrfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(btrfs.missing());
+  EXPECT_EQ(writeScattered(btrfs / "img", pattern(300))->writes(), ImageWrites::pwrite)
+      << "on btrfs";
 }
 
 /// Makes io_uring_setup fail with EPERM in this process from now on, as where
@@ -361,7 +370,7 @@ std::string inChild(const std::function<std::string()>& body) {
 
 TEST(ImageFile, WithoutIoUringAnImageLeftToChooseWritesWithPwriteAndOneToldToFails) {
   TempDir dir;
-  testing::XfsMount xfs(dir / "xfs");
+  testing::LoopMount xfs("xfs", dir / "xfs");
   if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
   EXPECT_EQ(inChild([&]() -> std::string {
               if (!refuseIoUring()) return "cannot install a seccomp filter";
