@@ -160,9 +160,10 @@ std::size_t ImageFile::probeWrites(std::span<const UnitWrite> sorted) {
   }
   if (writes_ == ImageWrites::automatic)
     writes_ = inline_ ? ImageWrites::ring : ImageWrites::pwrite;
-  spdlog::info("image {}: io_uring {} writes to it inline; writing {}", path_,
-               inline_ ? "completes" : "would hand every one of its",
-               writes_ == ImageWrites::ring ? "through io_uring" : "with pwrite");
+  spdlog::info(
+      "image {}: io_uring {}; writing {}", path_,
+      inline_ ? "completes writes to it inline" : "would hand every write to it to a worker thread",
+      writes_ == ImageWrites::ring ? "through io_uring" : "with pwrite");
   return done;
 }
 
