@@ -1,5 +1,6 @@
 #include "checkpoint_record.h"
 
+#include <capnp/serialize.h>
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <kj/common.h>
@@ -8,6 +9,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 #include <xxhash.h>
+
+#include <climits>
+#include <new>
+#include <vector>
 
 #include "durable_file.h"
 #include "error.h"
@@ -90,21 +95,24 @@ kj::Maybe<kj::Array<capnp::word>> readRecordFile(const std::string& path, std::s
   return kj::mv(words);
 }
 
-void writeRecordFile(const std::string& path, std::span<const std::byte> payload, bool crashPoints) {
-  if (payload.size() > kMaxRecordPayload)
-    fail("record for {} is {} bytes, above the limit of {}", path, payload.size(), kMaxRecordPayload);
+namespace {
+
+/// Writes `header` and then `payload` (its pieces, in order) as one record to
+/// `path`, as writeRecordFile() says.
+void writeRecordPieces(const std::string& path, RecordHeader header, std::span<const iovec> payload,
+                       bool crashPoints) {
   auto stop = [crashPoints](const char* point) {
     if (crashPoints) crashPoint(point);
   };
-  RecordHeader header = makeRecordHeader(payload);
+  std::vector<iovec> iov{{&header, sizeof header}};
+  iov.insert(iov.end(), payload.begin(), payload.end());
   const std::string tmp = path + ".tmp";
   stop("before-data-write");
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) throwLastErrno(fmt::format("cannot create {}", tmp));
   {
     KJ_DEFER(::close(fd));
-    iovec iov[2] = {{&header, sizeof header}, {const_cast<std::byte*>(payload.data()), payload.size()}};
-    writeAndSync(fd, tmp, iov, sizeof header + payload.size());
+    writeAndSync(fd, tmp, iov, sizeof header + header.length);
   }
   stop("after-data-fsync");
   // The commit: the rename makes the record visible, the directory fsync makes
@@ -113,6 +121,55 @@ void writeRecordFile(const std::string& path, std::span<const std::byte> payload
   stop("after-rename");
   syncParentDirectory(path);
   stop("after-commit");
+}
+
+void checkPayloadSize(const std::string& path, std::uint64_t bytes) {
+  if (bytes > kMaxRecordPayload)
+    fail("record for {} is {} bytes, above the limit of {}", path, bytes, kMaxRecordPayload);
+}
+
+}  // namespace
+
+void writeRecordFile(const std::string& path, std::span<const std::byte> payload,
+                     bool crashPoints) {
+  checkPayloadSize(path, payload.size());
+  const iovec piece{const_cast<std::byte*>(payload.data()), payload.size()};
+  writeRecordPieces(path, makeRecordHeader(payload), {&piece, 1}, crashPoints);
+}
+
+void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& message,
+                            bool crashPoints) {
+  auto segments = message.getSegmentsForOutput();
+  // The segment table of Cap'n Proto's flat format: the number of segments
+  // less one, each segment's size in words, padded to a whole word.
+  std::vector<std::uint32_t> table(1 + segments.size() + (segments.size() % 2 == 0 ? 1 : 0), 0);
+  table[0] = static_cast<std::uint32_t>(segments.size() - 1);
+  for (std::size_t i = 0; i < segments.size(); ++i)
+    table[1 + i] = static_cast<std::uint32_t>(segments[i].size());
+  std::vector<iovec> pieces{{table.data(), table.size() * sizeof(std::uint32_t)}};
+  for (auto segment : segments)
+    pieces.push_back(
+        {const_cast<capnp::word*>(segment.begin()), segment.size() * sizeof(capnp::word)});
+  if (pieces.size() + 1 > IOV_MAX) {
+    // More segments than one write takes: flatten it after all.
+    auto words = capnp::messageToFlatArray(segments);
+    auto bytes = words.asBytes();
+    writeRecordFile(path, std::as_bytes(std::span(bytes.begin(), bytes.size())), crashPoints);
+    return;
+  }
+  XXH3_state_t* state = XXH3_createState();
+  if (state == nullptr) throw std::bad_alloc();
+  KJ_DEFER(XXH3_freeState(state));
+  XXH3_64bits_reset(state);
+  std::uint64_t length = 0;
+  for (const iovec& piece : pieces) {
+    XXH3_64bits_update(state, piece.iov_base, piece.iov_len);
+    length += piece.iov_len;
+  }
+  checkPayloadSize(path, length);
+  writeRecordPieces(
+      path, RecordHeader{kRecordMagic, kRecordVersion, 0, length, XXH3_64bits_digest(state)},
+      pieces, crashPoints);
 }
 
 RecordHeader makeRecordHeader(std::span<const std::byte> payload) {

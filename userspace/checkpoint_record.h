@@ -4,14 +4,15 @@
 // is torn or damaged and is never applied.
 #pragma once
 
+#include <capnp/common.h>
+#include <capnp/message.h>
+#include <kj/array.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
 #include <vector>
-
-#include <capnp/common.h>
-#include <kj/array.h>
 
 #include "crash_point.h"
 
@@ -50,6 +51,12 @@ std::string checkRecordPayload(const RecordHeader& header, std::span<const std::
 /// `crashPoints`, VMSYNC_CRASH_AT can stop the process between the steps
 /// (before-data-write, after-data-fsync, after-rename, after-commit).
 void writeRecordFile(const std::string& path, std::span<const std::byte> payload, bool crashPoints = false);
+
+/// writeRecordFile() of `message` as a flat message (its segment table, then
+/// its segments), written from the message's own segments: no flat copy of
+/// it is made first.
+void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& message,
+                            bool crashPoints = false);
 
 /// Reads and verifies the record in `path`: its payload as words, or nullptr
 /// with the reason it is torn or damaged in `why`. Throws Error when the file

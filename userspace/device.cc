@@ -792,9 +792,7 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   {
     capnp::MallocMessageBuilder copy;
     copy.setRoot(checkpoint);
-    auto words = capnp::messageToFlatArray(copy);
-    auto bytes = words.asBytes();
-    writeRecordFile(path("apply.journal"), std::as_bytes(std::span(bytes.begin(), bytes.size())));
+    writeMessageRecordFile(path("apply.journal"), copy);
   }
   const std::uint64_t journaled = nowNs();
   ApplyStats stats;

@@ -1,11 +1,13 @@
 #include "checkpoint_store.h"
 
+#include <capnp/serialize.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 
+#include "checkpoint_record.h"
 #include "error.h"
 
 namespace vmsync {
@@ -29,6 +31,39 @@ void appendOne(CheckpointStore& store, std::uint64_t sequence) {
   c.setBaseSequence(sequence - 1);
   c.setVmId("vm");
   store.append(c.asReader());
+}
+
+// A standby's journal is written from the message's segments, with the
+// segment table made here: it must read back as the flat message would.
+TEST(CheckpointRecord, AMessageWrittenFromItsSegmentsReadsBackAsItsFlatArray) {
+  TempDir dir;
+  // One blob per segment (segments of one word, each blob bigger): 2, 3 and
+  // more segments than one write takes (IOV_MAX), which is flattened first.
+  for (unsigned blobs : {1u, 2u, 7u, 1100u}) {
+    SCOPED_TRACE(blobs);
+    capnp::MallocMessageBuilder message(1, capnp::AllocationStrategy::FIXED_SIZE);
+    auto c = message.initRoot<wire::Checkpoint>();
+    c.setSequence(blobs);
+    auto list = c.initBlobs(blobs);
+    for (unsigned i = 0; i < blobs; ++i) {
+      auto blob = list.init(i, 24);
+      for (unsigned b = 0; b < blob.size(); ++b) blob[b] = static_cast<kj::byte>(i * 31 + b);
+    }
+    ASSERT_GE(message.getSegmentsForOutput().size(), blobs + 1);
+    const std::string path = dir.path + "/journal";
+    writeMessageRecordFile(path, message);
+    std::string why;
+    KJ_IF_MAYBE (words, readRecordFile(path, why)) {
+      auto expected = capnp::messageToFlatArray(message);
+      ASSERT_EQ(words->size(), expected.size());
+      EXPECT_EQ(std::memcmp(words->begin(), expected.begin(), expected.asBytes().size()), 0);
+      capnp::FlatArrayMessageReader reader(*words);
+      EXPECT_EQ(reader.getRoot<wire::Checkpoint>().getBlobs()[blobs - 1][23],
+                static_cast<kj::byte>((blobs - 1) * 31 + 23));
+    } else {
+      FAIL() << "the record does not read back: " << why;
+    }
+  }
 }
 
 TEST(CheckpointStore, ChainAndStateSurviveReopening) {
