@@ -71,9 +71,9 @@ std::vector<UnitSpan> spansByHoles(const std::vector<UnitRun>& dataRuns, std::ui
 ///
 /// Those writes go through io_uring, many per system call, where io_uring
 /// completes buffered writes inline (XFS). Elsewhere (ext4, tmpfs, btrfs)
-/// io_uring hands each write to a worker thread, which cost a third more CPU
-/// than a pwrite per unit on ext4 and twice as much on btrfs on a build
-/// machine, so the writes are pwrites there. VMSYNC_IMAGE_WRITES forces either.
+/// io_uring hands each write to a worker thread, which cost 40 % more CPU
+/// than a pwrite per unit on ext4 and 66 % more on btrfs on a build machine,
+/// so the writes are pwrites there. VMSYNC_IMAGE_WRITES forces either.
 class ImageFile {
  public:
   /// Opens `path`; with `createBytes` > 0 the file is created (or resized) sparse
