@@ -5,6 +5,7 @@
 #include <capnp/serialize.h>
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <linux/magic.h>
 #include <spdlog/spdlog.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -404,13 +405,13 @@ std::string fileSystemName(const fs::path& path) {
   struct statfs info {};
   if (::statfs(path.c_str(), &info) != 0) return "unknown";
   switch (static_cast<unsigned long>(info.f_type)) {
-    case 0xEF53:
+    case EXT4_SUPER_MAGIC:
       return "ext4";
-    case 0x58465342:
+    case XFS_SUPER_MAGIC:
       return "xfs";
-    case 0x9123683E:
+    case BTRFS_SUPER_MAGIC:
       return "btrfs";
-    case 0x01021994:
+    case TMPFS_MAGIC:
       return "tmpfs";
     default:
       return fmt::format("file system {:#x}", static_cast<unsigned long>(info.f_type));

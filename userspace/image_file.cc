@@ -1,6 +1,7 @@
 #include "image_file.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <spdlog/spdlog.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -140,10 +141,9 @@ std::size_t ImageFile::probeWrites(std::span<const UnitWrite> sorted) {
   // buffered writes on it: the first write goes with RWF_NOWAIT, and is
   // taken, or refused only because it would block (a hole to allocate, a
   // timestamp to update); a kernel before 6.0 refuses it with EOPNOTSUPP.
-  constexpr long kXfsMagic = 0x58465342;  // include/uapi/linux/magic.h
   struct statfs fs {};
   std::size_t done = 0;
-  if (::fstatfs(fd_, &fs) == 0 && static_cast<long>(fs.f_type) == kXfsMagic) {
+  if (::fstatfs(fd_, &fs) == 0 && fs.f_type == XFS_SUPER_MAGIC) {
     const UnitWrite& first = sorted.front();
     const off_t offset = static_cast<off_t>(first.index * kUnitSize);
     iovec iov{const_cast<std::byte*>(first.bytes), kUnitSize};

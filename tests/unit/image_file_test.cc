@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <linux/filter.h>
+#include <linux/magic.h>
 #include <linux/seccomp.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -275,10 +276,7 @@ TEST(ImageFile, AFailedWriteNamesTheImageAndTheByteAndEveryWriteHasEnded) {
   }
 }
 
-constexpr long kXfsMagic = 0x58465342;  // "XFSB", include/uapi/linux/magic.h
-constexpr long kExt4Magic = 0xEF53;
-constexpr long kTmpfsMagic = 0x01021994;
-
+/// The f_type of the file system `path` is on (linux/magic.h), 0 if unknown.
 long fileSystemOf(const std::string& path) {
   struct statfs fs {};
   return ::statfs(path.c_str(), &fs) == 0 ? static_cast<long>(fs.f_type) : 0;
@@ -289,14 +287,14 @@ TEST(ImageFile, WritesThroughIoUringWhereItCompletesThemInline) {
   {
     // io_uring would hand every write on ext4 to a worker thread.
     TempDir dir;
-    if (fileSystemOf(dir.path()) == kExt4Magic) {
+    if (fileSystemOf(dir.path()) == EXT4_SUPER_MAGIC) {
       EXPECT_EQ(writeScattered(dir / "img", pattern(300))->writes(), ImageWrites::pwrite)
           << "on ext4";
     }
   }
   {
     // So would tmpfs.
-    if (fileSystemOf("/dev/shm") == kTmpfsMagic) {
+    if (fileSystemOf("/dev/shm") == TMPFS_MAGIC) {
       const std::string path = "/dev/shm/vmsync-image-test-" + std::to_string(::getpid());
       EXPECT_EQ(writeScattered(path, pattern(300))->writes(), ImageWrites::pwrite) << "on tmpfs";
       std::filesystem::remove(path);
@@ -305,7 +303,7 @@ TEST(ImageFile, WritesThroughIoUringWhereItCompletesThemInline) {
   TempDir dir;
   testing::LoopMount xfs("xfs", dir / "xfs");
   if (!xfs.missing().empty()) VMSYNC_SKIP_OR_FAIL(xfs.missing());
-  ASSERT_EQ(fileSystemOf(xfs / ""), kXfsMagic);
+  ASSERT_EQ(fileSystemOf(xfs / ""), XFS_SUPER_MAGIC);
   auto image = writeScattered(xfs / "img", pattern(300));
   EXPECT_EQ(image->writes(), ImageWrites::ring) << "on XFS";
   image->sync();
