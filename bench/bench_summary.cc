@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -75,25 +76,24 @@ std::string format(const char* pattern, double a, double b = 0, double c = 0) {
   return text;
 }
 
-/// Dirty / Diff CPU times of `benchmark` at `percent` % changed with `scan`,
-/// or nothing when a run is missing.
-std::optional<std::string> checkpointTimes(Results& results, const std::string& benchmark,
-                                           int percent, int scan) {
-  const std::string args = format("/scan:%.0f", scan);
-  auto dirty = results.find(benchmark + format("/pct:%.0f/diff:0", percent) + args);
-  auto diff = results.find(benchmark + format("/pct:%.0f/diff:1", percent) + args);
+/// The Dirty and Diff runs of `benchmark` at `percent` % changed with `scan`,
+/// or nothing when one is missing.
+std::optional<std::pair<Run, Run>> checkpointRuns(Results& results, const std::string& benchmark,
+                                                  int percent, int scan) {
+  auto dirty = results.find(benchmark + format("/pct:%.0f/diff:0/scan:%.0f", percent, scan));
+  auto diff = results.find(benchmark + format("/pct:%.0f/diff:1/scan:%.0f", percent, scan));
   if (!dirty || !diff) return std::nullopt;
-  return format("%.1f / %.1f", dirty->cpuMs, diff->cpuMs);
+  return std::pair{*dirty, *diff};
 }
 
 /// The row of the 30 ms CPU target for one way of building the 5 % checkpoint
 /// (`benchmark` with `scan`), Dirty and Diff; none when a run is missing.
 void checkpointRow(Results& results, const std::string& target, const std::string& benchmark, int scan) {
-  const std::string args = format("/scan:%.0f", scan);
-  auto dirty = results.find(benchmark + "/pct:5/diff:0" + args);
-  auto diff = results.find(benchmark + "/pct:5/diff:1" + args);
-  if (!dirty || !diff) return;
-  row(target, format("%.1f / %.1f ms CPU", dirty->cpuMs, diff->cpuMs), dirty->cpuMs <= 30 && diff->cpuMs <= 30);
+  auto runs = checkpointRuns(results, benchmark, 5, scan);
+  if (!runs) return;
+  const auto& [dirty, diff] = *runs;
+  row(target, format("%.1f / %.1f ms CPU", dirty.cpuMs, diff.cpuMs),
+      dirty.cpuMs <= 30 && diff.cpuMs <= 30);
 }
 
 /// The row of the standby's image writes, pwrite against io_uring, from one
@@ -134,11 +134,13 @@ void comparisonRows(Results& results) {
   if (auto decode = results.find("BM_XorDiffDecode"))
     row("XOR-diff decode, 10 % of bytes changed, one core",
         format("%.2f GB/s", decode->bytesPerSecond / 1e9), "for comparison");
-  auto one = checkpointTimes(results, "BM_BuildCheckpoint512MiB", 1, 1);
-  auto twenty = checkpointTimes(results, "BM_BuildCheckpoint512MiB", 20, 1);
+  auto one = checkpointRuns(results, "BM_BuildCheckpoint512MiB", 1, 1);
+  auto twenty = checkpointRuns(results, "BM_BuildCheckpoint512MiB", 20, 1);
   if (one && twenty)
     row("512 MiB checkpoint by scan, 1 % and 20 % changed (Dirty / Diff)",
-        *one + ", " + *twenty + " ms CPU", "for comparison");
+        format("%.1f / %.1f, ", one->first.cpuMs, one->second.cpuMs) +
+            format("%.1f / %.1f ms CPU", twenty->first.cpuMs, twenty->second.cpuMs),
+        "for comparison");
 }
 
 /// The fan-out rows, from a report of vmsync_fanout_bench.
