@@ -18,10 +18,9 @@ bench=$1
 summary=$2
 fanout=$3
 work=$(mktemp -d)
-loop=
 cleanup() {
+	# The loop device goes with the mount (mount -o loop sets autoclear).
 	if mountpoint -q "$work/xfs" 2>/dev/null; then umount "$work/xfs"; fi
-	if [ -n "$loop" ]; then losetup -d "$loop" 2>/dev/null || true; fi
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -39,9 +38,8 @@ mount_xfs() {
 	# Room for the benchmark's two 512 MiB images; the file stays sparse.
 	truncate -s 2G "$work/xfs.img"
 	mkfs.xfs -q -f "$work/xfs.img" >/dev/null 2>&1 || { missing="mkfs.xfs failed"; return; }
-	loop=$(losetup -f --show "$work/xfs.img" 2>/dev/null) || { loop=; missing="no free loop device"; return; }
 	mkdir "$work/xfs"
-	mount -t xfs "$loop" "$work/xfs" 2>/dev/null || missing="cannot mount XFS"
+	mount -t xfs -o loop "$work/xfs.img" "$work/xfs" 2>/dev/null || missing="cannot mount XFS from a loop device"
 }
 mount_xfs
 if [ -z "$missing" ]; then
