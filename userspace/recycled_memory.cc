@@ -56,32 +56,29 @@ void* allocate(std::size_t bytes) {
 void deallocate(void* p) noexcept {
   Cache& c = cache();
   std::size_t size;
+  std::vector<std::pair<void*, std::size_t>> unmap;  // done once the lock is let go
   {
     std::lock_guard lock(c.mutex);
     auto it = c.live.find(p);
     if (it == c.live.end()) return;  // not ours: nothing sane to do
     size = it->second;
     c.live.erase(it);
-  }
-  if (size > kCacheBytes) {
-    ::munmap(p, size);
-    return;
-  }
-  std::vector<std::pair<void*, std::size_t>> evicted;
-  {
-    std::lock_guard lock(c.mutex);
-    // Kept with its pages (MADV_FREE, which would let the kernel take them
-    // back, cost a third more CPU per checkpoint here); room made for it by
-    // unmapping the oldest ones.
-    while (c.freeBytes + size > kCacheBytes && !c.free.empty()) {
-      evicted.push_back(c.free.front());
-      c.freeBytes -= c.free.front().second;
-      c.free.erase(c.free.begin());
+    if (size > kCacheBytes) {
+      unmap.emplace_back(p, size);
+    } else {
+      // Kept with its pages (MADV_FREE, which would let the kernel take them
+      // back, cost a third more CPU per checkpoint here); room made for it by
+      // unmapping the oldest ones.
+      while (c.freeBytes + size > kCacheBytes && !c.free.empty()) {
+        unmap.push_back(c.free.front());
+        c.freeBytes -= c.free.front().second;
+        c.free.erase(c.free.begin());
+      }
+      c.free.emplace_back(p, size);
+      c.freeBytes += size;
     }
-    c.free.emplace_back(p, size);
-    c.freeBytes += size;
   }
-  for (auto [q, n] : evicted) ::munmap(q, n);
+  for (auto [q, n] : unmap) ::munmap(q, n);
 }
 
 std::size_t cachedBytes() {
