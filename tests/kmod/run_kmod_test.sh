@@ -52,12 +52,12 @@ done
 cp "$SRC/vmsync.ko" "$R/mod/"
 gcc -static -O2 -Wall -o "$R/bin/version_probe" "$SRC/tests/kmod/version_probe.c" || { echo "FAIL: probe build"; exit 1; }
 # The drivers are static (fmt header-only): the initramfs has no shared libraries.
-CXX_STATIC="g++ -std=c++20 -static -O2 -Wall -pthread -DFMT_HEADER_ONLY -I$SRC -I$SRC/userspace -I$SRC/tests/kvm_harness"
+CXX_STATIC="g++ -std=c++20 -static -O2 -Wall -pthread -DFMT_HEADER_ONLY -I$SRC -I$SRC/userspace -I$SRC/userspace/base -I$SRC/userspace/harvest -I$SRC/tests/kvm_harness"
 if [ $MODE = test ]; then
 	$CXX_STATIC -o "$R/bin/kmod_invariant" "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
-		"$SRC/userspace/kvm_ring_page_source.cc" "$SRC/userspace/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||
+		"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||
 		{ cat "$WORK/driver.log"; echo "FAIL: driver build"; exit 1; }
-	$CXX_STATIC -o "$R/bin/kmod_qemu_check" "$SRC/tests/kmod/kmod_qemu_check.cc" "$SRC/userspace/kmod_page_source.cc" \
+	$CXX_STATIC -o "$R/bin/kmod_qemu_check" "$SRC/tests/kmod/kmod_qemu_check.cc" "$SRC/userspace/harvest/kmod_page_source.cc" \
 		>"$WORK/qemu_check.log" 2>&1 || { cat "$WORK/qemu_check.log"; echo "FAIL: QEMU check build"; exit 1; }
 	# Debian's QEMU with its shared libraries, and the tiny BIOS it runs.
 	QEMU=$(command -v qemu-system-x86_64)
@@ -73,7 +73,7 @@ if [ $MODE = test ]; then
 		objcopy -O binary -j .text "$WORK/bios.o" "$R/qemu/bios.bin" || { echo "FAIL: BIOS build"; exit 1; }
 fi
 $CXX_STATIC -o "$R/bin/kmod_harvest_bench" "$SRC/bench/kmod_harvest_bench.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
-	"$SRC/userspace/kvm_ring_page_source.cc" "$SRC/userspace/kmod_page_source.cc" -lxxhash >"$WORK/bench.log" 2>&1 ||
+	"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" -lxxhash >"$WORK/bench.log" 2>&1 ||
 	{ cat "$WORK/bench.log"; echo "FAIL: benchmark build"; exit 1; }
 echo $MODE >"$R/mode"
 cat >"$R/init" <<'IN'
