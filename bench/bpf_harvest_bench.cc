@@ -22,9 +22,9 @@
 #include <string>
 #include <vector>
 
-#include "bpf_block_source.h"
-#include "error.h"
-#include "units.h"
+#include "harvest/bpf_block_source.h"
+#include "base/error.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

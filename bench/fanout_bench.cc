@@ -9,10 +9,10 @@
 #include <filesystem>
 #include <random>
 
-#include "chunk_codec.h"
-#include "secure_channel.h"
+#include "checkpoint/chunk_codec.h"
+#include "transport/secure_channel.h"
 #include "sync_server.h"
-#include "units.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

@@ -29,8 +29,8 @@
 #include <string>
 #include <vector>
 
-#include "error.h"
-#include "kmod_page_source.h"
+#include "base/error.h"
+#include "harvest/kmod_page_source.h"
 #include "mini_vmm.h"
 
 namespace {

@@ -19,12 +19,12 @@
 #include <stdexcept>
 #include <vector>
 
-#include "checkpoint_applier.h"
-#include "checkpoint_builder.h"
-#include "checkpoint_record.h"
-#include "chunk_codec.h"
-#include "image_file.h"
-#include "unit_hashes.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "checkpoint/checkpoint_record.h"
+#include "checkpoint/chunk_codec.h"
+#include "vmm/image_file.h"
+#include "harvest/unit_hashes.h"
 
 namespace vmsync {
 namespace {

@@ -4,8 +4,8 @@
 
 #include <map>
 
-#include "chunk_codec.h"
-#include "error.h"
+#include "checkpoint/chunk_codec.h"
+#include "base/error.h"
 
 namespace vmsync {
 

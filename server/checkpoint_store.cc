@@ -11,11 +11,11 @@
 #include <set>
 #include <string_view>
 
-#include "checkpoint_builder.h"
-#include "checkpoint_record.h"
-#include "durable_file.h"
-#include "error.h"
-#include "rpc_util.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "checkpoint/checkpoint_record.h"
+#include "base/durable_file.h"
+#include "base/error.h"
+#include "transport/rpc_util.h"
 
 namespace vmsync {
 

@@ -5,15 +5,15 @@
 
 #include <filesystem>
 
-#include "checkpoint_applier.h"
-#include "checkpoint_builder.h"
-#include "checkpoint_record.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "checkpoint/checkpoint_record.h"
 #include "checkpoint_store.h"
-#include "crash_point.h"
-#include "chunk_codec.h"
-#include "error.h"
-#include "image_file.h"
-#include "rpc_util.h"
+#include "base/crash_point.h"
+#include "checkpoint/chunk_codec.h"
+#include "base/error.h"
+#include "vmm/image_file.h"
+#include "transport/rpc_util.h"
 
 namespace vmsync {
 

@@ -5,9 +5,9 @@
 
 #include <kj/async-unix.h>
 
-#include "error.h"
-#include "rpc_util.h"
-#include "secure_channel.h"
+#include "base/error.h"
+#include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
 #include "sync_server.h"
 
 namespace vmsync {

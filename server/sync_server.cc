@@ -4,15 +4,15 @@
 
 #include <chrono>
 
-#include "checkpoint_applier.h"
-#include "checkpoint_builder.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
 #include "checkpoint_identity.h"
 #include "checkpoint_merge.h"
 #include "compactor.h"
-#include "checkpoint_record.h"
-#include "error.h"
-#include "rpc_util.h"
-#include "units.h"
+#include "checkpoint/checkpoint_record.h"
+#include "base/error.h"
+#include "transport/rpc_util.h"
+#include "base/units.h"
 
 namespace vmsync {
 

@@ -13,7 +13,7 @@
 #include <thread>
 
 #include "checkpoint_store.h"
-#include "secure_channel.h"
+#include "transport/secure_channel.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {

@@ -7,7 +7,7 @@
 // harvest and the scan, by the next one. The test also plays the pre-copy
 // protocol (ship every reported block as scanned after the harvest) and checks
 // that, once the writer has stopped, the shipped image equals the real one.
-#include "bpf_block_source.h"
+#include "harvest/bpf_block_source.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -22,9 +22,9 @@
 #include <set>
 #include <thread>
 
-#include "error.h"
+#include "base/error.h"
 #include "test_support.h"
-#include "units.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

@@ -13,8 +13,8 @@
 #include <filesystem>
 #include <random>
 
-#include "error.h"
-#include "units.h"
+#include "base/error.h"
+#include "base/units.h"
 
 namespace vmsync::bpftest {
 

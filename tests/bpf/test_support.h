@@ -2,7 +2,7 @@
 // loop devices, block hashes.
 #pragma once
 
-#include "loop_device.h"
+#include "vmm/loop_device.h"
 
 #include <gtest/gtest.h>
 #include <sys/types.h>

@@ -7,11 +7,11 @@
 #include <memory>
 #include <vector>
 
-#include "checkpoint_applier.h"
-#include "error.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "base/error.h"
 #include "fuzz_input.h"
-#include "image_file.h"
-#include "unit_hashes.h"
+#include "vmm/image_file.h"
+#include "harvest/unit_hashes.h"
 
 namespace {
 

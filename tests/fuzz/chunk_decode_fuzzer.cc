@@ -5,9 +5,9 @@
 #include <cstring>
 #include <vector>
 
-#include "chunk_codec.h"
-#include "error.h"
-#include "units.h"
+#include "checkpoint/chunk_codec.h"
+#include "base/error.h"
+#include "base/units.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 6) return 0;

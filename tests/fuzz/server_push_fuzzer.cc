@@ -11,10 +11,10 @@
 #include <vector>
 
 #include "checkpoint_merge.h"
-#include "error.h"
+#include "base/error.h"
 #include "fuzz_input.h"
 #include "sync_server.h"
-#include "units.h"
+#include "base/units.h"
 
 namespace {
 

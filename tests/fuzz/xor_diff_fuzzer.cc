@@ -3,9 +3,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "chunk_codec.h"
-#include "error.h"
-#include "units.h"
+#include "checkpoint/chunk_codec.h"
+#include "base/error.h"
+#include "base/units.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   std::vector<std::byte> reference(vmsync::kUnitSize, std::byte{0x11});

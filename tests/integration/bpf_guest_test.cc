@@ -9,13 +9,13 @@
 #include <set>
 #include <thread>
 
-#include "bpf_block_source.h"
+#include "harvest/bpf_block_source.h"
 #include "cluster.h"
-#include "error.h"
-#include "image_file.h"
-#include "loop_device.h"
-#include "qemu_vm.h"
-#include "unit_hashes.h"
+#include "base/error.h"
+#include "vmm/image_file.h"
+#include "vmm/loop_device.h"
+#include "vmm/qemu_vm.h"
+#include "harvest/unit_hashes.h"
 
 namespace vmsync::testing {
 namespace {

@@ -5,7 +5,7 @@
 #include <regex>
 #include <stdexcept>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync::testing {
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "network_lab.h"
+#include "lab/network_lab.h"
 #include "test_env.h"
 
 namespace vmsync::testing {

@@ -9,8 +9,8 @@
 #include <kj/async-io.h>
 
 #include "cluster.h"
-#include "rpc_util.h"
-#include "secure_channel.h"
+#include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync::testing {

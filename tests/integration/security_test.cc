@@ -13,9 +13,9 @@
 #include <kj/async-io.h>
 
 #include "cluster.h"
-#include "rpc_util.h"
-#include "secure_channel.h"
-#include "units.h"
+#include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
+#include "base/units.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync::testing {

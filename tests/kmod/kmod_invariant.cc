@@ -30,9 +30,9 @@
 #include <thread>
 #include <vector>
 
-#include "error.h"
+#include "base/error.h"
 #include "kmod/uapi/vmsync.h"
-#include "kmod_page_source.h"
+#include "harvest/kmod_page_source.h"
 #include "mini_vmm.h"
 
 namespace {

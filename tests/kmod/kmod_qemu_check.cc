@@ -31,8 +31,8 @@
 #include <thread>
 #include <vector>
 
-#include "error.h"
-#include "kmod_page_source.h"
+#include "base/error.h"
+#include "harvest/kmod_page_source.h"
 
 namespace {
 

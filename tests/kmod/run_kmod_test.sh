@@ -52,7 +52,7 @@ done
 cp "$SRC/vmsync.ko" "$R/mod/"
 gcc -static -O2 -Wall -o "$R/bin/version_probe" "$SRC/tests/kmod/version_probe.c" || { echo "FAIL: probe build"; exit 1; }
 # The drivers are static (fmt header-only): the initramfs has no shared libraries.
-CXX_STATIC="g++ -std=c++20 -static -O2 -Wall -pthread -DFMT_HEADER_ONLY -I$SRC -I$SRC/userspace -I$SRC/userspace/base -I$SRC/userspace/harvest -I$SRC/tests/kvm_harness"
+CXX_STATIC="g++ -std=c++20 -static -O2 -Wall -pthread -DFMT_HEADER_ONLY -I$SRC -I$SRC/userspace -I$SRC/tests/kvm_harness"
 if [ $MODE = test ]; then
 	$CXX_STATIC -o "$R/bin/kmod_invariant" "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
 		"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||

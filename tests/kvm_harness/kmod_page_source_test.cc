@@ -1,12 +1,12 @@
 // The kmod page source's host-side parts: where QEMU's q35 puts guest RAM,
 // and finding a VMM's VM fd. Attach and harvest need vmsync.ko and run in
 // tests/kmod, inside Debian's kernel.
-#include "kmod_page_source.h"
+#include "harvest/kmod_page_source.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
 
-#include "error.h"
+#include "base/error.h"
 #include "mini_vmm.h"
 #include "test_env.h"
 

@@ -8,7 +8,7 @@
 
 #include <cstring>
 
-#include "error.h"
+#include "base/error.h"
 
 // The guest: rdi = first data page's address, rsi = number of data pages.
 // Round r (r8) writes the byte r into page i when i % 3 != 0 and

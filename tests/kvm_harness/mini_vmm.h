@@ -8,7 +8,7 @@
 #include <set>
 #include <string>
 
-#include "kvm_ring_page_source.h"
+#include "harvest/kvm_ring_page_source.h"
 
 namespace vmsync::testing {
 

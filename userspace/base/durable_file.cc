@@ -1,4 +1,4 @@
-#include "durable_file.h"
+#include "base/durable_file.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -9,7 +9,7 @@
 #include <filesystem>
 #include <memory>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync {
 

@@ -1,4 +1,4 @@
-#include "adaptive_interval.h"
+#include "checkpoint/adaptive_interval.h"
 
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>

@@ -1,4 +1,4 @@
-#include "byte_compare.h"
+#include "checkpoint/byte_compare.h"
 
 #include <bit>
 #include <cstdlib>

@@ -1,15 +1,15 @@
-#include "checkpoint_applier.h"
+#include "checkpoint/checkpoint_applier.h"
 
 #include <algorithm>
 #include <cstring>
 #include <exception>
 #include <vector>
 
-#include "checkpoint_builder.h"
-#include "chunk_codec.h"
-#include "error.h"
-#include "thread_pool.h"
-#include "units.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "checkpoint/chunk_codec.h"
+#include "base/error.h"
+#include "base/thread_pool.h"
+#include "base/units.h"
 
 namespace vmsync {
 

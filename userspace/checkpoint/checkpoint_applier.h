@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "image_file.h"
+#include "vmm/image_file.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {

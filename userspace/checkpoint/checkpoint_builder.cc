@@ -1,12 +1,12 @@
-#include "checkpoint_builder.h"
+#include "checkpoint/checkpoint_builder.h"
 
 #include <algorithm>
 #include <array>
 #include <cstring>
 #include <unordered_map>
 
-#include "error.h"
-#include "unit_hashes.h"
+#include "base/error.h"
+#include "harvest/unit_hashes.h"
 
 namespace vmsync {
 

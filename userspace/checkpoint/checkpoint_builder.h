@@ -7,11 +7,11 @@
 #include <string_view>
 #include <vector>
 
-#include "chunk_codec.h"
-#include "dirty_source.h"
-#include "image_file.h"
-#include "recycled_memory.h"
-#include "thread_pool.h"
+#include "checkpoint/chunk_codec.h"
+#include "harvest/dirty_source.h"
+#include "vmm/image_file.h"
+#include "base/recycled_memory.h"
+#include "base/thread_pool.h"
 
 namespace vmsync {
 

@@ -1,4 +1,4 @@
-#include "checkpoint_record.h"
+#include "checkpoint/checkpoint_record.h"
 
 #include <capnp/serialize.h>
 #include <fcntl.h>
@@ -14,8 +14,8 @@
 #include <new>
 #include <vector>
 
-#include "durable_file.h"
-#include "error.h"
+#include "base/durable_file.h"
+#include "base/error.h"
 
 namespace vmsync {
 

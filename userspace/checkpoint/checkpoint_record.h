@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "crash_point.h"
+#include "base/crash_point.h"
 
 namespace vmsync {
 

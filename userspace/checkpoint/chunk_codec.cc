@@ -1,4 +1,4 @@
-#include "chunk_codec.h"
+#include "checkpoint/chunk_codec.h"
 
 #include <lz4.h>
 
@@ -8,9 +8,9 @@
 #include <cstring>
 #include <optional>
 
-#include "byte_compare.h"
-#include "error.h"
-#include "units.h"
+#include "checkpoint/byte_compare.h"
+#include "base/error.h"
+#include "base/units.h"
 
 namespace vmsync {
 

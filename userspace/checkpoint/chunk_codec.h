@@ -5,8 +5,8 @@
 #include <span>
 #include <vector>
 
-#include "byte_compare.h"
-#include "units.h"
+#include "checkpoint/byte_compare.h"
+#include "base/units.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {

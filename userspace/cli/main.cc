@@ -17,13 +17,13 @@
 #include <kj/async-io.h>
 #include <nlohmann/json.hpp>
 
-#include "bench_switch.h"
-#include "device.h"
-#include "error.h"
-#include "rpc_util.h"
-#include "secure_channel.h"
+#include "lab/bench_switch.h"
+#include "daemon/device.h"
+#include "base/error.h"
+#include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
 #include "server_main.h"
-#include "study.h"
+#include "lab/study.h"
 #include "vmsync.capnp.h"
 
 namespace {

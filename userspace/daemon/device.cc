@@ -1,4 +1,4 @@
-#include "device.h"
+#include "daemon/device.h"
 
 #include <capnp/serialize.h>
 #include <signal.h>
@@ -13,22 +13,22 @@
 #include <optional>
 #include <set>
 
-#include "adaptive_interval.h"
-#include "bpf_block_source.h"
-#include "checkpoint_applier.h"
-#include "checkpoint_builder.h"
-#include "checkpoint_record.h"
-#include "crash_point.h"
-#include "durable_file.h"
-#include "error.h"
-#include "image_file.h"
-#include "kmod_page_source.h"
-#include "loop_device.h"
-#include "qemu_vm.h"
-#include "rpc_util.h"
-#include "secure_channel.h"
-#include "transfer_progress.h"
-#include "unit_hashes.h"
+#include "checkpoint/adaptive_interval.h"
+#include "harvest/bpf_block_source.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "checkpoint/checkpoint_record.h"
+#include "base/crash_point.h"
+#include "base/durable_file.h"
+#include "base/error.h"
+#include "vmm/image_file.h"
+#include "harvest/kmod_page_source.h"
+#include "vmm/loop_device.h"
+#include "vmm/qemu_vm.h"
+#include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
+#include "transport/transfer_progress.h"
+#include "harvest/unit_hashes.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {

@@ -1,4 +1,4 @@
-#include "bpf_block_source.h"
+#include "harvest/bpf_block_source.h"
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -23,8 +23,8 @@
 
 #include "block_writes.h"
 #include "block_writes.skel.h"
-#include "error.h"
-#include "units.h"
+#include "base/error.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

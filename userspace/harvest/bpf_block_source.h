@@ -39,7 +39,7 @@
 #include <utility>
 #include <vector>
 
-#include "dirty_source.h"
+#include "harvest/dirty_source.h"
 
 struct block_writes_bpf;  // the bpftool skeleton (block_writes.skel.h)
 struct ring_buffer;       // libbpf

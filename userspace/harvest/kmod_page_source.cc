@@ -1,4 +1,4 @@
-#include "kmod_page_source.h"
+#include "harvest/kmod_page_source.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -10,7 +10,7 @@
 #include <atomic>
 #include <cstring>
 
-#include "error.h"
+#include "base/error.h"
 #include "kmod/uapi/vmsync.h"
 
 namespace vmsync {

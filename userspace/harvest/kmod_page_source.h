@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "dirty_source.h"
+#include "harvest/dirty_source.h"
 
 namespace vmsync {
 

@@ -1,10 +1,10 @@
-#include "kvm_ring_page_source.h"
+#include "harvest/kvm_ring_page_source.h"
 
 #include <sys/ioctl.h>
 
 #include <atomic>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync {
 

@@ -5,7 +5,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#include "unit_hash_avx2.h"
+#include "harvest/unit_hash_avx2.h"
 
 namespace vmsync {
 

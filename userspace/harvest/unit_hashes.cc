@@ -1,13 +1,13 @@
-#include "unit_hashes.h"
+#include "harvest/unit_hashes.h"
 
 #include <xxhash.h>
 
 #include <cstring>
 
-#include "image_file.h"
-#include "thread_pool.h"
-#include "unit_hash_avx2.h"
-#include "units.h"
+#include "vmm/image_file.h"
+#include "base/thread_pool.h"
+#include "harvest/unit_hash_avx2.h"
+#include "base/units.h"
 
 namespace vmsync {
 

@@ -1,4 +1,4 @@
-#include "bench_switch.h"
+#include "lab/bench_switch.h"
 
 #include <fcntl.h>
 #include <kj/common.h>
@@ -19,12 +19,12 @@
 #include <sstream>
 #include <thread>
 
-#include "delay_relay.h"
-#include "durable_file.h"
-#include "error.h"
-#include "network_lab.h"
-#include "qemu_vm.h"
-#include "qmp_client.h"
+#include "lab/delay_relay.h"
+#include "base/durable_file.h"
+#include "base/error.h"
+#include "lab/network_lab.h"
+#include "vmm/qemu_vm.h"
+#include "vmm/qmp_client.h"
 
 namespace vmsync {
 

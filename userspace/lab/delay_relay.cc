@@ -1,4 +1,4 @@
-#include "delay_relay.h"
+#include "lab/delay_relay.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -19,8 +19,8 @@
 #include <thread>
 #include <vector>
 
-#include "error.h"
-#include "rpc_util.h"
+#include "base/error.h"
+#include "transport/rpc_util.h"
 
 namespace vmsync {
 

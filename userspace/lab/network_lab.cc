@@ -1,4 +1,4 @@
-#include "network_lab.h"
+#include "lab/network_lab.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -11,7 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync {
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "delay_relay.h"
+#include "lab/delay_relay.h"
 
 namespace vmsync {
 

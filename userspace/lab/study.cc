@@ -1,4 +1,4 @@
-#include "study.h"
+#include "lab/study.h"
 
 #include <spdlog/spdlog.h>
 #include <time.h>
@@ -13,13 +13,13 @@
 #include <numeric>
 #include <thread>
 
-#include "chunk_codec.h"
-#include "durable_file.h"
-#include "error.h"
-#include "image_file.h"
-#include "qemu_vm.h"
-#include "unit_hashes.h"
-#include "units.h"
+#include "checkpoint/chunk_codec.h"
+#include "base/durable_file.h"
+#include "base/error.h"
+#include "vmm/image_file.h"
+#include "vmm/qemu_vm.h"
+#include "harvest/unit_hashes.h"
+#include "base/units.h"
 
 namespace vmsync {
 

@@ -1,4 +1,4 @@
-#include "rpc_util.h"
+#include "transport/rpc_util.h"
 
 #include <netinet/in.h>
 #include <linux/tcp.h>

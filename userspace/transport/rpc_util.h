@@ -10,7 +10,7 @@
 #include <optional>
 #include <string>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync {
 

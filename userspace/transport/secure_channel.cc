@@ -1,4 +1,4 @@
-#include "secure_channel.h"
+#include "transport/secure_channel.h"
 
 #include <openssl/bn.h>
 #include <openssl/err.h>
@@ -12,8 +12,8 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "durable_file.h"
-#include "error.h"
+#include "base/durable_file.h"
+#include "base/error.h"
 
 namespace vmsync {
 

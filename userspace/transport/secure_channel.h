@@ -12,7 +12,7 @@
 #include <optional>
 #include <string>
 
-#include "rpc_util.h"
+#include "transport/rpc_util.h"
 
 namespace vmsync {
 

@@ -1,10 +1,10 @@
-#include "transfer_progress.h"
+#include "transport/transfer_progress.h"
 
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 
-#include "rpc_util.h"
+#include "transport/rpc_util.h"
 
 namespace vmsync {
 

@@ -1,4 +1,4 @@
-#include "image_file.h"
+#include "vmm/image_file.h"
 
 #include <fcntl.h>
 #include <linux/magic.h>
@@ -16,9 +16,9 @@
 #include <thread>
 #include <vector>
 
-#include "durable_file.h"
-#include "error.h"
-#include "write_ring.h"
+#include "base/durable_file.h"
+#include "base/error.h"
+#include "vmm/write_ring.h"
 
 namespace vmsync {
 

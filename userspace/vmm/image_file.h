@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "units.h"
+#include "base/units.h"
 
 namespace vmsync {
 

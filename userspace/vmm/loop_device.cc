@@ -1,11 +1,11 @@
-#include "loop_device.h"
+#include "vmm/loop_device.h"
 
 #include <fcntl.h>
 #include <linux/loop.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync {
 

@@ -1,4 +1,4 @@
-#include "qemu_vm.h"
+#include "vmm/qemu_vm.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -14,8 +14,8 @@
 #include <sstream>
 #include <thread>
 
-#include "durable_file.h"
-#include "error.h"
+#include "base/durable_file.h"
+#include "base/error.h"
 
 namespace vmsync {
 

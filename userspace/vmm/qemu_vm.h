@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "qmp_client.h"
+#include "vmm/qmp_client.h"
 
 namespace vmsync {
 

@@ -1,4 +1,4 @@
-#include "qmp_client.h"
+#include "vmm/qmp_client.h"
 
 #include <poll.h>
 #include <spdlog/spdlog.h>
@@ -9,7 +9,7 @@
 #include <cstring>
 #include <thread>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync {
 

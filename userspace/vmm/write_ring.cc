@@ -1,4 +1,4 @@
-#include "write_ring.h"
+#include "vmm/write_ring.h"
 
 #include <spdlog/spdlog.h>
 
@@ -7,7 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "error.h"
+#include "base/error.h"
 
 namespace vmsync {
 

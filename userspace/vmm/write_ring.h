@@ -7,7 +7,7 @@
 #include <string>
 #include <thread>
 
-#include "image_file.h"
+#include "vmm/image_file.h"
 
 namespace vmsync {
 

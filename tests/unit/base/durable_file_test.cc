@@ -1,5 +1,5 @@
 // copySparse copies every byte and keeps the holes; dataRanges finds them.
-#include "durable_file.h"
+#include "base/durable_file.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include "error.h"
+#include "base/error.h"
 #include "test_env.h"
 
 namespace vmsync {

@@ -1,4 +1,4 @@
-#include "recycled_memory.h"
+#include "base/recycled_memory.h"
 
 #include <gtest/gtest.h>
 #include <sys/resource.h>

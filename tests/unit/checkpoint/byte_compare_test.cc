@@ -1,12 +1,12 @@
-#include "byte_compare.h"
+#include "checkpoint/byte_compare.h"
 
 #include <gtest/gtest.h>
 
 #include <random>
 #include <vector>
 
-#include "chunk_codec.h"
-#include "units.h"
+#include "checkpoint/chunk_codec.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

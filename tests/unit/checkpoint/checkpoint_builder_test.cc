@@ -1,4 +1,4 @@
-#include "checkpoint_builder.h"
+#include "checkpoint/checkpoint_builder.h"
 
 #include <capnp/message.h>
 #include <capnp/serialize.h>
@@ -13,10 +13,10 @@
 #include <fstream>
 #include <random>
 
-#include "checkpoint_applier.h"
-#include "error.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "base/error.h"
 #include "test_env.h"
-#include "unit_hashes.h"
+#include "harvest/unit_hashes.h"
 
 namespace vmsync {
 namespace {

@@ -1,12 +1,12 @@
-#include "chunk_codec.h"
+#include "checkpoint/chunk_codec.h"
 
 #include <capnp/message.h>
 #include <gtest/gtest.h>
 
 #include <random>
 
-#include "error.h"
-#include "units.h"
+#include "base/error.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

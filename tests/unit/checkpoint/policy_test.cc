@@ -7,10 +7,10 @@
 #include <filesystem>
 #include <random>
 
-#include "checkpoint_applier.h"
-#include "checkpoint_builder.h"
-#include "error.h"
-#include "unit_hashes.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "base/error.h"
+#include "harvest/unit_hashes.h"
 
 namespace vmsync {
 namespace {

@@ -1,11 +1,11 @@
-#include "unit_hashes.h"
+#include "harvest/unit_hashes.h"
 
 #include <gtest/gtest.h>
 
 #include <random>
 #include <vector>
 
-#include "units.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

@@ -1,6 +1,6 @@
 // The delay relay carries every byte, in order, both ways, and passes an end
 // of stream on; a connection it cannot deliver is closed, not left hanging.
-#include "delay_relay.h"
+#include "lab/delay_relay.h"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>

@@ -7,8 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "checkpoint_record.h"
-#include "error.h"
+#include "checkpoint/checkpoint_record.h"
+#include "base/error.h"
 
 namespace vmsync {
 namespace {

@@ -8,16 +8,16 @@
 #include <functional>
 #include <random>
 
-#include "checkpoint_applier.h"
-#include "checkpoint_builder.h"
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
 #include "checkpoint_store.h"
-#include "chunk_codec.h"
+#include "checkpoint/chunk_codec.h"
 #include "compactor.h"
 #include "sync_server.h"
-#include "error.h"
-#include "image_file.h"
+#include "base/error.h"
+#include "vmm/image_file.h"
 #include "test_env.h"
-#include "units.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

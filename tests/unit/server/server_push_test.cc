@@ -9,10 +9,10 @@
 #include <memory>
 
 #include "checkpoint_identity.h"
-#include "error.h"
+#include "base/error.h"
 #include "sync_server.h"
 #include "test_env.h"
-#include "units.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {

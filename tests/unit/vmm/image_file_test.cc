@@ -2,7 +2,7 @@
 // io_uring where io_uring completes them inline, keeps a
 // writable image's page cache in 4 KiB folios, and its prefetch and recache
 // keep every byte.
-#include "image_file.h"
+#include "vmm/image_file.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -29,10 +29,10 @@
 #include <thread>
 #include <vector>
 
-#include "error.h"
+#include "base/error.h"
 #include "test_env.h"
-#include "unit_hashes.h"
-#include "units.h"
+#include "harvest/unit_hashes.h"
+#include "base/units.h"
 
 namespace vmsync {
 namespace {
