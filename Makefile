@@ -54,7 +54,7 @@ test: build image video-image
 sanitize: setup
 	cmake -S . -B $(BUILD)/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DVMSYNC_SANITIZE=ON >/dev/null
 	cmake --build $(BUILD)/asan -j $(JOBS) --target vmsync_unit_tests
-	$(BUILD)/asan/tests/unit/vmsync_unit_tests --gtest_brief=1
+	for t in $(BUILD)/asan/tests/unit/vmsync_*_tests; do echo "$$t"; $$t --gtest_brief=1 || exit 1; done
 
 # libFuzzer targets (clang) on the decoders and checkpoint handling, FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60

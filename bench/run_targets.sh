@@ -1,7 +1,7 @@
 #!/bin/sh
 # The benchmarks behind the pipeline's speed targets (issue 8), run briefly,
 # then their summary: each target next to what this run measured. Run by
-# ctest (pipeline_bench_targets) so that `make test` shows the table; the
+# ctest (bench.pipeline_targets) so that `make test` shows the table; the
 # timings decide nothing, but a benchmark that is missing or fails does.
 # `make bench` runs every benchmark for longer and prints the same summary.
 #

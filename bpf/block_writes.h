@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * Records shared by bpf/block_writes.bpf.c and its loader
- * (userspace/bpf_block_source.cc). Plain C types only: this header is
+ * (userspace/harvest/bpf_block_source.cc). Plain C types only: this header is
  * compiled both with vmlinux.h (BPF side) and with the C++ toolchain.
  */
 #ifndef VMSYNC_BPF_BLOCK_WRITES_H

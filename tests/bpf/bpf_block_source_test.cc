@@ -1,4 +1,4 @@
-// Tests of the bpf block source (userspace/bpf_block_source.h).
+// Tests of the bpf block source (userspace/harvest/bpf_block_source.h).
 //
 // The invariant tests follow KVM's dirty_log_test: a writer process writes
 // random ranges of a disk image while the test harvests in rounds; after each
