@@ -122,7 +122,7 @@ void packBlobs(ImageDelta& delta, std::size_t taskBytes) {
 
 }  // namespace
 
-ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
+std::vector<std::uint64_t> ImageTracker::candidateIndexes(const DirtyUnits& candidates) {
   const std::uint64_t count = image_.units();
   // Checked before any state changes, so a bad report loses no retries.
   if (!candidates.everything)
@@ -136,35 +136,32 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
     unacknowledged_.assign(count, false);
     anyUnacknowledged_ = false;
   }
-  const bool everything = candidates.everything;
-  if (everything) {
+  if (candidates.everything) return {};
+  indexes.insert(indexes.end(), candidates.units.begin(), candidates.units.end());
+  if (origActive()) {
+    // Every unit written since the base may still differ from it.
+    for (std::uint64_t i : indexes) sinceBase_[i] = true;
     indexes.clear();
-  } else {
-    indexes.insert(indexes.end(), candidates.units.begin(), candidates.units.end());
-    if (origActive()) {
-      // Every unit written since the base may still differ from it.
-      for (std::uint64_t i : indexes) sinceBase_[i] = true;
-      indexes.clear();
-      for (std::uint64_t i = 0; i < count; ++i)
-        if (sinceBase_[i]) indexes.push_back(i);
-    }
-    std::sort(indexes.begin(), indexes.end());
-    indexes.erase(std::unique(indexes.begin(), indexes.end()), indexes.end());
+    for (std::uint64_t i = 0; i < count; ++i)
+      if (sinceBase_[i]) indexes.push_back(i);
   }
-  const std::size_t examined = everything ? count : indexes.size();
+  std::sort(indexes.begin(), indexes.end());
+  indexes.erase(std::unique(indexes.begin(), indexes.end()), indexes.end());
+  return indexes;
+}
 
-  // 1. Hash every candidate in place, on every core, and keep those whose hash
-  //    differs from the reference (most do not: this is the memory-bound part).
-  //    Not for a dirty-page list under Prev: it names units written since the
-  //    last harvest, nearly all changed, and step 2 hashes its copy of each
-  //    anyway and drops those that are not.
-  //    A scan of the whole image does not read the units in holes of the file:
-  //    they read as zeros, so only the zero hash is compared.
+std::vector<std::uint64_t> ImageTracker::findChanged(std::vector<std::uint64_t> indexes, bool everything) const {
+  // Hash every candidate in place, on every core, and keep those whose hash
+  // differs from the reference (most do not: this is the memory-bound part).
+  // Not for a dirty-page list under Prev: it names units written since the
+  // last harvest, nearly all changed, and copyAndEncode() hashes its copy of
+  // each anyway and drops those that are not.
+  if (!everything && !origActive()) return indexes;
   std::vector<std::uint64_t> changed;
-  if (!everything && !origActive()) {
-    changed = std::move(indexes);
-  } else if (everything) {
-    const auto spans = spansByHoles(image_.dataRuns(), count, kScanGrain);
+  if (everything) {
+    // A scan of the whole image does not read the units in holes of the file:
+    // they read as zeros, so only the zero hash is compared.
+    const auto spans = spansByHoles(image_.dataRuns(), image_.units(), kScanGrain);
     std::vector<std::vector<std::uint64_t>> changedPerSpan(spans.size());
     pool_->parallelFor(spans.size(), 1, [&](std::size_t begin, std::size_t end) {
       for (std::size_t s = begin; s < end; ++s) {
@@ -176,36 +173,44 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
       }
     });
     for (const auto& part : changedPerSpan) changed.insert(changed.end(), part.begin(), part.end());
-  } else {
-    std::vector<std::vector<std::uint64_t>> changedPerTask((examined + kScanGrain - 1) / kScanGrain);
-    pool_->parallelFor(examined, kScanGrain, [&](std::size_t begin, std::size_t end) {
-      auto& part = changedPerTask[begin / kScanGrain];
-      for (std::size_t k = begin; k < end; ++k)
-        if (hashUnit(image_.unit(indexes[k])) != referenceHash(indexes[k]))
-          part.push_back(indexes[k]);
-    });
-    for (const auto& part : changedPerTask) changed.insert(changed.end(), part.begin(), part.end());
+    return changed;
   }
+  std::vector<std::vector<std::uint64_t>> changedPerTask((indexes.size() + kScanGrain - 1) / kScanGrain);
+  pool_->parallelFor(indexes.size(), kScanGrain, [&](std::size_t begin, std::size_t end) {
+    auto& part = changedPerTask[begin / kScanGrain];
+    for (std::size_t k = begin; k < end; ++k)
+      if (hashUnit(image_.unit(indexes[k])) != referenceHash(indexes[k])) part.push_back(indexes[k]);
+  });
+  for (const auto& part : changedPerTask) changed.insert(changed.end(), part.begin(), part.end());
+  return changed;
+}
 
-  // 2. Copy each changed unit once, straight into the delta; then hash and
-  //    encode that copy: the VM may write the live page again meanwhile, and
-  //    only the bytes we ship may be recorded as shipped. A zero page is seen in
-  //    place and not copied (it ships as ZERO, recorded with the zero hash).
-  ImageDelta delta;
-  delta.examined = examined;
-  const std::size_t n = changed.size();
-  delta.units.resize(n);
-  delta.hashes.resize(n);
-  delta.raw.resize(n * kUnitSize);
-  // The encoder writes each payload straight here, kMaxPayload bytes of room per
-  // unit, and the units of a task one after the other: only what it writes is
-  // touched. Each task's payloads become one blob of the message, so there are
-  // few tasks (kMaxBlobs, unless that makes a blob too large).
-  delta.payloads.resize(n * kMaxPayload);
-  const std::size_t grain = encodeGrain(n);
-  std::vector<char> ships(n, 0);
-  const bool diff = isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty());
-  pool_->parallelFor(n, grain, [&](std::size_t begin, std::size_t end) {
+ChunkView ImageTracker::encodeUnit(std::uint64_t index, std::span<const std::byte> copy, bool zero,
+                                   std::span<std::byte> room) const {
+  if (zero) {
+    ChunkView unit;
+    unit.index = index;
+    unit.encoding = wire::ChunkEncoding::ZERO;
+    return unit;
+  }
+  if (isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty())) {
+    std::span<const std::byte> reference =
+        origActive() ? base_->unit(index)
+                     : std::span<const std::byte>(receiverBytes_.data() + index * kUnitSize, kUnitSize);
+    return encodeDiffInto(index, copy, reference, compress_, room);
+  }
+  // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
+  return encodeWholeInto(index, copy, compress_, room);
+}
+
+std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& changed, std::size_t grain,
+                                              ImageDelta& delta) const {
+  // Copy each changed unit once, straight into the delta; then hash and
+  // encode that copy: the VM may write the live page again meanwhile, and
+  // only the bytes we ship may be recorded as shipped. A zero page is seen in
+  // place and not copied (it ships as ZERO, recorded with the zero hash).
+  std::vector<char> ships(changed.size(), 0);
+  pool_->parallelFor(changed.size(), grain, [&](std::size_t begin, std::size_t end) {
     // Each unit leaves at most kMaxPayload bytes behind it, so the task stays
     // within [first, first + grain) x kMaxPayload. A pool may hand out several
     // tasks at once (all of them, on one thread): each starts at its own room.
@@ -216,31 +221,15 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
       const auto live = image_.unit(index);
       std::span<std::byte> copy(delta.raw.data() + k * kUnitSize, kUnitSize);
       const bool zero = isZeroUnit(live);
-      std::uint64_t hash;
-      if (zero) {
+      if (zero)
         std::memset(copy.data(), 0, kUnitSize);
-        hash = zeroUnitHash();
-      } else {
+      else
         std::memcpy(copy.data(), live.data(), kUnitSize);
-        hash = hashUnit(copy);
-      }
+      const std::uint64_t hash = zero ? zeroUnitHash() : hashUnit(copy);
       if (hash == referenceHash(index)) continue;
       ships[k] = 1;
       delta.hashes[k] = {index, hash};
-      ChunkView& unit = delta.units[k];
-      const std::span<std::byte> unitRoom(room, kMaxPayload);
-      if (zero) {
-        unit.index = index;
-        unit.encoding = wire::ChunkEncoding::ZERO;
-      } else if (diff) {
-        std::span<const std::byte> reference =
-            origActive() ? base_->unit(index)
-                         : std::span<const std::byte>(receiverBytes_.data() + index * kUnitSize, kUnitSize);
-        unit = encodeDiffInto(index, copy, reference, compress_, unitRoom);
-      } else {
-        // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
-        unit = encodeWholeInto(index, copy, compress_, unitRoom);
-      }
+      ChunkView& unit = delta.units[k] = encodeUnit(index, copy, zero, {room, kMaxPayload});
       if (unit.data.empty()) continue;
       // A whole unit lz4 does not shrink was left in the copy: it joins the
       // task's payloads (the one copy of a payload, and not of lz4's output).
@@ -251,9 +240,15 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
       room += unit.data.size();
     }
   });
+  return ships;
+}
 
-  // 3. In order: drop units that turned out unchanged, and send a unit equal to
-  //    an earlier one of this checkpoint as a reference to it.
+namespace {
+
+/// In order: drops the units of `delta` that turned out unchanged, and sends a
+/// unit equal to an earlier one of this checkpoint as a reference to it.
+void keepShippedUnits(ImageDelta& delta, const std::vector<char>& ships) {
+  const std::size_t n = ships.size();
   std::unordered_map<std::uint64_t, std::uint32_t> byHash;
   byHash.reserve(n);
   std::size_t kept = 0;
@@ -283,6 +278,27 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   delta.units.resize(kept);
   delta.hashes.resize(kept);
   delta.raw.resize(kept * kUnitSize);
+}
+
+}  // namespace
+
+ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
+  std::vector<std::uint64_t> indexes = candidateIndexes(candidates);
+  const bool everything = candidates.everything;
+  ImageDelta delta;
+  delta.examined = everything ? image_.units() : indexes.size();
+  const std::vector<std::uint64_t> changed = findChanged(std::move(indexes), everything);
+  const std::size_t n = changed.size();
+  delta.units.resize(n);
+  delta.hashes.resize(n);
+  delta.raw.resize(n * kUnitSize);
+  // The encoder writes each payload straight here, kMaxPayload bytes of room per
+  // unit, and the units of a task one after the other: only what it writes is
+  // touched. Each task's payloads become one blob of the message, so there are
+  // few tasks (kMaxBlobs, unless that makes a blob too large).
+  delta.payloads.resize(n * kMaxPayload);
+  const std::size_t grain = encodeGrain(n);
+  keepShippedUnits(delta, copyAndEncode(changed, grain, delta));
   packBlobs(delta, grain * kMaxPayload);
   return delta;
 }

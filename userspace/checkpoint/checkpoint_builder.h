@@ -105,6 +105,19 @@ class ImageTracker {
   std::uint64_t stateBytes() const;
 
  private:
+  /// Unacknowledged units and `candidates`, sorted and unique (under Orig,
+  /// every unit reported since the base); empty when `candidates` is everything.
+  std::vector<std::uint64_t> candidateIndexes(const DirtyUnits& candidates);
+  /// The candidates (every unit, if `everything`) whose bytes in place differ
+  /// from the reference, or may (a dirty-page list under Prev).
+  std::vector<std::uint64_t> findChanged(std::vector<std::uint64_t> indexes, bool everything) const;
+  /// Copies each unit of `changed` into `delta` (sized for them), hashes the
+  /// copy and encodes it, `grain` units a task; says per unit whether it ships.
+  std::vector<char> copyAndEncode(const std::vector<std::uint64_t>& changed, std::size_t grain,
+                                  ImageDelta& delta) const;
+  /// One unit's chunk under the policy, its payload written into `room`.
+  ChunkView encodeUnit(std::uint64_t index, std::span<const std::byte> copy, bool zero,
+                       std::span<std::byte> room) const;
   bool origActive() const { return base_ != nullptr; }
   std::uint64_t referenceHash(std::uint64_t index) const {
     return origActive() ? baseHashes_[index] : receiverHashes_[index];
