@@ -1,4 +1,9 @@
 // The device daemon: runs the VM when active, applies checkpoints when standby.
+//
+// A Device coordinates role changes (standby -> active -> standby) between
+// the parts it owns: the Replica (the local images and what was applied to
+// them), the ServerLink (the connection to the sync server) and, while
+// active, the ActiveVm (the VMM, its dirty sources and the checkpoint loop).
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,310 @@
+#include "daemon/replica.h"
+
+#include <capnp/serialize.h>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "base/crash_point.h"
+#include "base/durable_file.h"
+#include "base/error.h"
+#include "checkpoint/checkpoint_record.h"
+#include "harvest/unit_hashes.h"
+#include "transport/rpc_util.h"
+#include "vmm/qemu_vm.h"
+
+namespace vmsync {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::span<const std::byte> asSpan(capnp::Data::Reader data) {
+  return {reinterpret_cast<const std::byte*>(data.begin()), data.size()};
+}
+
+LocalSpec specFromWire(wire::VmSpec::Reader spec) {
+  return LocalSpec{spec.getVmId(), spec.getMemoryBytes(), spec.getDiskBytes(), spec.getKernelCmdline(),
+                   spec.getAccel(),  spec.getCpuModel(),    spec.getVcpus(),       spec.getPolicy()};
+}
+
+}  // namespace
+
+Replica::Replica(const std::string& stateDir, std::string deviceId) : deviceId_(std::move(deviceId)) {
+  fs::create_directories(stateDir);
+  dir_ = fs::absolute(stateDir).string();
+  loadLocalState();
+  redoJournal();
+}
+
+void Replica::loadLocalState() {
+  if (fs::exists(path("applied"))) {
+    std::string text = readWholeFile(path("applied"), 64);
+    try {
+      applied_ = std::stoull(text);
+    } catch (const std::exception&) {
+      fail("{} is damaged: '{}' is not a sequence number", path("applied"), text);
+    }
+  }
+  if (fs::exists(path("vm.json"))) {
+    try {
+      auto j = nlohmann::json::parse(readWholeFile(path("vm.json"), 1 << 20));
+      spec_ = LocalSpec{j.at("vm_id"), j.at("memory_bytes"), j.at("disk_bytes"), j.at("cmdline"),
+                        j.at("accel"), j.at("cpu_model"),    j.at("vcpus"),     parsePolicy(j.at("policy").get<std::string>())};
+      haveSpec_ = true;
+    } catch (const nlohmann::json::exception& e) {
+      fail("{} is damaged: {}", path("vm.json"), e.what());
+    }
+  }
+  if (fs::exists(path("device-state.seq")))
+    deviceStateSequence_ = std::stoull(readWholeFile(path("device-state.seq"), 64));
+  if (applied_ > 0 && !haveSpec_) fail("{} says checkpoint {} was applied but vm.json is missing", dir_, applied_);
+  if (haveSpec_) openImages(false);
+  if (haveSpec_ && applied_ > 0 && isOrigPolicy(spec_.policy) && fs::exists(path("base-ram.img"))) openBase();
+}
+
+void Replica::redoJournal() {
+  const std::string journal = path("apply.journal");
+  if (!fs::exists(journal)) return;
+  std::string why;
+  KJ_IF_MAYBE(words, readRecordFile(journal, why)) {
+    capnp::FlatArrayMessageReader message(*words, rpcReaderOptions());
+    auto checkpoint = message.getRoot<wire::Checkpoint>();
+    if (checkpoint.getSequence() > applied_) {
+      spdlog::warn("{}: applying checkpoint {} was interrupted (the image is between {} and it); finishing it from "
+                   "the journal", deviceId_, checkpoint.getSequence(), applied_);
+      try {
+        applyToImage(checkpoint);
+      } catch (const Error& e) {
+        // The image is neither the old checkpoint nor the new one: start over
+        // from the server's base, which replaces all of it.
+        spdlog::error("{}: cannot finish checkpoint {} ({}); the image is discarded and will be synced again from "
+                      "the server's base", deviceId_, checkpoint.getSequence(), e.what());
+        saveApplied(0);
+      }
+    }
+  } else {
+    // Torn: the crash came while the journal was written, before the image.
+    spdlog::info("{}: discarding a torn apply journal ({}); the image was not touched", deviceId_, why);
+  }
+  fs::remove(journal);
+}
+
+void Replica::saveApplied(std::uint64_t sequence) {
+  std::string text = std::to_string(sequence);
+  writeFileDurably(path("applied"), text.data(), text.size());
+  applied_ = sequence;
+}
+
+void Replica::saveLocalSpec() {
+  nlohmann::json j{{"vm_id", spec_.vmId},   {"memory_bytes", spec_.memoryBytes}, {"disk_bytes", spec_.diskBytes},
+                   {"cmdline", spec_.cmdline}, {"accel", spec_.accel},           {"cpu_model", spec_.cpuModel},
+                   {"vcpus", spec_.vcpus},     {"policy", policyName(spec_.policy)}};
+  std::string text = j.dump(2);
+  writeFileDurably(path("vm.json"), text.data(), text.size());
+  haveSpec_ = true;
+}
+
+void Replica::openImages(bool create) {
+  ram_.reset();
+  disk_.reset();
+  if (create) {
+    // A full checkpoint describes the whole image on top of zeros.
+    fs::remove(path("ram.img"));
+    fs::remove(path("disk.img"));
+  }
+  ram_ = std::make_unique<ImageFile>(path("ram.img"), true, create ? spec_.memoryBytes : 0);
+  disk_ = std::make_unique<ImageFile>(path("disk.img"), true, create ? spec_.diskBytes : 0);
+  if (ram_->sizeBytes() != spec_.memoryBytes || disk_->sizeBytes() != spec_.diskBytes)
+    fail("local image in {} does not match the VM: RAM {} / {} bytes, disk {} / {} bytes", dir_, ram_->sizeBytes(),
+         spec_.memoryBytes, disk_->sizeBytes(), spec_.diskBytes);
+  // An image from before may be cached in large folios (a VMM ran on it, or
+  // it was copied), which makes every checkpoint's unit writes slower.
+  if (!create) recacheImages();
+}
+
+void Replica::recacheImages() {
+  const std::uint64_t start = nowNs();
+  ram_->recache();
+  disk_->recache();
+  spdlog::info("{}: images recached in 4 KiB pages in {:.0f} ms", deviceId_, (nowNs() - start) / 1e6);
+}
+
+void Replica::openBase() {
+  baseRam_ = std::make_unique<ImageFile>(path("base-ram.img"), false);
+  baseDisk_ = std::make_unique<ImageFile>(path("base-disk.img"), false);
+  if (baseRam_->sizeBytes() != spec_.memoryBytes || baseDisk_->sizeBytes() != spec_.diskBytes)
+    fail("base image in {} does not match the VM's sizes", dir_);
+}
+
+void Replica::writeBase(const ImageDelta& memory, const ImageDelta& disk) {
+  auto write = [&](const char* name, std::uint64_t bytes, const ImageDelta& delta) {
+    fs::remove(path(name));
+    ImageFile base(path(name), true, bytes);
+    for (std::size_t i = 0; i < delta.hashes.size(); ++i)
+      base.writeUnit(delta.hashes[i].first, {delta.raw.data() + i * kUnitSize, kUnitSize});
+    base.sync();
+  };
+  write("base-ram.img", spec_.memoryBytes, memory);
+  write("base-disk.img", spec_.diskBytes, disk);
+  syncDirectory(dir_);  // the two new names
+  openBase();
+}
+
+void Replica::createFromImage(const std::string& imageDir, const std::string& vmId, std::uint32_t memoryMb,
+                              wire::Policy policy) {
+  const fs::path image(imageDir);
+  if (memoryMb == 0 && fs::exists(image / "spec.json")) {
+    auto j = nlohmann::json::parse(readWholeFile((image / "spec.json").string(), 1 << 20));
+    memoryMb = j.value("memory_mb", 0u);
+  }
+  if (memoryMb == 0) memoryMb = 128;
+  fs::copy_file(image / "vmlinuz", path("vmlinuz"), fs::copy_options::overwrite_existing);
+  fs::copy_file(image / "initrd.img", path("initrd.img"), fs::copy_options::overwrite_existing);
+  copySparse((image / "disk.img").string(), path("disk.img"));
+  fs::remove(path("ram.img"));
+  fs::remove(path("device-state.bin"));
+  fs::remove(path("device-state.seq"));
+  deviceStateSequence_ = 0;
+  const std::string cmdline = readImageCmdline(image.string());
+  spec_ = LocalSpec{vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64", 1,
+                    policy};
+  fs::remove(path("base-ram.img"));
+  fs::remove(path("base-disk.img"));
+  baseRam_.reset();
+  baseDisk_.reset();
+  if (spec_.diskBytes % kUnitSize != 0) fail("guest disk {} is not a multiple of 4096 bytes", (image / "disk.img").string());
+  ram_ = std::make_unique<ImageFile>(path("ram.img"), true, spec_.memoryBytes);
+  disk_ = std::make_unique<ImageFile>(path("disk.img"), true);
+  saveApplied(0);
+}
+
+void Replica::setAccel(std::string accel) {
+  spec_.accel = std::move(accel);
+  saveLocalSpec();
+}
+
+ApplyStats Replica::apply(wire::Checkpoint::Reader checkpoint, std::uint64_t* journaledNs) {
+  const std::uint64_t sequence = checkpoint.getSequence();
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  // Under Orig a checkpoint needs only the base: a device that missed some
+  // catches up with the latest alone. Otherwise it must start where this
+  // image is (a merged catch-up spans several sequences).
+  // A full checkpoint replaces the whole image: the server sends one to a
+  // device that is behind the base it compacted its chain into.
+  const bool selfContained =
+      sequence > applied_ && (full || (isOrigPolicy(checkpoint.getPolicy()) && baseRam_ != nullptr));
+  if (!selfContained && (sequence <= applied_ || checkpoint.getBaseSequence() != applied_))
+    fail("checkpoint {} (based on {}) does not follow this device's image at {}", sequence,
+         checkpoint.getBaseSequence(), applied_);
+  if (!full && !ram_) fail("checkpoint {} is incremental but this device has no image yet", sequence);
+  if (!full && std::string(checkpoint.getVmId()) != spec_.vmId)
+    fail("checkpoint for VM '{}' does not belong to this device's VM '{}'", std::string(checkpoint.getVmId()),
+         spec_.vmId);
+  // Journal first: a crash in the middle of writing the image is finished
+  // from it at the next start, so the image is only ever at whole checkpoints.
+  {
+    capnp::MallocMessageBuilder copy;
+    copy.setRoot(checkpoint);
+    writeMessageRecordFile(path("apply.journal"), copy);
+  }
+  if (journaledNs) *journaledNs = nowNs();
+  ApplyStats stats;
+  try {
+    stats = applyToImage(checkpoint);
+  } catch (const Error&) {
+    // Nothing to finish: a malformed checkpoint is refused before the image is
+    // written, except that a full one has already replaced it.
+    if (full) saveApplied(0);
+    fs::remove(path("apply.journal"));
+    throw;
+  }
+  fs::remove(path("apply.journal"));
+  return stats;
+}
+
+void Replica::startFromFull(wire::Checkpoint::Reader checkpoint) {
+  auto spec = checkpoint.getSpec();
+  spec_ = specFromWire(spec);
+  if (spec_.memoryBytes == 0 || spec_.memoryBytes % kUnitSize || spec_.diskBytes == 0 || spec_.diskBytes % kUnitSize)
+    fail("full checkpoint {} has invalid sizes (RAM {}, disk {})", checkpoint.getSequence(), spec_.memoryBytes,
+         spec_.diskBytes);
+  writeFileDurably(path("vmlinuz"), spec.getKernel().begin(), spec.getKernel().size());
+  writeFileDurably(path("initrd.img"), spec.getInitrd().begin(), spec.getInitrd().size());
+  saveLocalSpec();
+  openImages(true);
+  damaged_.clear();
+}
+
+ApplyStats Replica::applyToImage(wire::Checkpoint::Reader checkpoint) {
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  if (full) startFromFull(checkpoint);
+  verified_ = {};  // the image changes
+  ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
+  crashPoint("standby-after-write");
+  ram_->sync();
+  disk_->sync();
+  if (full && isOrigPolicy(spec_.policy)) {
+    baseRam_.reset();
+    baseDisk_.reset();
+    // Durable before the checkpoint counts as applied: Orig checkpoints to
+    // come restore from the base, and the journal that would redo this copy
+    // after a crash goes once it returns.
+    copySparse(path("ram.img"), path("base-ram.img"), /*durable=*/true);
+    copySparse(path("disk.img"), path("base-disk.img"), /*durable=*/true);
+    openBase();
+  }
+  if (checkpoint.getKind() == wire::CheckpointKind::FINAL) verifyFinal(checkpoint);
+  saveApplied(checkpoint.getSequence());
+  return stats;
+}
+
+void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
+  const std::uint64_t sequence = checkpoint.getSequence();
+  const std::uint64_t hashStart = nowNs();
+  ImageHashes hashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
+  Digest digest = imageDigest(hashes.ram, hashes.disk);
+  const std::uint64_t hashEnd = nowNs();
+  auto expected = asSpan(checkpoint.getImageDigest());
+  if (expected.size() != digest.size() || !std::equal(expected.begin(), expected.end(), digest.begin())) {
+    damaged_ = fmt::format("image digest mismatch after checkpoint {}: expected {}, this device has {}", sequence,
+                           toHex(expected), toHex(digest));
+    saveApplied(sequence);
+    fail("{}; the image on {} is damaged and the VM will not be resumed here", damaged_, deviceId_);
+  }
+  auto state = checkpoint.getDeviceState();
+  writeFileDurably(path("device-state.bin"), state.begin(), state.size());
+  std::string seq = std::to_string(sequence);
+  writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
+  deviceStateSequence_ = sequence;
+  verified_ = std::move(hashes);
+  spdlog::info("{}: final checkpoint {}: image digest {} verified ({:.1f} ms to hash the image)", deviceId_,
+               sequence, toHex(digest), (hashEnd - hashStart) / 1e6);
+}
+
+void Replica::recordFinal(std::uint64_t sequence, std::span<const std::byte> state, ImageHashes hashes) {
+  ram_->sync();
+  disk_->sync();
+  writeFileDurably(path("device-state.bin"), state.data(), state.size());
+  std::string seq = std::to_string(sequence);
+  writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
+  deviceStateSequence_ = sequence;
+  saveApplied(sequence);
+  verified_ = std::move(hashes);
+}
+
+std::string Replica::deviceStateForResume() const {
+  if (!damaged_.empty()) fail("{}", damaged_);
+  if (!ram_ || deviceStateSequence_ == 0 || deviceStateSequence_ != applied_)
+    fail("device {} has no device state for its image at checkpoint {} (it holds state of checkpoint {})",
+         deviceId_, applied_, deviceStateSequence_);
+  return readWholeFile(path("device-state.bin"), 1u << 30);
+}
+
+ImageHashes Replica::takeVerifiedHashes() {
+  if (verified_.ram.empty()) verified_ = ImageHashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
+  return std::exchange(verified_, ImageHashes{});
+}
+
+}  // namespace vmsync

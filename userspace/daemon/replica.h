@@ -1,0 +1,116 @@
+// The device's own copy of the VM: the RAM and disk images in its state
+// directory, what it knows about the VM (vm.json), the sequence its image is
+// at, the apply journal and the device state of the last final checkpoint.
+//
+// A standby writes checkpoints into it; an active device's VMM runs on its
+// images. It is at whole checkpoints only: an apply is journaled before the
+// image is written and finished from the journal after a crash.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "vmm/image_file.h"
+#include "vmsync.capnp.h"
+
+namespace vmsync {
+
+/// What a device keeps about its VM besides the images (vm.json).
+struct LocalSpec {
+  std::string vmId;
+  std::uint64_t memoryBytes = 0;
+  std::uint64_t diskBytes = 0;
+  std::string cmdline;
+  std::string accel;
+  std::string cpuModel = "qemu64";
+  std::uint32_t vcpus = 1;
+  wire::Policy policy = wire::Policy::DIRTY_PREV;
+};
+
+/// Per-unit hashes of the RAM and disk images.
+struct ImageHashes {
+  std::vector<std::uint64_t> ram;
+  std::vector<std::uint64_t> disk;
+};
+
+class Replica {
+ public:
+  /// Opens `stateDir` (creating it), loads what was applied there and
+  /// finishes an apply a crash interrupted. `deviceId` names the device in logs.
+  Replica(const std::string& stateDir, std::string deviceId);
+
+  std::string path(const char* name) const { return dir_ + "/" + name; }
+  const std::string& dir() const { return dir_; }
+  const LocalSpec& spec() const { return spec_; }
+  /// The last checkpoint whose changes the image holds (0: none).
+  std::uint64_t applied() const { return applied_; }
+  bool hasImages() const { return ram_ != nullptr; }
+  ImageFile& ram() { return *ram_; }
+  ImageFile& disk() { return *disk_; }
+  /// Orig policies: the base image, once the full checkpoint is applied or acknowledged.
+  const ImageFile* baseRam() const { return baseRam_.get(); }
+  const ImageFile* baseDisk() const { return baseDisk_.get(); }
+
+  /// Checks that `checkpoint` follows this image, journals it and writes it.
+  /// Throws Error, leaving the image at a whole checkpoint, when it does not fit.
+  /// `journaledNs`, if given, is set to the time (nowNs) the journal was durable.
+  ApplyStats apply(wire::Checkpoint::Reader checkpoint, std::uint64_t* journaledNs = nullptr);
+
+  /// A new VM from a guest image directory (vm-images/build.sh output): copies
+  /// its kernel, initrd and disk, and starts with zero RAM. `accel` is decided
+  /// by the caller, with the VMM configuration this replica now describes.
+  void createFromImage(const std::string& imageDir, const std::string& vmId, std::uint32_t memoryMb,
+                       wire::Policy policy);
+  void setAccel(std::string accel);
+
+  /// Records that the server holds checkpoint `sequence` of this image.
+  void saveApplied(std::uint64_t sequence);
+  /// Has the page cache hold the images in 4 KiB folios (ImageFile::recache).
+  void recacheImages();
+  /// Orig policies: opens the base image files.
+  void openBase();
+  /// Orig policies: writes the base image from the full checkpoint's units.
+  void writeBase(const ImageDelta& memory, const ImageDelta& disk);
+  /// The image is at final checkpoint `sequence`, whose device state is
+  /// `state` and whose units hash to `hashes`: recorded durably.
+  void recordFinal(std::uint64_t sequence, std::span<const std::byte> state, ImageHashes hashes);
+
+  /// The device state to resume the VM from this image. Throws Error unless the
+  /// image is at a final checkpoint that was verified and whose state is here.
+  std::string deviceStateForResume() const;
+  /// Hashes of the image at the final checkpoint (computed if not kept).
+  ImageHashes takeVerifiedHashes();
+
+ private:
+  void loadLocalState();
+  void redoJournal();
+  /// Writes the changes of `checkpoint` (already checked to follow this image)
+  /// and records the sequence reached.
+  ApplyStats applyToImage(wire::Checkpoint::Reader checkpoint);
+  /// A full checkpoint: the VM's spec, kernel and initrd, and empty images.
+  void startFromFull(wire::Checkpoint::Reader checkpoint);
+  /// A final checkpoint: the image digest must match; keeps the device state.
+  void verifyFinal(wire::Checkpoint::Reader checkpoint);
+  void saveLocalSpec();
+  void openImages(bool create);
+
+  std::string deviceId_;
+  std::string dir_;
+  LocalSpec spec_;
+  bool haveSpec_ = false;
+  std::uint64_t applied_ = 0;
+  std::uint64_t deviceStateSequence_ = 0;  // final checkpoint whose device state is kept
+  std::string damaged_;                    // set when the image failed verification
+  std::unique_ptr<ImageFile> ram_;
+  std::unique_ptr<ImageFile> disk_;
+  std::unique_ptr<ImageFile> baseRam_;  // Orig policies: the base image
+  std::unique_ptr<ImageFile> baseDisk_;
+  ImageHashes verified_;  // of the image at the last final checkpoint, while nothing changed it
+};
+
+}  // namespace vmsync

@@ -1,0 +1,93 @@
+#include "daemon/server_link.h"
+
+#include <spdlog/spdlog.h>
+
+#include "base/error.h"
+#include "transport/transfer_progress.h"
+
+namespace vmsync {
+
+ServerLink::ServerLink(kj::AsyncIoContext& io, const DeviceOptions& options,
+                       std::function<wire::DevicePeer::Client()> makePeer, std::function<std::uint64_t()> applied)
+    : io_(io),
+      options_(options),
+      makePeer_(std::move(makePeer)),
+      applied_(std::move(applied)),
+      transport_(clientTransport(options.credential, options.insecure)) {
+  if (!options_.credential.empty()) {
+    DeviceCredential credential = loadCredential(options_.credential);
+    if (credential.device != options_.deviceId)
+      fail("credential {} is for device {} (of user {}), not for device {}", options_.credential, credential.device,
+           credential.user, options_.deviceId);
+  }
+}
+
+wire::DeviceSession::Client& ServerLink::session() {
+  if (!session_) fail("device {} is not connected to the server", options_.deviceId);
+  return *session_;
+}
+
+kj::Promise<Registration> ServerLink::connect(std::uint64_t applied) {
+  return transport_.connect(io_, options_.server)
+      .catch_([this](kj::Exception&& e) -> kj::Own<RpcConnection> {
+        rpcFail(fmt::format("cannot reach the sync server at {}: {}", options_.server, describe(e)));
+      })
+      .then([this, applied](kj::Own<RpcConnection> connection) {
+        connection_ = kj::mv(connection);
+        // The old connection is gone, and with it every message it was sending.
+        sending_.clear();
+        server_ = connection_->bootstrap().castAs<wire::SyncServer>();
+        auto request = server_->registerRequest();
+        request.setDeviceId(options_.deviceId);
+        request.setPeer(makePeer_());
+        request.setAppliedSequence(applied);
+        return request.send();
+      })
+      .then([this](Registration registered) {
+        session_ = registered.getSession();
+        spdlog::info("{}: registered with {} (VM '{}', head {})", options_.deviceId, options_.server,
+                     std::string(registered.getVmId()), registered.getHeadSequence());
+        watch_ = connection_->onDisconnect()
+                     .then([this] { onDisconnected(); })
+                     .eagerlyEvaluate([](kj::Exception&& e) { spdlog::debug("connection watch: {}", describe(e)); });
+        return kj::mv(registered);
+      });
+}
+
+void ServerLink::onDisconnected() {
+  spdlog::warn("{}: lost the connection to the server {}; reconnecting", options_.deviceId, options_.server);
+  session_.reset();
+  server_.reset();
+  reconnect_ = reconnectLoop(std::chrono::milliseconds(200))
+                   .eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("reconnect: {}", describe(e)); });
+}
+
+kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
+  return io_.provider->getTimer()
+      .afterDelay(delay.count() * kj::MILLISECONDS)
+      .then([this] { return connect(applied_()); })
+      .then([this](Registration registered) -> kj::Promise<void> {
+        if (!onReconnected_) return kj::READY_NOW;
+        return onReconnected_(kj::mv(registered));
+      })
+      .catch_([this, delay](kj::Exception&& e) -> kj::Promise<void> {
+        if (session_) {
+          spdlog::error("{}: {}", options_.deviceId, describe(e));
+          return kj::READY_NOW;
+        }
+        spdlog::debug("{}: reconnect failed: {}", options_.deviceId, describe(e));
+        return reconnectLoop(std::min(delay * 2, std::chrono::milliseconds(5000)));
+      });
+}
+
+kj::Promise<void> ServerLink::watchTransfer(std::string what, std::uint64_t bytes) {
+  RpcConnection* connection = connection_.get();
+  return logTransferProgress(io_.provider->getTimer(), kj::mv(what), bytes,
+                             [this, connection]() -> std::optional<std::uint64_t> {
+                               if (connection_.get() != connection) return std::nullopt;
+                               return connection->bytesAcknowledged();
+                             })
+      .eagerlyEvaluate(nullptr);
+}
+
+}  // namespace vmsync

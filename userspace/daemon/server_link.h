@@ -1,0 +1,88 @@
+// The device's connection to the sync server: connect, register, keep the
+// messages of pushes under way alive, notice a lost connection and register
+// again with backoff, and remember the push whose answer never came.
+#pragma once
+
+#include <kj/async-io.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "checkpoint/checkpoint_builder.h"
+#include "daemon/device.h"
+#include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
+#include "vmsync.capnp.h"
+
+namespace vmsync {
+
+/// A checkpoint on its way to the server.
+struct PendingPush {
+  ImageDelta memory;
+  ImageDelta disk;
+  std::uint64_t sequence = 0;
+};
+
+using Registration = capnp::Response<wire::SyncServer::RegisterResults>;
+
+class ServerLink {
+ public:
+  /// `makePeer` gives the capability the server calls this device by;
+  /// `applied` the sequence to register with again after a lost connection.
+  ServerLink(kj::AsyncIoContext& io, const DeviceOptions& options,
+             std::function<wire::DevicePeer::Client()> makePeer, std::function<std::uint64_t()> applied);
+
+  /// Connects and registers at sequence `applied`.
+  kj::Promise<Registration> connect(std::uint64_t applied);
+  /// Called after each registration that follows a lost connection; a
+  /// failure it throws is logged and ends the attempts.
+  void onReconnected(std::function<kj::Promise<void>(Registration)> handler) { onReconnected_ = std::move(handler); }
+
+  bool connected() const { return session_.has_value(); }
+  /// The session of the current registration; throws Error when there is none.
+  wire::DeviceSession::Client& session();
+
+  /// `push`'s message is on its way on the current connection: it references
+  /// the push's payloads, which must live until the server answers or the
+  /// connection is gone.
+  void holdWhileSending(const std::shared_ptr<const PendingPush>& push) { sending_.push_back(push); }
+  /// The server answered `push`: it has read all of its message.
+  void sent(const std::shared_ptr<const PendingPush>& push) { std::erase(sending_, push); }
+
+  /// The last push whose answer never came (the server may hold it).
+  void markUnconfirmed(std::shared_ptr<PendingPush> push) { unconfirmed_ = std::move(push); }
+  const std::shared_ptr<PendingPush>& unconfirmed() const { return unconfirmed_; }
+  std::shared_ptr<PendingPush> takeUnconfirmed() { return std::exchange(unconfirmed_, nullptr); }
+
+  /// Logs the progress of a push of `bytes` on the current connection while the promise lives.
+  kj::Promise<void> watchTransfer(std::string what, std::uint64_t bytes);
+
+ private:
+  void onDisconnected();
+  kj::Promise<void> reconnectLoop(std::chrono::milliseconds delay);
+
+  kj::AsyncIoContext& io_;
+  const DeviceOptions& options_;
+  std::function<wire::DevicePeer::Client()> makePeer_;
+  std::function<std::uint64_t()> applied_;
+  std::function<kj::Promise<void>(Registration)> onReconnected_;
+  ClientTransport transport_;
+
+  /// Pushes whose message on `connection_` references their payloads (toWire()
+  /// does not copy them). Declared before it, so it outlives it.
+  std::vector<std::shared_ptr<const PendingPush>> sending_;
+  std::shared_ptr<PendingPush> unconfirmed_;
+  kj::Own<RpcConnection> connection_;
+  std::optional<wire::SyncServer::Client> server_;
+  std::optional<wire::DeviceSession::Client> session_;
+  kj::Maybe<kj::Promise<void>> watch_;      // notices a lost connection
+  kj::Maybe<kj::Promise<void>> reconnect_;  // reconnection attempts
+};
+
+}  // namespace vmsync
