@@ -100,6 +100,8 @@ struct ClusterStatus {
   activeDevice @3 :Text;        # lease holder, empty if none
   devices @4 :List(DeviceStatus); # every device ever registered
   storedBytes @5 :UInt64;       # checkpoint bytes stored since this server started (folds not subtracted)
+  parked @6 :Bool;              # no device runs the VM: the head is a final checkpoint any up-to-date device may resume
+  parkedBy @7 :Text;            # the device that parked it
 }
 
 struct SwitchReport {
@@ -118,6 +120,13 @@ struct SwitchReport {
   epoch @12 :UInt64;            # lease epoch granted to the target
   catchUpNs @13 :UInt64;        # bringing a stale target up to date first, while the VM ran on
   catchUpBytes @14 :UInt64;     # what that sent
+  fromParked @15 :Bool;         # the VM was parked (`from` parked it), not running: nothing was paused
+}
+
+struct StopReport {
+  device @0 :Text;              # the device that ran the VM
+  finalSequence @1 :UInt64;     # the final checkpoint it parked the VM at
+  finalBytes @2 :UInt64;        # its encoded size
 }
 
 struct HandOffResult {
@@ -145,6 +154,14 @@ interface DevicePeer {
 
   activate @2 (epoch :UInt64) -> (result :ActivateResult);
   # Standby holding the final checkpoint: load the device state, resume, become active.
+
+  ping @3 () -> ();
+  # Answers while the device's daemon is alive (the server asks before it lets
+  # a second registration of the same device replace this one).
+
+  park @4 () -> (result :HandOffResult);
+  # Active: pause the VM, push a final checkpoint, give the lease back and exit
+  # (`vmsync stop`). The VM is then parked on the server.
 }
 
 # One registered device's session; dropping it marks the device offline.
@@ -164,7 +181,7 @@ interface DeviceSession {
 
 interface SyncServer {
   register @0 (deviceId :Text, peer :DevicePeer, appliedSequence :UInt64)
-      -> (session :DeviceSession, vmId :Text, headSequence :UInt64);
+      -> (session :DeviceSession, vmId :Text, headSequence :UInt64, parked :Bool);
   # Announce a device and the last sequence it has applied; the server sends it
   # the checkpoints it misses.
 
@@ -172,5 +189,9 @@ interface SyncServer {
   # Devices, lease and chain head.
 
   switchTo @2 (target :Text) -> (report :SwitchReport);
-  # Move the running VM to `target`.
+  # Move the running VM to `target`, or resume a parked VM there.
+
+  stop @3 () -> (report :StopReport);
+  # Park the VM: the active device pauses it, pushes a final checkpoint, gives
+  # the lease back and its daemon exits.
 }

@@ -37,9 +37,14 @@ int runServer(const ServerOptions& options) {
     auto io = kj::setupAsyncIo();
     ServerTransport transport = options.insecure ? ServerTransport()
                                                  : ServerTransport(options.tlsDir, io.provider->getTimer());
-    SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20});
-    auto address = io.provider->getNetwork().parseAddress(options.listen).wait(io.waitScope);
-    auto listener = address->listen();
+    SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20},
+                      &io.provider->getTimer());
+    kj::Own<kj::ConnectionReceiver> listener;
+    try {
+      listener = io.provider->getNetwork().parseAddress(options.listen).wait(io.waitScope)->listen();
+    } catch (const kj::Exception& e) {
+      fail("cannot listen on {}: {}", options.listen, describe(e));
+    }
     spdlog::info("sync server listening on {} ({}; data in {})", options.listen,
                  transport.secure() ? "TLS, device certificates required" : "plain TCP, INSECURE", options.dataDir);
     auto serving = transport.serve(*listener, [&server](const PeerIdentity& peer) -> capnp::Capability::Client {
@@ -54,7 +59,11 @@ int runServer(const ServerOptions& options) {
     spdlog::error("{}", e.what());
     return 1;
   } catch (const kj::Exception& e) {
-    spdlog::error("{}", e.getDescription().cStr());
+    spdlog::error("{}", describe(e));
+    return 1;
+  } catch (const std::exception& e) {
+    // A data directory it cannot use, and the like.
+    spdlog::error("{}", e.what());
     return 1;
   }
 }

@@ -60,12 +60,14 @@ class SyncServerImpl final : public wire::SyncServer::Server {
       if (peer_.authenticated && id != peer_.device)
         fail("this connection is authenticated as {}; it cannot register as device {}", peer_.describe(), id);
       server_.authorize(peer_, "use", /*claim=*/true);
-      std::uint64_t connection = server_.registerDevice(id, params.getPeer(), params.getAppliedSequence());
-      auto results = context.getResults();
-      results.setSession(kj::heap<DeviceSessionImpl>(server_, id, connection));
-      results.setVmId(server_.vmId());
-      results.setHeadSequence(server_.head());
-      return kj::READY_NOW;
+      return server_.registerDevice(id, params.getPeer(), params.getAppliedSequence())
+          .then([this, id, context](std::uint64_t connection) mutable {
+            auto results = context.getResults();
+            results.setSession(kj::heap<DeviceSessionImpl>(server_, id, connection));
+            results.setVmId(server_.vmId());
+            results.setHeadSequence(server_.head());
+            results.setParked(server_.parked());
+          });
     });
   }
   kj::Promise<void> status(StatusContext context) override {
@@ -82,6 +84,12 @@ class SyncServerImpl final : public wire::SyncServer::Server {
       return server_.switchTo(target, context.getResults().initReport());
     });
   }
+  kj::Promise<void> stop(StopContext context) override {
+    return guarded([&] {
+      server_.authorize(peer_, "stop");
+      return server_.stop(context.getResults().initReport());
+    });
+  }
 
  private:
   SyncServer& server_;
@@ -90,16 +98,18 @@ class SyncServerImpl final : public wire::SyncServer::Server {
 
 }  // namespace
 
-SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction)
-    : store_(std::move(dataDir)), limits_(compaction), state_(store_.state()) {
+SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Timer* timer)
+    : store_(std::move(dataDir)), limits_(compaction), state_(store_.state()), timer_(timer) {
   for (const auto& [id, applied] : state_.appliedByDevice) {
     auto entry = std::make_unique<DeviceEntry>();
     entry->id = id;
     entry->applied = applied;
     devices_[id] = std::move(entry);
   }
-  spdlog::info("sync server: VM '{}', chain at {} (base {}), lease epoch {} held by '{}'", state_.vmId,
-               store_.head(), store_.base(), state_.epoch, state_.holder);
+  if (store_.head() > store_.base()) noteHead(store_.read(store_.head())->reader());
+  spdlog::info("sync server: VM '{}', chain at {} (base {}), lease epoch {} held by '{}'{}", state_.vmId,
+               store_.head(), store_.base(), state_.epoch, state_.holder,
+               parked() ? fmt::format("; parked by {}", headOrigin_) : "");
 }
 
 SyncServer::~SyncServer() {
@@ -136,6 +146,9 @@ void SyncServer::maybeCompact(wire::Policy policy) {
   if (!overdue)
     for (const auto& [id, entry] : devices_)
       if (entry->peer && entry->failure.empty() && id != state_.holder) to = std::min(to, entry->applied);
+  // A final checkpoint at the head is where a parked VM resumes: its device
+  // state stays in the chain.
+  if (headIsFinal_) to = std::min(to, store_.head() - 1);
   if (to <= store_.base()) return;
   std::vector<std::string> paths;
   paths.push_back(store_.pathOf(store_.base()));
@@ -217,8 +230,42 @@ void SyncServer::persist() {
   store_.saveState(state_);
 }
 
-std::uint64_t SyncServer::registerDevice(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied) {
+void SyncServer::noteHead(wire::Checkpoint::Reader head) {
+  headIsFinal_ = head.getKind() == wire::CheckpointKind::FINAL;
+  headOrigin_ = head.getOrigin();
+}
+
+kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wire::DevicePeer::Client peer,
+                                                      std::uint64_t applied) {
   if (id.empty() || id.size() > 64) fail("device id must be 1 to 64 characters");
+  if (applied > store_.head())
+    fail("device {} says it applied checkpoint {}, but this server's chain ends at {}; "
+         "its state does not belong to this server", id, applied, store_.head());
+  DeviceEntry& entry = device(id);
+  if (!entry.peer) return completeRegistration(id, kj::mv(peer), applied);
+  // Registered already: a second daemon for this device, or the same one
+  // back after a connection the server has not yet seen break. The earlier
+  // registration decides: while it answers, the new one is refused.
+  const std::uint64_t earlier = entry.connection;
+  kj::Promise<void> answer = entry.peer->pingRequest().send().ignoreResult();
+  if (timer_) answer = timer_->timeoutAfter(3 * kj::SECONDS, kj::mv(answer));
+  return answer.then(
+      [id]() -> std::uint64_t {
+        rpcFail(fmt::format("device {} is already connected to this server and answers there; stop that daemon "
+                            "first (two daemons cannot speak for one device)", id));
+      },
+      [this, id, peer = kj::mv(peer), applied, earlier](kj::Exception&& e) mutable -> std::uint64_t {
+        DeviceEntry& entry = device(id);
+        if (entry.peer && entry.connection != earlier)
+          rpcFail(fmt::format("device {} registered again meanwhile; try again", id));
+        spdlog::info("device {}: its earlier registration does not answer ({}); the new one replaces it", id,
+                     describe(e));
+        return completeRegistration(id, kj::mv(peer), applied);
+      });
+}
+
+std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::DevicePeer::Client peer,
+                                               std::uint64_t applied) {
   if (applied > store_.head())
     fail("device {} says it applied checkpoint {}, but this server's chain ends at {}; "
          "its state does not belong to this server", id, applied, store_.head());
@@ -244,6 +291,7 @@ void SyncServer::unregister(const std::string& id, std::uint64_t connection) {
 }
 
 std::uint64_t SyncServer::acquireLease(const std::string& id) {
+  if (switching_) fail("a switch is in progress; device {} may take the lease after it", id);
   if (!state_.holder.empty() && state_.holder != id)
     fail("device {} holds the lease; switch to this device with `vmsync switch --to {}`", state_.holder, id);
   if (state_.holder == id) return state_.epoch;
@@ -307,6 +355,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   }
   store_.append(checkpoint);
   storedBytes_ += store_.read(store_.head())->bytes();
+  noteHead(checkpoint);
   DeviceEntry& origin = device(id);
   origin.applied = origin.queued = store_.head();
   persist();
@@ -438,6 +487,8 @@ void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
   status.setEpoch(state_.epoch);
   status.setActiveDevice(state_.holder);
   status.setStoredBytes(storedBytes_);
+  status.setParked(parked());
+  if (parked()) status.setParkedBy(headOrigin_);
   auto list = status.initDevices(static_cast<unsigned>(devices_.size()));
   unsigned i = 0;
   for (const auto& [id, entry] : devices_) {
@@ -456,15 +507,40 @@ void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
   }
 }
 
+kj::Promise<void> SyncServer::catchUpForSwitch(const std::string& target, const std::string& source,
+                                               wire::SwitchReport::Builder report, std::uint64_t start) {
+  DeviceEntry& to = device(target);
+  if (to.applied >= store_.head()) return kj::READY_NOW;
+  spdlog::info("switch {} -> {}: {} is at checkpoint {} of {}; catching it up first", source, target, target,
+               to.applied, store_.head());
+  // What is already on its way counts: the switch waits for it too.
+  const std::uint64_t sentBefore = to.sentBytes - (to.sendingSequence != 0 ? to.sendingBytes : 0);
+  forwardUpTo(to, store_.head());
+  return drained(to).then([this, target, report, start, sentBefore]() mutable {
+    DeviceEntry& to = device(target);
+    if (!to.peer) rpcFail(fmt::format("device {} went offline while it was caught up; the VM stays where it was", target));
+    if (!to.failure.empty()) rpcFail(fmt::format("device {} cannot take over: {}", target, to.failure));
+    report.setCatchUpNs(nowNs() - start);
+    report.setCatchUpBytes(to.sentBytes - sentBefore);
+    spdlog::info("switch: {} caught up to {} ({} bytes in {:.0f} ms)", target, to.applied,
+                 to.sentBytes - sentBefore, (nowNs() - start) / 1e6);
+  });
+}
+
 kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchReport::Builder report) {
   if (switching_) fail("a switch is already in progress");
   const std::string source = state_.holder;
-  if (source.empty()) fail("no device is active; start one with `vmsync active`");
-  if (target == source) fail("device {} is already active", target);
   auto it = devices_.find(target);
   if (it == devices_.end()) fail("unknown device '{}'", target);
   if (!it->second->peer) fail("device {} is offline", target);
   if (!it->second->failure.empty()) fail("device {} cannot take over: {}", target, it->second->failure);
+  if (source.empty()) {
+    if (parked()) return resumeParked(target, report);
+    fail("no device runs VM '{}'{}", state_.vmId.empty() ? "(none yet)" : state_.vmId,
+         store_.head() == 0 ? "; start one with `vmsync active`"
+                            : " and it was not parked: its last device stopped without a final checkpoint");
+  }
+  if (target == source) fail("device {} is already active", target);
   DeviceEntry& from = device(source);
   if (!from.peer) fail("the active device {} is offline, so it cannot be paused", source);
 
@@ -474,25 +550,7 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchRe
   report.setTo(target);
   // A stale target is brought up to date first, while the VM runs on: the
   // pause then only covers the last changes.
-  DeviceEntry& to = device(target);
-  kj::Promise<void> caughtUp = kj::READY_NOW;
-  if (to.applied < store_.head()) {
-    spdlog::info("switch {} -> {}: {} is at checkpoint {} of {}; catching it up before the pause", source, target,
-                 target, to.applied, store_.head());
-    // What is already on its way counts: the switch waits for it too.
-    const std::uint64_t sentBefore = to.sentBytes - (to.sendingSequence != 0 ? to.sendingBytes : 0);
-    forwardUpTo(to, store_.head());
-    caughtUp = drained(to).then([this, target, report, start, sentBefore]() mutable {
-      DeviceEntry& to = device(target);
-      if (!to.peer) rpcFail(fmt::format("device {} went offline while it was caught up; the VM stays here", target));
-      if (!to.failure.empty()) rpcFail(fmt::format("device {} cannot take over: {}", target, to.failure));
-      report.setCatchUpNs(nowNs() - start);
-      report.setCatchUpBytes(to.sentBytes - sentBefore);
-      spdlog::info("switch: {} caught up to {} ({} bytes in {:.0f} ms)", target, to.applied,
-                   to.sentBytes - sentBefore, (nowNs() - start) / 1e6);
-    });
-  }
-  return caughtUp
+  return catchUpForSwitch(target, source, report, start)
       .then([this, source, target]() {
         DeviceEntry& from = device(source);
         if (!from.peer || state_.holder != source)
@@ -567,6 +625,70 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchRe
                                         describe(e2)));
                   });
             });
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+kj::Promise<void> SyncServer::resumeParked(const std::string& target, wire::SwitchReport::Builder report) {
+  switching_ = true;
+  const std::uint64_t start = nowNs();
+  const std::string parker = headOrigin_;
+  report.setFrom(parker);
+  report.setTo(target);
+  report.setFromParked(true);
+  report.setFinalSequence(store_.head());
+  spdlog::info("resuming VM '{}', parked by {} at checkpoint {}, on {}", state_.vmId, parker, store_.head(), target);
+  return catchUpForSwitch(target, parker, report, start)
+      .then([this, target, report, start]() mutable {
+        DeviceEntry& to = device(target);
+        if (to.applied != store_.head() || !to.peer)
+          rpcFail(fmt::format("device {} is not at the parked checkpoint {}; the VM stays parked", target,
+                              store_.head()));
+        if (!state_.holder.empty())
+          rpcFail(fmt::format("device {} took the lease meanwhile; the VM runs there", state_.holder));
+        ++state_.epoch;
+        state_.holder = target;
+        persist();
+        auto activate = to.peer->activateRequest();
+        activate.setEpoch(state_.epoch);
+        return activate.send().then(
+            [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
+              report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
+              report.setResumeNs(response.getResult().getResumeNs());
+              report.setTotalNs(nowNs() - start);
+              report.setEpoch(state_.epoch);
+            },
+            [this, target](kj::Exception&& e) {
+              // Nothing runs: the lease goes back, and the VM stays parked.
+              if (state_.holder == target) {
+                state_.holder.clear();
+                persist();
+              }
+              rpcFail(fmt::format("resuming on {} failed: {}; the VM stays parked", target, describe(e)));
+            });
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
+  if (switching_) fail("a switch is in progress; stop the VM after it");
+  const std::string holder = state_.holder;
+  if (holder.empty() && parked()) fail("VM '{}' is parked already (by {})", state_.vmId, headOrigin_);
+  if (holder.empty()) fail("no device runs VM '{}'", state_.vmId.empty() ? "(none yet)" : state_.vmId);
+  DeviceEntry& entry = device(holder);
+  if (!entry.peer) fail("the active device {} is offline, so it cannot be paused", holder);
+  switching_ = true;
+  return entry.peer->parkRequest().send()
+      .then([this, holder, report](capnp::Response<wire::DevicePeer::ParkResults> response) mutable {
+        // The device gave the lease back itself once its final checkpoint was stored.
+        if (state_.holder == holder) {
+          state_.holder.clear();
+          persist();
+        }
+        report.setDevice(holder);
+        report.setFinalSequence(response.getResult().getFinalSequence());
+        report.setFinalBytes(response.getResult().getFinalBytes());
+        spdlog::info("VM '{}' parked by {} at checkpoint {}", state_.vmId, holder, store_.head());
       })
       .attach(kj::defer([this] { switching_ = false; }));
 }

@@ -44,7 +44,10 @@ struct CompactionLimits {
 /// Implements wire::SyncServer; one instance per data directory.
 class SyncServer {
  public:
-  explicit SyncServer(std::string dataDir, CompactionLimits compaction = {});
+  /// `timer` bounds how long a device that registers again waits for the
+  /// answer of its earlier registration (nullptr: a registered device is
+  /// never replaced while its connection stands).
+  explicit SyncServer(std::string dataDir, CompactionLimits compaction = {}, kj::Timer* timer = nullptr);
   ~SyncServer();
 
   /// The capability a client bootstraps, acting for `peer`.
@@ -55,13 +58,20 @@ class SyncServer {
   void authorize(const PeerIdentity& peer, const char* action, bool claim = false);
 
   // The calls behind the RPC interfaces (see schema/vmsync.capnp).
-  std::uint64_t registerDevice(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied);
+  /// Registers device `id`; refused while an earlier registration of it still
+  /// answers, since two daemons would then speak for one device.
+  kj::Promise<std::uint64_t> registerDevice(const std::string& id, wire::DevicePeer::Client peer,
+                                            std::uint64_t applied);
   void unregister(const std::string& id, std::uint64_t connection);
   std::uint64_t acquireLease(const std::string& id);
   std::uint64_t push(const std::string& id, wire::Checkpoint::Reader checkpoint);
   void releaseLease(const std::string& id, std::uint64_t epoch);
   void fillStatus(wire::ClusterStatus::Builder status);
   kj::Promise<void> switchTo(const std::string& target, wire::SwitchReport::Builder report);
+  /// Parks the VM: its device pauses it, pushes a final checkpoint and gives the lease back.
+  kj::Promise<void> stop(wire::StopReport::Builder report);
+  /// True when no device runs the VM and the head is a final checkpoint.
+  bool parked() const { return state_.holder.empty() && headIsFinal_; }
 
   const std::string& vmId() const { return store_.state().vmId; }
   std::uint64_t head() const { return store_.head(); }
@@ -70,6 +80,14 @@ class SyncServer {
 
  private:
   DeviceEntry& device(const std::string& id);
+  std::uint64_t completeRegistration(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied);
+  /// Resumes a parked VM on `target`, after catching it up.
+  kj::Promise<void> resumeParked(const std::string& target, wire::SwitchReport::Builder report);
+  /// Brings `target` to the head while nothing is paused; fills the report's catch-up part.
+  kj::Promise<void> catchUpForSwitch(const std::string& target, const std::string& source,
+                                     wire::SwitchReport::Builder report, std::uint64_t start);
+  /// Notes the kind and origin of the newest checkpoint (`parked()`).
+  void noteHead(wire::Checkpoint::Reader head);
   void persist();
   void forwardUpTo(DeviceEntry& entry, std::uint64_t sequence);
   kj::Promise<void> drained(DeviceEntry& entry);
@@ -99,6 +117,9 @@ class SyncServer {
   std::uint64_t connections_ = 0;
   std::uint64_t storedBytes_ = 0;  // checkpoint bytes stored since start, for status
   bool switching_ = false;
+  kj::Timer* timer_;
+  bool headIsFinal_ = false;  // the newest checkpoint is a final one
+  std::string headOrigin_;    // the device that pushed it
 };
 
 }  // namespace vmsync

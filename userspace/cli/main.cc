@@ -3,8 +3,9 @@
 //   vmsync init     --dir ID [--server-name NAME]
 //   vmsync enroll   --dir ID --user U --device A --out A.cred
 //   vmsync server   --listen HOST:PORT --data DIR (--tls ID | --insecure)
-//   vmsync active   --device A --state DIR --image DIR [--server HOST:PORT] (--credential A.cred | --insecure)
+//   vmsync active   --device A --state DIR [--image DIR] [--server HOST:PORT] (--credential A.cred | --insecure)
 //                   [--interval S] [--accel auto|kvm|tcg]
+//   vmsync stop     [--server HOST:PORT] (--credential F | --insecure)
 //   vmsync standby  --device B --state DIR [--server HOST:PORT] (--credential B.cred | --insecure)
 //   vmsync switch   --to B [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync status   [--server HOST:PORT] (--credential F | --insecure) [--json]
@@ -81,6 +82,8 @@ int runStatus(const ClientOptions& options, bool json) {
                      {"epoch", status.getEpoch()},
                      {"active_device", std::string(status.getActiveDevice())},
                      {"stored_bytes", status.getStoredBytes()},
+                     {"parked", status.getParked()},
+                     {"parked_by", std::string(status.getParkedBy())},
                      {"devices", nlohmann::json::array()}};
     for (auto d : status.getDevices())
       j["devices"].push_back({{"device", std::string(d.getDeviceId())},
@@ -95,6 +98,9 @@ int runStatus(const ClientOptions& options, bool json) {
               static_cast<unsigned long long>(status.getHeadSequence()),
               static_cast<unsigned long long>(status.getEpoch()),
               status.getActiveDevice().size() ? status.getActiveDevice().cStr() : "(none)");
+  if (status.getParked())
+    std::printf("parked by %s at checkpoint %llu: `vmsync switch --to DEVICE` resumes it there\n",
+                status.getParkedBy().cStr(), static_cast<unsigned long long>(status.getHeadSequence()));
   std::printf("%-16s %-8s %-8s %s\n", "DEVICE", "STATE", "APPLIED", "ROLE");
   for (auto d : status.getDevices())
     std::printf("%-16s %-8s %-8llu %s\n", d.getDeviceId().cStr(), stateName(d.getState()),
@@ -150,8 +156,21 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool json
                      {"transfer_ms", ms(r.getTransferNs())},   {"apply_ms", ms(r.getApplyNs())},
                      {"device_state_load_ms", ms(r.getDeviceStateLoadNs())},
                      {"resume_ms", ms(r.getResumeNs())},       {"total_ms", ms(r.getTotalNs())},
-                     {"catch_up_ms", ms(r.getCatchUpNs())},    {"catch_up_bytes", r.getCatchUpBytes()}};
+                     {"catch_up_ms", ms(r.getCatchUpNs())},    {"catch_up_bytes", r.getCatchUpBytes()},
+                     {"from_parked", r.getFromParked()}};
     std::puts(j.dump(2).c_str());
+    return 0;
+  }
+  if (r.getFromParked()) {
+    std::printf("resumed on %s the VM %s parked at checkpoint %llu, lease epoch %llu\n", r.getTo().cStr(),
+                r.getFrom().cStr(), static_cast<unsigned long long>(r.getFinalSequence()),
+                static_cast<unsigned long long>(r.getEpoch()));
+    if (r.getCatchUpNs() != 0)
+      std::printf("  catch-up first     %8.1f ms  (%llu bytes)\n", ms(r.getCatchUpNs()),
+                  static_cast<unsigned long long>(r.getCatchUpBytes()));
+    std::printf("  device-state load  %8.1f ms\n", ms(r.getDeviceStateLoadNs()));
+    std::printf("  resume             %8.1f ms\n", ms(r.getResumeNs()));
+    std::printf("  total              %8.1f ms\n", ms(r.getTotalNs()));
     return 0;
   }
   std::printf("switched %s -> %s: final checkpoint %llu (%llu bytes), lease epoch %llu\n", r.getFrom().cStr(),
@@ -168,6 +187,20 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool json
   std::printf("  device-state load  %8.1f ms\n", ms(r.getDeviceStateLoadNs()));
   std::printf("  resume             %8.1f ms\n", ms(r.getResumeNs()));
   std::printf("  total              %8.1f ms\n", ms(r.getTotalNs()));
+  return 0;
+}
+
+int runStop(const ClientOptions& options) {
+  auto transport = vmsync::clientTransport(options.credential, options.insecure);
+  auto io = kj::setupAsyncIo();
+  auto connection = connectOrExplain(io, transport, options.server);
+  auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
+  auto response = waitExplained(client.stopRequest().send(), io.waitScope, transport, options.server);
+  auto r = response.getReport();
+  std::printf("VM parked by %s at checkpoint %llu (final checkpoint %llu bytes); its daemon exits. "
+              "`vmsync switch --to DEVICE` or `vmsync active` on %s resumes it\n",
+              r.getDevice().cStr(), static_cast<unsigned long long>(r.getFinalSequence()),
+              static_cast<unsigned long long>(r.getFinalBytes()), r.getDevice().cStr());
   return 0;
 }
 
@@ -212,9 +245,11 @@ int main(int argc, char** argv) {
   vmsync::addServerOptions(*server, serverOptions);
 
   vmsync::DeviceOptions activeOptions;
-  auto* active = app.add_subcommand("active", "create the VM on this device, run it and ship checkpoints");
+  auto* active = app.add_subcommand(
+      "active", "create the VM on this device (or resume it where it was parked), run it and ship checkpoints");
   addDeviceOptions(*active, activeOptions);
-  active->add_option("--image", activeOptions.imageDir, "guest image directory (vm-images/build.sh --out)")->required();
+  active->add_option("--image", activeOptions.imageDir,
+                     "guest image directory (vm-images/build.sh --out), for a new VM; a parked one needs none");
   active->add_option("--vm", activeOptions.vmId, "name of the VM")->capture_default_str();
   active->add_option("--policy", activeOptions.policy, "checkpoint policy: dirty-prev, diff-prev, dirty-orig, diff-orig")
       ->check(CLI::IsMember({"dirty-prev", "diff-prev", "dirty-orig", "diff-orig"}))
@@ -240,6 +275,9 @@ int main(int argc, char** argv) {
 
   auto* status = app.add_subcommand("status", "devices, the active one, applied checkpoints");
   addClientOptions(status);
+
+  auto* stop = app.add_subcommand("stop", "park the VM: its device pauses it, ships a final checkpoint and exits");
+  addClientOptions(stop);
   status->add_flag("--json", json, "print as JSON");
 
   std::string identityDir, serverName = "vmsync-server", user, deviceName, credentialOut;
@@ -308,6 +346,7 @@ int main(int argc, char** argv) {
     if (standby->parsed()) return vmsync::runDevice(standbyOptions, vmsync::Role::standby);
     if (sw->parsed()) return runSwitch(client, target, json);
     if (status->parsed()) return runStatus(client, json);
+    if (stop->parsed()) return runStop(client);
     if (init->parsed()) {
       vmsync::initServerIdentity(identityDir, serverName);
       std::printf("server identity for '%s' created in %s; start the server with --tls %s and enroll devices with "
@@ -332,6 +371,9 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const kj::Exception& e) {
     std::fprintf(stderr, "vmsync: %s\n", vmsync::describe(e).c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "vmsync: %s\n", e.what());
     return 1;
   }
   return 2;

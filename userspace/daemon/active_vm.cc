@@ -240,7 +240,27 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
       bytes, harvestNs / 1e6, wireBytes, sendSeconds, sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0);
 }
 
+void ActiveVm::fence(const std::string& why) {
+  stopping_ = true;
+  timer_ = nullptr;
+  if (!fenced_ && vm_) {
+    try {
+      vm_->stop();
+    } catch (const Error& e) {
+      // The VMM is gone or not answering: it runs no guest either way.
+      spdlog::error("{}: cannot pause the VM: {}", options_.deviceId, e.what());
+    }
+  }
+  fenced_ = true;
+  spdlog::error("{}: fenced: {}; the VM is paused here and stays paused (it is never resumed on its own)",
+                options_.deviceId, why);
+}
+
 void ActiveVm::onPushFailed(const std::shared_ptr<PendingPush>& pending, const kj::Exception& e) {
+  // The server refuses pushes under an old lease epoch ("... was fenced ..."):
+  // another device may run the VM now, so this one must not go on.
+  const std::string why = describe(e);
+  if (why.find("was fenced") != std::string::npos) fence(why);
   // Nothing is lost: these units are shipped again with the next checkpoint.
   ramTracker_->retryLater(pending->memory);
   diskTracker_->retryLater(pending->disk);
@@ -267,6 +287,7 @@ PendingPush ActiveVm::harvestEverything() {
 }
 
 void ActiveVm::runOn() {
+  if (fenced_) return;  // another device may run the VM
   vm_->cont();
   stopping_ = false;
   scheduleCheckpoint();
@@ -274,6 +295,7 @@ void ActiveVm::runOn() {
 
 kj::Promise<FinalCheckpoint> ActiveVm::handOff(std::string target, wire::HandOffResult::Builder result) {
   if (!vm_) fail("device {} has no running VM", options_.deviceId);
+  if (fenced_) fail("device {} was fenced: its VM stays paused and it ships nothing", options_.deviceId);
   auto session = link_.session();  // before anything stops
   stopping_ = true;
   timer_ = nullptr;
@@ -368,15 +390,31 @@ kj::Promise<void> ActiveVm::rejoin(Registration registered) {
     replica_.saveApplied(head);
     spdlog::info("{}: checkpoint {} had reached the server before the connection broke", options_.deviceId, head);
   }
-  if (head != replica_.applied())
-    fail("the server's chain ends at {} but this active device is at {}; not pushing", head, replica_.applied());
-  return link_.session().acquireLeaseRequest().send().then(
-      [this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) {
-        if (lease.getEpoch() != epoch_) {
-          stopping_ = true;
-          fail("the lease moved on (epoch {} -> {}) while this device was cut off; it stops pushing", epoch_,
-               lease.getEpoch());
-        }
+  if (head != replica_.applied()) {
+    // Another device pushed after this one: it runs the VM now.
+    const std::string why =
+        fmt::format("the server's chain ends at {} but this active device is at {}", head, replica_.applied());
+    fence(why);
+    fail("{}; not pushing", why);
+  }
+  auto session = link_.session();
+  return session.acquireLeaseRequest().send().then(
+      [this, session](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) mutable -> kj::Promise<void> {
+        if (lease.getEpoch() == epoch_) return kj::READY_NOW;
+        // Granted anew: the lease had ended (a switch took it away while this
+        // device was cut off). The VM stops here; the lease goes back.
+        const std::string why = fmt::format("the lease moved on (epoch {} -> {}) while this device was cut off",
+                                            epoch_, lease.getEpoch());
+        fence(why);
+        auto release = session.releaseLeaseRequest();
+        release.setEpoch(lease.getEpoch());
+        return release.send().ignoreResult().then([why]() -> void { rpcFail(why + "; it stops pushing"); });
+      },
+      [this](kj::Exception&& e) -> kj::Promise<void> {
+        // Another device holds the lease, or is being given it.
+        const std::string why = "the server refuses this device the lease (" + describe(e) + ")";
+        fence(why);
+        rpcFail(why + "; it stops pushing");
       });
 }
 

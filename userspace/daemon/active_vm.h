@@ -70,6 +70,9 @@ class ActiveVm {
   RetiredVmm retire();
 
   std::uint64_t epoch() const { return epoch_; }
+  /// True once this device learned that the lease moved on: its VM is paused
+  /// for good and nothing more is pushed.
+  bool fenced() const { return fenced_; }
 
  private:
   /// --disk loop: attaches the disk image to a loop device for the VMM.
@@ -101,6 +104,8 @@ class ActiveVm {
   void pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire::HandOffResult::Builder result);
   kj::Promise<FinalCheckpoint> pushFinal(wire::DeviceSession::Client session, std::shared_ptr<PendingPush> pending,
                                          std::shared_ptr<FinalCheckpoint> final, wire::HandOffResult::Builder result);
+  /// The lease moved on (`why`): pauses the VM at once and keeps it paused.
+  void fence(const std::string& why);
   /// Undoes a pause that did not end in a stored final checkpoint.
   void runOn();
 
@@ -118,6 +123,7 @@ class ActiveVm {
   std::unique_ptr<ImageTracker> diskTracker_;
 
   bool stopping_ = false;                        // no new incremental checkpoints
+  bool fenced_ = false;                          // the lease moved on: paused for good
   kj::Maybe<kj::Promise<void>> timer_;           // next incremental checkpoint
   kj::Maybe<kj::ForkedPromise<void>> inFlight_;  // push under way
   std::optional<AdaptiveInterval> adaptive_;     // --target-switch-ms

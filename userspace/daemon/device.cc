@@ -6,6 +6,9 @@
 #include <filesystem>
 #include <kj/async-unix.h>
 #include <memory>
+#include <string>
+
+#include <capnp/message.h>
 
 #include "base/error.h"
 #include "daemon/active_vm.h"
@@ -25,20 +28,34 @@ class Device {
   Device(kj::AsyncIoContext& io, DeviceOptions options);
   ~Device();
 
-  /// Connects, registers and, for the active role, creates and starts the VM.
+  /// Connects, registers and, for the active role, creates and starts the
+  /// VM, or resumes it where it was parked.
   kj::Promise<void> start(Role role);
+  /// True while this device runs (or holds, paused by fencing) the VM.
+  bool active() const { return role_ == Role::active && active_ != nullptr; }
+  /// Resolves when the server asked this daemon to exit (`vmsync stop`).
+  kj::Promise<void> exitRequested() { return exitRequested_.addBranch(); }
 
   // DevicePeer calls from the server.
   void apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyResults::Builder results);
   kj::Promise<void> handOff(std::string target, wire::HandOffResult::Builder result);
   void activate(std::uint64_t epoch, wire::ActivateResult::Builder result);
+  /// Pauses the VM, pushes a final checkpoint and gives the lease back: the
+  /// VM is parked on the server, and this device is a standby at it.
+  kj::Promise<void> park(wire::HandOffResult::Builder result);
+  /// park(), then the daemon exits (the server's `stop`).
+  kj::Promise<void> parkAndExit(wire::HandOffResult::Builder result);
 
  private:
+  /// The server holds a parked VM at `head`: resume it here, once this
+  /// device's image is at the parked checkpoint.
+  kj::Promise<void> resumeParkedHere(std::uint64_t head);
+  kj::Promise<void> whenApplied(std::uint64_t sequence, std::uint64_t waitedMs);
   /// Throws Error when --image lacks a file the VM needs.
   void checkImage() const;
   /// Creates the VM from --image under lease `epoch`, boots it and starts shipping checkpoints.
   void createAndRun(std::uint64_t epoch);
-  kj::Promise<void> becomeActiveAsNewVm(Registration registered);
+  kj::Promise<void> becomeActiveAsNewVm();
   /// Back to standby after a stored final checkpoint: the VMM quits in the background.
   void becomeStandby(FinalCheckpoint final);
   /// Quits a VMM that handed off, if it has not quit yet.
@@ -51,6 +68,8 @@ class Device {
   ServerLink link_;
   std::unique_ptr<ActiveVm> active_;  // while active
   RetiredVmm retiring_;               // paused after a handoff, quitting in the background
+  kj::PromiseFulfillerPair<void> exit_ = kj::newPromiseAndFulfiller<void>();
+  kj::ForkedPromise<void> exitRequested_ = exit_.promise.fork();
 
   class LogTaskErrors final : public kj::TaskSet::ErrorHandler {
    public:
@@ -78,6 +97,10 @@ class DevicePeerImpl final : public wire::DevicePeer::Server {
       device_.activate(context.getParams().getEpoch(), context.getResults().initResult());
       return kj::READY_NOW;
     });
+  }
+  kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
+  kj::Promise<void> park(ParkContext context) override {
+    return guarded([&] { return device_.parkAndExit(context.getResults().initResult()); });
   }
 
  private:
@@ -110,24 +133,60 @@ void Device::checkImage() const {
 }
 
 kj::Promise<void> Device::start(Role role) {
-  if (role == Role::active) checkImage();  // before taking the lease
-  // A new VM's device registers at 0: its state directory is about to be replaced.
-  return link_.connect(role == Role::active ? 0 : replica_.applied()).then([this, role](Registration registered) -> kj::Promise<void> {
-    if (role == Role::standby) return kj::READY_NOW;
-    return becomeActiveAsNewVm(kj::mv(registered));
+  if (role == Role::standby) return link_.connect(replica_.applied()).ignoreResult();
+  // An image that can resume registers where it is; otherwise at 0, since a
+  // new VM's state directory is about to be replaced.
+  return link_.connect(replica_.resumable() ? replica_.applied() : 0)
+      .then([this](Registration registered) -> kj::Promise<void> {
+        const std::uint64_t head = registered.getHeadSequence();
+        if (head == 0) return becomeActiveAsNewVm();
+        if (registered.getParked()) return resumeParkedHere(head);
+        fail("the server already holds VM '{}' at checkpoint {} and another device runs it; start this device "
+             "with `vmsync standby` and switch to it", std::string(registered.getVmId()), head);
+      });
+}
+
+kj::Promise<void> Device::resumeParkedHere(std::uint64_t head) {
+  spdlog::info("{}: VM '{}' is parked at checkpoint {}; this device is at {}{}", options_.deviceId, replica_.spec().vmId,
+               head, replica_.applied(), replica_.applied() < head ? ": catching up first" : "");
+  return whenApplied(head, 0).then([this, head]() {
+    if (!replica_.resumable() || replica_.applied() != head)
+      fail("device {} cannot resume the parked VM: its image is at checkpoint {} without device state for it",
+           options_.deviceId, replica_.applied());
+    return link_.session().acquireLeaseRequest().send();
+  }).then([this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) -> kj::Promise<void> {
+    capnp::MallocMessageBuilder timings;
+    try {
+      activate(lease.getEpoch(), timings.initRoot<wire::ActivateResult>());
+      return kj::READY_NOW;
+    } catch (const std::exception& e) {
+      // Nothing runs here: give the lease back before saying why.
+      std::string why = e.what();
+      auto release = link_.session().releaseLeaseRequest();
+      release.setEpoch(lease.getEpoch());
+      return release.send().then([why](auto&&) -> void { rpcFail(why); },
+                                 [why](kj::Exception&&) -> void { rpcFail(why); });
+    }
   });
 }
 
-kj::Promise<void> Device::becomeActiveAsNewVm(Registration registered) {
-  if (registered.getHeadSequence() != 0)
-    fail("the server already holds VM '{}' at checkpoint {}; start this device with `vmsync standby` and "
-         "switch to it", std::string(registered.getVmId()), registered.getHeadSequence());
+kj::Promise<void> Device::whenApplied(std::uint64_t sequence, std::uint64_t waitedMs) {
+  if (replica_.applied() >= sequence) return kj::READY_NOW;
+  if (waitedMs > 0 && waitedMs % 10000 == 0)
+    spdlog::info("{}: still catching up: at checkpoint {} of {}", options_.deviceId, replica_.applied(), sequence);
+  return io_.provider->getTimer().afterDelay(100 * kj::MILLISECONDS).then([this, sequence, waitedMs] {
+    return whenApplied(sequence, waitedMs + 100);
+  });
+}
+
+kj::Promise<void> Device::becomeActiveAsNewVm() {
+  checkImage();  // before taking the lease
   return link_.session().acquireLeaseRequest().send().then(
       [this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> lease) -> kj::Promise<void> {
         try {
           createAndRun(lease.getEpoch());
           return kj::READY_NOW;
-        } catch (const Error& e) {
+        } catch (const std::exception& e) {
           // Nothing runs here: give the lease back before saying why.
           std::string why = e.what();
           active_.reset();
@@ -186,6 +245,29 @@ void Device::becomeStandby(FinalCheckpoint final) {
 
 void Device::retireVm() { retiring_.quit(); }
 
+kj::Promise<void> Device::park(wire::HandOffResult::Builder result) {
+  if (!active()) fail("device {} is not active", options_.deviceId);
+  const std::uint64_t epoch = active_->epoch();
+  return active_->handOff("the server (parking the VM)", result)
+      .then([this, epoch](FinalCheckpoint final) {
+        const std::uint64_t sequence = final.sequence;
+        becomeStandby(kj::mv(final));
+        auto release = link_.session().releaseLeaseRequest();
+        release.setEpoch(epoch);
+        return release.send().ignoreResult().then([this, sequence] {
+          spdlog::info("{}: VM '{}' parked at checkpoint {}: any up-to-date device may resume it", options_.deviceId,
+                       replica_.spec().vmId, sequence);
+        });
+      });
+}
+
+kj::Promise<void> Device::parkAndExit(wire::HandOffResult::Builder result) {
+  return park(result).then([this] {
+    // After the answer is on its way.
+    background_.add(io_.provider->getTimer().afterDelay(300 * kj::MILLISECONDS).then([this] { exit_.fulfiller->fulfill(); }));
+  });
+}
+
 void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result) {
   if (role_ != Role::standby) fail("device {} is already active", options_.deviceId);
   retireVm();  // a VMM that handed off from here must be gone before another uses the image
@@ -198,6 +280,36 @@ void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result)
   role_ = Role::active;
 }
 
+namespace {
+
+/// Resolves at the next SIGTERM or SIGINT.
+kj::Promise<void> nextStopSignal(kj::AsyncIoContext& io) {
+  return io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT)).ignoreResult();
+}
+
+/// On a stop signal an active device parks its VM before it exits: the VM is
+/// then resumable on any up-to-date device. Bounded, and a second signal ends
+/// it at once. Returns the exit code.
+int parkBeforeExit(kj::AsyncIoContext& io, Device& device, const std::string& id) {
+  constexpr auto kParkTimeout = 60 * kj::SECONDS;
+  spdlog::info("{}: stopping: parking the VM first (a second signal stops at once)", id);
+  capnp::MallocMessageBuilder timings;
+  auto parked = device.park(timings.initRoot<wire::HandOffResult>())
+                    .then([]() { return std::string(); },
+                          [](kj::Exception&& e) { return describe(e); })
+                    .exclusiveJoin(nextStopSignal(io).then([] { return std::string("a second signal came"); }))
+                    .exclusiveJoin(io.provider->getTimer().afterDelay(kParkTimeout).then([] {
+                      return std::string("no answer within 60 s");
+                    }));
+  const std::string why = parked.wait(io.waitScope);
+  if (why.empty()) return 0;
+  spdlog::error("{}: could not park the VM ({}); it stops here unparked: the server keeps the last checkpoint it "
+                "stored, and what the guest did since is lost", id, why);
+  return 1;
+}
+
+}  // namespace
+
 int runDevice(const DeviceOptions& options, Role initialRole) {
   try {
     if (options.deviceId.empty()) fail("--device is required");
@@ -207,9 +319,18 @@ int runDevice(const DeviceOptions& options, Role initialRole) {
     kj::UnixEventPort::captureSignal(SIGINT);
     auto io = kj::setupAsyncIo();
     Device device(io, options);
-    device.start(initialRole).wait(io.waitScope);
-    auto stop = io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT));
-    stop.wait(io.waitScope);
+    device.start(initialRole).exclusiveJoin(nextStopSignal(io).then([]() -> void {
+      fail("stopped before the device was up");
+    })).wait(io.waitScope);
+    bool signalled = true;
+    nextStopSignal(io)
+        .exclusiveJoin(device.exitRequested().then([&signalled] { signalled = false; }))
+        .wait(io.waitScope);
+    if (!signalled) {
+      spdlog::info("{}: the VM is parked; exiting as the server asked", options.deviceId);
+      return 0;
+    }
+    if (device.active()) return parkBeforeExit(io, device, options.deviceId);
     spdlog::info("{}: stopping", options.deviceId);
     return 0;
   } catch (const Error& e) {
@@ -217,6 +338,9 @@ int runDevice(const DeviceOptions& options, Role initialRole) {
     return 1;
   } catch (const kj::Exception& e) {
     spdlog::error("{}", describe(e));
+    return 1;
+  } catch (const std::exception& e) {
+    spdlog::error("{}", e.what());
     return 1;
   }
 }

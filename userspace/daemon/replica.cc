@@ -3,6 +3,11 @@
 #include <capnp/serialize.h>
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -32,10 +37,37 @@ LocalSpec specFromWire(wire::VmSpec::Reader spec) {
 }  // namespace
 
 Replica::Replica(const std::string& stateDir, std::string deviceId) : deviceId_(std::move(deviceId)) {
-  fs::create_directories(stateDir);
+  std::error_code ec;
+  fs::create_directories(stateDir, ec);
+  if (ec) fail("cannot use state directory {}: {}", stateDir, ec.message());
   dir_ = fs::absolute(stateDir).string();
+  lockDirectory();
   loadLocalState();
   redoJournal();
+}
+
+Replica::~Replica() {
+  if (lockFd_ >= 0) ::close(lockFd_);  // releases the flock
+}
+
+void Replica::lockDirectory() {
+  const std::string lock = path("state.lock");
+  lockFd_ = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lockFd_ < 0) throwLastErrno(fmt::format("cannot use state directory {}: cannot open {}", dir_, lock));
+  if (::flock(lockFd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char holder[32] = {};
+    const ssize_t n = ::pread(lockFd_, holder, sizeof holder - 1, 0);
+    ::close(lockFd_);
+    lockFd_ = -1;
+    if (err != EWOULDBLOCK) throwErrno(err, fmt::format("cannot lock state directory {}", dir_));
+    fail("state directory {} is in use by another vmsync daemon{}; stop it first, or give this one another --state",
+         dir_, n > 0 ? fmt::format(" (pid {})", std::string(holder, static_cast<std::size_t>(n))) : "");
+  }
+  // Who holds it, for the message above; the lock itself is the flock.
+  const std::string pid = std::to_string(::getpid());
+  if (::ftruncate(lockFd_, 0) != 0 || ::pwrite(lockFd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size()))
+    throwLastErrno(fmt::format("cannot write {}", lock));
 }
 
 void Replica::loadLocalState() {

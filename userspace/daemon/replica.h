@@ -42,7 +42,12 @@ class Replica {
  public:
   /// Opens `stateDir` (creating it), loads what was applied there and
   /// finishes an apply a crash interrupted. `deviceId` names the device in logs.
+  /// Throws Error when another daemon has the directory (an exclusive flock
+  /// on its state.lock, held for the replica's life).
   Replica(const std::string& stateDir, std::string deviceId);
+  ~Replica();
+  Replica(const Replica&) = delete;
+  Replica& operator=(const Replica&) = delete;
 
   std::string path(const char* name) const { return dir_ + "/" + name; }
   const std::string& dir() const { return dir_; }
@@ -85,8 +90,12 @@ class Replica {
   std::string deviceStateForResume() const;
   /// Hashes of the image at the final checkpoint (computed if not kept).
   ImageHashes takeVerifiedHashes();
+  /// True when the image is at a verified final checkpoint whose device state is here.
+  bool resumable() const { return damaged_.empty() && ram_ && applied_ != 0 && deviceStateSequence_ == applied_; }
 
  private:
+  /// Takes the state directory's lock, or says which process holds it.
+  void lockDirectory();
   void loadLocalState();
   void redoJournal();
   /// Writes the changes of `checkpoint` (already checked to follow this image)
@@ -101,6 +110,7 @@ class Replica {
 
   std::string deviceId_;
   std::string dir_;
+  int lockFd_ = -1;  // state.lock, flocked while this replica lives
   LocalSpec spec_;
   bool haveSpec_ = false;
   std::uint64_t applied_ = 0;
