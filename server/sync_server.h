@@ -97,9 +97,6 @@ class SyncServer {
   kj::Promise<void> catchUp(std::string id, std::uint64_t connection, std::uint64_t to);
   /// Sends one checkpoint (stored or merged) to the device and records the result.
   kj::Promise<void> sendApply(std::string id, std::uint64_t connection, wire::Checkpoint::Reader checkpoint);
-  kj::Promise<void> activateWithFallback(std::string target, std::string source,
-                                         wire::SwitchReport::Builder report, std::uint64_t startNs,
-                                         std::uint64_t pushNs);
 
   /// Starts compaction when the chain after the base passed a limit: a prune
   /// under Orig (at once), a fold on a worker thread under Prev.

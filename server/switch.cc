@@ -1,0 +1,198 @@
+// The server's side of moving the VM: a switch between two devices, resuming
+// a parked VM, and parking it (`vmsync stop`). Split from sync_server.cc,
+// which stores and forwards the chain.
+#include <spdlog/spdlog.h>
+
+#include "base/error.h"
+#include "sync_server.h"
+#include "transport/rpc_util.h"
+
+namespace vmsync {
+
+kj::Promise<void> SyncServer::catchUpForSwitch(const std::string& target, const std::string& source,
+                                               wire::SwitchReport::Builder report, std::uint64_t start) {
+  DeviceEntry& to = device(target);
+  if (to.applied >= store_.head()) return kj::READY_NOW;
+  spdlog::info("switch {} -> {}: {} is at checkpoint {} of {}; catching it up first", source, target, target,
+               to.applied, store_.head());
+  // What is already on its way counts: the switch waits for it too.
+  const std::uint64_t sentBefore = to.sentBytes - (to.sendingSequence != 0 ? to.sendingBytes : 0);
+  forwardUpTo(to, store_.head());
+  return drained(to).then([this, target, report, start, sentBefore]() mutable {
+    DeviceEntry& to = device(target);
+    if (!to.peer) rpcFail(fmt::format("device {} went offline while it was caught up; the VM stays where it was", target));
+    if (!to.failure.empty()) rpcFail(fmt::format("device {} cannot take over: {}", target, to.failure));
+    report.setCatchUpNs(nowNs() - start);
+    report.setCatchUpBytes(to.sentBytes - sentBefore);
+    spdlog::info("switch: {} caught up to {} ({} bytes in {:.0f} ms)", target, to.applied,
+                 to.sentBytes - sentBefore, (nowNs() - start) / 1e6);
+  });
+}
+
+kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchReport::Builder report) {
+  if (switching_) fail("a switch is already in progress");
+  const std::string source = state_.holder;
+  auto it = devices_.find(target);
+  if (it == devices_.end()) fail("unknown device '{}'", target);
+  if (!it->second->peer) fail("device {} is offline", target);
+  if (!it->second->failure.empty()) fail("device {} cannot take over: {}", target, it->second->failure);
+  if (source.empty()) {
+    if (parked()) return resumeParked(target, report);
+    fail("no device runs VM '{}'{}", state_.vmId.empty() ? "(none yet)" : state_.vmId,
+         store_.head() == 0 ? "; start one with `vmsync active`"
+                            : " and it was not parked: its last device stopped without a final checkpoint");
+  }
+  if (target == source) fail("device {} is already active", target);
+  DeviceEntry& from = device(source);
+  if (!from.peer) fail("the active device {} is offline, so it cannot be paused", source);
+
+  switching_ = true;
+  const std::uint64_t start = nowNs();
+  report.setFrom(source);
+  report.setTo(target);
+  // A stale target is brought up to date first, while the VM runs on: the
+  // pause then only covers the last changes.
+  return catchUpForSwitch(target, source, report, start)
+      .then([this, source, target]() {
+        DeviceEntry& from = device(source);
+        if (!from.peer || state_.holder != source)
+          rpcFail(fmt::format("the active device {} went away during the switch", source));
+        spdlog::info("switch {} -> {}: pausing {}", source, target, source);
+        auto request = from.peer->handOffRequest();
+        request.setTarget(target);
+        return request.send();
+      })
+      .then([this, source, target, report, start](capnp::Response<wire::DevicePeer::HandOffResults> response) mutable {
+        auto r = response.getResult();
+        report.setFinalSequence(r.getFinalSequence());
+        report.setFinalBytes(r.getFinalBytes());
+        report.setPauseNs(r.getPauseNs());
+        report.setFinalHarvestNs(r.getFinalHarvestNs());
+        report.setDeviceStateSaveNs(r.getDeviceStateSaveNs());
+        const std::uint64_t pushNs = r.getPushNs();
+        // The source paused and stored its final checkpoint: its lease ends here.
+        if (state_.holder == source) {
+          state_.holder.clear();
+          persist();
+        }
+        DeviceEntry& to = device(target);
+        forwardUpTo(to, store_.head());
+        return drained(to)
+            .then([this, source, target, report, start, pushNs]() mutable -> kj::Promise<void> {
+              DeviceEntry& to = device(target);
+              if (to.applied != store_.head())
+                rpcFail(to.failure.empty() ? fmt::format("device {} did not apply the final checkpoint", target)
+                                           : to.failure);
+              report.setApplyNs(to.lastApplyNs);
+              std::uint64_t wire = pushNs + to.lastForwardNs;
+              report.setTransferNs(wire > to.lastApplyNs ? wire - to.lastApplyNs : 0);
+              ++state_.epoch;
+              state_.holder = target;
+              persist();
+              auto activate = to.peer->activateRequest();
+              activate.setEpoch(state_.epoch);
+              return activate.send().then(
+                  [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
+                    report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
+                    report.setResumeNs(response.getResult().getResumeNs());
+                    report.setTotalNs(nowNs() - start);
+                    report.setEpoch(state_.epoch);
+                  });
+            })
+            .catch_([this, source, target](kj::Exception&& e) -> kj::Promise<void> {
+              // The target could not take over; the source holds the exact image
+              // of the final checkpoint, so the VM goes on there.
+              std::string why = describe(e);
+              spdlog::warn("switch to {} failed: {}; resuming on {}", target, why, source);
+              DeviceEntry& back = device(source);
+              if (!back.peer) {
+                state_.holder.clear();
+                persist();
+                rpcFail(fmt::format("switch to {} failed: {}; {} is offline, so the VM stays paused", target, why,
+                                    source));
+              }
+              ++state_.epoch;
+              state_.holder = source;
+              persist();
+              auto activate = back.peer->activateRequest();
+              activate.setEpoch(state_.epoch);
+              return activate.send().then(
+                  [target, source, why](auto&&) -> void {
+                    rpcFail(fmt::format("switch to {} failed: {}; the VM was resumed on {}", target, why, source));
+                  },
+                  [this, target, source, why](kj::Exception&& e2) -> void {
+                    state_.holder.clear();
+                    persist();
+                    rpcFail(fmt::format("switch to {} failed: {}; resuming on {} failed too: {}", target, why, source,
+                                        describe(e2)));
+                  });
+            });
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+kj::Promise<void> SyncServer::resumeParked(const std::string& target, wire::SwitchReport::Builder report) {
+  switching_ = true;
+  const std::uint64_t start = nowNs();
+  const std::string parker = headOrigin_;
+  report.setFrom(parker);
+  report.setTo(target);
+  report.setFromParked(true);
+  report.setFinalSequence(store_.head());
+  spdlog::info("resuming VM '{}', parked by {} at checkpoint {}, on {}", state_.vmId, parker, store_.head(), target);
+  return catchUpForSwitch(target, parker, report, start)
+      .then([this, target, report, start]() mutable {
+        DeviceEntry& to = device(target);
+        if (to.applied != store_.head() || !to.peer)
+          rpcFail(fmt::format("device {} is not at the parked checkpoint {}; the VM stays parked", target,
+                              store_.head()));
+        if (!state_.holder.empty())
+          rpcFail(fmt::format("device {} took the lease meanwhile; the VM runs there", state_.holder));
+        ++state_.epoch;
+        state_.holder = target;
+        persist();
+        auto activate = to.peer->activateRequest();
+        activate.setEpoch(state_.epoch);
+        return activate.send().then(
+            [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
+              report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
+              report.setResumeNs(response.getResult().getResumeNs());
+              report.setTotalNs(nowNs() - start);
+              report.setEpoch(state_.epoch);
+            },
+            [this, target](kj::Exception&& e) {
+              // Nothing runs: the lease goes back, and the VM stays parked.
+              if (state_.holder == target) {
+                state_.holder.clear();
+                persist();
+              }
+              rpcFail(fmt::format("resuming on {} failed: {}; the VM stays parked", target, describe(e)));
+            });
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
+  if (switching_) fail("a switch is in progress; stop the VM after it");
+  const std::string holder = state_.holder;
+  if (holder.empty() && parked()) fail("VM '{}' is parked already (by {})", state_.vmId, headOrigin_);
+  if (holder.empty()) fail("no device runs VM '{}'", state_.vmId.empty() ? "(none yet)" : state_.vmId);
+  DeviceEntry& entry = device(holder);
+  if (!entry.peer) fail("the active device {} is offline, so it cannot be paused", holder);
+  switching_ = true;
+  return entry.peer->parkRequest().send()
+      .then([this, holder, report](capnp::Response<wire::DevicePeer::ParkResults> response) mutable {
+        // The device gave the lease back itself once its final checkpoint was stored.
+        if (state_.holder == holder) {
+          state_.holder.clear();
+          persist();
+        }
+        report.setDevice(holder);
+        report.setFinalSequence(response.getResult().getFinalSequence());
+        report.setFinalBytes(response.getResult().getFinalBytes());
+        spdlog::info("VM '{}' parked by {} at checkpoint {}", state_.vmId, holder, store_.head());
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+}  // namespace vmsync
