@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make demo: a sync server and two devices on loopback; the guest's counter
-# runs on A, moves to B, and comes back to A, and we show what happened.
+# runs on A, moves to B, comes back to A, is parked by `vmsync stop` and
+# resumed on B, and we show what happened.
 set -euo pipefail
 
 build=${1:-build}
@@ -14,8 +15,8 @@ port=$((20000 + RANDOM % 20000))
 server="127.0.0.1:$port"
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # The server last: an active device parks its VM before it exits.
+  for pid in $(printf '%s\n' "${pids[@]}" | tac); do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
@@ -64,6 +65,18 @@ offset_a=$(stat -c %s "$work/A/serial.log")
 sleep 2
 echo "counter on B when it paused: $(last_counter "$work/B/serial.log")"
 echo "first counter A printed after resuming: $(first_counter_after "$work/A/serial.log" "$offset_a")"
+
+wait_head $(( $(head_seq) + 3 ))
+say "stop: A parks the VM (final checkpoint, lease given back) and its daemon exits"
+"$vmsync" stop --server "$server" --credential "$work/cli.cred"
+"$vmsync" status --server "$server" --credential "$work/cli.cred"
+echo "counter on A when it parked: $(last_counter "$work/A/serial.log")"
+
+say "resume the parked VM on B"
+offset_b=$(stat -c %s "$work/B/serial.log")
+"$vmsync" switch --to B --server "$server" --credential "$work/cli.cred"
+sleep 2
+echo "first counter B printed after resuming: $(first_counter_after "$work/B/serial.log" "$offset_b")"
 
 say "checkpoints"
 grep -a 'checkpoint .* stored' "$work/A.log" "$work/B.log" | sed 's/^.*info //' | tail -n 12
