@@ -19,7 +19,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs btrfs-progs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image video-image demo test sanitize fuzz module bench bench-kmod bench-switch study clean
+.PHONY: all setup build image video-image demo test soak sanitize fuzz module bench bench-kmod bench-switch study clean
 
 all: build
 
@@ -49,6 +49,13 @@ demo: build image
 test: build image video-image
 	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) VMSYNC_VIDEO_IMAGE=$(abspath $(VIDEO_IMAGE)) ctest --output-on-failure -j 1 --timeout 900
 	$(MAKE) --no-print-directory sanitize fuzz FUZZ_SECONDS=10
+
+# The long schedule of the failover test: 20 seeded kill -9 moments of the
+# active device (make test runs 3).
+SOAK_SEEDS ?= 20
+soak: build image
+	VMSYNC_IMAGE=$(abspath $(IMAGE)) VMSYNC_FAILOVER_SEEDS=$(SOAK_SEEDS) \
+	  $(BUILD)/tests/integration/vmsync_failover_tests --gtest_brief=1
 
 # Unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
 sanitize: setup

@@ -72,6 +72,7 @@ struct Checkpoint {
   spec @10 :VmSpec;             # full only: what a receiver needs to build the VM
   origin @11 :Text;             # device id that produced the checkpoint
   createdUnixNs @12 :UInt64;    # wall clock at creation, for reports
+  vmContinued @14 :Bool;        # final only: the VM ran on after it (a resumable point, not a switch or park)
   blobs @13 :List(Data);        # chunk payloads packed together, as the encoder wrote
                                 # them: a sender adds them to the message without
                                 # copying (at most 64 per list of chunks)
@@ -102,6 +103,10 @@ struct ClusterStatus {
   storedBytes @5 :UInt64;       # checkpoint bytes stored since this server started (folds not subtracted)
   parked @6 :Bool;              # no device runs the VM: the head is a final checkpoint any up-to-date device may resume
   parkedBy @7 :Text;            # the device that parked it
+  resumablePoint @8 :UInt64;    # newest final checkpoint in the chain: where a failover resumes (0: none)
+  resumablePointAgeNs @9 :UInt64; # how old it is (guest time a failover now would lose)
+  activeSilentNs @10 :UInt64;   # time since the active device last renewed its lease
+  abandoned @11 :UInt64;        # checkpoints a failover abandoned (kept under abandoned/ in the data directory)
 }
 
 struct SwitchReport {
@@ -121,6 +126,9 @@ struct SwitchReport {
   catchUpNs @13 :UInt64;        # bringing a stale target up to date first, while the VM ran on
   catchUpBytes @14 :UInt64;     # what that sent
   fromParked @15 :Bool;         # the VM was parked (`from` parked it), not running: nothing was paused
+  forced @16 :Bool;             # a failover: `from` was lost; the VM resumed from the newest resumable point
+  lostNs @17 :UInt64;           # forced: the age of that point (guest time lost)
+  abandonedCheckpoints @18 :UInt64; # forced: checkpoints after the point, abandoned
 }
 
 struct StopReport {
@@ -162,6 +170,10 @@ interface DevicePeer {
   park @4 () -> (result :HandOffResult);
   # Active: pause the VM, push a final checkpoint, give the lease back and exit
   # (`vmsync stop`). The VM is then parked on the server.
+
+  rollBack @5 (to :UInt64) -> (appliedSequence :UInt64);
+  # A failover abandoned the checkpoints after `to`: drop what was applied
+  # past it. Returns the sequence the image is at now (0: it starts over).
 }
 
 # One registered device's session; dropping it marks the device offline.
@@ -177,18 +189,21 @@ interface DeviceSession {
 
   releaseLease @2 (epoch :UInt64) -> ();
   # Give the lease up after a final checkpoint.
+
+  renewLease @3 (epoch :UInt64) -> ();
+  # The lease holder is alive; refused (the device was fenced) for an old epoch.
 }
 
 interface SyncServer {
   register @0 (deviceId :Text, peer :DevicePeer, appliedSequence :UInt64)
-      -> (session :DeviceSession, vmId :Text, headSequence :UInt64, parked :Bool);
+      -> (session :DeviceSession, vmId :Text, headSequence :UInt64, parked :Bool, leaseTimeoutMs :UInt64);
   # Announce a device and the last sequence it has applied; the server sends it
   # the checkpoints it misses.
 
   status @1 () -> (status :ClusterStatus);
   # Devices, lease and chain head.
 
-  switchTo @2 (target :Text) -> (report :SwitchReport);
+  switchTo @2 (target :Text, force :Bool) -> (report :SwitchReport);
   # Move the running VM to `target`, or resume a parked VM there.
 
   stop @3 () -> (report :StopReport);

@@ -98,6 +98,7 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
     KJ_IF_MAYBE(words, record) {
       StoredCheckpoint checkpoint(kj::mv(*words));
       if (s == base_) noteBase(checkpoint.reader());
+      if (checkpoint.reader().getKind() == wire::CheckpointKind::FINAL) resumablePoint_ = s;
       if (s > previous + 1 && !isOrigPolicy(checkpoint.reader().getPolicy()))
         fail("data directory {}: checkpoints {} to {} are missing and checkpoint {} depends on them; restore them "
              "from a backup", dir_, previous + 1, s - 1, s);
@@ -123,6 +124,9 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
       state_.epoch = j.value("epoch", 0ull);
       state_.holder = j.value("holder", "");
       state_.owner = j.value("owner", "");
+      state_.abandonedAfter = j.value("abandoned_after", 0ull);
+      state_.abandonedUpTo = j.value("abandoned_up_to", 0ull);
+      state_.abandonedTotal = j.value("abandoned_total", 0ull);
       const nlohmann::json devices = j.value("devices", nlohmann::json::object());
       for (const auto& [id, applied] : devices.items())
         state_.appliedByDevice[id] = std::min(applied.get<std::uint64_t>(), head_);
@@ -173,6 +177,7 @@ void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
   recentPath_ = path;
   recent_ = kj::refcounted<StoredCheckpoint>(kj::mv(words));
   ++head_;
+  if (checkpoint.getKind() == wire::CheckpointKind::FINAL) resumablePoint_ = head_;
   if (base_ == 0) {
     base_ = head_;
     noteBase(checkpoint);
@@ -220,12 +225,36 @@ void CheckpointStore::prune(std::uint64_t sequence) {
   syncDirectory(dir_ + "/checkpoints");
 }
 
+std::uint64_t CheckpointStore::abandonAfter(std::uint64_t sequence, std::uint64_t epoch) {
+  if (sequence > head_ || sequence < base_) fail("cannot abandon the chain after {}: it is not stored", sequence);
+  const std::string kept = dir_ + "/abandoned";
+  fs::create_directories(kept);
+  // From the head down: a crash leaves a shorter chain that still follows on.
+  std::uint64_t count = 0;
+  for (std::uint64_t s = head_; s > sequence; --s) {
+    if (bytes_.contains(s)) {
+      fs::rename(checkpointPath(s), fmt::format("{}/epoch-{}-{:08}.ckpt", kept, epoch, s));
+      bytes_.erase(s);
+      ++count;
+    }
+    head_ = s - 1;
+  }
+  syncDirectory(kept);
+  syncDirectory(dir_ + "/checkpoints");
+  recentPath_.clear();
+  recent_ = nullptr;
+  return count;
+}
+
 void CheckpointStore::saveState(const ServerState& state) {
   nlohmann::json j;
   j["vm_id"] = state.vmId;
   j["epoch"] = state.epoch;
   j["holder"] = state.holder;
   j["owner"] = state.owner;
+  j["abandoned_after"] = state.abandonedAfter;
+  j["abandoned_up_to"] = state.abandonedUpTo;
+  j["abandoned_total"] = state.abandonedTotal;
   j["devices"] = nlohmann::json::object();
   for (const auto& [id, applied] : state.appliedByDevice) j["devices"][id] = applied;
   std::string text = j.dump(2);

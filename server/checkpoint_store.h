@@ -34,6 +34,9 @@ struct ServerState {
   std::string holder;                                  // empty: no active device
   std::string owner;                                   // user whose VM this is; empty: not claimed yet
   std::map<std::string, std::uint64_t> appliedByDevice; // every device ever registered
+  std::uint64_t abandonedAfter = 0;                    // last failover: it resumed from this checkpoint
+  std::uint64_t abandonedUpTo = 0;                     //   and abandoned those after it, up to this one
+  std::uint64_t abandonedTotal = 0;                    // checkpoints abandoned by every failover
 };
 
 /// The data directory: the base (a full checkpoint), then the checkpoints
@@ -82,6 +85,12 @@ class CheckpointStore {
   /// Path of a stored checkpoint's file (for readers on other threads; the
   /// file stays until the next fold or prune commits).
   std::string pathOf(std::uint64_t sequence) const;
+  /// Newest stored final checkpoint: where a failover resumes (0: none).
+  std::uint64_t resumablePoint() const { return resumablePoint_; }
+  /// A failover under lease `epoch`: moves the checkpoints after `sequence`
+  /// out of the chain into abandoned/ (kept for audit), so the head becomes
+  /// `sequence`. Returns how many were moved.
+  std::uint64_t abandonAfter(std::uint64_t sequence, std::uint64_t epoch);
   /// Replaces and persists the state.
   void saveState(const ServerState& state);
 
@@ -107,6 +116,7 @@ class CheckpointStore {
   std::uint64_t head_ = 0;
   std::uint64_t base_ = 0;
   bool foldedBase_ = false;  // the base is a "K.base" file, not checkpoint 1
+  std::uint64_t resumablePoint_ = 0;  // newest final checkpoint
   std::uint64_t memoryBytes_ = 0;  // the VM's sizes, from the base's spec
   std::uint64_t diskBytes_ = 0;
   std::map<std::uint64_t, std::uint64_t> bytes_;  // stored checkpoints after the base: sequence -> bytes

@@ -22,6 +22,11 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
   app.add_option("--compact-after", options.compactAfter,
                  "fold the chain into a new base once this many checkpoints follow it (0: no count limit)")
       ->capture_default_str();
+  app.add_option("--lease-timeout", options.leaseTimeoutSeconds,
+                 "seconds an active device may go without renewing its lease before `switch --force` may fail it "
+                 "over (the device pauses its VM by itself after as long)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--compact-above-mb", options.compactAboveMb,
                  "fold the chain into a new base once the checkpoints after it pass this many MiB (0: no size limit)")
       ->capture_default_str();
@@ -39,6 +44,7 @@ int runServer(const ServerOptions& options) {
                                                  : ServerTransport(options.tlsDir, io.provider->getTimer());
     SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20},
                       &io.provider->getTimer());
+    server.setLeaseTimeout(std::chrono::milliseconds(static_cast<std::int64_t>(options.leaseTimeoutSeconds * 1000)));
     kj::Own<kj::ConnectionReceiver> listener;
     try {
       listener = io.provider->getNetwork().parseAddress(options.listen).wait(io.waitScope)->listen();

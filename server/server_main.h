@@ -14,6 +14,7 @@ struct ServerOptions {
   bool insecure = false;               // plain TCP, every client trusted
   std::uint64_t compactAfter = 128;    // checkpoints after the base; 0: never by count
   std::uint64_t compactAboveMb = 1024; // MiB of checkpoints after the base; 0: never by size
+  double leaseTimeoutSeconds = 30;     // an active device silent this long may be failed over (--force)
 };
 
 /// Declares the server's options on `app`.

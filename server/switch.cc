@@ -3,6 +3,9 @@
 // which stores and forwards the chain.
 #include <spdlog/spdlog.h>
 
+#include <chrono>
+#include <kj/vector.h>
+
 #include "base/error.h"
 #include "sync_server.h"
 #include "transport/rpc_util.h"
@@ -29,7 +32,7 @@ kj::Promise<void> SyncServer::catchUpForSwitch(const std::string& target, const 
   });
 }
 
-kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchReport::Builder report) {
+kj::Promise<void> SyncServer::switchTo(const std::string& target, bool force, wire::SwitchReport::Builder report) {
   if (switching_) fail("a switch is already in progress");
   const std::string source = state_.holder;
   auto it = devices_.find(target);
@@ -38,13 +41,25 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchRe
   if (!it->second->failure.empty()) fail("device {} cannot take over: {}", target, it->second->failure);
   if (source.empty()) {
     if (parked()) return resumeParked(target, report);
+    if (force && store_.resumablePoint() != 0) return failOver(target, report);
     fail("no device runs VM '{}'{}", state_.vmId.empty() ? "(none yet)" : state_.vmId,
          store_.head() == 0 ? "; start one with `vmsync active`"
-                            : " and it was not parked: its last device stopped without a final checkpoint");
+                            : " and it was not parked; `--force` resumes it from the newest resumable point");
   }
   if (target == source) fail("device {} is already active", target);
   DeviceEntry& from = device(source);
-  if (!from.peer) fail("the active device {} is offline, so it cannot be paused", source);
+  if (!from.peer) {
+    const double silent = holderSilentNs() / 1e9;
+    const double timeout = leaseTimeout_.count() / 1e3;
+    if (!force)
+      fail("the active device {} is offline (silent for {:.1f} s), so it cannot be paused; after the lease timeout "
+           "({:.0f} s) `vmsync switch --to {} --force` resumes the VM there from the newest resumable point "
+           "(checkpoint {})", source, silent, timeout, target, store_.resumablePoint());
+    if (silent < timeout)
+      fail("the active device {} was last heard from {:.1f} s ago: a forced switch waits for the lease timeout, "
+           "{:.1f} s more, by when it has paused its VM by itself", source, silent, timeout - silent);
+    return failOver(target, report);
+  }
 
   switching_ = true;
   const std::uint64_t start = nowNs();
@@ -77,8 +92,9 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchRe
         }
         DeviceEntry& to = device(target);
         forwardUpTo(to, store_.head());
+        auto activateSent = std::make_shared<bool>(false);
         return drained(to)
-            .then([this, source, target, report, start, pushNs]() mutable -> kj::Promise<void> {
+            .then([this, source, target, report, start, pushNs, activateSent]() mutable -> kj::Promise<void> {
               DeviceEntry& to = device(target);
               if (to.applied != store_.head())
                 rpcFail(to.failure.empty() ? fmt::format("device {} did not apply the final checkpoint", target)
@@ -89,8 +105,10 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchRe
               ++state_.epoch;
               state_.holder = target;
               persist();
+              lastRenewalNs_ = nowNs();
               auto activate = to.peer->activateRequest();
               activate.setEpoch(state_.epoch);
+              *activateSent = true;
               return activate.send().then(
                   [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
                     report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
@@ -99,10 +117,20 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, wire::SwitchRe
                     report.setEpoch(state_.epoch);
                   });
             })
-            .catch_([this, source, target](kj::Exception&& e) -> kj::Promise<void> {
+            .catch_([this, source, target, activateSent](kj::Exception&& e) -> kj::Promise<void> {
+              std::string why = describe(e);
+              if (*activateSent && e.getType() == kj::Exception::Type::DISCONNECTED) {
+                // The answer was lost: the target may have resumed the VM. It
+                // keeps the lease, so the VM never runs twice; if it did not
+                // resume, the lease timeout and a forced switch recover it.
+                spdlog::warn("switch to {}: its answer was lost ({}); it keeps the lease (epoch {})", target, why,
+                             state_.epoch);
+                rpcFail(fmt::format("switch to {}: its answer was lost ({}); {} holds the lease: if it resumed the VM, "
+                                    "the VM runs there; if not, `vmsync switch --to {} --force` after the lease "
+                                    "timeout resumes it from the final checkpoint", target, why, target, source));
+              }
               // The target could not take over; the source holds the exact image
               // of the final checkpoint, so the VM goes on there.
-              std::string why = describe(e);
               spdlog::warn("switch to {} failed: {}; resuming on {}", target, why, source);
               DeviceEntry& back = device(source);
               if (!back.peer) {
@@ -193,6 +221,102 @@ kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
         spdlog::info("VM '{}' parked by {} at checkpoint {}", state_.vmId, holder, store_.head());
       })
       .attach(kj::defer([this] { switching_ = false; }));
+}
+
+kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchReport::Builder report) {
+  const std::uint64_t point = store_.resumablePoint();
+  if (point == 0 || !store_.stored(point))
+    fail("VM '{}' has no resumable point to fail over to: no consistent checkpoint was stored", state_.vmId);
+  const std::string source = state_.holder;
+  switching_ = true;
+  const std::uint64_t start = nowNs();
+  // Fence first: a new epoch nobody holds yet, durable before anything moves.
+  ++state_.epoch;
+  state_.holder.clear();
+  const std::uint64_t oldHead = store_.head();
+  persist();
+  const std::uint64_t abandoned = store_.abandonAfter(point, state_.epoch);
+  state_.abandonedAfter = point;
+  state_.abandonedUpTo = std::max(state_.abandonedUpTo, oldHead);
+  state_.abandonedTotal += abandoned;
+  auto stored = store_.read(point);
+  noteHead(stored->reader());
+  const std::uint64_t created = stored->reader().getCreatedUnixNs();
+  for (auto& [id, entry] : devices_) entry->queued = std::min(entry->queued, std::max(entry->applied, point));
+  persist();
+  const auto wall = static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
+  const std::uint64_t lost = created != 0 && wall > created ? wall - created : 0;
+  spdlog::warn("failover of VM '{}' from {} to {}: resuming from checkpoint {} ({:.1f} s of guest time lost); "
+               "checkpoints {}..{} abandoned ({} kept under abandoned/), lease epoch {}",
+               state_.vmId, source.empty() ? "(none)" : source, target, point, lost / 1e9, point + 1, oldHead,
+               abandoned, state_.epoch);
+  report.setFrom(source);
+  report.setTo(target);
+  report.setForced(true);
+  report.setFinalSequence(point);
+  report.setLostNs(lost);
+  report.setAbandonedCheckpoints(oldHead - point);
+  return rollBackDevices(point)
+      .then([this, target, source, report, start]() mutable {
+        return catchUpForSwitch(target, source, report, start);
+      })
+      .then([this, target, report, start]() mutable {
+        DeviceEntry& to = device(target);
+        if (to.applied != store_.head() || !to.peer)
+          rpcFail(fmt::format("device {} did not reach the resumable point {}; the VM stays parked there", target,
+                              store_.head()));
+        ++state_.epoch;
+        state_.holder = target;
+        persist();
+        lastRenewalNs_ = nowNs();
+        auto activate = to.peer->activateRequest();
+        activate.setEpoch(state_.epoch);
+        return activate.send().then(
+            [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
+              report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
+              report.setResumeNs(response.getResult().getResumeNs());
+              report.setTotalNs(nowNs() - start);
+              report.setEpoch(state_.epoch);
+            },
+            [this, target](kj::Exception&& e) {
+              if (state_.holder == target) {
+                state_.holder.clear();
+                persist();
+              }
+              rpcFail(fmt::format("resuming on {} failed: {}; the VM stays parked at the resumable point", target,
+                                  describe(e)));
+            });
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+kj::Promise<void> SyncServer::rollBackDevices(std::uint64_t point) {
+  kj::Vector<kj::Promise<void>> rolled;
+  for (auto& [id, entry] : devices_) {
+    if (!entry->peer || entry->applied <= point) continue;
+    spdlog::info("failover: device {} applied up to {}; it rolls back to the chain at {}", id, entry->applied, point);
+    auto request = entry->peer->rollBackRequest();
+    request.setTo(point);
+    const std::uint64_t connection = entry->connection;
+    rolled.add(request.send().then(
+        [this, id = id, connection](capnp::Response<wire::DevicePeer::RollBackResults> response) {
+          DeviceEntry& d = device(id);
+          if (d.connection != connection) return;
+          d.applied = d.queued = response.getAppliedSequence();
+          d.tail = nullptr;
+          d.failure.clear();
+          persist();
+        },
+        [this, id = id, connection](kj::Exception&& e) {
+          DeviceEntry& d = device(id);
+          if (d.connection != connection) return;
+          d.failure = fmt::format("it could not roll back after a failover: {}", describe(e));
+          spdlog::warn("device {}: {}", id, d.failure);
+        }));
+  }
+  return kj::joinPromises(rolled.releaseAsArray());
 }
 
 }  // namespace vmsync

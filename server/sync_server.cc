@@ -42,6 +42,12 @@ class DeviceSessionImpl final : public wire::DeviceSession::Server {
       return kj::READY_NOW;
     });
   }
+  kj::Promise<void> renewLease(RenewLeaseContext context) override {
+    return guarded([&] {
+      server_.renewLease(id_, context.getParams().getEpoch());
+      return kj::READY_NOW;
+    });
+  }
 
  private:
   SyncServer& server_;
@@ -67,6 +73,7 @@ class SyncServerImpl final : public wire::SyncServer::Server {
             results.setVmId(server_.vmId());
             results.setHeadSequence(server_.head());
             results.setParked(server_.parked());
+            results.setLeaseTimeoutMs(static_cast<std::uint64_t>(server_.leaseTimeout().count()));
           });
     });
   }
@@ -81,7 +88,7 @@ class SyncServerImpl final : public wire::SyncServer::Server {
     return guarded([&] {
       server_.authorize(peer_, "switch");
       std::string target = context.getParams().getTarget();
-      return server_.switchTo(target, context.getResults().initReport());
+      return server_.switchTo(target, context.getParams().getForce(), context.getResults().initReport());
     });
   }
   kj::Promise<void> stop(StopContext context) override {
@@ -99,7 +106,7 @@ class SyncServerImpl final : public wire::SyncServer::Server {
 }  // namespace
 
 SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Timer* timer)
-    : store_(std::move(dataDir)), limits_(compaction), state_(store_.state()), timer_(timer) {
+    : store_(std::move(dataDir)), limits_(compaction), state_(store_.state()), timer_(timer), lastRenewalNs_(nowNs()) {
   for (const auto& [id, applied] : state_.appliedByDevice) {
     auto entry = std::make_unique<DeviceEntry>();
     entry->id = id;
@@ -129,11 +136,13 @@ void SyncServer::maybeCompact(wire::Policy policy) {
   if (isOrigPolicy(policy)) {
     // Each Orig checkpoint needs only the base: the newest one makes the
     // others useless, to every device.
-    const std::uint64_t to = store_.head();
-    if (count < 2) return;
+    // Not past the resumable point: a failover resumes from it.
+    const std::uint64_t point = store_.resumablePoint();
+    const std::uint64_t to = point > store_.base() ? std::min(store_.head(), point) : store_.head();
+    if (count < 2 || to == store_.first()) return;
     store_.prune(to);
-    spdlog::info("compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base", count - 1,
-                 bytes - store_.bytesAfterBase(), to);
+    spdlog::info("compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base",
+                 count - store_.countAfterBase(), bytes - store_.bytesAfterBase(), to);
     return;
   }
   // Fold no further than the online standbys have applied: they go on from
@@ -146,9 +155,9 @@ void SyncServer::maybeCompact(wire::Policy policy) {
   if (!overdue)
     for (const auto& [id, entry] : devices_)
       if (entry->peer && entry->failure.empty() && id != state_.holder) to = std::min(to, entry->applied);
-  // A final checkpoint at the head is where a parked VM resumes: its device
-  // state stays in the chain.
-  if (headIsFinal_) to = std::min(to, store_.head() - 1);
+  // The newest final checkpoint is where a parked VM, or a failover, resumes:
+  // it stays in the chain with its device state.
+  if (store_.resumablePoint() > store_.base()) to = std::min(to, store_.resumablePoint() - 1);
   if (to <= store_.base()) return;
   std::vector<std::string> paths;
   paths.push_back(store_.pathOf(store_.base()));
@@ -238,6 +247,9 @@ void SyncServer::noteHead(wire::Checkpoint::Reader head) {
 kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wire::DevicePeer::Client peer,
                                                       std::uint64_t applied) {
   if (id.empty() || id.size() > 64) fail("device id must be 1 to 64 characters");
+  if (applied > store_.head() && applied <= state_.abandonedUpTo)
+    fail("device {} is at checkpoint {}, past this chain's end at {}: a failover abandoned the checkpoints after {}; "
+         "it must roll back to the chain", id, applied, store_.head(), state_.abandonedAfter);
   if (applied > store_.head())
     fail("device {} says it applied checkpoint {}, but this server's chain ends at {}; "
          "its state does not belong to this server", id, applied, store_.head());
@@ -294,7 +306,10 @@ std::uint64_t SyncServer::acquireLease(const std::string& id) {
   if (switching_) fail("a switch is in progress; device {} may take the lease after it", id);
   if (!state_.holder.empty() && state_.holder != id)
     fail("device {} holds the lease; switch to this device with `vmsync switch --to {}`", state_.holder, id);
-  if (state_.holder == id) return state_.epoch;
+  if (state_.holder == id) {
+    lastRenewalNs_ = nowNs();
+    return state_.epoch;
+  }
   DeviceEntry& entry = device(id);
   if (entry.applied != store_.head())
     fail("device {} is stale (at sequence {}, head {}); it must catch up before it may become active", id,
@@ -302,6 +317,7 @@ std::uint64_t SyncServer::acquireLease(const std::string& id) {
   ++state_.epoch;
   state_.holder = id;
   persist();
+  lastRenewalNs_ = nowNs();
   spdlog::info("lease epoch {} granted to {}", state_.epoch, id);
   return state_.epoch;
 }
@@ -356,6 +372,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   store_.append(checkpoint);
   storedBytes_ += store_.read(store_.head())->bytes();
   noteHead(checkpoint);
+  lastRenewalNs_ = nowNs();
   DeviceEntry& origin = device(id);
   origin.applied = origin.queued = store_.head();
   persist();
@@ -364,6 +381,23 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
     if (other != id) forwardUpTo(*entry, store_.head());
   maybeCompact(checkpoint.getPolicy());
   return store_.head();
+}
+
+void SyncServer::renewLease(const std::string& id, std::uint64_t epoch) {
+  if (state_.holder != id || state_.epoch != epoch)
+    fail("lease renewal from {} refused: the device was fenced (its lease epoch is {}, the current lease is epoch {} "
+         "held by '{}')", id, epoch, state_.epoch, state_.holder);
+  lastRenewalNs_ = nowNs();
+}
+
+std::uint64_t SyncServer::holderSilentNs() const { return nowNs() - lastRenewalNs_; }
+
+std::uint64_t SyncServer::resumablePointCreatedNs() {
+  const std::uint64_t point = store_.resumablePoint();
+  if (point == 0) return 0;
+  if (resumableCreated_.first != point && store_.stored(point))
+    resumableCreated_ = {point, store_.read(point)->reader().getCreatedUnixNs()};
+  return resumableCreated_.second;
 }
 
 void SyncServer::releaseLease(const std::string& id, std::uint64_t epoch) {
@@ -489,6 +523,15 @@ void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
   status.setStoredBytes(storedBytes_);
   status.setParked(parked());
   if (parked()) status.setParkedBy(headOrigin_);
+  status.setResumablePoint(store_.resumablePoint());
+  if (const std::uint64_t created = resumablePointCreatedNs(); created != 0) {
+    const auto wall = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                     std::chrono::system_clock::now().time_since_epoch())
+                                                     .count());
+    status.setResumablePointAgeNs(wall > created ? wall - created : 0);
+  }
+  if (!state_.holder.empty()) status.setActiveSilentNs(holderSilentNs());
+  status.setAbandoned(state_.abandonedTotal);
   auto list = status.initDevices(static_cast<unsigned>(devices_.size()));
   unsigned i = 0;
   for (const auto& [id, entry] : devices_) {

@@ -5,6 +5,7 @@
 #include <kj/timer.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -66,8 +67,13 @@ class SyncServer {
   std::uint64_t acquireLease(const std::string& id);
   std::uint64_t push(const std::string& id, wire::Checkpoint::Reader checkpoint);
   void releaseLease(const std::string& id, std::uint64_t epoch);
+  void renewLease(const std::string& id, std::uint64_t epoch);
+  void setLeaseTimeout(std::chrono::milliseconds timeout) { leaseTimeout_ = timeout; }
+  std::chrono::milliseconds leaseTimeout() const { return leaseTimeout_; }
   void fillStatus(wire::ClusterStatus::Builder status);
-  kj::Promise<void> switchTo(const std::string& target, wire::SwitchReport::Builder report);
+  /// `force`: the active device is lost; after the lease timeout, resume the
+  /// VM on `target` from the newest resumable point, abandoning what followed.
+  kj::Promise<void> switchTo(const std::string& target, bool force, wire::SwitchReport::Builder report);
   /// Parks the VM: its device pauses it, pushes a final checkpoint and gives the lease back.
   kj::Promise<void> stop(wire::StopReport::Builder report);
   /// True when no device runs the VM and the head is a final checkpoint.
@@ -86,6 +92,14 @@ class SyncServer {
   /// Brings `target` to the head while nothing is paused; fills the report's catch-up part.
   kj::Promise<void> catchUpForSwitch(const std::string& target, const std::string& source,
                                      wire::SwitchReport::Builder report, std::uint64_t start);
+  /// The failover itself (switchTo with force, its checks passed).
+  kj::Promise<void> failOver(const std::string& target, wire::SwitchReport::Builder report);
+  /// Has every online device past `point` drop what it applied after it.
+  kj::Promise<void> rollBackDevices(std::uint64_t point);
+  /// Nanoseconds since the lease holder last renewed its lease.
+  std::uint64_t holderSilentNs() const;
+  /// Wall-clock creation time of the resumable point (0: unknown).
+  std::uint64_t resumablePointCreatedNs();
   /// Notes the kind and origin of the newest checkpoint (`parked()`).
   void noteHead(wire::Checkpoint::Reader head);
   void persist();
@@ -115,6 +129,9 @@ class SyncServer {
   std::uint64_t storedBytes_ = 0;  // checkpoint bytes stored since start, for status
   bool switching_ = false;
   kj::Timer* timer_;
+  std::chrono::milliseconds leaseTimeout_{30000};
+  std::uint64_t lastRenewalNs_ = 0;  // when the holder last renewed (or the server started)
+  std::pair<std::uint64_t, std::uint64_t> resumableCreated_{0, 0};  // (sequence, its createdUnixNs)
   bool headIsFinal_ = false;  // the newest checkpoint is a final one
   std::string headOrigin_;    // the device that pushed it
 };

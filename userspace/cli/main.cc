@@ -69,6 +69,8 @@ T waitExplained(kj::Promise<T>&& promise, kj::WaitScope& scope, const vmsync::Cl
   }
 }
 
+double ms(std::uint64_t ns) { return static_cast<double>(ns) / 1e6; }
+
 int runStatus(const ClientOptions& options, bool json) {
   auto transport = vmsync::clientTransport(options.credential, options.insecure);
   auto io = kj::setupAsyncIo();
@@ -84,6 +86,10 @@ int runStatus(const ClientOptions& options, bool json) {
                      {"stored_bytes", status.getStoredBytes()},
                      {"parked", status.getParked()},
                      {"parked_by", std::string(status.getParkedBy())},
+                     {"resumable_point", status.getResumablePoint()},
+                     {"resumable_point_age_ms", ms(status.getResumablePointAgeNs())},
+                     {"active_silent_ms", ms(status.getActiveSilentNs())},
+                     {"abandoned", status.getAbandoned()},
                      {"devices", nlohmann::json::array()}};
     for (auto d : status.getDevices())
       j["devices"].push_back({{"device", std::string(d.getDeviceId())},
@@ -98,6 +104,9 @@ int runStatus(const ClientOptions& options, bool json) {
               static_cast<unsigned long long>(status.getHeadSequence()),
               static_cast<unsigned long long>(status.getEpoch()),
               status.getActiveDevice().size() ? status.getActiveDevice().cStr() : "(none)");
+  if (status.getResumablePoint() != 0)
+    std::printf("newest resumable point: checkpoint %llu, %.1f s old\n",
+                static_cast<unsigned long long>(status.getResumablePoint()), status.getResumablePointAgeNs() / 1e9);
   if (status.getParked())
     std::printf("parked by %s at checkpoint %llu: `vmsync switch --to DEVICE` resumes it there\n",
                 status.getParkedBy().cStr(), static_cast<unsigned long long>(status.getHeadSequence()));
@@ -108,15 +117,14 @@ int runStatus(const ClientOptions& options, bool json) {
   return 0;
 }
 
-double ms(std::uint64_t ns) { return static_cast<double>(ns) / 1e6; }
-
-int runSwitch(const ClientOptions& options, const std::string& target, bool json) {
+int runSwitch(const ClientOptions& options, const std::string& target, bool force, bool json) {
   auto transport = vmsync::clientTransport(options.credential, options.insecure);
   auto io = kj::setupAsyncIo();
   auto connection = connectOrExplain(io, transport, options.server);
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
   auto request = client.switchToRequest();
   request.setTarget(target);
+  request.setForce(force);
   // While the switch runs, say how far a stale target is from the head.
   auto& timer = io.provider->getTimer();
   std::string lastLine;
@@ -157,8 +165,22 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool json
                      {"device_state_load_ms", ms(r.getDeviceStateLoadNs())},
                      {"resume_ms", ms(r.getResumeNs())},       {"total_ms", ms(r.getTotalNs())},
                      {"catch_up_ms", ms(r.getCatchUpNs())},    {"catch_up_bytes", r.getCatchUpBytes()},
-                     {"from_parked", r.getFromParked()}};
+                     {"from_parked", r.getFromParked()},
+                     {"forced", r.getForced()},
+                     {"lost_ms", ms(r.getLostNs())},
+                     {"abandoned_checkpoints", r.getAbandonedCheckpoints()}};
     std::puts(j.dump(2).c_str());
+    return 0;
+  }
+  if (r.getForced()) {
+    std::printf("failed over from %s to %s: resumed from resumable point %llu, lease epoch %llu\n", r.getFrom().cStr(),
+                r.getTo().cStr(), static_cast<unsigned long long>(r.getFinalSequence()),
+                static_cast<unsigned long long>(r.getEpoch()));
+    std::printf("  guest time lost    %8.1f s  (the age of that point; %llu later checkpoints abandoned)\n",
+                r.getLostNs() / 1e9, static_cast<unsigned long long>(r.getAbandonedCheckpoints()));
+    std::printf("  catch-up           %8.1f ms  (%llu bytes)\n", ms(r.getCatchUpNs()),
+                static_cast<unsigned long long>(r.getCatchUpBytes()));
+    std::printf("  total              %8.1f ms\n", ms(r.getTotalNs()));
     return 0;
   }
   if (r.getFromParked()) {
@@ -214,6 +236,11 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
       ->check(CLI::IsMember({"auto", "kvm", "tcg"}))
       ->capture_default_str();
   cmd.add_option("--interval", o.intervalSeconds, "seconds between incremental checkpoints")->capture_default_str();
+  cmd.add_option("--resumable-every", o.resumableEverySeconds,
+                 "when active, make a consistent checkpoint (VM paused briefly) this often, in seconds: where a "
+                 "failover resumes if this device is lost (0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cmd.add_option("--target-switch-ms", o.targetSwitchMs,
                  "when active, choose the interval from the measured link rate and the guest's dirty rate so that "
                  "a switch's final checkpoint is expected to travel in this many ms (0: --interval stays)")
@@ -267,9 +294,12 @@ int main(int argc, char** argv) {
     cmd->add_flag("--insecure", client.insecure, "plain TCP to a server started with --insecure");
   };
   std::string target;
-  bool json = false;
+  bool json = false, force = false;
   auto* sw = app.add_subcommand("switch", "move the running VM to another device");
   sw->add_option("--to", target, "device to continue on")->required();
+  sw->add_flag("--force", force,
+               "the active device is lost: once the lease timeout has passed, resume the VM on the target from the "
+               "newest resumable point (what came after it is abandoned)");
   addClientOptions(sw);
   sw->add_flag("--json", json, "print the report as JSON");
 
@@ -344,7 +374,7 @@ int main(int argc, char** argv) {
     if (server->parsed()) return vmsync::runServer(serverOptions);
     if (active->parsed()) return vmsync::runDevice(activeOptions, vmsync::Role::active);
     if (standby->parsed()) return vmsync::runDevice(standbyOptions, vmsync::Role::standby);
-    if (sw->parsed()) return runSwitch(client, target, json);
+    if (sw->parsed()) return runSwitch(client, target, force, json);
     if (status->parsed()) return runStatus(client, json);
     if (stop->parsed()) return runStop(client);
     if (init->parsed()) {

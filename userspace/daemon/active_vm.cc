@@ -20,7 +20,11 @@ kj::ArrayPtr<const kj::byte> asCapnp(std::span<const std::byte> bytes) {
 }
 
 const char* kindName(wire::CheckpointKind kind) {
-  return kind == wire::CheckpointKind::FULL ? "full" : "incremental";
+  switch (kind) {
+    case wire::CheckpointKind::FULL: return "full";
+    case wire::CheckpointKind::FINAL: return "resumable point";
+    default: return "incremental";
+  }
 }
 
 }  // namespace
@@ -58,6 +62,7 @@ ActiveVm::~ActiveVm() {
 }
 
 void ActiveVm::boot() {
+  replica_.markLive(true);
   setUpDisk();
   vm_ = std::make_unique<QemuVm>(vmConfigFor(options_, replica_, loop_.get(), false));
   attachSources();
@@ -70,6 +75,7 @@ void ActiveVm::boot() {
 
 void ActiveVm::resume(std::span<const std::byte> state, wire::ActivateResult::Builder result) {
   const std::uint64_t t0 = nowNs();
+  replica_.markLive(true);
   setUpDisk();
   vm_ = std::make_unique<QemuVm>(vmConfigFor(options_, replica_, loop_.get(), true));
   try {
@@ -78,6 +84,7 @@ void ActiveVm::resume(std::span<const std::byte> state, wire::ActivateResult::Bu
     vm_->quit();
     vm_.reset();
     loop_.reset();
+    replica_.markLive(false);  // the guest never ran: the image is still the final checkpoint's
     throw;
   }
   attachSources();
@@ -90,7 +97,48 @@ void ActiveVm::resume(std::span<const std::byte> state, wire::ActivateResult::Bu
   startCheckpoints();
 }
 
+void ActiveVm::leaseRenewed() {
+  lastRenewedNs_ = nowNs();
+  if (selfPaused_ && !fenced_ && !pausedForHandOff_ && vm_) {
+    vm_->cont();
+    selfPaused_ = false;
+    spdlog::info("{}: the server confirmed the lease again (epoch {}); the VM runs on", options_.deviceId, epoch_);
+  }
+}
+
+kj::Promise<void> ActiveVm::renewLoop() {
+  const auto timeout = link_.leaseTimeout();
+  const auto period = std::max<std::int64_t>(timeout.count() / 4, 100);
+  return io_.provider->getTimer().afterDelay(period * kj::MILLISECONDS).then([this, timeout]() -> kj::Promise<void> {
+    if (fenced_) return kj::READY_NOW;
+    const std::uint64_t silentNs = nowNs() - lastRenewedNs_;
+    if (!selfPaused_ && !pausedForHandOff_ && vm_ &&
+        silentNs > static_cast<std::uint64_t>(timeout.count()) * 1000000) {
+      // The server may fail the VM over to another device after this long:
+      // it must not run here meanwhile.
+      vm_->stop();
+      selfPaused_ = true;
+      spdlog::warn("{}: the lease could not be renewed for {:.1f} s (the server's lease timeout); the VM is paused "
+                   "until the server confirms the lease", options_.deviceId, silentNs / 1e9);
+    }
+    kj::Promise<void> renewal = kj::READY_NOW;
+    if (link_.connected()) {
+      auto request = link_.session().renewLeaseRequest();
+      request.setEpoch(epoch_);
+      renewal = request.send().then([this](auto&&) { leaseRenewed(); },
+                                    [this](kj::Exception&& e) {
+                                      const std::string why = describe(e);
+                                      if (why.find("was fenced") != std::string::npos) fence(why);
+                                    });
+    }
+    return renewal.then([this] { return renewLoop(); });
+  });
+}
+
 void ActiveVm::startCheckpoints() {
+  lastRenewedNs_ = nowNs();
+  lastResumableNs_ = nowNs();
+  renewals_ = renewLoop().eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("lease renewal: {}", describe(e)); });
   spdlog::info("{}: active (policy {}, page source {}, block source {}, checkpoint every {} s)", options_.deviceId,
                policyName(replica_.spec().policy), pageSource_->name(), blockSource_->name(),
                options_.intervalSeconds);
@@ -124,9 +172,12 @@ kj::Promise<void> ActiveVm::checkpointLoop() {
       .then([this, delay] { return io_.provider->getTimer().afterDelay(delay * kj::NANOSECONDS); })
       .then([this]() -> kj::Promise<void> {
         if (stopping_) return kj::READY_NOW;
+        const bool resumableDue = options_.resumableEverySeconds > 0 && replica_.applied() > 0 && !selfPaused_ &&
+                                  nowNs() - lastResumableNs_ >= options_.resumableEverySeconds * 1e9;
         // The full sync again when the first one never reached the server.
-        inFlight_ = pushCheckpoint(replica_.applied() == 0 ? wire::CheckpointKind::FULL
-                                                           : wire::CheckpointKind::INCREMENTAL)
+        inFlight_ = (resumableDue ? pushResumablePoint()
+                                  : pushCheckpoint(replica_.applied() == 0 ? wire::CheckpointKind::FULL
+                                                                           : wire::CheckpointKind::INCREMENTAL))
                         .fork();
         return checkpointLoop();
       });
@@ -215,9 +266,56 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
       .eagerlyEvaluate(nullptr);
 }
 
+kj::Promise<void> ActiveVm::pushResumablePoint() {
+  if (!link_.connected()) return kj::READY_NOW;
+  lastResumableNs_ = nowNs();
+  auto pending = std::make_shared<PendingPush>();
+  auto state = std::make_shared<std::vector<std::byte>>();
+  const std::uint64_t t0 = nowNs();
+  vm_->stop();
+  *pending = harvestEverything();
+  const std::uint64_t t1 = nowNs();
+  try {
+    *state = vm_->saveDeviceState();
+  } catch (const Error& e) {
+    ramTracker_->retryLater(pending->memory);
+    diskTracker_->retryLater(pending->disk);
+    vm_->cont();
+    spdlog::error("{}: no resumable point: {}; its changes go into the next checkpoint", options_.deviceId, e.what());
+    return kj::READY_NOW;
+  }
+  vm_->cont();
+  const std::uint64_t t2 = nowNs();
+  spdlog::info("{}: resumable point {}: VM paused {:.1f} ms (harvest {:.1f} ms, device state {:.1f} ms)",
+               options_.deviceId, pending->sequence, (t2 - t0) / 1e6, (t1 - t0) / 1e6, (t2 - t1) / 1e6);
+  const Digest digest = imageDigest(ramTracker_->hashesAfter(pending->memory), diskTracker_->hashesAfter(pending->disk));
+  auto request = link_.session().pushRequest();
+  auto checkpoint = request.initCheckpoint();
+  describeCheckpoint(checkpoint, wire::CheckpointKind::FINAL, pending->sequence);
+  toWire(pending->memory, pending->disk, checkpoint);
+  link_.holdWhileSending(pending);
+  checkpoint.setDeviceState(asCapnp(*state));
+  checkpoint.setImageDigest(asCapnp(digest));
+  checkpoint.setVmContinued(true);
+  const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
+  auto progress =
+      link_.watchTransfer(fmt::format("{}: resumable point {}", options_.deviceId, pending->sequence), wireBytes);
+  const std::uint64_t sendStart = nowNs();
+  return request.send()
+      .attach(kj::mv(progress), kj::mv(state))
+      .then(
+          [this, pending, wireBytes, t0, t2, sendStart](capnp::Response<wire::DeviceSession::PushResults>) {
+            onPushStored(*pending, wire::CheckpointKind::FINAL, wireBytes, 0, t2 - t0, sendStart);
+            link_.sent(pending);
+          },
+          [this, pending](kj::Exception&& e) { onPushFailed(pending, e); })
+      .eagerlyEvaluate(nullptr);
+}
+
 void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kind, std::uint64_t wireBytes,
                             double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart) {
   const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
+  leaseRenewed();  // the server stores pushes under the current lease only
   bytesPushed_ += wireBytes;
   if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
     if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds))
@@ -287,7 +385,9 @@ PendingPush ActiveVm::harvestEverything() {
 }
 
 void ActiveVm::runOn() {
+  pausedForHandOff_ = false;
   if (fenced_) return;  // another device may run the VM
+  if (selfPaused_) return;  // resumed once the lease is confirmed
   vm_->cont();
   stopping_ = false;
   scheduleCheckpoint();
@@ -312,6 +412,7 @@ kj::Promise<FinalCheckpoint> ActiveVm::handOff(std::string target, wire::HandOff
 
 void ActiveVm::pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire::HandOffResult::Builder result) {
   const std::uint64_t t0 = nowNs();
+  pausedForHandOff_ = true;
   vm_->stop();
   const std::uint64_t t1 = nowNs();
   pending = harvestEverything();
@@ -375,6 +476,7 @@ kj::Promise<FinalCheckpoint> ActiveVm::pushFinal(wire::DeviceSession::Client ses
 RetiredVmm ActiveVm::retire() {
   stopping_ = true;
   timer_ = nullptr;
+  renewals_ = nullptr;
   pageSource_.reset();
   return RetiredVmm{std::move(vm_), std::move(blockSource_), std::move(loop_)};
 }

@@ -73,6 +73,8 @@ class ActiveVm {
   /// True once this device learned that the lease moved on: its VM is paused
   /// for good and nothing more is pushed.
   bool fenced() const { return fenced_; }
+  /// The lease moved on (`why`): pauses the VM at once and keeps it paused.
+  void fence(const std::string& why);
 
  private:
   /// --disk loop: attaches the disk image to a loop device for the VMM.
@@ -104,8 +106,14 @@ class ActiveVm {
   void pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire::HandOffResult::Builder result);
   kj::Promise<FinalCheckpoint> pushFinal(wire::DeviceSession::Client session, std::shared_ptr<PendingPush> pending,
                                          std::shared_ptr<FinalCheckpoint> final, wire::HandOffResult::Builder result);
-  /// The lease moved on (`why`): pauses the VM at once and keeps it paused.
-  void fence(const std::string& why);
+
+  /// A consistent checkpoint of the running VM: paused while its exact
+  /// changes and device state are taken, resumed, then shipped.
+  kj::Promise<void> pushResumablePoint();
+  /// Renews the lease every quarter of the server's lease timeout; pauses the
+  /// VM when it could not for a whole timeout, resumes it once it can again.
+  kj::Promise<void> renewLoop();
+  void leaseRenewed();
   /// Undoes a pause that did not end in a stored final checkpoint.
   void runOn();
 
@@ -124,6 +132,11 @@ class ActiveVm {
 
   bool stopping_ = false;                        // no new incremental checkpoints
   bool fenced_ = false;                          // the lease moved on: paused for good
+  bool pausedForHandOff_ = false;                // a final checkpoint is on its way
+  bool selfPaused_ = false;                      // paused: the lease could not be renewed in time
+  std::uint64_t lastRenewedNs_ = 0;              // the server last confirmed the lease (renewal or push)
+  std::uint64_t lastResumableNs_ = 0;            // the last resumable point was taken
+  kj::Maybe<kj::Promise<void>> renewals_;
   kj::Maybe<kj::Promise<void>> timer_;           // next incremental checkpoint
   kj::Maybe<kj::ForkedPromise<void>> inFlight_;  // push under way
   std::optional<AdaptiveInterval> adaptive_;     // --target-switch-ms

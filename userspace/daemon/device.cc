@@ -45,6 +45,10 @@ class Device {
   kj::Promise<void> park(wire::HandOffResult::Builder result);
   /// park(), then the daemon exits (the server's `stop`).
   kj::Promise<void> parkAndExit(wire::HandOffResult::Builder result);
+  /// A failover abandoned checkpoints after `to`: this device drops what it
+  /// applied past it (its VM, if it still had one, stays paused and goes).
+  /// Returns the sequence its image is at now.
+  std::uint64_t rollBack(std::uint64_t to, const std::string& why);
 
  private:
   /// The server holds a parked VM at `head`: resume it here, once this
@@ -99,6 +103,14 @@ class DevicePeerImpl final : public wire::DevicePeer::Server {
     });
   }
   kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
+  kj::Promise<void> rollBack(RollBackContext context) override {
+    return guarded([&] {
+      const std::uint64_t to = context.getParams().getTo();
+      context.getResults().setAppliedSequence(
+          device_.rollBack(to, fmt::format("a failover resumed the VM from checkpoint {}", to)));
+      return kj::READY_NOW;
+    });
+  }
   kj::Promise<void> park(ParkContext context) override {
     return guarded([&] { return device_.parkAndExit(context.getResults().initResult()); });
   }
@@ -116,8 +128,31 @@ Device::Device(kj::AsyncIoContext& io, DeviceOptions options)
           [this] { return replica_.applied(); }) {
   link_.onReconnected([this](Registration registered) -> kj::Promise<void> {
     if (role_ != Role::active || !active_) return kj::READY_NOW;
-    return active_->rejoin(kj::mv(registered));
+    return active_->rejoin(kj::mv(registered)).catch_([this](kj::Exception&& e) -> kj::Promise<void> {
+      if (!active_ || !active_->fenced()) return kj::mv(e);
+      // Another device runs the VM: this one's image went on past the chain.
+      // It becomes a standby that starts over, registered anew at 0.
+      rollBack(0, describe(e));
+      background_.add(kj::evalLater([this] { link_.restart(); }));
+      return kj::READY_NOW;
+    });
   });
+  link_.onAbandoned([this](const std::string& why) { rollBack(0, why); });
+}
+
+std::uint64_t Device::rollBack(std::uint64_t to, const std::string& why) {
+  if (active_) {
+    // Lost its lease to a failover: the VM never runs here again as it is.
+    active_->fence(why);
+    retiring_ = active_->retire();
+    active_.reset();
+    retireVm();
+  }
+  role_ = Role::standby;
+  if (replica_.applied() > to || to == 0) replica_.discard();
+  replica_.markLive(false);
+  spdlog::info("{}: rolled back ({}); a standby at checkpoint {}", options_.deviceId, why, replica_.applied());
+  return replica_.applied();
 }
 
 Device::~Device() {
@@ -133,7 +168,12 @@ void Device::checkImage() const {
 }
 
 kj::Promise<void> Device::start(Role role) {
-  if (role == Role::standby) return link_.connect(replica_.applied()).ignoreResult();
+  if (role == Role::standby)
+    return link_.connect(replica_.applied()).ignoreResult().catch_([this](kj::Exception&& e) -> kj::Promise<void> {
+      if (!ServerLink::isAbandoned(e)) return kj::mv(e);
+      rollBack(0, describe(e));
+      return link_.connect(replica_.applied()).ignoreResult();
+    });
   // An image that can resume registers where it is; otherwise at 0, since a
   // new VM's state directory is about to be replaced.
   return link_.connect(replica_.resumable() ? replica_.applied() : 0)
@@ -233,6 +273,7 @@ void Device::becomeStandby(FinalCheckpoint final) {
   active_.reset();
   role_ = Role::standby;
   replica_.recordFinal(final.sequence, final.deviceState, std::move(final.hashes));
+  replica_.markLive(false);  // the VMM is paused at the final checkpoint, and quits
   // The paused VMM writes nothing more; it quits after the answer is on its way.
   background_.add(io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] {
     retireVm();

@@ -44,6 +44,21 @@ Replica::Replica(const std::string& stateDir, std::string deviceId) : deviceId_(
   lockDirectory();
   loadLocalState();
   redoJournal();
+  if (fs::exists(path("vmm-running"))) {
+    spdlog::warn("{}: a VMM ran on this image and stopped without a final checkpoint: the image is past checkpoint "
+                 "{} by what the guest did since", deviceId_, applied_);
+    discard();
+    markLive(false);
+  }
+}
+
+void Replica::markLive(bool live) {
+  if (live) {
+    writeFileDurably(path("vmm-running"), "1", 1);
+  } else if (fs::exists(path("vmm-running"))) {
+    fs::remove(path("vmm-running"));
+    syncDirectory(dir_);
+  }
 }
 
 Replica::~Replica() {
@@ -332,6 +347,16 @@ std::string Replica::deviceStateForResume() const {
     fail("device {} has no device state for its image at checkpoint {} (it holds state of checkpoint {})",
          deviceId_, applied_, deviceStateSequence_);
   return readWholeFile(path("device-state.bin"), 1u << 30);
+}
+
+void Replica::discard() {
+  fs::remove(path("device-state.bin"));
+  fs::remove(path("device-state.seq"));
+  deviceStateSequence_ = 0;
+  verified_ = {};
+  damaged_.clear();
+  saveApplied(0);
+  spdlog::warn("{}: the image is discarded; it is synced again from the server's chain", deviceId_);
 }
 
 ImageHashes Replica::takeVerifiedHashes() {

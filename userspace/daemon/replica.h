@@ -90,6 +90,13 @@ class Replica {
   std::string deviceStateForResume() const;
   /// Hashes of the image at the final checkpoint (computed if not kept).
   ImageHashes takeVerifiedHashes();
+  /// A VMM runs on the images (`live`), or ran and stopped at a final
+  /// checkpoint. A replica found live at start-up was left by a VMM that died
+  /// past its last checkpoint: its image is discarded.
+  void markLive(bool live);
+  /// A failover abandoned checkpoints this image holds: forget what was
+  /// applied, so the image is synced again from the server's chain.
+  void discard();
   /// True when the image is at a verified final checkpoint whose device state is here.
   bool resumable() const { return damaged_.empty() && ram_ && applied_ != 0 && deviceStateSequence_ == applied_; }
 

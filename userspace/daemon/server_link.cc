@@ -45,6 +45,8 @@ kj::Promise<Registration> ServerLink::connect(std::uint64_t applied) {
       })
       .then([this](Registration registered) {
         session_ = registered.getSession();
+        if (registered.getLeaseTimeoutMs() != 0)
+          leaseTimeout_ = std::chrono::milliseconds(registered.getLeaseTimeoutMs());
         spdlog::info("{}: registered with {} (VM '{}', head {})", options_.deviceId, options_.server,
                      std::string(registered.getVmId()), registered.getHeadSequence());
         watch_ = connection_->onDisconnect()
@@ -52,6 +54,16 @@ kj::Promise<Registration> ServerLink::connect(std::uint64_t applied) {
                      .eagerlyEvaluate([](kj::Exception&& e) { spdlog::debug("connection watch: {}", describe(e)); });
         return kj::mv(registered);
       });
+}
+
+void ServerLink::restart() {
+  watch_ = nullptr;
+  session_.reset();
+  server_.reset();
+  sending_.clear();
+  connection_ = nullptr;
+  reconnect_ = reconnectLoop(std::chrono::milliseconds(0))
+                   .eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("reconnect: {}", describe(e)); });
 }
 
 void ServerLink::onDisconnected() {
@@ -71,6 +83,10 @@ kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
         return onReconnected_(kj::mv(registered));
       })
       .catch_([this, delay](kj::Exception&& e) -> kj::Promise<void> {
+        if (!session_ && isAbandoned(e) && onAbandoned_) {
+          onAbandoned_(describe(e));
+          return reconnectLoop(std::chrono::milliseconds(200));
+        }
         if (session_) {
           spdlog::error("{}: {}", options_.deviceId, describe(e));
           return kj::READY_NOW;
@@ -78,6 +94,10 @@ kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
         spdlog::debug("{}: reconnect failed: {}", options_.deviceId, describe(e));
         return reconnectLoop(std::min(delay * 2, std::chrono::milliseconds(5000)));
       });
+}
+
+bool ServerLink::isAbandoned(const kj::Exception& e) {
+  return describe(e).find("a failover abandoned the checkpoints") != std::string::npos;
 }
 
 kj::Promise<void> ServerLink::watchTransfer(std::string what, std::uint64_t bytes) {

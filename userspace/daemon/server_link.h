@@ -43,8 +43,18 @@ class ServerLink {
   /// Called after each registration that follows a lost connection; a
   /// failure it throws is logged and ends the attempts.
   void onReconnected(std::function<kj::Promise<void>(Registration)> handler) { onReconnected_ = std::move(handler); }
+  /// Called when the server refuses the registration because a failover
+  /// abandoned checkpoints this device holds; the handler rolls the device
+  /// back, and the registration is tried again at `applied()`.
+  void onAbandoned(std::function<void(const std::string& why)> handler) { onAbandoned_ = std::move(handler); }
+  /// True when `e` is the server's refusal of a registration past an abandoned chain.
+  static bool isAbandoned(const kj::Exception& e);
+  /// The server's lease timeout, from the last registration.
+  std::chrono::milliseconds leaseTimeout() const { return leaseTimeout_; }
 
   bool connected() const { return session_.has_value(); }
+  /// Drops the connection and registers again (at `applied()`).
+  void restart();
   /// The session of the current registration; throws Error when there is none.
   wire::DeviceSession::Client& session();
 
@@ -72,6 +82,8 @@ class ServerLink {
   std::function<wire::DevicePeer::Client()> makePeer_;
   std::function<std::uint64_t()> applied_;
   std::function<kj::Promise<void>(Registration)> onReconnected_;
+  std::function<void(const std::string&)> onAbandoned_;
+  std::chrono::milliseconds leaseTimeout_{30000};
   ClientTransport transport_;
 
   /// Pushes whose message on `connection_` references their payloads (toWire()

@@ -1,0 +1,142 @@
+// Losing the active device: kill -9 of its daemon and its QEMU at a seeded
+// moment, `switch --force` after the lease timeout resumes the VM on another
+// device from the newest resumable point, and the lost device comes back as a
+// standby that never runs its stale VM and takes the VM over again later.
+//
+// VMSYNC_FAILOVER_SEEDS sets how many seeds run (3 in `make test`, 20 in `make soak`).
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <cstdlib>
+#include <random>
+#include <regex>
+#include <thread>
+
+#include "cluster.h"
+
+namespace vmsync::testing {
+namespace {
+
+constexpr auto kBootAndSync = std::chrono::seconds(180);
+constexpr int kLeaseTimeoutSeconds = 3;
+
+int seedCount() {
+  const char* v = std::getenv("VMSYNC_FAILOVER_SEEDS");
+  return v && std::atoi(v) > 0 ? std::atoi(v) : 3;
+}
+
+/// Pids of the processes whose command line mentions `text`.
+std::vector<pid_t> processesMentioning(const std::string& text) {
+  std::vector<pid_t> pids;
+  DIR* proc = ::opendir("/proc");
+  if (!proc) return pids;
+  while (dirent* entry = ::readdir(proc)) {
+    const pid_t pid = std::atoi(entry->d_name);
+    if (pid <= 0 || pid == ::getpid()) continue;
+    std::string cmdline = readFile("/proc/" + std::string(entry->d_name) + "/cmdline");
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    if (cmdline.find(text) != std::string::npos) pids.push_back(pid);
+  }
+  ::closedir(proc);
+  return pids;
+}
+
+class Failover : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    std::string missing = missingForVm();
+    if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  }
+};
+
+TEST_P(Failover, ActiveLostAtASeededMomentResumesOnBFromTheNewestResumablePoint) {
+  std::mt19937 random(static_cast<unsigned>(GetParam()));
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer({"--lease-timeout", std::to_string(kLeaseTimeoutSeconds)});
+  cluster.startActive("A", {"--resumable-every", "2"});
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 3; }, kBootAndSync))
+      << cluster.logOf("A");
+  ASSERT_TRUE(waitFor([&] { return readFile(dir / "A.log").find("resumable point") != std::string::npos; },
+                      std::chrono::seconds(60)))
+      << "A made no resumable point" << cluster.logOf("A");
+
+  // kill -9 of the daemon and its QEMU, at a moment the seed picks.
+  std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(0, 6000)(random)));
+  const std::string ram = cluster.stateDir("A") + "/ram.img";
+  std::vector<pid_t> qemu = processesMentioning("mem-path=" + ram);
+  ASSERT_EQ(qemu.size(), 1u) << "A's QEMU not found";
+  ::kill(cluster.device("A").pid(), SIGKILL);
+  ::kill(qemu.front(), SIGKILL);
+  cluster.device("A").kill();
+  ASSERT_TRUE(waitFor([&] { return processesMentioning("mem-path=" + ram).empty(); }, std::chrono::seconds(10)));
+  const std::vector<long> onA = counterValues(readFile(cluster.serialLog("A")));
+  const std::size_t aSerialAtDeath = readFile(cluster.serialLog("A")).size();
+  ASSERT_FALSE(onA.empty());
+
+  ASSERT_TRUE(waitFor([&] { return cluster.deviceStatus("A")["state"] == "offline"; }, std::chrono::seconds(30)))
+      << "the server still sees A online" << cluster.logOf("server");
+  auto status = cluster.status();
+  ASSERT_TRUE(status);
+  const std::uint64_t point = (*status)["resumable_point"];
+  ASSERT_GT(point, 0u) << status->dump(2);
+
+  // Before the lease timeout a forced switch is refused, saying how long is left.
+  nlohmann::json report;
+  std::string output;
+  ASSERT_NE(cluster.switchTo("B", &report, &output), 0) << "forced too early? " << report.dump(2);
+  ASSERT_NE(output.find("--force"), std::string::npos) << output;  // without --force: the hint
+  std::string forced;
+  std::vector<std::string> argv{vmsyncBinary(), "switch",  "--to",   "B",      "--force", "--json",
+                                "--server",     cluster.address(), "--credential", cluster.credential("cli")};
+  const bool early = run(argv, &forced) != 0;
+  if (early) {
+    EXPECT_NE(forced.find("s more"), std::string::npos) << forced;
+    std::this_thread::sleep_for(std::chrono::seconds(kLeaseTimeoutSeconds + 1));
+    ASSERT_EQ(run(argv, &forced), 0) << forced << cluster.logOf("B") << cluster.logOf("server");
+  }
+  report = nlohmann::json::parse(forced.substr(forced.find('{')));
+  EXPECT_EQ(report["forced"], true) << forced;
+  EXPECT_EQ(report["final_sequence"], point) << forced;
+  EXPECT_GT(report["lost_ms"].get<double>(), 0.0) << forced;
+
+  // B resumed from the resumable point: it checked the image digest of that
+  // checkpoint, and its counter goes on from a value A printed.
+  const std::string bLog = readFile(dir / "B.log");
+  EXPECT_TRUE(std::regex_search(bLog, std::regex("final checkpoint " + std::to_string(point) +
+                                                 ": image digest [0-9a-f]+ verified")))
+      << cluster.logOf("B");
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 3; },
+                      std::chrono::seconds(60)))
+      << cluster.logOf("B");
+  const std::vector<long> onB = counterValues(readFile(cluster.serialLog("B")));
+  std::string why;
+  EXPECT_TRUE(consecutive(onB, &why)) << why;
+  EXPECT_GE(onB.front() - 1, onA.front()) << "B went back before what A printed";
+  EXPECT_LE(onB.front() - 1, onA.back()) << "B continued from a value A never reached";
+
+  // A comes back: its image went on past the chain, so it starts over as a
+  // standby, never running its VM, and a later switch to it continues B's count.
+  cluster.startStandby("A");
+  ASSERT_TRUE(cluster.waitForDevice("A", cluster.head(), std::chrono::seconds(120)))
+      << cluster.logOf("A") << cluster.logOf("server");
+  EXPECT_NE(readFile(dir / "A.log").find("stopped without a final checkpoint"), std::string::npos)
+      << cluster.logOf("A");
+  EXPECT_EQ(readFile(cluster.serialLog("A")).size(), aSerialAtDeath) << "A's VM ran after it was lost";
+  ASSERT_TRUE(cluster.waitForHead(cluster.head() + 2, std::chrono::seconds(60))) << cluster.logOf("B");
+  ASSERT_EQ(cluster.switchTo("A", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
+  const long lastOnB = counterValues(readFile(cluster.serialLog("B"))).back();
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A")).substr(aSerialAtDeath)).size() >= 3; },
+                      std::chrono::seconds(60)))
+      << cluster.logOf("A");
+  EXPECT_EQ(counterValues(readFile(cluster.serialLog("A")).substr(aSerialAtDeath)).front(), lastOnB + 1)
+      << cluster.logOf("A");
+}
+
+INSTANTIATE_TEST_SUITE_P(Seeds, Failover, ::testing::Range(1, seedCount() + 1));
+
+}  // namespace
+}  // namespace vmsync::testing
