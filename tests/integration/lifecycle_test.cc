@@ -4,10 +4,15 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <thread>
 #include <filesystem>
 
 #include "cluster.h"
+#include "base/error.h"
+#include "vmm/qmp_client.h"
 
 namespace vmsync::testing {
 namespace {
@@ -198,6 +203,72 @@ TEST_F(Lifecycle, UnusableDirectoriesAndABusyPortAreOneLineErrorsAndNoLeaseIsLef
   EXPECT_EQ(vmsync({"server", "--insecure", "--data", dir / "second-server", "--listen", cluster.address()}, &errors), 1);
   EXPECT_EQ(errorLines(errors).size(), 1u) << errors;
   EXPECT_NE(errors.find("cannot listen on " + cluster.address()), std::string::npos) << errors;
+}
+
+/// Whether `device`'s QEMU runs its guest now (query-status over its tools
+/// QMP socket); false when no QEMU answers there.
+bool vmRunning(Cluster& cluster, const std::string& device) {
+  const std::string socket = cluster.stateDir(device) + "/run/tools-qmp.sock";
+  if (!fs::exists(socket)) return false;
+  try {
+    QmpClient qmp(socket, std::chrono::milliseconds(200));
+    return qmp.execute("query-status").value("running", false);
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+TEST_F(Lifecycle, ALostAnswerToActivateNeverLeavesTwoVmsRunning) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A");
+  ::setenv("VMSYNC_TEST_LOSE_ACTIVATE_ANSWER", "1", 1);  // B's daemon drops its first activate answer
+  cluster.startStandby("B");
+  ::unsetenv("VMSYNC_TEST_LOSE_ACTIVATE_ANSWER");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+
+  // Every QEMU's status, polled through the whole switch and after.
+  std::atomic<bool> done{false}, both{false};
+  std::atomic<int> aRan{0}, bRan{0};
+  std::thread poller([&] {
+    while (!done) {
+      const bool b = vmRunning(cluster, "B");  // B first: it does not stop once it runs
+      const bool a = vmRunning(cluster, "A");
+      aRan += a;
+      bRan += b;
+      if (a && b) both = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  nlohmann::json report;
+  std::string output;
+  const int rc = cluster.switchTo("B", &report, &output);
+  // The server never heard B's answer: B keeps the lease, A is not resumed.
+  const bool reconnected = waitFor(
+      [&] {
+        auto b = cluster.deviceStatus("B");
+        return b["state"] == "online" && b["active"] == true;
+      },
+      std::chrono::seconds(60));
+  const std::uint64_t head = cluster.head();
+  const bool pushing = cluster.waitForHead(head + 3, std::chrono::seconds(60));
+  done = true;
+  poller.join();
+  EXPECT_NE(rc, 0) << "the switch saw an answer it should have lost: " << report.dump(2);
+  EXPECT_NE(output.find("answer was lost"), std::string::npos) << output;
+  EXPECT_NE(readFile(dir / "B.log").find("test hook: the answer to activate is lost"), std::string::npos)
+      << cluster.logOf("B");
+  EXPECT_TRUE(reconnected) << cluster.logOf("B") << cluster.logOf("server");
+  EXPECT_TRUE(pushing) << "B does not go on as the active device" << cluster.logOf("B");
+  EXPECT_GT(aRan.load(), 0) << "the poll never saw A's VM run";
+  EXPECT_GT(bRan.load(), 0) << "the poll never saw B's VM run";
+  EXPECT_FALSE(both) << "both VMs ran at once" << cluster.logOf("A") << cluster.logOf("B") << cluster.logOf("server");
+  auto status = cluster.status();
+  ASSERT_TRUE(status);
+  EXPECT_EQ((*status)["active_device"], "B") << status->dump(2);
+  EXPECT_FALSE(vmRunning(cluster, "A"));
+  EXPECT_TRUE(vmRunning(cluster, "B"));
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <kj/async-unix.h>
 #include <memory>
@@ -40,6 +41,10 @@ class Device {
   void apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyResults::Builder results);
   kj::Promise<void> handOff(std::string target, wire::HandOffResult::Builder result);
   void activate(std::uint64_t epoch, wire::ActivateResult::Builder result);
+  /// Resolves when the answer to an activate may go. Under the test hook
+  /// VMSYNC_TEST_LOSE_ACTIVATE_ANSWER=1 the first answer is lost instead:
+  /// the connection drops after the VM resumed, before the server hears.
+  kj::Promise<void> answerActivate();
   /// Pauses the VM, pushes a final checkpoint and gives the lease back: the
   /// VM is parked on the server, and this device is a standby at it.
   kj::Promise<void> park(wire::HandOffResult::Builder result);
@@ -97,9 +102,9 @@ class DevicePeerImpl final : public wire::DevicePeer::Server {
     return guarded([&] { return device_.handOff(context.getParams().getTarget(), context.getResults().initResult()); });
   }
   kj::Promise<void> activate(ActivateContext context) override {
-    return guarded([&] {
+    return guarded([&]() -> kj::Promise<void> {
       device_.activate(context.getParams().getEpoch(), context.getResults().initResult());
-      return kj::READY_NOW;
+      return device_.answerActivate();
     });
   }
   kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
@@ -285,6 +290,16 @@ void Device::becomeStandby(FinalCheckpoint final) {
 }
 
 void Device::retireVm() { retiring_.quit(); }
+
+kj::Promise<void> Device::answerActivate() {
+  static bool lost = false;
+  const char* hook = std::getenv("VMSYNC_TEST_LOSE_ACTIVATE_ANSWER");
+  if (lost || hook == nullptr || std::string(hook) != "1") return kj::READY_NOW;
+  lost = true;
+  spdlog::warn("{}: test hook: the answer to activate is lost (the connection drops; the VM runs)", options_.deviceId);
+  background_.add(kj::evalLater([this] { link_.restart(); }));
+  return kj::NEVER_DONE;
+}
 
 kj::Promise<void> Device::park(wire::HandOffResult::Builder result) {
   if (!active()) fail("device {} is not active", options_.deviceId);
