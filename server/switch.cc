@@ -61,6 +61,40 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, bool force, wi
     return failOver(target, report);
   }
 
+  return switchRunning(source, target, report);
+}
+
+kj::Promise<void> SyncServer::activateOn(const std::string& target, wire::SwitchReport::Builder report,
+                                         std::uint64_t start) {
+  DeviceEntry& to = device(target);
+  if (!to.peer) rpcFail(fmt::format("device {} went offline", target));
+  ++state_.epoch;
+  state_.holder = target;
+  persist();
+  lastRenewalNs_ = nowNs();
+  auto activate = to.peer->activateRequest();
+  activate.setEpoch(state_.epoch);
+  return activate.send().then(
+      [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
+        report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
+        report.setResumeNs(response.getResult().getResumeNs());
+        report.setTotalNs(nowNs() - start);
+        report.setEpoch(state_.epoch);
+      });
+}
+
+kj::Promise<void> SyncServer::leaveParkedIfNotResumed(const std::string& target, kj::Exception&& e,
+                                                      const char* where) {
+  // Nothing runs: the lease goes back, and the VM stays parked.
+  if (state_.holder == target) {
+    state_.holder.clear();
+    persist();
+  }
+  rpcFail(fmt::format("resuming on {} failed: {}; the VM stays parked {}", target, describe(e), where));
+}
+
+kj::Promise<void> SyncServer::switchRunning(const std::string& source, const std::string& target,
+                                            wire::SwitchReport::Builder report) {
   switching_ = true;
   const std::uint64_t start = nowNs();
   report.setFrom(source);
@@ -84,79 +118,77 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, bool force, wi
         report.setPauseNs(r.getPauseNs());
         report.setFinalHarvestNs(r.getFinalHarvestNs());
         report.setDeviceStateSaveNs(r.getDeviceStateSaveNs());
-        const std::uint64_t pushNs = r.getPushNs();
         // The source paused and stored its final checkpoint: its lease ends here.
         if (state_.holder == source) {
           state_.holder.clear();
           persist();
         }
-        DeviceEntry& to = device(target);
-        forwardUpTo(to, store_.head());
-        auto activateSent = std::make_shared<bool>(false);
-        return drained(to)
-            .then([this, source, target, report, start, pushNs, activateSent]() mutable -> kj::Promise<void> {
-              DeviceEntry& to = device(target);
-              if (to.applied != store_.head())
-                rpcFail(to.failure.empty() ? fmt::format("device {} did not apply the final checkpoint", target)
-                                           : to.failure);
-              report.setApplyNs(to.lastApplyNs);
-              std::uint64_t wire = pushNs + to.lastForwardNs;
-              report.setTransferNs(wire > to.lastApplyNs ? wire - to.lastApplyNs : 0);
-              ++state_.epoch;
-              state_.holder = target;
-              persist();
-              lastRenewalNs_ = nowNs();
-              auto activate = to.peer->activateRequest();
-              activate.setEpoch(state_.epoch);
-              *activateSent = true;
-              return activate.send().then(
-                  [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
-                    report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
-                    report.setResumeNs(response.getResult().getResumeNs());
-                    report.setTotalNs(nowNs() - start);
-                    report.setEpoch(state_.epoch);
-                  });
-            })
-            .catch_([this, source, target, activateSent](kj::Exception&& e) -> kj::Promise<void> {
-              std::string why = describe(e);
-              if (*activateSent && e.getType() == kj::Exception::Type::DISCONNECTED) {
-                // The answer was lost: the target may have resumed the VM. It
-                // keeps the lease, so the VM never runs twice; if it did not
-                // resume, the lease timeout and a forced switch recover it.
-                spdlog::warn("switch to {}: its answer was lost ({}); it keeps the lease (epoch {})", target, why,
-                             state_.epoch);
-                rpcFail(fmt::format("switch to {}: its answer was lost ({}); {} holds the lease: if it resumed the VM, "
-                                    "the VM runs there; if not, `vmsync switch --to {} --force` after the lease "
-                                    "timeout resumes it from the final checkpoint", target, why, target, source));
-              }
-              // The target could not take over; the source holds the exact image
-              // of the final checkpoint, so the VM goes on there.
-              spdlog::warn("switch to {} failed: {}; resuming on {}", target, why, source);
-              DeviceEntry& back = device(source);
-              if (!back.peer) {
-                state_.holder.clear();
-                persist();
-                rpcFail(fmt::format("switch to {} failed: {}; {} is offline, so the VM stays paused", target, why,
-                                    source));
-              }
-              ++state_.epoch;
-              state_.holder = source;
-              persist();
-              auto activate = back.peer->activateRequest();
-              activate.setEpoch(state_.epoch);
-              return activate.send().then(
-                  [target, source, why](auto&&) -> void {
-                    rpcFail(fmt::format("switch to {} failed: {}; the VM was resumed on {}", target, why, source));
-                  },
-                  [this, target, source, why](kj::Exception&& e2) -> void {
-                    state_.holder.clear();
-                    persist();
-                    rpcFail(fmt::format("switch to {} failed: {}; resuming on {} failed too: {}", target, why, source,
-                                        describe(e2)));
-                  });
-            });
+        return takeOverAfterFinal(source, target, report, start, r.getPushNs());
       })
       .attach(kj::defer([this] { switching_ = false; }));
+}
+
+kj::Promise<void> SyncServer::takeOverAfterFinal(const std::string& source, const std::string& target,
+                                                 wire::SwitchReport::Builder report, std::uint64_t start,
+                                                 std::uint64_t pushNs) {
+  DeviceEntry& to = device(target);
+  forwardUpTo(to, store_.head());
+  auto activateSent = std::make_shared<bool>(false);
+  return drained(to)
+      .then([this, target, report, start, pushNs, activateSent]() mutable -> kj::Promise<void> {
+        DeviceEntry& to = device(target);
+        if (to.applied != store_.head())
+          rpcFail(to.failure.empty() ? fmt::format("device {} did not apply the final checkpoint", target)
+                                     : to.failure);
+        report.setApplyNs(to.lastApplyNs);
+        std::uint64_t wire = pushNs + to.lastForwardNs;
+        report.setTransferNs(wire > to.lastApplyNs ? wire - to.lastApplyNs : 0);
+        *activateSent = true;
+        return activateOn(target, report, start);
+      })
+      .catch_([this, source, target, activateSent](kj::Exception&& e) -> kj::Promise<void> {
+        if (*activateSent && e.getType() == kj::Exception::Type::DISCONNECTED) {
+          // The answer was lost: the target may have resumed the VM. It keeps
+          // the lease, so the VM never runs twice; if it did not resume, the
+          // lease timeout and a forced switch recover it.
+          const std::string why = describe(e);
+          spdlog::warn("switch to {}: its answer was lost ({}); it keeps the lease (epoch {})", target, why,
+                       state_.epoch);
+          rpcFail(fmt::format("switch to {}: its answer was lost ({}); {} holds the lease: if it resumed the VM, "
+                              "the VM runs there; if not, `vmsync switch --to {} --force` after the lease "
+                              "timeout resumes it from the final checkpoint", target, why, target, source));
+        }
+        return resumeSourceAfterFailedSwitch(source, target, describe(e));
+      });
+}
+
+kj::Promise<void> SyncServer::resumeSourceAfterFailedSwitch(const std::string& source, const std::string& target,
+                                                            const std::string& why) {
+  // The target could not take over; the source holds the exact image of the
+  // final checkpoint, so the VM goes on there.
+  spdlog::warn("switch to {} failed: {}; resuming on {}", target, why, source);
+  DeviceEntry& back = device(source);
+  if (!back.peer) {
+    state_.holder.clear();
+    persist();
+    rpcFail(fmt::format("switch to {} failed: {}; {} is offline, so the VM stays paused", target, why, source));
+  }
+  ++state_.epoch;
+  state_.holder = source;
+  persist();
+  lastRenewalNs_ = nowNs();
+  auto activate = back.peer->activateRequest();
+  activate.setEpoch(state_.epoch);
+  return activate.send().then(
+      [target, source, why](auto&&) -> void {
+        rpcFail(fmt::format("switch to {} failed: {}; the VM was resumed on {}", target, why, source));
+      },
+      [this, target, source, why](kj::Exception&& e2) -> void {
+        state_.holder.clear();
+        persist();
+        rpcFail(fmt::format("switch to {} failed: {}; resuming on {} failed too: {}", target, why, source,
+                            describe(e2)));
+      });
 }
 
 kj::Promise<void> SyncServer::resumeParked(const std::string& target, wire::SwitchReport::Builder report) {
@@ -176,26 +208,9 @@ kj::Promise<void> SyncServer::resumeParked(const std::string& target, wire::Swit
                               store_.head()));
         if (!state_.holder.empty())
           rpcFail(fmt::format("device {} took the lease meanwhile; the VM runs there", state_.holder));
-        ++state_.epoch;
-        state_.holder = target;
-        persist();
-        auto activate = to.peer->activateRequest();
-        activate.setEpoch(state_.epoch);
-        return activate.send().then(
-            [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
-              report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
-              report.setResumeNs(response.getResult().getResumeNs());
-              report.setTotalNs(nowNs() - start);
-              report.setEpoch(state_.epoch);
-            },
-            [this, target](kj::Exception&& e) {
-              // Nothing runs: the lease goes back, and the VM stays parked.
-              if (state_.holder == target) {
-                state_.holder.clear();
-                persist();
-              }
-              rpcFail(fmt::format("resuming on {} failed: {}; the VM stays parked", target, describe(e)));
-            });
+        return activateOn(target, report, start).catch_([this, target](kj::Exception&& e) {
+          return leaveParkedIfNotResumed(target, kj::mv(e), "at its final checkpoint");
+        });
       })
       .attach(kj::defer([this] { switching_ = false; }));
 }
@@ -267,27 +282,9 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
         if (to.applied != store_.head() || !to.peer)
           rpcFail(fmt::format("device {} did not reach the resumable point {}; the VM stays parked there", target,
                               store_.head()));
-        ++state_.epoch;
-        state_.holder = target;
-        persist();
-        lastRenewalNs_ = nowNs();
-        auto activate = to.peer->activateRequest();
-        activate.setEpoch(state_.epoch);
-        return activate.send().then(
-            [this, report, start](capnp::Response<wire::DevicePeer::ActivateResults> response) mutable {
-              report.setDeviceStateLoadNs(response.getResult().getDeviceStateLoadNs());
-              report.setResumeNs(response.getResult().getResumeNs());
-              report.setTotalNs(nowNs() - start);
-              report.setEpoch(state_.epoch);
-            },
-            [this, target](kj::Exception&& e) {
-              if (state_.holder == target) {
-                state_.holder.clear();
-                persist();
-              }
-              rpcFail(fmt::format("resuming on {} failed: {}; the VM stays parked at the resumable point", target,
-                                  describe(e)));
-            });
+        return activateOn(target, report, start).catch_([this, target](kj::Exception&& e) {
+          return leaveParkedIfNotResumed(target, kj::mv(e), "at the resumable point");
+        });
       })
       .attach(kj::defer([this] { switching_ = false; }));
 }

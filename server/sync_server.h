@@ -92,6 +92,19 @@ class SyncServer {
   /// Brings `target` to the head while nothing is paused; fills the report's catch-up part.
   kj::Promise<void> catchUpForSwitch(const std::string& target, const std::string& source,
                                      wire::SwitchReport::Builder report, std::uint64_t start);
+  /// A switch from a running source: catch up, hand off, take over.
+  kj::Promise<void> switchRunning(const std::string& source, const std::string& target,
+                                  wire::SwitchReport::Builder report);
+  /// After the source stored its final checkpoint: the target applies it and resumes.
+  kj::Promise<void> takeOverAfterFinal(const std::string& source, const std::string& target,
+                                       wire::SwitchReport::Builder report, std::uint64_t start, std::uint64_t pushNs);
+  kj::Promise<void> resumeSourceAfterFailedSwitch(const std::string& source, const std::string& target,
+                                                  const std::string& why);
+  /// Grants `target` a new lease epoch and has it resume the VM; fills the
+  /// report's resume part.
+  kj::Promise<void> activateOn(const std::string& target, wire::SwitchReport::Builder report, std::uint64_t start);
+  /// The VM was parked and `target` did not resume it: the lease goes back.
+  kj::Promise<void> leaveParkedIfNotResumed(const std::string& target, kj::Exception&& e, const char* where);
   /// The failover itself (switchTo with force, its checks passed).
   kj::Promise<void> failOver(const std::string& target, wire::SwitchReport::Builder report);
   /// Has every online device past `point` drop what it applied after it.
