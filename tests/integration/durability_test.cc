@@ -175,7 +175,9 @@ TEST_F(Durability, OldActiveWithOldEpochIsFencedAndChangesNothing) {
   // name and A's old lease epoch.
   cluster.stopDevice("A");
   ASSERT_TRUE(cluster.waitForHead(finalSequence + 2, std::chrono::seconds(60))) << cluster.logOf("B");
-  cluster.stopDevice("B");  // freeze the chain so "nothing changes" can be compared
+  // Freeze the chain so "nothing changes" can be compared; kill -9, since a
+  // stopped active device would park the VM and give the lease back.
+  cluster.device("B").kill();
   auto before = cluster.status();
   ASSERT_TRUE(before);
   const auto filesBefore = listing(dir.path() + "/server/checkpoints");
