@@ -18,41 +18,16 @@
 set -eu
 MODE=test
 [ "${1:-}" = --bench ] && MODE=bench
-# The newest Debian kernel installed with its headers (linux-image-amd64 + linux-headers-amd64).
-if [ -z "${KVER:-}" ]; then
-  KVER=$(ls -1 /usr/src 2>/dev/null | sed -n 's/^linux-headers-\(.*-amd64\)$/\1/p' | sort -V | tail -n 1)
-fi
-KDIR=${KDIR:-/usr/src/linux-headers-$KVER}
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
-# A missing prerequisite skips (77), unless VMSYNC_REQUIRE_ALL=1 makes it a failure.
-skip() {
-  if [ "${VMSYNC_REQUIRE_ALL:-}" = 1 ]; then echo "FAIL (required): $*"; exit 1; fi
-  echo "SKIP: $*"; exit 77
-}
-[ -d "$KDIR" ] || skip "no kernel headers at $KDIR"
-[ -f "/boot/vmlinuz-$KVER" ] || skip "no /boot/vmlinuz-$KVER"
-[ -d "/lib/modules/$KVER" ] || skip "no /lib/modules/$KVER"
-command -v qemu-system-x86_64 >/dev/null || skip "qemu-system-x86_64 missing"
-BB=$(command -v busybox) || skip "busybox missing"
-ldd "$BB" >/dev/null 2>&1 && skip "busybox is not static (install busybox-static)"
-command -v cpio >/dev/null || skip "cpio missing"
-command -v g++ >/dev/null || skip "g++ missing"
-[ -f /usr/include/fmt/format-inl.h ] || skip "fmt headers missing (libfmt-dev)"
-
-WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
-make -s -C "$KDIR" M="$SRC" modules >"$WORK/build.log" 2>&1 ||
-	{ cat "$WORK/build.log"; echo "FAIL: module build"; exit 1; }
-R=$WORK/root; mkdir -p "$R/bin" "$R/mod" "$R/proc" "$R/sys" "$R/dev"
-cp "$BB" "$R/bin/busybox"
-for m in kernel/virt/lib/irqbypass.ko kernel/drivers/crypto/ccp/ccp.ko kernel/arch/x86/kvm/kvm.ko kernel/arch/x86/kvm/kvm-amd.ko; do
-	f=$(ls /lib/modules/$KVER/$m* 2>/dev/null | head -1) || true
-	[ -n "$f" ] || continue
-	case $f in *.xz) xz -dc "$f" >"$R/mod/$(basename "$m")";; *) cp "$f" "$R/mod/";; esac
-done
-cp "$SRC/vmsync.ko" "$R/mod/"
+# Finding the kernel, skip (77, or a failure under VMSYNC_REQUIRE_ALL=1), the
+# initramfs with kvm's modules, the boot and its console: shared with
+# tests/kvm_harness/run_in_nested_kernel.sh.
+. "$SRC/tests/kmod/nested_kernel.sh"
+nk_prepare
+nk_build_module
 gcc -static -O2 -Wall -o "$R/bin/version_probe" "$SRC/tests/kmod/version_probe.c" || { echo "FAIL: probe build"; exit 1; }
 # The drivers are static (fmt header-only): the initramfs has no shared libraries.
-CXX_STATIC="g++ -std=c++20 -static -O2 -Wall -pthread -DFMT_HEADER_ONLY -I$SRC -I$SRC/userspace -I$SRC/tests/kvm_harness"
+CXX_STATIC=$NK_CXX_STATIC
 if [ $MODE = test ]; then
 	$CXX_STATIC -o "$R/bin/kmod_invariant" "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
 		"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||
@@ -76,15 +51,8 @@ $CXX_STATIC -o "$R/bin/kmod_harvest_bench" "$SRC/bench/kmod_harvest_bench.cc" "$
 	"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" -lxxhash >"$WORK/bench.log" 2>&1 ||
 	{ cat "$WORK/bench.log"; echo "FAIL: benchmark build"; exit 1; }
 echo $MODE >"$R/mode"
-cat >"$R/init" <<'IN'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc p /proc; mount -t sysfs s /sys; mount -t devtmpfs d /dev
-for m in irqbypass ccp kvm kvm-amd vmsync; do [ -f /mod/$m.ko ] && insmod /mod/$m.ko; done
-echo "kernel: $(uname -r)"
-echo "vmsync.ko version $(cat /sys/module/vmsync/version) srcversion $(cat /sys/module/vmsync/srcversion)"
-[ -c /dev/kvm ] && echo KVM_DEV_OK
-[ -c /dev/vmsync ] && echo VMSYNC_DEV_OK
+# The part of /init between loading the modules and the dmesg check (see nested_kernel.sh).
+cat >"$WORK/test.sh" <<'IN'
 /bin/version_probe
 if [ "$(cat /mode)" = bench ]; then
 	timeout 200 /bin/kmod_harvest_bench
@@ -105,18 +73,10 @@ else
 		echo "kmod_harvest_bench exit $? after $(($(date +%s) - start)) s"
 	fi
 fi
-dmesg | grep -E 'BUG|WARNING|Oops|Call Trace' && echo DMESG_BAD
-rmmod vmsync && echo RMMOD_OK
-poweroff -f
 IN
-chmod +x "$R/init"
-(cd "$R" && find . | cpio -o -H newc 2>/dev/null | gzip) >"$WORK/initrd.gz"
-timeout 240 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 768M \
-	-kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initrd.gz" \
-	-append "console=ttyS0 panic=-1 quiet" -nographic -no-reboot \
-	>"$WORK/console.log" 2>&1 || true
-grep -vE '^\[' "$WORK/console.log" | tail -40
-ok() { grep -q "$1" "$WORK/console.log"; }
+nk_boot "$WORK/test.sh" 240
+nk_console_tail 40
+ok() { nk_ok "$1"; }
 if [ $MODE = bench ]; then
 	ok KMOD_BENCH_DONE && ok RMMOD_OK && ! ok DMESG_BAD && exit 0
 	echo FAIL; exit 1

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "base/error.h"
+#include "kvm_test_env.h"
 #include "mini_vmm.h"
 #include "test_env.h"
 
@@ -32,8 +33,7 @@ TEST(KmodPageSource, Q35PutsRamPastTheLowLimitAboveFourGiB) {
 }
 
 TEST(KmodPageSource, FindsTheVmFdOfAProcess) {
-  std::string reason = MiniVmm::unavailableReason();
-  if (!reason.empty()) VMSYNC_SKIP_OR_FAIL(reason);
+  VMSYNC_REQUIRE_KVM_HARNESS();
   EXPECT_EQ(findKvmVmFd(::getpid()), -1);
   MiniVmm vmm(0);
   EXPECT_EQ(findKvmVmFd(::getpid()), vmm.vmFd());

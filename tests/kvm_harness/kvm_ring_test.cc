@@ -3,6 +3,7 @@
 // wrote is reported, and no data page it did not write that round is.
 #include <gtest/gtest.h>
 
+#include "kvm_test_env.h"
 #include "mini_vmm.h"
 #include "test_env.h"
 
@@ -10,8 +11,7 @@ namespace vmsync::testing {
 namespace {
 
 TEST(KvmRing, EveryWrittenPageIsReportedEveryRoundAndNoOther) {
-  std::string reason = MiniVmm::unavailableReason();
-  if (!reason.empty()) VMSYNC_SKIP_OR_FAIL(reason);
+  VMSYNC_REQUIRE_KVM_HARNESS();
   // 512 entries: one round needs about 70, forty rounds without the resets would overflow it.
   MiniVmm vmm(512);
   // Outside the data pages, the guest's page tables (accessed/dirty bits) and
