@@ -76,6 +76,9 @@ struct Checkpoint {
   blobs @13 :List(Data);        # chunk payloads packed together, as the encoder wrote
                                 # them: a sender adds them to the message without
                                 # copying (at most 64 per list of chunks)
+  resync @15 :Bool;             # built by the server from a device's unit hashes: takes
+                                # that device's image (at baseSequence, or past it) to the
+                                # chain's image at `sequence`, which may be lower
 }
 
 enum DeviceState {
@@ -171,9 +174,16 @@ interface DevicePeer {
   # Active: pause the VM, push a final checkpoint, give the lease back and exit
   # (`vmsync stop`). The VM is then parked on the server.
 
-  rollBack @5 (to :UInt64) -> (appliedSequence :UInt64);
-  # A failover abandoned the checkpoints after `to`: drop what was applied
-  # past it. Returns the sequence the image is at now (0: it starts over).
+  rollBack @5 (to :UInt64, resync :Checkpoint) -> (appliedSequence :UInt64);
+  # The image left the chain (a failover abandoned checkpoints it applied, or
+  # its VM ran past its last checkpoint): apply `resync`, which takes it to
+  # the chain at `to`; without one, drop the image and start over from 0.
+  # Returns the sequence the image is at now.
+
+  unitHashes @6 () -> (appliedSequence :UInt64, ram :List(UInt64), disk :List(UInt64));
+  # The hash of every unit of the device's image as it is now (empty lists:
+  # it has none), for the server to build a resync checkpoint. A fenced
+  # active device stops its VM first.
 }
 
 # One registered device's session; dropping it marks the device offline.
@@ -195,10 +205,13 @@ interface DeviceSession {
 }
 
 interface SyncServer {
-  register @0 (deviceId :Text, peer :DevicePeer, appliedSequence :UInt64)
+  register @0 (deviceId :Text, peer :DevicePeer, appliedSequence :UInt64, appliedEpoch :UInt64, diverged :Bool)
       -> (session :DeviceSession, vmId :Text, headSequence :UInt64, parked :Bool, leaseTimeoutMs :UInt64);
-  # Announce a device and the last sequence it has applied; the server sends it
-  # the checkpoints it misses.
+  # Announce a device and the last sequence it has applied (with the lease
+  # epoch of that checkpoint, 0 if unknown); the server sends it the
+  # checkpoints it misses. A device whose image left the chain, because a
+  # failover abandoned what it applied or (`diverged`) its VM ran past its
+  # last checkpoint, is first brought back by a resync (DevicePeer.rollBack).
 
   status @1 () -> (status :ClusterStatus);
   # Devices, lease and chain head.

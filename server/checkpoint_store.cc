@@ -42,8 +42,9 @@ std::uint64_t sequenceOf(const std::string& name, std::string_view suffix) {
 CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir)) {
   const std::string chain = dir_ + "/checkpoints";
   fs::create_directories(chain);
-  // Compaction's scratch files are never part of the chain.
+  // Compaction's and resyncs' scratch files are never part of the chain.
   if (fs::exists(scratchDir())) fs::remove_all(scratchDir());
+  if (fs::exists(resyncDir())) fs::remove_all(resyncDir());
   std::set<std::uint64_t> checkpoints, bases;
   for (const auto& entry : fs::directory_iterator(chain)) {
     const std::string name = entry.path().filename().string();
@@ -127,6 +128,8 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
       state_.abandonedAfter = j.value("abandoned_after", 0ull);
       state_.abandonedUpTo = j.value("abandoned_up_to", 0ull);
       state_.abandonedTotal = j.value("abandoned_total", 0ull);
+      for (const auto& f : j.value("failovers", nlohmann::json::array()))
+        state_.failovers.emplace_back(f.at(0).get<std::uint64_t>(), f.at(1).get<std::uint64_t>());
       const nlohmann::json devices = j.value("devices", nlohmann::json::object());
       for (const auto& [id, applied] : devices.items())
         state_.appliedByDevice[id] = std::min(applied.get<std::uint64_t>(), head_);
@@ -255,6 +258,8 @@ void CheckpointStore::saveState(const ServerState& state) {
   j["abandoned_after"] = state.abandonedAfter;
   j["abandoned_up_to"] = state.abandonedUpTo;
   j["abandoned_total"] = state.abandonedTotal;
+  j["failovers"] = nlohmann::json::array();
+  for (const auto& [after, epoch] : state.failovers) j["failovers"].push_back({after, epoch});
   j["devices"] = nlohmann::json::object();
   for (const auto& [id, applied] : state.appliedByDevice) j["devices"][id] = applied;
   std::string text = j.dump(2);

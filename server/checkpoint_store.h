@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "vmsync.capnp.h"
 
@@ -37,6 +39,9 @@ struct ServerState {
   std::uint64_t abandonedAfter = 0;                    // last failover: it resumed from this checkpoint
   std::uint64_t abandonedUpTo = 0;                     //   and abandoned those after it, up to this one
   std::uint64_t abandonedTotal = 0;                    // checkpoints abandoned by every failover
+  // Every failover: (the checkpoint it resumed from, the lease epoch it began).
+  // A checkpoint past the first under an older epoch is one it abandoned.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> failovers;
 };
 
 /// The data directory: the base (a full checkpoint), then the checkpoints
@@ -105,6 +110,8 @@ class CheckpointStore {
   void prune(std::uint64_t sequence);
   /// Scratch directory for compaction (emptied at start-up).
   std::string scratchDir() const { return dir_ + "/compaction"; }
+  /// Scratch directory for resyncs (emptied at start-up).
+  std::string resyncDir() const { return dir_ + "/resync"; }
 
  private:
   std::string checkpointPath(std::uint64_t sequence) const;

@@ -254,6 +254,7 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
   state_.abandonedAfter = point;
   state_.abandonedUpTo = std::max(state_.abandonedUpTo, oldHead);
   state_.abandonedTotal += abandoned;
+  state_.failovers.emplace_back(point, state_.epoch);
   auto stored = store_.read(point);
   noteHead(stored->reader());
   const std::uint64_t created = stored->reader().getCreatedUnixNs();
@@ -287,33 +288,6 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
         });
       })
       .attach(kj::defer([this] { switching_ = false; }));
-}
-
-kj::Promise<void> SyncServer::rollBackDevices(std::uint64_t point) {
-  kj::Vector<kj::Promise<void>> rolled;
-  for (auto& [id, entry] : devices_) {
-    if (!entry->peer || entry->applied <= point) continue;
-    spdlog::info("failover: device {} applied up to {}; it rolls back to the chain at {}", id, entry->applied, point);
-    auto request = entry->peer->rollBackRequest();
-    request.setTo(point);
-    const std::uint64_t connection = entry->connection;
-    rolled.add(request.send().then(
-        [this, id = id, connection](capnp::Response<wire::DevicePeer::RollBackResults> response) {
-          DeviceEntry& d = device(id);
-          if (d.connection != connection) return;
-          d.applied = d.queued = response.getAppliedSequence();
-          d.tail = nullptr;
-          d.failure.clear();
-          persist();
-        },
-        [this, id = id, connection](kj::Exception&& e) {
-          DeviceEntry& d = device(id);
-          if (d.connection != connection) return;
-          d.failure = fmt::format("it could not roll back after a failover: {}", describe(e));
-          spdlog::warn("device {}: {}", id, d.failure);
-        }));
-  }
-  return kj::joinPromises(rolled.releaseAsArray());
 }
 
 }  // namespace vmsync

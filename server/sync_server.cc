@@ -66,7 +66,8 @@ class SyncServerImpl final : public wire::SyncServer::Server {
       if (peer_.authenticated && id != peer_.device)
         fail("this connection is authenticated as {}; it cannot register as device {}", peer_.describe(), id);
       server_.authorize(peer_, "use", /*claim=*/true);
-      return server_.registerDevice(id, params.getPeer(), params.getAppliedSequence())
+      return server_.registerDevice(id, params.getPeer(), params.getAppliedSequence(), params.getAppliedEpoch(),
+                                    params.getDiverged())
           .then([this, id, context](std::uint64_t connection) mutable {
             auto results = context.getResults();
             results.setSession(kj::heap<DeviceSessionImpl>(server_, id, connection));
@@ -124,6 +125,8 @@ SyncServer::~SyncServer() {
   // and the next start discards its scratch space.
   cancelCompaction_ = true;
   if (compactor_.joinable()) compactor_.join();
+  cancelResync_ = true;
+  if (resyncer_.joinable()) resyncer_.join();
 }
 
 void SyncServer::maybeCompact(wire::Policy policy) {
@@ -244,17 +247,33 @@ void SyncServer::noteHead(wire::Checkpoint::Reader head) {
   headOrigin_ = head.getOrigin();
 }
 
-kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wire::DevicePeer::Client peer,
-                                                      std::uint64_t applied) {
-  if (id.empty() || id.size() > 64) fail("device id must be 1 to 64 characters");
+std::string SyncServer::abandonedBy(std::uint64_t applied, std::uint64_t epoch) const {
   if (applied > store_.head() && applied <= state_.abandonedUpTo)
-    fail("device {} is at checkpoint {}, past this chain's end at {}: a failover abandoned the checkpoints after {}; "
-         "it must roll back to the chain", id, applied, store_.head(), state_.abandonedAfter);
-  if (applied > store_.head())
+    return fmt::format("it is at checkpoint {}, past this chain's end at {}: a failover abandoned the checkpoints "
+                       "after {}", applied, store_.head(), state_.abandonedAfter);
+  // Checkpoints after a failover's point carry its epoch or a newer one.
+  for (const auto& [after, failoverEpoch] : state_.failovers)
+    if (applied > after && epoch != 0 && epoch < failoverEpoch)
+      return fmt::format("its checkpoint {} (lease epoch {}) is one a failover abandoned when it resumed the VM "
+                         "from checkpoint {} under epoch {}", applied, epoch, after, failoverEpoch);
+  return "";
+}
+
+kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wire::DevicePeer::Client peer,
+                                                      std::uint64_t applied, std::uint64_t appliedEpoch,
+                                                      bool diverged) {
+  if (id.empty() || id.size() > 64) fail("device id must be 1 to 64 characters");
+  const std::string abandoned = abandonedBy(applied, appliedEpoch);
+  if (applied > store_.head() && abandoned.empty())
     fail("device {} says it applied checkpoint {}, but this server's chain ends at {}; "
          "its state does not belong to this server", id, applied, store_.head());
+  // Its image is not the chain's at `applied`: a resync brings it back.
+  const bool resync = applied != 0 && (diverged || !abandoned.empty());
+  if (resync)
+    spdlog::info("device {}: {}; it is resynced to the chain", id,
+                 abandoned.empty() ? fmt::format("its VM ran past checkpoint {}", applied) : abandoned);
   DeviceEntry& entry = device(id);
-  if (!entry.peer) return completeRegistration(id, kj::mv(peer), applied);
+  if (!entry.peer) return completeRegistration(id, kj::mv(peer), applied, resync);
   // Registered already: a second daemon for this device, or the same one
   // back after a connection the server has not yet seen break. The earlier
   // registration decides: while it answers, the new one is refused.
@@ -266,19 +285,19 @@ kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wir
         rpcFail(fmt::format("device {} is already connected to this server and answers there; stop that daemon "
                             "first (two daemons cannot speak for one device)", id));
       },
-      [this, id, peer = kj::mv(peer), applied, earlier](kj::Exception&& e) mutable -> std::uint64_t {
+      [this, id, peer = kj::mv(peer), applied, earlier, resync](kj::Exception&& e) mutable -> std::uint64_t {
         DeviceEntry& entry = device(id);
         if (entry.peer && entry.connection != earlier)
           rpcFail(fmt::format("device {} registered again meanwhile; try again", id));
         spdlog::info("device {}: its earlier registration does not answer ({}); the new one replaces it", id,
                      describe(e));
-        return completeRegistration(id, kj::mv(peer), applied);
+        return completeRegistration(id, kj::mv(peer), applied, resync);
       });
 }
 
 std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::DevicePeer::Client peer,
-                                               std::uint64_t applied) {
-  if (applied > store_.head())
+                                               std::uint64_t applied, bool resync) {
+  if (applied > store_.head() && !resync)
     fail("device {} says it applied checkpoint {}, but this server's chain ends at {}; "
          "its state does not belong to this server", id, applied, store_.head());
   DeviceEntry& entry = device(id);
@@ -288,9 +307,14 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
   entry.queued = applied;
   entry.failure.clear();
   entry.tail = nullptr;
+  entry.resyncing = false;
   persist();
   spdlog::info("device {} registered at sequence {} (head {})", id, applied, store_.head());
-  forwardUpTo(entry, store_.head());
+  if (resync) {
+    resyncDevice(id, entry.connection, "it left the chain").detach([](kj::Exception&&) {});
+  } else {
+    forwardUpTo(entry, store_.head());
+  }
   return entry.connection;
 }
 
@@ -408,7 +432,7 @@ void SyncServer::releaseLease(const std::string& id, std::uint64_t epoch) {
 
 void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
   // The lease holder makes the checkpoints; it never receives them.
-  if (!entry.peer || !entry.failure.empty() || entry.id == state_.holder) return;
+  if (!entry.peer || !entry.failure.empty() || entry.resyncing || entry.id == state_.holder) return;
   const std::uint64_t connection = entry.connection;
   const std::string id = entry.id;
   // One step per call: the step catches up to `sequence` from wherever the

@@ -1,6 +1,7 @@
 // The sync server: holds the VM's chain, forwards it to standbys, grants the lease.
 #pragma once
 
+#include <capnp/message.h>
 #include <kj/async.h>
 #include <kj/timer.h>
 
@@ -34,6 +35,8 @@ struct DeviceEntry {
   std::uint64_t sendingBytes = 0;                // its size
   std::uint64_t sendingSinceNs = 0;              // when it was sent
   std::uint64_t sentBytes = 0;                   // every apply call's size, for reports
+  bool resyncing = false;                        // its image left the chain: nothing is forwarded
+                                                 //   until a resync brings it back
 };
 
 /// When the chain is compacted (0 turns a limit off).
@@ -61,8 +64,12 @@ class SyncServer {
   // The calls behind the RPC interfaces (see schema/vmsync.capnp).
   /// Registers device `id`; refused while an earlier registration of it still
   /// answers, since two daemons would then speak for one device.
+  /// `appliedEpoch` is the lease epoch of checkpoint `applied` (0: unknown);
+  /// `diverged`: the device's VM ran past that checkpoint. A device whose
+  /// image left the chain is brought back by a resync before anything else.
   kj::Promise<std::uint64_t> registerDevice(const std::string& id, wire::DevicePeer::Client peer,
-                                            std::uint64_t applied);
+                                            std::uint64_t applied, std::uint64_t appliedEpoch = 0,
+                                            bool diverged = false);
   void unregister(const std::string& id, std::uint64_t connection);
   std::uint64_t acquireLease(const std::string& id);
   std::uint64_t push(const std::string& id, wire::Checkpoint::Reader checkpoint);
@@ -86,7 +93,11 @@ class SyncServer {
 
  private:
   DeviceEntry& device(const std::string& id);
-  std::uint64_t completeRegistration(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied);
+  std::uint64_t completeRegistration(const std::string& id, wire::DevicePeer::Client peer, std::uint64_t applied,
+                                     bool resync);
+  /// Why a device at `applied` (under lease `epoch`) holds checkpoints a
+  /// failover abandoned; empty when it does not.
+  std::string abandonedBy(std::uint64_t applied, std::uint64_t epoch) const;
   /// Resumes a parked VM on `target`, after catching it up.
   kj::Promise<void> resumeParked(const std::string& target, wire::SwitchReport::Builder report);
   /// Brings `target` to the head while nothing is paused; fills the report's catch-up part.
@@ -107,8 +118,20 @@ class SyncServer {
   kj::Promise<void> leaveParkedIfNotResumed(const std::string& target, kj::Exception&& e, const char* where);
   /// The failover itself (switchTo with force, its checks passed).
   kj::Promise<void> failOver(const std::string& target, wire::SwitchReport::Builder report);
-  /// Has every online device past `point` drop what it applied after it.
+  /// Brings every online device past `point` back to the chain (a resync).
   kj::Promise<void> rollBackDevices(std::uint64_t point);
+  /// Queues a resync of device `id` (registration `connection`) on its
+  /// forwarding chain; forwarding stops until it is done. Resolves when done.
+  kj::Promise<void> resyncDevice(const std::string& id, std::uint64_t connection, std::string why);
+  /// The resync itself, one at a time: the device's unit hashes, the chain's
+  /// image materialized on a worker thread, the differing units sent; if that
+  /// fails, the device drops its image and starts over from the base.
+  kj::Promise<void> resyncNow(std::string id, std::uint64_t connection, std::string why);
+  /// Builds the resync checkpoint for hashes `ram`/`disk` of an image at `from`, off this thread.
+  kj::Promise<std::shared_ptr<capnp::MallocMessageBuilder>> buildResyncOffThread(std::uint64_t from,
+                                                                         std::vector<std::uint64_t> ram,
+                                                                         std::vector<std::uint64_t> disk);
+  kj::Promise<void> finishResync(std::string id, std::uint64_t connection, kj::Promise<std::uint64_t> applied);
   /// Nanoseconds since the lease holder last renewed its lease.
   std::uint64_t holderSilentNs() const;
   /// Wall-clock creation time of the resumable point (0: unknown).
@@ -136,6 +159,10 @@ class SyncServer {
   bool compacting_ = false;
   std::uint64_t retryCompactionAt_ = 0;      // after a failed fold: not before this head
   kj::Maybe<kj::Promise<void>> compaction_;  // the fold's completion on this thread
+  std::thread resyncer_;                     // builds one resync checkpoint at a time
+  std::atomic<bool> cancelResync_{false};
+  kj::Maybe<kj::ForkedPromise<void>> resyncs_;  // resyncs, one after the other
+  std::uint64_t resyncCount_ = 0;               // names each resync's scratch directory
   ServerState state_;
   std::map<std::string, std::unique_ptr<DeviceEntry>> devices_;
   std::uint64_t connections_ = 0;

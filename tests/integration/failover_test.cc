@@ -112,6 +112,16 @@ TEST_P(Failover, ActiveLostAtASeededMomentResumesOnBFromTheNewestResumablePoint)
   ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 3; },
                       std::chrono::seconds(60)))
       << cluster.logOf("B");
+  // B, if it had applied checkpoints past the point, came back to it by a
+  // resync of the units that differ, not by starting over.
+  const std::string serverLog = readFile(dir / "server.log");
+  if (serverLog.find("failover: device B applied up to") != std::string::npos) {
+    EXPECT_TRUE(std::regex_search(readFile(dir / "B.log"),
+                                  std::regex("resynced from checkpoint [0-9]+ to the chain's checkpoint " +
+                                             std::to_string(point) + ": [0-9]+ pages and [0-9]+ blocks replaced")))
+        << cluster.logOf("B");
+  }
+  EXPECT_EQ(readFile(dir / "B.log").find("the image is discarded"), std::string::npos) << cluster.logOf("B");
   const std::vector<long> onB = counterValues(readFile(cluster.serialLog("B")));
   std::string why;
   EXPECT_TRUE(consecutive(onB, &why)) << why;
@@ -125,6 +135,13 @@ TEST_P(Failover, ActiveLostAtASeededMomentResumesOnBFromTheNewestResumablePoint)
       << cluster.logOf("A") << cluster.logOf("server");
   EXPECT_NE(readFile(dir / "A.log").find("stopped without a final checkpoint"), std::string::npos)
       << cluster.logOf("A");
+  // Its image, past the chain, came back by a resync, not by starting over.
+  EXPECT_TRUE(std::regex_search(readFile(dir / "A.log"),
+                                std::regex("resynced from checkpoint [0-9]+ to the chain's checkpoint [0-9]+: "
+                                           "[0-9]+ pages and [0-9]+ blocks replaced")))
+      << cluster.logOf("A");
+  EXPECT_EQ(readFile(dir / "A.log").find("the image is discarded"), std::string::npos) << cluster.logOf("A");
+  EXPECT_EQ(readFile(dir / "server.log").find("resync failed"), std::string::npos) << cluster.logOf("server");
   EXPECT_EQ(readFile(cluster.serialLog("A")).size(), aSerialAtDeath) << "A's VM ran after it was lost";
   ASSERT_TRUE(cluster.waitForHead(cluster.head() + 2, std::chrono::seconds(60))) << cluster.logOf("B");
   ASSERT_EQ(cluster.switchTo("A", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");

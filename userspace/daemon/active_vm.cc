@@ -239,7 +239,7 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
   }
   ramTracker_->acknowledge(pending.memory);
   diskTracker_->acknowledge(pending.disk);
-  replica_.saveApplied(pending.sequence);
+  replica_.saveApplied(pending.sequence, epoch_);
   if (kind == wire::CheckpointKind::FULL && isOrigPolicy(replica_.spec().policy)) {
     // The full checkpoint is the base that Orig checkpoints are measured against.
     replica_.writeBase(pending.memory, pending.disk);

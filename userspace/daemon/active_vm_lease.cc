@@ -126,7 +126,7 @@ kj::Promise<void> ActiveVm::rejoin(Registration registered) {
   if (unconfirmed && head == unconfirmed->sequence) {
     ramTracker_->acknowledge(unconfirmed->memory);
     diskTracker_->acknowledge(unconfirmed->disk);
-    replica_.saveApplied(head);
+    replica_.saveApplied(head, epoch_);
     spdlog::info("{}: checkpoint {} had reached the server before the connection broke", options_.deviceId, head);
   }
   if (head != replica_.applied()) {

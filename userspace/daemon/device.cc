@@ -50,10 +50,15 @@ class Device {
   kj::Promise<void> park(wire::HandOffResult::Builder result);
   /// park(), then the daemon exits (the server's `stop`).
   kj::Promise<void> parkAndExit(wire::HandOffResult::Builder result);
-  /// A failover abandoned checkpoints after `to`: this device drops what it
-  /// applied past it (its VM, if it still had one, stays paused and goes).
+  /// The server could not resync this device: it drops its image and starts
+  /// over from 0 (its VM, if it still had one, stays paused and goes).
   /// Returns the sequence its image is at now.
   std::uint64_t rollBack(std::uint64_t to, const std::string& why);
+  /// The server's resync: takes the image back to the chain. Returns the
+  /// sequence it is at now.
+  std::uint64_t resync(wire::Checkpoint::Reader checkpoint);
+  /// The hash of every unit of the image, for the server to build a resync.
+  void unitHashes(wire::DevicePeer::UnitHashesResults::Builder results);
 
  private:
   /// The server holds a parked VM at `head`: resume it here, once this
@@ -69,6 +74,14 @@ class Device {
   void becomeStandby(FinalCheckpoint final);
   /// Quits a VMM that handed off, if it has not quit yet.
   void retireVm();
+  /// Lost the lease (fenced, or resynced by the server): the VM, paused,
+  /// never runs here again; the image, which it took past the last
+  /// checkpoint, is diverged. A standby from now on.
+  void leaveActive(const std::string& why);
+  /// Where the image is on the chain, to register with.
+  ChainPosition position() const {
+    return ChainPosition{replica_.applied(), replica_.appliedEpoch(), replica_.diverged()};
+  }
 
   kj::AsyncIoContext& io_;
   DeviceOptions options_;
@@ -110,9 +123,16 @@ class DevicePeerImpl final : public wire::DevicePeer::Server {
   kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
   kj::Promise<void> rollBack(RollBackContext context) override {
     return guarded([&] {
-      const std::uint64_t to = context.getParams().getTo();
+      auto params = context.getParams();
       context.getResults().setAppliedSequence(
-          device_.rollBack(to, fmt::format("a failover resumed the VM from checkpoint {}", to)));
+          params.hasResync() ? device_.resync(params.getResync())
+                             : device_.rollBack(params.getTo(), "the server could not resync its image"));
+      return kj::READY_NOW;
+    });
+  }
+  kj::Promise<void> unitHashes(UnitHashesContext context) override {
+    return guarded([&] {
+      device_.unitHashes(context.getResults());
       return kj::READY_NOW;
     });
   }
@@ -130,33 +150,67 @@ Device::Device(kj::AsyncIoContext& io, DeviceOptions options)
       replica_(options_.stateDir, options_.deviceId),
       link_(
           io_, options_, [this]() -> wire::DevicePeer::Client { return kj::heap<DevicePeerImpl>(*this); },
-          [this] { return replica_.applied(); }) {
+          [this] { return position(); }) {
   link_.onReconnected([this](Registration registered) -> kj::Promise<void> {
     if (role_ != Role::active || !active_) return kj::READY_NOW;
     return active_->rejoin(kj::mv(registered)).catch_([this](kj::Exception&& e) -> kj::Promise<void> {
-      if (!active_ || !active_->fenced()) return kj::mv(e);
+      // The server's resync came first (it saw this device's checkpoints abandoned).
+      if (!active_) return kj::READY_NOW;
+      if (!active_->fenced()) return kj::mv(e);
       // Another device runs the VM: this one's image went on past the chain.
-      // It becomes a standby that starts over, registered anew at 0.
-      rollBack(0, describe(e));
+      // It registers again as a standby whose image diverged, which the
+      // server resyncs.
+      leaveActive(describe(e));
       background_.add(kj::evalLater([this] { link_.restart(); }));
       return kj::READY_NOW;
     });
   });
-  link_.onAbandoned([this](const std::string& why) { rollBack(0, why); });
+}
+
+void Device::leaveActive(const std::string& why) {
+  if (!active_) return;
+  // Lost its lease: the VM never runs here again as it is.
+  active_->fence(why);
+  retiring_ = active_->retire();
+  active_.reset();
+  retireVm();
+  role_ = Role::standby;
+  replica_.markDiverged();
+  replica_.markLive(false);
+  spdlog::info("{}: a standby now ({}); its image waits for the server's resync", options_.deviceId, why);
 }
 
 std::uint64_t Device::rollBack(std::uint64_t to, const std::string& why) {
-  if (active_) {
-    // Lost its lease to a failover: the VM never runs here again as it is.
-    active_->fence(why);
-    retiring_ = active_->retire();
-    active_.reset();
-    retireVm();
-  }
+  leaveActive(why);
   role_ = Role::standby;
   if (replica_.applied() > to || to == 0) replica_.discard();
   replica_.markLive(false);
   spdlog::info("{}: rolled back ({}); a standby at checkpoint {}", options_.deviceId, why, replica_.applied());
+  return replica_.applied();
+}
+
+void Device::unitHashes(wire::DevicePeer::UnitHashesResults::Builder results) {
+  leaveActive("the server resyncs this device");
+  const std::uint64_t start = nowNs();
+  ImageHashes hashes = replica_.currentHashes();
+  results.setAppliedSequence(replica_.applied());
+  auto ram = results.initRam(static_cast<unsigned>(hashes.ram.size()));
+  for (unsigned i = 0; i < hashes.ram.size(); ++i) ram.set(i, hashes.ram[i]);
+  auto disk = results.initDisk(static_cast<unsigned>(hashes.disk.size()));
+  for (unsigned i = 0; i < hashes.disk.size(); ++i) disk.set(i, hashes.disk[i]);
+  spdlog::info("{}: image at checkpoint {}{}: hashes of {} pages and {} blocks sent for a resync ({:.0f} ms)",
+               options_.deviceId, replica_.applied(), replica_.diverged() ? " and past it" : "", hashes.ram.size(),
+               hashes.disk.size(), (nowNs() - start) / 1e6);
+}
+
+std::uint64_t Device::resync(wire::Checkpoint::Reader checkpoint) {
+  leaveActive("the server resyncs this device");
+  const std::uint64_t from = replica_.applied();
+  const std::uint64_t start = nowNs();
+  ApplyStats stats = replica_.resync(checkpoint);
+  spdlog::info("{}: resynced from checkpoint {} to the chain's checkpoint {}: {} pages and {} blocks replaced "
+               "({:.0f} ms){}", options_.deviceId, from, replica_.applied(), stats.memoryUnits, stats.diskUnits,
+               (nowNs() - start) / 1e6, replica_.resumable() ? "; its image digest matches" : "");
   return replica_.applied();
 }
 
@@ -173,15 +227,11 @@ void Device::checkImage() const {
 }
 
 kj::Promise<void> Device::start(Role role) {
-  if (role == Role::standby)
-    return link_.connect(replica_.applied()).ignoreResult().catch_([this](kj::Exception&& e) -> kj::Promise<void> {
-      if (!ServerLink::isAbandoned(e)) return kj::mv(e);
-      rollBack(0, describe(e));
-      return link_.connect(replica_.applied()).ignoreResult();
-    });
-  // An image that can resume registers where it is; otherwise at 0, since a
-  // new VM's state directory is about to be replaced.
-  return link_.connect(replica_.resumable() ? replica_.applied() : 0)
+  if (role == Role::standby) return link_.connect(position()).ignoreResult();
+  // An image that can resume, or that the server must resync, registers
+  // where it is; otherwise at 0, since a new VM's state directory is about to
+  // be replaced.
+  return link_.connect(replica_.resumable() || replica_.diverged() ? position() : ChainPosition{})
       .then([this](Registration registered) -> kj::Promise<void> {
         const std::uint64_t head = registered.getHeadSequence();
         if (head == 0) return becomeActiveAsNewVm();
@@ -216,7 +266,8 @@ kj::Promise<void> Device::resumeParkedHere(std::uint64_t head) {
 }
 
 kj::Promise<void> Device::whenApplied(std::uint64_t sequence, std::uint64_t waitedMs) {
-  if (replica_.applied() >= sequence) return kj::READY_NOW;
+  // A diverged image (or one past the chain) is at `sequence` only after the server's resync.
+  if (replica_.applied() == sequence && !replica_.diverged()) return kj::READY_NOW;
   if (waitedMs > 0 && waitedMs % 10000 == 0)
     spdlog::info("{}: still catching up: at checkpoint {} of {}", options_.deviceId, replica_.applied(), sequence);
   return io_.provider->getTimer().afterDelay(100 * kj::MILLISECONDS).then([this, sequence, waitedMs] {
@@ -274,10 +325,11 @@ kj::Promise<void> Device::handOff(std::string target, wire::HandOffResult::Build
 }
 
 void Device::becomeStandby(FinalCheckpoint final) {
+  const std::uint64_t epoch = active_->epoch();
   retiring_ = active_->retire();
   active_.reset();
   role_ = Role::standby;
-  replica_.recordFinal(final.sequence, final.deviceState, std::move(final.hashes));
+  replica_.recordFinal(final.sequence, epoch, final.deviceState, std::move(final.hashes));
   replica_.markLive(false);  // the VMM is paused at the final checkpoint, and quits
   // The paused VMM writes nothing more; it quits after the answer is on its way.
   background_.add(io_.provider->getTimer().afterDelay(200 * kj::MILLISECONDS).then([this] {

@@ -47,7 +47,7 @@ Replica::Replica(const std::string& stateDir, std::string deviceId) : deviceId_(
   if (fs::exists(path("vmm-running"))) {
     spdlog::warn("{}: a VMM ran on this image and stopped without a final checkpoint: the image is past checkpoint "
                  "{} by what the guest did since", deviceId_, applied_);
-    discard();
+    if (applied_ != 0) markDiverged();
     markLive(false);
   }
 }
@@ -59,6 +59,15 @@ void Replica::markLive(bool live) {
     fs::remove(path("vmm-running"));
     syncDirectory(dir_);
   }
+}
+
+void Replica::markDiverged() {
+  if (diverged_) return;
+  writeFileDurably(path("diverged"), "1", 1);
+  diverged_ = true;
+  verified_ = {};
+  spdlog::warn("{}: the image went on past checkpoint {}: it is not resumed here before the server resyncs it",
+               deviceId_, applied_);
 }
 
 Replica::~Replica() {
@@ -87,13 +96,18 @@ void Replica::lockDirectory() {
 
 void Replica::loadLocalState() {
   if (fs::exists(path("applied"))) {
+    // "<sequence> <lease epoch>" (the epoch is absent in older state directories).
     std::string text = readWholeFile(path("applied"), 64);
     try {
-      applied_ = std::stoull(text);
+      std::size_t end = 0;
+      applied_ = std::stoull(text, &end);
+      if (end < text.size() && text.find_first_not_of(" \n", end) != std::string::npos)
+        appliedEpoch_ = std::stoull(text.substr(end));
     } catch (const std::exception&) {
-      fail("{} is damaged: '{}' is not a sequence number", path("applied"), text);
+      fail("{} is damaged: '{}' is not a sequence number and lease epoch", path("applied"), text);
     }
   }
+  diverged_ = fs::exists(path("diverged"));
   if (fs::exists(path("vm.json"))) {
     try {
       auto j = nlohmann::json::parse(readWholeFile(path("vm.json"), 1 << 20));
@@ -118,7 +132,8 @@ void Replica::redoJournal() {
   KJ_IF_MAYBE(words, readRecordFile(journal, why)) {
     capnp::FlatArrayMessageReader message(*words, rpcReaderOptions());
     auto checkpoint = message.getRoot<wire::Checkpoint>();
-    if (checkpoint.getSequence() > applied_) {
+    // A resync is whole units: finishing it again is harmless.
+    if (checkpoint.getResync() || checkpoint.getSequence() > applied_) {
       spdlog::warn("{}: applying checkpoint {} was interrupted (the image is between {} and it); finishing it from "
                    "the journal", deviceId_, checkpoint.getSequence(), applied_);
       try {
@@ -128,7 +143,7 @@ void Replica::redoJournal() {
         // from the server's base, which replaces all of it.
         spdlog::error("{}: cannot finish checkpoint {} ({}); the image is discarded and will be synced again from "
                       "the server's base", deviceId_, checkpoint.getSequence(), e.what());
-        saveApplied(0);
+        saveApplied(0, 0);
       }
     }
   } else {
@@ -138,10 +153,11 @@ void Replica::redoJournal() {
   fs::remove(journal);
 }
 
-void Replica::saveApplied(std::uint64_t sequence) {
-  std::string text = std::to_string(sequence);
+void Replica::saveApplied(std::uint64_t sequence, std::uint64_t epoch) {
+  std::string text = fmt::format("{} {}", sequence, epoch);
   writeFileDurably(path("applied"), text.data(), text.size());
   applied_ = sequence;
+  appliedEpoch_ = epoch;
 }
 
 void Replica::saveLocalSpec() {
@@ -224,7 +240,8 @@ void Replica::createFromImage(const std::string& imageDir, const std::string& vm
   if (spec_.diskBytes % kUnitSize != 0) fail("guest disk {} is not a multiple of 4096 bytes", (image / "disk.img").string());
   ram_ = std::make_unique<ImageFile>(path("ram.img"), true, spec_.memoryBytes);
   disk_ = std::make_unique<ImageFile>(path("disk.img"), true);
-  saveApplied(0);
+  saveApplied(0, 0);
+  clearDiverged();
 }
 
 void Replica::setAccel(std::string accel) {
@@ -249,6 +266,24 @@ ApplyStats Replica::apply(wire::Checkpoint::Reader checkpoint, std::uint64_t* jo
   if (!full && std::string(checkpoint.getVmId()) != spec_.vmId)
     fail("checkpoint for VM '{}' does not belong to this device's VM '{}'", std::string(checkpoint.getVmId()),
          spec_.vmId);
+  return journaledApply(checkpoint, journaledNs);
+}
+
+ApplyStats Replica::resync(wire::Checkpoint::Reader checkpoint) {
+  if (!checkpoint.getResync() || checkpoint.getKind() == wire::CheckpointKind::FULL)
+    fail("checkpoint {} is not a resync", checkpoint.getSequence());
+  if (!ram_) fail("a resync needs an image, and this device has none");
+  if (checkpoint.getBaseSequence() != applied_)
+    fail("the resync to checkpoint {} is based on {}, but this device's image is at {}", checkpoint.getSequence(),
+         checkpoint.getBaseSequence(), applied_);
+  if (std::string(checkpoint.getVmId()) != spec_.vmId)
+    fail("resync for VM '{}' does not belong to this device's VM '{}'", std::string(checkpoint.getVmId()),
+         spec_.vmId);
+  return journaledApply(checkpoint, nullptr);
+}
+
+ApplyStats Replica::journaledApply(wire::Checkpoint::Reader checkpoint, std::uint64_t* journaledNs) {
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   // Journal first: a crash in the middle of writing the image is finished
   // from it at the next start, so the image is only ever at whole checkpoints.
   {
@@ -263,12 +298,24 @@ ApplyStats Replica::apply(wire::Checkpoint::Reader checkpoint, std::uint64_t* jo
   } catch (const Error&) {
     // Nothing to finish: a malformed checkpoint is refused before the image is
     // written, except that a full one has already replaced it.
-    if (full) saveApplied(0);
+    if (full) saveApplied(0, 0);
     fs::remove(path("apply.journal"));
     throw;
   }
   fs::remove(path("apply.journal"));
   return stats;
+}
+
+ImageHashes Replica::currentHashes() {
+  if (!ram_ || !disk_) return {};
+  return ImageHashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
+}
+
+void Replica::clearDiverged() {
+  if (!diverged_) return;
+  fs::remove(path("diverged"));
+  syncDirectory(dir_);
+  diverged_ = false;
 }
 
 void Replica::startFromFull(wire::Checkpoint::Reader checkpoint) {
@@ -303,7 +350,9 @@ ApplyStats Replica::applyToImage(wire::Checkpoint::Reader checkpoint) {
     openBase();
   }
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) verifyFinal(checkpoint);
-  saveApplied(checkpoint.getSequence());
+  saveApplied(checkpoint.getSequence(), checkpoint.getEpoch());
+  // A full checkpoint replaced the image; a resync made it the chain's.
+  if (full || checkpoint.getResync()) clearDiverged();
   return stats;
 }
 
@@ -317,7 +366,7 @@ void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
   if (expected.size() != digest.size() || !std::equal(expected.begin(), expected.end(), digest.begin())) {
     damaged_ = fmt::format("image digest mismatch after checkpoint {}: expected {}, this device has {}", sequence,
                            toHex(expected), toHex(digest));
-    saveApplied(sequence);
+    saveApplied(sequence, checkpoint.getEpoch());
     fail("{}; the image on {} is damaged and the VM will not be resumed here", damaged_, deviceId_);
   }
   auto state = checkpoint.getDeviceState();
@@ -330,19 +379,23 @@ void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
                sequence, toHex(digest), (hashEnd - hashStart) / 1e6);
 }
 
-void Replica::recordFinal(std::uint64_t sequence, std::span<const std::byte> state, ImageHashes hashes) {
+void Replica::recordFinal(std::uint64_t sequence, std::uint64_t epoch, std::span<const std::byte> state,
+                          ImageHashes hashes) {
   ram_->sync();
   disk_->sync();
   writeFileDurably(path("device-state.bin"), state.data(), state.size());
   std::string seq = std::to_string(sequence);
   writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
   deviceStateSequence_ = sequence;
-  saveApplied(sequence);
+  saveApplied(sequence, epoch);
   verified_ = std::move(hashes);
 }
 
 std::string Replica::deviceStateForResume() const {
   if (!damaged_.empty()) fail("{}", damaged_);
+  if (diverged_)
+    fail("device {} cannot resume the VM: its image went on past checkpoint {} and waits for the server's resync",
+         deviceId_, applied_);
   if (!ram_ || deviceStateSequence_ == 0 || deviceStateSequence_ != applied_)
     fail("device {} has no device state for its image at checkpoint {} (it holds state of checkpoint {})",
          deviceId_, applied_, deviceStateSequence_);
@@ -355,7 +408,8 @@ void Replica::discard() {
   deviceStateSequence_ = 0;
   verified_ = {};
   damaged_.clear();
-  saveApplied(0);
+  saveApplied(0, 0);
+  clearDiverged();
   spdlog::warn("{}: the image is discarded; it is synced again from the server's chain", deviceId_);
 }
 

@@ -54,12 +54,25 @@ class Replica {
   const LocalSpec& spec() const { return spec_; }
   /// The last checkpoint whose changes the image holds (0: none).
   std::uint64_t applied() const { return applied_; }
+  /// The lease epoch that checkpoint was made under (0: not known).
+  std::uint64_t appliedEpoch() const { return appliedEpoch_; }
+  /// The image went on past applied(): a VMM ran on it after that checkpoint
+  /// (it is not the chain's image at any checkpoint until a resync).
+  bool diverged() const { return diverged_; }
   bool hasImages() const { return ram_ != nullptr; }
   ImageFile& ram() { return *ram_; }
   ImageFile& disk() { return *disk_; }
   /// Orig policies: the base image, once the full checkpoint is applied or acknowledged.
   const ImageFile* baseRam() const { return baseRam_.get(); }
   const ImageFile* baseDisk() const { return baseDisk_.get(); }
+
+  /// A resync from the server (Checkpoint.resync): based on applied(),
+  /// whatever the image holds past it, it takes the image to the chain's at
+  /// its sequence, which may be lower. Journaled and checked like apply();
+  /// a final one must match its digest.
+  ApplyStats resync(wire::Checkpoint::Reader checkpoint);
+  /// The hash of every unit of the image as it is now (empty: no image).
+  ImageHashes currentHashes();
 
   /// Checks that `checkpoint` follows this image, journals it and writes it.
   /// Throws Error, leaving the image at a whole checkpoint, when it does not fit.
@@ -73,17 +86,19 @@ class Replica {
                        wire::Policy policy);
   void setAccel(std::string accel);
 
-  /// Records that the server holds checkpoint `sequence` of this image.
-  void saveApplied(std::uint64_t sequence);
+  /// Records that the server holds checkpoint `sequence` (made under lease
+  /// `epoch`) of this image.
+  void saveApplied(std::uint64_t sequence, std::uint64_t epoch);
   /// Has the page cache hold the images in 4 KiB folios (ImageFile::recache).
   void recacheImages();
   /// Orig policies: opens the base image files.
   void openBase();
   /// Orig policies: writes the base image from the full checkpoint's units.
   void writeBase(const ImageDelta& memory, const ImageDelta& disk);
-  /// The image is at final checkpoint `sequence`, whose device state is
-  /// `state` and whose units hash to `hashes`: recorded durably.
-  void recordFinal(std::uint64_t sequence, std::span<const std::byte> state, ImageHashes hashes);
+  /// The image is at final checkpoint `sequence` (lease `epoch`), whose
+  /// device state is `state` and whose units hash to `hashes`: recorded durably.
+  void recordFinal(std::uint64_t sequence, std::uint64_t epoch, std::span<const std::byte> state,
+                   ImageHashes hashes);
 
   /// The device state to resume the VM from this image. Throws Error unless the
   /// image is at a final checkpoint that was verified and whose state is here.
@@ -92,13 +107,18 @@ class Replica {
   ImageHashes takeVerifiedHashes();
   /// A VMM runs on the images (`live`), or ran and stopped at a final
   /// checkpoint. A replica found live at start-up was left by a VMM that died
-  /// past its last checkpoint: its image is discarded.
+  /// past its last checkpoint: its image is diverged.
   void markLive(bool live);
+  /// The image went on past its last checkpoint (a fenced VM ran after it):
+  /// it is not resumed, and the server resyncs it (recorded durably).
+  void markDiverged();
   /// A failover abandoned checkpoints this image holds: forget what was
   /// applied, so the image is synced again from the server's chain.
   void discard();
   /// True when the image is at a verified final checkpoint whose device state is here.
-  bool resumable() const { return damaged_.empty() && ram_ && applied_ != 0 && deviceStateSequence_ == applied_; }
+  bool resumable() const {
+    return damaged_.empty() && !diverged_ && ram_ && applied_ != 0 && deviceStateSequence_ == applied_;
+  }
 
  private:
   /// Takes the state directory's lock, or says which process holds it.
@@ -113,6 +133,9 @@ class Replica {
   /// A final checkpoint: the image digest must match; keeps the device state.
   void verifyFinal(wire::Checkpoint::Reader checkpoint);
   void saveLocalSpec();
+  /// Journals `checkpoint`, writes it and removes the journal.
+  ApplyStats journaledApply(wire::Checkpoint::Reader checkpoint, std::uint64_t* journaledNs);
+  void clearDiverged();
   void openImages(bool create);
 
   std::string deviceId_;
@@ -121,6 +144,8 @@ class Replica {
   LocalSpec spec_;
   bool haveSpec_ = false;
   std::uint64_t applied_ = 0;
+  std::uint64_t appliedEpoch_ = 0;
+  bool diverged_ = false;
   std::uint64_t deviceStateSequence_ = 0;  // final checkpoint whose device state is kept
   std::string damaged_;                    // set when the image failed verification
   std::unique_ptr<ImageFile> ram_;

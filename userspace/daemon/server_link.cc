@@ -8,11 +8,11 @@
 namespace vmsync {
 
 ServerLink::ServerLink(kj::AsyncIoContext& io, const DeviceOptions& options,
-                       std::function<wire::DevicePeer::Client()> makePeer, std::function<std::uint64_t()> applied)
+                       std::function<wire::DevicePeer::Client()> makePeer, std::function<ChainPosition()> position)
     : io_(io),
       options_(options),
       makePeer_(std::move(makePeer)),
-      applied_(std::move(applied)),
+      position_(std::move(position)),
       transport_(clientTransport(options.credential, options.insecure)) {
   if (!options_.credential.empty()) {
     DeviceCredential credential = loadCredential(options_.credential);
@@ -27,12 +27,12 @@ wire::DeviceSession::Client& ServerLink::session() {
   return *session_;
 }
 
-kj::Promise<Registration> ServerLink::connect(std::uint64_t applied) {
+kj::Promise<Registration> ServerLink::connect(ChainPosition position) {
   return transport_.connect(io_, options_.server)
       .catch_([this](kj::Exception&& e) -> kj::Own<RpcConnection> {
         rpcFail(fmt::format("cannot reach the sync server at {}: {}", options_.server, describe(e)));
       })
-      .then([this, applied](kj::Own<RpcConnection> connection) {
+      .then([this, position](kj::Own<RpcConnection> connection) {
         connection_ = kj::mv(connection);
         // The old connection is gone, and with it every message it was sending.
         sending_.clear();
@@ -40,7 +40,9 @@ kj::Promise<Registration> ServerLink::connect(std::uint64_t applied) {
         auto request = server_->registerRequest();
         request.setDeviceId(options_.deviceId);
         request.setPeer(makePeer_());
-        request.setAppliedSequence(applied);
+        request.setAppliedSequence(position.applied);
+        request.setAppliedEpoch(position.epoch);
+        request.setDiverged(position.diverged);
         return request.send();
       })
       .then([this](Registration registered) {
@@ -77,16 +79,12 @@ void ServerLink::onDisconnected() {
 kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
   return io_.provider->getTimer()
       .afterDelay(delay.count() * kj::MILLISECONDS)
-      .then([this] { return connect(applied_()); })
+      .then([this] { return connect(position_()); })
       .then([this](Registration registered) -> kj::Promise<void> {
         if (!onReconnected_) return kj::READY_NOW;
         return onReconnected_(kj::mv(registered));
       })
       .catch_([this, delay](kj::Exception&& e) -> kj::Promise<void> {
-        if (!session_ && isAbandoned(e) && onAbandoned_) {
-          onAbandoned_(describe(e));
-          return reconnectLoop(std::chrono::milliseconds(200));
-        }
         if (session_) {
           spdlog::error("{}: {}", options_.deviceId, describe(e));
           return kj::READY_NOW;
@@ -94,10 +92,6 @@ kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
         spdlog::debug("{}: reconnect failed: {}", options_.deviceId, describe(e));
         return reconnectLoop(std::min(delay * 2, std::chrono::milliseconds(5000)));
       });
-}
-
-bool ServerLink::isAbandoned(const kj::Exception& e) {
-  return describe(e).find("a failover abandoned the checkpoints") != std::string::npos;
 }
 
 kj::Promise<void> ServerLink::watchTransfer(std::string what, std::uint64_t bytes) {

@@ -31,29 +31,30 @@ struct PendingPush {
 
 using Registration = capnp::Response<wire::SyncServer::RegisterResults>;
 
+/// Where a device's image is, as it registers.
+struct ChainPosition {
+  std::uint64_t applied = 0;  // the last checkpoint it holds (0: none)
+  std::uint64_t epoch = 0;    // that checkpoint's lease epoch (0: not known)
+  bool diverged = false;      // its VM ran past that checkpoint
+};
+
 class ServerLink {
  public:
   /// `makePeer` gives the capability the server calls this device by;
-  /// `applied` the sequence to register with again after a lost connection.
+  /// `position` where to register again after a lost connection.
   ServerLink(kj::AsyncIoContext& io, const DeviceOptions& options,
-             std::function<wire::DevicePeer::Client()> makePeer, std::function<std::uint64_t()> applied);
+             std::function<wire::DevicePeer::Client()> makePeer, std::function<ChainPosition()> position);
 
-  /// Connects and registers at sequence `applied`.
-  kj::Promise<Registration> connect(std::uint64_t applied);
+  /// Connects and registers at `position`.
+  kj::Promise<Registration> connect(ChainPosition position);
   /// Called after each registration that follows a lost connection; a
   /// failure it throws is logged and ends the attempts.
   void onReconnected(std::function<kj::Promise<void>(Registration)> handler) { onReconnected_ = std::move(handler); }
-  /// Called when the server refuses the registration because a failover
-  /// abandoned checkpoints this device holds; the handler rolls the device
-  /// back, and the registration is tried again at `applied()`.
-  void onAbandoned(std::function<void(const std::string& why)> handler) { onAbandoned_ = std::move(handler); }
-  /// True when `e` is the server's refusal of a registration past an abandoned chain.
-  static bool isAbandoned(const kj::Exception& e);
   /// The server's lease timeout, from the last registration.
   std::chrono::milliseconds leaseTimeout() const { return leaseTimeout_; }
 
   bool connected() const { return session_.has_value(); }
-  /// Drops the connection and registers again (at `applied()`).
+  /// Drops the connection and registers again (at `position()`).
   void restart();
   /// The session of the current registration; throws Error when there is none.
   wire::DeviceSession::Client& session();
@@ -80,9 +81,8 @@ class ServerLink {
   kj::AsyncIoContext& io_;
   const DeviceOptions& options_;
   std::function<wire::DevicePeer::Client()> makePeer_;
-  std::function<std::uint64_t()> applied_;
+  std::function<ChainPosition()> position_;
   std::function<kj::Promise<void>(Registration)> onReconnected_;
-  std::function<void(const std::string&)> onAbandoned_;
   std::chrono::milliseconds leaseTimeout_{30000};
   ClientTransport transport_;
 
