@@ -9,6 +9,7 @@
 #include <signal.h>
 
 #include <cstdlib>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <regex>
 #include <thread>
@@ -154,6 +155,82 @@ TEST_P(Failover, ActiveLostAtASeededMomentResumesOnBFromTheNewestResumablePoint)
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeds, Failover, ::testing::Range(1, seedCount() + 1));
+
+/// Checkpoint numbers after a failover's point are used again by the new
+/// chain. A standby that applied an abandoned checkpoint N and was away
+/// while the new chain passed N must not pass for one at the new N: the
+/// server tells them apart by lease epoch and resyncs it.
+TEST(FailoverAway, StandbyThatAppliedAbandonedCheckpointsComesBackByAResync) {
+  std::string missing = missingForVm();
+  if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer({"--lease-timeout", std::to_string(kLeaseTimeoutSeconds)});
+  cluster.startActive("A", {"--resumable-every", "5"});
+  cluster.startStandby("B");
+  cluster.startStandby("C");
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  // C holds checkpoints past the newest resumable point when it leaves, and
+  // A is lost right after.
+  std::uint64_t cAt = 0, point = 0;
+  ASSERT_TRUE(waitFor(
+      [&] {
+        auto status = cluster.status();
+        if (!status) return false;
+        point = (*status)["resumable_point"];
+        const std::uint64_t head = (*status)["head_sequence"];
+        cAt = cluster.deviceStatus("C")["applied_sequence"];
+        return point > 0 && head > point && cAt == head;
+      },
+      std::chrono::seconds(120)))
+      << cluster.logOf("A") << cluster.logOf("C");
+  cluster.stopDevice("C");
+  const std::string ram = cluster.stateDir("A") + "/ram.img";
+  std::vector<pid_t> qemu = processesMentioning("mem-path=" + ram);
+  ASSERT_EQ(qemu.size(), 1u) << "A's QEMU not found";
+  ::kill(cluster.device("A").pid(), SIGKILL);
+  ::kill(qemu.front(), SIGKILL);
+  cluster.device("A").kill();
+  cluster.stopDevice("A");
+
+  ASSERT_TRUE(waitFor([&] { return cluster.deviceStatus("A")["state"] == "offline"; }, std::chrono::seconds(30)));
+  std::this_thread::sleep_for(std::chrono::seconds(kLeaseTimeoutSeconds + 1));
+  std::string forced;
+  ASSERT_EQ(run({vmsyncBinary(), "switch", "--to", "B", "--force", "--json", "--server", cluster.address(),
+                 "--credential", cluster.credential("cli")},
+                &forced),
+            0)
+      << forced << cluster.logOf("B") << cluster.logOf("server");
+  const std::uint64_t resumedAt = nlohmann::json::parse(forced.substr(forced.find('{')))["final_sequence"];
+  ASSERT_LT(resumedAt, cAt) << "C left at " << cAt << ", which the failover kept: nothing of C's was abandoned";
+
+  // The new chain passes the number C is at, then C comes back.
+  ASSERT_TRUE(cluster.waitForHead(cAt + 2, std::chrono::seconds(120))) << cluster.logOf("B");
+  cluster.startStandby("C");
+  ASSERT_TRUE(cluster.waitForDevice("C", cluster.head(), std::chrono::seconds(120)))
+      << cluster.logOf("C") << cluster.logOf("server");
+  const std::string serverLog = readFile(dir / "server.log");
+  EXPECT_NE(serverLog.find("device C: its checkpoint " + std::to_string(cAt) + " (lease epoch 1) is one a failover "
+                           "abandoned"),
+            std::string::npos)
+      << cluster.logOf("server");
+  EXPECT_TRUE(std::regex_search(readFile(dir / "C.log"),
+                                std::regex("resynced from checkpoint " + std::to_string(cAt) +
+                                           " to the chain's checkpoint [0-9]+: [0-9]+ pages and [0-9]+ blocks "
+                                           "replaced")))
+      << cluster.logOf("C");
+  EXPECT_EQ(readFile(dir / "C.log").find("the image is discarded"), std::string::npos) << cluster.logOf("C");
+
+  // Its image is the chain's: the VM resumes there and counts on from B.
+  nlohmann::json report;
+  std::string output;
+  ASSERT_EQ(cluster.switchTo("C", &report, &output), 0) << output << cluster.logOf("C") << cluster.logOf("B");
+  const long lastOnB = counterValues(readFile(cluster.serialLog("B"))).back();
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("C"))).size() >= 2; },
+                      std::chrono::seconds(60)))
+      << cluster.logOf("C");
+  EXPECT_EQ(counterValues(readFile(cluster.serialLog("C"))).front(), lastOnB + 1) << cluster.logOf("C");
+}
 
 }  // namespace
 }  // namespace vmsync::testing

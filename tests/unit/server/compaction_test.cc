@@ -1,5 +1,6 @@
 // Compaction: folding a Prev chain into a new base, pruning an Orig chain, and
-// what a restart makes of the files a fold or prune leaves behind.
+// what a restart makes of the files a fold or prune leaves behind. Resync:
+// the same materialization, compared with a device's unit hashes.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -13,6 +14,8 @@
 #include "checkpoint_store.h"
 #include "checkpoint/chunk_codec.h"
 #include "compactor.h"
+#include "harvest/unit_hashes.h"
+#include "resync.h"
 #include "sync_server.h"
 #include "base/error.h"
 #include "vmm/image_file.h"
@@ -271,6 +274,122 @@ TEST(Compaction, ServerPrunesAnOrigChainAtOnce) {
   EXPECT_EQ(store.base(), 1u);
   EXPECT_EQ(store.head(), 14u);
   EXPECT_LT(store.head() - store.first(), 4u) << "old Orig checkpoints were kept";
+}
+
+std::vector<std::uint64_t> hashesOf(const Image& image) {
+  std::vector<std::uint64_t> hashes(kUnits);
+  for (std::uint64_t i = 0; i < kUnits; ++i) hashes[i] = hashUnit(unitOf(image, i));
+  return hashes;
+}
+
+std::vector<std::string> chainPaths(const CheckpointStore& store, wire::Policy policy) {
+  std::vector<std::string> paths{store.pathOf(store.base())};
+  if (isOrigPolicy(policy)) {
+    paths.push_back(store.pathOf(store.head()));
+  } else {
+    for (std::uint64_t s = store.first(); s <= store.head(); ++s) paths.push_back(store.pathOf(s));
+  }
+  return paths;
+}
+
+TEST(Resync, TakesAnImagePastTheChainToItWithOnlyTheUnitsThatDiffer) {
+  for (wire::Policy policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV, wire::Policy::DIFF_ORIG}) {
+    TempDir dir;
+    CheckpointStore store(dir.path());
+    const Image expected = writeChain(store, policy, 9, 21);
+    // The device applied the same walk up to 6, then its VM went on alone.
+    Image device = walkChain(policy, 6, 21, [](int, wire::Checkpoint::Builder) {});
+    std::mt19937 rng(99);
+    for (int i = 0; i < 4; ++i) mutate(device, rng);
+    std::uint64_t differ = 0;
+    for (std::uint64_t i = 0; i < kUnits; ++i)
+      differ += std::memcmp(unitOf(device, i).data(), unitOf(expected, i).data(), kUnitSize) != 0;
+    ASSERT_GT(differ, 0u);
+    ASSERT_LT(differ, kUnits) << "the test needs units that already match";
+
+    capnp::MallocMessageBuilder message;
+    std::atomic<bool> cancel{false};
+    ResyncStats stats = buildResync(chainPaths(store, policy), dir.path() + "/scratch", 6, hashesOf(device),
+                                    hashesOf(device), message, cancel);
+    EXPECT_FALSE(fs::exists(dir.path() + "/scratch")) << "the scratch images are removed";
+    auto resync = message.getRoot<wire::Checkpoint>().asReader();
+    EXPECT_EQ(stats.sequence, 9u);
+    EXPECT_FALSE(stats.final);
+    EXPECT_TRUE(resync.getResync());
+    EXPECT_EQ(resync.getBaseSequence(), 6u);
+    EXPECT_EQ(resync.getSequence(), 9u);
+    EXPECT_EQ(resync.getPolicy(), wire::Policy::DIRTY_PREV) << "left-out units keep the device's value";
+    EXPECT_EQ(stats.memoryUnits, differ) << "policy " << static_cast<int>(policy);
+    EXPECT_EQ(resync.getMemory().size(), differ);
+    EXPECT_EQ(resync.getDisk().size(), differ);
+
+    ImageFile ram(dir.path() + "/ram.img", true, kUnits * kUnitSize);
+    ImageFile disk(dir.path() + "/disk.img", true, kUnits * kUnitSize);
+    for (std::uint64_t i = 0; i < kUnits; ++i) {
+      ram.writeUnit(i, unitOf(device, i));
+      disk.writeUnit(i, unitOf(device, i));
+    }
+    applyCheckpoint(resync, ram, disk);
+    EXPECT_TRUE(contents(ram) == expected) << "policy " << static_cast<int>(policy);
+    EXPECT_TRUE(contents(disk) == expected);
+  }
+}
+
+TEST(Resync, ToAFinalCheckpointCarriesItsStateAndChecksItsDigest) {
+  const Image atFive = walkChain(wire::Policy::DIRTY_PREV, 5, 4, [](int, wire::Checkpoint::Builder) {});
+  const std::vector<std::uint64_t> hashes = hashesOf(atFive);
+  const Digest digest = imageDigest(hashes, hashes);
+  for (bool rightDigest : {true, false}) {
+    TempDir dir;
+    CheckpointStore store(dir.path());
+    walkChain(wire::Policy::DIRTY_PREV, 5, 4, [&](int s, wire::Checkpoint::Builder c) {
+      if (s == 5) {
+        c.setKind(wire::CheckpointKind::FINAL);
+        c.setDeviceState(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>("cpu"), 3));
+        Digest d = digest;
+        if (!rightDigest) d[0] ^= std::byte{1};
+        c.setImageDigest(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(d.data()), d.size()));
+      }
+      store.append(c.asReader());
+    });
+    const Image device(kUnits * kUnitSize);  // nothing applied yet: all zero
+    capnp::MallocMessageBuilder message;
+    std::atomic<bool> cancel{false};
+    if (!rightDigest) {
+      try {
+        buildResync(chainPaths(store, wire::Policy::DIRTY_PREV), dir.path() + "/scratch", 3, hashesOf(device),
+                    hashesOf(device), message, cancel);
+        FAIL() << "a chain that does not match its digest was sent";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("does not match its digest"), std::string::npos) << e.what();
+      }
+      continue;
+    }
+    ResyncStats stats = buildResync(chainPaths(store, wire::Policy::DIRTY_PREV), dir.path() + "/scratch", 3,
+                                    hashesOf(device), hashesOf(device), message, cancel);
+    auto resync = message.getRoot<wire::Checkpoint>().asReader();
+    EXPECT_TRUE(stats.final);
+    EXPECT_EQ(resync.getKind(), wire::CheckpointKind::FINAL);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(resync.getDeviceState().begin()), 3), "cpu");
+    EXPECT_EQ(resync.getImageDigest().size(), digest.size());
+    EXPECT_EQ(std::memcmp(resync.getImageDigest().begin(), digest.data(), digest.size()), 0);
+  }
+}
+
+TEST(Resync, RefusesHashesOfAnImageOfAnotherSize) {
+  TempDir dir;
+  CheckpointStore store(dir.path());
+  writeChain(store, wire::Policy::DIRTY_PREV, 3, 8);
+  capnp::MallocMessageBuilder message;
+  std::atomic<bool> cancel{false};
+  const std::vector<std::uint64_t> tooFew(kUnits - 1, zeroUnitHash());
+  try {
+    buildResync(chainPaths(store, wire::Policy::DIRTY_PREV), dir.path() + "/scratch", 2, tooFew, tooFew, message,
+                cancel);
+    FAIL() << "hashes of a smaller image were accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("the device's image has 31 pages"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
