@@ -204,7 +204,7 @@ ChunkView ImageTracker::encodeUnit(std::uint64_t index, std::span<const std::byt
 }
 
 std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& changed, std::size_t grain,
-                                              ImageDelta& delta) const {
+                                              ImageDelta& delta, bool encodeNow) const {
   // Copy each changed unit once, straight into the delta; then hash and
   // encode that copy: the VM may write the live page again meanwhile, and
   // only the bytes we ship may be recorded as shipped. A zero page is seen in
@@ -229,6 +229,11 @@ std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& 
       if (hash == referenceHash(index)) continue;
       ships[k] = 1;
       delta.hashes[k] = {index, hash};
+      if (!encodeNow) {
+        delta.units[k].index = index;
+        delta.units[k].encoding = zero ? wire::ChunkEncoding::ZERO : wire::ChunkEncoding::WHOLE;
+        continue;
+      }
       ChunkView& unit = delta.units[k] = encodeUnit(index, copy, zero, {room, kMaxPayload});
       if (unit.data.empty()) continue;
       // A whole unit lz4 does not shrink was left in the copy: it joins the
@@ -282,7 +287,38 @@ void keepShippedUnits(ImageDelta& delta, const std::vector<char>& ships) {
 
 }  // namespace
 
-ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
+ImageDelta ImageTracker::collect(const DirtyUnits& candidates) { return collect(candidates, true); }
+
+ImageDelta ImageTracker::copyChanged(const DirtyUnits& candidates) { return collect(candidates, false); }
+
+void ImageTracker::encode(ImageDelta& delta) const {
+  const std::size_t n = delta.units.size();
+  delta.payloads.resize(n * kMaxPayload);
+  delta.blobs.clear();
+  const std::size_t grain = encodeGrain(n);
+  pool_->parallelFor(n, grain, [&](std::size_t begin, std::size_t end) {
+    std::byte* room = nullptr;
+    for (std::size_t k = begin; k < end; ++k) {
+      if (k % grain == 0 || k == begin) room = delta.payloads.data() + k * kMaxPayload;
+      ChunkView& unit = delta.units[k];
+      // A reference to an earlier unit, or a zero unit: nothing to encode.
+      if (unit.encoding != wire::ChunkEncoding::WHOLE || !unit.data.empty()) continue;
+      std::span<const std::byte> copy(delta.raw.data() + k * kUnitSize, kUnitSize);
+      unit = encodeUnit(unit.index, copy, false, {room, kMaxPayload});
+      if (unit.data.empty()) continue;
+      if (unit.data.data() != room) {
+        std::memcpy(room, unit.data.data(), unit.data.size());
+        unit.data = {room, unit.data.size()};
+      }
+      room += unit.data.size();
+    }
+  });
+  delta.encodedBytes = 0;
+  for (const ChunkView& unit : delta.units) delta.encodedBytes += unit.data.size();
+  packBlobs(delta, grain * kMaxPayload);
+}
+
+ImageDelta ImageTracker::collect(const DirtyUnits& candidates, bool encodeNow) {
   std::vector<std::uint64_t> indexes = candidateIndexes(candidates);
   const bool everything = candidates.everything;
   ImageDelta delta;
@@ -296,10 +332,10 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates) {
   // unit, and the units of a task one after the other: only what it writes is
   // touched. Each task's payloads become one blob of the message, so there are
   // few tasks (kMaxBlobs, unless that makes a blob too large).
-  delta.payloads.resize(n * kMaxPayload);
+  if (encodeNow) delta.payloads.resize(n * kMaxPayload);
   const std::size_t grain = encodeGrain(n);
-  keepShippedUnits(delta, copyAndEncode(changed, grain, delta));
-  packBlobs(delta, grain * kMaxPayload);
+  keepShippedUnits(delta, copyAndEncode(changed, grain, delta, encodeNow));
+  if (encodeNow) packBlobs(delta, grain * kMaxPayload);
   return delta;
 }
 

@@ -86,6 +86,13 @@ class ImageTracker {
   /// Collects the units among `candidates` (plus any unacknowledged ones) that
   /// the receiver must be sent under the policy.
   ImageDelta collect(const DirtyUnits& candidates);
+  /// The part of collect() that reads the image: the changed units are
+  /// copied and hashed, not yet encoded (what must happen while the VM is
+  /// paused). encode() finishes the delta; nothing else may use the tracker
+  /// in between.
+  ImageDelta copyChanged(const DirtyUnits& candidates);
+  /// Encodes a delta from copyChanged(), from its copies.
+  void encode(ImageDelta& delta) const;
 
   /// The receiver acknowledged `delta`: it now holds those bytes.
   void acknowledge(const ImageDelta& delta);
@@ -112,9 +119,12 @@ class ImageTracker {
   /// from the reference, or may (a dirty-page list under Prev).
   std::vector<std::uint64_t> findChanged(std::vector<std::uint64_t> indexes, bool everything) const;
   /// Copies each unit of `changed` into `delta` (sized for them), hashes the
-  /// copy and encodes it, `grain` units a task; says per unit whether it ships.
+  /// copy and (if `encodeNow`) encodes it, `grain` units a task; says per unit
+  /// whether it ships. Without `encodeNow` a unit's chunk says only ZERO or
+  /// WHOLE, with no payload, for encode() to fill in.
   std::vector<char> copyAndEncode(const std::vector<std::uint64_t>& changed, std::size_t grain,
-                                  ImageDelta& delta) const;
+                                  ImageDelta& delta, bool encodeNow) const;
+  ImageDelta collect(const DirtyUnits& candidates, bool encodeNow);
   /// One unit's chunk under the policy, its payload written into `room`.
   ChunkView encodeUnit(std::uint64_t index, std::span<const std::byte> copy, bool zero,
                        std::span<std::byte> room) const;

@@ -270,14 +270,15 @@ void ActiveVm::onPushFailed(const std::shared_ptr<PendingPush>& pending, const k
                pending->sequence, describe(e));
 }
 
-PendingPush ActiveVm::harvestEverything() {
+PendingPush ActiveVm::harvestEverything(bool encodeNow) {
   // The final checkpoint must be exact whatever the sources: reset them, then
   // compare every unit (the VM is paused) and say if a source missed one.
   DirtyUnits reportedPages = pageSource_->harvest();
   DirtyUnits reportedBlocks = blockSource_->harvest();
   PendingPush pending;
-  pending.memory = ramTracker_->collect(DirtyUnits{.everything = true});
-  pending.disk = diskTracker_->collect(DirtyUnits{.everything = true});
+  const DirtyUnits everything{.everything = true};
+  pending.memory = encodeNow ? ramTracker_->collect(everything) : ramTracker_->copyChanged(everything);
+  pending.disk = encodeNow ? diskTracker_->collect(everything) : diskTracker_->copyChanged(everything);
   warnIfMissed(pageSource_->name(), reportedPages, pending.memory);
   warnIfMissed(blockSource_->name(), reportedBlocks, pending.disk);
   pending.sequence = replica_.applied() + 1;

@@ -100,7 +100,9 @@ class ActiveVm {
                     double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart);
   void onPushFailed(const std::shared_ptr<PendingPush>& pending, const kj::Exception& e);
   /// The final checkpoint's harvest with the VM paused: every unit compared.
-  PendingPush harvestEverything();
+  /// Without `encodeNow` the changed units are only copied: the caller
+  /// encodes them (ImageTracker::encode) once the VM runs again.
+  PendingPush harvestEverything(bool encodeNow = true);
   /// Pauses the VM, harvests every change and saves the device state into
   /// `pending` and `final`; on failure the VM runs on and nothing is lost.
   void pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire::HandOffResult::Builder result);

@@ -223,6 +223,43 @@ TEST(ImageTracker, ThreadPoolSizeDoesNotChangeTheCheckpoint) {
   }
 }
 
+// A resumable point copies the changed units while the VM is paused and
+// encodes them after it runs again: the checkpoint is the one collect() makes
+// of the image as it was, whatever the guest writes after the copy.
+TEST(ImageTracker, CopyingUnderThePauseAndEncodingAfterBuildsWhatCollectBuilds) {
+  TempDir dir;
+  constexpr std::uint64_t kUnits = 3000;
+  ImageFile source(dir.file("src"), true, kUnits * kUnitSize);
+  ImageFile twin(dir.file("twin"), true, kUnits * kUnitSize);
+  for (auto policy : {wire::Policy::DIRTY_PREV, wire::Policy::DIFF_PREV}) {
+    ImageTracker now(twin, hashAllUnits(twin), policy, true,
+                     std::vector<std::byte>(twin.bytes().begin(), twin.bytes().end()));
+    ImageTracker later(source, hashAllUnits(source), policy, true,
+                       std::vector<std::byte>(source.bytes().begin(), source.bytes().end()));
+    for (std::uint32_t round = 1; round <= 3; ++round) {
+      fillForPool(source, round);
+      fillForPool(twin, round);
+      ImageDelta a = now.collect(DirtyUnits{.everything = true});
+      ImageDelta b = later.copyChanged(DirtyUnits{.everything = true});
+      EXPECT_EQ(b.encodedBytes, 0u) << "nothing is encoded under the pause";
+      fillForPool(source, round + 10);  // the guest runs on before the encoding
+      later.encode(b);
+      ASSERT_EQ(a.units.size(), b.units.size());
+      ASSERT_GT(a.units.size(), 100u);
+      EXPECT_EQ(a.hashes, b.hashes);
+      EXPECT_EQ(a.encodedBytes, b.encodedBytes);
+      capnp::MallocMessageBuilder ma, mb;
+      toWire(a, ImageDelta{}, ma.initRoot<wire::Checkpoint>());
+      toWire(b, ImageDelta{}, mb.initRoot<wire::Checkpoint>());
+      EXPECT_TRUE(capnp::messageToFlatArray(ma).asBytes() == capnp::messageToFlatArray(mb).asBytes())
+          << "policy " << static_cast<int>(policy) << ", round " << round;
+      now.acknowledge(a);
+      later.acknowledge(b);
+      for (std::uint64_t i = 0; i < kUnits; ++i) source.writeUnit(i, twin.unit(i));  // as it was shipped
+    }
+  }
+}
+
 // The payloads go into the message as blobs that point at the delta's memory:
 // not copied, packed without gaps (units dropped or sent as SAME_AS leave none),
 // and the message, flattened as the wire carries it, applies to the source's bytes.
