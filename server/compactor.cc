@@ -8,6 +8,7 @@
 #include "checkpoint/checkpoint_applier.h"
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/checkpoint_record.h"
+#include "chain_image.h"
 #include "checkpoint_store.h"
 #include "base/crash_point.h"
 #include "checkpoint/chunk_codec.h"
@@ -20,12 +21,6 @@ namespace vmsync {
 namespace fs = std::filesystem;
 
 namespace {
-
-kj::Own<StoredCheckpoint> load(const std::string& path) {
-  std::string why;
-  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::refcounted<StoredCheckpoint>(kj::mv(*words)); }
-  fail("cannot fold {}: {}", path, why);
-}
 
 /// Every non-zero unit of `image` as a whole chunk, lz4 where it helps. A full
 /// checkpoint is applied on top of zeros, so zero units are left out.
@@ -49,33 +44,17 @@ std::uint64_t fillImage(const ImageFile& image, capnp::Orphanage orphanage,
 FoldStats foldChain(const std::vector<std::string>& paths, const std::string& scratchDir, const std::string& out,
                     const std::atomic<bool>& cancel) {
   if (paths.size() < 2) fail("a fold needs the base and at least one checkpoint after it");
-  fs::remove_all(scratchDir);
-  fs::create_directories(scratchDir);
-  struct Cleanup {
-    std::string dir;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(dir, ec);
-    }
-  } cleanup{scratchDir};
-
-  auto base = load(paths.front());
-  auto baseReader = base->reader();
-  if (baseReader.getKind() != wire::CheckpointKind::FULL || !baseReader.hasSpec())
-    fail("cannot fold: {} is not a full checkpoint", paths.front());
+  ChainImage image(paths.front(), scratchDir, "fold");
+  auto baseReader = image.base();
   auto spec = baseReader.getSpec();
-  if (spec.getMemoryBytes() == 0 || spec.getMemoryBytes() % kUnitSize || spec.getDiskBytes() == 0 ||
-      spec.getDiskBytes() % kUnitSize)
-    fail("cannot fold: the base {} has invalid image sizes", paths.front());
-  ImageFile ram(scratchDir + "/ram.img", true, spec.getMemoryBytes());
-  ImageFile disk(scratchDir + "/disk.img", true, spec.getDiskBytes());
-  applyCheckpoint(baseReader, ram, disk);
+  ImageFile& ram = image.ram();
+  ImageFile& disk = image.disk();
 
   std::uint64_t expected = baseReader.getSequence();
   kj::Own<StoredCheckpoint> last;
   for (std::size_t i = 1; i < paths.size(); ++i) {
     if (cancel.load(std::memory_order_relaxed)) fail("compaction cancelled");
-    last = load(paths[i]);
+    last = readCheckpointFile(paths[i], "fold");
     auto c = last->reader();
     if (c.getBaseSequence() != expected || c.getKind() == wire::CheckpointKind::FULL)
       fail("cannot fold: checkpoint {} in {} does not follow checkpoint {}", c.getSequence(), paths[i], expected);

@@ -8,6 +8,7 @@
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/checkpoint_record.h"
 #include "checkpoint/chunk_codec.h"
+#include "chain_image.h"
 #include "checkpoint_store.h"
 #include "harvest/unit_hashes.h"
 #include "vmm/image_file.h"
@@ -17,12 +18,6 @@ namespace vmsync {
 namespace fs = std::filesystem;
 
 namespace {
-
-kj::Own<StoredCheckpoint> load(const std::string& path) {
-  std::string why;
-  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::refcounted<StoredCheckpoint>(kj::mv(*words)); }
-  fail("cannot resync from {}: {}", path, why);
-}
 
 /// The units of `image` whose hash is not the device's, whole or zero.
 std::uint64_t differingUnits(const ImageFile& image, const std::vector<std::uint64_t>& chain,
@@ -46,36 +41,20 @@ ResyncStats buildResync(const std::vector<std::string>& paths, const std::string
                         const std::vector<std::uint64_t>& ramHashes, const std::vector<std::uint64_t>& diskHashes,
                         capnp::MessageBuilder& out, const std::atomic<bool>& cancel) {
   if (paths.empty()) fail("a resync needs the chain's base");
-  fs::remove_all(scratchDir);
-  fs::create_directories(scratchDir);
-  struct Cleanup {
-    std::string dir;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(dir, ec);
-    }
-  } cleanup{scratchDir};
-
-  auto base = load(paths.front());
-  auto baseReader = base->reader();
-  if (baseReader.getKind() != wire::CheckpointKind::FULL || !baseReader.hasSpec())
-    fail("cannot resync: {} is not a full checkpoint", paths.front());
+  ChainImage image(paths.front(), scratchDir, "resync");
+  auto baseReader = image.base();
   auto spec = baseReader.getSpec();
-  if (spec.getMemoryBytes() == 0 || spec.getMemoryBytes() % kUnitSize || spec.getDiskBytes() == 0 ||
-      spec.getDiskBytes() % kUnitSize)
-    fail("cannot resync: the base {} has invalid image sizes", paths.front());
   if (ramHashes.size() != spec.getMemoryBytes() / kUnitSize || diskHashes.size() != spec.getDiskBytes() / kUnitSize)
     fail("cannot resync: the device's image has {} pages and {} blocks, the VM {} and {}", ramHashes.size(),
          diskHashes.size(), spec.getMemoryBytes() / kUnitSize, spec.getDiskBytes() / kUnitSize);
-  ImageFile ram(scratchDir + "/ram.img", true, spec.getMemoryBytes());
-  ImageFile disk(scratchDir + "/disk.img", true, spec.getDiskBytes());
-  applyCheckpoint(baseReader, ram, disk);
+  ImageFile& ram = image.ram();
+  ImageFile& disk = image.disk();
 
   kj::Own<StoredCheckpoint> last;
   std::uint64_t expected = baseReader.getSequence();
   for (std::size_t i = 1; i < paths.size(); ++i) {
     if (cancel.load(std::memory_order_relaxed)) fail("resync cancelled");
-    last = load(paths[i]);
+    last = readCheckpointFile(paths[i], "resync");
     auto c = last->reader();
     if (c.getKind() == wire::CheckpointKind::FULL) fail("cannot resync: {} is a second full checkpoint", paths[i]);
     if (isOrigPolicy(c.getPolicy())) {

@@ -43,6 +43,18 @@ std::vector<pid_t> processesMentioning(const std::string& text) {
   return pids;
 }
 
+/// kill -9 of `device`'s daemon and its QEMU, as when the device is lost;
+/// returns once the QEMU is gone. False when its QEMU was not found.
+bool killDeviceAndItsVm(Cluster& cluster, const std::string& device) {
+  const std::string mentions = "mem-path=" + cluster.stateDir(device) + "/ram.img";
+  std::vector<pid_t> qemu = processesMentioning(mentions);
+  if (qemu.size() != 1) return false;
+  ::kill(cluster.device(device).pid(), SIGKILL);
+  ::kill(qemu.front(), SIGKILL);
+  cluster.device(device).kill();
+  return waitFor([&] { return processesMentioning(mentions).empty(); }, std::chrono::seconds(10));
+}
+
 /// The checkpoints at which the server saw `device` back on the chain after a
 /// resync, in order. A resync that fails ends with the device starting over,
 /// "back on the chain at checkpoint 0".
@@ -78,13 +90,7 @@ TEST_P(Failover, ActiveLostAtASeededMomentResumesOnBFromTheNewestResumablePoint)
 
   // kill -9 of the daemon and its QEMU, at a moment the seed picks.
   std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(0, 6000)(random)));
-  const std::string ram = cluster.stateDir("A") + "/ram.img";
-  std::vector<pid_t> qemu = processesMentioning("mem-path=" + ram);
-  ASSERT_EQ(qemu.size(), 1u) << "A's QEMU not found";
-  ::kill(cluster.device("A").pid(), SIGKILL);
-  ::kill(qemu.front(), SIGKILL);
-  cluster.device("A").kill();
-  ASSERT_TRUE(waitFor([&] { return processesMentioning("mem-path=" + ram).empty(); }, std::chrono::seconds(10)));
+  ASSERT_TRUE(killDeviceAndItsVm(cluster, "A")) << "A's QEMU not found, or it did not die";
   const std::vector<long> onA = counterValues(readFile(cluster.serialLog("A")));
   const std::size_t aSerialAtDeath = readFile(cluster.serialLog("A")).size();
   ASSERT_FALSE(onA.empty());
@@ -201,12 +207,7 @@ TEST(FailoverAway, StandbyThatAppliedAbandonedCheckpointsComesBackByAResync) {
       std::chrono::seconds(120)))
       << cluster.logOf("A") << cluster.logOf("C");
   cluster.stopDevice("C");
-  const std::string ram = cluster.stateDir("A") + "/ram.img";
-  std::vector<pid_t> qemu = processesMentioning("mem-path=" + ram);
-  ASSERT_EQ(qemu.size(), 1u) << "A's QEMU not found";
-  ::kill(cluster.device("A").pid(), SIGKILL);
-  ::kill(qemu.front(), SIGKILL);
-  cluster.device("A").kill();
+  ASSERT_TRUE(killDeviceAndItsVm(cluster, "A")) << "A's QEMU not found, or it did not die";
   cluster.stopDevice("A");
 
   ASSERT_TRUE(waitFor([&] { return cluster.deviceStatus("A")["state"] == "offline"; }, std::chrono::seconds(30)));
