@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -73,6 +74,9 @@ Process::Process(std::vector<std::string> argv, std::string logPath) : logPath_(
   pid_ = ::fork();
   if (pid_ < 0) throw std::runtime_error("fork failed");
   if (pid_ == 0) {
+    // A test that crashes takes its servers and daemons with it (and a
+    // daemon its QEMU): none is left running to load the tests after it.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     int fd = ::open(logPath_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     if (fd >= 0) {
       ::dup2(fd, 1);
