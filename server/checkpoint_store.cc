@@ -11,6 +11,7 @@
 #include <set>
 #include <string_view>
 
+#include "checkpoint/checkpoint_applier.h"
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/checkpoint_record.h"
 #include "base/durable_file.h"
@@ -35,6 +36,31 @@ std::uint64_t sequenceOf(const std::string& name, std::string_view suffix) {
     value = value * 10 + static_cast<std::uint64_t>(name[i] - '0');
   }
   return value;
+}
+
+/// The checkpoint in record file `path`, or nullptr with why not in `why`. The
+/// checksum shows the bytes are the ones written; the message must also be
+/// well-formed (as every push is checked to be), or a reader of it would fail
+/// later, with a kj::Exception, instead of here.
+kj::Maybe<kj::Own<StoredCheckpoint>> readCheckpointFile(const std::string& path, std::string& why) {
+  KJ_IF_MAYBE(words, readRecordFile(path, why)) {
+    kj::Own<StoredCheckpoint> checkpoint;
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      checkpoint = kj::refcounted<StoredCheckpoint>(kj::mv(*words));
+      (void)checkpoint->reader();
+    })) {
+      why = fmt::format("it is not a Cap'n Proto message ({})", e->getDescription().cStr());
+      return nullptr;
+    }
+    try {
+      checkWellFormed(checkpoint->reader());
+    } catch (const Error& e) {
+      why = e.what();
+      return nullptr;
+    }
+    return kj::mv(checkpoint);
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -64,8 +90,8 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
     base_ = *bases.rbegin();
     foldedBase_ = true;
     std::string why;
-    KJ_IF_MAYBE(words, readRecordFile(foldPath(base_), why)) {
-      noteBase(StoredCheckpoint(kj::mv(*words)).reader());
+    KJ_IF_MAYBE(checkpoint, readCheckpointFile(foldPath(base_), why)) {
+      noteBase((*checkpoint)->reader());
     } else {
       fail("data directory {}: the base (checkpoint {} folded) is damaged ({}); restore it from a backup", dir_,
            base_, why);
@@ -95,9 +121,8 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
   std::uint64_t previous = base_;
   for (std::uint64_t s : order) {
     std::string why;
-    kj::Maybe<kj::Array<capnp::word>> record = readRecordFile(checkpointPath(s), why);
-    KJ_IF_MAYBE(words, record) {
-      StoredCheckpoint checkpoint(kj::mv(*words));
+    KJ_IF_MAYBE(record, readCheckpointFile(checkpointPath(s), why)) {
+      StoredCheckpoint& checkpoint = **record;
       if (s == base_) noteBase(checkpoint.reader());
       if (checkpoint.reader().getKind() == wire::CheckpointKind::FINAL) resumablePoint_ = s;
       if (s > previous + 1 && !isOrigPolicy(checkpoint.reader().getPolicy()))
@@ -192,7 +217,7 @@ kj::Own<StoredCheckpoint> CheckpointStore::read(std::uint64_t sequence) const {
   std::string path = pathOf(sequence);
   if (path == recentPath_) KJ_IF_MAYBE(recent, recent_) { return kj::addRef(**recent); }
   std::string why;
-  KJ_IF_MAYBE(words, readRecordFile(path, why)) { return kj::refcounted<StoredCheckpoint>(kj::mv(*words)); }
+  KJ_IF_MAYBE(checkpoint, readCheckpointFile(path, why)) { return kj::mv(*checkpoint); }
   fail("checkpoint {} is damaged: {}", path, why);
 }
 

@@ -1,5 +1,7 @@
 #include "checkpoint/checkpoint_applier.h"
 
+#include <capnp/dynamic.h>
+
 #include <algorithm>
 #include <cstring>
 #include <exception>
@@ -141,7 +143,35 @@ void validateList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& b
 
 }  // namespace
 
+namespace {
+
+/// Reads `value` and, for a struct or a list, everything in it.
+void readEveryField(capnp::DynamicValue::Reader value) {
+  switch (value.getType()) {
+    case capnp::DynamicValue::STRUCT: {
+      auto fields = value.as<capnp::DynamicStruct>();
+      for (auto field : fields.getSchema().getFields())
+        if (fields.has(field)) readEveryField(fields.get(field));
+      break;
+    }
+    case capnp::DynamicValue::LIST:
+      for (auto element : value.as<capnp::DynamicList>()) readEveryField(element);
+      break;
+    default:
+      break;  // a number, an enum, text or data: read by get() already
+  }
+}
+
+}  // namespace
+
+void checkWellFormed(wire::Checkpoint::Reader checkpoint) {
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { readEveryField(capnp::toDynamic(checkpoint)); })) {
+    fail("checkpoint {} is not a well-formed message: {}", checkpoint.getSequence(), e->getDescription().cStr());
+  }
+}
+
 void validateCheckpoint(wire::Checkpoint::Reader checkpoint, std::uint64_t memoryUnits, std::uint64_t diskUnits) {
+  checkWellFormed(checkpoint);
   const PayloadBlobs blobs(checkpoint);
   validateList(checkpoint.getMemory(), blobs, memoryUnits, "memory");
   validateList(checkpoint.getDisk(), blobs, diskUnits, "disk");

@@ -21,7 +21,13 @@ struct BaseImage {
   const ImageFile* disk = nullptr;
 };
 
-/// Checks every chunk of `checkpoint` for images of `memoryUnits` and
+/// Reads every field of `checkpoint` as the schema declares it. Throws Error
+/// when one is of another kind (a list where text is declared, a pointer out
+/// of the message): such a message would otherwise fail with a kj::Exception
+/// wherever that field is first read.
+void checkWellFormed(wire::Checkpoint::Reader checkpoint);
+
+/// Checks that `checkpoint` is well-formed (checkWellFormed) and every chunk of it for images of `memoryUnits` and
 /// `diskUnits` units, writing nothing: indexes in range and each at most once,
 /// references only backwards, every payload decoding to exactly one unit
 /// (XOR-diffs are decoded against zeros, which checks their structure). Throws

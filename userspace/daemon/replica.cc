@@ -130,8 +130,29 @@ void Replica::redoJournal() {
   if (!fs::exists(journal)) return;
   std::string why;
   KJ_IF_MAYBE(words, readRecordFile(journal, why)) {
-    capnp::FlatArrayMessageReader message(*words, rpcReaderOptions());
-    auto checkpoint = message.getRoot<wire::Checkpoint>();
+    // apply() journals only well-formed checkpoints. One that is not (left by
+    // an older version, which journaled first) failed before the image was
+    // written: it is discarded like a torn one.
+    kj::Own<capnp::FlatArrayMessageReader> message;
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      message = kj::heap<capnp::FlatArrayMessageReader>(*words, rpcReaderOptions());
+      (void)message->getRoot<wire::Checkpoint>();
+    })) {
+      why = e->getDescription().cStr();
+    } else {
+      try {
+        checkWellFormed(message->getRoot<wire::Checkpoint>());
+      } catch (const Error& e) {
+        why = e.what();
+      }
+    }
+    if (!why.empty()) {
+      spdlog::warn("{}: discarding an apply journal that is not a well-formed checkpoint ({}); the image was not "
+                   "touched", deviceId_, why);
+      fs::remove(journal);
+      return;
+    }
+    auto checkpoint = message->getRoot<wire::Checkpoint>();
     // A resync is whole units: finishing it again is harmless.
     if (checkpoint.getResync() || checkpoint.getSequence() > applied_) {
       spdlog::warn("{}: applying checkpoint {} was interrupted (the image is between {} and it); finishing it from "
@@ -250,6 +271,7 @@ void Replica::setAccel(std::string accel) {
 }
 
 ApplyStats Replica::apply(wire::Checkpoint::Reader checkpoint, std::uint64_t* journaledNs) {
+  checkWellFormed(checkpoint);  // before anything reads it, and before it is journaled
   const std::uint64_t sequence = checkpoint.getSequence();
   const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   // Under Orig a checkpoint needs only the base: a device that missed some
@@ -270,6 +292,7 @@ ApplyStats Replica::apply(wire::Checkpoint::Reader checkpoint, std::uint64_t* jo
 }
 
 ApplyStats Replica::resync(wire::Checkpoint::Reader checkpoint) {
+  checkWellFormed(checkpoint);
   if (!checkpoint.getResync() || checkpoint.getKind() == wire::CheckpointKind::FULL)
     fail("checkpoint {} is not a resync", checkpoint.getSequence());
   if (!ram_) fail("a resync needs an image, and this device has none");
