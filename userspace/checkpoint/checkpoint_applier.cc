@@ -154,9 +154,30 @@ void readEveryField(capnp::DynamicValue::Reader value) {
         if (fields.has(field)) readEveryField(fields.get(field));
       break;
     }
-    case capnp::DynamicValue::LIST:
-      for (auto element : value.as<capnp::DynamicList>()) readEveryField(element);
+    case capnp::DynamicValue::LIST: {
+      // Only elements that hold pointers can hold a field of the wrong kind.
+      // Elements without (numbers, or structs laid out with no pointer
+      // section) are skipped: a list of empty structs may claim 2^29 of them
+      // in one word, and walking them would only take time.
+      auto list = value.as<capnp::DynamicList>();
+      switch (list.getSchema().whichElementType()) {
+        case capnp::schema::Type::STRUCT:
+          if (list.size() == 0 ||
+              list[0].as<capnp::DynamicStruct>().as<capnp::AnyStruct>().getPointerSection().size() == 0)
+            return;
+          break;
+        case capnp::schema::Type::TEXT:
+        case capnp::schema::Type::DATA:
+        case capnp::schema::Type::LIST:
+        case capnp::schema::Type::INTERFACE:
+        case capnp::schema::Type::ANY_POINTER:
+          break;
+        default:
+          return;
+      }
+      for (auto element : list) readEveryField(element);
       break;
+    }
     default:
       break;  // a number, an enum, text or data: read by get() already
   }
