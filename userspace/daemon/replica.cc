@@ -118,8 +118,14 @@ void Replica::loadLocalState() {
       fail("{} is damaged: {}", path("vm.json"), e.what());
     }
   }
-  if (fs::exists(path("device-state.seq")))
-    deviceStateSequence_ = std::stoull(readWholeFile(path("device-state.seq"), 64));
+  if (fs::exists(path("device-state.seq"))) {
+    std::string text = readWholeFile(path("device-state.seq"), 64);
+    try {
+      deviceStateSequence_ = std::stoull(text);
+    } catch (const std::exception&) {
+      fail("{} is damaged: '{}' is not a sequence number", path("device-state.seq"), text);
+    }
+  }
   if (applied_ > 0 && !haveSpec_) fail("{} says checkpoint {} was applied but vm.json is missing", dir_, applied_);
   if (haveSpec_) openImages(false);
   if (haveSpec_ && applied_ > 0 && isOrigPolicy(spec_.policy) && fs::exists(path("base-ram.img"))) openBase();
