@@ -19,7 +19,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs btrfs-progs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image video-image demo test soak sanitize fuzz module bench bench-kmod bench-switch study clean
+.PHONY: all setup build image video-image demo test soak sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch study clean
 
 all: build
 
@@ -63,12 +63,21 @@ sanitize: setup
 	cmake --build $(BUILD)/asan -j $(JOBS) --target vmsync_unit_tests
 	for t in $(BUILD)/asan/tests/unit/vmsync_*_tests; do echo "$$t"; $$t --gtest_brief=1 || exit 1; done
 
-# libFuzzer targets (clang) on the decoders and checkpoint handling, FUZZ_SECONDS each.
-FUZZ_SECONDS ?= 60
-fuzz: setup
+# libFuzzer targets (clang) on the decoders, checkpoint handling, the server's
+# and the device's recovery from their directories, and the RPC path (see
+# docs/security.md, "Fuzzing"). `make fuzz`: FUZZ_SECONDS each (default 60),
+# from the committed corpora, which it leaves as they are. `make fuzz-long`:
+# FUZZ_SECONDS each (default 600), growing the committed corpora, then
+# minimizing them. FUZZ_TARGETS picks targets (default: all).
+fuzz-build: setup
 	cmake -S tests/fuzz -B $(BUILD)/fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ >/dev/null
 	cmake --build $(BUILD)/fuzz -j $(JOBS)
-	tests/fuzz/run.sh $(BUILD)/fuzz $(FUZZ_SECONDS)
+
+fuzz: fuzz-build
+	tests/fuzz/run.sh $(BUILD)/fuzz $(or $(FUZZ_SECONDS),60) $(FUZZ_TARGETS)
+
+fuzz-long: fuzz-build
+	tests/fuzz/run.sh --grow $(BUILD)/fuzz $(or $(FUZZ_SECONDS),600) $(FUZZ_TARGETS)
 
 module:
 	$(MAKE) -C $(KDIR) M=$(CURDIR) modules

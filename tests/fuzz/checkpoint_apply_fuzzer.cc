@@ -9,6 +9,7 @@
 
 #include "checkpoint/checkpoint_applier.h"
 #include "base/error.h"
+#include "checkpoint_mutator.h"
 #include "fuzz_input.h"
 #include "vmm/image_file.h"
 #include "harvest/unit_hashes.h"
@@ -48,4 +49,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (vmsync::hashAllUnits(*images.ram) != before) __builtin_trap();
   }
   return 0;
+}
+
+// Mutants as Checkpoint messages (see checkpoint_mutator.h).
+extern "C" std::size_t LLVMFuzzerCustomMutator(std::uint8_t* data, std::size_t size, std::size_t maxSize,
+                                               unsigned int seed) {
+  return vmsync::fuzz::mutateCheckpointInput(data, size, maxSize, seed);
 }

@@ -12,6 +12,7 @@
 
 #include "checkpoint_merge.h"
 #include "base/error.h"
+#include "checkpoint_mutator.h"
 #include "fuzz_input.h"
 #include "sync_server.h"
 #include "base/units.h"
@@ -76,4 +77,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   s.scope.poll();
   return 0;
+}
+
+// Mutants as Checkpoint messages (see checkpoint_mutator.h).
+extern "C" std::size_t LLVMFuzzerCustomMutator(std::uint8_t* data, std::size_t size, std::size_t maxSize,
+                                               unsigned int seed) {
+  return vmsync::fuzz::mutateCheckpointInput(data, size, maxSize, seed);
 }
