@@ -57,8 +57,9 @@ void BM_ServerFanOutTo8Standbys(benchmark::State& state) {
     ServerTransport transport;
     auto listener = io.provider->getNetwork().parseAddress("127.0.0.1:0").wait(io.waitScope)->listen();
     const std::string address = "127.0.0.1:" + std::to_string(listener->getPort());
-    auto serving = transport.serve(*listener, [&server](const PeerIdentity& peer) -> capnp::Capability::Client {
-      return server.client(peer);
+    auto serving = transport.serve(*listener, [&server](const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate)
+                                                  -> capnp::Capability::Client {
+      return server.client(peer, gate);
     }).eagerlyEvaluate([](kj::Exception&&) {});
     ClientTransport client;
 

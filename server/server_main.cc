@@ -27,6 +27,18 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
                  "over (the device pauses its VM by itself after as long)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--audit", options.auditPath,
+                 "audit log: a JSON line per refusal, ownership claim, lease grant, switch and failover "
+                 "(default: audit.jsonl in the data directory)");
+  app.add_option("--max-message-mb", options.maxMessageMb,
+                 "largest message, in MiB, an authorized connection may send (until it is authorized: 64 KiB)")
+      ->check(CLI::Range(1, 2048))
+      ->capture_default_str();
+  app.add_option("--max-user-inflight-mb", options.maxUserInFlightMb,
+                 "MiB of messages all connections of one user may have under way at once; a connection that "
+                 "would pass it is closed")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--compact-above-mb", options.compactAboveMb,
                  "fold the chain into a new base once the checkpoints after it pass this many MiB (0: no size limit)")
       ->capture_default_str();
@@ -45,17 +57,24 @@ int runServer(const ServerOptions& options) {
     SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20},
                       &io.provider->getTimer());
     server.setLeaseTimeout(std::chrono::milliseconds(static_cast<std::int64_t>(options.leaseTimeoutSeconds * 1000)));
+    AuditLog audit(options.auditPath.empty() ? options.dataDir + "/audit.jsonl" : options.auditPath);
+    server.setAuditLog(&audit);
+    transport.setAuditLog(&audit);
+    MessageLimits limits;
+    limits.perMessage = options.maxMessageMb << 20;
+    limits.perUser = options.maxUserInFlightMb << 20;
+    transport.setLimits(limits);
     kj::Own<kj::ConnectionReceiver> listener;
     try {
       listener = io.provider->getNetwork().parseAddress(options.listen).wait(io.waitScope)->listen();
     } catch (const kj::Exception& e) {
       fail("cannot listen on {}: {}", options.listen, describe(e));
     }
-    spdlog::info("sync server listening on {} ({}; data in {})", options.listen,
-                 transport.secure() ? "TLS, device certificates required" : "plain TCP, INSECURE", options.dataDir);
-    auto serving = transport.serve(*listener, [&server](const PeerIdentity& peer) -> capnp::Capability::Client {
-      return server.client(peer);
-    });
+    spdlog::info("sync server listening on {} ({}; data in {}; audit log {})", options.listen,
+                 transport.secure() ? "TLS, device certificates required" : "plain TCP, INSECURE", options.dataDir,
+                 audit.path());
+    auto serving = transport.serve(*listener, [&server](const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate)
+                                                  -> capnp::Capability::Client { return server.client(peer, gate); });
     auto stop = io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT));
     auto signal = stop.exclusiveJoin(serving.then([]() -> siginfo_t { KJ_UNREACHABLE; }));
     signal.wait(io.waitScope);

@@ -72,6 +72,8 @@ kj::Promise<void> SyncServer::activateOn(const std::string& target, wire::Switch
   state_.holder = target;
   persist();
   lastRenewalNs_ = nowNs();
+  audit({.action = "lease", .result = "granted", .device = target,
+         .reason = fmt::format("epoch {}, the device resumes the VM", state_.epoch)});
   auto activate = to.peer->activateRequest();
   activate.setEpoch(state_.epoch);
   return activate.send().then(
@@ -268,6 +270,9 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
                "checkpoints {}..{} abandoned ({} kept under abandoned/), lease epoch {}",
                state_.vmId, source.empty() ? "(none)" : source, target, point, lost / 1e9, point + 1, oldHead,
                abandoned, state_.epoch);
+  audit({.action = "fence", .result = "done", .device = source,
+         .reason = fmt::format("failover to {}: lease epoch {}; checkpoints {}..{} abandoned", target, state_.epoch,
+                               point + 1, oldHead)});
   report.setFrom(source);
   report.setTo(target);
   report.setForced(true);

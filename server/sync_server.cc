@@ -57,15 +57,18 @@ class DeviceSessionImpl final : public wire::DeviceSession::Server {
 
 class SyncServerImpl final : public wire::SyncServer::Server {
  public:
-  SyncServerImpl(SyncServer& server, PeerIdentity peer) : server_(server), peer_(std::move(peer)) {}
+  SyncServerImpl(SyncServer& server, PeerIdentity peer, std::shared_ptr<ConnectionGate> gate)
+      : server_(server), peer_(std::move(peer)), gate_(std::move(gate)) {}
 
   kj::Promise<void> register_(RegisterContext context) override {
     return guarded([&] {
       auto params = context.getParams();
       std::string id = params.getDeviceId();
       if (peer_.authenticated && id != peer_.device)
-        fail("this connection is authenticated as {}; it cannot register as device {}", peer_.describe(), id);
-      server_.authorize(peer_, "use", /*claim=*/true);
+        server_.refuse(peer_, "register",
+                       fmt::format("this connection is authenticated as {}; it cannot register as device {}",
+                                   peer_.describe(), id));
+      authorize("use", /*claim=*/true);
       return server_.registerDevice(id, params.getPeer(), params.getAppliedSequence(), params.getAppliedEpoch(),
                                     params.getDiverged())
           .then([this, id, context](std::uint64_t connection) mutable {
@@ -80,28 +83,51 @@ class SyncServerImpl final : public wire::SyncServer::Server {
   }
   kj::Promise<void> status(StatusContext context) override {
     return guarded([&] {
-      server_.authorize(peer_, "list");
+      authorize("list");
       server_.fillStatus(context.getResults().initStatus());
       return kj::READY_NOW;
     });
   }
   kj::Promise<void> switchTo(SwitchToContext context) override {
     return guarded([&] {
-      server_.authorize(peer_, "switch");
+      authorize("switch");
       std::string target = context.getParams().getTarget();
-      return server_.switchTo(target, context.getParams().getForce(), context.getResults().initReport());
+      const bool force = context.getParams().getForce();
+      const char* action = force ? "failover" : "switch";
+      auto report = context.getResults().initReport();
+      return server_.switchTo(target, force, report)
+          .then(
+              [this, action, target, report]() mutable {
+                server_.audit({.action = action, .result = "done", .user = peer_.user, .device = peer_.device,
+                               .reason = fmt::format("from {} to {}, lease epoch {}",
+                                                     report.getFrom().size() ? report.getFrom().cStr() : "(none)",
+                                                     target, report.getEpoch())});
+              },
+              [this, action, target](kj::Exception&& e) {
+                server_.audit({.action = action, .result = "failed", .user = peer_.user, .device = peer_.device,
+                               .reason = fmt::format("to {}: {}", target, describe(e))});
+                kj::throwFatalException(kj::mv(e));
+              });
     });
   }
   kj::Promise<void> stop(StopContext context) override {
     return guarded([&] {
-      server_.authorize(peer_, "stop");
+      authorize("stop");
       return server_.stop(context.getResults().initReport());
     });
   }
 
  private:
+  /// Checks that the peer may `action` the VM; from then on its connection
+  /// may send messages as large as checkpoints.
+  void authorize(const char* action, bool claim = false) {
+    server_.authorize(peer_, action, claim);
+    if (gate_) gate_->authorize();
+  }
+
   SyncServer& server_;
   PeerIdentity peer_;
+  std::shared_ptr<ConnectionGate> gate_;
 };
 
 }  // namespace
@@ -212,7 +238,21 @@ void SyncServer::maybeCompact(wire::Policy policy) {
                     .eagerlyEvaluate(nullptr);
 }
 
-wire::SyncServer::Client SyncServer::client(const PeerIdentity& peer) { return kj::heap<SyncServerImpl>(*this, peer); }
+wire::SyncServer::Client SyncServer::client(const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate) {
+  return kj::heap<SyncServerImpl>(*this, peer, std::move(gate));
+}
+
+void SyncServer::audit(AuditEvent event) {
+  if (audit_ == nullptr) return;
+  if (event.vm.empty()) event.vm = state_.vmId;
+  audit_->record(event);
+}
+
+void SyncServer::refuse(const PeerIdentity& peer, const char* action, const std::string& reason) {
+  spdlog::warn("refused: {}", reason);
+  audit({.action = action, .result = "refused", .user = peer.user, .device = peer.device, .reason = reason});
+  fail("{}", reason);
+}
 
 void SyncServer::authorize(const PeerIdentity& peer, const char* action, bool claim) {
   if (!peer.authenticated) return;  // an --insecure server trusts its network
@@ -221,11 +261,14 @@ void SyncServer::authorize(const PeerIdentity& peer, const char* action, bool cl
     state_.owner = peer.user;
     persist();
     spdlog::info("this server's VM now belongs to user {} (claimed by {})", peer.user, peer.describe());
+    audit({.action = "claim", .result = "granted", .user = peer.user, .device = peer.device,
+           .reason = "the first user to register a device owns the server's VM"});
     return;
   }
   if (peer.user != state_.owner)
-    fail("{} may not {} VM '{}': it belongs to user {}", peer.describe(), action,
-         state_.vmId.empty() ? "(none yet)" : state_.vmId, state_.owner);
+    refuse(peer, action,
+           fmt::format("{} may not {} VM '{}': it belongs to user {}", peer.describe(), action,
+                       state_.vmId.empty() ? "(none yet)" : state_.vmId, state_.owner));
 }
 
 DeviceEntry& SyncServer::device(const std::string& id) {
@@ -343,6 +386,8 @@ std::uint64_t SyncServer::acquireLease(const std::string& id) {
   persist();
   lastRenewalNs_ = nowNs();
   spdlog::info("lease epoch {} granted to {}", state_.epoch, id);
+  audit({.action = "lease", .result = "granted", .device = id,
+         .reason = fmt::format("epoch {}, the device started the VM", state_.epoch)});
   return state_.epoch;
 }
 

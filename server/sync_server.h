@@ -54,12 +54,21 @@ class SyncServer {
   explicit SyncServer(std::string dataDir, CompactionLimits compaction = {}, kj::Timer* timer = nullptr);
   ~SyncServer();
 
-  /// The capability a client bootstraps, acting for `peer`.
-  wire::SyncServer::Client client(const PeerIdentity& peer = {});
+  /// The capability a client bootstraps, acting for `peer`; `gate` (if any)
+  /// is told when the peer is authorized, which lifts its message limits.
+  wire::SyncServer::Client client(const PeerIdentity& peer = {}, std::shared_ptr<ConnectionGate> gate = nullptr);
+  /// Where authorization refusals, ownership claims, lease grants, switches
+  /// and failovers are recorded (nullptr: nowhere).
+  void setAuditLog(AuditLog* audit) { audit_ = audit; }
+  /// Records `event` in the audit log, if there is one, naming this VM.
+  void audit(AuditEvent event);
   /// Throws Error unless `peer` may `action` this server's VM: on a TLS server
   /// only the devices of the VM's owner may (the first user to register a
   /// device claims an unclaimed server).
+  /// Every refusal is recorded in the audit log.
   void authorize(const PeerIdentity& peer, const char* action, bool claim = false);
+  /// Records the refusal of `action` to `peer` for `reason`, and throws it.
+  [[noreturn]] void refuse(const PeerIdentity& peer, const char* action, const std::string& reason);
 
   // The calls behind the RPC interfaces (see schema/vmsync.capnp).
   /// Registers device `id`; refused while an earlier registration of it still
@@ -154,6 +163,7 @@ class SyncServer {
 
   CheckpointStore store_;
   CompactionLimits limits_;
+  AuditLog* audit_ = nullptr;
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};
   bool compacting_ = false;

@@ -7,10 +7,14 @@
 #include <lz4.h>
 
 #include <atomic>
+#include <cstring>
+#include <sstream>
 #include <filesystem>
 #include <thread>
 
 #include <kj/async-io.h>
+#include <kj/compat/tls.h>
+#include <nlohmann/json.hpp>
 
 #include "cluster.h"
 #include "transport/rpc_util.h"
@@ -98,6 +102,34 @@ std::string statusWith(Cluster& cluster, const std::vector<std::string>& how) {
   return rc == 0 ? "" : out;
 }
 
+/// The server's audit log, one JSON object per line.
+std::vector<nlohmann::json> auditOf(const std::string& dataDir) {
+  std::vector<nlohmann::json> lines;
+  std::istringstream in(readFile(dataDir + "/audit.jsonl"));
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  return lines;
+}
+
+/// The audit lines with these action, result, user and device whose reason holds `reason`.
+std::size_t audited(const std::vector<nlohmann::json>& lines, const std::string& action, const std::string& result,
+                    const std::string& user, const std::string& device, const std::string& reason = "") {
+  std::size_t n = 0;
+  for (const auto& line : lines)
+    if (line.value("action", "") == action && line.value("result", "") == result && line.value("user", "") == user &&
+        line.value("device", "") == device && line.value("reason", "").find(reason) != std::string::npos)
+      ++n;
+  return n;
+}
+
+/// Resident memory of process `pid`, in bytes.
+std::uint64_t residentBytes(pid_t pid) {
+  std::istringstream in(readFile("/proc/" + std::to_string(pid) + "/status"));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
+  ADD_FAILURE() << "no VmRSS for process " << pid;
+  return 0;
+}
+
 TEST(Security, MissingOrForeignCredentialsAreRefused) {
   TempDir dir;
   Cluster cluster(dir.path());
@@ -161,6 +193,123 @@ TEST(Security, AnotherUsersDeviceIsRefusedForEveryOperation) {
   ASSERT_TRUE(status);
   ASSERT_EQ((*status)["devices"].size(), 1u) << status->dump();
   EXPECT_EQ((*status)["devices"][0]["device"], "phone");
+
+  // Every refusal is in the audit log, with who asked for what.
+  auto audit = auditOf(dir.path() + "/server");
+  EXPECT_EQ(audited(audit, "claim", "granted", "owner", "phone"), 1u);
+  EXPECT_EQ(audited(audit, "list", "refused", "mallory", "laptop", "belongs to user owner"), 1u);
+  EXPECT_EQ(audited(audit, "use", "refused", "mallory", "laptop", "belongs to user owner"), 1u);
+  EXPECT_EQ(audited(audit, "switch", "refused", "mallory", "laptop", "belongs to user owner"), 1u);
+  EXPECT_EQ(audited(audit, "register", "refused", "mallory", "laptop", "cannot register as device tablet"), 1u);
+  for (const auto& line : audit)
+    if (line["result"] == "refused") EXPECT_EQ(line.value("vm", ""), "") << "no VM was created yet: " << line;
+}
+
+TEST(Security, UnauthorizedConnectionsCannotMakeTheServerHoldLargeMessages) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  auto io = kj::setupAsyncIo();
+  Client phone(io, cluster, cluster.credential("phone"));
+  ASSERT_EQ(phone.registerAs("phone"), "");  // the owner's device claims the server
+  const std::string data = dir.path() + "/server";
+  const pid_t server = cluster.server().pid();
+  const std::uint64_t idle = residentBytes(server);
+
+  // 20 TLS connections of a user who owns nothing here, each announcing a
+  // 1 GiB message and sending its first 32 MiB: the server would hold 640
+  // MiB of them if it took them in.
+  constexpr int kAttackers = 20;
+  constexpr std::size_t kChunk = 1 << 20, kChunks = 32;
+  const DeviceCredential mallory = loadCredential(cluster.credential("laptop", "mallory"));
+  kj::TlsCertificate ca(kj::StringPtr(mallory.caPem.c_str()));
+  kj::TlsKeypair keypair{kj::TlsPrivateKey(kj::StringPtr(mallory.keyPem.c_str())),
+                         kj::TlsCertificate(kj::StringPtr(mallory.certificatePem.c_str()))};
+  kj::TlsContext::Options options;
+  options.useSystemTrustStore = false;
+  options.trustedCertificates = kj::arrayPtr(&ca, 1);
+  options.defaultKeypair = keypair;
+  kj::TlsContext tls(kj::mv(options));
+  std::vector<kj::byte> header(8, 0), junk(kChunk, 0x42);
+  const std::uint32_t words = (1u << 30) / 8;
+  std::memcpy(header.data() + 4, &words, 4);  // one segment (count - 1 = 0) of 1 GiB
+
+  std::atomic<bool> attacking{true};
+  std::atomic<std::uint64_t> peak{idle};
+  std::atomic<int> answered{0}, unanswered{0};
+  std::thread watcher([&] {
+    // The owner's status keeps working while the attack runs.
+    while (attacking) {
+      peak = std::max<std::uint64_t>(peak, residentBytes(server));
+      if (statusWith(cluster, {"--credential", cluster.credential("cli")}).empty())
+        ++answered;
+      else
+        ++unanswered;
+    }
+  });
+  std::vector<std::size_t> sent(kAttackers, 0);
+  kj::Vector<kj::Promise<void>> attacks;
+  auto address = io.provider->getNetwork().parseAddress(cluster.address()).wait(io.waitScope);
+  for (int i = 0; i < kAttackers; ++i) {
+    auto attack =
+        address->connect()
+            .then([&](kj::Own<kj::AsyncIoStream> raw) {
+              return tls.wrapClient(kj::mv(raw), kj::StringPtr(mallory.serverName.c_str()));
+            })
+            .then([&, i](kj::Own<kj::AsyncIoStream> stream) {
+              auto* s = stream.get();
+              kj::Promise<void> chain = s->write(header.data(), header.size());
+              for (std::size_t c = 0; c < kChunks; ++c)
+                chain = chain.then([&, s, i]() {
+                  return s->write(junk.data(), junk.size()).then([&, i]() { sent[i] += kChunk; });
+                });
+              return chain.attach(kj::mv(stream));
+            })
+            .catch_([](kj::Exception&&) {});  // the server closed it: what the test wants
+    attacks.add(kj::mv(attack));
+  }
+  kj::joinPromises(attacks.releaseAsArray()).wait(io.waitScope);
+  attacking = false;
+  watcher.join();
+
+  const std::uint64_t grown = peak > idle ? peak - idle : 0;
+  std::printf("server RSS: %.1f MiB idle, %.1f MiB more at the peak; status answered %d times, failed %d\n",
+              idle / 1048576.0, grown / 1048576.0, answered.load(), unanswered.load());
+  for (int i = 0; i < kAttackers; ++i)
+    EXPECT_LT(sent[i], kChunk * kChunks) << "attacker " << i << " sent all its bytes: the server took them in";
+  EXPECT_LT(grown, 200u << 20);
+  EXPECT_GT(answered.load(), 0);
+  EXPECT_EQ(unanswered.load(), 0);
+  auto audit = auditOf(data);
+  EXPECT_EQ(audited(audit, "connect", "closed", "mallory", "laptop", "before the connection was authorized"),
+            static_cast<std::size_t>(kAttackers));
+  const std::string log = cluster.logOf("server");
+  EXPECT_NE(log.find("a message of 1024.0 MiB before the connection was authorized (the limit is 64.0 KiB)"),
+            std::string::npos)
+      << log;
+}
+
+TEST(Security, AConnectionNotAuthorizedWithinSecondsIsClosed) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  auto io = kj::setupAsyncIo();
+  Client phone(io, cluster, cluster.credential("phone"));
+  ASSERT_EQ(phone.registerAs("phone"), "");
+  // A refused request does not authorize: the connection idles, and ends.
+  auto connection = ClientTransport(loadCredential(cluster.credential("laptop", "mallory")))
+                        .connect(io, cluster.address())
+                        .wait(io.waitScope);
+  auto server = connection->bootstrap().castAs<wire::SyncServer>();
+  EXPECT_ANY_THROW(server.statusRequest().send().wait(io.waitScope));
+  const auto start = std::chrono::steady_clock::now();
+  connection->onDisconnect().wait(io.waitScope);
+  const double after = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("closed %.1f s after the refusal\n", after);
+  auto audit = auditOf(dir.path() + "/server");
+  EXPECT_EQ(audited(audit, "connect", "closed", "mallory", "laptop", "not authorized for the VM within 5000 ms"), 1u);
+  // The owner's device, authorized, stays connected past that time.
+  EXPECT_EQ(phone.lease(), 1u);
 }
 
 /// A full checkpoint of a kUnits-unit VM whose units are all 0x5a.

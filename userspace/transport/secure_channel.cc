@@ -317,7 +317,8 @@ struct ServerTransport::Tls {
 };
 
 ServerTransport::ServerTransport() = default;
-ServerTransport::ServerTransport(const std::string& dir, kj::Timer& timer) : tls_(std::make_unique<Tls>(dir, timer)) {}
+ServerTransport::ServerTransport(const std::string& dir, kj::Timer& timer)
+    : tls_(std::make_unique<Tls>(dir, timer)), timer_(&timer) {}
 ServerTransport::~ServerTransport() = default;
 ServerTransport::ServerTransport(ServerTransport&&) noexcept = default;
 ServerTransport& ServerTransport::operator=(ServerTransport&&) noexcept = default;
@@ -342,31 +343,64 @@ PeerIdentity identityFrom(kj::PeerIdentity& peer) {
   return PeerIdentity{true, name.substr(at + 1), name.substr(0, at)};
 }
 
+/// "host" of "host:port" (the key under which repeated failures are counted).
+std::string hostOf(const std::string& address) {
+  const auto colon = address.rfind(':');
+  return colon == std::string::npos ? address : address.substr(0, colon);
+}
+
 }  // namespace
 
-kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener,
-                                         std::function<capnp::Capability::Client(const PeerIdentity&)> bootstrapFor) {
+kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, BootstrapFor bootstrapFor) {
   static LogRefusals refusals;
   auto tasks = kj::heap<kj::TaskSet>(refusals);
   Tls* tls = tls_.get();
+  AuditLog* audit = audit_;
+  kj::Timer* timer = timer_;
+  const MessageLimits limits = limits_;
+  auto inFlight = inFlight_;
   // Each connection's handshake runs on its own: a slow client never holds
   // up the next accept.
-  auto serveOne = [tls, bootstrapFor](kj::AuthenticatedStream accepted) -> kj::Promise<void> {
+  auto serveOne = [=](kj::AuthenticatedStream accepted) -> kj::Promise<void> {
     std::string from = accepted.peerIdentity->toString().cStr();
     kj::Promise<kj::AuthenticatedStream> ready =
         tls != nullptr ? tls->context.wrapServer(kj::mv(accepted)) : kj::Promise<kj::AuthenticatedStream>(kj::mv(accepted));
     return ready
-        .then([tls, bootstrapFor, from](kj::AuthenticatedStream stream) {
+        .then([=](kj::AuthenticatedStream stream) -> kj::Promise<void> {
           PeerIdentity peer;
           if (tls != nullptr) peer = identityFrom(*stream.peerIdentity);
           spdlog::debug("connection from {}: {}", from, peer.describe());
-          auto connection = kj::heap<RpcConnection>(kj::mv(stream.stream), capnp::rpc::twoparty::Side::SERVER,
-                                                    bootstrapFor(peer));
-          auto done = connection->onDisconnect();
-          return done.attach(kj::mv(connection));
+          auto closed = [audit, peer, from](const std::string& why) {
+            spdlog::warn("connection from {} ({}) closed: {}", from, peer.describe(), why);
+            if (audit != nullptr)
+              audit->record({.action = "connect", .result = "closed", .user = peer.user, .device = peer.device,
+                             .reason = why, .from = from});
+          };
+          auto gate = std::make_shared<ConnectionGate>(limits, peer.user, inFlight, closed);
+          if (tls == nullptr) gate->authorize();  // an --insecure server trusts its network
+          auto connection = kj::heap<RpcConnection>(gatedStream(kj::mv(stream.stream), gate),
+                                                    capnp::rpc::twoparty::Side::SERVER, bootstrapFor(peer, gate));
+          kj::Promise<void> done = connection->onDisconnect();
+          if (tls != nullptr && timer != nullptr) {
+            // Until it is authorized, a connection only costs the server: it
+            // gets a few seconds to become useful.
+            auto deadline = timer->afterDelay(limits.authorizeWithinMs * kj::MILLISECONDS)
+                                .then([gate, closed, limits]() -> kj::Promise<void> {
+                                  if (gate->authorized()) return kj::NEVER_DONE;
+                                  closed(fmt::format("not authorized for the VM within {} ms",
+                                                     limits.authorizeWithinMs));
+                                  return kj::READY_NOW;
+                                });
+            done = done.exclusiveJoin(kj::mv(deadline));
+          }
+          return done.attach(kj::mv(connection), kj::mv(gate));
         })
-        .catch_([from](kj::Exception&& e) -> kj::Promise<void> {
-          rpcFail(fmt::format("{}: {}", from, describe(e)));
+        .catch_([from, audit](kj::Exception&& e) -> kj::Promise<void> {
+          const std::string why = describe(e);
+          if (audit != nullptr)
+            audit->recordLimited("connect " + hostOf(from),
+                                 {.action = "connect", .result = "refused", .reason = why, .from = from});
+          rpcFail(fmt::format("{}: {}", from, why));
         });
   };
   auto state = kj::heap<std::function<kj::Promise<void>()>>();

@@ -12,6 +12,8 @@
 #include <optional>
 #include <string>
 
+#include "base/audit_log.h"
+#include "transport/message_gate.h"
 #include "transport/rpc_util.h"
 
 namespace vmsync {
@@ -89,14 +91,27 @@ class ServerTransport {
   ServerTransport& operator=(ServerTransport&&) noexcept;
 
   bool secure() const;
-  /// Accepts connections on `listener` forever, serving on each the
-  /// capability `bootstrapFor` gives for its peer.
-  kj::Promise<void> serve(kj::ConnectionReceiver& listener,
-                          std::function<capnp::Capability::Client(const PeerIdentity&)> bootstrapFor);
+  /// The limits every connection gets (see MessageLimits).
+  void setLimits(const MessageLimits& limits) { limits_ = limits; }
+  /// Where refused handshakes and connections closed for a limit are recorded.
+  void setAuditLog(AuditLog* audit) { audit_ = audit; }
+
+  /// What the server serves on one connection: for `peer`, whose messages
+  /// `gate` measures; the server calls gate->authorize() once the peer may
+  /// use the VM (an --insecure server's connections start authorized).
+  using BootstrapFor =
+      std::function<capnp::Capability::Client(const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate)>;
+  /// Accepts connections on `listener` forever. A TLS connection not
+  /// authorized within the limits' time is closed.
+  kj::Promise<void> serve(kj::ConnectionReceiver& listener, BootstrapFor bootstrapFor);
 
  private:
   struct Tls;
   std::unique_ptr<Tls> tls_;
+  MessageLimits limits_;
+  AuditLog* audit_ = nullptr;
+  kj::Timer* timer_ = nullptr;
+  std::shared_ptr<InFlightByUser> inFlight_ = std::make_shared<InFlightByUser>();
 };
 
 }  // namespace vmsync
