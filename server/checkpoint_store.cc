@@ -146,18 +146,25 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
   if (in) {
     try {
       auto j = nlohmann::json::parse(in);
+      // Counters are whole numbers: a float or a negative number (which the
+      // library would convert with undefined results) is damage.
+      auto count = [&](const nlohmann::json& value, const char* what) -> std::uint64_t {
+        if (!value.is_number_unsigned()) fail("data directory {}: state.json: {} is not a whole number", dir_, what);
+        return value.get<std::uint64_t>();
+      };
+      auto field = [&](const char* name) -> std::uint64_t { return j.contains(name) ? count(j[name], name) : 0; };
       state_.vmId = j.value("vm_id", "");
-      state_.epoch = j.value("epoch", 0ull);
+      state_.epoch = field("epoch");
       state_.holder = j.value("holder", "");
       state_.owner = j.value("owner", "");
-      state_.abandonedAfter = j.value("abandoned_after", 0ull);
-      state_.abandonedUpTo = j.value("abandoned_up_to", 0ull);
-      state_.abandonedTotal = j.value("abandoned_total", 0ull);
+      state_.abandonedAfter = field("abandoned_after");
+      state_.abandonedUpTo = field("abandoned_up_to");
+      state_.abandonedTotal = field("abandoned_total");
       for (const auto& f : j.value("failovers", nlohmann::json::array()))
-        state_.failovers.emplace_back(f.at(0).get<std::uint64_t>(), f.at(1).get<std::uint64_t>());
+        state_.failovers.emplace_back(count(f.at(0), "a failover's point"), count(f.at(1), "a failover's epoch"));
       const nlohmann::json devices = j.value("devices", nlohmann::json::object());
       for (const auto& [id, applied] : devices.items())
-        state_.appliedByDevice[id] = std::min(applied.get<std::uint64_t>(), head_);
+        state_.appliedByDevice[id] = std::min(count(applied, "a device's applied sequence"), head_);
     } catch (const nlohmann::json::exception& e) {
       fail("data directory {}: state.json is unreadable: {}", dir_, e.what());
     }
