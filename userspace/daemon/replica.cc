@@ -42,13 +42,20 @@ Replica::Replica(const std::string& stateDir, std::string deviceId) : deviceId_(
   if (ec) fail("cannot use state directory {}: {}", stateDir, ec.message());
   dir_ = fs::absolute(stateDir).string();
   lockDirectory();
-  loadLocalState();
-  redoJournal();
-  if (fs::exists(path("vmm-running"))) {
-    spdlog::warn("{}: a VMM ran on this image and stopped without a final checkpoint: the image is past checkpoint "
-                 "{} by what the guest did since", deviceId_, applied_);
-    if (applied_ != 0) markDiverged();
-    markLive(false);
+  try {
+    loadLocalState();
+    redoJournal();
+    if (fs::exists(path("vmm-running"))) {
+      spdlog::warn("{}: a VMM ran on this image and stopped without a final checkpoint: the image is past "
+                   "checkpoint {} by what the guest did since", deviceId_, applied_);
+      if (applied_ != 0) markDiverged();
+      markLive(false);
+    }
+  } catch (...) {
+    // A constructor that throws runs no destructor: the lock is released here.
+    ::close(lockFd_);
+    lockFd_ = -1;
+    throw;
   }
 }
 
@@ -111,6 +118,10 @@ void Replica::loadLocalState() {
   if (fs::exists(path("vm.json"))) {
     try {
       auto j = nlohmann::json::parse(readWholeFile(path("vm.json"), 1 << 20));
+      // Sizes are whole numbers: a float or a negative number would be
+      // converted with undefined results.
+      for (const char* name : {"memory_bytes", "disk_bytes", "vcpus"})
+        if (!j.at(name).is_number_unsigned()) fail("{} is damaged: {} is not a whole number", path("vm.json"), name);
       spec_ = LocalSpec{j.at("vm_id"), j.at("memory_bytes"), j.at("disk_bytes"), j.at("cmdline"),
                         j.at("accel"), j.at("cpu_model"),    j.at("vcpus"),     parsePolicy(j.at("policy").get<std::string>())};
       haveSpec_ = true;
@@ -191,7 +202,12 @@ void Replica::saveLocalSpec() {
   nlohmann::json j{{"vm_id", spec_.vmId},   {"memory_bytes", spec_.memoryBytes}, {"disk_bytes", spec_.diskBytes},
                    {"cmdline", spec_.cmdline}, {"accel", spec_.accel},           {"cpu_model", spec_.cpuModel},
                    {"vcpus", spec_.vcpus},     {"policy", policyName(spec_.policy)}};
-  std::string text = j.dump(2);
+  std::string text;
+  try {
+    text = j.dump(2);
+  } catch (const nlohmann::json::exception& e) {
+    fail("the VM's spec cannot be recorded in {}: its text is not UTF-8 ({})", path("vm.json"), e.what());
+  }
   writeFileDurably(path("vm.json"), text.data(), text.size());
   haveSpec_ = true;
 }
@@ -204,11 +220,14 @@ void Replica::openImages(bool create) {
     fs::remove(path("ram.img"));
     fs::remove(path("disk.img"));
   }
-  ram_ = std::make_unique<ImageFile>(path("ram.img"), true, create ? spec_.memoryBytes : 0);
-  disk_ = std::make_unique<ImageFile>(path("disk.img"), true, create ? spec_.diskBytes : 0);
-  if (ram_->sizeBytes() != spec_.memoryBytes || disk_->sizeBytes() != spec_.diskBytes)
-    fail("local image in {} does not match the VM: RAM {} / {} bytes, disk {} / {} bytes", dir_, ram_->sizeBytes(),
-         spec_.memoryBytes, disk_->sizeBytes(), spec_.diskBytes);
+  // Both images or neither: a failure leaves the replica without images.
+  auto ram = std::make_unique<ImageFile>(path("ram.img"), true, create ? spec_.memoryBytes : 0);
+  auto disk = std::make_unique<ImageFile>(path("disk.img"), true, create ? spec_.diskBytes : 0);
+  if (ram->sizeBytes() != spec_.memoryBytes || disk->sizeBytes() != spec_.diskBytes)
+    fail("local image in {} does not match the VM: RAM {} / {} bytes, disk {} / {} bytes", dir_, ram->sizeBytes(),
+         spec_.memoryBytes, disk->sizeBytes(), spec_.diskBytes);
+  ram_ = std::move(ram);
+  disk_ = std::move(disk);
   // An image from before may be cached in large folios (a VMM ran on it, or
   // it was copied), which makes every checkpoint's unit writes slower.
   if (!create) recacheImages();
@@ -349,13 +368,22 @@ void Replica::clearDiverged() {
 
 void Replica::startFromFull(wire::Checkpoint::Reader checkpoint) {
   auto spec = checkpoint.getSpec();
-  spec_ = specFromWire(spec);
-  if (spec_.memoryBytes == 0 || spec_.memoryBytes % kUnitSize || spec_.diskBytes == 0 || spec_.diskBytes % kUnitSize)
-    fail("full checkpoint {} has invalid sizes (RAM {}, disk {})", checkpoint.getSequence(), spec_.memoryBytes,
-         spec_.diskBytes);
+  // Checked before it replaces the spec: a refused checkpoint leaves the
+  // spec describing the images this device still has.
+  const LocalSpec next = specFromWire(spec);
+  if (next.memoryBytes == 0 || next.memoryBytes % kUnitSize || next.diskBytes == 0 || next.diskBytes % kUnitSize)
+    fail("full checkpoint {} has invalid sizes (RAM {}, disk {})", checkpoint.getSequence(), next.memoryBytes,
+         next.diskBytes);
+  const LocalSpec previous = spec_;
+  spec_ = next;
+  try {
+    saveLocalSpec();
+  } catch (const Error&) {
+    spec_ = previous;  // still the spec of the images this device has
+    throw;
+  }
   writeFileDurably(path("vmlinuz"), spec.getKernel().begin(), spec.getKernel().size());
   writeFileDurably(path("initrd.img"), spec.getInitrd().begin(), spec.getInitrd().size());
-  saveLocalSpec();
   openImages(true);
   damaged_.clear();
 }
@@ -363,6 +391,8 @@ void Replica::startFromFull(wire::Checkpoint::Reader checkpoint) {
 ApplyStats Replica::applyToImage(wire::Checkpoint::Reader checkpoint) {
   const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   if (full) startFromFull(checkpoint);
+  if (!ram_ || !disk_)
+    fail("checkpoint {} is not a full one, and there is no image to apply it to", checkpoint.getSequence());
   verified_ = {};  // the image changes
   ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
   crashPoint("standby-after-write");
