@@ -19,6 +19,31 @@ namespace {
 
 constexpr std::size_t kDecodeGrain = 64;  // chunks decoded per task
 
+/// The position of the first chunk that names a unit an earlier chunk named,
+/// or count if none does. Memory is bounded by the list, not by the image: a
+/// message of a few words may describe an image of petabytes, and a bitmap of
+/// its units would be gigabytes. The bitmap is used while it is smaller than
+/// a sorted copy of the indexes.
+std::size_t firstRepeat(const std::vector<std::uint64_t>& indexes, std::uint64_t units) {
+  if (units / 64 <= indexes.size()) {
+    std::vector<bool> seen(units);
+    for (std::size_t i = 0; i < indexes.size(); ++i) {
+      if (seen[indexes[i]]) return i;
+      seen[indexes[i]] = true;
+    }
+    return indexes.size();
+  }
+  std::vector<std::pair<std::uint64_t, std::size_t>> sorted(indexes.size());
+  for (std::size_t i = 0; i < indexes.size(); ++i) sorted[i] = {indexes[i], i};
+  std::sort(sorted.begin(), sorted.end());
+  // Within a run of equal indexes the first is the unit's first naming; every
+  // later one repeats it. The earliest repeat is the smallest such position.
+  std::size_t first = indexes.size();
+  for (std::size_t k = 1; k < sorted.size(); ++k)
+    if (sorted[k].first == sorted[k - 1].first) first = std::min(first, sorted[k].second);
+  return first;
+}
+
 /// Decoded units of one list: where each unit's bytes are. Units that needed no
 /// decoding (whole and uncompressed, or zero) point into the message or at a
 /// zero page; the others into `decoded`.
@@ -43,7 +68,7 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlo
   std::vector<ChunkFields> fields(count);
   std::vector<std::uint32_t> sameAs(count);
   std::uint32_t slots = 0;
-  std::vector<bool> seen(image.units());
+  std::vector<std::uint64_t> indexes(count);
   for (std::uint32_t i = 0; i < count; ++i) {
     auto chunk = chunks[i];
     try {
@@ -54,8 +79,7 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlo
     std::uint64_t index = fields[i].index;
     if (index >= image.units())
       fail("{} chunk {} names unit {}, but the image has {} units", what, i, index, image.units());
-    if (seen[index]) fail("{} chunk {} names unit {} a second time", what, i, index);
-    seen[index] = true;
+    indexes[i] = index;
     out.writes[i].index = index;
     if (fields[i].encoding == wire::ChunkEncoding::SAME_AS) {
       std::uint32_t earlier = chunk.getSameAs();
@@ -67,6 +91,8 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlo
       slot[i] = slots++;
     }
   }
+  if (const std::size_t i = firstRepeat(indexes, image.units()); i < count)
+    fail("{} chunk {} names unit {} a second time", what, i, indexes[i]);
   // Then decode, on every core (reading only `fields`, not the message). Each task keeps its first error; the error
   // reported is the one of the earliest chunk, as a serial decode would.
   out.decoded.resize(std::size_t{slots} * kUnitSize);
@@ -118,15 +144,14 @@ void validateList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& b
                   std::uint64_t units, const char* what) {
   if (chunks.size() > units)
     fail("{} list has {} chunks, but the image has only {} units", what, chunks.size(), units);
-  std::vector<bool> seen(units);
+  std::vector<std::uint64_t> indexes(chunks.size());
   static const std::byte zeros[kUnitSize] = {};
   std::byte scratch[kUnitSize];
   for (std::uint32_t i = 0; i < chunks.size(); ++i) {
     auto chunk = chunks[i];
     const std::uint64_t index = chunk.getIndex();
     if (index >= units) fail("{} chunk {} names unit {}, but the image has {} units", what, i, index, units);
-    if (seen[index]) fail("{} chunk {} names unit {} a second time", what, i, index);
-    seen[index] = true;
+    indexes[i] = index;
     if (chunk.getEncoding() == wire::ChunkEncoding::SAME_AS) {
       if (chunk.getSameAs() >= i)
         fail("{} chunk {} refers to chunk {}, which does not come before it", what, i, chunk.getSameAs());
@@ -139,6 +164,8 @@ void validateList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& b
       fail("{} {}", what, e.what());
     }
   }
+  if (const std::size_t i = firstRepeat(indexes, units); i < indexes.size())
+    fail("{} chunk {} names unit {} a second time", what, i, indexes[i]);
 }
 
 }  // namespace
@@ -186,7 +213,14 @@ void readEveryField(capnp::DynamicValue::Reader value) {
 }  // namespace
 
 void checkWellFormed(wire::Checkpoint::Reader checkpoint) {
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { readEveryField(capnp::toDynamic(checkpoint)); })) {
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+        readEveryField(capnp::toDynamic(checkpoint));
+        // The walk above reads the fields the schema knows. A message may
+        // also carry pointers in slots the schema does not name (a newer
+        // version's fields); copying the message follows those too, so each
+        // must stay within the message. totalSize() follows every pointer.
+        (void)checkpoint.totalSize();
+      })) {
     fail("checkpoint {} is not a well-formed message: {}", checkpoint.getSequence(), e->getDescription().cStr());
   }
 }

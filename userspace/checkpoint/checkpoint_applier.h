@@ -23,7 +23,8 @@ struct BaseImage {
 
 /// Reads every field of `checkpoint` as the schema declares it. Throws Error
 /// when one is of another kind (a list where text is declared, a pointer out
-/// of the message): such a message would otherwise fail with a kj::Exception
+/// of the message), or when any pointer, named by the schema or not, leaves
+/// the message: such a message would otherwise fail with a kj::Exception
 /// wherever that field is first read.
 void checkWellFormed(wire::Checkpoint::Reader checkpoint);
 

@@ -1,6 +1,7 @@
 #include "checkpoint/checkpoint_builder.h"
 
 #include <capnp/message.h>
+#include <capnp/schema.h>
 #include <capnp/serialize.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 
 #include "checkpoint/checkpoint_applier.h"
@@ -537,6 +539,99 @@ TEST(ApplyCheckpoint, MoreChunksThanUnitsIsRejectedBeforeDecoding) {
     FAIL() << "accepted 3 chunks for 2 units";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("3 chunks"), std::string::npos) << e.what();
+  }
+}
+
+/// A memory list of zero chunks naming `indexes`, and an empty disk list.
+void zeroChunks(wire::Checkpoint::Builder checkpoint, const std::vector<std::uint64_t>& indexes) {
+  auto memory = checkpoint.initMemory(static_cast<unsigned>(indexes.size()));
+  for (unsigned i = 0; i < indexes.size(); ++i) {
+    memory[i].setIndex(indexes[i]);
+    memory[i].setEncoding(wire::ChunkEncoding::ZERO);
+  }
+  checkpoint.initDisk(0);
+}
+
+std::string refusal(const std::function<void()>& run) {
+  try {
+    run();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "accepted";
+}
+
+// The earliest chunk that repeats a unit is the one named, whether the
+// check keeps a bitmap of the image (few units per chunk) or sorts the
+// indexes (an image far larger than the list).
+TEST(ApplyCheckpoint, TheFirstChunkThatRepeatsAUnitIsNamedForSmallAndLargeImages) {
+  TempDir dir;
+  for (std::uint64_t units : {std::uint64_t{16}, std::uint64_t{1} << 16}) {
+    ImageFile ram(dir.file("ram" + std::to_string(units)), true, units * kUnitSize);
+    ImageFile disk(dir.file("disk" + std::to_string(units)), true, kUnitSize);
+    for (const auto& [indexes, expected] :
+         std::vector<std::pair<std::vector<std::uint64_t>, std::string>>{
+             {{5, 7, 5, 7}, "memory chunk 2 names unit 5 a second time"},
+             {{9, 3, 3, 9}, "memory chunk 2 names unit 3 a second time"},
+             {{1, 2, 3, 4, 2, 1}, "memory chunk 4 names unit 2 a second time"}}) {
+      capnp::MallocMessageBuilder message;
+      auto checkpoint = message.initRoot<wire::Checkpoint>();
+      zeroChunks(checkpoint, indexes);
+      EXPECT_EQ(refusal([&] { applyCheckpoint(checkpoint.asReader(), ram, disk); }), expected)
+          << units << " units";
+      EXPECT_EQ(refusal([&] { validateCheckpoint(checkpoint.asReader(), ram.units(), disk.units()); }), expected)
+          << units << " units";
+    }
+    capnp::MallocMessageBuilder message;
+    auto checkpoint = message.initRoot<wire::Checkpoint>();
+    zeroChunks(checkpoint, {0, 15, 3});
+    EXPECT_EQ(refusal([&] { applyCheckpoint(checkpoint.asReader(), ram, disk); }), "accepted") << units << " units";
+  }
+}
+
+// A message of a few words may claim an image of 2^50 units (4 EiB). The
+// server validates a push against the spec's sizes: a bitmap of those units
+// would be 128 TiB, so the check must cost what the list costs.
+TEST(ApplyCheckpoint, ValidatingAgainstAHugeImageCostsWhatTheListCosts) {
+  capnp::MallocMessageBuilder message;
+  auto checkpoint = message.initRoot<wire::Checkpoint>();
+  constexpr std::uint64_t kHuge = std::uint64_t{1} << 50;
+  zeroChunks(checkpoint, {kHuge - 1, 0, kHuge - 1});
+  EXPECT_EQ(refusal([&] { validateCheckpoint(checkpoint.asReader(), kHuge, 1); }),
+            "memory chunk 2 names unit 1125899906842623 a second time");
+  capnp::MallocMessageBuilder good;
+  auto fine = good.initRoot<wire::Checkpoint>();
+  zeroChunks(fine, {kHuge - 1, 0});
+  EXPECT_EQ(refusal([&] { validateCheckpoint(fine.asReader(), kHuge, 1); }), "accepted");
+}
+
+// A pointer in a slot the schema does not name (a field of a newer version)
+// is not read by a field walk, but copying the message follows it. One that
+// leaves the message makes the checkpoint malformed.
+TEST(CheckWellFormed, APointerOutOfTheMessageInASlotTheSchemaDoesNotNameIsRefused) {
+  const auto proto = capnp::Schema::from<wire::Checkpoint>().getProto().getStruct();
+  const std::uint64_t dataWords = proto.getDataWordCount();
+  const std::uint64_t pointers = proto.getPointerCount() + 1;  // one slot past the schema's
+  auto message = [&](std::uint64_t extra) {
+    std::vector<capnp::word> words(1 + dataWords + pointers);
+    auto* raw = reinterpret_cast<std::uint64_t*>(words.data());
+    raw[0] = (dataWords << 32) | (pointers << 48);  // root: a struct right after this pointer
+    raw[dataWords + pointers] = extra;              // the unnamed slot
+    return words;
+  };
+  // A struct pointer with offset 0 and one data word: after the last slot,
+  // past the end of the message. Null in the unnamed slot is fine.
+  const std::uint64_t outside = std::uint64_t{1} << 32;
+  for (std::uint64_t extra : {std::uint64_t{0}, outside}) {
+    auto words = message(extra);
+    kj::ArrayPtr<const capnp::word> segments[] = {kj::arrayPtr(words.data(), words.size())};
+    capnp::SegmentArrayMessageReader reader(kj::arrayPtr(segments, 1));
+    auto checkpoint = reader.getRoot<wire::Checkpoint>();
+    std::string result = refusal([&] { checkWellFormed(checkpoint); });
+    if (extra == 0)
+      EXPECT_EQ(result, "accepted");
+    else
+      EXPECT_NE(result.find("is not a well-formed message"), std::string::npos) << result;
   }
 }
 
