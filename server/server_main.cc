@@ -1,10 +1,12 @@
 #include "server_main.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <spdlog/spdlog.h>
 
 #include <kj/async-unix.h>
 
+#include "base/durable_file.h"
 #include "base/error.h"
 #include "transport/rpc_util.h"
 #include "transport/secure_channel.h"
@@ -51,6 +53,9 @@ int runServer(const ServerOptions& options) {
     if (options.tlsDir.empty() == !options.insecure)
       fail("give --tls DIR (a server identity from `vmsync init`) or --insecure for plain TCP, {}",
            options.insecure ? "not both" : "one of them");
+    // The chain is the user's guest memory and disk: for the server's user alone.
+    ::umask(077);
+    makePrivateDirectory(options.dataDir);
     auto io = kj::setupAsyncIo();
     ServerTransport transport = options.insecure ? ServerTransport()
                                                  : ServerTransport(options.tlsDir, io.provider->getTimer());

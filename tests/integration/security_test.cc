@@ -10,6 +10,7 @@
 #include <cstring>
 #include <sstream>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include <kj/async-io.h>
@@ -159,6 +160,94 @@ TEST(Security, MissingOrForeignCredentialsAreRefused) {
   // A server needs one of --tls and --insecure too.
   ASSERT_NE(run({vmsyncBinary(), "server", "--listen", "127.0.0.1:1", "--data", dir.path() + "/other"}, &out), 0);
   EXPECT_NE(out.find("give --tls DIR"), std::string::npos) << out;
+}
+
+/// Writes a credential made of `base`'s fields with `fields` taken from
+/// `donor` instead; returns its path.
+std::string mixedCredential(const std::string& base, const std::string& donor, const std::vector<std::string>& fields,
+                            const std::string& out) {
+  auto credential = nlohmann::json::parse(readFile(base));
+  const auto other = nlohmann::json::parse(readFile(donor));
+  for (const auto& field : fields) credential[field] = other.at(field);
+  std::ofstream(out) << credential.dump(2);
+  fs::permissions(out, fs::perms::owner_read | fs::perms::owner_write);
+  return out;
+}
+
+TEST(Security, BadCredentialsAreNamedWithWhatToDo) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  const std::string good = cluster.credential("phone");
+  std::string out;
+  ASSERT_EQ(run({vmsyncBinary(), "init", "--dir", dir.path() + "/foreign"}, &out), 0) << out;
+  ASSERT_EQ(run({vmsyncBinary(), "enroll", "--dir", dir.path() + "/foreign", "--user", "owner", "--device", "phone",
+                 "--out", dir.path() + "/foreign.cred"},
+                &out),
+            0)
+      << out;
+  const std::string foreign = dir.path() + "/foreign.cred";
+
+  // Enrolled on another server's identity: this server is not the one it trusts.
+  const std::string other = statusWith(cluster, {"--credential", foreign});
+  EXPECT_NE(other.find(foreign), std::string::npos) << other;
+  EXPECT_NE(other.find("enrolled on another server's identity"), std::string::npos) << other;
+  // This server's authority, but a certificate another authority signed: the
+  // server refuses it.
+  const std::string grafted =
+      mixedCredential(good, foreign, {"certificate", "key"}, dir.path() + "/grafted.cred");
+  const std::string refused = statusWith(cluster, {"--credential", grafted});
+  EXPECT_NE(refused.find(grafted + ": its certificate was not issued by the authority it trusts"), std::string::npos)
+      << refused;
+  EXPECT_NE(refused.find("vmsync enroll --user owner --device phone"), std::string::npos) << refused;
+  // A key that belongs to another certificate.
+  const std::string swapped =
+      mixedCredential(good, cluster.credential("laptop"), {"key"}, dir.path() + "/swapped.cred");
+  const std::string mismatch = statusWith(cluster, {"--credential", swapped});
+  EXPECT_NE(mismatch.find(swapped + ": its key does not belong to its certificate"), std::string::npos) << mismatch;
+  EXPECT_NE(mismatch.find("vmsync enroll"), std::string::npos) << mismatch;
+  std::printf("other server: %sother authority: %sswapped key: %s", other.c_str(), refused.c_str(), mismatch.c_str());
+
+  // A credential others can read works, with a warning that says how to fix it.
+  fs::permissions(good, fs::perms::group_read | fs::perms::others_read, fs::perm_options::add);
+  std::string errors;
+  ASSERT_EQ(run({vmsyncBinary(), "status", "--server", cluster.address(), "--credential", good}, &out, &errors), 0)
+      << errors;
+  EXPECT_NE(errors.find(good + " holds a device key and is mode 0644"), std::string::npos) << errors;
+  EXPECT_NE(errors.find("chmod 600 " + good), std::string::npos) << errors;
+}
+
+/// The permission bits of `path`.
+unsigned modeOf(const std::string& path) { return static_cast<unsigned>(fs::status(path).permissions()) & 0777; }
+
+TEST(Security, KeysChainsAndGuestDataAreForTheirOwnerAlone) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  // Directories a careless user made readable by everyone beforehand.
+  for (const auto& made : {dir.path() + "/server", cluster.stateDir("B")}) {
+    fs::create_directories(made);
+    fs::permissions(made, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                              fs::perms::others_read | fs::perms::others_exec);
+    ASSERT_EQ(modeOf(made), 0755u);
+  }
+  cluster.startServer();
+  cluster.startStandby("B");
+  ASSERT_TRUE(waitFor([&] { return cluster.logOf("B").find("registered with") != std::string::npos; },
+                      std::chrono::seconds(30)))
+      << cluster.logOf("B");
+
+  EXPECT_EQ(modeOf(cluster.identityDir()), 0700u);
+  for (const char* file : {"ca.key", "ca.pem", "server.key", "server.pem"})
+    EXPECT_EQ(modeOf(cluster.identityDir() + "/" + file), 0600u) << file;
+  EXPECT_EQ(modeOf(cluster.credential("B")), 0600u);
+  EXPECT_EQ(modeOf(dir.path() + "/server"), 0700u);
+  EXPECT_EQ(modeOf(dir.path() + "/server/checkpoints"), 0700u);
+  EXPECT_EQ(modeOf(dir.path() + "/server/audit.jsonl"), 0600u);
+  EXPECT_EQ(modeOf(cluster.stateDir("B")), 0700u);
+  // Each was told about: the mode is fixed, not silently.
+  EXPECT_NE(cluster.logOf("server").find(dir.path() + "/server was mode 0755"), std::string::npos)
+      << cluster.logOf("server");
+  EXPECT_NE(cluster.logOf("B").find(cluster.stateDir("B") + " was mode 0755"), std::string::npos) << cluster.logOf("B");
 }
 
 TEST(Security, AnotherUsersDeviceIsRefusedForEveryOperation) {
@@ -503,6 +592,11 @@ TEST_F(SecurityWithVm, HostilePushesDoNotDisturbAHandoff) {
   ASSERT_EQ(rc, 0) << output << cluster.logOf("A") << cluster.logOf("B") << cluster.logOf("server");
   EXPECT_EQ(report["to"], "B");  // B verified the final digest before resuming
   EXPECT_GT(rejected, 0u);
+  // What the guest printed is the guest's, on both devices.
+  for (const char* device : {"A", "B"}) {
+    EXPECT_EQ(modeOf(cluster.stateDir(device)), 0700u) << device;
+    EXPECT_EQ(modeOf(cluster.serialLog(device)), 0600u) << device;
+  }
 }
 
 }  // namespace

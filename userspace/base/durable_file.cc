@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <memory>
 
+#include <spdlog/spdlog.h>
+
 #include "base/error.h"
 
 namespace vmsync {
@@ -179,6 +181,43 @@ void copySparse(const std::string& from, const std::string& to, bool durable) {
   ::close(in);
   if (::close(out) != 0) throwLastErrno(fmt::format("cannot write {}", to));
   if (durable) syncParentDirectory(to);
+}
+
+void makePrivateDirectory(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) fail("cannot create directory {}: {}", dir, ec.message());
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) throwLastErrno(fmt::format("cannot stat {}", dir));
+  if (!S_ISDIR(st.st_mode)) fail("{} is not a directory", dir);
+  const mode_t mode = st.st_mode & 07777;
+  if ((mode & 077) == 0) return;
+  if ((mode & S_ISVTX) != 0 || st.st_uid != ::geteuid()) {
+    spdlog::warn("{} (mode {:04o}) can be read by other users, and is shared or not ours to change: keep guest data "
+                 "and keys in a directory of their own", dir, mode);
+    return;
+  }
+  if (::chmod(dir.c_str(), 0700) != 0) throwLastErrno(fmt::format("cannot make {} private (mode 0700)", dir));
+  spdlog::warn("{} was mode {:04o}, open to other users; it holds guest data or keys and is now 0700", dir, mode);
+}
+
+void makePrivateFile(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return;
+    throwLastErrno(fmt::format("cannot stat {}", path));
+  }
+  const mode_t mode = st.st_mode & 07777;
+  if ((mode & 077) == 0) return;
+  if (::chmod(path.c_str(), 0600) != 0) throwLastErrno(fmt::format("cannot make {} private (mode 0600)", path));
+  spdlog::warn("{} was mode {:04o}, open to other users; it is now 0600", path, mode);
+}
+
+std::string readableByOthers(const std::string& path, const std::string& what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || (st.st_mode & 077) == 0) return {};
+  return fmt::format("{} holds {} and is mode {:04o}: other users may read it; `chmod 600 {}`", path, what,
+                     st.st_mode & 07777, path);
 }
 
 }  // namespace vmsync

@@ -41,4 +41,19 @@ std::vector<std::pair<std::uint64_t, std::uint64_t>> dataRanges(int fd, std::uin
 /// storage when it returns. Throws Error naming the file that failed.
 void copySparse(const std::string& from, const std::string& to, bool durable = false);
 
+/// Creates directory `dir` (and missing parents) for what no other user may
+/// read: guest data, keys, checkpoint chains. It gets mode 0700; one that
+/// exists with permissions for group or others is made 0700, with a warning,
+/// unless it is shared (the sticky bit, as on /tmp) or owned by another user,
+/// which is only warned about. Throws Error naming `dir` when it cannot.
+void makePrivateDirectory(const std::string& dir);
+
+/// Makes the existing file `path` mode 0600 when group or others have any
+/// permission on it, with a warning; nothing when it does not exist.
+void makePrivateFile(const std::string& path);
+
+/// The warning to give when the file `path`, which holds `what`, can be read
+/// by group or others ("" when it cannot, or does not exist).
+std::string readableByOthers(const std::string& path, const std::string& what);
+
 }  // namespace vmsync

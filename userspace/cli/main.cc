@@ -10,7 +10,9 @@
 //   vmsync switch   --to B [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync status   [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync bench switch --profile wifi,lte --runs N [--image DIR]
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -55,15 +57,16 @@ kj::Own<vmsync::RpcConnection> connectOrExplain(kj::AsyncIoContext& io, vmsync::
   }
 }
 
-/// Waits for `promise`; a plain-TCP client whose server hangs up is told the
-/// likely reason.
+/// Waits for `promise`; a plain-TCP client whose server hangs up, or a device
+/// whose credential the server refuses, is told the likely reason.
 template <typename T>
 T waitExplained(kj::Promise<T>&& promise, kj::WaitScope& scope, const vmsync::ClientTransport& transport,
                 const std::string& server) {
   try {
     return promise.wait(scope);
   } catch (const kj::Exception& e) {
-    if (transport.secure() || e.getType() != kj::Exception::Type::DISCONNECTED) throw;
+    if (transport.secure()) throw vmsync::Error(transport.explain(e));
+    if (e.getType() != kj::Exception::Type::DISCONNECTED) throw;
     throw vmsync::Error("the sync server at " + server + " closed the connection (" + vmsync::describe(e) +
                         "); if it runs with --tls, connect with --credential FILE");
   }
@@ -367,6 +370,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
+  // Logs and warnings go to stderr: stdout is the command's answer (JSON with --json).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("vmsync"));
   spdlog::set_level(spdlog::level::from_str(logLevel));
   spdlog::set_pattern("[%H:%M:%S.%e] %^%l%$ %v");
 
@@ -377,6 +382,9 @@ int main(int argc, char** argv) {
     if (sw->parsed()) return runSwitch(client, target, force, json);
     if (status->parsed()) return runStatus(client, json);
     if (stop->parsed()) return runStop(client);
+    // What these write (identities, credentials) is for this user alone; the
+    // server and the devices see to their own directories.
+    if (init->parsed() || enroll->parsed()) ::umask(077);
     if (init->parsed()) {
       vmsync::initServerIdentity(identityDir, serverName);
       std::printf("server identity for '%s' created in %s; start the server with --tls %s and enroll devices with "

@@ -1,6 +1,7 @@
 #include "daemon/device.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <spdlog/spdlog.h>
 
 #include <cstdlib>
@@ -425,6 +426,9 @@ int runDevice(const DeviceOptions& options, Role initialRole) {
     if (options.intervalSeconds <= 0) fail("--interval must be positive, not {}", options.intervalSeconds);
     kj::UnixEventPort::captureSignal(SIGTERM);
     kj::UnixEventPort::captureSignal(SIGINT);
+    // The images, the serial console and the VMM's files are the guest's:
+    // for this user alone, whoever else uses the device.
+    ::umask(077);
     auto io = kj::setupAsyncIo();
     Device device(io, options);
     device.start(initialRole).exclusiveJoin(nextStopSignal(io).then([]() -> void {

@@ -37,9 +37,7 @@ LocalSpec specFromWire(wire::VmSpec::Reader spec) {
 }  // namespace
 
 Replica::Replica(const std::string& stateDir, std::string deviceId) : deviceId_(std::move(deviceId)) {
-  std::error_code ec;
-  fs::create_directories(stateDir, ec);
-  if (ec) fail("cannot use state directory {}: {}", stateDir, ec.message());
+  makePrivateDirectory(stateDir);
   dir_ = fs::absolute(stateDir).string();
   lockDirectory();
   try {

@@ -13,13 +13,15 @@ ServerLink::ServerLink(kj::AsyncIoContext& io, const DeviceOptions& options,
       options_(options),
       makePeer_(std::move(makePeer)),
       position_(std::move(position)),
-      transport_(clientTransport(options.credential, options.insecure)) {
-  if (!options_.credential.empty()) {
-    DeviceCredential credential = loadCredential(options_.credential);
-    if (credential.device != options_.deviceId)
-      fail("credential {} is for device {} (of user {}), not for device {}", options_.credential, credential.device,
-           credential.user, options_.deviceId);
-  }
+      transport_(transportFor(options)) {}
+
+ClientTransport ServerLink::transportFor(const DeviceOptions& options) {
+  if (options.credential.empty() || options.insecure) return clientTransport(options.credential, options.insecure);
+  DeviceCredential credential = loadCredential(options.credential);
+  if (credential.device != options.deviceId)
+    fail("credential {} is for device {} (of user {}), not for device {}", options.credential, credential.device,
+         credential.user, options.deviceId);
+  return ClientTransport(credential);
 }
 
 wire::DeviceSession::Client& ServerLink::session() {
@@ -44,6 +46,12 @@ kj::Promise<Registration> ServerLink::connect(ChainPosition position) {
         request.setAppliedEpoch(position.epoch);
         request.setDiverged(position.diverged);
         return request.send();
+      })
+      .catch_([this](kj::Exception&& e) -> Registration {
+        // A server that refuses this device's certificate says so only now.
+        std::string text = transport_.explain(e);
+        if (text != describe(e)) rpcFail(text);
+        kj::throwFatalException(kj::mv(e));
       })
       .then([this](Registration registered) {
         session_ = registered.getSession();

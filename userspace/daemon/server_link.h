@@ -75,6 +75,8 @@ class ServerLink {
   kj::Promise<void> watchTransfer(std::string what, std::uint64_t bytes);
 
  private:
+  /// The transport `options` ask for; a credential must be this device's.
+  static ClientTransport transportFor(const DeviceOptions& options);
   void onDisconnected();
   kj::Promise<void> reconnectLoop(std::chrono::milliseconds delay);
 

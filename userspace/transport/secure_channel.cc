@@ -171,7 +171,7 @@ void checkName(const std::string& what, const std::string& name) {
 
 void initServerIdentity(const std::string& dir, const std::string& serverName) {
   checkName("server name", serverName);
-  fs::create_directories(dir);
+  makePrivateDirectory(dir);
   for (const char* name : {"ca.key", "ca.pem", "server.key", "server.pem"})
     if (fs::exists(dir + "/" + name))
       fail("{}/{} exists: {} already holds a server identity (remove it to start over; every device must then be "
@@ -214,6 +214,7 @@ void enrollDevice(const std::string& dir, const std::string& user, const std::st
 
 DeviceCredential loadCredential(const std::string& path) {
   DeviceCredential c;
+  c.path = path;
   try {
     auto j = nlohmann::json::parse(readWholeFile(path, 1 << 20));
     c.user = j.at("user");
@@ -225,10 +226,25 @@ DeviceCredential loadCredential(const std::string& path) {
   } catch (const nlohmann::json::exception& e) {
     fail("credential {} is not one `vmsync enroll` wrote: {}", path, e.what());
   }
-  // Fail here, naming the file, rather than in the middle of a handshake.
-  readCert(c.caPem, path);
-  readCert(c.certificatePem, path);
-  readKey(c.keyPem, path);
+  if (std::string warning = readableByOthers(path, "a device key"); !warning.empty()) spdlog::warn("{}", warning);
+  // Fail here, naming the file and what to do, rather than in the middle of a
+  // handshake with an OpenSSL error.
+  Cert ca = readCert(c.caPem, path);
+  Cert cert = readCert(c.certificatePem, path);
+  Key key = readKey(c.keyPem, path);
+  const std::string again = fmt::format("ask for a new one (`vmsync enroll --user {} --device {}` on the server's "
+                                        "identity)", c.user, c.device);
+  if (X509_check_private_key(cert.get(), key.get()) != 1) {
+    ERR_clear_error();
+    fail("{}: its key does not belong to its certificate; {}", path, again);
+  }
+  EVP_PKEY* authority = X509_get0_pubkey(ca.get());
+  if (authority == nullptr || X509_verify(cert.get(), authority) != 1) {
+    ERR_clear_error();
+    fail("{}: its certificate was not issued by the authority it trusts; {}", path, again);
+  }
+  if (X509_cmp_current_time(X509_get0_notAfter(cert.get())) <= 0)
+    fail("{}: its certificate expired; {}", path, again);
   return c;
 }
 
@@ -236,7 +252,8 @@ DeviceCredential loadCredential(const std::string& path) {
 
 struct ClientTransport::Tls {
   explicit Tls(const DeviceCredential& c)
-      : serverName(c.serverName),
+      : credentialPath(c.path.empty() ? "the device credential" : c.path),
+        serverName(c.serverName),
         ca(kj::StringPtr(c.caPem.c_str())),
         keypair{kj::TlsPrivateKey(kj::StringPtr(c.keyPem.c_str())),
                 kj::TlsCertificate(kj::StringPtr(c.certificatePem.c_str()))},
@@ -250,11 +267,39 @@ struct ClientTransport::Tls {
     return o;
   }
 
+  std::string credentialPath;
   std::string serverName;
   kj::TlsCertificate ca;
   kj::TlsKeypair keypair;
   kj::TlsContext context;
 };
+
+namespace {
+
+/// What a failed handshake or call means for the device holding `credential`
+/// ("" when it is not about trust).
+std::string trustFailure(const std::string& credential, const std::string& serverName, const std::string& what) {
+  if (what.find("certificate is not trusted") != std::string::npos)
+    return fmt::format("it is not the server {} was enrolled on ({}): it proves no identity of server '{}' from the "
+                       "authority that credential trusts. If the device was enrolled on another server's identity, "
+                       "or the server's identity was made again with `vmsync init`, enroll the device on this "
+                       "server's identity; otherwise check --server",
+                       credential, what, serverName);
+  if (what.find(" alert ") != std::string::npos)
+    return fmt::format("the server refused the certificate in {} ({}): it was revoked, or was not issued by its "
+                       "authority; ask for a new one with `vmsync enroll` on the server's identity",
+                       credential, what);
+  return {};
+}
+
+}  // namespace
+
+std::string ClientTransport::explain(const kj::Exception& e) const {
+  const std::string what = describe(e);
+  if (tls_ == nullptr) return what;
+  std::string why = trustFailure(tls_->credentialPath, tls_->serverName, what);
+  return why.empty() ? what : why;
+}
 
 ClientTransport::ClientTransport() = default;
 ClientTransport::ClientTransport(const DeviceCredential& credential) : tls_(std::make_unique<Tls>(credential)) {}
@@ -271,7 +316,12 @@ kj::Promise<kj::Own<RpcConnection>> ClientTransport::connect(kj::AsyncIoContext&
       .then([](kj::Own<kj::NetworkAddress> addr) { return addr->connect().attach(kj::mv(addr)); })
       .then([tls](kj::Own<kj::AsyncIoStream> stream) -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
         if (tls == nullptr) return kj::mv(stream);
-        return tls->context.wrapClient(kj::mv(stream), kj::StringPtr(tls->serverName.c_str()));
+        return tls->context.wrapClient(kj::mv(stream), kj::StringPtr(tls->serverName.c_str()))
+            .catch_([tls](kj::Exception&& e) -> kj::Own<kj::AsyncIoStream> {
+              std::string why = trustFailure(tls->credentialPath, tls->serverName, describe(e));
+              if (why.empty()) kj::throwFatalException(kj::mv(e));
+              rpcFail(why);
+            });
       })
       .then([](kj::Own<kj::AsyncIoStream> stream) {
         return kj::heap<RpcConnection>(kj::mv(stream), capnp::rpc::twoparty::Side::CLIENT,
@@ -297,7 +347,10 @@ struct ServerTransport::Tls {
         ca(checkedCert(caText, dir + "/ca.pem")),
         keypair{kj::TlsPrivateKey(checkedKey(keyText, dir + "/server.key")),
                 kj::TlsCertificate(checkedCert(certText, dir + "/server.pem"))},
-        context(options(timer)) {}
+        context(options(timer)) {
+    if (std::string warning = readableByOthers(dir + "/server.key", "the server's key"); !warning.empty())
+      spdlog::warn("{}", warning);
+  }
 
   kj::TlsContext::Options options(kj::Timer& timer) {
     kj::TlsContext::Options o;

@@ -30,6 +30,7 @@ struct PeerIdentity {
 /// A device's credential: who it is, its key and certificate, and the
 /// authority and server name it trusts.
 struct DeviceCredential {
+  std::string path;  // the file it was read from ("" when made in memory)
   std::string user;
   std::string device;
   std::string serverName;
@@ -38,8 +39,10 @@ struct DeviceCredential {
   std::string keyPem;
 };
 
-/// Reads a credential written by enrollDevice(). Throws Error naming the file
-/// and what is wrong with it.
+/// Reads a credential written by enrollDevice(). Throws Error naming the file,
+/// what is wrong with it and what to do: unreadable, a key that is not its
+/// certificate's, a certificate its authority did not issue or that expired.
+/// Warns when others may read the file.
 DeviceCredential loadCredential(const std::string& path);
 
 /// Checks a user or device name: 1 to 64 of [A-Za-z0-9._-]. Throws Error.
@@ -67,7 +70,13 @@ class ClientTransport {
   ClientTransport& operator=(ClientTransport&&) noexcept;
 
   bool secure() const;
+  /// Connects; a TLS handshake that fails because this is not the server the
+  /// credential was enrolled for fails saying so and what to do.
   kj::Promise<kj::Own<RpcConnection>> connect(kj::AsyncIoContext& io, const std::string& address);
+  /// The text for a failure of a call on a connection from connect(): when
+  /// the server refused the credential (a TLS alert after the handshake),
+  /// which credential and what to do; otherwise describe(e).
+  std::string explain(const kj::Exception& e) const;
 
  private:
   struct Tls;

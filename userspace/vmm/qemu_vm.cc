@@ -34,7 +34,7 @@ struct Fd {
 
 /// Starts argv[0] with stdout/stderr appended to `logPath`; returns its pid.
 pid_t spawn(const std::vector<std::string>& argv, const std::string& logPath) {
-  int log = ::open(logPath.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  int log = ::open(logPath.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (log < 0) throwLastErrno(fmt::format("cannot open VMM log {}", logPath));
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -77,6 +77,9 @@ bool reap(pid_t pid, std::chrono::milliseconds wait) {
 
 QemuVm::QemuVm(VmConfig config) : config_(std::move(config)) {
   fs::create_directories(config_.runDir);
+  // QEMU appends to these: what the guest printed is the guest's.
+  makePrivateFile(config_.serialLogPath);
+  makePrivateFile(config_.runDir + "/qemu.log");
   std::string socket = config_.runDir + "/qmp.sock";
   fs::remove(socket);
   auto argv = commandLine();

@@ -1,4 +1,5 @@
-// copySparse copies every byte and keeps the holes; dataRanges finds them.
+// copySparse copies every byte and keeps the holes; dataRanges finds them;
+// private directories and files are their owner's alone.
 #include "base/durable_file.h"
 
 #include <fcntl.h>
@@ -7,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <filesystem>
 #include <string>
 #include <utility>
 #include <vector>
@@ -99,6 +101,55 @@ TEST(CopySparse, SaysWhichFileIsMissing) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("absent.img"), std::string::npos) << e.what();
   }
+}
+
+mode_t modeOf(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+  return st.st_mode & 07777;
+}
+
+TEST(MakePrivateDirectory, CreatesItAndNarrowsOneOpenToOthers) {
+  TempDir dir;
+  const mode_t before = ::umask(022);  // as a careless shell would have it
+  makePrivateDirectory(dir / "new/nested");
+  EXPECT_EQ(modeOf(dir / "new/nested"), 0700u);
+  ASSERT_EQ(::mkdir((dir / "open").c_str(), 0755), 0);
+  makePrivateDirectory(dir / "open");
+  EXPECT_EQ(modeOf(dir / "open"), 0700u);
+  // A shared directory (sticky, like /tmp) is left alone: only warned about.
+  ASSERT_EQ(::mkdir((dir / "shared").c_str(), 0777), 0);
+  ASSERT_EQ(::chmod((dir / "shared").c_str(), 01777), 0);
+  makePrivateDirectory(dir / "shared");
+  EXPECT_EQ(modeOf(dir / "shared"), 01777u);
+  ::umask(before);
+}
+
+TEST(MakePrivateDirectory, SaysWhatIsInTheWay) {
+  TempDir dir;
+  const int fd = ::open((dir / "file").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  try {
+    makePrivateDirectory(dir / "file");
+    FAIL() << "a file was taken for a directory";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(dir / "file"), std::string::npos) << e.what();
+  }
+}
+
+TEST(MakePrivateFile, NarrowsAnOpenFileAndIgnoresAMissingOne) {
+  TempDir dir;
+  const int fd = ::open((dir / "serial.log").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  ASSERT_EQ(::chmod((dir / "serial.log").c_str(), 0644), 0);
+  EXPECT_NE(readableByOthers(dir / "serial.log", "the console"), "");
+  makePrivateFile(dir / "serial.log");
+  EXPECT_EQ(modeOf(dir / "serial.log"), 0600u);
+  EXPECT_EQ(readableByOthers(dir / "serial.log", "the console"), "");
+  makePrivateFile(dir / "absent");  // nothing to do, no error
+  EXPECT_FALSE(std::filesystem::exists(dir / "absent"));
 }
 
 }  // namespace
