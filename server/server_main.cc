@@ -65,6 +65,9 @@ int runServer(const ServerOptions& options) {
     AuditLog audit(options.auditPath.empty() ? options.dataDir + "/audit.jsonl" : options.auditPath);
     server.setAuditLog(&audit);
     transport.setAuditLog(&audit);
+    transport.setOnRevoked([&server](const std::string& user, const std::string& device, const std::string& why) {
+      server.revoked(user, device, why);
+    });
     MessageLimits limits;
     limits.perMessage = options.maxMessageMb << 20;
     limits.perUser = options.maxUserInFlightMb << 20;

@@ -55,7 +55,7 @@ kj::Promise<void> SyncServer::switchTo(const std::string& target, bool force, wi
       fail("the active device {} is offline (silent for {:.1f} s), so it cannot be paused; after the lease timeout "
            "({:.0f} s) `vmsync switch --to {} --force` resumes the VM there from the newest resumable point "
            "(checkpoint {})", source, silent, timeout, target, store_.resumablePoint());
-    if (silent < timeout)
+    if (silent < timeout && source != fenced_)
       fail("the active device {} was last heard from {:.1f} s ago: a forced switch waits for the lease timeout, "
            "{:.1f} s more, by when it has paused its VM by itself", source, silent, timeout - silent);
     return failOver(target, report);

@@ -340,6 +340,11 @@ kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wir
 
 std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::DevicePeer::Client peer,
                                                std::uint64_t applied, bool resync) {
+  if (id == fenced_) {
+    // It came back with a credential that was not revoked: the user enrolled it again.
+    spdlog::info("device {} is back with a new credential: no longer fenced", id);
+    fenced_.clear();
+  }
   if (applied > store_.head() && !resync)
     fail("device {} says it applied checkpoint {}, but this server's chain ends at {}; "
          "its state does not belong to this server", id, applied, store_.head());
@@ -359,6 +364,16 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
     forwardUpTo(entry, store_.head());
   }
   return entry.connection;
+}
+
+void SyncServer::revoked(const std::string& user, const std::string& device, const std::string& why) {
+  if (state_.holder.empty() || user != state_.owner || (!device.empty() && device != state_.holder)) return;
+  fenced_ = state_.holder;
+  spdlog::warn("the active device {} was revoked ({}): it is fenced; `vmsync switch --to DEVICE --force` resumes "
+               "the VM elsewhere from the newest resumable point (checkpoint {}) without waiting for the lease "
+               "timeout", fenced_, why, store_.resumablePoint());
+  audit({.action = "fence", .result = "done", .user = user, .device = fenced_,
+         .reason = fmt::format("its credential was revoked ({}); lease epoch {}", why, state_.epoch)});
 }
 
 void SyncServer::unregister(const std::string& id, std::uint64_t connection) {

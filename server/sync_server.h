@@ -69,6 +69,11 @@ class SyncServer {
   void authorize(const PeerIdentity& peer, const char* action, bool claim = false);
   /// Records the refusal of `action` to `peer` for `reason`, and throws it.
   [[noreturn]] void refuse(const PeerIdentity& peer, const char* action, const std::string& reason);
+  /// The credentials of `device` of `user` (every device of the user when
+  /// `device` is empty) were revoked. If that is the lease holder, it is
+  /// fenced: a forced switch resumes the VM elsewhere without waiting for
+  /// the lease timeout, since the device can no longer connect.
+  void revoked(const std::string& user, const std::string& device, const std::string& why);
 
   // The calls behind the RPC interfaces (see schema/vmsync.capnp).
   /// Registers device `id`; refused while an earlier registration of it still
@@ -181,6 +186,7 @@ class SyncServer {
   kj::Timer* timer_;
   std::chrono::milliseconds leaseTimeout_{30000};
   std::uint64_t lastRenewalNs_ = 0;  // when the holder last renewed (or the server started)
+  std::string fenced_;               // a holder whose credential was revoked
   std::pair<std::uint64_t, std::uint64_t> resumableCreated_{0, 0};  // (sequence, its createdUnixNs)
   bool headIsFinal_ = false;  // the newest checkpoint is a final one
   std::string headOrigin_;    // the device that pushed it

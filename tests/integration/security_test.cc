@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <regex>
 #include <sstream>
 #include <filesystem>
 #include <fstream>
@@ -85,6 +86,15 @@ class Client {
     }
   }
   std::uint64_t head() { return head_; }
+  /// Whether the server closed the registered session's connection within `limit`.
+  bool closedWithin(std::chrono::milliseconds limit) {
+    bool closed = false;
+    connection_->onDisconnect()
+        .then([&closed] { closed = true; }, [&closed](kj::Exception&&) { closed = true; })
+        .exclusiveJoin(io_.provider->getTimer().afterDelay(limit.count() * kj::MILLISECONDS))
+        .wait(io_.waitScope);
+    return closed;
+  }
 
  private:
   kj::AsyncIoContext& io_;
@@ -248,6 +258,99 @@ TEST(Security, KeysChainsAndGuestDataAreForTheirOwnerAlone) {
   EXPECT_NE(cluster.logOf("server").find(dir.path() + "/server was mode 0755"), std::string::npos)
       << cluster.logOf("server");
   EXPECT_NE(cluster.logOf("B").find(cluster.stateDir("B") + " was mode 0755"), std::string::npos) << cluster.logOf("B");
+}
+
+/// `vmsync revoke` on the cluster's identity with `what`; its exit status.
+int revoke(Cluster& cluster, const std::vector<std::string>& what, std::string* output) {
+  std::vector<std::string> argv{vmsyncBinary(), "revoke", "--dir", cluster.identityDir()};
+  argv.insert(argv.end(), what.begin(), what.end());
+  return run(argv, output);
+}
+
+TEST(Security, ARevokedDeviceIsRefusedAndItsOpenConnectionClosed) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  const std::string phoneCredential = cluster.credential("phone");
+  const std::string laptopCredential = cluster.credential("laptop");
+  auto io = kj::setupAsyncIo();
+  Client phone(io, cluster, phoneCredential);
+  ASSERT_EQ(phone.registerAs("phone"), "");
+  ASSERT_FALSE(phone.closedWithin(std::chrono::milliseconds(300)));  // open before the revocation
+
+  std::string out;
+  ASSERT_EQ(revoke(cluster, {"--user", "owner", "--device", "phone", "--reason", "lost on a train"}, &out), 0) << out;
+  EXPECT_NE(out.find("revoked device phone of user owner: 1 credential(s)"), std::string::npos) << out;
+  const auto revokedAt = std::chrono::steady_clock::now();
+  // The open session goes (the server checks every 250 ms)...
+  ASSERT_TRUE(phone.closedWithin(std::chrono::seconds(10))) << cluster.logOf("server");
+  std::printf("the revoked device's connection closed %.0f ms after `vmsync revoke`\n",
+              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - revokedAt).count());
+  // ...its next connection is refused, saying why...
+  const std::string refused = statusWith(cluster, {"--credential", phoneCredential});
+  EXPECT_TRUE(std::regex_search(
+      refused, std::regex("vmsync: device phone of user owner may not connect: its credential #[0-9]+ was revoked at "
+                          "[0-9-]+T[0-9:]+Z")))
+      << refused;
+  EXPECT_NE(refused.find("(lost on a train)"), std::string::npos) << refused;
+  Client again(io, cluster, phoneCredential);
+  EXPECT_NE(again.registerAs("phone").find("may not connect"), std::string::npos);
+  // ...and the owner's other device goes on.
+  EXPECT_EQ(statusWith(cluster, {"--credential", laptopCredential}), "");
+
+  // A replacement enrolled under the same name gets in.
+  const std::string replacement = dir.path() + "/new-phone.cred";
+  ASSERT_EQ(run({vmsyncBinary(), "enroll", "--dir", cluster.identityDir(), "--user", "owner", "--device", "phone",
+                 "--out", replacement},
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(statusWith(cluster, {"--credential", replacement}), "");
+  EXPECT_NE(statusWith(cluster, {"--credential", phoneCredential}).find("was revoked"), std::string::npos);
+
+  // Every device of a user at once.
+  const std::string mallory = cluster.credential("tablet", "mallory");
+  ASSERT_EQ(revoke(cluster, {"--user", "mallory"}, &out), 0) << out;
+  EXPECT_NE(statusWith(cluster, {"--credential", mallory}).find("device tablet of user mallory may not connect"),
+            std::string::npos);
+
+  const auto lines = auditOf(dir.path() + "/server");
+  EXPECT_EQ(audited(lines, "revoke", "done", "owner", "phone", "lost on a train"), 1u);
+  EXPECT_EQ(audited(lines, "revoke", "done", "mallory", ""), 1u);
+  EXPECT_EQ(audited(lines, "connect", "closed", "owner", "phone", "was revoked"), 1u);
+  EXPECT_GE(audited(lines, "connect", "refused", "owner", "phone", "was revoked"), 1u);
+  // Enrollments since the server started: the two phones, the laptop, the tablet.
+  EXPECT_EQ(audited(lines, "enroll", "done", "owner", "phone"), 2u);
+  EXPECT_EQ(audited(lines, "enroll", "done", "owner", "laptop"), 1u);
+  EXPECT_EQ(audited(lines, "enroll", "done", "mallory", "tablet"), 1u);
+}
+
+TEST(Security, RevokeAndEnrollSayWhatIsWrong) {
+  TempDir dir;
+  std::string out;
+  EXPECT_NE(run({vmsyncBinary(), "revoke", "--dir", dir.path() + "/nothing", "--user", "owner"}, &out), 0);
+  EXPECT_NE(out.find("holds no server identity"), std::string::npos) << out;
+  ASSERT_EQ(run({vmsyncBinary(), "init", "--dir", dir.path() + "/id"}, &out), 0) << out;
+  const std::string longName(40, 'd');
+  EXPECT_NE(run({vmsyncBinary(), "enroll", "--dir", dir.path() + "/id", "--user", std::string(20, 'u'), "--device",
+                 longName, "--out", dir.path() + "/x.cred"},
+                &out),
+            0);
+  EXPECT_NE(out.find("the two names together may be 56 characters, not 60"), std::string::npos) << out;
+  EXPECT_NE(run({vmsyncBinary(), "enroll", "--dir", dir.path() + "/id", "--user", "owner", "--device", "phone",
+                 "--out", dir.path() + "/x.cred", "--days", "0"},
+                &out),
+            0);
+  EXPECT_NE(out.find("--days"), std::string::npos) << out;
+  // A damaged record is named, and nothing is written over it.
+  std::ofstream(dir.path() + "/id/enrolled.json") << "{ not json";
+  EXPECT_NE(run({vmsyncBinary(), "enroll", "--dir", dir.path() + "/id", "--user", "owner", "--device", "phone",
+                 "--out", dir.path() + "/x.cred"},
+                &out),
+            0);
+  EXPECT_NE(out.find(dir.path() + "/id/enrolled.json is damaged"), std::string::npos) << out;
+  EXPECT_EQ(readFile(dir.path() + "/id/enrolled.json"), "{ not json");
+  EXPECT_FALSE(fs::exists(dir.path() + "/x.cred"));
 }
 
 TEST(Security, AnotherUsersDeviceIsRefusedForEveryOperation) {

@@ -1,7 +1,8 @@
 // vmsync: the controller command.
 //
 //   vmsync init     --dir ID [--server-name NAME]
-//   vmsync enroll   --dir ID --user U --device A --out A.cred
+//   vmsync enroll   --dir ID --user U --device A --out A.cred [--days N]
+//   vmsync revoke   --dir ID --user U [--device A] [--reason TEXT]
 //   vmsync server   --listen HOST:PORT --data DIR (--tls ID | --insecure)
 //   vmsync active   --device A --state DIR [--image DIR] [--server HOST:PORT] (--credential A.cred | --insecure)
 //                   [--interval S] [--accel auto|kvm|tcg]
@@ -24,6 +25,7 @@
 #include "daemon/device.h"
 #include "base/error.h"
 #include "transport/rpc_util.h"
+#include "transport/revocation.h"
 #include "transport/secure_channel.h"
 #include "server_main.h"
 #include "lab/study.h"
@@ -322,6 +324,16 @@ int main(int argc, char** argv) {
   enroll->add_option("--user", user, "the user the device belongs to")->required();
   enroll->add_option("--device", deviceName, "the device's name")->required();
   enroll->add_option("--out", credentialOut, "credential file to write (give it to the device only)")->required();
+  int days = 3650;
+  enroll->add_option("--days", days, "days the credential is valid")->check(CLI::PositiveNumber)->capture_default_str();
+  std::string reason;
+  auto* revoke = app.add_subcommand(
+      "revoke", "stop a lost device's credentials from working (or every device of a user); the server takes it "
+                "up while it runs");
+  revoke->add_option("--dir", identityDir, "the server identity directory from `vmsync init`")->required();
+  revoke->add_option("--user", user, "the user whose device, or every device, is revoked")->required();
+  revoke->add_option("--device", deviceName, "the device (default: every device of the user)");
+  revoke->add_option("--reason", reason, "why, for the audit log");
 
   vmsync::StudyOptions studyOptions;
   auto* study = app.add_subcommand("study", "measure every checkpoint policy and interval on a real workload");
@@ -384,7 +396,7 @@ int main(int argc, char** argv) {
     if (stop->parsed()) return runStop(client);
     // What these write (identities, credentials) is for this user alone; the
     // server and the devices see to their own directories.
-    if (init->parsed() || enroll->parsed()) ::umask(077);
+    if (init->parsed() || enroll->parsed() || revoke->parsed()) ::umask(077);
     if (init->parsed()) {
       vmsync::initServerIdentity(identityDir, serverName);
       std::printf("server identity for '%s' created in %s; start the server with --tls %s and enroll devices with "
@@ -393,9 +405,19 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (enroll->parsed()) {
-      vmsync::enrollDevice(identityDir, user, deviceName, credentialOut);
+      vmsync::enrollDevice(identityDir, user, deviceName, credentialOut, days);
       std::printf("credential for device %s of user %s written to %s\n", deviceName.c_str(), user.c_str(),
                   credentialOut.c_str());
+      return 0;
+    }
+    if (revoke->parsed()) {
+      if (!deviceName.empty()) vmsync::checkName("device", deviceName);
+      vmsync::checkName("user", user);
+      const auto r = vmsync::revoke(identityDir, user, deviceName, reason);
+      std::printf("revoked %s of user %s: %zu credential(s) on record, and any from before the record; a running "
+                  "server closes their connections within a second. Enroll a replacement with `vmsync enroll`\n",
+                  deviceName.empty() ? "every device" : ("device " + deviceName).c_str(), user.c_str(),
+                  r.ids.size());
       return 0;
     }
     if (benchSwitch->parsed()) return vmsync::runBenchSwitch(benchOptions);

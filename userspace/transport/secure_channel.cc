@@ -9,11 +9,14 @@
 #include <openssl/x509v3.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "base/durable_file.h"
 #include "base/error.h"
+#include "transport/revocation.h"
 
 namespace vmsync {
 
@@ -142,8 +145,11 @@ Key readKey(const std::string& pem, const std::string& where) {
 
 void writeSecret(const std::string& path, const std::string& text) { writeFileDurably(path, text.data(), text.size()); }
 
-/// The common name of a device certificate: "device@user".
-std::string deviceName(const std::string& user, const std::string& device) { return device + "@" + user; }
+/// The common name of a device certificate: "device@user#number", the number
+/// that of its enrollment (certificates from before numbers have none).
+std::string deviceName(const std::string& user, const std::string& device, const std::string& number) {
+  return device + "@" + user + "#" + number;
+}
 
 /// `pem` after checking it holds what `where` should (a clear error here
 /// rather than an assertion inside the TLS library).
@@ -189,9 +195,16 @@ void initServerIdentity(const std::string& dir, const std::string& serverName) {
   writeSecret(dir + "/identity.json", info.dump(2));
 }
 
-void enrollDevice(const std::string& dir, const std::string& user, const std::string& device, const std::string& out) {
+void enrollDevice(const std::string& dir, const std::string& user, const std::string& device, const std::string& out,
+                  int days) {
   checkName("user", user);
   checkName("device", device);
+  // The certificate's common name, "device@user#number", may be 64
+  // characters; numbers up to 999999 leave 56 for the two names.
+  if (user.size() + device.size() > 56)
+    fail("device '{}' of user '{}': the two names together may be 56 characters, not {}", device, user,
+         user.size() + device.size());
+  if (days < 1) fail("--days must be at least 1, not {}", days);
   const std::string caPem = readWholeFile(dir + "/ca.pem", 1 << 20);
   Cert ca = readCert(caPem, dir + "/ca.pem");
   Key caKey = readKey(readWholeFile(dir + "/ca.key", 1 << 20), dir + "/ca.key");
@@ -201,8 +214,12 @@ void enrollDevice(const std::string& dir, const std::string& user, const std::st
   } catch (const nlohmann::json::exception& e) {
     fail("{}/identity.json is damaged: {}", dir, e.what());
   }
+  // On record first: a credential the server cannot find there stops working
+  // once its name is revoked.
+  const Enrollment enrollment = recordEnrollment(dir, user, device, days);
   Key key = newKey();
-  Cert cert = makeCertificate(key.get(), deviceName(user, device), ca.get(), caKey.get(), Role::client, 3650);
+  Cert cert = makeCertificate(key.get(), deviceName(user, device, enrollment.id), ca.get(), caKey.get(), Role::client,
+                              days);
   nlohmann::json credential{{"user", user},
                             {"device", device},
                             {"server_name", serverName},
@@ -369,9 +386,83 @@ struct ServerTransport::Tls {
   kj::TlsContext context;
 };
 
+/// The server's side of revocation: the records, and the live connections
+/// to close when one of their credentials is revoked.
+struct ServerTransport::Revoker {
+  explicit Revoker(const std::string& dir) : list(dir) {}
+
+  struct Live {
+    PeerIdentity peer;
+    std::string from;
+    kj::Own<kj::PromiseFulfiller<void>> close;
+  };
+
+  /// Why `peer` may not connect ("" if it may).
+  std::string refusal(const PeerIdentity& peer) const {
+    return list.refusal(peer.user, peer.device, peer.credential);
+  }
+
+  void refresh() {
+    auto changes = list.reload();
+    if (!changes.error.empty()) {
+      spdlog::error("revocation records: {}; the last good ones stay in force", changes.error);
+      if (audit != nullptr) audit->record({.action = "revoke", .result = "unreadable", .reason = changes.error});
+    }
+    for (const auto& e : changes.enrolled) {
+      spdlog::info("enrolled: device {} of user {} (credential {})", e.device, e.user, e.id);
+      if (audit != nullptr)
+        audit->record({.action = "enroll", .result = "done", .user = e.user, .device = e.device,
+                       .reason = fmt::format("credential {}", e.id)});
+    }
+    for (const auto& r : changes.revoked) {
+      const std::string what = fmt::format("{} credential(s){}", r.ids.size(), r.reason.empty() ? "" : ": " + r.reason);
+      spdlog::warn("revoked: {} of user {} ({})", r.device.empty() ? "every device" : "device " + r.device, r.user,
+                   what);
+      if (audit != nullptr)
+        audit->record({.action = "revoke", .result = "done", .user = r.user, .device = r.device, .reason = what});
+      if (onRevoked) onRevoked(r.user, r.device, what);
+    }
+    if (!changes.changed) return;
+    for (auto it = live.begin(); it != live.end();) {
+      const std::string why = refusal(it->second.peer);
+      if (why.empty()) {
+        ++it;
+        continue;
+      }
+      spdlog::warn("connection from {} ({}) closed: {}", it->second.from, it->second.peer.describe(), why);
+      if (audit != nullptr)
+        audit->record({.action = "connect", .result = "closed", .user = it->second.peer.user,
+                       .device = it->second.peer.device, .reason = why, .from = it->second.from});
+      it->second.close->fulfill();
+      it = live.erase(it);
+    }
+  }
+
+  RevocationList list;
+  AuditLog* audit = nullptr;
+  OnRevoked onRevoked;
+  std::map<std::uint64_t, Live> live;
+  std::uint64_t next = 0;
+};
+
 ServerTransport::ServerTransport() = default;
 ServerTransport::ServerTransport(const std::string& dir, kj::Timer& timer)
-    : tls_(std::make_unique<Tls>(dir, timer)), timer_(&timer) {}
+    : tls_(std::make_unique<Tls>(dir, timer)), revoker_(std::make_shared<Revoker>(dir)), timer_(&timer) {
+  revoker_->refresh();  // the records as they are now; only later changes are news
+}
+
+void ServerTransport::setAuditLog(AuditLog* audit) {
+  audit_ = audit;
+  if (revoker_) revoker_->audit = audit;
+}
+
+void ServerTransport::setOnRevoked(OnRevoked onRevoked) {
+  if (revoker_) revoker_->onRevoked = std::move(onRevoked);
+}
+
+void ServerTransport::refreshRevocations() {
+  if (revoker_) revoker_->refresh();
+}
 ServerTransport::~ServerTransport() = default;
 ServerTransport::ServerTransport(ServerTransport&&) noexcept = default;
 ServerTransport& ServerTransport::operator=(ServerTransport&&) noexcept = default;
@@ -385,15 +476,23 @@ class LogRefusals final : public kj::TaskSet::ErrorHandler {
   void taskFailed(kj::Exception&& exception) override { spdlog::warn("connection refused: {}", describe(exception)); }
 };
 
-/// Parses "device@user" from a device certificate.
+/// Parses "device@user#number" (or, from before numbers, "device@user") from
+/// a device certificate.
 PeerIdentity identityFrom(kj::PeerIdentity& peer) {
   auto* tls = dynamic_cast<kj::TlsPeerIdentity*>(&peer);
   if (tls == nullptr || !tls->hasCertificate()) rpcFail("the client presented no device certificate");
   std::string name = tls->getCommonName().cStr();
+  PeerIdentity identity{true};
+  if (const auto hash = name.rfind('#'); hash != std::string::npos) {
+    identity.credential = name.substr(hash + 1);
+    name.resize(hash);
+  }
   const auto at = name.rfind('@');
   if (at == std::string::npos || at == 0 || at + 1 == name.size())
-    rpcFail(fmt::format("the client's certificate names '{}', not a device of a user", name));
-  return PeerIdentity{true, name.substr(at + 1), name.substr(0, at)};
+    rpcFail(fmt::format("the client's certificate names '{}', not a device of a user", tls->getCommonName().cStr()));
+  identity.user = name.substr(at + 1);
+  identity.device = name.substr(0, at);
+  return identity;
 }
 
 /// "host" of "host:port" (the key under which repeated failures are counted).
@@ -404,10 +503,12 @@ std::string hostOf(const std::string& address) {
 
 }  // namespace
 
-kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, BootstrapFor bootstrapFor) {
+kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, BootstrapFor bootstrapFor,
+                                        std::uint64_t revocationCheckMs) {
   static LogRefusals refusals;
   auto tasks = kj::heap<kj::TaskSet>(refusals);
   Tls* tls = tls_.get();
+  std::shared_ptr<Revoker> revoker = revoker_;
   AuditLog* audit = audit_;
   kj::Timer* timer = timer_;
   const MessageLimits limits = limits_;
@@ -421,7 +522,12 @@ kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, Boots
     return ready
         .then([=](kj::AuthenticatedStream stream) -> kj::Promise<void> {
           PeerIdentity peer;
-          if (tls != nullptr) peer = identityFrom(*stream.peerIdentity);
+          std::string revoked;
+          if (tls != nullptr) {
+            peer = identityFrom(*stream.peerIdentity);
+            revoker->refresh();
+            revoked = revoker->refusal(peer);
+          }
           spdlog::debug("connection from {}: {}", from, peer.describe());
           auto closed = [audit, peer, from](const std::string& why) {
             spdlog::warn("connection from {} ({}) closed: {}", from, peer.describe(), why);
@@ -431,9 +537,33 @@ kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, Boots
           };
           auto gate = std::make_shared<ConnectionGate>(limits, peer.user, inFlight, closed);
           if (tls == nullptr) gate->authorize();  // an --insecure server trusts its network
+          capnp::Capability::Client bootstrap = nullptr;
+          if (!revoked.empty()) {
+            // Refused with words the device can act on; the connection, never
+            // authorized, closes at the deadline below.
+            const std::string why = fmt::format("{} may not connect: {}; ask for a new credential with `vmsync "
+                                                "enroll`", peer.describe(), revoked);
+            spdlog::warn("connection from {} refused: {}", from, why);
+            if (audit != nullptr)
+              audit->recordLimited("revoked " + peer.user + " " + peer.device,
+                                   {.action = "connect", .result = "refused", .user = peer.user,
+                                    .device = peer.device, .reason = revoked, .from = from});
+            bootstrap = capnp::Capability::Client(
+                kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::str(why.c_str())));
+          } else {
+            bootstrap = bootstrapFor(peer, gate);
+          }
           auto connection = kj::heap<RpcConnection>(gatedStream(kj::mv(stream.stream), gate),
-                                                    capnp::rpc::twoparty::Side::SERVER, bootstrapFor(peer, gate));
+                                                    capnp::rpc::twoparty::Side::SERVER, kj::mv(bootstrap));
           kj::Promise<void> done = connection->onDisconnect();
+          if (tls != nullptr && revoked.empty()) {
+            // Closed when a revocation takes this credential away.
+            auto closing = kj::newPromiseAndFulfiller<void>();
+            const std::uint64_t id = revoker->next++;
+            revoker->live.emplace(id, Revoker::Live{peer, from, kj::mv(closing.fulfiller)});
+            done = done.exclusiveJoin(kj::mv(closing.promise))
+                       .attach(kj::defer([revoker, id] { revoker->live.erase(id); }));
+          }
           if (tls != nullptr && timer != nullptr) {
             // Until it is authorized, a connection only costs the server: it
             // gets a few seconds to become useful.
@@ -464,7 +594,18 @@ kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, Boots
       return (*again)();
     });
   };
-  return (*again)().attach(kj::mv(state), kj::mv(tasks));
+  kj::Promise<void> accepting = (*again)().attach(kj::mv(state), kj::mv(tasks));
+  if (revoker == nullptr || timer == nullptr) return accepting;
+  // Revocations take effect while the server runs, within this interval.
+  auto watch = kj::heap<std::function<kj::Promise<void>()>>();
+  auto* check = watch.get();
+  *check = [timer, revoker, check, revocationCheckMs]() -> kj::Promise<void> {
+    return timer->afterDelay(revocationCheckMs * kj::MILLISECONDS).then([revoker, check] {
+      revoker->refresh();
+      return (*check)();
+    });
+  };
+  return accepting.exclusiveJoin((*check)().attach(kj::mv(watch)));
 }
 
 }  // namespace vmsync

@@ -23,6 +23,8 @@ struct PeerIdentity {
   bool authenticated = false;  // false on an --insecure server
   std::string user;
   std::string device;
+  /// The number of its enrollment ("" for a credential from before numbers).
+  std::string credential;
   /// "device phone of user alice", or "an unauthenticated client".
   std::string describe() const;
 };
@@ -53,9 +55,11 @@ void checkName(const std::string& what, const std::string& name);
 /// server.key). Refuses to overwrite an existing identity.
 void initServerIdentity(const std::string& dir, const std::string& serverName);
 
-/// `vmsync enroll`: issues the credential of `user`'s `device`, signed by the
-/// authority in `dir`, and writes it to `out` (mode 0600).
-void enrollDevice(const std::string& dir, const std::string& user, const std::string& device, const std::string& out);
+/// `vmsync enroll`: issues the credential of `user`'s `device`, valid for
+/// `days`, signed by the authority in `dir`; records it there (see
+/// revocation.h) and writes it to `out` (mode 0600).
+void enrollDevice(const std::string& dir, const std::string& user, const std::string& device, const std::string& out,
+                  int days = 3650);
 
 /// How a device or the command line reaches the server.
 class ClientTransport {
@@ -102,8 +106,18 @@ class ServerTransport {
   bool secure() const;
   /// The limits every connection gets (see MessageLimits).
   void setLimits(const MessageLimits& limits) { limits_ = limits; }
-  /// Where refused handshakes and connections closed for a limit are recorded.
-  void setAuditLog(AuditLog* audit) { audit_ = audit; }
+  /// Where refused handshakes, connections closed for a limit or a
+  /// revocation, and enrollments and revocations are recorded.
+  void setAuditLog(AuditLog* audit);
+  /// Called when a revocation takes effect for a device that is on record or
+  /// connected (so the server can fence it if it holds the lease).
+  using OnRevoked = std::function<void(const std::string& user, const std::string& device, const std::string& why)>;
+  void setOnRevoked(OnRevoked onRevoked);
+  /// Reads the identity's enrollment and revocation records again if they
+  /// changed: records what is new, closes the connections of revoked
+  /// devices and calls OnRevoked. serve() does this every `intervalMs` and
+  /// before each new connection is served.
+  void refreshRevocations();
 
   /// What the server serves on one connection: for `peer`, whose messages
   /// `gate` measures; the server calls gate->authorize() once the peer may
@@ -112,11 +126,14 @@ class ServerTransport {
       std::function<capnp::Capability::Client(const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate)>;
   /// Accepts connections on `listener` forever. A TLS connection not
   /// authorized within the limits' time is closed.
-  kj::Promise<void> serve(kj::ConnectionReceiver& listener, BootstrapFor bootstrapFor);
+  kj::Promise<void> serve(kj::ConnectionReceiver& listener, BootstrapFor bootstrapFor,
+                          std::uint64_t revocationCheckMs = 250);
 
  private:
   struct Tls;
+  struct Revoker;
   std::unique_ptr<Tls> tls_;
+  std::shared_ptr<Revoker> revoker_;
   MessageLimits limits_;
   AuditLog* audit_ = nullptr;
   kj::Timer* timer_ = nullptr;
