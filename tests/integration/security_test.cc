@@ -702,5 +702,68 @@ TEST_F(SecurityWithVm, HostilePushesDoNotDisturbAHandoff) {
   }
 }
 
+TEST_F(SecurityWithVm, ARevokedActiveDeviceIsFencedAndTheVmFailsOverAtOnce) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  // A lease timeout far longer than the test: only the fence lets the forced
+  // switch through.
+  cluster.startServer({"--lease-timeout", "600"});
+  cluster.startActive("A", {"--resumable-every", "2"});
+  cluster.startStandby("B");
+  ASSERT_TRUE(cluster.waitForHead(3, std::chrono::seconds(180))) << cluster.logOf("A") << cluster.logOf("B");
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 3; },
+                      std::chrono::seconds(180)))
+      << cluster.logOf("A");
+  const std::vector<long> beforeOnA = counterValues(readFile(cluster.serialLog("A")));
+  // A resumable point made after those values: the VM B resumes has printed them.
+  const std::uint64_t printedBy = cluster.head();
+  ASSERT_TRUE(waitFor(
+      [&] {
+        auto s = cluster.status();
+        return s && (*s)["resumable_point"].get<std::uint64_t>() > printedBy;
+      },
+      std::chrono::seconds(60)))
+      << cluster.logOf("A");
+
+  std::string out;
+  ASSERT_EQ(revoke(cluster, {"--user", "owner", "--device", "A", "--reason", "stolen"}, &out), 0) << out;
+  ASSERT_TRUE(waitFor([&] { return cluster.deviceStatus("A")["state"] == "offline"; }, std::chrono::seconds(30)))
+      << "the server still sees A online" << cluster.logOf("server");
+  // A cannot come back: its reconnections are refused, saying why.
+  ASSERT_TRUE(waitFor([&] { return readFile(dir / "A.log").find("may not connect") != std::string::npos; },
+                      std::chrono::seconds(30)))
+      << cluster.logOf("A");
+  cluster.stopDevice("A");  // the thief's copy is out of reach; here it stops so that B has the CPU
+  auto status = cluster.status();
+  ASSERT_TRUE(status);
+  const std::uint64_t point = (*status)["resumable_point"];
+  ASSERT_GT(point, 0u) << status->dump(2);
+
+  std::string forced;
+  ASSERT_EQ(run({vmsyncBinary(), "switch", "--to", "B", "--force", "--json", "--server", cluster.address(),
+                 "--credential", cluster.credential("cli")},
+                &forced),
+            0)
+      << forced << cluster.logOf("server");
+  const auto report = nlohmann::json::parse(forced.substr(forced.find('{')));
+  EXPECT_EQ(report["forced"], true) << forced;
+  EXPECT_EQ(report["from"], "A") << forced;
+  EXPECT_EQ(report["final_sequence"], point) << forced;
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("B"))).size() >= 3; },
+                      std::chrono::seconds(120)))
+      << cluster.logOf("B");
+  const std::vector<long> onB = counterValues(readFile(cluster.serialLog("B")));
+  std::string why;
+  EXPECT_TRUE(consecutive(onB, &why)) << why;
+  EXPECT_GE(onB.front() - 1, beforeOnA.back())
+      << "B went back before what A printed:\n" << readFile(cluster.serialLog("A")) << "---- B ----\n"
+      << readFile(cluster.serialLog("B")) << cluster.logOf("B");
+
+  const auto lines = auditOf(dir.path() + "/server");
+  EXPECT_EQ(audited(lines, "revoke", "done", "owner", "A", "stolen"), 1u);
+  EXPECT_EQ(audited(lines, "fence", "done", "owner", "A", "revoked"), 1u);
+  EXPECT_GE(audited(lines, "connect", "refused", "owner", "A", "was revoked"), 1u);
+}
+
 }  // namespace
 }  // namespace vmsync::testing

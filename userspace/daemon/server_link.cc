@@ -97,7 +97,16 @@ kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
           spdlog::error("{}: {}", options_.deviceId, describe(e));
           return kj::READY_NOW;
         }
-        spdlog::debug("{}: reconnect failed: {}", options_.deviceId, describe(e));
+        // A server that cannot be reached is expected while a link is down; a
+        // server that answers with a refusal (a revoked credential, another
+        // user's VM) is for the person who runs the device: said once per reason.
+        const std::string why = describe(e);
+        if (e.getType() == kj::Exception::Type::DISCONNECTED || why.starts_with("cannot reach")) {
+          spdlog::debug("{}: reconnect failed: {}", options_.deviceId, why);
+        } else if (why != lastRefusal_) {
+          spdlog::error("{}: the server refuses this device: {}", options_.deviceId, why);
+          lastRefusal_ = why;
+        }
         return reconnectLoop(std::min(delay * 2, std::chrono::milliseconds(5000)));
       });
 }

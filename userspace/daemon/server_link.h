@@ -73,6 +73,7 @@ class ServerLink {
 
   /// Logs the progress of a push of `bytes` on the current connection while the promise lives.
   kj::Promise<void> watchTransfer(std::string what, std::uint64_t bytes);
+  std::string lastRefusal_;  // the last refusal of a reconnection that was logged
 
  private:
   /// The transport `options` ask for; a credential must be this device's.
