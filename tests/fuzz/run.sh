@@ -57,9 +57,10 @@ for target in "${targets[@]}"; do
   log=$work.log
   before=$(count "$corpus")
   echo "fuzz: $target for $seconds s$([ $grow = 1 ] && echo ', growing its corpus')"
-  # Leaks are errors too; an input that runs 10 s is a hang.
-  flags=(-max_total_time="$seconds" -max_len="$(max_len "$target")" -timeout=10 -print_final_stats=1
-         -artifact_prefix="$artifacts")
+  # Leaks are errors too; an input that runs 10 s is a hang; no input of a
+  # few KiB has reason to allocate 1 GiB at once.
+  flags=(-max_total_time="$seconds" -max_len="$(max_len "$target")" -timeout=10 -malloc_limit_mb=1024
+         -print_final_stats=1 -artifact_prefix="$artifacts")
   if [ $grow = 1 ]; then dirs=("$corpus"); else dirs=("$work" "$corpus"); fi
   status=0
   "$fuzzer" "${flags[@]}" "${dirs[@]}" >"$log" 2>&1 || status=$?

@@ -5,6 +5,11 @@
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
+#include <algorithm>
+
+#include <capnp/serialize-async.h>
+#include <capnp/serialize.h>
+
 
 namespace vmsync {
 
@@ -60,10 +65,66 @@ capnp::ReaderOptions rpcReaderOptions() {
   return options;
 }
 
+std::uint64_t traversalLimitFor(std::uint64_t words) {
+  const std::uint64_t most = kMaxMessageBytes / sizeof(capnp::word);
+  if (words >= most / kTraversalPerWord) return most;
+  return std::max(kMinTraversalWords, words * kTraversalPerWord);
+}
+
+namespace {
+
+/// A message stream whose messages are read under a traversal limit that
+/// follows their size (see traversalLimitFor). The segments are those the
+/// inner stream read; only the reader over them is new.
+class SizedMessageStream final : public capnp::MessageStream {
+ public:
+  explicit SizedMessageStream(kj::AsyncIoStream& stream) : inner_(stream) {}
+
+  kj::Promise<kj::Maybe<capnp::MessageReaderAndFds>> tryReadMessage(kj::ArrayPtr<kj::AutoCloseFd> fdSpace,
+                                                                     capnp::ReaderOptions options,
+                                                                     kj::ArrayPtr<capnp::word> scratch) override {
+    return inner_.tryReadMessage(fdSpace, options, scratch)
+        .then([options](kj::Maybe<capnp::MessageReaderAndFds> read) -> kj::Maybe<capnp::MessageReaderAndFds> {
+          KJ_IF_MAYBE(message, read) {
+            kj::Vector<kj::ArrayPtr<const capnp::word>> segments;
+            std::uint64_t words = 0;
+            for (uint id = 0;; ++id) {
+              auto segment = message->reader->getSegment(id);
+              if (segment == nullptr) break;
+              words += segment.size();
+              segments.add(segment);
+            }
+            capnp::ReaderOptions sized = options;
+            sized.traversalLimitInWords = std::min(options.traversalLimitInWords, traversalLimitFor(words));
+            auto array = segments.releaseAsArray();
+            auto reader = kj::heap<capnp::SegmentArrayMessageReader>(array.asPtr(), sized);
+            return capnp::MessageReaderAndFds{reader.attach(kj::mv(array), kj::mv(message->reader)), message->fds};
+          }
+          return nullptr;
+        });
+  }
+  kj::Promise<void> writeMessage(kj::ArrayPtr<const int> fds,
+                                 kj::ArrayPtr<const kj::ArrayPtr<const capnp::word>> segments) override {
+    return inner_.writeMessage(fds, segments);
+  }
+  kj::Promise<void> writeMessages(
+      kj::ArrayPtr<kj::ArrayPtr<const kj::ArrayPtr<const capnp::word>>> messages) override {
+    return inner_.writeMessages(messages);
+  }
+  kj::Maybe<int> getSendBufferSize() override { return inner_.getSendBufferSize(); }
+  kj::Promise<void> end() override { return inner_.end(); }
+
+ private:
+  capnp::AsyncIoMessageStream inner_;
+};
+
+}  // namespace
+
 RpcConnection::RpcConnection(kj::Own<kj::AsyncIoStream> stream, capnp::rpc::twoparty::Side side,
                              capnp::Capability::Client bootstrap)
     : stream_(kj::mv(stream)),
-      network_(*stream_, side, rpcReaderOptions()),
+      messages_(kj::heap<SizedMessageStream>(*stream_)),
+      network_(*messages_, side, rpcReaderOptions()),
       rpc_(capnp::makeRpcServer(network_, kj::mv(bootstrap))) {
   detectDeadLinkOn(*stream_);
 }

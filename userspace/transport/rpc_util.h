@@ -31,6 +31,19 @@ bool detectDeadLink(const SetSocketOption& set);
 inline constexpr std::uint64_t kMaxMessageBytes = 2ull << 30;
 capnp::ReaderOptions rpcReaderOptions();
 
+/// The traversal limit an RPC connection reads a message of `words` words
+/// with: `kTraversalPerWord` times its size, at least `kMinTraversalWords`, at
+/// most rpcReaderOptions()'s. A list of empty structs costs one word per
+/// element however few bytes it takes, and the RPC layer allocates per
+/// element of a capability table: under one limit for every message, a few
+/// hundred bytes could make it allocate gigabytes. Tied to the message's size,
+/// what reading a message can cost follows what was sent. The factor leaves
+/// room for the several passes the server and the devices make over a
+/// checkpoint (validation, the store's copy, merging, applying).
+inline constexpr std::uint64_t kTraversalPerWord = 32;
+inline constexpr std::uint64_t kMinTraversalWords = 1u << 16;
+std::uint64_t traversalLimitFor(std::uint64_t words);
+
 /// One two-party RPC connection and its bootstrap capability.
 class RpcConnection {
  public:
@@ -47,6 +60,7 @@ class RpcConnection {
 
  private:
   kj::Own<kj::AsyncIoStream> stream_;
+  kj::Own<capnp::MessageStream> messages_;  // reads each message under traversalLimitFor() its size
   capnp::TwoPartyVatNetwork network_;
   capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc_;
 };
