@@ -65,7 +65,7 @@ kj::Maybe<kj::Own<StoredCheckpoint>> readCheckpointFile(const std::string& path,
 
 }  // namespace
 
-CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir)) {
+CheckpointStore::CheckpointStore(std::string dataDir, StoreRecovery recovery) : dir_(std::move(dataDir)) {
   const std::string chain = dir_ + "/checkpoints";
   fs::create_directories(chain);
   // Compaction's and resyncs' scratch files are never part of the chain.
@@ -110,15 +110,18 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
     checkpoints.erase(checkpoints.begin());
   }
   head_ = checkpoints.empty() ? base_ : *checkpoints.rbegin();
-  // Every record is verified on start-up (as a log is replayed). A torn or
-  // damaged record at the tail is dropped: it was never acknowledged, since
-  // acknowledgement follows the commit and the commit follows the data fsync.
-  // One below the tail is damage that must not be skipped silently, and so is
-  // a missing checkpoint unless the one after the gap needs only the base.
+  // Every record is verified on start-up (as a log is replayed). A write
+  // interrupted by a crash leaves only a temporary, removed above: a record
+  // is fsynced before it is renamed into place, and acknowledged after. So a
+  // damaged N.ckpt was committed and may have been acknowledged; it is never
+  // dropped silently. At the head the operator may set it aside (see
+  // StoreRecovery); below it newer ones depend on it. A missing checkpoint is
+  // damage too, unless the one after the gap needs only the base.
   std::vector<std::uint64_t> order;
   if (base_ != 0 && !foldedBase_) order.push_back(base_);
   order.insert(order.end(), checkpoints.begin(), checkpoints.end());
   std::uint64_t previous = base_;
+  std::uint64_t setAside = 0;
   for (std::uint64_t s : order) {
     std::string why;
     KJ_IF_MAYBE(record, readCheckpointFile(checkpointPath(s), why)) {
@@ -135,8 +138,16 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
     if (s != head_)
       fail("data directory {}: checkpoint {} is damaged ({}) and newer ones depend on it; restore it from a backup",
            dir_, s, why);
-    spdlog::warn("dropping torn checkpoint {} at the tail of the chain: {}", s, why);
-    fs::rename(checkpointPath(s), checkpointPath(s) + ".torn");
+    if (!recovery.setAsideDamagedHead)
+      fail("data directory {}: checkpoint {}, the head of the chain, is damaged ({}). It was committed and may have "
+           "been acknowledged, so it is not dropped: restore it from a backup, or start the server once with "
+           "--set-aside-damaged-head to keep it as {}.ckpt.damaged and go on from checkpoint {} (what it held "
+           "is lost)",
+           dir_, s, why, s, previous == s ? 0 : previous);
+    spdlog::warn("setting aside damaged checkpoint {}, the head of the chain, as asked: {}; the chain goes on from "
+                 "checkpoint {}", s, why, previous == s ? 0 : previous);
+    fs::rename(checkpointPath(s), checkpointPath(s) + ".damaged");
+    setAside = s;
     syncDirectory(chain);
     if (s == base_) base_ = 0;
     head_ = previous == s ? 0 : previous;
@@ -168,6 +179,18 @@ CheckpointStore::CheckpointStore(std::string dataDir) : dir_(std::move(dataDir))
     } catch (const nlohmann::json::exception& e) {
       fail("data directory {}: state.json is unreadable: {}", dir_, e.what());
     }
+  }
+  if (setAside != 0) {
+    // As a failover abandons what came after its point: the lease moves to a
+    // new epoch nobody holds, and a device that applied the lost checkpoint
+    // (or runs the VM past it) is resynced to the chain when it registers.
+    ++state_.epoch;
+    state_.holder.clear();
+    state_.abandonedAfter = head_;
+    state_.abandonedUpTo = std::max(state_.abandonedUpTo, setAside);
+    state_.abandonedTotal += 1;
+    state_.failovers.emplace_back(head_, state_.epoch);
+    saveState(state_);
   }
 }
 

@@ -58,9 +58,19 @@ struct ServerState {
 ///  - a prune (Orig policies, whose checkpoints need only the base): the
 ///    checkpoints between the base and the newest one are removed; the base
 ///    stays. A gap is allowed only before an Orig checkpoint.
+/// What opening a data directory may do about damage.
+struct StoreRecovery {
+  /// A head record that fails its check is set aside as "N.ckpt.damaged" and
+  /// the chain goes on from the checkpoint before it. Without this, opening
+  /// refuses: every N.ckpt was committed (written, fsynced, then renamed into
+  /// place) before its push was acknowledged, so a damaged one may be an
+  /// acknowledged checkpoint, and dropping it must be the operator's choice.
+  bool setAsideDamagedHead = false;
+};
+
 class CheckpointStore {
  public:
-  explicit CheckpointStore(std::string dataDir);
+  explicit CheckpointStore(std::string dataDir, StoreRecovery recovery = {});
 
   const std::string& dir() const { return dir_; }
   std::uint64_t head() const { return head_; }

@@ -29,6 +29,10 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
                  "over (the device pauses its VM by itself after as long)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_flag("--set-aside-damaged-head", options.setAsideDamagedHead,
+               "if the newest stored checkpoint is damaged, keep it aside as N.ckpt.damaged and go on from the one "
+               "before it (it may have been acknowledged: its content is lost); without this the server refuses "
+               "to start");
   app.add_option("--audit", options.auditPath,
                  "audit log: a JSON line per refusal, ownership claim, lease grant, switch and failover "
                  "(default: audit.jsonl in the data directory)");
@@ -60,7 +64,7 @@ int runServer(const ServerOptions& options) {
     ServerTransport transport = options.insecure ? ServerTransport()
                                                  : ServerTransport(options.tlsDir, io.provider->getTimer());
     SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20},
-                      &io.provider->getTimer());
+                      &io.provider->getTimer(), StoreRecovery{options.setAsideDamagedHead});
     server.setLeaseTimeout(std::chrono::milliseconds(static_cast<std::int64_t>(options.leaseTimeoutSeconds * 1000)));
     AuditLog audit(options.auditPath.empty() ? options.dataDir + "/audit.jsonl" : options.auditPath);
     server.setAuditLog(&audit);

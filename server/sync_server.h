@@ -51,7 +51,8 @@ class SyncServer {
   /// `timer` bounds how long a device that registers again waits for the
   /// answer of its earlier registration (nullptr: a registered device is
   /// never replaced while its connection stands).
-  explicit SyncServer(std::string dataDir, CompactionLimits compaction = {}, kj::Timer* timer = nullptr);
+  explicit SyncServer(std::string dataDir, CompactionLimits compaction = {}, kj::Timer* timer = nullptr,
+                      StoreRecovery recovery = {});
   ~SyncServer();
 
   /// The capability a client bootstraps, acting for `peer`; `gate` (if any)

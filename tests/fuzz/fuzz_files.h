@@ -62,6 +62,20 @@ class ScratchDir {
   std::string path_;
 };
 
+/// Copies the directory tree `from` into `to`, again when a signal (the event
+/// loop's wake-ups) interrupts the copy.
+inline void copyTree(const std::string& from, const std::string& to) {
+  for (int attempt = 0;; ++attempt) {
+    try {
+      std::filesystem::copy(from, to,
+                            std::filesystem::copy_options::recursive | std::filesystem::copy_options::overwrite_existing);
+      return;
+    } catch (const std::filesystem::filesystem_error& e) {
+      if (e.code() != std::errc::interrupted || attempt == 100) throw;
+    }
+  }
+}
+
 /// Writes `bytes` to `path` as they are (no fsync: a fuzz run needs no durability).
 inline void writeFile(const std::string& path, std::string_view bytes) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);

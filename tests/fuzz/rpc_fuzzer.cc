@@ -101,7 +101,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto& scope = fixture.io.waitScope;
   const std::string& dir = fixture.scratch.path();
   fixture.scratch.clear();
-  std::filesystem::copy(fixture.initial.path(), dir, std::filesystem::copy_options::recursive);
+  vmsync::fuzz::copyTree(fixture.initial.path(), dir);
 
   const auto sections = vmsync::fuzz::splitSections(data, size, kMaxMessages);
   const kj::Array<capnp::word> traffic = frame(sections);

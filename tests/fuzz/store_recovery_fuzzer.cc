@@ -3,7 +3,8 @@
 // the real CheckpointStore and SyncServer: the store either opens, and then
 // every checkpoint it says is stored reads back whole or fails with an Error,
 // or it refuses the directory with an Error. Whatever it repaired at the first
-// open (a torn tail, temporaries), a second open accepts, at the same head.
+// open (a damaged head set aside when asked, temporaries), a second open
+// accepts, at the same head.
 // Regression seeds: corpus/store_recovery/regression-*.
 // Also the record reader on the input itself as a file.
 //
@@ -35,13 +36,13 @@ constexpr std::array<std::uint64_t, 16> kSequences = {1, 2, 3, 4, 5, 6, 7, 8, 9,
 /// First byte of a file section.
 struct Selector {
   std::uint64_t sequence;  // bits 0-3: index in kSequences
-  int suffix;              // bits 4-5: .ckpt, .base, .ckpt.tmp, .ckpt.torn
+  int suffix;              // bits 4-5: .ckpt, .base, .ckpt.tmp, .ckpt.damaged
   bool raw;                // bit 6: the content as it is, no record header
   bool damaged;            // bit 7: a record whose checksum does not match
   explicit Selector(std::uint8_t b)
       : sequence(kSequences[b & 15]), suffix((b >> 4) & 3), raw(b & 0x40), damaged(b & 0x80) {}
   std::string name() const {
-    static constexpr const char* kSuffixes[] = {".ckpt", ".base", ".ckpt.tmp", ".ckpt.torn"};
+    static constexpr const char* kSuffixes[] = {".ckpt", ".base", ".ckpt.tmp", ".ckpt.damaged"};
     return fmt::format("{:020}{}", sequence, kSuffixes[suffix]);
   }
 };
@@ -103,15 +104,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     sequences.insert(selector.sequence);
   }
 
+  // Opened as the server opens it, or refused with a reason; refused, then
+  // opened as an operator who sets a damaged head aside would.
   std::uint64_t head = 0;
-  try {
-    vmsync::CheckpointStore store(dir);
-    head = store.head();
-    if (store.base() > head || (store.base() == 0) != (head == 0)) __builtin_trap();
-    readAll(store, sequences);
-  } catch (const vmsync::Error&) {
-    return 0;  // refused, with a reason
+  bool opened = false;
+  for (bool setAside : {false, true}) {
+    try {
+      vmsync::CheckpointStore store(dir, vmsync::StoreRecovery{.setAsideDamagedHead = setAside});
+      head = store.head();
+      if (store.base() > head || (store.base() == 0) != (head == 0)) __builtin_trap();
+      readAll(store, sequences);
+      opened = true;
+      break;
+    } catch (const vmsync::Error&) {
+    }
   }
+  if (!opened) return 0;
   // What the first open left is a directory the server opens, at the same head.
   kj::EventLoop loop;
   kj::WaitScope scope(loop);

@@ -125,7 +125,21 @@ void flipByteFromEnd(const std::string& file, std::uint64_t offset) {
   f.write(&c, 1);
 }
 
-TEST(CheckpointStore, TruncatedTailRecordIsDroppedNeverRead) {
+/// Opening `dir` refuses with an error that names checkpoint `s` as the damaged head.
+void expectDamagedHeadRefused(const TempDir& dir, std::uint64_t s) {
+  try {
+    CheckpointStore store(dir.path);
+    ADD_FAILURE() << "a damaged head was dropped without being asked to";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(fmt::format("checkpoint {}, the head of the chain, is damaged", s)),
+              std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("--set-aside-damaged-head"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(fs::exists(path(dir, s))) << "the refused record was moved";
+}
+
+TEST(CheckpointStore, ATruncatedHeadIsRefusedAndSetAsideOnlyWhenAsked) {
   TempDir dir;
   {
     CheckpointStore store(dir.path);
@@ -133,14 +147,18 @@ TEST(CheckpointStore, TruncatedTailRecordIsDroppedNeverRead) {
     appendOne(store, 2);
   }
   fs::resize_file(path(dir, 2), fs::file_size(path(dir, 2)) - 8);
-  CheckpointStore store(dir.path);
+  // Committed before it was acknowledged: it may have been, so it is not
+  // dropped on the quiet.
+  expectDamagedHeadRefused(dir, 2);
+  CheckpointStore store(dir.path, StoreRecovery{.setAsideDamagedHead = true});
   EXPECT_EQ(store.head(), 1u);
   EXPECT_THROW(store.read(2), Error);
+  EXPECT_TRUE(fs::exists(path(dir, 2) + ".damaged"));  // kept for whoever looks into it
   appendOne(store, 2);  // the chain goes on from the last whole record
   EXPECT_EQ(store.read(2)->reader().getSequence(), 2u);
 }
 
-TEST(CheckpointStore, ChecksumMismatchAtTailIsDropped) {
+TEST(CheckpointStore, AChecksumMismatchAtTheHeadIsRefusedAndSetAsideOnlyWhenAsked) {
   TempDir dir;
   {
     CheckpointStore store(dir.path);
@@ -148,7 +166,8 @@ TEST(CheckpointStore, ChecksumMismatchAtTailIsDropped) {
     appendOne(store, 2);
   }
   flipByteFromEnd(path(dir, 2), 3);
-  CheckpointStore store(dir.path);
+  expectDamagedHeadRefused(dir, 2);
+  CheckpointStore store(dir.path, StoreRecovery{.setAsideDamagedHead = true});
   EXPECT_EQ(store.head(), 1u);
 }
 
@@ -183,11 +202,12 @@ TEST(CheckpointStore, FileWithoutRecordHeaderIsRefused) {
     appendOne(store, 1);
   }
   std::ofstream(path(dir, 2), std::ios::binary) << std::string(64, 'x');
-  CheckpointStore store(dir.path);  // not a record: a torn tail
+  expectDamagedHeadRefused(dir, 2);
+  CheckpointStore store(dir.path, StoreRecovery{.setAsideDamagedHead = true});
   EXPECT_EQ(store.head(), 1u);
 }
 
-TEST(CheckpointStore, DeviceStateIsClampedToADroppedTail) {
+TEST(CheckpointStore, DeviceStateIsClampedToAHeadSetAside) {
   TempDir dir;
   {
     CheckpointStore store(dir.path);
@@ -198,8 +218,20 @@ TEST(CheckpointStore, DeviceStateIsClampedToADroppedTail) {
     store.saveState(state);
   }
   fs::resize_file(path(dir, 2), 10);
+  {
+    CheckpointStore store(dir.path, StoreRecovery{.setAsideDamagedHead = true});
+    EXPECT_EQ(store.state().appliedByDevice.at("phone"), 1u);
+  }
+  // Abandoned as by a failover, and on disk: the next start knows without
+  // being asked again that a device at 2 is past the chain.
   CheckpointStore store(dir.path);
-  EXPECT_EQ(store.state().appliedByDevice.at("phone"), 1u);
+  EXPECT_EQ(store.head(), 1u);
+  EXPECT_EQ(store.state().abandonedAfter, 1u);
+  EXPECT_EQ(store.state().abandonedUpTo, 2u);
+  EXPECT_EQ(store.state().epoch, 1u);
+  EXPECT_EQ(store.state().holder, "");
+  ASSERT_EQ(store.state().failovers.size(), 1u);
+  EXPECT_EQ(store.state().failovers[0], std::make_pair(std::uint64_t{1}, std::uint64_t{1}));
 }
 
 }  // namespace
