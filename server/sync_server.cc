@@ -133,7 +133,11 @@ class SyncServerImpl final : public wire::SyncServer::Server {
 }  // namespace
 
 SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Timer* timer, StoreRecovery recovery)
-    : store_(std::move(dataDir), recovery), limits_(compaction), state_(store_.state()), timer_(timer), lastRenewalNs_(nowNs()) {
+    : store_(std::move(dataDir), recovery),
+      limits_(compaction),
+      state_(store_.state()),
+      timer_(timer),
+      lastRenewalNs_(nowNs()) {
   for (const auto& [id, applied] : state_.appliedByDevice) {
     auto entry = std::make_unique<DeviceEntry>();
     entry->id = id;

@@ -415,7 +415,8 @@ int main(int argc, char** argv) {
       vmsync::checkName("user", user);
       const auto r = vmsync::revoke(identityDir, user, deviceName, reason);
       std::printf("revoked %s of user %s: %zu credential(s) on record, and any from before the record; a running "
-                  "server closes their connections within a second. Enroll a replacement with `vmsync enroll`\n",
+                  "server closes their connections at its next check (every 250 ms). Enroll a replacement with "
+                  "`vmsync enroll`\n",
                   deviceName.empty() ? "every device" : ("device " + deviceName).c_str(), user.c_str(),
                   r.ids.size());
       return 0;

@@ -303,8 +303,9 @@ std::string trustFailure(const std::string& credential, const std::string& serve
                        "server's identity; otherwise check --server",
                        credential, what, serverName);
   if (what.find(" alert ") != std::string::npos)
-    return fmt::format("the server refused the certificate in {} ({}): it was revoked, or was not issued by its "
-                       "authority; ask for a new one with `vmsync enroll` on the server's identity",
+    return fmt::format("the server refused the certificate in {} ({}): by the server's clock it may have expired, "
+                       "or the server's identity was made again; ask for a new one with `vmsync enroll` on the "
+                       "server's identity",
                        credential, what);
   return {};
 }
@@ -460,9 +461,6 @@ void ServerTransport::setOnRevoked(OnRevoked onRevoked) {
   if (revoker_) revoker_->onRevoked = std::move(onRevoked);
 }
 
-void ServerTransport::refreshRevocations() {
-  if (revoker_) revoker_->refresh();
-}
 ServerTransport::~ServerTransport() = default;
 ServerTransport::ServerTransport(ServerTransport&&) noexcept = default;
 ServerTransport& ServerTransport::operator=(ServerTransport&&) noexcept = default;

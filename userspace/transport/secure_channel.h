@@ -113,11 +113,6 @@ class ServerTransport {
   /// connected (so the server can fence it if it holds the lease).
   using OnRevoked = std::function<void(const std::string& user, const std::string& device, const std::string& why)>;
   void setOnRevoked(OnRevoked onRevoked);
-  /// Reads the identity's enrollment and revocation records again if they
-  /// changed: records what is new, closes the connections of revoked
-  /// devices and calls OnRevoked. serve() does this every `intervalMs` and
-  /// before each new connection is served.
-  void refreshRevocations();
 
   /// What the server serves on one connection: for `peer`, whose messages
   /// `gate` measures; the server calls gate->authorize() once the peer may
@@ -125,7 +120,11 @@ class ServerTransport {
   using BootstrapFor =
       std::function<capnp::Capability::Client(const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate)>;
   /// Accepts connections on `listener` forever. A TLS connection not
-  /// authorized within the limits' time is closed.
+  /// authorized within the limits' time is closed. Every
+  /// `revocationCheckMs`, and before it serves a new connection, a TLS
+  /// server rereads the identity's enrollment and revocation records if they
+  /// changed: it records what is new, closes the connections of revoked
+  /// credentials and calls OnRevoked.
   kj::Promise<void> serve(kj::ConnectionReceiver& listener, BootstrapFor bootstrapFor,
                           std::uint64_t revocationCheckMs = 250);
 
