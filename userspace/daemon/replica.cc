@@ -37,7 +37,11 @@ LocalSpec specFromWire(wire::VmSpec::Reader spec) {
 }  // namespace
 
 Replica::Replica(const std::string& stateDir, std::string deviceId) : deviceId_(std::move(deviceId)) {
-  makePrivateDirectory(stateDir);
+  try {
+    makePrivateDirectory(stateDir);
+  } catch (const Error& e) {
+    fail("cannot use state directory {} ({})", stateDir, e.what());
+  }
   dir_ = fs::absolute(stateDir).string();
   lockDirectory();
   try {
