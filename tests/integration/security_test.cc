@@ -217,6 +217,10 @@ TEST(Security, BadCredentialsAreNamedWithWhatToDo) {
   EXPECT_NE(mismatch.find(swapped + ": its key does not belong to its certificate"), std::string::npos) << mismatch;
   EXPECT_NE(mismatch.find("vmsync enroll"), std::string::npos) << mismatch;
   std::printf("other server: %sother authority: %sswapped key: %s", other.c_str(), refused.c_str(), mismatch.c_str());
+  // The server saw only the handshake enrolled elsewhere fail (the other two
+  // never left the device): one audit line, with no user or device to name.
+  const auto lines = auditOf(dir.path() + "/server");
+  EXPECT_EQ(audited(lines, "connect", "refused", "", ""), 1u);
 
   // A credential others can read works, with a warning that says how to fix it.
   fs::permissions(good, fs::perms::group_read | fs::perms::others_read, fs::perm_options::add);
