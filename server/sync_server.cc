@@ -6,7 +6,7 @@
 
 #include "checkpoint/checkpoint_applier.h"
 #include "checkpoint/checkpoint_builder.h"
-#include "checkpoint_identity.h"
+#include "checkpoint/checkpoint_identity.h"
 #include "checkpoint_merge.h"
 #include "compactor.h"
 #include "checkpoint/checkpoint_record.h"

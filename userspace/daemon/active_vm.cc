@@ -7,6 +7,7 @@
 
 #include "base/durable_file.h"
 #include "base/error.h"
+#include "checkpoint/checkpoint_identity.h"
 #include "transport/rpc_util.h"
 
 namespace vmsync {
@@ -211,6 +212,8 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
   toWire(pending->memory, pending->disk, checkpoint);
   link_.holdWhileSending(pending);
   if (kind == wire::CheckpointKind::FULL) attachSpec(checkpoint);
+  // Logged with the acknowledgement: what the server promised to keep.
+  const std::string identity = describeIdentity(checkpoint.asReader());
   const std::uint64_t harvestNs = nowNs() - t0;
   const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
   auto progress =
@@ -219,9 +222,9 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
   return request.send()
       .attach(kj::mv(progress))
       .then(
-          [this, pending, kind, harvestNs, wireBytes, sendStart,
-           sinceLastHarvest](capnp::Response<wire::DeviceSession::PushResults>) {
-            onPushStored(*pending, kind, wireBytes, sinceLastHarvest, harvestNs, sendStart);
+          [this, pending, kind, harvestNs, wireBytes, sendStart, sinceLastHarvest,
+           identity](capnp::Response<wire::DeviceSession::PushResults>) {
+            onPushStored(*pending, kind, wireBytes, sinceLastHarvest, harvestNs, sendStart, identity);
             link_.sent(pending);
           },
           [this, pending](kj::Exception&& e) { onPushFailed(pending, e); })
@@ -229,7 +232,8 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
 }
 
 void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kind, std::uint64_t wireBytes,
-                            double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart) {
+                            double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart,
+                            const std::string& identity) {
   const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
   leaseRenewed();  // the server stores pushes under the current lease only
   bytesPushed_ += wireBytes;
@@ -249,9 +253,10 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
   const std::uint64_t bytes = pending.memory.encodedBytes + pending.disk.encodedBytes;
   spdlog::info(
       "{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms, "
-      "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s)",
+      "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s), {}",
       options_.deviceId, pending.sequence, kindName(kind), pending.memory.units.size(), pending.disk.units.size(),
-      bytes, harvestNs / 1e6, wireBytes, sendSeconds, sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0);
+      bytes, harvestNs / 1e6, wireBytes, sendSeconds, sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0,
+      identity);
 }
 
 void ActiveVm::onPushFailed(const std::shared_ptr<PendingPush>& pending, const kj::Exception& e) {
@@ -349,17 +354,19 @@ kj::Promise<FinalCheckpoint> ActiveVm::pushFinal(wire::DeviceSession::Client ses
   link_.holdWhileSending(pending);
   checkpoint.setDeviceState(asCapnp(final->deviceState));
   checkpoint.setImageDigest(asCapnp(final->digest));
+  const std::string identity = describeIdentity(checkpoint.asReader());
   auto progress = link_.watchTransfer(fmt::format("{}: final checkpoint {}", options_.deviceId, pending->sequence),
                                       request.totalSize().wordCount * sizeof(capnp::word));
   const std::uint64_t start = nowNs();
   return request.send()
       .attach(kj::mv(progress))
       .then(
-          [this, result, pending, final, start](capnp::Response<wire::DeviceSession::PushResults>) mutable {
+          [this, result, pending, final, start,
+           identity](capnp::Response<wire::DeviceSession::PushResults>) mutable {
             link_.sent(pending);
             result.setPushNs(nowNs() - start);
-            spdlog::info("{}: final checkpoint {} stored (image digest {})", options_.deviceId, final->sequence,
-                         toHex(final->digest));
+            spdlog::info("{}: final checkpoint {} stored (image digest {}), {}", options_.deviceId,
+                         final->sequence, toHex(final->digest), identity);
             return kj::mv(*final);
           },
           [this, pending](kj::Exception&& e) -> FinalCheckpoint {

@@ -97,7 +97,8 @@ class ActiveVm {
                           std::uint64_t sequence) const;
   void attachSpec(wire::Checkpoint::Builder checkpoint) const;
   void onPushStored(const PendingPush& pending, wire::CheckpointKind kind, std::uint64_t wireBytes,
-                    double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart);
+                    double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart,
+                    const std::string& identity);
   void onPushFailed(const std::shared_ptr<PendingPush>& pending, const kj::Exception& e);
   /// The final checkpoint's harvest with the VM paused: every unit compared.
   /// Without `encodeNow` the changed units are only copied: the caller

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include "base/error.h"
+#include "checkpoint/checkpoint_identity.h"
 #include "daemon/active_vm.h"
 #include "transport/rpc_util.h"
 
@@ -110,6 +111,7 @@ kj::Promise<void> ActiveVm::pushResumablePoint() {
   checkpoint.setDeviceState(asCapnp(*state));
   checkpoint.setImageDigest(asCapnp(digest));
   checkpoint.setVmContinued(true);
+  const std::string identity = describeIdentity(checkpoint.asReader());
   const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
   auto progress =
       link_.watchTransfer(fmt::format("{}: resumable point {}", options_.deviceId, pending->sequence), wireBytes);
@@ -117,8 +119,9 @@ kj::Promise<void> ActiveVm::pushResumablePoint() {
   return request.send()
       .attach(kj::mv(progress), kj::mv(state))
       .then(
-          [this, pending, wireBytes, t0, t2, sendStart](capnp::Response<wire::DeviceSession::PushResults>) {
-            onPushStored(*pending, wire::CheckpointKind::FINAL, wireBytes, 0, t2 - t0, sendStart);
+          [this, pending, wireBytes, t0, t2, sendStart,
+           identity](capnp::Response<wire::DeviceSession::PushResults>) {
+            onPushStored(*pending, wire::CheckpointKind::FINAL, wireBytes, 0, t2 - t0, sendStart, identity);
             link_.sent(pending);
           },
           [this, pending](kj::Exception&& e) { onPushFailed(pending, e); })

@@ -8,7 +8,7 @@
 #include <filesystem>
 #include <memory>
 
-#include "checkpoint_identity.h"
+#include "checkpoint/checkpoint_identity.h"
 #include "base/error.h"
 #include "sync_server.h"
 #include "test_env.h"

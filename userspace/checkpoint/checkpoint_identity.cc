@@ -1,9 +1,12 @@
-#include "checkpoint_identity.h"
+#include "checkpoint/checkpoint_identity.h"
 
 #include <capnp/message.h>
+#include <fmt/format.h>
 #include <xxhash.h>
 
 #include <cstring>
+
+#include "harvest/unit_hashes.h"
 
 namespace vmsync {
 
@@ -18,6 +21,10 @@ CheckpointDigest checkpointDigest(wire::Checkpoint::Reader checkpoint) {
   CheckpointDigest digest;
   std::memcpy(digest.data(), canonical.digest, digest.size());
   return digest;
+}
+
+std::string describeIdentity(wire::Checkpoint::Reader checkpoint) {
+  return fmt::format("lease epoch {}, checkpoint digest {}", checkpoint.getEpoch(), toHex(checkpointDigest(checkpoint)));
 }
 
 }  // namespace vmsync

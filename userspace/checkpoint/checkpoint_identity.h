@@ -1,9 +1,11 @@
-// Recognising a checkpoint the server already holds, for pushes re-sent after
-// a cut connection.
+// One checkpoint's identity, whoever holds it: the server recognises a push
+// re-sent after a cut connection by it, and the device logs it with each
+// acknowledgement so that an outside checker can find what it was promised.
 #pragma once
 
 #include <array>
 #include <cstddef>
+#include <string>
 
 #include "vmsync.capnp.h"
 
@@ -14,5 +16,9 @@ namespace vmsync {
 /// and content, however the message was laid out on the wire or on disk.
 using CheckpointDigest = std::array<std::byte, 16>;
 CheckpointDigest checkpointDigest(wire::Checkpoint::Reader checkpoint);
+
+/// "lease epoch E, checkpoint digest D": how a device logs what it pushed
+/// when the server acknowledges it (outside checkers parse these words).
+std::string describeIdentity(wire::Checkpoint::Reader checkpoint);
 
 }  // namespace vmsync
