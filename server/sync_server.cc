@@ -512,9 +512,13 @@ void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
 
 kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, std::uint64_t to) {
   DeviceEntry& d = device(id);
+  // Up to the head as it is now, not as it was when this step was queued:
+  // on a link slower than the checkpoints come, what piled up meanwhile
+  // travels as one merge, where one checkpoint per step would leave the
+  // device further behind with every push. (A `to` compacted or abandoned
+  // since is gone; the head is always there.)
+  to = store_.head();
   if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= to) return kj::READY_NOW;
-  // Compacted away since this step was queued: catch up to the head instead.
-  if (!store_.stored(to)) to = store_.head();
   // A device behind the base (new, or offline across a compaction) starts
   // over from the base: a full checkpoint replaces its whole image.
   const std::uint64_t base = store_.base();
