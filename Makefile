@@ -19,7 +19,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs btrfs-progs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image video-image demo test soak sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch study clean
+.PHONY: all setup build image video-image demo test soak chaos sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch study clean
 
 all: build
 
@@ -56,6 +56,18 @@ SOAK_SEEDS ?= 20
 soak: build image
 	VMSYNC_IMAGE=$(abspath $(IMAGE)) VMSYNC_FAILOVER_SEEDS=$(SOAK_SEEDS) \
 	  $(BUILD)/tests/integration/vmsync_failover_tests --gtest_brief=1
+
+# The chaos harness (docs/operations.md, "Chaos"): the server and three
+# devices in network namespaces, a seeded schedule of switches, link cuts
+# and flaps, kill -9 of the server and the devices, link profile changes,
+# and checkers for durability, a single running VM, convergence and the
+# guest's continuity. SEED takes a list (1,2,3); `make test` runs 25 steps
+# of seed 1 and the schedules of tests/chaos/regression-seeds.txt.
+SEED  ?= 1
+STEPS ?= 200
+chaos: build image
+	VMSYNC_IMAGE=$(abspath $(IMAGE)) $(BUILD)/tests/chaos/vmsync_chaos --seeds $(SEED) --steps $(STEPS) \
+	  --out $(BUILD)/chaos
 
 # Unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
 sanitize: setup

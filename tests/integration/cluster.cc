@@ -74,6 +74,11 @@ void Cluster::setLinkUp(const std::string& device, bool up) {
   lab_->setLinkUp(device, up);
 }
 
+void Cluster::setProfile(const std::string& device, const std::string& profile) {
+  if (!lab_) throw std::logic_error("Cluster::setProfile needs useNetworkLab()");
+  lab_->setProfile(device, linkProfile(profile));
+}
+
 std::string Cluster::addressFor(const std::string& device) {
   if (!lab_) return address();
   try {
@@ -173,11 +178,12 @@ bool Cluster::waitForDevice(const std::string& device, std::uint64_t sequence, s
       timeout);
 }
 
-int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output) {
+int Cluster::switchTo(const std::string& target, nlohmann::json* report, std::string* output, bool force) {
   std::string out, progress;
-  int rc = run(placed("", {vmsyncBinary(), "switch", "--server", address(), "--credential", credential("cli"), "--to",
-                           target, "--json"}),
-               &out, &progress);
+  std::vector<std::string> argv{vmsyncBinary(), "switch", "--server", address(), "--credential", credential("cli"),
+                                "--to",         target,   "--json"};
+  if (force) argv.push_back("--force");
+  int rc = run(placed("", argv), &out, &progress);
   if (output) *output = progress + out;
   if (rc == 0 && report) {
     try {

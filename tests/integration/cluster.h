@@ -38,6 +38,8 @@ class Cluster {
   void setLink(const std::string& device, const std::string& profile);
   /// Takes `device`'s link down (an outage) or brings it back up.
   void setLinkUp(const std::string& device, bool up);
+  /// Gives `device`'s link another profile; its connections stay open.
+  void setProfile(const std::string& device, const std::string& profile);
 
   /// The server's address as the test's own commands reach it.
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
@@ -74,7 +76,7 @@ class Cluster {
 
   /// `vmsync switch --to target --json`: exit status, and the report (with what
   /// the command printed on stderr as "progress") or the error text.
-  int switchTo(const std::string& target, nlohmann::json* report, std::string* output);
+  int switchTo(const std::string& target, nlohmann::json* report, std::string* output, bool force = false);
 
   /// Log of a process, for failure messages.
   std::string logOf(const std::string& device) const;

@@ -1,0 +1,827 @@
+#include "chaos.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <regex>
+#include <set>
+#include <thread>
+
+#include "base/error.h"
+#include "chain_image.h"
+#include "checkpoint/checkpoint_identity.h"
+#include "cluster.h"
+#include "harvest/unit_hashes.h"
+#include "vmm/qmp_client.h"
+
+namespace vmsync::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+const std::vector<std::string> kDevices{"A", "B", "C"};
+const std::vector<std::string> kProfiles{"wifi", "lte", "3g"};
+/// How long one step may take to settle: one VM running, every device at the head.
+constexpr auto kSettle = std::chrono::seconds(150);
+
+enum class Kind { Switch, SwitchCut, SwitchKill, Flap, ServerKill, StandbyKill, ActiveKill, Profile };
+
+const char* kindName(Kind k) {
+  switch (k) {
+    case Kind::Switch: return "switch";
+    case Kind::SwitchCut: return "switch+cut";
+    case Kind::SwitchKill: return "switch+kill -9";
+    case Kind::Flap: return "link flap";
+    case Kind::ServerKill: return "server kill -9";
+    case Kind::StandbyKill: return "standby kill -9";
+    case Kind::ActiveKill: return "active kill -9";
+    case Kind::Profile: return "link profile";
+  }
+  return "?";
+}
+
+/// Where in a switch a link is cut: as the command starts (catch-up,
+/// handOff), when the server pauses the source (final push), a moment after
+/// that (forward to the target, activate and its reply), or as it returns.
+enum class Phase { AtStart, AtPause, AfterPause, AtEnd };
+const char* phaseName(Phase p) {
+  switch (p) {
+    case Phase::AtStart: return "as it starts";
+    case Phase::AtPause: return "at the pause";
+    case Phase::AfterPause: return "after the pause";
+    case Phase::AtEnd: return "as it ends";
+  }
+  return "?";
+}
+
+/// One step of the schedule, all drawn from the seed before the run starts.
+/// Devices are named by draw ("the k-th device other than the active one"),
+/// resolved against the cluster as it is when the step comes.
+struct Step {
+  Kind kind = Kind::Switch;
+  int pick = 0;        // which device (an index, modulo what there is to pick from)
+  bool cutSource = false;
+  Phase phase = Phase::AtStart;
+  int delayMs = 0;     // after the trigger, before the fault
+  int durationMs = 0;  // of the fault
+  std::string profile;
+};
+
+std::vector<Step> schedule(std::uint64_t seed, int steps) {
+  std::mt19937_64 random(seed);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(random); };
+  // Weights: switches most, then cuts during switches, flaps, and the kills.
+  const std::vector<std::pair<Kind, int>> weights{{Kind::Switch, 26},     {Kind::SwitchCut, 20},
+                                                  {Kind::SwitchKill, 12}, {Kind::Flap, 14},
+                                                  {Kind::ServerKill, 8},  {Kind::StandbyKill, 7},
+                                                  {Kind::ActiveKill, 6},  {Kind::Profile, 7}};
+  int total = 0;
+  for (const auto& [k, w] : weights) total += w;
+  std::vector<Step> out;
+  for (int i = 0; i < steps; ++i) {
+    Step s;
+    int draw = uniform(0, total - 1);
+    for (const auto& [k, w] : weights) {
+      if (draw < w) {
+        s.kind = k;
+        break;
+      }
+      draw -= w;
+    }
+    s.pick = uniform(0, 5);
+    s.cutSource = uniform(0, 1) == 1;
+    s.phase = static_cast<Phase>(uniform(0, 3));
+    // A switch on these links takes about a second from the pause on: the
+    // delays after it are short so that most cuts land inside it.
+    s.delayMs = s.phase == Phase::AtPause ? uniform(0, 150) : s.phase == Phase::AfterPause ? uniform(0, 400)
+                                                                                            : uniform(0, 1500);
+    // Outages: sub-second, a few seconds (past the lease timeout), and past
+    // the 20 s dead-link timeout.
+    const int band = uniform(0, 99);
+    s.durationMs = band < 50 ? uniform(150, 900) : band < 85 ? uniform(1000, 8000) : uniform(21000, 24000);
+    s.profile = kProfiles[uniform(0, static_cast<int>(kProfiles.size()) - 1)];
+    if (s.kind == Kind::ServerKill || s.kind == Kind::StandbyKill || s.kind == Kind::SwitchKill)
+      s.durationMs = uniform(0, 3000);
+    out.push_back(s);
+  }
+  return out;
+}
+
+/// Whom a kill during a switch takes: the server, the source or the target.
+const char* victimName(const Step& s) {
+  static const char* names[] = {"server", "source", "target"};
+  return names[(s.pick / 2) % 3];
+}
+
+std::string describe(const Step& s) {
+  switch (s.kind) {
+    case Kind::Switch: return fmt::format("switch (pick {})", s.pick);
+    case Kind::SwitchCut:
+      return fmt::format("switch (pick {}), the {}'s link cut {} +{} ms for {} ms", s.pick,
+                         s.cutSource ? "source" : "target", phaseName(s.phase), s.delayMs, s.durationMs);
+    case Kind::SwitchKill:
+      return fmt::format("switch (pick {}), kill -9 of the {} {} +{} ms", s.pick, victimName(s), phaseName(s.phase),
+                         s.delayMs);
+    case Kind::Flap: return fmt::format("link of device pick {} down for {} ms", s.pick, s.durationMs);
+    case Kind::ServerKill: return fmt::format("server kill -9, restarted after {} ms", s.durationMs);
+    case Kind::StandbyKill: return fmt::format("standby pick {} kill -9, restarted after {} ms", s.pick, s.durationMs);
+    case Kind::ActiveKill: return fmt::format("active kill -9 (daemon and QEMU), forced switch to pick {}", s.pick);
+    case Kind::Profile: return fmt::format("link of device pick {} becomes {}", s.pick, s.profile);
+  }
+  return "?";
+}
+
+/// What a device logged as acknowledged by the server.
+struct Ack {
+  std::string device;
+  std::string digest;
+};
+
+/// Every acknowledgement in the devices' logs, by (sequence, lease epoch).
+/// Two different checkpoints acknowledged under one identity go to `clashes`.
+std::map<std::pair<std::uint64_t, std::uint64_t>, Ack> acknowledgements(const std::string& dir,
+                                                                        std::vector<std::string>* clashes) {
+  // A device ends each acknowledgement's line with the checkpoint's identity:
+  // "A: checkpoint 12 (incremental) stored: ..., lease epoch 3, checkpoint digest <hex>",
+  // "A: checkpoint 14 (resumable point) stored: ...", "A: final checkpoint 13 stored (...), ...".
+  static const std::regex line(
+      R"((\S+): (?:final )?checkpoint (\d+) [^\n]*, lease epoch (\d+), checkpoint digest ([0-9a-f]{32}))");
+  std::map<std::pair<std::uint64_t, std::uint64_t>, Ack> acks;
+  for (const auto& device : kDevices) {
+    const std::string log = readFile(dir + "/" + device + ".log");
+    // Every line with an identity must parse: a change of wording fails the
+    // run instead of leaving acknowledgements unchecked.
+    std::size_t withIdentity = 0, parsed = 0;
+    for (std::size_t at = log.find(", checkpoint digest "); at != std::string::npos;
+         at = log.find(", checkpoint digest ", at + 1))
+      ++withIdentity;
+    for (std::sregex_iterator it(log.begin(), log.end(), line), end; it != end; ++it) ++parsed;
+    if (parsed != withIdentity)
+      clashes->push_back(fmt::format("{}'s log has {} acknowledgements but {} parse: the checker is out of date",
+                                     device, withIdentity, parsed));
+    for (std::sregex_iterator it(log.begin(), log.end(), line), end; it != end; ++it) {
+      const auto key = std::make_pair(std::stoull((*it)[2]), std::stoull((*it)[3]));
+      Ack ack{(*it)[1], (*it)[4]};
+      auto [at, fresh] = acks.emplace(key, ack);
+      if (!fresh && at->second.digest != ack.digest)
+        clashes->push_back(fmt::format("checkpoint {} (epoch {}) was acknowledged twice with different contents "
+                                       "(to {} and {})", key.first, key.second, at->second.device, ack.device));
+    }
+  }
+  return acks;
+}
+
+/// A stored checkpoint, as the checker reads it from the data directory.
+struct Stored {
+  std::uint64_t epoch = 0;
+  std::string digest;
+};
+
+/// Checks every acknowledgement against the server's data directory.
+void checkDurability(const std::string& dir, ChaosResult& result, const std::string& when) {
+  std::vector<std::string> clashes;
+  const auto acks = acknowledgements(dir, &clashes);
+  for (const auto& c : clashes) result.failures.push_back(when + ": " + c);
+  const std::string chain = dir + "/server/checkpoints";
+  // A fold may prune files while they are read: read again when one vanished.
+  for (int attempt = 0;; ++attempt) {
+    std::map<std::uint64_t, std::string> files;
+    std::uint64_t base = 0;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(chain, ec)) {
+      const std::string name = e.path().filename().string();
+      const auto dot = name.find('.');
+      if (dot == std::string::npos || name.find_first_not_of("0123456789") != dot) continue;
+      const std::uint64_t seq = std::stoull(name.substr(0, dot));
+      if (name.substr(dot) == ".ckpt") files[seq] = e.path().string();
+      if (name.substr(dot) == ".base") base = std::max(base, seq);
+    }
+    std::map<std::uint64_t, Stored> stored;
+    bool vanished = false;
+    for (const auto& [seq, path] : files) {
+      if (!fs::exists(path)) {
+        vanished = true;
+        break;
+      }
+      try {
+        auto record = readCheckpointFile(path, "check a checkpoint");
+        stored[seq] = Stored{record->reader().getEpoch(), toHex(checkpointDigest(record->reader()))};
+      } catch (const Error& e) {
+        if (!fs::exists(path)) {
+          vanished = true;
+          break;
+        }
+        stored[seq] = Stored{0, std::string("unreadable: ") + e.what()};
+      }
+    }
+    if (vanished && attempt < 5) continue;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> failovers;  // (point, epoch)
+    try {
+      auto state = nlohmann::json::parse(readFile(dir + "/server/state.json"));
+      for (const auto& f : state.value("failovers", nlohmann::json::array()))
+        failovers.emplace_back(f.at(0).get<std::uint64_t>(), f.at(1).get<std::uint64_t>());
+    } catch (const nlohmann::json::exception&) {
+      // no state yet: no failover either
+    }
+    result.acknowledged = acks.size();
+    result.checkedByDigest = result.folded = result.abandoned = 0;
+    std::uint64_t lost = 0;
+    for (const auto& [key, ack] : acks) {
+      const auto [seq, epoch] = key;
+      const bool abandoned = std::any_of(failovers.begin(), failovers.end(),
+                                         [&](const auto& f) { return seq > f.first && epoch < f.second; });
+      auto it = stored.find(seq);
+      if (abandoned) {
+        ++result.abandoned;
+      } else if (it != stored.end() && it->second.epoch == epoch && it->second.digest == ack.digest) {
+        ++result.checkedByDigest;
+      } else if (it == stored.end() && seq <= base) {
+        ++result.folded;
+      } else {
+        ++lost;
+        result.failures.push_back(fmt::format(
+            "{}: checkpoint {} (epoch {}, digest {}) acknowledged to {} is {}", when, seq, epoch, ack.digest,
+            ack.device,
+            it == stored.end() ? fmt::format("not in the store (base {}, files up to {})", base,
+                                             files.empty() ? 0 : files.rbegin()->first)
+                               : fmt::format("stored with other contents (epoch {}, {})", it->second.epoch,
+                                             it->second.digest)));
+      }
+    }
+    result.lost = lost;
+    return;
+  }
+}
+
+/// Polls every device's QEMU over its tools QMP socket and reads every
+/// device's serial log, on a thread of its own.
+class Monitor {
+ public:
+  Monitor(Cluster& cluster) : cluster_(cluster) {
+    for (const auto& d : kDevices) offsets_[d] = 0;
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~Monitor() { stop(); }
+  void stop() {
+    done_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+
+  /// Devices whose VM answered "running" at their last poll.
+  std::set<std::string> running() {
+    std::lock_guard lock(mutex_);
+    std::set<std::string> out;
+    for (const auto& [d, p] : last_)
+      if (p.running) out.insert(d);
+    return out;
+  }
+  std::vector<std::string> overlaps() {
+    std::lock_guard lock(mutex_);
+    return overlaps_;
+  }
+  /// Counter values in the order they were printed, with the device.
+  std::vector<std::pair<long, std::string>> counter() {
+    std::lock_guard lock(mutex_);
+    return counter_;
+  }
+  /// A forced failover may take the guest back to its resumable point: the
+  /// next value read (the new VM's first, the lost one being dead) may go back.
+  void allowRollback() {
+    std::lock_guard lock(mutex_);
+    rollbackAllowed_ = true;
+  }
+  std::vector<std::string> continuityFailures() {
+    std::lock_guard lock(mutex_);
+    return continuity_;
+  }
+
+ private:
+  struct Poll {
+    bool running = false;
+    Clock::time_point at;
+    bool runningBefore = false;  // the poll before this one said running too
+    Clock::time_point before;
+  };
+
+  static std::optional<bool> vmRunning(const std::string& socket) {
+    if (!fs::exists(socket)) return false;
+    try {
+      QmpClient qmp(socket, std::chrono::milliseconds(300));
+      return qmp.execute("query-status").value("running", false);
+    } catch (const Error&) {
+      return std::nullopt;  // no answer: neither running nor not
+    }
+  }
+
+  void loop() {
+    while (!done_) {
+      for (const auto& d : kDevices) {
+        const auto answer = vmRunning(cluster_.stateDir(d) + "/run/tools-qmp.sock");
+        const auto now = Clock::now();
+        std::lock_guard lock(mutex_);
+        Poll& p = last_[d];
+        Poll next{answer.value_or(false), now, p.running && answer.value_or(false), p.at};
+        // `d` ran from its previous poll to this one: any other device that
+        // answered "running" in between ran at the same time.
+        if (next.running && next.runningBefore) {
+          for (const auto& [other, q] : last_) {
+            if (other == d || !q.running || q.at <= next.before) continue;
+            overlaps_.push_back(fmt::format("{} and {} both running ({} ran from {} ms to {} ms, {} at {} ms)", d,
+                                            other, d, ms(next.before), ms(now), other, ms(q.at)));
+          }
+        }
+        if (answer) {
+          p = next;
+        } else {
+          p = Poll{false, now, false, p.at};  // unknown: no interval is claimed across it
+        }
+      }
+      readSerials();
+      std::this_thread::sleep_for(std::chrono::milliseconds(40));
+    }
+  }
+
+  long ms(Clock::time_point t) const {
+    return static_cast<long>(std::chrono::duration_cast<std::chrono::milliseconds>(t - start_).count());
+  }
+
+  void readSerials() {
+    std::vector<std::pair<long, std::string>> round;
+    for (const auto& d : kDevices) {
+      std::ifstream in(cluster_.serialLog(d), std::ios::binary);
+      if (!in) continue;
+      in.seekg(0, std::ios::end);
+      const std::streamoff size = in.tellg();
+      if (size < offsets_[d]) offsets_[d] = 0;  // a new log (the state directory was made again)
+      if (size <= offsets_[d]) continue;
+      in.seekg(offsets_[d]);
+      std::string text(static_cast<std::size_t>(size - offsets_[d]), '\0');
+      in.read(text.data(), static_cast<std::streamsize>(text.size()));
+      const std::size_t complete = text.rfind('\n');
+      if (complete == std::string::npos) continue;
+      offsets_[d] += static_cast<std::streamoff>(complete + 1);
+      for (long v : counterValues(text.substr(0, complete + 1))) round.emplace_back(v, d);
+    }
+    // Within one round of reads the order between devices is not known: the
+    // values say it (two VMs running would print the same ones).
+    std::stable_sort(round.begin(), round.end());
+    std::lock_guard lock(mutex_);
+    for (const auto& [v, d] : round) {
+      if (!counter_.empty()) {
+        const auto& [last, lastDevice] = counter_.back();
+        if (v != last + 1 && !(rollbackAllowed_ && v <= last))
+          continuity_.push_back(fmt::format("counter {} on {} follows {} on {}", v, d, last, lastDevice));
+      }
+      rollbackAllowed_ = false;
+      counter_.emplace_back(v, d);
+    }
+  }
+
+  Cluster& cluster_;
+  std::thread thread_;
+  std::atomic<bool> done_{false};
+  std::mutex mutex_;
+  Clock::time_point start_ = Clock::now();
+  std::map<std::string, Poll> last_;
+  std::map<std::string, std::streamoff> offsets_;
+  std::vector<std::string> overlaps_;
+  std::vector<std::pair<long, std::string>> counter_;
+  std::vector<std::string> continuity_;
+  bool rollbackAllowed_ = false;
+};
+
+class Harness {
+ public:
+  explicit Harness(const ChaosOptions& o) : options_(o), cluster_(o.dir), events_(o.dir + "/events.log") {
+    result_.seed = o.seed;
+    result_.steps = o.steps;
+  }
+
+  ChaosResult run() {
+    start();
+    Monitor monitor(cluster_);
+    monitor_ = &monitor;
+    const auto steps = schedule(options_.seed, options_.steps);
+    for (int i = 0; i < static_cast<int>(steps.size()) && result_.failures.empty(); ++i) {
+      step_ = i + 1;
+      log(fmt::format("step {}: {}", step_, describe(steps[i])));
+      ++result_.events[kindName(steps[i].kind)];
+      execute(steps[i]);
+      settle();
+      check(fmt::format("after step {}", step_));
+    }
+    if (result_.failures.empty()) finish();
+    monitor.stop();
+    check("at the end");
+    result_.counterValues = monitor.counter().size();
+    if (result_.acknowledged == 0) result_.failures.push_back("no checkpoint was acknowledged: nothing was checked");
+    if (result_.counterValues == 0) result_.failures.push_back("no counter value was read: continuity unchecked");
+    monitor_ = nullptr;
+    log(result_.failures.empty() ? "passed" : fmt::format("FAILED: {}", result_.failures.front()));
+    return result_;
+  }
+
+ private:
+  void log(const std::string& text) {
+    const double t = std::chrono::duration<double>(Clock::now() - t0_).count();
+    const std::string line = fmt::format("[{:9.3f}] seed {} {}\n", t, options_.seed, text);
+    events_ << line << std::flush;
+    if (options_.progress) *options_.progress << line << std::flush;
+  }
+
+  void fail(const std::string& what) {
+    result_.failures.push_back(fmt::format("step {}: {}", step_, what));
+    log("failure: " + what);
+  }
+
+  void start() {
+    cluster_.useNetworkLab();
+    std::mt19937_64 random(options_.seed ^ 0x5eedull);
+    // The first full checkpoint goes over wifi; the seed then gives each
+    // link its profile (wifi or lte) for the schedule.
+    for (const auto& d : kDevices) cluster_.setLink(d, "wifi");
+    startServer();
+    cluster_.startActive("A", deviceOptions());
+    cluster_.startStandby("B", deviceOptions());
+    cluster_.startStandby("C", deviceOptions());
+    if (!cluster_.waitForHead(3, std::chrono::seconds(300)))
+      throw Error("the cluster did not sync its first checkpoints:\n" + cluster_.logOf("A") + cluster_.logOf("server"));
+    if (!waitFor([&] { return counterValues(readFile(cluster_.serialLog("A"))).size() >= 3; },
+                 std::chrono::seconds(300)))
+      throw Error("the guest on A is not counting:\n" + cluster_.logOf("A"));
+    for (const auto& d : kDevices) {
+      profile_[d] = kProfiles[std::uniform_int_distribution<std::size_t>(0, 1)(random)];
+      cluster_.setProfile(d, profile_[d]);
+    }
+    log(fmt::format("cluster up: links A {}, B {}, C {}", profile_["A"], profile_["B"], profile_["C"]));
+  }
+
+  std::vector<std::string> deviceOptions() const {
+    return {"--block-source", "scan", "--resumable-every", "2"};
+  }
+  void startServer() { cluster_.startServer({"--lease-timeout", std::to_string(options_.leaseTimeoutSeconds)}); }
+
+  std::string active() {
+    auto s = cluster_.status();
+    return s ? (*s)["active_device"].get<std::string>() : std::string();
+  }
+  /// The pick-th device other than `not`.
+  std::string other(const std::string& notThis, int pick) {
+    std::vector<std::string> others;
+    for (const auto& d : kDevices)
+      if (d != notThis) others.push_back(d);
+    return others[static_cast<std::size_t>(pick) % others.size()];
+  }
+
+  void execute(const Step& s) {
+    switch (s.kind) {
+      case Kind::Switch: {
+        const std::string from = active();
+        const std::string to = other(from, s.pick);
+        switchTo(from, to, nullptr, nullptr);
+        break;
+      }
+      case Kind::SwitchCut: {
+        const std::string from = active();
+        const std::string to = other(from, s.pick);
+        switchTo(from, to, &s, [&] { cut(s.cutSource ? from : to, s.durationMs); });
+        break;
+      }
+      case Kind::SwitchKill: killDuringSwitch(s); break;
+      case Kind::Flap: {
+        const std::string d = kDevices[static_cast<std::size_t>(s.pick) % kDevices.size()];
+        cut(d, s.durationMs);
+        break;
+      }
+      case Kind::ServerKill: {
+        cluster_.server().kill();  // SIGKILL
+        log("server killed");
+        std::this_thread::sleep_for(std::chrono::milliseconds(s.durationMs));
+        startServer();
+        log("server restarted");
+        if (!waitFor([&] { return cluster_.status().has_value(); }, std::chrono::seconds(30)))
+          fail("the server did not come back after kill -9:\n" + cluster_.logOf("server"));
+        check(fmt::format("step {}, right after the server's restart", step_));
+        break;
+      }
+      case Kind::StandbyKill: {
+        const std::string victim = other(active(), s.pick);
+        cluster_.device(victim).kill();  // SIGKILL
+        log("standby " + victim + " killed");
+        std::this_thread::sleep_for(std::chrono::milliseconds(s.durationMs));
+        cluster_.startStandby(victim, deviceOptions());
+        log("standby " + victim + " restarted");
+        break;
+      }
+      case Kind::ActiveKill: killActive(s); break;
+      case Kind::Profile: {
+        const std::string d = kDevices[static_cast<std::size_t>(s.pick) % kDevices.size()];
+        cluster_.setProfile(d, s.profile);
+        profile_[d] = s.profile;
+        log("link of " + d + " is " + s.profile);
+        break;
+      }
+    }
+  }
+
+  void cut(const std::string& device, int ms) {
+    cluster_.setLinkUp(device, false);
+    log("link of " + device + " down");
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    cluster_.setLinkUp(device, true);
+    log("link of " + device + " up");
+  }
+
+  /// Runs `vmsync switch` from `from` to `to`; with `fault`, calls it at the
+  /// moment of the switch `timing` names, while the command runs.
+  void switchTo(const std::string& from, const std::string& to, const Step* timing,
+                const std::function<void()>& fault) {
+    if (from.empty()) {
+      fail("no device holds the lease before a switch");
+      return;
+    }
+    const std::size_t serverLogAt = readFile(options_.dir + "/server.log").size();
+    std::atomic<bool> finished{false};
+    int rc = -1;
+    std::string output;
+    std::thread command([&] {
+      nlohmann::json report;
+      rc = cluster_.switchTo(to, &report, &output);
+      finished = true;
+    });
+    if (fault) {
+      // Wait for the moment of the switch the step names, then strike.
+      auto paused = [&] {
+        return readFile(options_.dir + "/server.log").find("pausing " + from, serverLogAt) != std::string::npos;
+      };
+      switch (timing->phase) {
+        case Phase::AtStart: break;
+        case Phase::AtPause:
+        case Phase::AfterPause:
+          waitFor([&] { return paused() || finished.load(); }, std::chrono::seconds(60));
+          break;
+        case Phase::AtEnd: waitFor([&] { return finished.load(); }, std::chrono::seconds(120)); break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(timing->delayMs));
+      const bool during = !finished.load();
+      if (during) ++result_.faultsDuringSwitch;
+      log(fmt::format("the fault comes {} the switch", during ? "during" : "after"));
+      fault();
+    }
+    command.join();
+    if (rc == 0) {
+      ++result_.switchesSucceeded;
+      log(fmt::format("switch {} -> {} done", from, to));
+    } else {
+      ++result_.switchesFailed;
+      std::string first = output.substr(0, output.find('\n'));
+      log(fmt::format("switch {} -> {} failed: {}", from, to, first));
+      if (!fault) fail(fmt::format("a switch {} -> {} on healed links failed: {}", from, to, output));
+    }
+  }
+
+  void killDuringSwitch(const Step& s) {
+    const std::string from = active();
+    const std::string to = other(from, s.pick);
+    const std::string who = victimName(s);
+    const std::string victim = who == "server" ? "" : who == "source" ? from : to;  // "": the server
+    switchTo(from, to, &s, [&] {
+      if (victim.empty()) {
+        cluster_.server().kill();
+        log("server killed");
+      } else {
+        cluster_.device(victim).kill();  // SIGKILL; its QEMU, if any, dies with it
+        log("device " + victim + " killed");
+      }
+    });
+    if (victim.empty()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(s.durationMs));
+      startServer();
+      log("server restarted");
+      if (!waitFor([&] { return cluster_.status().has_value(); }, std::chrono::seconds(30)))
+        fail("the server did not come back after kill -9:\n" + cluster_.logOf("server"));
+      check(fmt::format("step {}, right after the server's restart", step_));
+      return;
+    }
+    recoverLostDevice(victim, s.pick);
+  }
+
+  /// `victim`'s daemon was killed: if the VM ran there or nowhere runs now,
+  /// the VM fails over (forced, once the lease has timed out) to another
+  /// device; then `victim` comes back as a standby.
+  void recoverLostDevice(const std::string& victim, int pick) {
+    if (!waitFor([&] { return monitor_->running().count(victim) == 0; }, std::chrono::seconds(20)))
+      fail("the VM of " + victim + " still runs after its daemon was killed");
+    // A failed switch resumes the source by itself: give it the time to.
+    const bool elsewhere = waitFor(
+        [&] {
+          const auto running = monitor_->running();
+          return running.size() == 1 && !running.count(victim);
+        },
+        std::chrono::seconds(options_.leaseTimeoutSeconds + 5));
+    if (!elsewhere) failOver(victim, other(victim, pick));
+    cluster_.startStandby(victim, deviceOptions());
+    log("lost device " + victim + " back as a standby");
+  }
+
+  /// `vmsync switch --force` to `to`, retried until the lease of the lost
+  /// `victim` has timed out.
+  void failOver(const std::string& victim, const std::string& to) {
+    std::string output;
+    nlohmann::json report;
+    int rc = -1;
+    waitFor(
+        [&] {
+          rc = cluster_.switchTo(to, &report, &output, /*force=*/true);
+          if (rc != 0) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+          return rc == 0;
+        },
+        std::chrono::seconds(90));
+    if (rc != 0) {
+      fail(fmt::format("forced switch to {} after losing {} failed: {}", to, victim, output));
+      return;
+    }
+    monitor_->allowRollback();
+    ++result_.forcedFailovers;
+    log(fmt::format("forced switch to {} done ({} lost)", to, victim));
+  }
+
+  void killActive(const Step& s) {
+    const std::string victim = active();
+    if (victim.empty()) {
+      fail("no device holds the lease");
+      return;
+    }
+    cluster_.device(victim).kill();  // SIGKILL; its QEMU dies with it (parent-death signal)
+    log("active " + victim + " killed");
+    if (!waitFor([&] { return monitor_->running().count(victim) == 0; }, std::chrono::seconds(20)))
+      fail("the VM of " + victim + " still runs after its daemon was killed");
+    failOver(victim, other(victim, s.pick));
+    cluster_.startStandby(victim, deviceOptions());
+    log("lost device " + victim + " back as a standby");
+  }
+
+  /// Waits, links healed, until exactly one VM runs (the lease holder's) and
+  /// every device is online at the head; records how long that took.
+  void settle() {
+    if (!result_.failures.empty()) return;
+    const auto t = Clock::now();
+    std::string last;
+    const bool settled = waitFor(
+        [&] {
+          auto s = cluster_.status();
+          if (!s) {
+            last = "the server does not answer";
+            return false;
+          }
+          const std::string holder = (*s)["active_device"];
+          const std::uint64_t head = (*s)["head_sequence"];
+          const auto running = monitor_->running();
+          if (running.size() != 1 || holder.empty() || !running.count(holder)) {
+            last = fmt::format("holder '{}', {} VM(s) running", holder, running.size());
+            return false;
+          }
+          for (const auto& d : (*s)["devices"]) {
+            if (d["state"] != "online" || (d["device"] != holder && d["applied_sequence"] != head)) {
+              last = fmt::format("device {} is {} at {} of {}", d["device"].get<std::string>(),
+                                 d["state"].get<std::string>(), d["applied_sequence"].get<std::uint64_t>(), head);
+              return false;
+            }
+          }
+          return (*s)["devices"].size() == kDevices.size();
+        },
+        kSettle);
+    const double seconds = std::chrono::duration<double>(Clock::now() - t).count();
+    if (!settled) {
+      fail(fmt::format("not settled {:.0f} s after the step: {}\n{}{}{}{}", seconds, last, cluster_.logOf("server"),
+                       cluster_.logOf("A"), cluster_.logOf("B"), cluster_.logOf("C")));
+      return;
+    }
+    result_.convergenceSeconds.push_back(seconds);
+    log(fmt::format("settled in {:.1f} s", seconds));
+  }
+
+  void check(const std::string& when) {
+    checkDurability(options_.dir, result_, when);
+    for (const auto& o : monitor_ ? monitor_->overlaps() : std::vector<std::string>{}) {
+      if (reportedOverlaps_.insert(o).second) {
+        ++result_.twoRunning;
+        fail("two VMs running: " + o);
+      }
+    }
+    for (const auto& c : monitor_ ? monitor_->continuityFailures() : std::vector<std::string>{}) {
+      if (reportedContinuity_.insert(c).second) fail("guest counter: " + c);
+    }
+  }
+
+  /// The schedule is over: every device takes the VM once more on healed
+  /// links, the target verifying the final checkpoint's image digest.
+  void finish() {
+    for (const auto& d : kDevices) cluster_.setLinkUp(d, true);
+    std::string from = active();
+    for (int i = 0; i < static_cast<int>(kDevices.size()) && result_.failures.empty(); ++i) {
+      const auto at = std::find(kDevices.begin(), kDevices.end(), from);
+      const std::string to = at == kDevices.end() ? kDevices.front() : kDevices[(at - kDevices.begin() + 1) % kDevices.size()];
+      step_ = options_.steps + i + 1;
+      log(fmt::format("final round: switch {} -> {}", from, to));
+      switchTo(from, to, nullptr, nullptr);
+      settle();
+      from = to;
+    }
+  }
+
+  ChaosOptions options_;
+  Cluster cluster_;
+  std::ofstream events_;
+  ChaosResult result_;
+  Monitor* monitor_ = nullptr;
+  std::map<std::string, std::string> profile_;
+  std::set<std::string> reportedOverlaps_, reportedContinuity_;
+  int step_ = 0;
+  Clock::time_point t0_ = Clock::now();
+};
+
+}  // namespace
+
+ChaosResult runChaos(const ChaosOptions& options) {
+  Harness harness(options);
+  return harness.run();
+}
+
+std::vector<std::string> describeSchedule(std::uint64_t seed, int steps) {
+  std::vector<std::string> out;
+  int i = 0;
+  for (const auto& s : schedule(seed, steps)) out.push_back(fmt::format("step {}: {}", ++i, describe(s)));
+  return out;
+}
+
+ChaosResult checkAcknowledged(const std::string& dir) {
+  ChaosResult result;
+  checkDurability(dir, result, "check");
+  return result;
+}
+
+std::string missingForChaos() {
+  std::string missing = missingForVm();
+  if (missing.empty()) missing = missingForNetworkLab();
+  return missing;
+}
+
+std::string summaryTable(const std::vector<ChaosResult>& results) {
+  const char* header = "{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} {:>6} {:>8} {:>8}  {}\n";
+  std::string out = fmt::format(fmt::runtime(header), "seed", "steps", "switches", "failed", "cut", "kill", "mid",
+                                "flap", "srv", "sby", "act", "link", "forced", "acked", "lost", "two-on", "conv-med",
+                                "conv-max", "result");
+  auto row = [&](const std::string& seed, const ChaosResult& r, std::vector<double> conv, bool passed) {
+    std::sort(conv.begin(), conv.end());
+    const double median = conv.empty() ? 0 : conv[conv.size() / 2];
+    const double max = conv.empty() ? 0 : conv.back();
+    auto count = [&](Kind k) {
+      auto it = r.events.find(kindName(k));
+      return it == r.events.end() ? 0 : it->second;
+    };
+    out += fmt::format("{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} {:>6} "
+                       "{:>7.1f}s {:>7.1f}s  {}\n",
+                       seed, r.steps, r.switchesSucceeded + r.switchesFailed, r.switchesFailed, count(Kind::SwitchCut),
+                       count(Kind::SwitchKill), r.faultsDuringSwitch, count(Kind::Flap), count(Kind::ServerKill),
+                       count(Kind::StandbyKill), count(Kind::ActiveKill), count(Kind::Profile), r.forcedFailovers,
+                       r.acknowledged, r.lost, r.twoRunning, median, max, passed ? "pass" : "FAIL");
+  };
+  ChaosResult total;
+  std::vector<double> all;
+  bool passed = true;
+  for (const auto& r : results) {
+    row(std::to_string(r.seed), r, r.convergenceSeconds, r.passed());
+    total.steps += r.steps;
+    total.switchesSucceeded += r.switchesSucceeded;
+    total.switchesFailed += r.switchesFailed;
+    total.faultsDuringSwitch += r.faultsDuringSwitch;
+    total.forcedFailovers += r.forcedFailovers;
+    for (const auto& [k, n] : r.events) total.events[k] += n;
+    total.acknowledged += r.acknowledged;
+    total.lost += r.lost;
+    total.twoRunning += r.twoRunning;
+    all.insert(all.end(), r.convergenceSeconds.begin(), r.convergenceSeconds.end());
+    passed = passed && r.passed();
+  }
+  if (results.size() > 1) row("total", total, all, passed);
+  out += "switches: every switch command, the final round's included (failed: refused or cut short by a fault);\n"
+         "cut, kill: switches with a link cut or a kill -9 (server, source or target) at a chosen moment; mid: of\n"
+         "those, the faults that struck while the command still ran; flap: link outages; srv, sby, act: kill -9\n"
+         "of the server, a standby, the active device; link: profile changes; forced: forced failovers; acked:\n"
+         "checkpoints acknowledged to devices, each found in the store by digest, folded into the base, or\n"
+         "abandoned by a failover; lost: acknowledged but not there; two-on: moments two VMs answered running;\n"
+         "conv: time from the end of a step to one VM running, on the lease holder, and every device at the head.\n";
+  return out;
+}
+
+}  // namespace vmsync::testing
