@@ -32,8 +32,9 @@ class DeviceSessionImpl final : public wire::DeviceSession::Server {
   }
   kj::Promise<void> push(PushContext context) override {
     return guarded([&] {
-      context.getResults().setSequence(server_.push(id_, context.getParams().getCheckpoint()));
-      return kj::READY_NOW;
+      const std::uint64_t stored = server_.push(id_, context.getParams().getCheckpoint());
+      context.getResults().setSequence(stored);
+      return server_.answerPush(stored);
     });
   }
   kj::Promise<void> releaseLease(ReleaseLeaseContext context) override {
@@ -492,6 +493,19 @@ void SyncServer::releaseLease(const std::string& id, std::uint64_t epoch) {
   if (state_.holder != id || state_.epoch != epoch) fail("device {} does not hold lease epoch {}", id, epoch);
   state_.holder.clear();
   persist();
+}
+
+kj::Promise<void> SyncServer::answerPush(std::uint64_t sequence) {
+  // Test hook: VMSYNC_TEST_HOLD_PUSH_ANSWER_MS=N holds every push's answer N ms
+  // after the checkpoint is stored, so that a test can cut the link while the
+  // answer is on its way (the device must find out on reconnecting).
+  static const long holdMs = [] {
+    const char* v = std::getenv("VMSYNC_TEST_HOLD_PUSH_ANSWER_MS");
+    return v ? std::atol(v) : 0L;
+  }();
+  if (holdMs <= 0 || !timer_) return kj::READY_NOW;
+  spdlog::warn("test hook: checkpoint {} is stored; its answer waits {} ms", sequence, holdMs);
+  return timer_->afterDelay(holdMs * kj::MILLISECONDS);
 }
 
 void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {

@@ -88,6 +88,9 @@ class SyncServer {
   void unregister(const std::string& id, std::uint64_t connection);
   std::uint64_t acquireLease(const std::string& id);
   std::uint64_t push(const std::string& id, wire::Checkpoint::Reader checkpoint);
+  /// Resolves when the answer to the push of `sequence` (stored) may go out:
+  /// at once, except under a test hook (VMSYNC_TEST_HOLD_PUSH_ANSWER_MS).
+  kj::Promise<void> answerPush(std::uint64_t sequence);
   void releaseLease(const std::string& id, std::uint64_t epoch);
   void renewLease(const std::string& id, std::uint64_t epoch);
   void setLeaseTimeout(std::chrono::milliseconds timeout) { leaseTimeout_ = timeout; }

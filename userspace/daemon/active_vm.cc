@@ -213,18 +213,18 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
   link_.holdWhileSending(pending);
   if (kind == wire::CheckpointKind::FULL) attachSpec(checkpoint);
   // Logged with the acknowledgement: what the server promised to keep.
-  const std::string identity = describeIdentity(checkpoint.asReader());
+  pending->identity = describeIdentity(checkpoint.asReader());
   const std::uint64_t harvestNs = nowNs() - t0;
   const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
   auto progress =
       link_.watchTransfer(fmt::format("{}: checkpoint {}", options_.deviceId, pending->sequence), wireBytes);
-  const std::uint64_t sendStart = nowNs();
+  const std::uint64_t sendStart = pending->sentNs = nowNs();
   return request.send()
       .attach(kj::mv(progress))
       .then(
-          [this, pending, kind, harvestNs, wireBytes, sendStart, sinceLastHarvest,
-           identity](capnp::Response<wire::DeviceSession::PushResults>) {
-            onPushStored(*pending, kind, wireBytes, sinceLastHarvest, harvestNs, sendStart, identity);
+          [this, pending, kind, harvestNs, wireBytes, sendStart,
+           sinceLastHarvest](capnp::Response<wire::DeviceSession::PushResults>) {
+            onPushStored(*pending, kind, wireBytes, sinceLastHarvest, harvestNs, sendStart);
             link_.sent(pending);
           },
           [this, pending](kj::Exception&& e) { onPushFailed(pending, e); })
@@ -232,8 +232,7 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
 }
 
 void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kind, std::uint64_t wireBytes,
-                            double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart,
-                            const std::string& identity) {
+                            double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart) {
   const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
   leaseRenewed();  // the server stores pushes under the current lease only
   bytesPushed_ += wireBytes;
@@ -256,7 +255,7 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
       "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s), {}",
       options_.deviceId, pending.sequence, kindName(kind), pending.memory.units.size(), pending.disk.units.size(),
       bytes, harvestNs / 1e6, wireBytes, sendSeconds, sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0,
-      identity);
+      pending.identity);
 }
 
 void ActiveVm::onPushFailed(const std::shared_ptr<PendingPush>& pending, const kj::Exception& e) {
@@ -271,8 +270,9 @@ void ActiveVm::onPushFailed(const std::shared_ptr<PendingPush>& pending, const k
   // unconfirmed one reuses its sequence and is refused: the earlier
   // one is what the server may hold, so it is the one to settle.
   if (!link_.unconfirmed() || link_.unconfirmed()->sequence != pending->sequence) link_.markUnconfirmed(pending);
-  spdlog::warn("{}: checkpoint {} not stored ({}); its changes go into the next one", options_.deviceId,
-               pending->sequence, describe(e));
+  spdlog::warn("{}: checkpoint {} not stored ({}; sent {:.2f} s before); its changes go into the next one",
+               options_.deviceId, pending->sequence, describe(e),
+               pending->sentNs ? static_cast<double>(nowNs() - pending->sentNs) / 1e9 : 0.0);
 }
 
 PendingPush ActiveVm::harvestEverything(bool encodeNow) {
@@ -354,19 +354,18 @@ kj::Promise<FinalCheckpoint> ActiveVm::pushFinal(wire::DeviceSession::Client ses
   link_.holdWhileSending(pending);
   checkpoint.setDeviceState(asCapnp(final->deviceState));
   checkpoint.setImageDigest(asCapnp(final->digest));
-  const std::string identity = describeIdentity(checkpoint.asReader());
+  pending->identity = describeIdentity(checkpoint.asReader());
   auto progress = link_.watchTransfer(fmt::format("{}: final checkpoint {}", options_.deviceId, pending->sequence),
                                       request.totalSize().wordCount * sizeof(capnp::word));
-  const std::uint64_t start = nowNs();
+  const std::uint64_t start = pending->sentNs = nowNs();
   return request.send()
       .attach(kj::mv(progress))
       .then(
-          [this, result, pending, final, start,
-           identity](capnp::Response<wire::DeviceSession::PushResults>) mutable {
+          [this, result, pending, final, start](capnp::Response<wire::DeviceSession::PushResults>) mutable {
             link_.sent(pending);
             result.setPushNs(nowNs() - start);
             spdlog::info("{}: final checkpoint {} stored (image digest {}), {}", options_.deviceId,
-                         final->sequence, toHex(final->digest), identity);
+                         final->sequence, toHex(final->digest), pending->identity);
             return kj::mv(*final);
           },
           [this, pending](kj::Exception&& e) -> FinalCheckpoint {

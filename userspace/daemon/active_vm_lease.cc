@@ -111,17 +111,16 @@ kj::Promise<void> ActiveVm::pushResumablePoint() {
   checkpoint.setDeviceState(asCapnp(*state));
   checkpoint.setImageDigest(asCapnp(digest));
   checkpoint.setVmContinued(true);
-  const std::string identity = describeIdentity(checkpoint.asReader());
+  pending->identity = describeIdentity(checkpoint.asReader());
   const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
   auto progress =
       link_.watchTransfer(fmt::format("{}: resumable point {}", options_.deviceId, pending->sequence), wireBytes);
-  const std::uint64_t sendStart = nowNs();
+  const std::uint64_t sendStart = pending->sentNs = nowNs();
   return request.send()
       .attach(kj::mv(progress), kj::mv(state))
       .then(
-          [this, pending, wireBytes, t0, t2, sendStart,
-           identity](capnp::Response<wire::DeviceSession::PushResults>) {
-            onPushStored(*pending, wire::CheckpointKind::FINAL, wireBytes, 0, t2 - t0, sendStart, identity);
+          [this, pending, wireBytes, t0, t2, sendStart](capnp::Response<wire::DeviceSession::PushResults>) {
+            onPushStored(*pending, wire::CheckpointKind::FINAL, wireBytes, 0, t2 - t0, sendStart);
             link_.sent(pending);
           },
           [this, pending](kj::Exception&& e) { onPushFailed(pending, e); })
@@ -137,7 +136,8 @@ kj::Promise<void> ActiveVm::rejoin(Registration registered) {
     ramTracker_->acknowledge(unconfirmed->memory);
     diskTracker_->acknowledge(unconfirmed->disk);
     replica_.saveApplied(head, epoch_);
-    spdlog::info("{}: checkpoint {} had reached the server before the connection broke", options_.deviceId, head);
+    spdlog::info("{}: checkpoint {} had reached the server before the connection broke, {}", options_.deviceId,
+                 head, unconfirmed->identity);
   }
   if (head != replica_.applied()) {
     // Another device pushed after this one: it runs the VM now.

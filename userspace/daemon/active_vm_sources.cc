@@ -110,7 +110,10 @@ void ActiveVm::warnIfMissed(const std::string& source, const DirtyUnits& reporte
   std::uint64_t missed = 0;
   for (const auto& unit : delta.units) missed += !seen.count(unit.index);
   // Units of an earlier failed push are expected here too; anything else is a source bug.
-  if (missed > 0)
+  if (missed == 0)
+    spdlog::info("{}: the final scan found {} changed units, each reported by the {} source", options_.deviceId,
+                 delta.units.size(), source);
+  else
     spdlog::warn("{}: the final scan found {} changed units the {} source did not report since the last "
                  "checkpoint (units of a failed push count here); the final checkpoint carries them",
                  options_.deviceId, missed, source);

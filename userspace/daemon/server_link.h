@@ -27,6 +27,11 @@ struct PendingPush {
   ImageDelta memory;
   ImageDelta disk;
   std::uint64_t sequence = 0;
+  /// "lease epoch E, checkpoint digest D" of the message sent (see
+  /// checkpoint/checkpoint_identity.h), logged once the server has it.
+  std::string identity;
+  /// When it was sent (nowNs), for the log when it fails.
+  std::uint64_t sentNs = 0;
 };
 
 using Registration = capnp::Response<wire::SyncServer::RegisterResults>;
