@@ -390,13 +390,17 @@ void SyncServer::unregister(const std::string& id, std::uint64_t connection) {
 }
 
 std::uint64_t SyncServer::acquireLease(const std::string& id) {
-  if (switching_) fail("a switch is in progress; device {} may take the lease after it", id);
-  if (!state_.holder.empty() && state_.holder != id)
-    fail("device {} holds the lease; switch to this device with `vmsync switch --to {}`", state_.holder, id);
-  if (state_.holder == id) {
+  // The holder asking again (back from a cut connection) keeps its lease,
+  // even while a switch away from it runs: the switch takes the lease only
+  // once the holder's final checkpoint is stored. Refusing it there fenced
+  // the VM's only runner and left the switch nobody to hand off from.
+  if (!state_.holder.empty() && state_.holder == id) {
     lastRenewalNs_ = nowNs();
     return state_.epoch;
   }
+  if (switching_) fail("a switch is in progress; device {} may take the lease after it", id);
+  if (!state_.holder.empty())
+    fail("device {} holds the lease; switch to this device with `vmsync switch --to {}`", state_.holder, id);
   DeviceEntry& entry = device(id);
   if (entry.applied != store_.head())
     fail("device {} is stale (at sequence {}, head {}); it must catch up before it may become active", id,

@@ -9,7 +9,8 @@
 //    server's data directory after every step: it is there with that digest,
 //    folded into the base, or after the point of a failover (abandoned);
 //  - convergence: after every step, with the links healed, one VM runs and
-//    every device reaches the head within a bound;
+//    every device reaches the head (as it was when the step ended) within a
+//    bound;
 //  - continuity: the guest's counter, read from every device's serial log,
 //    goes up by one at a time across devices, and goes back only once per
 //    forced failover.

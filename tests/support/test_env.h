@@ -72,6 +72,8 @@ class Process {
   /// Sends SIGKILL and reaps.
   void kill();
   const std::string& logPath() const { return logPath_; }
+  /// The wait status once the process is gone (see waitpid), else 0.
+  int status() const { return status_; }
 
  private:
   pid_t pid_ = -1;

@@ -53,6 +53,10 @@ ActiveVm::ActiveVm(kj::AsyncIoContext& io, const DeviceOptions& options, Replica
 }
 
 ActiveVm::~ActiveVm() {
+  // A push under way, or a hand-off waiting for it, must not reach this
+  // object once it is gone (it did, when a fenced device became a standby
+  // while the server's handOff call held the push: SIGSEGV in onPushFailed).
+  canceler_.cancel("the VM is no longer active on this device");
   if (vm_) {
     spdlog::info("stopping the VM (it is not handed off; the server keeps the last checkpoint)");
     vm_->quit();
@@ -119,7 +123,7 @@ void ActiveVm::startCheckpoints() {
   // first one is incremental on top of the final checkpoint.
   auto first = pushCheckpoint(replica_.applied() == 0 ? wire::CheckpointKind::FULL
                                                       : wire::CheckpointKind::INCREMENTAL);
-  inFlight_ = first.fork();
+  inFlight_ = canceler_.wrap(kj::mv(first)).fork();
   scheduleCheckpoint();
 }
 
@@ -138,9 +142,11 @@ kj::Promise<void> ActiveVm::checkpointLoop() {
         const bool resumableDue = options_.resumableEverySeconds > 0 && replica_.applied() > 0 && !selfPaused_ &&
                                   nowNs() - lastResumableNs_ >= options_.resumableEverySeconds * 1e9;
         // The full sync again when the first one never reached the server.
-        inFlight_ = (resumableDue ? pushResumablePoint()
-                                  : pushCheckpoint(replica_.applied() == 0 ? wire::CheckpointKind::FULL
-                                                                           : wire::CheckpointKind::INCREMENTAL))
+        inFlight_ = canceler_
+                        .wrap(resumableDue ? pushResumablePoint()
+                                           : pushCheckpoint(replica_.applied() == 0
+                                                                ? wire::CheckpointKind::FULL
+                                                                : wire::CheckpointKind::INCREMENTAL))
                         .fork();
         return checkpointLoop();
       });
@@ -306,14 +312,14 @@ kj::Promise<FinalCheckpoint> ActiveVm::handOff(std::string target, wire::HandOff
   stopping_ = true;
   timer_ = nullptr;
   const std::uint64_t requested = nowNs();
-  return whenIdle().then([this, target, result, requested, session]() mutable {
+  return canceler_.wrap(whenIdle().then([this, target, result, requested, session]() mutable {
     spdlog::info("{}: handing off to {} (waited {:.1f} ms for the checkpoint under way)", options_.deviceId, target,
                  (nowNs() - requested) / 1e6);
     auto pending = std::make_shared<PendingPush>();
     auto final = std::make_shared<FinalCheckpoint>();
     pauseForFinal(*pending, *final, result);
     return pushFinal(kj::mv(session), pending, final, result);
-  });
+  }));
 }
 
 void ActiveVm::pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire::HandOffResult::Builder result) {

@@ -97,8 +97,7 @@ class ActiveVm {
                           std::uint64_t sequence) const;
   void attachSpec(wire::Checkpoint::Builder checkpoint) const;
   void onPushStored(const PendingPush& pending, wire::CheckpointKind kind, std::uint64_t wireBytes,
-                    double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart,
-                    const std::string& identity);
+                    double sinceLastHarvest, std::uint64_t harvestNs, std::uint64_t sendStart);
   void onPushFailed(const std::shared_ptr<PendingPush>& pending, const kj::Exception& e);
   /// The final checkpoint's harvest with the VM paused: every unit compared.
   /// Without `encodeNow` the changed units are only copied: the caller
@@ -142,6 +141,10 @@ class ActiveVm {
   kj::Maybe<kj::Promise<void>> renewals_;
   kj::Maybe<kj::Promise<void>> timer_;           // next incremental checkpoint
   kj::Maybe<kj::ForkedPromise<void>> inFlight_;  // push under way
+  // Work that captures this object and that someone else may hold on to (a
+  // server's handOff call waits on the push under way, and so keeps it): all
+  // of it is cancelled when this object goes, before any member does.
+  kj::Canceler canceler_;
   std::optional<AdaptiveInterval> adaptive_;     // --target-switch-ms
   std::uint64_t lastHarvestNs_ = 0;              // of the previous checkpoint, for the guest's dirty rate
   std::uint64_t bytesPushed_ = 0;                // since this device became active: the link's share of the cost
