@@ -70,6 +70,8 @@ struct Regression {
   std::string found;
 };
 
+void PrintTo(const Regression& r, std::ostream* os) { *os << "seed " << r.seed << ", " << r.steps << " steps"; }
+
 /// The regression list: "SEED STEPS what it found" per line, # for comments.
 std::vector<Regression> regressions() {
   std::vector<Regression> out;
