@@ -1,10 +1,12 @@
 #include "chaos.h"
 
 #include <fmt/format.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -13,8 +15,6 @@
 #include <random>
 #include <regex>
 #include <set>
-#include <cstring>
-#include <sys/wait.h>
 #include <thread>
 
 #include "base/error.h"
