@@ -168,6 +168,7 @@ CheckpointStore::CheckpointStore(std::string dataDir, StoreRecovery recovery) : 
       state_.epoch = field("epoch");
       state_.holder = j.value("holder", "");
       state_.owner = j.value("owner", "");
+      state_.resumeOn = j.value("resume_on", "");
       state_.abandonedAfter = field("abandoned_after");
       state_.abandonedUpTo = field("abandoned_up_to");
       state_.abandonedTotal = field("abandoned_total");
@@ -186,6 +187,7 @@ CheckpointStore::CheckpointStore(std::string dataDir, StoreRecovery recovery) : 
     // (or runs the VM past it) is resynced to the chain when it registers.
     ++state_.epoch;
     state_.holder.clear();
+    state_.resumeOn.clear();
     state_.abandonedAfter = head_;
     state_.abandonedUpTo = std::max(state_.abandonedUpTo, setAside);
     state_.abandonedTotal += 1;
@@ -310,6 +312,7 @@ void CheckpointStore::saveState(const ServerState& state) {
   j["epoch"] = state.epoch;
   j["holder"] = state.holder;
   j["owner"] = state.owner;
+  j["resume_on"] = state.resumeOn;
   j["abandoned_after"] = state.abandonedAfter;
   j["abandoned_up_to"] = state.abandonedUpTo;
   j["abandoned_total"] = state.abandonedTotal;

@@ -42,6 +42,11 @@ struct ServerState {
   // Every failover: (the checkpoint it resumed from, the lease epoch it began).
   // A checkpoint past the first under an older epoch is one it abandoned.
   std::vector<std::pair<std::uint64_t, std::uint64_t>> failovers;
+  // A switch was cut short with the VM parked at a final checkpoint and
+  // nobody holding the lease (the server restarted before the target was
+  // activated, or the source it meant to resume on was offline): the device
+  // to resume the VM on when it registers. Empty: none.
+  std::string resumeOn;
 };
 
 /// The data directory: the base (a full checkpoint), then the checkpoints

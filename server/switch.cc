@@ -70,6 +70,7 @@ kj::Promise<void> SyncServer::activateOn(const std::string& target, wire::Switch
   if (!to.peer) rpcFail(fmt::format("device {} went offline", target));
   ++state_.epoch;
   state_.holder = target;
+  state_.resumeOn.clear();
   persist();
   lastRenewalNs_ = nowNs();
   audit({.action = "lease", .result = "granted", .device = target,
@@ -120,9 +121,12 @@ kj::Promise<void> SyncServer::switchRunning(const std::string& source, const std
         report.setPauseNs(r.getPauseNs());
         report.setFinalHarvestNs(r.getFinalHarvestNs());
         report.setDeviceStateSaveNs(r.getDeviceStateSaveNs());
-        // The source paused and stored its final checkpoint: its lease ends here.
+        // The source paused and stored its final checkpoint: its lease ends
+        // here. Should this server stop before the target is activated, the
+        // parked VM resumes on the target when it registers again.
         if (state_.holder == source) {
           state_.holder.clear();
+          state_.resumeOn = target;
           persist();
         }
         return takeOverAfterFinal(source, target, report, start, r.getPushNs());
@@ -172,11 +176,13 @@ kj::Promise<void> SyncServer::resumeSourceAfterFailedSwitch(const std::string& s
   DeviceEntry& back = device(source);
   if (!back.peer) {
     state_.holder.clear();
+    state_.resumeOn = source;  // when it is back
     persist();
     rpcFail(fmt::format("switch to {} failed: {}; {} is offline, so the VM stays paused", target, why, source));
   }
   ++state_.epoch;
   state_.holder = source;
+  state_.resumeOn.clear();
   persist();
   lastRenewalNs_ = nowNs();
   auto activate = back.peer->activateRequest();
@@ -187,6 +193,7 @@ kj::Promise<void> SyncServer::resumeSourceAfterFailedSwitch(const std::string& s
       },
       [this, target, source, why](kj::Exception&& e2) -> void {
         state_.holder.clear();
+        state_.resumeOn = source;  // when it is back
         persist();
         rpcFail(fmt::format("switch to {} failed: {}; resuming on {} failed too: {}", target, why, source,
                             describe(e2)));
@@ -230,6 +237,7 @@ kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
         // The device gave the lease back itself once its final checkpoint was stored.
         if (state_.holder == holder) {
           state_.holder.clear();
+          state_.resumeOn.clear();  // parked on purpose
           persist();
         }
         report.setDevice(holder);
@@ -250,6 +258,7 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
   // Fence first: a new epoch nobody holds yet, durable before anything moves.
   ++state_.epoch;
   state_.holder.clear();
+  state_.resumeOn.clear();
   const std::uint64_t oldHead = store_.head();
   persist();
   const std::uint64_t abandoned = store_.abandonAfter(point, state_.epoch);

@@ -367,8 +367,20 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
     resyncDevice(id, entry.connection, "it left the chain").detach([](kj::Exception&&) {});
   } else {
     forwardUpTo(entry, store_.head());
+    if (id == state_.resumeOn) resumeInterruptedSwitch(id);
   }
   return entry.connection;
+}
+
+void SyncServer::resumeInterruptedSwitch(const std::string& id) {
+  if (!state_.holder.empty() || !parked() || switching_) return;
+  spdlog::info("the VM was left parked at checkpoint {} by a switch cut short; {} is back: resuming it there",
+               store_.head(), id);
+  auto message = kj::heap<capnp::MallocMessageBuilder>();
+  auto report = message->initRoot<wire::SwitchReport>();
+  resumeParked(id, report)
+      .attach(kj::mv(message))
+      .detach([id](kj::Exception&& e) { spdlog::warn("resuming the VM on {}: {}", id, describe(e)); });
 }
 
 void SyncServer::revoked(const std::string& user, const std::string& device, const std::string& why) {
@@ -407,6 +419,7 @@ std::uint64_t SyncServer::acquireLease(const std::string& id) {
          entry.applied, store_.head());
   ++state_.epoch;
   state_.holder = id;
+  state_.resumeOn.clear();
   persist();
   lastRenewalNs_ = nowNs();
   spdlog::info("lease epoch {} granted to {}", state_.epoch, id);
@@ -496,6 +509,7 @@ std::uint64_t SyncServer::resumablePointCreatedNs() {
 void SyncServer::releaseLease(const std::string& id, std::uint64_t epoch) {
   if (state_.holder != id || state_.epoch != epoch) fail("device {} does not hold lease epoch {}", id, epoch);
   state_.holder.clear();
+  state_.resumeOn.clear();
   persist();
 }
 

@@ -118,6 +118,9 @@ class SyncServer {
   std::string abandonedBy(std::uint64_t applied, std::uint64_t epoch) const;
   /// Resumes a parked VM on `target`, after catching it up.
   kj::Promise<void> resumeParked(const std::string& target, wire::SwitchReport::Builder report);
+  /// Resumes the parked VM on `id`, which a switch cut short meant to run it
+  /// (state.resumeOn), unless the lease is held or a switch runs.
+  void resumeInterruptedSwitch(const std::string& id);
   /// Brings `target` to the head while nothing is paused; fills the report's catch-up part.
   kj::Promise<void> catchUpForSwitch(const std::string& target, const std::string& source,
                                      wire::SwitchReport::Builder report, std::uint64_t start);

@@ -1,12 +1,18 @@
 // The lease while a switch runs: the holder that asks for it again (back
 // from a cut connection) keeps it until its final checkpoint is stored;
-// any other device is refused until the switch is over.
+// any other device is refused until the switch is over. And a VM a switch
+// cut short left parked resumes on the device the switch meant to run it.
 #include <capnp/message.h>
 #include <gtest/gtest.h>
 #include <kj/async.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <fstream>
 
 #include "base/error.h"
 #include "sync_server.h"
+#include "base/units.h"
 #include "test_env.h"
 
 namespace vmsync {
@@ -50,6 +56,88 @@ TEST(ServerLease, TheHolderKeepsItsLeaseWhileASwitchAwayFromItRuns) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("a switch is in progress"), std::string::npos) << e.what();
   }
+}
+
+/// A checkpoint of VM "vm" from device A: 1 is full, the rest `kind`.
+kj::Own<capnp::MallocMessageBuilder> checkpoint(std::uint64_t sequence, std::uint64_t epoch,
+                                                wire::CheckpointKind kind) {
+  auto message = kj::heap<capnp::MallocMessageBuilder>();
+  auto root = message->initRoot<wire::Checkpoint>();
+  root.setVmId("vm");
+  root.setEpoch(epoch);
+  root.setSequence(sequence);
+  root.setBaseSequence(sequence - 1);
+  root.setOrigin("A");
+  root.setKind(sequence == 1 ? wire::CheckpointKind::FULL : kind);
+  if (sequence == 1) {
+    auto spec = root.initSpec();
+    spec.setVmId("vm");
+    spec.setMemoryBytes(16 * kUnitSize);
+    spec.setDiskBytes(16 * kUnitSize);
+  }
+  auto memory = root.initMemory(1);
+  memory[0].setIndex(sequence);
+  memory[0].setEncoding(wire::ChunkEncoding::WHOLE);
+  auto data = memory[0].initData(kUnitSize);
+  std::fill(data.begin(), data.end(), static_cast<std::uint8_t>(sequence));
+  return message;
+}
+
+/// A standby that applies whatever it is sent, and resumes when asked.
+class Resumable final : public wire::DevicePeer::Server {
+ public:
+  std::uint64_t applied = 0;
+  std::uint64_t activatedEpoch = 0;
+
+ protected:
+  kj::Promise<void> apply(ApplyContext context) override {
+    applied = context.getParams().getCheckpoint().getSequence();
+    context.getResults().setAppliedSequence(applied);
+    return kj::READY_NOW;
+  }
+  kj::Promise<void> activate(ActivateContext context) override {
+    activatedEpoch = context.getParams().getEpoch();
+    return kj::READY_NOW;
+  }
+};
+
+TEST(ServerLease, AVmASwitchLeftParkedResumesOnItsTargetWhenItIsBack) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  {
+    // A ran the VM; the switch to B stored A's final checkpoint, gave up A's
+    // lease, and the server stopped before it activated B.
+    SyncServer server(dir.path());
+    const std::uint64_t epoch = server.acquireLease("A");
+    auto full = checkpoint(1, epoch, wire::CheckpointKind::FULL);
+    auto final = checkpoint(2, epoch, wire::CheckpointKind::FINAL);
+    server.push("A", full->getRoot<wire::Checkpoint>().asReader());
+    server.push("A", final->getRoot<wire::Checkpoint>().asReader());
+    server.releaseLease("A", epoch);
+  }
+  nlohmann::json state = nlohmann::json::parse(std::ifstream(dir.path() + "/state.json"));
+  state["resume_on"] = "B";
+  std::ofstream(dir.path() + "/state.json") << state.dump();
+
+  SyncServer server(dir.path());
+  ASSERT_TRUE(server.parked());
+  auto c = kj::heap<Resumable>();
+  Resumable& cPeer = *c;
+  auto b = kj::heap<Resumable>();
+  Resumable& bPeer = *b;
+  // Another device coming back changes nothing.
+  server.registerDevice("C", kj::mv(c), 0, 0, false).wait(waitScope);
+  loop.run();
+  EXPECT_EQ(cPeer.activatedEpoch, 0u);
+  EXPECT_TRUE(server.parked());
+  // B does: it is caught up and the VM resumes there.
+  server.registerDevice("B", kj::mv(b), 0, 0, false).wait(waitScope);
+  loop.run();
+  EXPECT_EQ(bPeer.applied, 2u);
+  EXPECT_GT(bPeer.activatedEpoch, 0u) << "the VM was not resumed on B";
+  EXPECT_FALSE(server.parked());
+  EXPECT_EQ(cPeer.activatedEpoch, 0u);
 }
 
 }  // namespace
