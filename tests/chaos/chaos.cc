@@ -515,12 +515,7 @@ class Harness {
       case Kind::ServerKill: {
         cluster_.server().kill();  // SIGKILL
         log("server killed");
-        std::this_thread::sleep_for(std::chrono::milliseconds(s.durationMs));
-        startServer();
-        log("server restarted");
-        if (!waitFor([&] { return cluster_.status().has_value(); }, std::chrono::seconds(30)))
-          fail("the server did not come back after kill -9:\n" + cluster_.logOf("server"));
-        check(fmt::format("step {}, right after the server's restart", step_));
+        restartServerAfter(s.durationMs);
         break;
       }
       case Kind::StandbyKill: {
@@ -614,15 +609,20 @@ class Harness {
       }
     });
     if (victim.empty()) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(s.durationMs));
-      startServer();
-      log("server restarted");
-      if (!waitFor([&] { return cluster_.status().has_value(); }, std::chrono::seconds(30)))
-        fail("the server did not come back after kill -9:\n" + cluster_.logOf("server"));
-      check(fmt::format("step {}, right after the server's restart", step_));
+      restartServerAfter(s.durationMs);
       return;
     }
     recoverLostDevice(victim, s.pick);
+  }
+
+  /// Starts the killed server again after `ms`, and checks the store at once.
+  void restartServerAfter(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    startServer();
+    log("server restarted");
+    if (!waitFor([&] { return cluster_.status().has_value(); }, std::chrono::seconds(30)))
+      fail("the server did not come back after kill -9:\n" + cluster_.logOf("server"));
+    check(fmt::format("step {}, right after the server's restart", step_));
   }
 
   /// `victim`'s daemon was killed: if the VM ran there or nowhere runs now,
