@@ -9,39 +9,14 @@
 #include <memory>
 #include <vector>
 
-#include "base/units.h"
 #include "sync_server.h"
+#include "test_checkpoint.h"
 #include "test_env.h"
 
 namespace vmsync {
 namespace {
 
 using testing::TempDir;
-
-/// A checkpoint of VM "vm" whose one memory chunk (unit `sequence`) holds `sequence`.
-struct Built {
-  capnp::MallocMessageBuilder message;
-  wire::Checkpoint::Builder root = message.initRoot<wire::Checkpoint>();
-
-  Built(std::uint64_t sequence, std::uint64_t epoch) {
-    root.setVmId("vm");
-    root.setEpoch(epoch);
-    root.setSequence(sequence);
-    root.setBaseSequence(sequence - 1);
-    root.setKind(sequence == 1 ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
-    if (sequence == 1) {
-      auto spec = root.initSpec();
-      spec.setVmId("vm");
-      spec.setMemoryBytes(16 * kUnitSize);
-      spec.setDiskBytes(16 * kUnitSize);
-    }
-    auto memory = root.initMemory(1);
-    memory[0].setIndex(sequence);
-    memory[0].setEncoding(wire::ChunkEncoding::WHOLE);
-    auto data = memory[0].initData(kUnitSize);
-    std::fill(data.begin(), data.end(), static_cast<std::uint8_t>(sequence));
-  }
-};
 
 /// A standby whose applies finish only when the test says so.
 class SlowStandby final : public wire::DevicePeer::Server {
@@ -83,8 +58,8 @@ TEST(ServerForward, WhatPilesUpWhileAStandbyAppliesTravelsAsOneMerge) {
   TempDir dir;
   SyncServer server(dir.path());
   const std::uint64_t epoch = server.acquireLease("A");
-  Built full(1, epoch);
-  ASSERT_EQ(server.push("A", full.root.asReader()), 1u);
+  auto full = testCheckpoint(1, epoch);
+  ASSERT_EQ(server.push("A", full->getRoot<wire::Checkpoint>().asReader()), 1u);
 
   auto standby = kj::heap<SlowStandby>();
   SlowStandby& b = *standby;
@@ -94,10 +69,9 @@ TEST(ServerForward, WhatPilesUpWhileAStandbyAppliesTravelsAsOneMerge) {
   ASSERT_EQ(b.received.size(), 1u);  // the full checkpoint, still being applied
 
   // Four checkpoints come while B applies the first.
-  std::vector<std::unique_ptr<Built>> pushed;
   for (std::uint64_t s = 2; s <= 5; ++s) {
-    pushed.push_back(std::make_unique<Built>(s, epoch));
-    ASSERT_EQ(server.push("A", pushed.back()->root.asReader()), s);
+    auto pushed = testCheckpoint(s, epoch);
+    ASSERT_EQ(server.push("A", pushed->getRoot<wire::Checkpoint>().asReader()), s);
     loop.run();
   }
   ASSERT_EQ(b.received.size(), 1u) << "a second apply was sent before the first finished";

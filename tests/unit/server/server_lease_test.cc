@@ -7,12 +7,11 @@
 #include <kj/async.h>
 #include <nlohmann/json.hpp>
 
-#include <algorithm>
 #include <fstream>
 
 #include "base/error.h"
 #include "sync_server.h"
-#include "base/units.h"
+#include "test_checkpoint.h"
 #include "test_env.h"
 
 namespace vmsync {
@@ -58,31 +57,6 @@ TEST(ServerLease, TheHolderKeepsItsLeaseWhileASwitchAwayFromItRuns) {
   }
 }
 
-/// A checkpoint of VM "vm" from device A: 1 is full, the rest `kind`.
-kj::Own<capnp::MallocMessageBuilder> checkpoint(std::uint64_t sequence, std::uint64_t epoch,
-                                                wire::CheckpointKind kind) {
-  auto message = kj::heap<capnp::MallocMessageBuilder>();
-  auto root = message->initRoot<wire::Checkpoint>();
-  root.setVmId("vm");
-  root.setEpoch(epoch);
-  root.setSequence(sequence);
-  root.setBaseSequence(sequence - 1);
-  root.setOrigin("A");
-  root.setKind(sequence == 1 ? wire::CheckpointKind::FULL : kind);
-  if (sequence == 1) {
-    auto spec = root.initSpec();
-    spec.setVmId("vm");
-    spec.setMemoryBytes(16 * kUnitSize);
-    spec.setDiskBytes(16 * kUnitSize);
-  }
-  auto memory = root.initMemory(1);
-  memory[0].setIndex(sequence);
-  memory[0].setEncoding(wire::ChunkEncoding::WHOLE);
-  auto data = memory[0].initData(kUnitSize);
-  std::fill(data.begin(), data.end(), static_cast<std::uint8_t>(sequence));
-  return message;
-}
-
 /// A standby that applies whatever it is sent, and resumes when asked.
 class Resumable final : public wire::DevicePeer::Server {
  public:
@@ -110,8 +84,8 @@ TEST(ServerLease, AVmASwitchLeftParkedResumesOnItsTargetWhenItIsBack) {
     // lease, and the server stopped before it activated B.
     SyncServer server(dir.path());
     const std::uint64_t epoch = server.acquireLease("A");
-    auto full = checkpoint(1, epoch, wire::CheckpointKind::FULL);
-    auto final = checkpoint(2, epoch, wire::CheckpointKind::FINAL);
+    auto full = testCheckpoint(1, epoch);
+    auto final = testCheckpoint(2, epoch, wire::CheckpointKind::FINAL);
     server.push("A", full->getRoot<wire::Checkpoint>().asReader());
     server.push("A", final->getRoot<wire::Checkpoint>().asReader());
     server.releaseLease("A", epoch);
