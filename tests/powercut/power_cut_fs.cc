@@ -25,15 +25,30 @@ timespec now() {
   return t;
 }
 
-/// Names present in one map and not the other, or present in both for different inodes.
-std::uint64_t differences(const Entries& a, const Entries& b) {
+/// How many paths a report lists of each kind.
+constexpr std::size_t kPathsReported = 8;
+
+void note(std::vector<std::string>& paths, const std::string& path) {
+  if (paths.size() < kPathsReported) paths.push_back(path);
+}
+
+/// Names present in one map and not the other, or present in both for
+/// different inodes; each noted as `dir` + "/" + name.
+std::uint64_t differences(const Entries& a, const Entries& b, const std::string& dir,
+                          std::vector<std::string>& paths) {
   std::uint64_t count = 0;
   for (const auto& [name, ino] : a) {
     auto it = b.find(name);
-    if (it == b.end() || it->second != ino) ++count;
+    if (it == b.end() || it->second != ino) {
+      ++count;
+      note(paths, dir + "/" + name);
+    }
   }
   for (const auto& [name, ino] : b)
-    if (!a.contains(name)) ++count;
+    if (!a.contains(name)) {
+      ++count;
+      note(paths, dir + "/" + name);
+    }
   return count;
 }
 
@@ -172,7 +187,7 @@ int PowerCutFs::setattr(std::uint64_t ino, const PowerCutSetAttr& change, PowerC
 
 int PowerCutFs::make(std::uint64_t parent, const std::string& name, mode_t mode, uid_t uid, gid_t gid,
                      PowerCutAttr* out) {
-  if (!S_ISREG(mode) && !S_ISDIR(mode)) return -EPERM;  // regular files and directories only
+  if (!S_ISREG(mode) && !S_ISDIR(mode) && !S_ISSOCK(mode) && !S_ISFIFO(mode)) return -EPERM;  // no devices, no symlinks
   if (int rc = checkName(name); rc != 0) return rc;
   std::lock_guard lock(mutex_);
   Inode* dir = find(parent);
@@ -367,10 +382,29 @@ void PowerCutFs::release(std::uint64_t ino) {
 }
 
 PowerCutReport PowerCutFs::unsyncedLocked() const {
+  // A path for every inode a visible or durable name reaches, for the report.
+  std::map<std::uint64_t, std::string> paths{{kRootIno, ""}};
+  std::vector<std::uint64_t> walk{kRootIno};
+  while (!walk.empty()) {
+    const Inode* dir = find(walk.back());
+    const std::string at = paths[walk.back()];
+    walk.pop_back();
+    if (dir == nullptr) continue;
+    for (const Entries* entries : {&dir->entries, &dir->durableEntries})
+      for (const auto& [name, ino] : *entries)
+        if (paths.emplace(ino, at + "/" + name).second) walk.push_back(ino);
+  }
+  auto pathOf = [&](std::uint64_t ino) {
+    auto it = paths.find(ino);
+    return it == paths.end() ? "(unnamed inode " + std::to_string(ino) + ")" : it->second;
+  };
   PowerCutReport report;
   for (const auto& [ino, inode] : inodes_) {
-    report.namesUndone += differences(inode->entries, inode->durableEntries);
-    if (inode->dataChanged) ++report.filesReverted;
+    report.namesUndone += differences(inode->entries, inode->durableEntries, pathOf(ino), report.namesUndoneAt);
+    if (inode->dataChanged) {
+      ++report.filesReverted;
+      note(report.filesRevertedAt, pathOf(ino));
+    }
   }
   // What durable names reach from the root survives; the rest is dropped.
   std::set<std::uint64_t> reached{kRootIno};

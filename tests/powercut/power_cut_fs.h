@@ -55,6 +55,9 @@ struct PowerCutReport {
   std::uint64_t namesUndone = 0;    // directory entries added, removed or retargeted since the last fsync of their directory
   std::uint64_t filesReverted = 0;  // files whose data or size changed since their last fsync
   std::uint64_t inodesDropped = 0;  // files and directories no durable name reaches
+  /// Paths (from the root of the mount) of the names undone and the files
+  /// reverted, the first few of each, to say what a program left unsynced.
+  std::vector<std::string> namesUndoneAt, filesRevertedAt;
 };
 
 /// The file system. Every method is safe to call from several threads; the
@@ -71,7 +74,8 @@ class PowerCutFs {
   int lookup(std::uint64_t parent, const std::string& name, PowerCutAttr* out);
   int getattr(std::uint64_t ino, PowerCutAttr* out);
   int setattr(std::uint64_t ino, const PowerCutSetAttr& change, PowerCutAttr* out);
-  /// Makes a regular file (`mode` carries S_IFREG) or a directory (S_IFDIR).
+  /// Makes a regular file (`mode` carries S_IFREG), a directory (S_IFDIR), or
+  /// a socket or FIFO (S_IFSOCK, S_IFIFO: a name and no data).
   int make(std::uint64_t parent, const std::string& name, mode_t mode, uid_t uid, gid_t gid, PowerCutAttr* out);
   int link(std::uint64_t ino, std::uint64_t newParent, const std::string& newName, PowerCutAttr* out);
   int unlink(std::uint64_t parent, const std::string& name);

@@ -4,7 +4,11 @@
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
+
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -103,7 +107,9 @@ TEST_F(Model, ARenameNotSyncedIsUndoneAndTheOldNameComesBack) {
   ASSERT_EQ(fs.fsyncdir(kRoot), 0);
   ASSERT_EQ(fs.rename(kRoot, "record.tmp", kRoot, "record", 0), 0);
   EXPECT_EQ(named("record"), f);
-  EXPECT_EQ(fs.cut().namesUndone, 2u);  // "record" added, "record.tmp" removed
+  const PowerCutReport r = fs.cut();
+  EXPECT_EQ(r.namesUndone, 2u);  // "record" added, "record.tmp" removed
+  EXPECT_EQ(r.namesUndoneAt, (std::vector<std::string>{"/record", "/record.tmp"}));
   EXPECT_EQ(named("record"), 0u);
   EXPECT_EQ(named("record.tmp"), f);
   EXPECT_EQ(read(f), "payload");
@@ -180,7 +186,7 @@ TEST_F(Model, RenameRefusesWhatTheKernelWouldRefuse) {
   EXPECT_EQ(fs.rmdir(kRoot, "d"), -ENOTEMPTY);
   PowerCutAttr a;
   EXPECT_EQ(fs.make(kRoot, "f", S_IFREG | 0600, 0, 0, &a), -EEXIST);
-  EXPECT_EQ(fs.make(kRoot, "fifo", S_IFIFO | 0600, 0, 0, &a), -EPERM);
+  EXPECT_EQ(fs.make(kRoot, "device", S_IFCHR | 0600, 0, 0, &a), -EPERM);
 }
 
 /// The mounted file system, through the kernel.
@@ -200,6 +206,7 @@ TEST_F(Mounted, AFileWrittenWithoutSyncIsGoneAfterTheCut) {
   ASSERT_EQ(readFile(path), "written, never synced");
   PowerCutReport r = mount->cut();
   EXPECT_EQ(r.namesUndone, 1u);
+  EXPECT_EQ(r.filesRevertedAt, std::vector<std::string>{"/plain"});
   EXPECT_FALSE(std::filesystem::exists(path));
 }
 
@@ -231,6 +238,18 @@ TEST_F(Mounted, ARenameWithoutTheDirectorySyncIsUndone) {
   EXPECT_EQ(mount->cut().namesUndone, 2u);
   EXPECT_FALSE(std::filesystem::exists(mount->path() + "/state"));
   EXPECT_EQ(readFile(tmp), "v1");
+}
+
+TEST_F(Mounted, AUnixSocketBindsThereAsQemuMonitorsDo) {
+  const std::string path = mount->path() + "/qmp.sock";
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+  ::close(fd);
+  EXPECT_TRUE(std::filesystem::is_socket(path));
 }
 
 }  // namespace

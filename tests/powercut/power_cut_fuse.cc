@@ -105,7 +105,7 @@ void doSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int toSet, fus
 void doMknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
   PowerCutAttr a;
-  int rc = fs(req)->make(parent, name, mode & ~ctx->umask, ctx->uid, ctx->gid, &a);
+  int rc = fs(req)->make(parent, name, (mode & S_IFMT) | (mode & 07777 & ~ctx->umask), ctx->uid, ctx->gid, &a);
   rc == 0 ? replyEntry(req, a) : replyStatus(req, rc);
 }
 
@@ -221,9 +221,17 @@ void doStatfs(fuse_req_t req, fuse_ino_t) {
   fuse_reply_statfs(req, &st);
 }
 
+std::string joined(const std::vector<std::string>& paths) {
+  std::string out;
+  for (const auto& p : paths) out += (out.empty() ? "" : " ") + p;
+  return out;
+}
+
+/// One line; the counts first, then the paths (names contain no newline here).
 std::string describe(const PowerCutReport& r) {
   return std::to_string(r.namesUndone) + " names undone, " + std::to_string(r.filesReverted) + " files reverted, " +
-         std::to_string(r.inodesDropped) + " inodes dropped";
+         std::to_string(r.inodesDropped) + " inodes dropped; names: " + joined(r.namesUndoneAt) +
+         "; files: " + joined(r.filesRevertedAt);
 }
 
 /// Answers control commands until the process ends.

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <regex>
+#include <sstream>
 
 #include "base/error.h"
 
@@ -55,12 +56,19 @@ PowerCutReport PowerCutMount::ask(const std::string& command) {
     for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) answer.append(buf, static_cast<size_t>(n));
   }
   ::close(fd);
-  static const std::regex report(R"((\d+) names undone, (\d+) files reverted, (\d+) inodes dropped)");
+  static const std::regex report(
+      R"((\d+) names undone, (\d+) files reverted, (\d+) inodes dropped; names: ([^;\n]*); files: ([^\n]*))");
   std::smatch m;
   if (!std::regex_search(answer, m, report))
     throw Error("the power-cut file system at " + at_ + " did not answer '" + command + "' (got '" + answer +
                 "'): " + readFile(at_ + ".log"));
-  return {std::stoull(m[1]), std::stoull(m[2]), std::stoull(m[3])};
+  auto split = [](const std::string& text) {
+    std::vector<std::string> paths;
+    std::istringstream in(text);
+    for (std::string p; in >> p;) paths.push_back(p);
+    return paths;
+  };
+  return {std::stoull(m[1]), std::stoull(m[2]), std::stoull(m[3]), split(m[4]), split(m[5])};
 }
 
 PowerCutReport PowerCutMount::cut() { return ask("cut"); }
