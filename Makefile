@@ -19,7 +19,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs btrfs-progs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image video-image demo test soak chaos sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch study clean
+.PHONY: all setup build image video-image demo test soak chaos powercut sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch study clean
 
 all: build
 
@@ -68,6 +68,16 @@ STEPS ?= 200
 chaos: build image
 	VMSYNC_IMAGE=$(abspath $(IMAGE)) $(BUILD)/tests/chaos/vmsync_chaos --seeds $(SEED) --steps $(STEPS) \
 	  --out $(BUILD)/chaos
+
+# Power cuts (docs/operations.md, "Power cuts"): the server's data directory
+# and a standby's state directory on the power-cut file system
+# (tests/powercut), cut at every crash point of a push and at POWER_CUTS
+# random moments each (`make test` cuts at 5).
+POWER_CUTS ?= 20
+powercut: build image
+	$(BUILD)/tests/powercut/vmsync_powercut_tests --gtest_brief=1
+	VMSYNC_IMAGE=$(abspath $(IMAGE)) VMSYNC_POWER_CUTS=$(POWER_CUTS) \
+	  $(BUILD)/tests/integration/vmsync_durability_tests --gtest_brief=1 --gtest_filter='*PowerCut*'
 
 # Unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
 sanitize: setup

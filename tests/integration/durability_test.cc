@@ -4,12 +4,15 @@
 #include <stdlib.h>
 
 #include <filesystem>
+#include <random>
 #include <regex>
+#include <thread>
 
 #include <kj/async-io.h>
 
 #include "chaos.h"
 #include "cluster.h"
+#include "power_cut_mount.h"
 #include "transport/rpc_util.h"
 #include "transport/secure_channel.h"
 #include "vmsync.capnp.h"
@@ -54,15 +57,56 @@ class Durability : public ::testing::Test {
   }
 };
 
-TEST_F(Durability, ServerKilledAtEveryPointOfAPushLosesNothing) {
+/// After the server died (and the power with it): the server comes back on
+/// what its disk kept, and everything A was told is stored is there.
+void checkRestartLosesNothing(Cluster& cluster, const std::string& dir) {
+  const std::uint64_t acknowledged = lastAcknowledged(readFile(dir + "/A.log"), "A");
+  // The chain was at 3 before the first cut: fewer means the log line was not
+  // read, and the checks below would prove nothing.
+  ASSERT_GE(acknowledged, 3u) << "no acknowledged checkpoint found in A's log" << cluster.logOf("A");
+  cluster.startServer();
+  // The server verifies every record as it starts and refuses to start on
+  // damage: that it answers is the check that every record passed.
+  ASSERT_TRUE(cluster.status()) << "the server did not come back" << cluster.logOf("server");
+  const std::uint64_t head = cluster.head();
+  EXPECT_GE(head, acknowledged) << "an acknowledged checkpoint is missing after the restart";
+  // Each acknowledged checkpoint is in the store with the digest A logged for
+  // it (or folded into the base).
+  const ChaosResult stored = checkAcknowledged(dir);
+  for (const auto& f : stored.failures) ADD_FAILURE() << f;
+  EXPECT_EQ(stored.lost, 0u);
+  EXPECT_GE(stored.checkedByDigest + stored.folded, 3u) << "fewer acknowledgements found than the chain had";
+  // No partial checkpoint is visible: no temporary survives the restart.
+  for (const auto& entry : fs::directory_iterator(dir + "/server/checkpoints"))
+    EXPECT_FALSE(entry.path().string().ends_with(".tmp")) << entry.path();
+}
+
+std::string describe(const PowerCutReport& r) {
+  std::string text =
+      std::to_string(r.namesUndone) + " names undone, " + std::to_string(r.filesReverted) + " files reverted";
+  for (const auto& p : r.namesUndoneAt) text += ", name " + p;
+  for (const auto& p : r.filesRevertedAt) text += ", data " + p;
+  return text;
+}
+
+/// How many random cuts: VMSYNC_POWER_CUTS (make powercut sets 20), else 5.
+int randomCuts() {
+  const char* v = std::getenv("VMSYNC_POWER_CUTS");
+  return v ? std::atoi(v) : 5;
+}
+
+TEST_F(Durability, PowerCutAtEveryPointOfAPushAndAtRandomMomentsLosesNothing) {
   TempDir dir;
+  // The server's data directory on storage that keeps only what was made
+  // durable: a cut also takes what a process kill would leave in the page cache.
+  PowerCutMount disk(dir.path() + "/server");
+  if (!disk.missing().empty()) VMSYNC_SKIP_OR_FAIL(disk.missing());
   Cluster cluster(dir.path());
   cluster.startServer();
   cluster.startActive("A");  // the harness sets --interval 1
   cluster.startStandby("B");
   ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
 
-  const std::string checkpoints = dir.path() + "/server/checkpoints";
   for (const char* point : {"before-data-write", "after-data-fsync", "after-rename", "after-commit", "before-ack"}) {
     SCOPED_TRACE(point);
     // The test hook: the server SIGKILLs itself at `point` of the next push.
@@ -73,30 +117,33 @@ TEST_F(Durability, ServerKilledAtEveryPointOfAPushLosesNothing) {
     ASSERT_TRUE(waitFor([&] { return !cluster.server().running(); }, std::chrono::seconds(60)))
         << "the server did not reach " << point << cluster.logOf("server");
     ASSERT_NE(readFile(dir.path() + "/server.log").find(std::string("VMSYNC_CRASH_AT=") + point), std::string::npos);
-    const std::uint64_t acknowledged = lastAcknowledged(readFile(dir.path() + "/A.log"), "A");
-    // The chain was at 3 before the first crash: fewer means the log line was
-    // not read, and the check below would prove nothing.
-    ASSERT_GE(acknowledged, 3u) << "no acknowledged checkpoint found in A's log" << cluster.logOf("A");
-
-    cluster.startServer();
-    // The server verifies every record as it starts and refuses to start on
-    // damage: that it answers is the check that every record passed.
-    ASSERT_TRUE(cluster.status()) << "the server did not come back" << cluster.logOf("server");
-    const std::uint64_t head = cluster.head();
-    EXPECT_GE(head, acknowledged) << "an acknowledged checkpoint is missing after the restart";
-    // Each acknowledged checkpoint is in the store with the digest A logged
-    // for it (or folded into the base).
-    const ChaosResult stored = checkAcknowledged(dir.path());
-    for (const auto& f : stored.failures) ADD_FAILURE() << f;
-    EXPECT_EQ(stored.lost, 0u);
-    EXPECT_GE(stored.checkedByDigest + stored.folded, 3u) << "fewer acknowledgements found than the chain had";
-    // No partial checkpoint is visible: no temporary survives the restart.
-    for (const auto& entry : fs::directory_iterator(checkpoints))
-      EXPECT_FALSE(entry.path().string().ends_with(".tmp")) << entry.path();
-    std::printf("crash at %-18s: A had %llu acknowledged, server restarted at head %llu\n", point,
-                static_cast<unsigned long long>(acknowledged), static_cast<unsigned long long>(head));
+    const PowerCutReport cut = disk.cut();
+    // Between the data's fsync and the directory's, the record's name is not
+    // durable yet: the cut must have undone it, or it did not cut mid-commit.
+    if (std::string(point) == "after-data-fsync" || std::string(point) == "after-rename")
+      EXPECT_GE(cut.namesUndone, 1u) << "the cut at " << point << " found every name durable";
+    ASSERT_NO_FATAL_FAILURE(checkRestartLosesNothing(cluster, dir.path()));
+    std::printf("power cut at %-18s (%s): server restarted at head %llu\n", point, describe(cut).c_str(),
+                static_cast<unsigned long long>(cluster.head()));
     // The active device reconnects and goes on pushing; B keeps up.
-    ASSERT_TRUE(cluster.waitForHead(head + 2, std::chrono::seconds(90)))
+    ASSERT_TRUE(cluster.waitForHead(cluster.head() + 2, std::chrono::seconds(90)))
+        << cluster.logOf("server") << cluster.logOf("A") << cluster.logOf("B");
+  }
+
+  // Cuts at moments no hook chooses, while A pushes every second.
+  std::mt19937 random(1);
+  for (int i = 0, n = randomCuts(); i < n; ++i) {
+    SCOPED_TRACE("random cut " + std::to_string(i + 1));
+    const std::uint64_t reached = cluster.head();
+    const auto after = std::chrono::milliseconds(std::uniform_int_distribution<int>(0, 1500)(random));
+    std::this_thread::sleep_for(after);
+    cluster.server().kill();
+    const PowerCutReport cut = disk.cut();
+    ASSERT_NO_FATAL_FAILURE(checkRestartLosesNothing(cluster, dir.path()));
+    std::printf("power cut %d of %d, %lld ms after head %llu (%s): server restarted at head %llu\n", i + 1, n,
+                static_cast<long long>(after.count()), static_cast<unsigned long long>(reached),
+                describe(cut).c_str(), static_cast<unsigned long long>(cluster.head()));
+    ASSERT_TRUE(cluster.waitForHead(cluster.head() + 1, std::chrono::seconds(90)))
         << cluster.logOf("server") << cluster.logOf("A") << cluster.logOf("B");
   }
 
@@ -144,15 +191,20 @@ TEST_F(Durability, StandbyOfflineForTenCheckpointsCatchesUpInOneMerge) {
   ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
 }
 
-TEST_F(Durability, StandbyKilledMidApplyRecoversAndTakesOver) {
+TEST_F(Durability, StandbyPowerCutMidApplyAndAtRandomMomentsRecoversAndTakesOver) {
   TempDir dir;
   Cluster cluster(dir.path());
+  // B's state directory (its image, journal and state) on storage that keeps
+  // only what was made durable.
+  PowerCutMount disk(cluster.stateDir("B"));
+  if (!disk.missing().empty()) VMSYNC_SKIP_OR_FAIL(disk.missing());
   cluster.startServer();
   cluster.startActive("A");
   cluster.startStandby("B");
   ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
   // B restarts with the test hook: it is SIGKILLed on its next apply, after
-  // writing the image and before recording the sequence it reached.
+  // writing the image and before recording the sequence it reached; then the
+  // power goes.
   cluster.stopDevice("B");
   ::setenv("VMSYNC_CRASH_AT", "standby-after-write", 1);
   cluster.startStandby("B");
@@ -160,6 +212,8 @@ TEST_F(Durability, StandbyKilledMidApplyRecoversAndTakesOver) {
   ASSERT_TRUE(waitFor([&] { return !cluster.device("B").running(); }, std::chrono::seconds(60)))
       << "B was not killed mid-apply" << cluster.logOf("B");
   ASSERT_NE(readFile(dir.path() + "/B.log").find("VMSYNC_CRASH_AT=standby-after-write"), std::string::npos);
+  const PowerCutReport cut = disk.cut();
+  std::printf("power cut of B mid-apply: %s\n", describe(cut).c_str());
   cluster.startStandby("B");
   // Before it registers again, B finishes the interrupted checkpoint from its
   // journal: its image is at a whole checkpoint, not between two.
@@ -167,6 +221,22 @@ TEST_F(Durability, StandbyKilledMidApplyRecoversAndTakesOver) {
                       std::chrono::seconds(30)))
       << "B did not finish the interrupted apply from its journal" << cluster.logOf("B");
   ASSERT_TRUE(cluster.waitForDevice("B", cluster.head() + 1, std::chrono::seconds(60))) << cluster.logOf("B");
+
+  // Cuts at moments no hook chooses, while B applies a checkpoint a second.
+  std::mt19937 random(2);
+  for (int i = 0, n = randomCuts(); i < n; ++i) {
+    SCOPED_TRACE("random cut of B " + std::to_string(i + 1));
+    const auto after = std::chrono::milliseconds(std::uniform_int_distribution<int>(0, 1500)(random));
+    std::this_thread::sleep_for(after);
+    cluster.device("B").kill();
+    const PowerCutReport randomCut = disk.cut();
+    cluster.startStandby("B");
+    // B starts from what its disk kept (it refuses an image it cannot place
+    // at a whole checkpoint) and catches up.
+    ASSERT_TRUE(cluster.waitForDevice("B", cluster.head() + 1, std::chrono::seconds(90)))
+        << cluster.logOf("B") << cluster.logOf("server");
+    std::printf("power cut %d of %d of B (%s): B caught up\n", i + 1, n, describe(randomCut).c_str());
+  }
   nlohmann::json report;
   std::string output;
   ASSERT_EQ(cluster.switchTo("B", &report, &output), 0) << output << cluster.logOf("A") << cluster.logOf("B");
