@@ -158,6 +158,7 @@ TEST_F(Compaction, PowerCutDuringAFoldRecoversAWholeChain) {
         << "the server did not reach " << point << cluster.logOf("server");
     ASSERT_NE(readFile(dir.path() + "/server.log").find(std::string("VMSYNC_CRASH_AT=") + point), std::string::npos);
     const PowerCutReport cut = disk.cut();
+    disk.restore();
     std::vector<std::string> left;
     for (const auto& e : fs::directory_iterator(chain)) left.push_back(e.path().filename().string());
     std::sort(left.begin(), left.end());

@@ -53,7 +53,8 @@ std::uint64_t differences(const Entries& a, const Entries& b, const std::string&
 }
 
 int checkName(const std::string& name) {
-  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos) return -EINVAL;
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+    return -EINVAL;
   if (name.size() > 255) return -ENAMETOOLONG;
   return 0;
 }
@@ -134,12 +135,14 @@ void PowerCutFs::forgetIfUnreferenced(Inode& inode) {
 void PowerCutFs::setSize(Inode& inode, std::uint64_t size) {
   if (size < inode.size) {
     // Chunks past the end go; the tail of the last one reads as zeros again.
-    inode.data.erase(inode.data.lower_bound((size + kChunkBytes - 1) / kChunkBytes), inode.data.end());
+    inode.data.erase(inode.data.lower_bound((size + kChunkBytes - 1) / kChunkBytes),
+                     inode.data.end());
     if (size % kChunkBytes != 0) {
       auto it = inode.data.find(size / kChunkBytes);
       if (it != inode.data.end()) {
         if (it->second.use_count() > 1) it->second = std::make_shared<Chunk>(*it->second);
-        std::fill(it->second->begin() + static_cast<long>(size % kChunkBytes), it->second->end(), 0);
+        std::fill(it->second->begin() + static_cast<long>(size % kChunkBytes), it->second->end(),
+                  0);
       }
     }
   }
@@ -168,6 +171,7 @@ int PowerCutFs::getattr(std::uint64_t ino, PowerCutAttr* out) {
 
 int PowerCutFs::setattr(std::uint64_t ino, const PowerCutSetAttr& change, PowerCutAttr* out) {
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
   Inode* inode = find(ino);
   if (inode == nullptr) return -ESTALE;
   if (change.size) {
@@ -185,11 +189,13 @@ int PowerCutFs::setattr(std::uint64_t ino, const PowerCutSetAttr& change, PowerC
   return 0;
 }
 
-int PowerCutFs::make(std::uint64_t parent, const std::string& name, mode_t mode, uid_t uid, gid_t gid,
-                     PowerCutAttr* out) {
-  if (!S_ISREG(mode) && !S_ISDIR(mode) && !S_ISSOCK(mode) && !S_ISFIFO(mode)) return -EPERM;  // no devices, no symlinks
+int PowerCutFs::make(std::uint64_t parent, const std::string& name, mode_t mode, uid_t uid,
+                     gid_t gid, PowerCutAttr* out) {
+  if (!S_ISREG(mode) && !S_ISDIR(mode) && !S_ISSOCK(mode) && !S_ISFIFO(mode))
+    return -EPERM;  // no devices, no symlinks
   if (int rc = checkName(name); rc != 0) return rc;
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
   Inode* dir = find(parent);
   if (dir == nullptr) return -ESTALE;
   if (!dir->isDirectory()) return -ENOTDIR;
@@ -208,9 +214,11 @@ int PowerCutFs::make(std::uint64_t parent, const std::string& name, mode_t mode,
   return 0;
 }
 
-int PowerCutFs::link(std::uint64_t ino, std::uint64_t newParent, const std::string& newName, PowerCutAttr* out) {
+int PowerCutFs::link(std::uint64_t ino, std::uint64_t newParent, const std::string& newName,
+                     PowerCutAttr* out) {
   if (int rc = checkName(newName); rc != 0) return rc;
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
   Inode* inode = find(ino);
   Inode* dir = find(newParent);
   if (inode == nullptr || dir == nullptr) return -ESTALE;
@@ -226,6 +234,7 @@ int PowerCutFs::link(std::uint64_t ino, std::uint64_t newParent, const std::stri
 
 int PowerCutFs::unlink(std::uint64_t parent, const std::string& name) {
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
   Inode* dir = find(parent);
   if (dir == nullptr) return -ESTALE;
   Inode* c = child(*dir, name);
@@ -239,6 +248,7 @@ int PowerCutFs::unlink(std::uint64_t parent, const std::string& name) {
 
 int PowerCutFs::rmdir(std::uint64_t parent, const std::string& name) {
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
   Inode* dir = find(parent);
   if (dir == nullptr) return -ESTALE;
   Inode* c = child(*dir, name);
@@ -256,6 +266,7 @@ int PowerCutFs::rename(std::uint64_t parent, const std::string& name, std::uint6
   if (flags & ~static_cast<unsigned>(RENAME_NOREPLACE)) return -EINVAL;
   if (int rc = checkName(newName); rc != 0) return rc;
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
   Inode* from = find(parent);
   Inode* to = find(newParent);
   if (from == nullptr || to == nullptr) return -ESTALE;
@@ -302,14 +313,17 @@ int PowerCutFs::read(std::uint64_t ino, std::uint64_t offset, std::size_t size, 
     const std::uint64_t index = at / kChunkBytes, within = at % kChunkBytes;
     const std::uint64_t n = std::min(end - at, kChunkBytes - within);
     auto it = inode->data.find(index);
-    if (it != inode->data.end()) std::memcpy(out->data() + (at - offset), it->second->data() + within, n);
+    if (it != inode->data.end())
+      std::memcpy(out->data() + (at - offset), it->second->data() + within, n);
     at += n;  // a chunk never written reads as zeros (resize made them)
   }
   return 0;
 }
 
-long PowerCutFs::write(std::uint64_t ino, std::uint64_t offset, std::span<const char> data, bool sync) {
+long PowerCutFs::write(std::uint64_t ino, std::uint64_t offset, std::span<const char> data,
+                       bool sync) {
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
   Inode* inode = find(ino);
   if (inode == nullptr) return -ESTALE;
   if (inode->isDirectory()) return -EISDIR;
@@ -336,8 +350,20 @@ long PowerCutFs::write(std::uint64_t ino, std::uint64_t offset, std::span<const 
   return static_cast<long>(data.size());
 }
 
-int PowerCutFs::fsync(std::uint64_t ino) {
+void PowerCutFs::restore() {
   std::lock_guard lock(mutex_);
+  off_ = false;
+}
+
+std::uint64_t PowerCutFs::cuts() const {
+  std::lock_guard lock(mutex_);
+  return cuts_;
+}
+
+int PowerCutFs::fsync(std::uint64_t ino, std::optional<std::uint64_t> cutsSeen) {
+  std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
+  if (cutsSeen && *cutsSeen != cuts_) return -EIO;
   Inode* inode = find(ino);
   if (inode == nullptr) return -ESTALE;
   if (inode->isDirectory()) return -EISDIR;  // directories sync through fsyncdir
@@ -347,8 +373,10 @@ int PowerCutFs::fsync(std::uint64_t ino) {
   return 0;
 }
 
-int PowerCutFs::fsyncdir(std::uint64_t ino) {
+int PowerCutFs::fsyncdir(std::uint64_t ino, std::optional<std::uint64_t> cutsSeen) {
   std::lock_guard lock(mutex_);
+  if (off_) return -EIO;  // the disk has no power
+  if (cutsSeen && *cutsSeen != cuts_) return -EIO;
   Inode* dir = find(ino);
   if (dir == nullptr) return -ESTALE;
   if (!dir->isDirectory()) return -ENOTDIR;
@@ -400,7 +428,8 @@ PowerCutReport PowerCutFs::unsyncedLocked() const {
   };
   PowerCutReport report;
   for (const auto& [ino, inode] : inodes_) {
-    report.namesUndone += differences(inode->entries, inode->durableEntries, pathOf(ino), report.namesUndoneAt);
+    report.namesUndone +=
+        differences(inode->entries, inode->durableEntries, pathOf(ino), report.namesUndoneAt);
     if (inode->dataChanged) {
       ++report.filesReverted;
       note(report.filesRevertedAt, pathOf(ino));
@@ -429,12 +458,15 @@ PowerCutReport PowerCutFs::unsynced() const {
 PowerCutReport PowerCutFs::cut() {
   std::lock_guard lock(mutex_);
   const PowerCutReport report = unsyncedLocked();
+  ++cuts_;
+  off_ = true;
   for (auto& [ino, inode] : inodes_) {
     inode->data = inode->durableData;
     inode->size = inode->durableSize;
     inode->dataChanged = false;
     inode->entries = inode->durableEntries;
-    inode->links = inode->durableLinks = inode->opens = 0;  // every process that had it open died with the power
+    inode->links = inode->durableLinks = inode->opens =
+        0;  // every process that had it open died with the power
   }
   // Count the names again from the root; what none reaches is gone.
   std::set<std::uint64_t> reached{kRootIno};

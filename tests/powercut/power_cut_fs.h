@@ -52,7 +52,8 @@ struct PowerCutSetAttr {
 
 /// What a cut threw away.
 struct PowerCutReport {
-  std::uint64_t namesUndone = 0;    // directory entries added, removed or retargeted since the last fsync of their directory
+  std::uint64_t namesUndone =
+      0;  // directory entries added, removed or retargeted since the last fsync of their directory
   std::uint64_t filesReverted = 0;  // files whose data or size changed since their last fsync
   std::uint64_t inodesDropped = 0;  // files and directories no durable name reaches
   /// Paths (from the root of the mount) of the names undone and the files
@@ -76,13 +77,15 @@ class PowerCutFs {
   int setattr(std::uint64_t ino, const PowerCutSetAttr& change, PowerCutAttr* out);
   /// Makes a regular file (`mode` carries S_IFREG), a directory (S_IFDIR), or
   /// a socket or FIFO (S_IFSOCK, S_IFIFO: a name and no data).
-  int make(std::uint64_t parent, const std::string& name, mode_t mode, uid_t uid, gid_t gid, PowerCutAttr* out);
-  int link(std::uint64_t ino, std::uint64_t newParent, const std::string& newName, PowerCutAttr* out);
+  int make(std::uint64_t parent, const std::string& name, mode_t mode, uid_t uid, gid_t gid,
+           PowerCutAttr* out);
+  int link(std::uint64_t ino, std::uint64_t newParent, const std::string& newName,
+           PowerCutAttr* out);
   int unlink(std::uint64_t parent, const std::string& name);
   int rmdir(std::uint64_t parent, const std::string& name);
   /// `flags`: 0 or RENAME_NOREPLACE; RENAME_EXCHANGE and others give -EINVAL.
-  int rename(std::uint64_t parent, const std::string& name, std::uint64_t newParent, const std::string& newName,
-             unsigned flags);
+  int rename(std::uint64_t parent, const std::string& name, std::uint64_t newParent,
+             const std::string& newName, unsigned flags);
   /// Entries of a directory, "." and ".." not included.
   int readdir(std::uint64_t ino, std::vector<std::pair<std::string, PowerCutAttr>>* out);
 
@@ -91,8 +94,12 @@ class PowerCutFs {
   /// Writes `data` at `offset`; `sync` makes it durable at once (O_SYNC).
   /// Returns the bytes written or a negative errno.
   long write(std::uint64_t ino, std::uint64_t offset, std::span<const char> data, bool sync);
-  int fsync(std::uint64_t ino);
-  int fsyncdir(std::uint64_t ino);
+  /// With `cutsSeen` (what cuts() said as the sync began): a sync the power
+  /// cut interrupted makes nothing durable and gives -EIO.
+  int fsync(std::uint64_t ino, std::optional<std::uint64_t> cutsSeen = std::nullopt);
+  int fsyncdir(std::uint64_t ino, std::optional<std::uint64_t> cutsSeen = std::nullopt);
+  /// How many cuts there were.
+  std::uint64_t cuts() const;
 
   /// An open descriptor keeps an unlinked file's data until it is released.
   int open(std::uint64_t ino);
@@ -100,7 +107,12 @@ class PowerCutFs {
 
   /// The power cut: every file back to its durable data and size, every
   /// directory to its durable entries, and what no durable name reaches gone.
+  /// Until restore(), every change fails with -EIO (what processes still
+  /// running do after the instant of the cut never reaches the disk), and so
+  /// does a sync that was under way.
   PowerCutReport cut();
+  /// The power is back.
+  void restore();
 
   /// What a cut now would throw away, without cutting.
   PowerCutReport unsynced() const;
@@ -118,6 +130,8 @@ class PowerCutFs {
   mutable std::mutex mutex_;
   std::map<std::uint64_t, std::unique_ptr<Inode>> inodes_;
   std::uint64_t nextIno_ = kRootIno + 1;
+  std::uint64_t cuts_ = 0;
+  bool off_ = false;  // cut and not restored
 };
 
 }  // namespace vmsync::testing

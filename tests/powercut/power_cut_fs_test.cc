@@ -1,21 +1,21 @@
 // The power-cut file system keeps exactly what a careful program made durable:
 // first the model's rules one by one, then the mounted file system through
 // real system calls, with the checkpoint store's own commit protocol.
-#include <gtest/gtest.h>
+#include "power_cut_fs.h"
+
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <linux/fs.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cstring>
-
 #include <filesystem>
 #include <fstream>
 
 #include "base/durable_file.h"
 #include "checkpoint/checkpoint_record.h"
-#include "power_cut_fs.h"
 #include "power_cut_mount.h"
 
 namespace vmsync::testing {
@@ -25,13 +25,15 @@ constexpr std::uint64_t kRoot = PowerCutFs::kRootIno;
 
 class Model : public ::testing::Test {
  protected:
-  std::uint64_t make(const std::string& name, std::uint64_t parent = kRoot, mode_t mode = S_IFREG | 0600) {
+  std::uint64_t make(const std::string& name, std::uint64_t parent = kRoot,
+                     mode_t mode = S_IFREG | 0600) {
     PowerCutAttr a;
     EXPECT_EQ(fs.make(parent, name, mode, 0, 0, &a), 0) << name;
     return a.ino;
   }
   void write(std::uint64_t ino, std::uint64_t offset, const std::string& text, bool sync = false) {
-    EXPECT_EQ(fs.write(ino, offset, {text.data(), text.size()}, sync), static_cast<long>(text.size()));
+    EXPECT_EQ(fs.write(ino, offset, {text.data(), text.size()}, sync),
+              static_cast<long>(text.size()));
   }
   std::string read(std::uint64_t ino, std::uint64_t offset = 0, std::size_t size = 1 << 20) {
     std::string out;
@@ -172,6 +174,35 @@ TEST_F(Model, AnOpenUnlinkedFileKeepsItsDataUntilReleased) {
   EXPECT_EQ(fs.read(f, 0, 10, &out), -ESTALE);
 }
 
+TEST_F(Model, ASyncThePowerCutInterruptedMakesNothingDurable) {
+  std::uint64_t f = make("a");
+  ASSERT_EQ(fs.fsyncdir(kRoot), 0);
+  write(f, 0, "lost");
+  const std::uint64_t seen = fs.cuts();  // the sync begins...
+  fs.cut();                              // ...the power goes...
+  EXPECT_EQ(fs.fsync(f, seen), -EIO);    // ...and it never completes,
+  fs.restore();
+  EXPECT_EQ(fs.fsync(f, seen), -EIO);    // not even once the power is back
+  EXPECT_EQ(fs.fsync(f, fs.cuts()), 0);  // one begun after the cut does
+  EXPECT_EQ(read(f), "");
+}
+
+TEST_F(Model, AfterTheCutEveryChangeFailsUntilThePowerIsBack) {
+  std::uint64_t f = make("a");
+  ASSERT_EQ(fs.fsyncdir(kRoot), 0);
+  fs.cut();
+  PowerCutAttr a;
+  EXPECT_EQ(fs.write(f, 0, {"x", 1}, false), -EIO);
+  EXPECT_EQ(fs.make(kRoot, "b", S_IFREG | 0600, 0, 0, &a), -EIO);
+  EXPECT_EQ(fs.rename(kRoot, "a", kRoot, "c", 0), -EIO);
+  EXPECT_EQ(fs.unlink(kRoot, "a"), -EIO);
+  EXPECT_EQ(fs.fsyncdir(kRoot), -EIO);
+  EXPECT_EQ(read(f), "");  // reading what survived works
+  fs.restore();
+  write(f, 0, "back");
+  EXPECT_EQ(read(f), "back");
+}
+
 TEST_F(Model, RenameRefusesWhatTheKernelWouldRefuse) {
   std::uint64_t d = make("d", kRoot, S_IFDIR | 0700);
   make("inside", d);
@@ -228,6 +259,22 @@ TEST_F(Mounted, ARecordCommittedByTheStoreProtocolSurvivesAndItsTemporaryDoesNot
   ASSERT_TRUE(words != nullptr) << why;
   EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
   EXPECT_FALSE(std::filesystem::exists(other));
+}
+
+TEST_F(Mounted, AWriteAfterTheCutFailsUntilThePowerIsBack) {
+  const std::string path = mount->path() + "/late";
+  writeFileDurably(path, "v1", 2);
+  int fd = ::open(path.c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  mount->cut();
+  EXPECT_EQ(::pwrite(fd, "v2", 2, 0),
+            -1);  // the process outlived the power: nothing it writes lands
+  EXPECT_EQ(errno, EIO);
+  ::close(fd);
+  mount->restore();
+  EXPECT_EQ(readFile(path), "v1");
+  writeFileDurably(path, "v3", 2);
+  EXPECT_EQ(readFile(path), "v3");
 }
 
 TEST_F(Mounted, ARenameWithoutTheDirectorySyncIsUndone) {

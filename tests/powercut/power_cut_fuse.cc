@@ -1,10 +1,14 @@
 // vmsync_powercut_fs: mounts a PowerCutFs (power_cut_fs.h) with FUSE and
 // takes commands on a Unix socket, one line each, answered with one line:
 //
-//   cut        the power cut: everything not yet durable is gone
+//   cut        the power cut: everything not yet durable is gone, and every
+//              change fails (EIO) until the power is back
+//   restore    the power is back
 //   unsynced   what a cut now would throw away
 //
-// Usage: vmsync_powercut_fs MOUNTPOINT CONTROL_SOCKET
+// Usage: vmsync_powercut_fs MOUNTPOINT CONTROL_SOCKET [SYNC_MS]
+// SYNC_MS: each fsync takes that long, as on a phone's flash, which widens
+// the window in which a cut finds a write not yet durable (0 by default).
 // It serves until SIGTERM or SIGINT, then unmounts. The control socket exists
 // only once the mount is up, so a caller can wait for it.
 #define FUSE_USE_VERSION 35
@@ -15,7 +19,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -34,7 +40,7 @@ using vmsync::testing::PowerCutSetAttr;
 PowerCutFs* fs(fuse_req_t req) { return static_cast<PowerCutFs*>(fuse_req_userdata(req)); }
 
 struct stat toStat(const PowerCutAttr& a) {
-  struct stat st{};
+  struct stat st {};
   st.st_ino = a.ino;
   st.st_mode = a.mode;
   st.st_nlink = a.nlink;
@@ -91,10 +97,14 @@ void doSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int toSet, fus
   if (toSet & FUSE_SET_ATTR_SIZE) change.size = static_cast<std::uint64_t>(attr->st_size);
   timespec now{};
   ::clock_gettime(CLOCK_REALTIME, &now);
-  if (toSet & FUSE_SET_ATTR_ATIME_NOW) change.atime = now;
-  else if (toSet & FUSE_SET_ATTR_ATIME) change.atime = attr->st_atim;
-  if (toSet & FUSE_SET_ATTR_MTIME_NOW) change.mtime = now;
-  else if (toSet & FUSE_SET_ATTR_MTIME) change.mtime = attr->st_mtim;
+  if (toSet & FUSE_SET_ATTR_ATIME_NOW)
+    change.atime = now;
+  else if (toSet & FUSE_SET_ATTR_ATIME)
+    change.atime = attr->st_atim;
+  if (toSet & FUSE_SET_ATTR_MTIME_NOW)
+    change.mtime = now;
+  else if (toSet & FUSE_SET_ATTR_MTIME)
+    change.mtime = attr->st_mtim;
   PowerCutAttr a;
   int rc = fs(req)->setattr(ino, change, &a);
   if (rc != 0) return replyStatus(req, rc);
@@ -105,22 +115,28 @@ void doSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int toSet, fus
 void doMknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
   PowerCutAttr a;
-  int rc = fs(req)->make(parent, name, (mode & S_IFMT) | (mode & 07777 & ~ctx->umask), ctx->uid, ctx->gid, &a);
+  int rc = fs(req)->make(parent, name, (mode & S_IFMT) | (mode & 07777 & ~ctx->umask), ctx->uid,
+                         ctx->gid, &a);
   rc == 0 ? replyEntry(req, a) : replyStatus(req, rc);
 }
 
 void doMkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
   PowerCutAttr a;
-  int rc = fs(req)->make(parent, name, S_IFDIR | (mode & 07777 & ~ctx->umask), ctx->uid, ctx->gid, &a);
+  int rc =
+      fs(req)->make(parent, name, S_IFDIR | (mode & 07777 & ~ctx->umask), ctx->uid, ctx->gid, &a);
   rc == 0 ? replyEntry(req, a) : replyStatus(req, rc);
 }
 
-void doUnlink(fuse_req_t req, fuse_ino_t parent, const char* name) { replyStatus(req, fs(req)->unlink(parent, name)); }
-void doRmdir(fuse_req_t req, fuse_ino_t parent, const char* name) { replyStatus(req, fs(req)->rmdir(parent, name)); }
+void doUnlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  replyStatus(req, fs(req)->unlink(parent, name));
+}
+void doRmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  replyStatus(req, fs(req)->rmdir(parent, name));
+}
 
-void doRename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newParent, const char* newName,
-              unsigned flags) {
+void doRename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newParent,
+              const char* newName, unsigned flags) {
   replyStatus(req, fs(req)->rename(parent, name, newParent, newName, flags));
 }
 
@@ -135,10 +151,12 @@ void setHandle(fuse_file_info* fi) {
   fi->keep_cache = 0;  // the page cache is dropped at open: a restarted process reads what survived
 }
 
-void doCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
+void doCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+              fuse_file_info* fi) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
   PowerCutAttr a;
-  int rc = fs(req)->make(parent, name, S_IFREG | (mode & 07777 & ~ctx->umask), ctx->uid, ctx->gid, &a);
+  int rc =
+      fs(req)->make(parent, name, S_IFREG | (mode & 07777 & ~ctx->umask), ctx->uid, ctx->gid, &a);
   if (rc == 0) rc = fs(req)->open(a.ino);
   if (rc != 0) return replyStatus(req, rc);
   setHandle(fi);
@@ -162,9 +180,12 @@ void doRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, fuse_file
   rc == 0 ? static_cast<void>(fuse_reply_buf(req, data.data(), data.size())) : replyStatus(req, rc);
 }
 
-void doWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t offset, fuse_file_info* fi) {
-  long n = fs(req)->write(ino, static_cast<std::uint64_t>(offset), {buf, size}, fi->fh & kSyncWrites);
-  n < 0 ? replyStatus(req, static_cast<int>(n)) : static_cast<void>(fuse_reply_write(req, static_cast<size_t>(n)));
+void doWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t offset,
+             fuse_file_info* fi) {
+  long n =
+      fs(req)->write(ino, static_cast<std::uint64_t>(offset), {buf, size}, fi->fh & kSyncWrites);
+  n < 0 ? replyStatus(req, static_cast<int>(n))
+        : static_cast<void>(fuse_reply_write(req, static_cast<size_t>(n)));
 }
 
 void doFlush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
@@ -174,8 +195,21 @@ void doRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   fuse_reply_err(req, 0);
 }
 
-void doFsync(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) { replyStatus(req, fs(req)->fsync(ino)); }
-void doFsyncdir(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) { replyStatus(req, fs(req)->fsyncdir(ino)); }
+/// How long an fsync takes; requests run on several threads, so only the
+/// syncing caller waits. A cut while it waits makes it fail: the power went
+/// before the flush completed, even if the caller died first.
+std::chrono::milliseconds syncTime{0};
+
+void doFsync(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
+  const std::uint64_t cuts = fs(req)->cuts();
+  std::this_thread::sleep_for(syncTime);
+  replyStatus(req, fs(req)->fsync(ino, cuts));
+}
+void doFsyncdir(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
+  const std::uint64_t cuts = fs(req)->cuts();
+  std::this_thread::sleep_for(syncTime);
+  replyStatus(req, fs(req)->fsyncdir(ino, cuts));
+}
 
 /// A directory listing is taken at opendir and served from there.
 struct Listing {
@@ -200,7 +234,8 @@ void doReaddir(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_
   for (auto i = static_cast<size_t>(offset); i < listing->entries.size(); ++i) {
     const auto& [name, attr] = listing->entries[i];
     struct stat st = toStat(attr);
-    size_t need = fuse_add_direntry(req, buf.data() + used, size - used, name.c_str(), &st, static_cast<off_t>(i + 1));
+    size_t need = fuse_add_direntry(req, buf.data() + used, size - used, name.c_str(), &st,
+                                    static_cast<off_t>(i + 1));
     if (need > size - used) break;
     used += need;
   }
@@ -213,9 +248,10 @@ void doReleasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
 }
 
 void doStatfs(fuse_req_t req, fuse_ino_t) {
-  struct statvfs st{};
+  struct statvfs st {};
   st.f_bsize = st.f_frsize = 4096;
-  st.f_blocks = st.f_bfree = st.f_bavail = 64ULL << 20;  // 256 GiB: held in memory, the test's own limit
+  st.f_blocks = st.f_bfree = st.f_bavail = 64ULL
+                                           << 20;  // 256 GiB: held in memory, the test's own limit
   st.f_files = st.f_ffree = st.f_favail = 1ULL << 24;
   st.f_namemax = 255;
   fuse_reply_statfs(req, &st);
@@ -229,8 +265,9 @@ std::string joined(const std::vector<std::string>& paths) {
 
 /// One line; the counts first, then the paths (names contain no newline here).
 std::string describe(const PowerCutReport& r) {
-  return std::to_string(r.namesUndone) + " names undone, " + std::to_string(r.filesReverted) + " files reverted, " +
-         std::to_string(r.inodesDropped) + " inodes dropped; names: " + joined(r.namesUndoneAt) +
+  return std::to_string(r.namesUndone) + " names undone, " + std::to_string(r.filesReverted) +
+         " files reverted, " + std::to_string(r.inodesDropped) +
+         " inodes dropped; names: " + joined(r.namesUndoneAt) +
          "; files: " + joined(r.filesRevertedAt);
 }
 
@@ -246,15 +283,20 @@ void serveControl(int listener, PowerCutFs* fs) {
     char line[64] = {};
     ssize_t n = ::read(c, line, sizeof line - 1);
     std::string command(line, n > 0 ? static_cast<size_t>(n) : 0);
-    while (!command.empty() && (command.back() == '\n' || command.back() == '\r')) command.pop_back();
+    while (!command.empty() && (command.back() == '\n' || command.back() == '\r'))
+      command.pop_back();
     std::string answer;
     if (command == "cut") {
       answer = "cut: " + describe(fs->cut());
       std::fprintf(stderr, "vmsync_powercut_fs: power cut, %s\n", answer.c_str() + 5);
+    } else if (command == "restore") {
+      fs->restore();
+      answer = "restored";
+      std::fprintf(stderr, "vmsync_powercut_fs: power restored\n");
     } else if (command == "unsynced") {
       answer = "unsynced: " + describe(fs->unsynced());
     } else {
-      answer = "error: unknown command '" + command + "' (cut, unsynced)";
+      answer = "error: unknown command '" + command + "' (cut, restore, unsynced)";
     }
     answer += '\n';
     (void)!::write(c, answer.data(), answer.size());
@@ -265,9 +307,20 @@ void serveControl(int listener, PowerCutFs* fs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s MOUNTPOINT CONTROL_SOCKET\n", argv[0]);
+  if (argc != 3 && argc != 4) {
+    std::fprintf(stderr, "usage: %s MOUNTPOINT CONTROL_SOCKET [SYNC_MS]\n", argv[0]);
     return 2;
+  }
+  if (argc == 4) {
+    char* end = nullptr;
+    const long ms = std::strtol(argv[3], &end, 10);
+    if (*argv[3] == '\0' || *end != '\0' || ms < 0 || ms > 10000) {
+      std::fprintf(stderr,
+                   "vmsync_powercut_fs: SYNC_MS must be 0 to 10000 milliseconds, not '%s'\n",
+                   argv[3]);
+      return 2;
+    }
+    syncTime = std::chrono::milliseconds(ms);
   }
   const char* mountpoint = argv[1];
   const std::string control = argv[2];
@@ -298,8 +351,9 @@ int main(int argc, char** argv) {
   ops.statfs = doStatfs;
 
   PowerCutFs fs;
-  std::vector<char*> args{argv[0], const_cast<char*>("-o"),
-                          const_cast<char*>("fsname=vmsync-powercut,subtype=vmsync-powercut,default_permissions")};
+  std::vector<char*> args{
+      argv[0], const_cast<char*>("-o"),
+      const_cast<char*>("fsname=vmsync-powercut,subtype=vmsync-powercut,default_permissions")};
   fuse_args fuseArgs = FUSE_ARGS_INIT(static_cast<int>(args.size()), args.data());
   fuse_session* session = fuse_session_new(&fuseArgs, &ops, sizeof ops, &fs);
   if (session == nullptr) {
@@ -307,7 +361,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (fuse_set_signal_handlers(session) != 0 || fuse_session_mount(session, mountpoint) != 0) {
-    std::fprintf(stderr, "vmsync_powercut_fs: cannot mount at %s (needs /dev/fuse and root)\n", mountpoint);
+    std::fprintf(stderr, "vmsync_powercut_fs: cannot mount at %s (needs /dev/fuse and root)\n",
+                 mountpoint);
     fuse_session_destroy(session);
     return 1;
   }
@@ -324,16 +379,23 @@ int main(int argc, char** argv) {
   ::unlink(control.c_str());
   const std::string ready = control + ".tmp";
   std::memcpy(addr.sun_path, ready.c_str(), ready.size() + 1);
-  if (ready.size() >= sizeof addr.sun_path || ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+  if (ready.size() >= sizeof addr.sun_path ||
+      ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
       ::listen(listener, 8) != 0 || ::rename(ready.c_str(), control.c_str()) != 0) {
-    std::fprintf(stderr, "vmsync_powercut_fs: cannot listen on %s: %s\n", control.c_str(), std::strerror(errno));
+    std::fprintf(stderr, "vmsync_powercut_fs: cannot listen on %s: %s\n", control.c_str(),
+                 std::strerror(errno));
     fuse_session_unmount(session);
     return 1;
   }
   std::thread(serveControl, listener, &fs).detach();
-  std::fprintf(stderr, "vmsync_powercut_fs: mounted at %s, control socket %s\n", mountpoint, control.c_str());
+  std::fprintf(stderr,
+               "vmsync_powercut_fs: mounted at %s, control socket %s, fsync takes %lld ms\n",
+               mountpoint, control.c_str(), static_cast<long long>(syncTime.count()));
 
-  int rc = fuse_session_loop(session);
+  fuse_loop_config loop{};
+  loop.clone_fd = 0;
+  loop.max_idle_threads = 10;
+  int rc = fuse_session_loop_mt(session, &loop);
   fuse_session_unmount(session);
   fuse_remove_signal_handlers(session);
   fuse_session_destroy(session);
