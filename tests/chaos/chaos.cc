@@ -22,6 +22,7 @@
 #include "checkpoint/checkpoint_identity.h"
 #include "cluster.h"
 #include "harvest/unit_hashes.h"
+#include "power_cut_mount.h"
 #include "vmm/qmp_client.h"
 
 namespace vmsync::testing {
@@ -135,7 +136,7 @@ std::string describe(const Step& s) {
       return fmt::format("switch (pick {}), kill -9 of the {} {} +{} ms", s.pick, victimName(s), phaseName(s.phase),
                          s.delayMs);
     case Kind::Flap: return fmt::format("link of device pick {} down for {} ms", s.pick, s.durationMs);
-    case Kind::ServerKill: return fmt::format("server kill -9, restarted after {} ms", s.durationMs);
+    case Kind::ServerKill: return fmt::format("server kill -9 and power cut, restarted after {} ms", s.durationMs);
     case Kind::StandbyKill: return fmt::format("standby pick {} kill -9, restarted after {} ms", s.pick, s.durationMs);
     case Kind::ActiveKill: return fmt::format("active kill -9 (daemon and QEMU), forced switch to pick {}", s.pick);
     case Kind::Profile: return fmt::format("link of device pick {} becomes {}", s.pick, s.profile);
@@ -411,7 +412,14 @@ std::string howItEnded(int status) {
 
 class Harness {
  public:
-  explicit Harness(const ChaosOptions& o) : options_(o), cluster_(o.dir), events_(o.dir + "/events.log") {
+  explicit Harness(const ChaosOptions& o)
+      : options_(o),
+        // Kept for `vmsync_chaos --check`; fsyncs of 20 ms, as a loaded disk's.
+        serverDisk_(o.dir + "/server", /*keepContents=*/true, std::chrono::milliseconds(20)),
+        cluster_(o.dir),
+        events_(o.dir + "/events.log") {
+    if (!serverDisk_.missing().empty())
+      throw Error("the server's power-cut file system did not mount: " + serverDisk_.missing());
     result_.seed = o.seed;
     result_.steps = o.steps;
   }
@@ -513,6 +521,7 @@ class Harness {
         break;
       }
       case Kind::ServerKill: {
+        cutServerPower();
         cluster_.server().kill();  // SIGKILL
         log("server killed");
         restartServerAfter(s.durationMs);
@@ -601,6 +610,7 @@ class Harness {
     const std::string victim = who == "server" ? "" : who == "source" ? from : to;  // "": the server
     switchTo(from, to, &s, [&] {
       if (victim.empty()) {
+        cutServerPower();
         cluster_.server().kill();
         log("server killed");
       } else {
@@ -615,13 +625,26 @@ class Harness {
     recoverLostDevice(victim, s.pick);
   }
 
-  /// Starts the killed server again after `ms`, and checks the store at once.
+  /// The server's power goes (kill it next): its data directory keeps only
+  /// what was fsynced, and nothing it writes from now on lands.
+  void cutServerPower() {
+    const PowerCutReport r = serverDisk_.cut();
+    std::string what = fmt::format("power cut of the server's disk: {} names undone, {} files reverted",
+                                   r.namesUndone, r.filesReverted);
+    for (const auto& p : r.namesUndoneAt) what += ", name " + p;
+    for (const auto& p : r.filesRevertedAt) what += ", data " + p;
+    log(what);
+  }
+
+  /// Starts the killed server again after `ms` (its disk's power back
+  /// first), and checks the store at once.
   void restartServerAfter(int ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    serverDisk_.restore();
     startServer();
     log("server restarted");
     if (!waitFor([&] { return cluster_.status().has_value(); }, std::chrono::seconds(30)))
-      fail("the server did not come back after kill -9:\n" + cluster_.logOf("server"));
+      fail("the server did not come back after kill -9 and a power cut:\n" + cluster_.logOf("server"));
     check(fmt::format("step {}, right after the server's restart", step_));
   }
 
@@ -767,6 +790,7 @@ class Harness {
   }
 
   ChaosOptions options_;
+  PowerCutMount serverDisk_;  // the server's data directory; unmounted after the cluster stops
   Cluster cluster_;
   std::ofstream events_;
   ChaosResult result_;
@@ -800,6 +824,7 @@ ChaosResult checkAcknowledged(const std::string& dir) {
 std::string missingForChaos() {
   std::string missing = missingForVm();
   if (missing.empty()) missing = missingForNetworkLab();
+  if (missing.empty()) missing = PowerCutMount::unavailableReason();
   return missing;
 }
 
@@ -844,7 +869,8 @@ std::string summaryTable(const std::vector<ChaosResult>& results) {
   out += "switches: every switch command, the final round's included (failed: refused or cut short by a fault);\n"
          "cut, kill: switches with a link cut or a kill -9 (server, source or target) at a chosen moment; mid: of\n"
          "those, the faults that struck while the command still ran; flap: link outages; srv, sby, act: kill -9\n"
-         "of the server, a standby, the active device; link: profile changes; forced: forced failovers; acked:\n"
+         "of the server, a standby, the active device (each kill of the server comes with a power cut of its\n"
+         "data directory); link: profile changes; forced: forced failovers; acked:\n"
          "checkpoints acknowledged to devices, each found in the store by digest, folded into the base, or\n"
          "abandoned by a failover; lost: acknowledged but not there; two-on: moments two VMs answered running;\n"
          "conv: time from the end of a step to one VM running, on the lease holder, and every device holding the\n"
