@@ -72,7 +72,7 @@ chaos: build image
 # Power cuts (docs/operations.md, "Power cuts"): the server's data directory
 # and a standby's state directory on the power-cut file system
 # (tests/powercut), cut at every crash point of a push and at POWER_CUTS
-# random moments each (`make test` cuts at 5).
+# random moments each (`make test` cuts at 3).
 POWER_CUTS ?= 20
 powercut: build image
 	$(BUILD)/tests/powercut/vmsync_powercut_tests --gtest_brief=1
