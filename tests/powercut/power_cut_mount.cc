@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <regex>
@@ -48,10 +49,14 @@ PowerCutMount::~PowerCutMount() {
   // system's server from ending.
   ::umount2(at_.c_str(), MNT_DETACH);
   server_->stop(std::chrono::seconds(10));
-  if (keepContents_ && !ec) {
+  if (!keepContents_) return;
+  if (!ec) {
     fs::remove_all(at_, ec);
-    fs::rename(kept, at_, ec);
+    if (!ec) fs::rename(kept, at_, ec);
   }
+  if (ec)
+    std::fprintf(stderr, "power-cut file system at %s: its contents were not kept (%s); what was copied is in %s\n",
+                 at_.c_str(), ec.message().c_str(), kept.c_str());
 }
 
 std::string PowerCutMount::send(const std::string& command) {
@@ -63,7 +68,7 @@ std::string PowerCutMount::send(const std::string& command) {
   std::strncpy(addr.sun_path, control_.c_str(), sizeof addr.sun_path - 1);
   std::string answer;
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      ::write(fd, (command + "\n").data(), command.size() + 1) ==
+      ::send(fd, (command + "\n").data(), command.size() + 1, MSG_NOSIGNAL) ==
           static_cast<ssize_t>(command.size() + 1)) {
     char buf[256];
     for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;)
@@ -132,6 +137,7 @@ void PowerCutMount::restore() {
     throw Error("the power-cut file system at " + at_ + " did not restore the power (got '" +
                 answer + "'): " + readFile(at_ + ".powercut.log"));
 }
+
 PowerCutReport PowerCutMount::unsynced() { return ask("unsynced"); }
 
 }  // namespace vmsync::testing
