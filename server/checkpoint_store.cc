@@ -194,6 +194,24 @@ CheckpointStore::CheckpointStore(std::string dataDir, StoreRecovery recovery) : 
     state_.failovers.emplace_back(head_, state_.epoch);
     saveState(state_);
   }
+  finishInterruptedFailover();
+}
+
+void CheckpointStore::finishInterruptedFailover() {
+  if (state_.failovers.empty()) return;
+  const auto [point, epoch] = state_.failovers.back();
+  // The failover is recorded before its checkpoints move: if the one after
+  // its point is still in the chain under an older lease, the move was cut
+  // short (what the chain gained after a failover has its new epoch).
+  if (head_ <= point || !bytes_.contains(point + 1) || read(point + 1)->reader().getEpoch() >= epoch) return;
+  const std::uint64_t oldHead = head_;
+  const std::uint64_t moved = abandonAfter(point, epoch);
+  spdlog::warn("data directory {}: the failover to lease epoch {} stopped before it had moved checkpoints {}..{} "
+               "to abandoned/; {} moved now, the chain goes on from checkpoint {}",
+               dir_, epoch, point + 1, oldHead, moved, point);
+  state_.abandonedTotal += moved;
+  for (auto& [device, applied] : state_.appliedByDevice) applied = std::min(applied, head_);
+  saveState(state_);
 }
 
 void CheckpointStore::noteBase(wire::Checkpoint::Reader base) {

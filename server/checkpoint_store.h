@@ -131,6 +131,9 @@ class CheckpointStore {
  private:
   std::string checkpointPath(std::uint64_t sequence) const;
   void removeQuietly(const std::string& path);
+  /// At start: finishes moving the checkpoints a recorded failover abandoned
+  /// when a crash stopped it halfway.
+  void finishInterruptedFailover();
   /// Takes the VM's sizes from the base, read anyway when it is stored or verified.
   void noteBase(wire::Checkpoint::Reader base);
 

@@ -260,12 +260,16 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
   state_.holder.clear();
   state_.resumeOn.clear();
   const std::uint64_t oldHead = store_.head();
-  persist();
-  const std::uint64_t abandoned = store_.abandonAfter(point, state_.epoch);
+  // The failover is recorded with the fence, before anything moves: a crash
+  // (or a power cut) before the move is complete is finished at the next
+  // start, and an acknowledged checkpoint is never out of the chain without
+  // a recorded failover that abandoned it.
   state_.abandonedAfter = point;
   state_.abandonedUpTo = std::max(state_.abandonedUpTo, oldHead);
-  state_.abandonedTotal += abandoned;
   state_.failovers.emplace_back(point, state_.epoch);
+  persist();
+  const std::uint64_t abandoned = store_.abandonAfter(point, state_.epoch);
+  state_.abandonedTotal += abandoned;
   auto stored = store_.read(point);
   noteHead(stored->reader());
   const std::uint64_t created = stored->reader().getCreatedUnixNs();

@@ -24,9 +24,10 @@ struct TempDir {
   ~TempDir() { fs::remove_all(path); }
 };
 
-void appendOne(CheckpointStore& store, std::uint64_t sequence) {
+void appendOne(CheckpointStore& store, std::uint64_t sequence, std::uint64_t epoch = 0) {
   capnp::MallocMessageBuilder message;
   auto c = message.initRoot<wire::Checkpoint>();
+  c.setEpoch(epoch);
   c.setSequence(sequence);
   c.setBaseSequence(sequence - 1);
   c.setVmId("vm");
@@ -85,6 +86,45 @@ TEST(CheckpointStore, ChainAndStateSurviveReopening) {
   EXPECT_EQ(store.state().epoch, 3u);
   EXPECT_EQ(store.state().holder, "phone");
   EXPECT_EQ(store.state().appliedByDevice.at("tablet"), 1u);
+}
+
+TEST(CheckpointStore, AFailoverRecordedButCutShortBeforeItsMovesIsFinishedAtStart) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    for (std::uint64_t s = 1; s <= 5; ++s) appendOne(store, s, 1);
+    // What a failover to checkpoint 3 persists before it moves anything.
+    ServerState state = store.state();
+    state.vmId = "vm";
+    state.epoch = 2;
+    state.failovers = {{3, 2}};
+    state.abandonedAfter = 3;
+    state.abandonedUpTo = 5;
+    state.appliedByDevice = {{"tablet", 5}};
+    store.saveState(state);
+  }
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.head(), 3u);
+  EXPECT_TRUE(fs::exists(dir.path + "/abandoned/epoch-2-00000004.ckpt"));
+  EXPECT_TRUE(fs::exists(dir.path + "/abandoned/epoch-2-00000005.ckpt"));
+  EXPECT_EQ(store.state().abandonedTotal, 2u);
+  EXPECT_EQ(store.state().appliedByDevice.at("tablet"), 3u);
+}
+
+TEST(CheckpointStore, TheChainAfterACompletedFailoverIsLeftAsItIs) {
+  TempDir dir;
+  {
+    CheckpointStore store(dir.path);
+    for (std::uint64_t s = 1; s <= 3; ++s) appendOne(store, s, 1);
+    ServerState state = store.state();
+    state.epoch = 2;
+    state.failovers = {{3, 2}};
+    store.saveState(state);
+    for (std::uint64_t s = 4; s <= 5; ++s) appendOne(store, s, 2);  // the new lease's
+  }
+  CheckpointStore store(dir.path);
+  EXPECT_EQ(store.head(), 5u);
+  EXPECT_FALSE(fs::exists(dir.path + "/abandoned"));
 }
 
 TEST(CheckpointStore, TemporaryFileLeftByACrashIsNotPartOfTheChain) {
