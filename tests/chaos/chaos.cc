@@ -236,6 +236,21 @@ void checkDurability(const std::string& dir, ChaosResult& result, const std::str
     } catch (const nlohmann::json::exception&) {
       // no state yet: no failover either
     }
+    // What failovers set aside: "epoch-E-SEQUENCE.ckpt" under abandoned/, by
+    // (sequence, the checkpoint's own epoch).
+    std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> kept;
+    for (const auto& e : fs::directory_iterator(dir + "/server/abandoned", ec)) {
+      static const std::regex name(R"(epoch-\d+-(\d+)\.ckpt)");
+      std::smatch m;
+      const std::string file = e.path().filename().string();
+      if (!std::regex_match(file, m, name)) continue;
+      try {
+        auto record = readCheckpointFile(e.path().string(), "check an abandoned checkpoint");
+        kept[{std::stoull(m[1]), record->reader().getEpoch()}] = toHex(checkpointDigest(record->reader()));
+      } catch (const Error& error) {
+        kept[{std::stoull(m[1]), 0}] = std::string("unreadable: ") + error.what();
+      }
+    }
     result.acknowledged = acks.size();
     result.checkedByDigest = result.folded = result.abandoned = 0;
     std::uint64_t lost = 0;
@@ -244,8 +259,16 @@ void checkDurability(const std::string& dir, ChaosResult& result, const std::str
       const bool abandoned = std::any_of(failovers.begin(), failovers.end(),
                                          [&](const auto& f) { return seq > f.first && epoch < f.second; });
       auto it = stored.find(seq);
-      if (abandoned) {
-        ++result.abandoned;
+      auto set = kept.find(key);
+      if (abandoned && set != kept.end() && set->second == ack.digest) {
+        ++result.abandoned;  // not resumed, but not deleted either
+      } else if (abandoned) {
+        ++lost;
+        result.failures.push_back(fmt::format(
+            "{}: checkpoint {} (epoch {}, digest {}) acknowledged to {} was abandoned by a failover but is {}", when,
+            seq, epoch, ack.digest, ack.device,
+            set == kept.end() ? std::string("not kept under abandoned/")
+                              : "kept under abandoned/ with other contents (" + set->second + ")"));
       } else if (it != stored.end() && it->second.epoch == epoch && it->second.digest == ack.digest) {
         ++result.checkedByDigest;
       } else if (it == stored.end() && seq <= base) {

@@ -7,7 +7,8 @@
 //  - durability: every checkpoint a device logged as acknowledged (sequence,
 //    lease epoch, digest of its canonical encoding) is looked up in the
 //    server's data directory after every step: it is there with that digest,
-//    folded into the base, or after the point of a failover (abandoned);
+//    folded into the base, or after the point of a failover and kept under
+//    abandoned/ with that digest;
 //  - convergence: after every step, with the links healed, one VM runs and
 //    every device reaches the head (as it was when the step ended) within a
 //    bound;
