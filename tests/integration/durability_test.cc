@@ -178,8 +178,9 @@ TEST_F(Durability, PowerCutsOfTheServerAndOfAStandbyLoseNothing) {
     serverDisk.restore();
     // Between the data's fsync and the directory's, the record's name is not
     // durable yet: the cut must have undone it, or it did not cut mid-commit.
-    if (std::string(point) == "after-data-fsync" || std::string(point) == "after-rename")
+    if (std::string(point) == "after-data-fsync" || std::string(point) == "after-rename") {
       EXPECT_GE(cut.namesUndone, 1u) << "the cut at " << point << " found every name durable";
+    }
     ASSERT_NO_FATAL_FAILURE(checkRestartLosesNothing(cluster, dir.path()));
     std::printf("power cut at %-18s (%s): server restarted at head %llu\n", point, describe(cut).c_str(),
                 static_cast<unsigned long long>(cluster.head()));

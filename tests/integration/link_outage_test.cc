@@ -172,10 +172,11 @@ TEST_F(LinkOutage, ActiveCutOffMidPushLosesNothing) {
     std::printf("cut %d: checkpoint %llu sent %.2f s %s the cut\n", attempt + 1,
                 static_cast<unsigned long long>(sequence), std::abs(cutAt - failed.front().second),
                 midPush ? "before" : "after");
-    if (!midPush)
+    if (!midPush) {
       ASSERT_TRUE(waitFor([&] { return readFile(dir / "A.log").find("registered with", logBefore) != std::string::npos; },
                           std::chrono::seconds(60)))
           << cluster.logOf("A");
+    }
   }
   ASSERT_TRUE(midPush) << "none of 4 cuts came while a push was on its way" << cluster.logOf("A");
   const std::uint64_t afterCut = cluster.head();
