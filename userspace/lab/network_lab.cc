@@ -280,7 +280,8 @@ std::string NetworkLab::serverAddressFor(const std::string& device) const {
 }
 
 std::string NetworkLab::deviceHost(const std::string& device) const {
-  return linkAddress(link(device).index, 2);
+  const DeviceLink& l = link(device);
+  return linkAddress(l.index, l.host);
 }
 
 std::string NetworkLab::serverHostFor(const std::string& device) const {
@@ -306,6 +307,22 @@ const LinkProfile& NetworkLab::profile(const std::string& device) const { return
 void NetworkLab::setLinkUp(const std::string& device, bool up) {
   runCommand({"ip", "-n", link(device).ns, "link", "set", "uplink", up ? "up" : "down"});
   spdlog::info("network lab: {}'s link {}", device, up ? "back up" : "down");
+}
+
+std::string NetworkLab::renumber(const std::string& device) {
+  auto it = devices_.find(device);
+  if (it == devices_.end()) fail("device {} is not in the network lab", device);
+  DeviceLink& link = it->second;
+  const int next = link.host >= 254 ? 2 : link.host + 1;  // .1 is the server's end
+  const std::string before = linkAddress(link.index, link.host);
+  const std::string after = linkAddress(link.index, next);
+  // The old address goes first: the new one would be a secondary address of
+  // the subnet, which the kernel removes together with the primary.
+  runCommand({"ip", "-n", link.ns, "addr", "del", before + "/24", "dev", "uplink"});
+  runCommand({"ip", "-n", link.ns, "addr", "add", after + "/24", "dev", "uplink"});
+  link.host = next;
+  spdlog::info("network lab: {}'s address is now {} (was {})", device, after, before);
+  return after;
 }
 
 LinkTraffic NetworkLab::traffic(const std::string& device) const {

@@ -78,7 +78,8 @@ class NetworkLab {
   const std::string& deviceNamespace(const std::string& device) const;
   /// Address `device` dials to reach the server (its link's delay relay).
   std::string serverAddressFor(const std::string& device) const;
-  /// The device's own address on its link, and the server namespace's end of that link.
+  /// The device's own address on its link (renumber changes it), and the
+  /// server namespace's end of that link.
   std::string deviceHost(const std::string& device) const;
   std::string serverHostFor(const std::string& device) const;
   /// Gives the device's link another profile: rates, queues, loss and
@@ -89,6 +90,12 @@ class NetworkLab {
 
   /// Takes the device's link down (an outage) or brings it back.
   void setLinkUp(const std::string& device, bool up);
+
+  /// Gives the device's end of its link another address on the link's
+  /// subnet (a phone that moved to another network), and returns it. The
+  /// device's open connections die (the address they use is gone); it must
+  /// connect again, from the new address, to the same server address.
+  std::string renumber(const std::string& device);
 
   /// Packets seen and dropped on the device's link so far, each direction.
   LinkTraffic traffic(const std::string& device) const;
@@ -103,6 +110,7 @@ class NetworkLab {
   struct DeviceLink {
     std::string ns;
     int index = 0;
+    int host = 2;  // the device's address on its link is linkAddress(index, host)
     std::uint64_t seed = 0;
     LinkProfile profile;
     std::unique_ptr<DelayRelay> relay;

@@ -1,8 +1,9 @@
 // The network lab's lossy links: the BPF program on each end of a device's
 // veth drops the share of packets its profile says, counts what it saw, sends
 // packets of one MTU, and drops every packet in a flaky link's outage windows
-// and none outside them. These need root, network namespaces and BPF: they
-// skip without (and fail under VMSYNC_REQUIRE_ALL=1).
+// and none outside them; a renumbered device reaches the server from its new
+// address. These need root, network namespaces and BPF: they skip without
+// (and fail under VMSYNC_REQUIRE_ALL=1).
 #include "lab/network_lab.h"
 
 #include <arpa/inet.h>
@@ -91,6 +92,15 @@ int connectFrom(const std::string& ns, const std::string& address) {
     return -1;
   }
   return fd;
+}
+
+std::string localHost(int fd) {
+  sockaddr_in addr{};
+  socklen_t length = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
+  char text[INET_ADDRSTRLEN] = {};
+  ::inet_ntop(AF_INET, &addr.sin_addr, text, sizeof text);
+  return text;
 }
 
 /// Sends `data` from the device's namespace through its link to a listener
@@ -270,6 +280,34 @@ TEST_F(LossyLink, FlakyLinkDropsEverythingInItsOutagesAndNothingOutside) {
   const LinkTraffic traffic = lab.traffic("D");
   EXPECT_GE(traffic.up.outageDropped, static_cast<std::uint64_t>(kDatagrams - static_cast<int>(up.received.size())));
   EXPECT_EQ(traffic.up.dropped + traffic.down.dropped, 0u);  // no loss outside the outages
+}
+
+/// A renumbered device has its new address, and reaches the server's address
+/// from it; the old one is gone from its link.
+TEST_F(LossyLink, ARenumberedDeviceReachesTheServerFromItsNewAddress) {
+  NetworkLab lab(kServerPort);
+  lab.addDevice("D", testProfile(0));
+  const std::string before = lab.deviceHost("D");
+  int listener = socketIn(lab.serverNamespace(), SOCK_STREAM);
+  bindTo(listener, "127.0.0.1", kServerPort);
+  ::listen(listener, 4);
+  int first = connectFrom(lab.deviceNamespace("D"), lab.serverAddressFor("D"));
+  ASSERT_GE(first, 0);
+  EXPECT_EQ(localHost(first), before);
+  ::close(first);
+
+  const std::string after = lab.renumber("D");
+  EXPECT_NE(after, before);
+  EXPECT_EQ(lab.deviceHost("D"), after);
+  int second = connectFrom(lab.deviceNamespace("D"), lab.serverAddressFor("D"));
+  ASSERT_GE(second, 0) << "no connection from the new address";
+  EXPECT_EQ(localHost(second), after);
+  ::close(second);
+  // Nothing can be bound to the old address any more.
+  int stale = socketIn(lab.deviceNamespace("D"), SOCK_STREAM);
+  EXPECT_THROW(bindTo(stale, before, 0), Error);
+  ::close(stale);
+  ::close(listener);
 }
 
 }  // namespace
