@@ -32,12 +32,14 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 const std::vector<std::string> kDevices{"A", "B", "C"};
+/// What a "link profile" step draws from the schedule's own stream; the
+/// second stream (see schedule()) makes half of its lte flaky.
 const std::vector<std::string> kProfiles{"wifi", "lte", "3g"};
 /// How long one step may take to settle: one VM running, every device at the head.
 /// ("At the head": holding the head as it was when the wait began.)
 constexpr auto kSettle = std::chrono::seconds(150);
 
-enum class Kind { Switch, SwitchCut, SwitchKill, Flap, ServerKill, StandbyKill, ActiveKill, Profile };
+enum class Kind { Switch, SwitchCut, SwitchKill, Flap, ServerKill, StandbyKill, ActiveKill, Profile, Renumber };
 
 const char* kindName(Kind k) {
   switch (k) {
@@ -49,6 +51,7 @@ const char* kindName(Kind k) {
     case Kind::StandbyKill: return "standby kill -9";
     case Kind::ActiveKill: return "active kill -9";
     case Kind::Profile: return "link profile";
+    case Kind::Renumber: return "renumber";
   }
   return "?";
 }
@@ -82,6 +85,11 @@ struct Step {
 
 std::vector<Step> schedule(std::uint64_t seed, int steps) {
   std::mt19937_64 random(seed);
+  // Kinds added after the first schedules come from a stream of their own,
+  // so that the first stream's draws, and with them every step that the new
+  // kinds do not replace, stay what they were for a seed.
+  std::mt19937_64 later(seed ^ 0x6c6f737379ull);
+  auto laterUniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(later); };
   auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(random); };
   // Weights: switches most, then cuts during switches, flaps, and the kills.
   const std::vector<std::pair<Kind, int>> weights{{Kind::Switch, 26},     {Kind::SwitchCut, 20},
@@ -115,6 +123,14 @@ std::vector<Step> schedule(std::uint64_t seed, int steps) {
     s.profile = kProfiles[uniform(0, static_cast<int>(kProfiles.size()) - 1)];
     if (s.kind == Kind::ServerKill || s.kind == Kind::StandbyKill || s.kind == Kind::SwitchKill)
       s.durationMs = uniform(0, 3000);
+    // The second stream: a step in 16 renumbers a device instead, and half
+    // of the changes to lte go to flaky (lte with outages) instead.
+    // Both draws are made at every step, so that the stream stays aligned
+    // with the steps.
+    const bool renumber = laterUniform(0, 15) == 0;
+    const bool flaky = laterUniform(0, 1) == 0;
+    if (renumber) s.kind = Kind::Renumber;
+    if (flaky && s.profile == "lte") s.profile = "flaky";
     out.push_back(s);
   }
   return out;
@@ -140,6 +156,7 @@ std::string describe(const Step& s) {
     case Kind::StandbyKill: return fmt::format("standby pick {} kill -9, restarted after {} ms", s.pick, s.durationMs);
     case Kind::ActiveKill: return fmt::format("active kill -9 (daemon and QEMU), forced switch to pick {}", s.pick);
     case Kind::Profile: return fmt::format("link of device pick {} becomes {}", s.pick, s.profile);
+    case Kind::Renumber: return fmt::format("device pick {} gets a new address on its link", s.pick);
   }
   return "?";
 }
@@ -485,7 +502,7 @@ class Harness {
   }
 
   void start() {
-    cluster_.useNetworkLab();
+    cluster_.useNetworkLab(options_.seed);
     std::mt19937_64 random(options_.seed ^ 0x5eedull);
     // The first full checkpoint goes over wifi; the seed then gives each
     // link its profile (wifi or lte) for the schedule.
@@ -565,6 +582,21 @@ class Harness {
         cluster_.setProfile(d, s.profile);
         profile_[d] = s.profile;
         log("link of " + d + " is " + s.profile);
+        break;
+      }
+      case Kind::Renumber: {
+        // Its connections die with the old address: it is back once it has
+        // registered again, from the new one (the server may take it for
+        // online and at the head until then).
+        const std::string d = kDevices[static_cast<std::size_t>(s.pick) % kDevices.size()];
+        const std::string deviceLog = options_.dir + "/" + d + ".log";
+        const std::size_t mark = readFile(deviceLog).size();
+        log(d + "'s address is now " + cluster_.renumber(d));
+        if (waitFor([&] { return readFile(deviceLog).find("registered with", mark) != std::string::npos; }, kSettle))
+          log(d + " registered again from its new address");
+        else
+          fail(fmt::format("{} did not register again within {} s of its address change\n{}", d, kSettle.count(),
+                           cluster_.logOf(d)));
         break;
       }
     }
@@ -852,10 +884,10 @@ std::string missingForChaos() {
 }
 
 std::string summaryTable(const std::vector<ChaosResult>& results) {
-  const char* header = "{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} {:>6} {:>8} {:>8}  {}\n";
+  const char* header = "{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} {:>6} {:>8} {:>8}  {}\n";
   std::string out = fmt::format(fmt::runtime(header), "seed", "steps", "switches", "failed", "cut", "kill", "mid",
-                                "flap", "srv", "sby", "act", "link", "forced", "acked", "lost", "two-on", "conv-med",
-                                "conv-max", "result");
+                                "flap", "srv", "sby", "act", "link", "renum", "forced", "acked", "lost", "two-on",
+                                "conv-med", "conv-max", "result");
   auto row = [&](const std::string& seed, const ChaosResult& r, std::vector<double> conv, bool passed) {
     std::sort(conv.begin(), conv.end());
     const double median = conv.empty() ? 0 : conv[conv.size() / 2];
@@ -864,11 +896,12 @@ std::string summaryTable(const std::vector<ChaosResult>& results) {
       auto it = r.events.find(kindName(k));
       return it == r.events.end() ? 0 : it->second;
     };
-    out += fmt::format("{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} {:>6} "
-                       "{:>7.1f}s {:>7.1f}s  {}\n",
+    out += fmt::format("{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} "
+                       "{:>6} {:>7.1f}s {:>7.1f}s  {}\n",
                        seed, r.steps, r.switchesSucceeded + r.switchesFailed, r.switchesFailed, count(Kind::SwitchCut),
                        count(Kind::SwitchKill), r.faultsDuringSwitch, count(Kind::Flap), count(Kind::ServerKill),
-                       count(Kind::StandbyKill), count(Kind::ActiveKill), count(Kind::Profile), r.forcedFailovers,
+                       count(Kind::StandbyKill), count(Kind::ActiveKill), count(Kind::Profile), count(Kind::Renumber),
+                       r.forcedFailovers,
                        r.acknowledged, r.lost, r.twoRunning, median, max, passed ? "pass" : "FAIL");
   };
   ChaosResult total;
@@ -893,7 +926,8 @@ std::string summaryTable(const std::vector<ChaosResult>& results) {
          "cut, kill: switches with a link cut or a kill -9 (server, source or target) at a chosen moment; mid: of\n"
          "those, the faults that struck while the command still ran; flap: link outages; srv, sby, act: kill -9\n"
          "of the server, a standby, the active device (each kill of the server comes with a power cut of its\n"
-         "data directory); link: profile changes; forced: forced failovers; acked:\n"
+         "data directory); link: profile changes; renum: a device's address changed (its connections die, it\n"
+         "comes back from the new address); forced: forced failovers; acked:\n"
          "checkpoints acknowledged to devices, each found in the store by digest, folded into the base, or\n"
          "abandoned by a failover; lost: acknowledged but not there; two-on: moments two VMs answered running;\n"
          "conv: time from the end of a step to one VM running, on the lease holder, and every device holding the\n"

@@ -62,7 +62,9 @@ Cluster::~Cluster() {
   lab_.reset();  // after every process in its namespaces is gone
 }
 
-void Cluster::useNetworkLab() { lab_ = std::make_unique<NetworkLab>(static_cast<std::uint16_t>(port_)); }
+void Cluster::useNetworkLab(std::uint64_t seed) {
+  lab_ = std::make_unique<NetworkLab>(static_cast<std::uint16_t>(port_), seed);
+}
 
 void Cluster::setLink(const std::string& device, const std::string& profile) {
   if (!lab_) throw std::logic_error("Cluster::setLink needs useNetworkLab()");
@@ -77,6 +79,11 @@ void Cluster::setLinkUp(const std::string& device, bool up) {
 void Cluster::setProfile(const std::string& device, const std::string& profile) {
   if (!lab_) throw std::logic_error("Cluster::setProfile needs useNetworkLab()");
   lab_->setProfile(device, linkProfile(profile));
+}
+
+std::string Cluster::renumber(const std::string& device) {
+  if (!lab_) throw std::logic_error("Cluster::renumber needs useNetworkLab()");
+  return lab_->renumber(device);
 }
 
 std::string Cluster::addressFor(const std::string& device) {

@@ -31,8 +31,9 @@ class Cluster {
   ~Cluster();
 
   /// From now on the server and each device run in a namespace of their own
-  /// (call before startServer). Throws vmsync::Error when namespaces cannot be made.
-  void useNetworkLab();
+  /// (call before startServer); `seed` fixes the links' loss, outages and
+  /// jitter draws. Throws vmsync::Error when namespaces cannot be made.
+  void useNetworkLab(std::uint64_t seed = 1);
   /// Links `device` to the server with link profile `profile` (wifi, lte, 3g);
   /// a device started without one gets wifi. Needs useNetworkLab().
   void setLink(const std::string& device, const std::string& profile);
@@ -40,6 +41,11 @@ class Cluster {
   void setLinkUp(const std::string& device, bool up);
   /// Gives `device`'s link another profile; its connections stay open.
   void setProfile(const std::string& device, const std::string& profile);
+  /// Gives `device`'s end of its link a new address (NetworkLab::renumber):
+  /// its connections die, and it must come back from the new address.
+  std::string renumber(const std::string& device);
+  /// The network lab (nullptr before useNetworkLab()).
+  NetworkLab* networkLab() { return lab_.get(); }
 
   /// The server's address as the test's own commands reach it.
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "base/error.h"
 #include "transport/transfer_progress.h"
 
@@ -107,7 +109,9 @@ kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
           spdlog::error("{}: the server refuses this device: {}", options_.deviceId, why);
           lastRefusal_ = why;
         }
-        return reconnectLoop(std::min(delay * 2, std::chrono::milliseconds(5000)));
+        // Doubled from 0.2 s up to 5 s; a restart's immediate first attempt
+        // (a delay of 0, which doubling would keep at 0) is retried after 0.2 s.
+        return reconnectLoop(std::clamp(delay * 2, std::chrono::milliseconds(200), std::chrono::milliseconds(5000)));
       });
 }
 

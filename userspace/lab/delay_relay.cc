@@ -16,6 +16,7 @@
 #include <deque>
 #include <list>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -66,11 +67,12 @@ struct Connection {
 };
 
 /// Moves bytes from `from` to `to`, each held for the delay `delayMs` held
-/// when it was read.
+/// when it was read plus a draw from `random` in [0, `jitterMs`].
 /// Returns when `from` ends and everything is delivered, on an error, or when
 /// `stop` becomes readable.
 void pump(const std::shared_ptr<Connection>& connection, int from, int to,
-          const std::atomic<std::int64_t>& delayMs, int stop) {
+          const std::atomic<std::int64_t>& delayMs, const std::atomic<std::int64_t>& jitterMs,
+          std::mt19937_64 random, int stop) {
   std::deque<Held> held;
   std::size_t heldBytes = 0;
   bool ended = false;
@@ -98,8 +100,11 @@ void pump(const std::shared_ptr<Connection>& connection, int from, int to,
     if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
       ssize_t n = ::read(from, buffer.data(), buffer.size());
       if (n > 0) {
-        // A new delay holds new bytes; those held already keep their time (and their order).
-        const std::chrono::milliseconds delay(delayMs.load(std::memory_order_relaxed));
+        // A new delay holds new bytes; those held already keep their time (and
+        // their order: a chunk due before the one ahead of it waits for it).
+        std::chrono::milliseconds delay(delayMs.load(std::memory_order_relaxed));
+        if (const std::int64_t jitter = jitterMs.load(std::memory_order_relaxed); jitter > 0)
+          delay += std::chrono::milliseconds(std::uniform_int_distribution<std::int64_t>(0, jitter)(random));
         held.push_back(Held{Clock::now() + delay, std::vector<char>(buffer.begin(), buffer.begin() + n)});
         heldBytes += static_cast<std::size_t>(n);
       } else if (n == 0) {
@@ -158,6 +163,7 @@ struct DelayRelay::State {
   int stop = -1;  // eventfd: readable once the relay shuts down
   std::atomic<std::uint64_t> accepted{0};
   std::atomic<std::int64_t> delayMs{0};  // options.oneWayDelay, or what setOneWayDelay set since
+  std::atomic<std::int64_t> jitterMs{0};  // options.jitter, or what setJitter set since
   std::mutex mutex;
   std::list<std::thread> pumps;
   std::list<std::shared_ptr<Connection>> open;
@@ -188,11 +194,17 @@ struct DelayRelay::State {
         continue;  // the connection closes the accepted socket
       }
       ::setsockopt(connection->inner, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      ++accepted;
+      const std::uint64_t number = accepted++;
+      std::mt19937_64 upstream(options.seed ^ (number * 2 + 0x9e3779b97f4a7c15ull));
+      std::mt19937_64 downstream(options.seed ^ (number * 2 + 1 + 0x9e3779b97f4a7c15ull));
       std::lock_guard lock(mutex);
       open.push_back(connection);
-      pumps.emplace_back([connection, this] { pump(connection, connection->outer, connection->inner, delayMs, stop); });
-      pumps.emplace_back([connection, this] { pump(connection, connection->inner, connection->outer, delayMs, stop); });
+      pumps.emplace_back([connection, this, upstream] {
+        pump(connection, connection->outer, connection->inner, delayMs, jitterMs, upstream, stop);
+      });
+      pumps.emplace_back([connection, this, downstream] {
+        pump(connection, connection->inner, connection->outer, delayMs, jitterMs, downstream, stop);
+      });
     }
   }
 };
@@ -201,6 +213,8 @@ DelayRelay::DelayRelay(DelayRelayOptions options) : state_(std::make_unique<Stat
   State& s = *state_;
   s.options = std::move(options);
   s.delayMs = s.options.oneWayDelay.count();
+  if (s.options.jitter.count() < 0) fail("delay relay jitter {} ms is negative", s.options.jitter.count());
+  s.jitterMs = s.options.jitter.count();
   s.stop = ::eventfd(0, EFD_CLOEXEC);
   if (s.stop < 0) throwLastErrno("eventfd");
   // The listening socket is made in the namespace by a thread that entered
@@ -256,5 +270,10 @@ DelayRelay::~DelayRelay() {
 std::uint64_t DelayRelay::connections() const { return state_->accepted; }
 
 void DelayRelay::setOneWayDelay(std::chrono::milliseconds delay) { state_->delayMs = delay.count(); }
+
+void DelayRelay::setJitter(std::chrono::milliseconds jitter) {
+  if (jitter.count() < 0) fail("delay relay jitter {} ms is negative", jitter.count());
+  state_->jitterMs = jitter.count();
+}
 
 }  // namespace vmsync

@@ -142,5 +142,42 @@ TEST(DelayRelay, ANewDelayHoldsLaterBytesOfAnOpenConnectionInOrder) {
   EXPECT_GE(elapsed, std::chrono::milliseconds(400));  // the first bytes were held (a lower bound only)
 }
 
+/// Jitter draws each chunk's extra delay at random: a chunk may draw less
+/// than the one before it, and must still leave after it (a TCP stream).
+TEST(DelayRelay, JitterKeepsTheBytesInOrder) {
+  Listener target;
+  DelayRelayOptions options = relayTo(target.port, std::chrono::milliseconds(0));
+  options.jitter = std::chrono::milliseconds(60);
+  options.seed = 5;
+  DelayRelay relay(options);
+  std::string received;
+  std::thread server([&] {
+    int fd = ::accept(target.fd, nullptr, nullptr);
+    received = readAll(fd);
+    ::close(fd);
+  });
+  int client = connectTo(options.listenPort);
+  ASSERT_GE(client, 0);
+  std::string sent;
+  for (int i = 0; i < 40; ++i) {
+    // Apart in time, so that each is a read of its own with a draw of its own.
+    const std::string piece = "<" + std::to_string(i) + ">";
+    writeAll(client, piece);
+    sent += piece;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ::shutdown(client, SHUT_WR);
+  server.join();
+  ::close(client);
+  EXPECT_EQ(received, sent);
+}
+
+TEST(DelayRelay, ANegativeJitterIsRefused) {
+  Listener target;
+  DelayRelayOptions options = relayTo(target.port, std::chrono::milliseconds(0));
+  options.jitter = std::chrono::milliseconds(-1);
+  EXPECT_THROW(DelayRelay relay(options), std::exception);
+}
+
 }  // namespace
 }  // namespace vmsync
