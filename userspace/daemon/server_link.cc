@@ -15,7 +15,22 @@ ServerLink::ServerLink(kj::AsyncIoContext& io, const DeviceOptions& options,
       options_(options),
       makePeer_(std::move(makePeer)),
       position_(std::move(position)),
-      transport_(transportFor(options)) {}
+      transport_(transportFor(options)) {
+  addressWatch_ = std::make_unique<AddressWatch>(io_.unixEventPort,
+                                                 [this](const std::string& address) { onAddressGone(address); });
+  if (!addressWatch_->unavailable().empty())
+    spdlog::info("{}: {}; a change of this device's address is noticed by the dead-link timeout only",
+                 options_.deviceId, addressWatch_->unavailable());
+}
+
+void ServerLink::onAddressGone(const std::string& address) {
+  if (!connection_) return;
+  const std::optional<std::string> local = connection_->localAddress();
+  if (!local || *local != address) return;
+  spdlog::warn("{}: this device's address {} went away; connecting to the server again from the address it has now",
+               options_.deviceId, address);
+  restart();
+}
 
 ClientTransport ServerLink::transportFor(const DeviceOptions& options) {
   if (options.credential.empty() || options.insecure) return clientTransport(options.credential, options.insecure);
@@ -32,6 +47,18 @@ wire::DeviceSession::Client& ServerLink::session() {
 }
 
 kj::Promise<Registration> ServerLink::connect(ChainPosition position) {
+  // An attempt that stalls (a peer that took the connection and went silent,
+  // a server killed mid-handshake behind a relay) is given up after the
+  // dead-link timeout, as a silent established connection is: otherwise the
+  // reconnect loop would wait on it for good.
+  return attempt(position).exclusiveJoin(
+      io_.provider->getTimer().afterDelay(kDeadLinkSeconds * kj::SECONDS).then([this]() -> Registration {
+        rpcFail(fmt::format("cannot reach the sync server at {}: no registration within {} s", options_.server,
+                            kDeadLinkSeconds));
+      }));
+}
+
+kj::Promise<Registration> ServerLink::attempt(ChainPosition position) {
   return transport_.connect(io_, options_.server)
       .catch_([this](kj::Exception&& e) -> kj::Own<RpcConnection> {
         rpcFail(fmt::format("cannot reach the sync server at {}: {}", options_.server, describe(e)));

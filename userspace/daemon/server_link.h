@@ -16,6 +16,7 @@
 
 #include "checkpoint/checkpoint_builder.h"
 #include "daemon/device.h"
+#include "transport/address_watch.h"
 #include "transport/rpc_util.h"
 #include "transport/secure_channel.h"
 #include "vmsync.capnp.h"
@@ -50,7 +51,8 @@ class ServerLink {
   ServerLink(kj::AsyncIoContext& io, const DeviceOptions& options,
              std::function<wire::DevicePeer::Client()> makePeer, std::function<ChainPosition()> position);
 
-  /// Connects and registers at `position`.
+  /// Connects and registers at `position`; fails ("cannot reach the sync
+  /// server ...") when that takes longer than the dead-link timeout.
   kj::Promise<Registration> connect(ChainPosition position);
   /// Called after each registration that follows a lost connection; a
   /// failure it throws is logged and ends the attempts.
@@ -84,6 +86,11 @@ class ServerLink {
   /// The transport `options` ask for; a credential must be this device's.
   static ClientTransport transportFor(const DeviceOptions& options);
   void onDisconnected();
+  /// An address of this device went away: if the connection was from it,
+  /// it is dead, and the device connects again at once.
+  void onAddressGone(const std::string& address);
+  /// Connects and registers, with no time limit (connect() sets one).
+  kj::Promise<Registration> attempt(ChainPosition position);
   kj::Promise<void> reconnectLoop(std::chrono::milliseconds delay);
 
   kj::AsyncIoContext& io_;
@@ -103,6 +110,7 @@ class ServerLink {
   std::optional<wire::DeviceSession::Client> session_;
   kj::Maybe<kj::Promise<void>> watch_;      // notices a lost connection
   kj::Maybe<kj::Promise<void>> reconnect_;  // reconnection attempts
+  std::unique_ptr<AddressWatch> addressWatch_;  // last: it calls back into the above
 };
 
 }  // namespace vmsync

@@ -1,5 +1,7 @@
 #include "transport/rpc_util.h"
 
+#include <arpa/inet.h>
+
 #include <netinet/in.h>
 #include <linux/tcp.h>
 #include <spdlog/spdlog.h>
@@ -139,6 +141,22 @@ std::optional<std::uint64_t> RpcConnection::bytesAcknowledged() {
   }
   if (length < offsetof(tcp_info, tcpi_bytes_acked) + sizeof info.tcpi_bytes_acked) return std::nullopt;
   return info.tcpi_bytes_acked;
+}
+
+std::optional<std::string> RpcConnection::localAddress() {
+  sockaddr_storage address{};
+  uint length = sizeof address;
+  try {
+    stream_->getsockname(reinterpret_cast<sockaddr*>(&address), &length);
+  } catch (const kj::Exception&) {
+    return std::nullopt;
+  }
+  char text[INET6_ADDRSTRLEN] = {};
+  const void* raw = nullptr;
+  if (address.ss_family == AF_INET) raw = &reinterpret_cast<const sockaddr_in*>(&address)->sin_addr;
+  if (address.ss_family == AF_INET6) raw = &reinterpret_cast<const sockaddr_in6*>(&address)->sin6_addr;
+  if (raw == nullptr || ::inet_ntop(address.ss_family, raw, text, sizeof text) == nullptr) return std::nullopt;
+  return std::string(text);
 }
 
 capnp::Capability::Client RpcConnection::bootstrap() {

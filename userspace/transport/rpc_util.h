@@ -55,6 +55,9 @@ class RpcConnection {
   /// the way) has acknowledged, from the kernel's TCP_INFO; nullopt where the
   /// stream is not a TCP socket. For progress reports of long transfers.
   std::optional<std::uint64_t> bytesAcknowledged();
+  /// This end's IP address (as inet_ntop writes it), or nullopt where the
+  /// stream is not an IP socket.
+  std::optional<std::string> localAddress();
   /// Resolves when the connection ends.
   kj::Promise<void> onDisconnect() { return network_.onDisconnect(); }
 
