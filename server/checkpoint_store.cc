@@ -169,6 +169,7 @@ CheckpointStore::CheckpointStore(std::string dataDir, StoreRecovery recovery) : 
       state_.holder = j.value("holder", "");
       state_.owner = j.value("owner", "");
       state_.resumeOn = j.value("resume_on", "");
+      state_.pauseIntent = j.value("pause_intent", "");
       state_.abandonedAfter = field("abandoned_after");
       state_.abandonedUpTo = field("abandoned_up_to");
       state_.abandonedTotal = field("abandoned_total");
@@ -331,6 +332,7 @@ void CheckpointStore::saveState(const ServerState& state) {
   j["holder"] = state.holder;
   j["owner"] = state.owner;
   j["resume_on"] = state.resumeOn;
+  j["pause_intent"] = state.pauseIntent;
   j["abandoned_after"] = state.abandonedAfter;
   j["abandoned_up_to"] = state.abandonedUpTo;
   j["abandoned_total"] = state.abandonedTotal;

@@ -47,6 +47,13 @@ struct ServerState {
   // activated, or the source it meant to resume on was offline): the device
   // to resume the VM on when it registers. Empty: none.
   std::string resumeOn;
+  // What the holder was asked to pause for, recorded before the request:
+  // "switch:TARGET" or "park"; empty when no pause is under way. A power cut
+  // can take the record of what followed (the holder's final checkpoint
+  // stored, its lease given back): a start that finds the holder's own final
+  // checkpoint at the head, under the current lease, knows the holder had
+  // let the VM go, and where it was to go.
+  std::string pauseIntent;
 };
 
 /// The data directory: the base (a full checkpoint), then the checkpoints

@@ -110,6 +110,8 @@ kj::Promise<void> SyncServer::switchRunning(const std::string& source, const std
         if (!from.peer || state_.holder != source)
           rpcFail(fmt::format("the active device {} went away during the switch", source));
         spdlog::info("switch {} -> {}: pausing {}", source, target, source);
+        state_.pauseIntent = "switch:" + target;
+        persist();
         auto request = from.peer->handOffRequest();
         request.setTarget(target);
         return request.send();
@@ -124,11 +126,12 @@ kj::Promise<void> SyncServer::switchRunning(const std::string& source, const std
         // The source paused and stored its final checkpoint: its lease ends
         // here. Should this server stop before the target is activated, the
         // parked VM resumes on the target when it registers again.
+        state_.pauseIntent.clear();
         if (state_.holder == source) {
           state_.holder.clear();
           state_.resumeOn = target;
-          persist();
         }
+        persist();
         return takeOverAfterFinal(source, target, report, start, r.getPushNs());
       })
       .attach(kj::defer([this] { switching_ = false; }));
@@ -232,14 +235,17 @@ kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
   DeviceEntry& entry = device(holder);
   if (!entry.peer) fail("the active device {} is offline, so it cannot be paused", holder);
   switching_ = true;
+  state_.pauseIntent = "park";
+  persist();
   return entry.peer->parkRequest().send()
       .then([this, holder, report](capnp::Response<wire::DevicePeer::ParkResults> response) mutable {
         // The device gave the lease back itself once its final checkpoint was stored.
+        state_.pauseIntent.clear();
         if (state_.holder == holder) {
           state_.holder.clear();
           state_.resumeOn.clear();  // parked on purpose
-          persist();
         }
+        persist();
         report.setDevice(holder);
         report.setFinalSequence(response.getResult().getFinalSequence());
         report.setFinalBytes(response.getResult().getFinalBytes());

@@ -146,6 +146,7 @@ SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Tim
     devices_[id] = std::move(entry);
   }
   if (store_.head() > store_.base()) noteHead(store_.read(store_.head())->reader());
+  recoverInterruptedPause();
   spdlog::info("sync server: VM '{}', chain at {} (base {}), lease epoch {} held by '{}'{}", state_.vmId,
                store_.head(), store_.base(), state_.epoch, state_.holder,
                parked() ? fmt::format("; parked by {}", headOrigin_) : "");
@@ -370,6 +371,67 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
     if (id == state_.resumeOn) resumeInterruptedSwitch(id);
   }
   return entry.connection;
+}
+
+void SyncServer::recoverInterruptedPause() {
+  if (state_.pauseIntent.empty()) return;
+  const std::string intent = std::exchange(state_.pauseIntent, "");
+  persist();
+  if (state_.holder.empty() || store_.head() == 0) return;
+  auto head = store_.read(store_.head());
+  const auto h = head->reader();
+  if (h.getKind() != wire::CheckpointKind::FINAL || h.getVmContinued() || h.getOrigin() != state_.holder ||
+      h.getEpoch() != state_.epoch)
+    return;
+  // The holder paused, its final checkpoint was stored, and the server
+  // stopped before it recorded what came next. The holder either let the VM
+  // go (its final was acknowledged) or resumed it (the answer was lost, and
+  // it may have run on since): once back, one that runs asks for its lease
+  // again. One that registers and does not, within the lease timeout, had
+  // let the VM go. Until the holder is back nothing changes (a forced switch
+  // still recovers a holder that is lost).
+  const bool toSwitch = intent.starts_with("switch:");
+  pendingPause_ = PendingPause{state_.holder, toSwitch ? intent.substr(7) : std::string(), lastRenewalNs_};
+  spdlog::warn("{} had paused the VM and stored its final checkpoint {} for a {} when the server stopped; unless it "
+               "asks for its lease again once back, the VM is parked there{}",
+               state_.holder, store_.head(), toSwitch ? "switch" : "park",
+               toSwitch ? fmt::format(" and resumed on {} when it registers", pendingPause_->target) : "");
+  if (timer_) pendingPauseCheck_ = watchPendingPause().eagerlyEvaluate(nullptr);
+}
+
+kj::Promise<void> SyncServer::watchPendingPause() {
+  return timer_->afterDelay(250 * kj::MILLISECONDS).then([this]() -> kj::Promise<void> {
+    if (!settlePendingPause()) return watchPendingPause();
+    return kj::READY_NOW;
+  });
+}
+
+bool SyncServer::settlePendingPause() {
+  if (!pendingPause_) return true;
+  const PendingPause pause = *pendingPause_;
+  if (state_.holder != pause.holder || lastRenewalNs_ != pause.since) {
+    if (state_.holder == pause.holder) spdlog::info("{} renewed its lease: the VM runs there", pause.holder);
+    pendingPause_.reset();
+    return true;
+  }
+  auto holder = devices_.find(pause.holder);
+  if (holder == devices_.end() || !holder->second->peer) return false;  // not back yet
+  if (pause.backNs == 0) {
+    pendingPause_->backNs = nowNs();
+    return false;
+  }
+  if (nowNs() - pause.backNs < static_cast<std::uint64_t>(leaseTimeout_.count()) * 1000000u) return false;
+  pendingPause_.reset();
+  spdlog::warn("{} is back and did not ask for its lease within {} ms: the VM is parked at its final checkpoint {}{}",
+               pause.holder,
+               leaseTimeout_.count(), store_.head(),
+               pause.target.empty() ? "" : fmt::format(", to resume on {} when it registers", pause.target));
+  state_.holder.clear();
+  state_.resumeOn = pause.target;
+  persist();
+  auto it = devices_.find(pause.target);
+  if (!pause.target.empty() && it != devices_.end() && it->second->peer) resumeInterruptedSwitch(pause.target);
+  return true;
 }
 
 void SyncServer::resumeInterruptedSwitch(const std::string& id) {

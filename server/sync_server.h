@@ -121,6 +121,15 @@ class SyncServer {
   /// Resumes the parked VM on `id`, which a switch cut short meant to run it
   /// (state.resumeOn), unless the lease is held or a switch runs.
   void resumeInterruptedSwitch(const std::string& id);
+  /// At start: a pause (for a switch or a park) whose outcome was not
+  /// recorded. When the holder's own final checkpoint is the head, the VM
+  /// is parked there once the holder is back and has not asked for its
+  /// lease within the lease timeout (one that resumed the VM asks); watched
+  /// by timer.
+  void recoverInterruptedPause();
+  kj::Promise<void> watchPendingPause();
+  /// True once the pending pause is settled (or there is none).
+  bool settlePendingPause();
   /// Brings `target` to the head while nothing is paused; fills the report's catch-up part.
   kj::Promise<void> catchUpForSwitch(const std::string& target, const std::string& source,
                                      wire::SwitchReport::Builder report, std::uint64_t start);
@@ -194,6 +203,14 @@ class SyncServer {
   std::chrono::milliseconds leaseTimeout_{30000};
   std::uint64_t lastRenewalNs_ = 0;  // when the holder last renewed (or the server started)
   std::string fenced_;               // a holder whose credential was revoked
+  struct PendingPause {
+    std::string holder;       // who paused for a switch or a park before the server stopped
+    std::string target;       // the switch's target ("" for a park)
+    std::uint64_t since = 0;  // lastRenewalNs_ then: a renewal changes it
+    std::uint64_t backNs = 0; // when the holder was first seen registered again
+  };
+  std::optional<PendingPause> pendingPause_;
+  kj::Maybe<kj::Promise<void>> pendingPauseCheck_;
   std::pair<std::uint64_t, std::uint64_t> resumableCreated_{0, 0};  // (sequence, its createdUnixNs)
   bool headIsFinal_ = false;  // the newest checkpoint is a final one
   std::string headOrigin_;    // the device that pushed it

@@ -5,9 +5,11 @@
 #include <capnp/message.h>
 #include <gtest/gtest.h>
 #include <kj/async.h>
+#include <kj/timer.h>
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <thread>
 
 #include "base/error.h"
 #include "sync_server.h"
@@ -112,6 +114,79 @@ TEST(ServerLease, AVmASwitchLeftParkedResumesOnItsTargetWhenItIsBack) {
   EXPECT_GT(bPeer.activatedEpoch, 0u) << "the VM was not resumed on B";
   EXPECT_FALSE(server.parked());
   EXPECT_EQ(cPeer.activatedEpoch, 0u);
+}
+
+
+/// A data directory as a power cut leaves it when it came during a switch
+/// from A to B: A's final checkpoint stored, the state still saying that A
+/// holds the lease and that A was asked to pause for the switch.
+void finalStoredButNotRecorded(const std::string& dir) {
+  std::uint64_t epoch = 0;
+  {
+    SyncServer server(dir);
+    epoch = server.acquireLease("A");
+    auto full = testCheckpoint(1, epoch);
+    auto final = testCheckpoint(2, epoch, wire::CheckpointKind::FINAL);
+    server.push("A", full->getRoot<wire::Checkpoint>().asReader());
+    server.push("A", final->getRoot<wire::Checkpoint>().asReader());
+  }
+  nlohmann::json state = nlohmann::json::parse(std::ifstream(dir + "/state.json"));
+  ASSERT_EQ(state["holder"], "A");
+  state["pause_intent"] = "switch:B";
+  std::ofstream(dir + "/state.json") << state.dump();
+}
+
+TEST(ServerLease, AHolderBackFromAPauseTheServerDidNotRecordThatDoesNotAskForItsLeaseIsParked) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  ASSERT_NO_FATAL_FAILURE(finalStoredButNotRecorded(dir.path()));
+  kj::TimerImpl timer(kj::origin<kj::TimePoint>());
+  SyncServer server(dir.path(), {}, &timer);
+  server.setLeaseTimeout(std::chrono::milliseconds(50));
+  auto b = kj::heap<Resumable>();
+  Resumable& bPeer = *b;
+  server.registerDevice("B", kj::mv(b), 0, 0, false).wait(waitScope);
+  // Until A is back, nothing changes, however long it takes.
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
+  timer.advanceTo(timer.now() + 1 * kj::SECONDS);
+  loop.run();
+  EXPECT_FALSE(server.parked()) << "parked before the holder was back";
+  EXPECT_EQ(bPeer.activatedEpoch, 0u);
+  // A is back and does not ask for its lease: it had let the VM go. Past the
+  // lease timeout the VM is parked at A's final checkpoint and resumes on B,
+  // the switch's target.
+  server.registerDevice("A", kj::heap<Standby>(), 2, 0, false).wait(waitScope);
+  for (int i = 0; i < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    timer.advanceTo(timer.now() + 1 * kj::SECONDS);
+    loop.run();
+  }
+  EXPECT_EQ(bPeer.applied, 2u);
+  EXPECT_GT(bPeer.activatedEpoch, 0u) << "the VM was not resumed on B";
+}
+
+TEST(ServerLease, AHolderThatResumedAfterAnUnrecordedPauseAsksForItsLeaseAndKeepsTheVm) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  ASSERT_NO_FATAL_FAILURE(finalStoredButNotRecorded(dir.path()));
+  kj::TimerImpl timer(kj::origin<kj::TimePoint>());
+  SyncServer server(dir.path(), {}, &timer);
+  server.setLeaseTimeout(std::chrono::milliseconds(50));
+  auto b = kj::heap<Resumable>();
+  Resumable& bPeer = *b;
+  server.registerDevice("B", kj::mv(b), 0, 0, false).wait(waitScope);
+  // A's answer was lost and it resumed the VM: back, it asks for its lease.
+  server.registerDevice("A", kj::heap<Standby>(), 2, 0, false).wait(waitScope);
+  server.acquireLease("A");
+  for (int i = 0; i < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    timer.advanceTo(timer.now() + 1 * kj::SECONDS);
+    loop.run();
+  }
+  EXPECT_FALSE(server.parked());
+  EXPECT_EQ(bPeer.activatedEpoch, 0u) << "B was activated while A runs the VM";
 }
 
 }  // namespace
