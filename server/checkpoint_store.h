@@ -48,11 +48,12 @@ struct ServerState {
   // to resume the VM on when it registers. Empty: none.
   std::string resumeOn;
   // What the holder was asked to pause for, recorded before the request:
-  // "switch:TARGET" or "park"; empty when no pause is under way. A power cut
-  // can take the record of what followed (the holder's final checkpoint
-  // stored, its lease given back): a start that finds the holder's own final
-  // checkpoint at the head, under the current lease, knows the holder had
-  // let the VM go, and where it was to go.
+  // "switch:TARGET" or "park"; cleared with the record of the outcome. A
+  // power cut can take that record (the holder's final checkpoint stored,
+  // its lease given back): a start that finds it set learns where the VM
+  // was to go. One left by a switch that failed is harmless: it is acted on
+  // only when the VM is parked, or the head is the holder's own final
+  // checkpoint under the current lease.
   std::string pauseIntent;
 };
 

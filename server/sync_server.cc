@@ -376,6 +376,15 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
 void SyncServer::recoverInterruptedPause() {
   if (state_.pauseIntent.empty()) return;
   const std::string intent = std::exchange(state_.pauseIntent, "");
+  const bool toSwitch = intent.starts_with("switch:");
+  const std::string target = toSwitch ? intent.substr(7) : std::string();
+  if (state_.holder.empty() && toSwitch && parked() && state_.resumeOn.empty()) {
+    // The holder gave its lease back after its final checkpoint, and the
+    // server stopped before it recorded where the VM was to go.
+    spdlog::warn("the VM was left parked at checkpoint {} by a switch to {} the server did not record; it resumes "
+                 "there when {} registers", store_.head(), target, target);
+    state_.resumeOn = target;
+  }
   persist();
   if (state_.holder.empty() || store_.head() == 0) return;
   auto head = store_.read(store_.head());
@@ -390,8 +399,7 @@ void SyncServer::recoverInterruptedPause() {
   // again. One that registers and does not, within the lease timeout, had
   // let the VM go. Until the holder is back nothing changes (a forced switch
   // still recovers a holder that is lost).
-  const bool toSwitch = intent.starts_with("switch:");
-  pendingPause_ = PendingPause{state_.holder, toSwitch ? intent.substr(7) : std::string(), lastRenewalNs_};
+  pendingPause_ = PendingPause{state_.holder, target, lastRenewalNs_};
   spdlog::warn("{} had paused the VM and stored its final checkpoint {} for a {} when the server stopped; unless it "
                "asks for its lease again once back, the VM is parked there{}",
                state_.holder, store_.head(), toSwitch ? "switch" : "park",

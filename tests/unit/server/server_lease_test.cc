@@ -120,7 +120,7 @@ TEST(ServerLease, AVmASwitchLeftParkedResumesOnItsTargetWhenItIsBack) {
 /// A data directory as a power cut leaves it when it came during a switch
 /// from A to B: A's final checkpoint stored, the state still saying that A
 /// holds the lease and that A was asked to pause for the switch.
-void finalStoredButNotRecorded(const std::string& dir) {
+void finalStoredButNotRecorded(const std::string& dir, bool leaseGivenBack = false) {
   std::uint64_t epoch = 0;
   {
     SyncServer server(dir);
@@ -129,11 +129,28 @@ void finalStoredButNotRecorded(const std::string& dir) {
     auto final = testCheckpoint(2, epoch, wire::CheckpointKind::FINAL);
     server.push("A", full->getRoot<wire::Checkpoint>().asReader());
     server.push("A", final->getRoot<wire::Checkpoint>().asReader());
+    if (leaseGivenBack) server.releaseLease("A", epoch);
   }
   nlohmann::json state = nlohmann::json::parse(std::ifstream(dir + "/state.json"));
-  ASSERT_EQ(state["holder"], "A");
+  ASSERT_EQ(state["holder"], leaseGivenBack ? "" : "A");
+  ASSERT_EQ(state["resume_on"], "");
   state["pause_intent"] = "switch:B";
   std::ofstream(dir + "/state.json") << state.dump();
+}
+
+TEST(ServerLease, AVmParkedByASwitchTheServerDidNotRecordResumesOnTheSwitchsTarget) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  ASSERT_NO_FATAL_FAILURE(finalStoredButNotRecorded(dir.path(), /*leaseGivenBack=*/true));
+  SyncServer server(dir.path());
+  ASSERT_TRUE(server.parked());
+  auto b = kj::heap<Resumable>();
+  Resumable& bPeer = *b;
+  server.registerDevice("B", kj::mv(b), 0, 0, false).wait(waitScope);
+  loop.run();
+  EXPECT_EQ(bPeer.applied, 2u);
+  EXPECT_GT(bPeer.activatedEpoch, 0u) << "the VM was not resumed on B";
 }
 
 TEST(ServerLease, AHolderBackFromAPauseTheServerDidNotRecordThatDoesNotAskForItsLeaseIsParked) {
