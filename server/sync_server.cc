@@ -431,8 +431,7 @@ bool SyncServer::settlePendingPause() {
   if (nowNs() - pause.backNs < static_cast<std::uint64_t>(leaseTimeout_.count()) * 1000000u) return false;
   pendingPause_.reset();
   spdlog::warn("{} is back and did not ask for its lease within {} ms: the VM is parked at its final checkpoint {}{}",
-               pause.holder,
-               leaseTimeout_.count(), store_.head(),
+               pause.holder, leaseTimeout_.count(), store_.head(),
                pause.target.empty() ? "" : fmt::format(", to resume on {} when it registers", pause.target));
   state_.holder.clear();
   state_.resumeOn = pause.target;
