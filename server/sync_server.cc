@@ -7,7 +7,6 @@
 #include "checkpoint/checkpoint_applier.h"
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/checkpoint_identity.h"
-#include "checkpoint_merge.h"
 #include "compactor.h"
 #include "checkpoint/checkpoint_record.h"
 #include "base/error.h"
@@ -373,128 +372,12 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
   return entry.connection;
 }
 
-void SyncServer::recoverInterruptedPause() {
-  if (state_.pauseIntent.empty()) return;
-  const std::string intent = std::exchange(state_.pauseIntent, "");
-  const bool toSwitch = intent.starts_with("switch:");
-  const std::string target = toSwitch ? intent.substr(7) : std::string();
-  if (state_.holder.empty() && toSwitch && parked() && state_.resumeOn.empty()) {
-    // The holder gave its lease back after its final checkpoint, and the
-    // server stopped before it recorded where the VM was to go.
-    spdlog::warn("the VM was left parked at checkpoint {} by a switch to {} the server did not record; it resumes "
-                 "there when {} registers", store_.head(), target, target);
-    state_.resumeOn = target;
-  }
-  persist();
-  if (state_.holder.empty() || store_.head() == 0) return;
-  auto head = store_.read(store_.head());
-  const auto h = head->reader();
-  if (h.getKind() != wire::CheckpointKind::FINAL || h.getVmContinued() || h.getOrigin() != state_.holder ||
-      h.getEpoch() != state_.epoch)
-    return;
-  // The holder paused, its final checkpoint was stored, and the server
-  // stopped before it recorded what came next. The holder either let the VM
-  // go (its final was acknowledged) or resumed it (the answer was lost, and
-  // it may have run on since): once back, one that runs asks for its lease
-  // again. One that registers and does not, within the lease timeout, had
-  // let the VM go. Until the holder is back nothing changes (a forced switch
-  // still recovers a holder that is lost).
-  pendingPause_ = PendingPause{state_.holder, target, lastRenewalNs_};
-  spdlog::warn("{} had paused the VM and stored its final checkpoint {} for a {} when the server stopped; unless it "
-               "asks for its lease again once back, the VM is parked there{}",
-               state_.holder, store_.head(), toSwitch ? "switch" : "park",
-               toSwitch ? fmt::format(" and resumed on {} when it registers", pendingPause_->target) : "");
-  if (timer_) pendingPauseCheck_ = watchPendingPause().eagerlyEvaluate(nullptr);
-}
-
-kj::Promise<void> SyncServer::watchPendingPause() {
-  return timer_->afterDelay(250 * kj::MILLISECONDS).then([this]() -> kj::Promise<void> {
-    if (!settlePendingPause()) return watchPendingPause();
-    return kj::READY_NOW;
-  });
-}
-
-bool SyncServer::settlePendingPause() {
-  if (!pendingPause_) return true;
-  const PendingPause pause = *pendingPause_;
-  if (state_.holder != pause.holder || lastRenewalNs_ != pause.since) {
-    if (state_.holder == pause.holder) spdlog::info("{} renewed its lease: the VM runs there", pause.holder);
-    pendingPause_.reset();
-    return true;
-  }
-  auto holder = devices_.find(pause.holder);
-  if (holder == devices_.end() || !holder->second->peer) return false;  // not back yet
-  if (pause.backNs == 0) {
-    pendingPause_->backNs = nowNs();
-    return false;
-  }
-  if (nowNs() - pause.backNs < static_cast<std::uint64_t>(leaseTimeout_.count()) * 1000000u) return false;
-  pendingPause_.reset();
-  spdlog::warn("{} is back and did not ask for its lease within {} ms: the VM is parked at its final checkpoint {}{}",
-               pause.holder, leaseTimeout_.count(), store_.head(),
-               pause.target.empty() ? "" : fmt::format(", to resume on {} when it registers", pause.target));
-  state_.holder.clear();
-  state_.resumeOn = pause.target;
-  persist();
-  auto it = devices_.find(pause.target);
-  if (!pause.target.empty() && it != devices_.end() && it->second->peer) resumeInterruptedSwitch(pause.target);
-  return true;
-}
-
-void SyncServer::resumeInterruptedSwitch(const std::string& id) {
-  if (!state_.holder.empty() || !parked() || switching_) return;
-  spdlog::info("the VM was left parked at checkpoint {} by a switch cut short; {} is back: resuming it there",
-               store_.head(), id);
-  auto message = kj::heap<capnp::MallocMessageBuilder>();
-  auto report = message->initRoot<wire::SwitchReport>();
-  resumeParked(id, report)
-      .attach(kj::mv(message))
-      .detach([id](kj::Exception&& e) { spdlog::warn("resuming the VM on {}: {}", id, describe(e)); });
-}
-
-void SyncServer::revoked(const std::string& user, const std::string& device, const std::string& why) {
-  if (state_.holder.empty() || user != state_.owner || (!device.empty() && device != state_.holder)) return;
-  fenced_ = state_.holder;
-  spdlog::warn("the active device {} was revoked ({}): it is fenced; `vmsync switch --to DEVICE --force` resumes "
-               "the VM elsewhere from the newest resumable point (checkpoint {}) without waiting for the lease "
-               "timeout", fenced_, why, store_.resumablePoint());
-  audit({.action = "fence", .result = "done", .user = user, .device = fenced_,
-         .reason = fmt::format("its credential was revoked ({}); lease epoch {}", why, state_.epoch)});
-}
-
 void SyncServer::unregister(const std::string& id, std::uint64_t connection) {
   auto it = devices_.find(id);
   if (it == devices_.end() || it->second->connection != connection) return;
   it->second->peer.reset();
   it->second->tail = nullptr;
   spdlog::info("device {} went offline at sequence {}", id, it->second->applied);
-}
-
-std::uint64_t SyncServer::acquireLease(const std::string& id) {
-  // The holder asking again (back from a cut connection) keeps its lease,
-  // even while a switch away from it runs: the switch takes the lease only
-  // once the holder's final checkpoint is stored. Refusing it there fenced
-  // the VM's only runner and left the switch nobody to hand off from.
-  if (!state_.holder.empty() && state_.holder == id) {
-    lastRenewalNs_ = nowNs();
-    return state_.epoch;
-  }
-  if (switching_) fail("a switch is in progress; device {} may take the lease after it", id);
-  if (!state_.holder.empty())
-    fail("device {} holds the lease; switch to this device with `vmsync switch --to {}`", state_.holder, id);
-  DeviceEntry& entry = device(id);
-  if (entry.applied != store_.head())
-    fail("device {} is stale (at sequence {}, head {}); it must catch up before it may become active", id,
-         entry.applied, store_.head());
-  ++state_.epoch;
-  state_.holder = id;
-  state_.resumeOn.clear();
-  persist();
-  lastRenewalNs_ = nowNs();
-  spdlog::info("lease epoch {} granted to {}", state_.epoch, id);
-  audit({.action = "lease", .result = "granted", .device = id,
-         .reason = fmt::format("epoch {}, the device started the VM", state_.epoch)});
-  return state_.epoch;
 }
 
 std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader checkpoint) {
@@ -558,28 +441,12 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   return store_.head();
 }
 
-void SyncServer::renewLease(const std::string& id, std::uint64_t epoch) {
-  if (state_.holder != id || state_.epoch != epoch)
-    fail("lease renewal from {} refused: the device was fenced (its lease epoch is {}, the current lease is epoch {} "
-         "held by '{}')", id, epoch, state_.epoch, state_.holder);
-  lastRenewalNs_ = nowNs();
-}
-
-std::uint64_t SyncServer::holderSilentNs() const { return nowNs() - lastRenewalNs_; }
-
 std::uint64_t SyncServer::resumablePointCreatedNs() {
   const std::uint64_t point = store_.resumablePoint();
   if (point == 0) return 0;
   if (resumableCreated_.first != point && store_.stored(point))
     resumableCreated_ = {point, store_.read(point)->reader().getCreatedUnixNs()};
   return resumableCreated_.second;
-}
-
-void SyncServer::releaseLease(const std::string& id, std::uint64_t epoch) {
-  if (state_.holder != id || state_.epoch != epoch) fail("device {} does not hold lease epoch {}", id, epoch);
-  state_.holder.clear();
-  state_.resumeOn.clear();
-  persist();
 }
 
 kj::Promise<void> SyncServer::answerPush(std::uint64_t sequence) {
@@ -593,119 +460,6 @@ kj::Promise<void> SyncServer::answerPush(std::uint64_t sequence) {
   if (holdMs <= 0 || !timer_) return kj::READY_NOW;
   spdlog::warn("test hook: checkpoint {} is stored; its answer waits {} ms", sequence, holdMs);
   return timer_->afterDelay(holdMs * kj::MILLISECONDS);
-}
-
-void SyncServer::forwardUpTo(DeviceEntry& entry, std::uint64_t sequence) {
-  // The lease holder makes the checkpoints; it never receives them.
-  if (!entry.peer || !entry.failure.empty() || entry.resyncing || entry.id == state_.holder) return;
-  const std::uint64_t connection = entry.connection;
-  const std::string id = entry.id;
-  // One step per call: the step catches up to `sequence` from wherever the
-  // device is when it runs, so K missed checkpoints travel as one merge.
-  if (std::max(entry.queued, entry.applied) < sequence) {
-    kj::Promise<void> previous = kj::READY_NOW;
-    KJ_IF_MAYBE(tail, entry.tail) { previous = tail->addBranch(); }
-    auto next = previous.then([this, id, sequence, connection]() { return catchUp(id, connection, sequence); });
-    entry.tail = next.fork();
-  }
-  entry.queued = std::max(entry.queued, sequence);
-}
-
-kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, std::uint64_t to) {
-  DeviceEntry& d = device(id);
-  // Up to the head as it is now, not as it was when this step was queued:
-  // on a link slower than the checkpoints come, what piled up meanwhile
-  // travels as one merge, where one checkpoint per step would leave the
-  // device further behind with every push. (A `to` compacted or abandoned
-  // since is gone; the head is always there.)
-  to = store_.head();
-  if (!d.peer || d.connection != connection || !d.failure.empty() || d.applied >= to) return kj::READY_NOW;
-  // A device behind the base (new, or offline across a compaction) starts
-  // over from the base: a full checkpoint replaces its whole image.
-  const std::uint64_t base = store_.base();
-  const bool behindBase = d.applied < base;
-  const std::uint64_t from = behindBase ? base : d.applied + 1;
-  if (to > from) {
-    // Under an Orig policy a checkpoint needs only the base (the full one):
-    // a device that has it catches up with the latest checkpoint alone. Orig
-    // checkpoints are never merged: a unit left out of a later one returns to
-    // the base, which a union of chunks would not do.
-    auto latest = store_.read(to);
-    auto latestReader = latest->reader();
-    if (latestReader.getKind() != wire::CheckpointKind::FULL && isOrigPolicy(latestReader.getPolicy())) {
-      if (!behindBase) {
-        spdlog::info("catch-up for {}: checkpoint {} alone (Orig policy; {} skipped)", id, to, to - from);
-        return sendApply(id, connection, latestReader).attach(kj::mv(latest));
-      }
-      spdlog::info("catch-up for {}: the base (checkpoint {}) first, then checkpoint {}", id, base, to);
-      auto full = store_.read(base);
-      auto fullReader = full->reader();
-      return sendApply(id, connection, fullReader).attach(kj::mv(full)).then([this, id, connection, to]() {
-        return catchUp(id, connection, to);
-      });
-    }
-    std::vector<kj::Own<StoredCheckpoint>> stored;
-    std::vector<wire::Checkpoint::Reader> run;
-    std::uint64_t missedBytes = 0;
-    for (std::uint64_t s = from; s <= to; ++s) {
-      stored.push_back(store_.read(s));
-      run.push_back(stored.back()->reader());
-      missedBytes += stored.back()->bytes();
-    }
-    auto merged = kj::heap<capnp::MallocMessageBuilder>();
-    std::string refused = mergeCheckpoints(run, merged->initRoot<wire::Checkpoint>());
-    if (refused.empty()) {
-      const std::uint64_t mergedBytes = capnp::computeSerializedSizeInWords(*merged) * sizeof(capnp::word);
-      spdlog::info("catch-up for {}: checkpoints {}..{} ({} checkpoints{}, {} bytes) merged into one of {} bytes", id,
-                   from, to, to - from + 1, behindBase ? ", from the base" : "", missedBytes, mergedBytes);
-      auto reader = merged->getRoot<wire::Checkpoint>().asReader();
-      return sendApply(id, connection, reader).attach(kj::mv(merged));
-    }
-    spdlog::info("catch-up for {}: sending checkpoints {}..{} ({} bytes) one by one ({})", id, from, to,
-                 missedBytes, refused);
-  }
-  auto one = store_.read(from);
-  auto reader = one->reader();
-  if (to > from)
-    spdlog::info("catch-up for {}: checkpoint {} ({} bytes), {} more to go", id, from, one->bytes(), to - from);
-  return sendApply(id, connection, reader).attach(kj::mv(one)).then([this, id, connection, to]() {
-    return catchUp(id, connection, to);
-  });
-}
-
-kj::Promise<void> SyncServer::sendApply(std::string id, std::uint64_t connection,
-                                        wire::Checkpoint::Reader checkpoint) {
-  DeviceEntry& d = device(id);
-  const std::uint64_t s = checkpoint.getSequence();
-  auto request = d.peer->applyRequest();
-  request.setCheckpoint(checkpoint);
-  std::uint64_t start = nowNs();
-  d.sendingSequence = s;
-  d.sendingBytes = request.totalSize().wordCount * sizeof(capnp::word);
-  d.sendingSinceNs = start;
-  d.sentBytes += d.sendingBytes;
-  return request.send().then(
-      [this, id, connection, start](capnp::Response<wire::DevicePeer::ApplyResults> response) {
-        DeviceEntry& d = device(id);
-        if (d.connection != connection) return;
-        d.sendingSequence = 0;
-        d.lastForwardNs = nowNs() - start;
-        d.lastApplyNs = response.getApplyNs();
-        d.applied = response.getAppliedSequence();
-        persist();
-      },
-      [this, id, s, connection](kj::Exception&& e) {
-        DeviceEntry& d = device(id);
-        if (d.connection != connection) return;
-        d.sendingSequence = 0;
-        d.failure = fmt::format("applying checkpoint {} failed: {}", s, describe(e));
-        spdlog::warn("device {}: {}", id, d.failure);
-      });
-}
-
-kj::Promise<void> SyncServer::drained(DeviceEntry& entry) {
-  KJ_IF_MAYBE(tail, entry.tail) { return tail->addBranch(); }
-  return kj::READY_NOW;
 }
 
 void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
