@@ -683,12 +683,7 @@ class Harness {
   /// The server's power goes (kill it next): its data directory keeps only
   /// what was fsynced, and nothing it writes from now on lands.
   void cutServerPower() {
-    const PowerCutReport r = serverDisk_.cut();
-    std::string what = fmt::format("power cut of the server's disk: {} names undone, {} files reverted",
-                                   r.namesUndone, r.filesReverted);
-    for (const auto& p : r.namesUndoneAt) what += ", name " + p;
-    for (const auto& p : r.filesRevertedAt) what += ", data " + p;
-    log(what);
+    log("power cut of the server's disk: " + describe(serverDisk_.cut()));
   }
 
   /// Starts the killed server again after `ms` (its disk's power back

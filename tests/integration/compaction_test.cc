@@ -162,10 +162,8 @@ TEST_F(Compaction, PowerCutDuringAFoldRecoversAWholeChain) {
     std::vector<std::string> left;
     for (const auto& e : fs::directory_iterator(chain)) left.push_back(e.path().filename().string());
     std::sort(left.begin(), left.end());
-    std::printf("power cut at %-18s (%llu names undone, %llu files reverted): %zu files in the chain, %s scratch "
-                "space\n",
-                point, static_cast<unsigned long long>(cut.namesUndone),
-                static_cast<unsigned long long>(cut.filesReverted), left.size(),
+    std::printf("power cut at %-18s (%s): %zu files in the chain, %s scratch space\n", point, describe(cut).c_str(),
+                left.size(),
                 fs::exists(dir.path() + "/server/compaction") ? "with" : "without");
 
     cluster.startServer(compact);

@@ -89,14 +89,6 @@ void checkRestartLosesNothing(Cluster& cluster, const std::string& dir) {
         << name << " was not discarded at the restart" << cluster.logOf("server");
 }
 
-std::string describe(const PowerCutReport& r) {
-  std::string text =
-      std::to_string(r.namesUndone) + " names undone, " + std::to_string(r.filesReverted) + " files reverted";
-  for (const auto& p : r.namesUndoneAt) text += ", name " + p;
-  for (const auto& p : r.filesRevertedAt) text += ", data " + p;
-  return text;
-}
-
 /// How many random cuts of each: VMSYNC_POWER_CUTS (make powercut sets 20), else 3.
 int randomCuts() {
   const char* v = std::getenv("VMSYNC_POWER_CUTS");

@@ -61,6 +61,14 @@ int checkName(const std::string& name) {
 
 }  // namespace
 
+std::string describe(const PowerCutReport& report) {
+  std::string text = std::to_string(report.namesUndone) + " names undone, " +
+                     std::to_string(report.filesReverted) + " files reverted";
+  for (const auto& p : report.namesUndoneAt) text += ", name " + p;
+  for (const auto& p : report.filesRevertedAt) text += ", data " + p;
+  return text;
+}
+
 struct PowerCutFs::Inode {
   std::uint64_t ino = 0;
   mode_t mode = 0;

@@ -61,6 +61,10 @@ struct PowerCutReport {
   std::vector<std::string> namesUndoneAt, filesRevertedAt;
 };
 
+/// The report for people: "N names undone, M files reverted", then ", name
+/// PATH" and ", data PATH" for the paths it lists.
+std::string describe(const PowerCutReport& report);
+
 /// The file system. Every method is safe to call from several threads; the
 /// ones that can fail return 0 or a negative errno, as the kernel wants it.
 class PowerCutFs {

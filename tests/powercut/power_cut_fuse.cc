@@ -263,8 +263,9 @@ std::string joined(const std::vector<std::string>& paths) {
   return out;
 }
 
-/// One line; the counts first, then the paths (names contain no newline here).
-std::string describe(const PowerCutReport& r) {
+/// The control socket's answer (PowerCutMount parses it): one line, the
+/// counts first, then the paths (names contain no newline here).
+std::string answerLine(const PowerCutReport& r) {
   return std::to_string(r.namesUndone) + " names undone, " + std::to_string(r.filesReverted) +
          " files reverted, " + std::to_string(r.inodesDropped) +
          " inodes dropped; names: " + joined(r.namesUndoneAt) +
@@ -287,14 +288,14 @@ void serveControl(int listener, PowerCutFs* fs) {
       command.pop_back();
     std::string answer;
     if (command == "cut") {
-      answer = "cut: " + describe(fs->cut());
+      answer = "cut: " + answerLine(fs->cut());
       std::fprintf(stderr, "vmsync_powercut_fs: power cut, %s\n", answer.c_str() + 5);
     } else if (command == "restore") {
       fs->restore();
       answer = "restored";
       std::fprintf(stderr, "vmsync_powercut_fs: power restored\n");
     } else if (command == "unsynced") {
-      answer = "unsynced: " + describe(fs->unsynced());
+      answer = "unsynced: " + answerLine(fs->unsynced());
     } else {
       answer = "error: unknown command '" + command + "' (cut, restore, unsynced)";
     }

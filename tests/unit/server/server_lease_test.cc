@@ -138,6 +138,16 @@ void finalStoredButNotRecorded(const std::string& dir, bool leaseGivenBack = fal
   std::ofstream(dir + "/state.json") << state.dump();
 }
 
+/// `rounds` times: more than the tests' 50 ms lease timeout of real time
+/// (the server's clock), a second of the server's timer, and the loop run.
+void letTheLeaseTimeoutPass(kj::TimerImpl& timer, kj::EventLoop& loop, int rounds) {
+  for (int i = 0; i < rounds; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    timer.advanceTo(timer.now() + 1 * kj::SECONDS);
+    loop.run();
+  }
+}
+
 TEST(ServerLease, AVmParkedByASwitchTheServerDidNotRecordResumesOnTheSwitchsTarget) {
   kj::EventLoop loop;
   kj::WaitScope waitScope(loop);
@@ -165,20 +175,14 @@ TEST(ServerLease, AHolderBackFromAPauseTheServerDidNotRecordThatDoesNotAskForIts
   Resumable& bPeer = *b;
   server.registerDevice("B", kj::mv(b), 0, 0, false).wait(waitScope);
   // Until A is back, nothing changes, however long it takes.
-  std::this_thread::sleep_for(std::chrono::milliseconds(60));
-  timer.advanceTo(timer.now() + 1 * kj::SECONDS);
-  loop.run();
+  letTheLeaseTimeoutPass(timer, loop, 1);
   EXPECT_FALSE(server.parked()) << "parked before the holder was back";
   EXPECT_EQ(bPeer.activatedEpoch, 0u);
   // A is back and does not ask for its lease: it had let the VM go. Past the
   // lease timeout the VM is parked at A's final checkpoint and resumes on B,
   // the switch's target.
   server.registerDevice("A", kj::heap<Standby>(), 2, 0, false).wait(waitScope);
-  for (int i = 0; i < 3; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(60));
-    timer.advanceTo(timer.now() + 1 * kj::SECONDS);
-    loop.run();
-  }
+  letTheLeaseTimeoutPass(timer, loop, 3);
   EXPECT_EQ(bPeer.applied, 2u);
   EXPECT_GT(bPeer.activatedEpoch, 0u) << "the VM was not resumed on B";
 }
@@ -197,11 +201,7 @@ TEST(ServerLease, AHolderThatResumedAfterAnUnrecordedPauseAsksForItsLeaseAndKeep
   // A's answer was lost and it resumed the VM: back, it asks for its lease.
   server.registerDevice("A", kj::heap<Standby>(), 2, 0, false).wait(waitScope);
   server.acquireLease("A");
-  for (int i = 0; i < 3; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(60));
-    timer.advanceTo(timer.now() + 1 * kj::SECONDS);
-    loop.run();
-  }
+  letTheLeaseTimeoutPass(timer, loop, 3);
   EXPECT_FALSE(server.parked());
   EXPECT_EQ(bPeer.activatedEpoch, 0u) << "B was activated while A runs the VM";
 }
