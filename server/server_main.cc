@@ -29,6 +29,11 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
                  "over (the device pauses its VM by itself after as long)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--dead-link-timeout", options.deadLinkSeconds,
+                 "seconds after which a silent connection counts as dead and is closed (keepalive probes and "
+                 "unacknowledged data): the device is then offline until it connects again")
+      ->check(CLI::Range(kMinDeadLinkSeconds, 3600))
+      ->capture_default_str();
   app.add_flag("--set-aside-damaged-head", options.setAsideDamagedHead,
                "if the newest stored checkpoint is damaged, keep it aside as N.ckpt.damaged and go on from the one "
                "before it (it may have been acknowledged: its content is lost); without this the server refuses "
@@ -57,6 +62,7 @@ int runServer(const ServerOptions& options) {
     if (options.tlsDir.empty() == !options.insecure)
       fail("give --tls DIR (a server identity from `vmsync init`) or --insecure for plain TCP, {}",
            options.insecure ? "not both" : "one of them");
+    setDeadLinkSeconds(options.deadLinkSeconds);
     // The chain is the user's guest memory and disk: for the server's user alone.
     ::umask(077);
     makePrivateDirectory(options.dataDir);

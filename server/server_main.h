@@ -15,6 +15,7 @@ struct ServerOptions {
   std::uint64_t compactAfter = 128;    // checkpoints after the base; 0: never by count
   std::uint64_t compactAboveMb = 1024; // MiB of checkpoints after the base; 0: never by size
   double leaseTimeoutSeconds = 30;     // an active device silent this long may be failed over (--force)
+  int deadLinkSeconds = 20;            // a silent connection from a device is given up after this long
   std::string auditPath;               // the audit log; empty: audit.jsonl in the data directory
   bool setAsideDamagedHead = false;    // see StoreRecovery
   std::uint64_t maxMessageMb = 2048;   // largest message from an authorized connection

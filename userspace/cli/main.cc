@@ -250,6 +250,11 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
                  "when active, choose the interval from the measured link rate and the guest's dirty rate so that "
                  "a switch's final checkpoint is expected to travel in this many ms (0: --interval stays)")
       ->capture_default_str();
+  cmd.add_option("--dead-link-timeout", o.deadLinkSeconds,
+                 "seconds after which a silent connection to the server counts as dead and is made again "
+                 "(keepalive probes and unacknowledged data); short in test harnesses, long on links that stall")
+      ->check(CLI::Range(vmsync::kMinDeadLinkSeconds, 3600))
+      ->capture_default_str();
   cmd.add_option("--qemu", o.qemuBinary, "QEMU binary")->capture_default_str();
   cmd.add_option("--page-source", o.pageSource, "dirty page source: scan, kmod (vmsync.ko, KVM only) or auto")
       ->check(CLI::IsMember({"scan", "kmod", "auto"}))

@@ -424,6 +424,7 @@ int runDevice(const DeviceOptions& options, Role initialRole) {
     if (options.deviceId.empty()) fail("--device is required");
     if (options.stateDir.empty()) fail("--state is required");
     if (options.intervalSeconds <= 0) fail("--interval must be positive, not {}", options.intervalSeconds);
+    setDeadLinkSeconds(options.deadLinkSeconds);
     kj::UnixEventPort::captureSignal(SIGTERM);
     kj::UnixEventPort::captureSignal(SIGINT);
     // The images, the serial console and the VMM's files are the guest's:

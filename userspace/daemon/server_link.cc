@@ -52,9 +52,9 @@ kj::Promise<Registration> ServerLink::connect(ChainPosition position) {
   // dead-link timeout, as a silent established connection is: otherwise the
   // reconnect loop would wait on it for good.
   return attempt(position).exclusiveJoin(
-      io_.provider->getTimer().afterDelay(kDeadLinkSeconds * kj::SECONDS).then([this]() -> Registration {
+      io_.provider->getTimer().afterDelay(deadLinkSeconds() * kj::SECONDS).then([this]() -> Registration {
         rpcFail(fmt::format("cannot reach the sync server at {}: no registration within {} s", options_.server,
-                            kDeadLinkSeconds));
+                            deadLinkSeconds()));
       }));
 }
 

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include <capnp/serialize-async.h>
 #include <capnp/serialize.h>
@@ -15,17 +16,38 @@
 
 namespace vmsync {
 
+namespace {
+std::atomic<int> deadLinkTimeout{kDefaultDeadLinkSeconds};
+}  // namespace
+
+int deadLinkSeconds() { return deadLinkTimeout.load(); }
+
+void setDeadLinkSeconds(int seconds) {
+  if (seconds < kMinDeadLinkSeconds)
+    throw Error(fmt::format("dead-link timeout of {} s: it must be at least {} s", seconds, kMinDeadLinkSeconds));
+  deadLinkTimeout = seconds;
+}
+
+DeadLinkProbes deadLinkProbes(int seconds) {
+  DeadLinkProbes p;
+  p.idleSeconds = std::clamp(seconds / 4, 1, 5);
+  p.intervalSeconds = std::clamp(seconds / 6, 1, 2);
+  // Linux takes at most 127 probes: a long timeout spaces them out.
+  constexpr int kMaxProbes = 127;
+  p.intervalSeconds = std::max(p.intervalSeconds, (seconds - p.idleSeconds + kMaxProbes - 1) / kMaxProbes);
+  p.count = std::max(1, (seconds - p.idleSeconds) / p.intervalSeconds);
+  p.userTimeoutMs = static_cast<unsigned>(seconds) * 1000u;
+  return p;
+}
+
 bool detectDeadLink(const SetSocketOption& set) {
+  const DeadLinkProbes p = deadLinkProbes(deadLinkSeconds());
   int on = 1;
-  int idle = kKeepaliveIdleSeconds;
-  int interval = kKeepaliveIntervalSeconds;
-  int count = (kDeadLinkSeconds - idle) / interval;
-  unsigned userTimeoutMs = kDeadLinkSeconds * 1000u;
   bool ok = set(SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
-  ok &= set(IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
-  ok &= set(IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
-  ok &= set(IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
-  ok &= set(IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof userTimeoutMs);
+  ok &= set(IPPROTO_TCP, TCP_KEEPIDLE, &p.idleSeconds, sizeof p.idleSeconds);
+  ok &= set(IPPROTO_TCP, TCP_KEEPINTVL, &p.intervalSeconds, sizeof p.intervalSeconds);
+  ok &= set(IPPROTO_TCP, TCP_KEEPCNT, &p.count, sizeof p.count);
+  ok &= set(IPPROTO_TCP, TCP_USER_TIMEOUT, &p.userTimeoutMs, sizeof p.userTimeoutMs);
   return ok;
 }
 

@@ -15,13 +15,29 @@
 namespace vmsync {
 
 /// Socket options that make a dead link fail a TCP connection within about
-/// `kDeadLinkSeconds` instead of TCP's default quarter of an hour: keepalive
+/// deadLinkSeconds() instead of TCP's default quarter of an hour: keepalive
 /// probes while idle, and a limit on how long sent data may stay unacknowledged.
-inline constexpr int kDeadLinkSeconds = 20;
-inline constexpr int kKeepaliveIdleSeconds = 5;      // idle time before the first probe
-inline constexpr int kKeepaliveIntervalSeconds = 2;  // between probes
-/// Applies them through `set` (setsockopt on some socket, true when it took
-/// the option); returns false when one was refused.
+inline constexpr int kDefaultDeadLinkSeconds = 20;
+/// The shortest dead-link timeout: a probe needs a second to go and come back.
+inline constexpr int kMinDeadLinkSeconds = 2;
+/// The timeout of this process's connections (`--dead-link-timeout`;
+/// kDefaultDeadLinkSeconds unless set). Set it before connections are made:
+/// those already made keep theirs.
+int deadLinkSeconds();
+void setDeadLinkSeconds(int seconds);  // throws Error below kMinDeadLinkSeconds
+/// The keepalive settings that find a dead link within `deadLinkSeconds`: the
+/// first probe after a quarter of it idle (at most 5 s), probes every sixth of
+/// it (1 to 2 s, more where 127 probes would not reach) until the timeout,
+/// and sent data unacknowledged for as long.
+struct DeadLinkProbes {
+  int idleSeconds = 0;
+  int intervalSeconds = 0;
+  int count = 0;
+  unsigned userTimeoutMs = 0;
+};
+DeadLinkProbes deadLinkProbes(int deadLinkSeconds);
+/// Applies deadLinkProbes(deadLinkSeconds()) through `set` (setsockopt on
+/// some socket, true when it took the option); returns false when one was refused.
 using SetSocketOption = std::function<bool(int level, int name, const void* value, unsigned length)>;
 bool detectDeadLink(const SetSocketOption& set);
 

@@ -12,7 +12,14 @@
 
 #include "vmsync.capnp.h"
 
+#include <linux/tcp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <string>
+
+#include "base/error.h"
 
 namespace vmsync {
 namespace {
@@ -28,6 +35,51 @@ TEST(TraversalLimit, FollowsTheMessageSizeBetweenAFloorAndTheCeiling) {
   EXPECT_EQ(traversalLimitFor(most), most);
   EXPECT_EQ(traversalLimitFor(most / kTraversalPerWord), most);
   EXPECT_EQ(traversalLimitFor(~std::uint64_t{0}), most);  // no overflow
+}
+
+TEST(DeadLink, ProbesFitTheTimeout) {
+  const DeadLinkProbes standard = deadLinkProbes(kDefaultDeadLinkSeconds);
+  EXPECT_EQ(standard.idleSeconds, 5);
+  EXPECT_EQ(standard.intervalSeconds, 2);
+  EXPECT_EQ(standard.count, 7);  // 5 s idle, then 7 probes 2 s apart: dead at 19-20 s
+  EXPECT_EQ(standard.userTimeoutMs, 20000u);
+  for (int seconds : {kMinDeadLinkSeconds, 3, 5, 8, 20, 60, 3600}) {
+    const DeadLinkProbes p = deadLinkProbes(seconds);
+    EXPECT_GE(p.idleSeconds, 1) << seconds;
+    EXPECT_GE(p.intervalSeconds, 1) << seconds;
+    EXPECT_GE(p.count, 1) << seconds;
+    EXPECT_LE(p.count, 127) << seconds;  // Linux's most
+    EXPECT_LE(p.idleSeconds + p.count * p.intervalSeconds, seconds) << seconds;  // found dead in time
+    EXPECT_GT(p.idleSeconds + (p.count + 1) * p.intervalSeconds, seconds) << seconds;  // and not much sooner
+    EXPECT_EQ(p.userTimeoutMs, static_cast<unsigned>(seconds) * 1000u) << seconds;
+  }
+}
+
+TEST(DeadLink, ASocketTakesTheProcessTimeout) {
+  ASSERT_EQ(deadLinkSeconds(), kDefaultDeadLinkSeconds);
+  EXPECT_THROW(setDeadLinkSeconds(kMinDeadLinkSeconds - 1), Error);
+  EXPECT_EQ(deadLinkSeconds(), kDefaultDeadLinkSeconds);
+  setDeadLinkSeconds(5);
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  const bool applied = detectDeadLink([fd](int level, int name, const void* value, unsigned length) {
+    return ::setsockopt(fd, level, name, value, length) == 0;
+  });
+  setDeadLinkSeconds(kDefaultDeadLinkSeconds);
+  ASSERT_TRUE(applied);
+  auto get = [fd](int level, int name) {
+    int value = -1;
+    socklen_t length = sizeof value;
+    EXPECT_EQ(::getsockopt(fd, level, name, &value, &length), 0) << name;
+    return value;
+  };
+  const DeadLinkProbes expected = deadLinkProbes(5);
+  EXPECT_EQ(get(SOL_SOCKET, SO_KEEPALIVE), 1);
+  EXPECT_EQ(get(IPPROTO_TCP, TCP_KEEPIDLE), expected.idleSeconds);
+  EXPECT_EQ(get(IPPROTO_TCP, TCP_KEEPINTVL), expected.intervalSeconds);
+  EXPECT_EQ(get(IPPROTO_TCP, TCP_KEEPCNT), expected.count);
+  EXPECT_EQ(get(IPPROTO_TCP, TCP_USER_TIMEOUT), 5000);
+  ::close(fd);
 }
 
 TEST(RpcConnection, ACapabilityTableOfEmptyEntriesIsRefusedNotAllocated) {
