@@ -25,6 +25,7 @@
 #include "chaos_schedule.h"
 #include "durability_checker.h"
 #include "power_cut_mount.h"
+#include "transport/rpc_util.h"
 #include "vmm/qmp_client.h"
 
 namespace vmsync::testing {
@@ -199,7 +200,7 @@ class Harness {
     start();
     Monitor monitor(cluster_);
     monitor_ = &monitor;
-    const auto steps = schedule(options_.seed, options_.steps);
+    const auto steps = schedule(options_.seed, options_.steps, options_.deadLinkSeconds);
     for (int i = 0; i < static_cast<int>(steps.size()) && result_.failures.empty(); ++i) {
       step_ = i + 1;
       log(fmt::format("step {}: {}", step_, describe(steps[i])));
@@ -233,6 +234,8 @@ class Harness {
   }
 
   void start() {
+    // The relays of the network lab run in this process.
+    setDeadLinkSeconds(options_.deadLinkSeconds);
     cluster_.useNetworkLab(options_.seed);
     std::mt19937_64 random(options_.seed ^ 0x5eedull);
     // The first full checkpoint goes over wifi; the seed then gives each
@@ -255,9 +258,13 @@ class Harness {
   }
 
   std::vector<std::string> deviceOptions() const {
-    return {"--block-source", "scan", "--resumable-every", "2"};
+    return {"--block-source", "scan", "--resumable-every", "2", "--dead-link-timeout",
+            std::to_string(options_.deadLinkSeconds)};
   }
-  void startServer() { cluster_.startServer({"--lease-timeout", std::to_string(options_.leaseTimeoutSeconds)}); }
+  void startServer() {
+    cluster_.startServer({"--lease-timeout", std::to_string(options_.leaseTimeoutSeconds), "--dead-link-timeout",
+                          std::to_string(options_.deadLinkSeconds)});
+  }
 
   std::string active() {
     auto s = cluster_.status();
@@ -589,10 +596,10 @@ ChaosResult runChaos(const ChaosOptions& options) {
   return harness.run();
 }
 
-std::vector<std::string> describeSchedule(std::uint64_t seed, int steps) {
+std::vector<std::string> describeSchedule(std::uint64_t seed, int steps, int deadLinkSeconds) {
   std::vector<std::string> out;
   int i = 0;
-  for (const auto& s : schedule(seed, steps)) out.push_back(fmt::format("step {}: {}", ++i, describe(s)));
+  for (const auto& s : schedule(seed, steps, deadLinkSeconds)) out.push_back(fmt::format("step {}: {}", ++i, describe(s)));
   return out;
 }
 

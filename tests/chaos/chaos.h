@@ -28,6 +28,8 @@
 
 namespace vmsync::testing {
 
+inline constexpr int kChaosDeadLinkSeconds = 5;
+
 struct ChaosOptions {
   std::uint64_t seed = 1;
   int steps = 50;
@@ -35,6 +37,9 @@ struct ChaosOptions {
   std::string dir;
   /// Lease timeout of the server (short, so that a long schedule fits).
   int leaseTimeoutSeconds = 3;
+  /// Dead-link timeout of the server, the devices and the relays (short too;
+  /// the longest outages of the schedule outlast it).
+  int deadLinkSeconds = kChaosDeadLinkSeconds;
   /// Every event and check, timestamped, as it happens (besides events.log).
   std::ostream* progress = nullptr;
 };
@@ -67,7 +72,7 @@ struct ChaosResult {
 ChaosResult runChaos(const ChaosOptions& options);
 
 /// The steps `seed` draws, one line each, as the run's events.log names them.
-std::vector<std::string> describeSchedule(std::uint64_t seed, int steps);
+std::vector<std::string> describeSchedule(std::uint64_t seed, int steps, int deadLinkSeconds);
 
 /// The durability checker alone, on a cluster directory runChaos() left:
 /// fills the acknowledged, checked, folded, abandoned and lost counts and a

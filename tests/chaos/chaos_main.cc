@@ -20,6 +20,11 @@ int main(int argc, char** argv) {
   std::string checkDir;
   app.add_option("--check", checkDir,
                  "only run the durability checker on a run's directory (e.g. build/chaos/seed-1) and exit");
+  int deadLinkSeconds = vmsync::testing::kChaosDeadLinkSeconds;
+  app.add_option("--dead-link-timeout", deadLinkSeconds,
+                 "seconds of silence after which the server, the devices and the relays give a connection up")
+      ->check(CLI::Range(2, 60))
+      ->capture_default_str();
   bool print = false;
   app.add_flag("--print-schedule", print, "print each seed's steps and exit");
   CLI11_PARSE(app, argc, argv);
@@ -27,7 +32,7 @@ int main(int argc, char** argv) {
   if (print) {
     for (std::uint64_t seed : seeds) {
       std::printf("seed %llu:\n", static_cast<unsigned long long>(seed));
-      for (const auto& line : vmsync::testing::describeSchedule(seed, steps)) std::printf("  %s\n", line.c_str());
+      for (const auto& line : vmsync::testing::describeSchedule(seed, steps, deadLinkSeconds)) std::printf("  %s\n", line.c_str());
     }
     return 0;
   }
@@ -52,6 +57,7 @@ int main(int argc, char** argv) {
     vmsync::testing::ChaosOptions options;
     options.seed = seed;
     options.steps = steps;
+    options.deadLinkSeconds = deadLinkSeconds;
     options.dir = std::filesystem::absolute(out).string() + "/seed-" + std::to_string(seed);
     std::filesystem::remove_all(options.dir);
     std::filesystem::create_directories(options.dir);

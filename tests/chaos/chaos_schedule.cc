@@ -31,7 +31,7 @@ const char* phaseName(Phase p) {
   return "?";
 }
 
-std::vector<Step> schedule(std::uint64_t seed, int steps) {
+std::vector<Step> schedule(std::uint64_t seed, int steps, int deadLinkSeconds) {
   std::mt19937_64 random(seed);
   // Kinds added after the first schedules come from a stream of their own,
   // so that the first stream's draws, and with them every step that the new
@@ -65,9 +65,11 @@ std::vector<Step> schedule(std::uint64_t seed, int steps) {
     s.delayMs = s.phase == Phase::AtPause ? uniform(0, 150) : s.phase == Phase::AfterPause ? uniform(0, 400)
                                                                                             : uniform(0, 1500);
     // Outages: sub-second, a few seconds (past the lease timeout), and past
-    // the 20 s dead-link timeout.
+    // the dead-link timeout.
     const int band = uniform(0, 99);
-    s.durationMs = band < 50 ? uniform(150, 900) : band < 85 ? uniform(1000, 8000) : uniform(21000, 24000);
+    s.durationMs = band < 50   ? uniform(150, 900)
+                   : band < 85 ? uniform(1000, 8000)
+                               : deadLinkSeconds * 1000 + uniform(1000, 4000);
     s.profile = kProfiles[uniform(0, static_cast<int>(kProfiles.size()) - 1)];
     if (s.kind == Kind::ServerKill || s.kind == Kind::StandbyKill || s.kind == Kind::SwitchKill)
       s.durationMs = uniform(0, 3000);

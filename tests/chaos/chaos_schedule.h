@@ -36,8 +36,10 @@ struct Step {
   std::string profile;
 };
 
-/// The first `steps` steps of `seed`'s schedule.
-std::vector<Step> schedule(std::uint64_t seed, int steps);
+/// The first `steps` steps of `seed`'s schedule, for a cluster whose
+/// connections are given up after `deadLinkSeconds` of silence (the longest
+/// outages outlast it by 1 to 4 s).
+std::vector<Step> schedule(std::uint64_t seed, int steps, int deadLinkSeconds);
 /// Whom a kill during a switch takes: the server, the source or the target.
 const char* victimName(const Step& s);
 /// One line for the events log.
