@@ -16,6 +16,9 @@ namespace vmsync::testing {
 namespace {
 
 constexpr auto kBootAndSync = std::chrono::seconds(240);
+/// The dead-link timeout of the tests that cut a link mid push: the push
+/// fails once the timeout passes, as it would after 20 s.
+constexpr int kShortDeadLinkSeconds = 5;
 
 /// Image digests logged by `device` ("final checkpoint N stored (image digest X)"
 /// on the source, "final checkpoint N: image digest X verified" on the target), by sequence.
@@ -69,14 +72,20 @@ class LinkOutage : public ::testing::Test {
 
   /// Starts the server, A active on `linkA` and B standby on `linkB`, each in
   /// its own namespace, and waits for the full sync, two checkpoints after it,
-  /// and the guest counting on A.
-  void startCounting(Cluster& cluster, const char* linkA, const char* linkB) {
+  /// and the guest counting on A. With `deadLinkSeconds`, the server and the
+  /// devices give a silent connection up after that long instead of 20 s:
+  /// the tests that wait for a cut to be noticed wait less.
+  void startCounting(Cluster& cluster, const char* linkA, const char* linkB, int deadLinkSeconds = 0) {
     cluster.useNetworkLab();
     cluster.setLink("A", linkA);
     cluster.setLink("B", linkB);
-    cluster.startServer();
-    cluster.startActive("A", {"--block-source", "scan"});
-    cluster.startStandby("B", {"--block-source", "scan"});
+    std::vector<std::string> deadLink;
+    if (deadLinkSeconds > 0) deadLink = {"--dead-link-timeout", std::to_string(deadLinkSeconds)};
+    std::vector<std::string> device{"--block-source", "scan"};
+    device.insert(device.end(), deadLink.begin(), deadLink.end());
+    cluster.startServer(deadLink);
+    cluster.startActive("A", device);
+    cluster.startStandby("B", device);
     ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
     ASSERT_TRUE(
         waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
@@ -142,7 +151,7 @@ TEST_F(LinkOutage, StandbyCutOffForThirtySecondsCatchesUpAndTakesOver) {
 TEST_F(LinkOutage, ActiveCutOffMidPushLosesNothing) {
   TempDir dir;
   Cluster cluster(dir.path());
-  ASSERT_NO_FATAL_FAILURE(startCounting(cluster, "lte", "wifi"));
+  ASSERT_NO_FATAL_FAILURE(startCounting(cluster, "lte", "wifi", kShortDeadLinkSeconds));
 
   // Checkpoints go every second and take about as long on lte's uplink. The
   // link goes down a moment after one was stored, when the next is on its
@@ -247,7 +256,7 @@ TEST_F(LinkOutage, ActiveCutOffWhileTheAnswerIsOnItsWayLosesNothing) {
   TempDir dir;
   Cluster cluster(dir.path());
   ::setenv("VMSYNC_TEST_HOLD_PUSH_ANSWER_MS", "3000", 1);
-  ASSERT_NO_FATAL_FAILURE(startCounting(cluster, "wifi", "wifi"));
+  ASSERT_NO_FATAL_FAILURE(startCounting(cluster, "wifi", "wifi", kShortDeadLinkSeconds));
   ::unsetenv("VMSYNC_TEST_HOLD_PUSH_ANSWER_MS");
 
   const std::size_t serverLogBefore = readFile(dir / "server.log").size();
