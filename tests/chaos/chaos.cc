@@ -216,6 +216,7 @@ class Harness {
     if (result_.acknowledged == 0) result_.failures.push_back("no checkpoint was acknowledged: nothing was checked");
     if (result_.counterValues == 0) result_.failures.push_back("no counter value was read: continuity unchecked");
     monitor_ = nullptr;
+    result_.wallSeconds = std::chrono::duration<double>(Clock::now() - t0_).count();
     log(result_.failures.empty() ? "passed" : fmt::format("FAILED: {}", result_.failures.front()));
     return result_;
   }
@@ -617,10 +618,12 @@ std::string missingForChaos() {
 }
 
 std::string summaryTable(const std::vector<ChaosResult>& results) {
-  const char* header = "{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} {:>6} {:>8} {:>8}  {}\n";
+  const char* header =
+      "{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} {:>6} {:>8} {:>8} "
+      "{:>7}  {}\n";
   std::string out = fmt::format(fmt::runtime(header), "seed", "steps", "switches", "failed", "cut", "kill", "mid",
                                 "flap", "srv", "sby", "act", "link", "renum", "forced", "acked", "lost", "two-on",
-                                "conv-med", "conv-max", "result");
+                                "conv-med", "conv-max", "time", "result");
   auto row = [&](const std::string& seed, const ChaosResult& r, std::vector<double> conv, bool passed) {
     std::sort(conv.begin(), conv.end());
     const double median = conv.empty() ? 0 : conv[conv.size() / 2];
@@ -630,12 +633,12 @@ std::string summaryTable(const std::vector<ChaosResult>& results) {
       return it == r.events.end() ? 0 : it->second;
     };
     out += fmt::format("{:>6} {:>6} {:>8} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>6} {:>5} "
-                       "{:>6} {:>7.1f}s {:>7.1f}s  {}\n",
+                       "{:>6} {:>7.1f}s {:>7.1f}s {:>6.1f}m  {}\n",
                        seed, r.steps, r.switchesSucceeded + r.switchesFailed, r.switchesFailed, count(Kind::SwitchCut),
                        count(Kind::SwitchKill), r.faultsDuringSwitch, count(Kind::Flap), count(Kind::ServerKill),
                        count(Kind::StandbyKill), count(Kind::ActiveKill), count(Kind::Profile), count(Kind::Renumber),
                        r.forcedFailovers,
-                       r.acknowledged, r.lost, r.twoRunning, median, max, passed ? "pass" : "FAIL");
+                       r.acknowledged, r.lost, r.twoRunning, median, max, r.wallSeconds / 60, passed ? "pass" : "FAIL");
   };
   ChaosResult total;
   std::vector<double> all;
@@ -649,6 +652,7 @@ std::string summaryTable(const std::vector<ChaosResult>& results) {
     total.forcedFailovers += r.forcedFailovers;
     for (const auto& [k, n] : r.events) total.events[k] += n;
     total.acknowledged += r.acknowledged;
+    total.wallSeconds += r.wallSeconds;
     total.lost += r.lost;
     total.twoRunning += r.twoRunning;
     all.insert(all.end(), r.convergenceSeconds.begin(), r.convergenceSeconds.end());
@@ -664,7 +668,7 @@ std::string summaryTable(const std::vector<ChaosResult>& results) {
          "checkpoints acknowledged to devices, each found in the store by digest, folded into the base, or\n"
          "abandoned by a failover; lost: acknowledged but not there; two-on: moments two VMs answered running;\n"
          "conv: time from the end of a step to one VM running, on the lease holder, and every device holding the\n"
-         "head as it was then.\n";
+         "head as it was then; time: minutes the run took, the cluster's set-up included.\n";
   return out;
 }
 

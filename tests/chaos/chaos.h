@@ -61,6 +61,7 @@ struct ChaosResult {
   int twoRunning = 0;                  // moments with two VMs running: must be 0
   std::uint64_t counterValues = 0;     // counter lines the checkers read
   std::vector<double> convergenceSeconds;
+  double wallSeconds = 0;              // the whole run, the cluster's set-up included
   /// What went wrong, each naming the step; empty when the run passed.
   std::vector<std::string> failures;
 
