@@ -8,6 +8,7 @@
 
 #include "base/error.h"
 #include "chaos.h"
+#include "transport/rpc_util.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"vmsync chaos: seeded switches, link cuts and kills against a real cluster, with checkers"};
@@ -23,7 +24,7 @@ int main(int argc, char** argv) {
   int deadLinkSeconds = vmsync::testing::kChaosDeadLinkSeconds;
   app.add_option("--dead-link-timeout", deadLinkSeconds,
                  "seconds of silence after which the server, the devices and the relays give a connection up")
-      ->check(CLI::Range(2, 60))
+      ->check(CLI::Range(vmsync::kMinDeadLinkSeconds, 60))
       ->capture_default_str();
   bool print = false;
   app.add_flag("--print-schedule", print, "print each seed's steps and exit");
