@@ -98,7 +98,7 @@ struct DeviceStatus {
 }
 
 struct ClusterStatus {
-  vmId @0 :Text;                # VM on this server, empty if none yet
+  vmId @0 :Text;                # the VM's name
   headSequence @1 :UInt64;      # newest checkpoint stored
   epoch @2 :UInt64;             # current lease epoch
   activeDevice @3 :Text;        # lease holder, empty if none
@@ -110,6 +110,17 @@ struct ClusterStatus {
   resumablePointAgeNs @9 :UInt64; # how old it is (guest time a failover now would lose)
   activeSilentNs @10 :UInt64;   # time since the active device last renewed its lease
   abandoned @11 :UInt64;        # checkpoints a failover abandoned (kept under abandoned/ in the data directory)
+  user @12 :Text;               # whose VM it is (empty on a server without TLS)
+}
+
+struct VmSummary {
+  name @0 :Text;                # the VM's name
+  user @1 :Text;                # whose it is (empty on a server without TLS)
+  headSequence @2 :UInt64;      # newest checkpoint stored
+  activeDevice @3 :Text;        # lease holder, empty if none
+  parked @4 :Bool;              # no device runs it; the head is a final checkpoint
+  chainBytes @5 :UInt64;        # bytes the chain takes on the server (base and checkpoints after it)
+  devices @6 :UInt32;           # devices ever registered for it
 }
 
 struct SwitchReport {
@@ -204,8 +215,13 @@ interface DeviceSession {
   # The lease holder is alive; refused (the device was fenced) for an old epoch.
 }
 
+# A server holds many VMs, each its user's. A request names one as "NAME",
+# one of the caller's own, or "USER/NAME"; empty names the default VM "vm".
+# Another user's VM is refused for every request; a VM is created by the
+# first device that registers for it.
 interface SyncServer {
-  register @0 (deviceId :Text, peer :DevicePeer, appliedSequence :UInt64, appliedEpoch :UInt64, diverged :Bool)
+  register @0 (deviceId :Text, peer :DevicePeer, appliedSequence :UInt64, appliedEpoch :UInt64, diverged :Bool,
+               vm :Text)
       -> (session :DeviceSession, vmId :Text, headSequence :UInt64, parked :Bool, leaseTimeoutMs :UInt64);
   # Announce a device and the last sequence it has applied (with the lease
   # epoch of that checkpoint, 0 if unknown); the server sends it the
@@ -213,13 +229,16 @@ interface SyncServer {
   # failover abandoned what it applied or (`diverged`) its VM ran past its
   # last checkpoint, is first brought back by a resync (DevicePeer.rollBack).
 
-  status @1 () -> (status :ClusterStatus);
-  # Devices, lease and chain head.
+  status @1 (vm :Text) -> (status :ClusterStatus);
+  # Devices, lease and chain head of one VM.
 
-  switchTo @2 (target :Text, force :Bool) -> (report :SwitchReport);
+  switchTo @2 (target :Text, force :Bool, vm :Text) -> (report :SwitchReport);
   # Move the running VM to `target`, or resume a parked VM there.
 
-  stop @3 () -> (report :StopReport);
+  stop @3 (vm :Text) -> (report :StopReport);
   # Park the VM: the active device pauses it, pushes a final checkpoint, gives
   # the lease back and its daemon exits.
+
+  listVms @4 () -> (vms :List(VmSummary));
+  # The caller's VMs (on a server without TLS: every VM).
 }

@@ -10,13 +10,18 @@
 #include "base/error.h"
 #include "transport/rpc_util.h"
 #include "transport/secure_channel.h"
-#include "sync_server.h"
+#include "vm_registry.h"
 
 namespace vmsync {
 
 void addServerOptions(CLI::App& app, ServerOptions& options) {
   app.add_option("--listen", options.listen, "address to listen on, host:port")->capture_default_str();
-  app.add_option("--data", options.dataDir, "data directory for the VM's image and checkpoints")
+  app.add_option("--data", options.dataDir,
+                 "data directory: every VM's checkpoints, under vms/USER/NAME (a directory from before VMs had "
+                 "names is moved there at start)")
+      ->capture_default_str();
+  app.add_option("--max-vms-per-user", options.maxVmsPerUser,
+                 "VMs one user may hold on this server; a device registering for one more is refused (0: no limit)")
       ->capture_default_str();
   app.add_option("--tls", options.tlsDir,
                  "directory with the server identity from `vmsync init`; clients must present a device credential");
@@ -69,14 +74,18 @@ int runServer(const ServerOptions& options) {
     auto io = kj::setupAsyncIo();
     ServerTransport transport = options.insecure ? ServerTransport()
                                                  : ServerTransport(options.tlsDir, io.provider->getTimer());
-    SyncServer server(options.dataDir, CompactionLimits{options.compactAfter, options.compactAboveMb << 20},
-                      &io.provider->getTimer(), StoreRecovery{options.setAsideDamagedHead});
-    server.setLeaseTimeout(std::chrono::milliseconds(static_cast<std::int64_t>(options.leaseTimeoutSeconds * 1000)));
     AuditLog audit(options.auditPath.empty() ? options.dataDir + "/audit.jsonl" : options.auditPath);
-    server.setAuditLog(&audit);
+    VmSettings settings;
+    settings.compaction = CompactionLimits{options.compactAfter, options.compactAboveMb << 20};
+    settings.timer = &io.provider->getTimer();
+    settings.recovery = StoreRecovery{options.setAsideDamagedHead};
+    settings.leaseTimeout = std::chrono::milliseconds(static_cast<std::int64_t>(options.leaseTimeoutSeconds * 1000));
+    settings.audit = &audit;
+    settings.user.vms = options.maxVmsPerUser;
+    VmRegistry vms(options.dataDir, settings);
     transport.setAuditLog(&audit);
-    transport.setOnRevoked([&server](const std::string& user, const std::string& device, const std::string& why) {
-      server.revoked(user, device, why);
+    transport.setOnRevoked([&vms](const std::string& user, const std::string& device, const std::string& why) {
+      vms.revoked(user, device, why);
     });
     MessageLimits limits;
     limits.perMessage = options.maxMessageMb << 20;
@@ -91,8 +100,10 @@ int runServer(const ServerOptions& options) {
     spdlog::info("sync server listening on {} ({}; data in {}; audit log {})", options.listen,
                  transport.secure() ? "TLS, device certificates required" : "plain TCP, INSECURE", options.dataDir,
                  audit.path());
-    auto serving = transport.serve(*listener, [&server](const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate)
-                                                  -> capnp::Capability::Client { return server.client(peer, gate); });
+    auto serving = transport.serve(*listener, [&vms](const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate)
+                                                  -> capnp::Capability::Client {
+      return syncServiceClient(vms, peer, std::move(gate));
+    });
     auto stop = io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT));
     auto signal = stop.exclusiveJoin(serving.then([]() -> siginfo_t { KJ_UNREACHABLE; }));
     signal.wait(io.waitScope);

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <filesystem>
 
 #include "checkpoint/checkpoint_applier.h"
 #include "checkpoint/checkpoint_builder.h"
@@ -14,123 +15,6 @@
 #include "base/units.h"
 
 namespace vmsync {
-
-namespace {
-
-class DeviceSessionImpl final : public wire::DeviceSession::Server {
- public:
-  DeviceSessionImpl(SyncServer& server, std::string id, std::uint64_t connection)
-      : server_(server), id_(std::move(id)), connection_(connection) {}
-  ~DeviceSessionImpl() { server_.unregister(id_, connection_); }
-
-  kj::Promise<void> acquireLease(AcquireLeaseContext context) override {
-    return guarded([&] {
-      context.getResults().setEpoch(server_.acquireLease(id_));
-      return kj::READY_NOW;
-    });
-  }
-  kj::Promise<void> push(PushContext context) override {
-    return guarded([&] {
-      const std::uint64_t stored = server_.push(id_, context.getParams().getCheckpoint());
-      context.getResults().setSequence(stored);
-      return server_.answerPush(stored);
-    });
-  }
-  kj::Promise<void> releaseLease(ReleaseLeaseContext context) override {
-    return guarded([&] {
-      server_.releaseLease(id_, context.getParams().getEpoch());
-      return kj::READY_NOW;
-    });
-  }
-  kj::Promise<void> renewLease(RenewLeaseContext context) override {
-    return guarded([&] {
-      server_.renewLease(id_, context.getParams().getEpoch());
-      return kj::READY_NOW;
-    });
-  }
-
- private:
-  SyncServer& server_;
-  std::string id_;
-  std::uint64_t connection_;
-};
-
-class SyncServerImpl final : public wire::SyncServer::Server {
- public:
-  SyncServerImpl(SyncServer& server, PeerIdentity peer, std::shared_ptr<ConnectionGate> gate)
-      : server_(server), peer_(std::move(peer)), gate_(std::move(gate)) {}
-
-  kj::Promise<void> register_(RegisterContext context) override {
-    return guarded([&] {
-      auto params = context.getParams();
-      std::string id = params.getDeviceId();
-      if (peer_.authenticated && id != peer_.device)
-        server_.refuse(peer_, "register",
-                       fmt::format("this connection is authenticated as {}; it cannot register as device {}",
-                                   peer_.describe(), id));
-      authorize("use", /*claim=*/true);
-      return server_.registerDevice(id, params.getPeer(), params.getAppliedSequence(), params.getAppliedEpoch(),
-                                    params.getDiverged())
-          .then([this, id, context](std::uint64_t connection) mutable {
-            auto results = context.getResults();
-            results.setSession(kj::heap<DeviceSessionImpl>(server_, id, connection));
-            results.setVmId(server_.vmId());
-            results.setHeadSequence(server_.head());
-            results.setParked(server_.parked());
-            results.setLeaseTimeoutMs(static_cast<std::uint64_t>(server_.leaseTimeout().count()));
-          });
-    });
-  }
-  kj::Promise<void> status(StatusContext context) override {
-    return guarded([&] {
-      authorize("list");
-      server_.fillStatus(context.getResults().initStatus());
-      return kj::READY_NOW;
-    });
-  }
-  kj::Promise<void> switchTo(SwitchToContext context) override {
-    return guarded([&] {
-      authorize("switch");
-      std::string target = context.getParams().getTarget();
-      const bool force = context.getParams().getForce();
-      const char* action = force ? "failover" : "switch";
-      auto report = context.getResults().initReport();
-      return server_.switchTo(target, force, report)
-          .then(
-              [this, action, target, report]() mutable {
-                server_.audit({.action = action, .result = "done", .user = peer_.user, .device = peer_.device,
-                               .reason = fmt::format("from {} to {}, lease epoch {}",
-                                                     report.getFrom().size() ? report.getFrom().cStr() : "(none)",
-                                                     target, report.getEpoch())});
-              },
-              [this, action, target](kj::Exception&& e) {
-                server_.audit({.action = action, .result = "failed", .user = peer_.user, .device = peer_.device,
-                               .reason = fmt::format("to {}: {}", target, describe(e))});
-                kj::throwFatalException(kj::mv(e));
-              });
-    });
-  }
-  kj::Promise<void> stop(StopContext context) override {
-    return guarded([&] {
-      authorize("stop");
-      return server_.stop(context.getResults().initReport());
-    });
-  }
-
- private:
-  /// Checks that the peer may `action` the VM; from then on its connection
-  /// may send messages as large as checkpoints.
-  void authorize(const char* action, bool claim = false) {
-    server_.authorize(peer_, action, claim);
-    if (gate_) gate_->authorize();
-  }
-
-  SyncServer& server_;
-  PeerIdentity peer_;
-  std::shared_ptr<ConnectionGate> gate_;
-};
-
-}  // namespace
 
 SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Timer* timer, StoreRecovery recovery)
     : store_(std::move(dataDir), recovery),
@@ -244,12 +128,36 @@ void SyncServer::maybeCompact(wire::Policy policy) {
 }
 
 wire::SyncServer::Client SyncServer::client(const PeerIdentity& peer, std::shared_ptr<ConnectionGate> gate) {
-  return kj::heap<SyncServerImpl>(*this, peer, std::move(gate));
+  return syncServiceClient(*this, peer, std::move(gate));
+}
+
+void SyncServer::setIdentity(const std::string& user, const std::string& name) {
+  name_ = name;
+  label_ = user.empty() ? name : user + "/" + name;
+  if (!state_.vmId.empty() && state_.vmId != name)
+    fail("data directory {} holds VM '{}', not '{}'", store_.dir(), state_.vmId, name);
+  if (state_.owner != user && !user.empty()) {
+    state_.owner = user;
+    persist();
+  }
+}
+
+SyncServer& SyncServer::vm(const PeerIdentity& peer, const std::string& name, const char* action, bool create) {
+  const std::string& mine = vmId();
+  if (!name.empty() && !mine.empty() && name != mine && name != label_)
+    fail("this server holds VM '{}' alone, not '{}'", mine, name);
+  authorize(peer, action, /*claim=*/create);
+  return *this;
+}
+
+std::vector<SyncServer*> SyncServer::vmsOf(const PeerIdentity& peer) {
+  if (peer.authenticated && peer.user != state_.owner) return {};
+  return {this};
 }
 
 void SyncServer::audit(AuditEvent event) {
   if (audit_ == nullptr) return;
-  if (event.vm.empty()) event.vm = state_.vmId;
+  if (event.vm.empty()) event.vm = label_.empty() ? state_.vmId : label_;
   audit_->record(event);
 }
 
@@ -422,6 +330,8 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   if (full) {
     std::string vm = checkpoint.getSpec().getVmId();
     if (vm.empty()) fail("full checkpoint rejected: its VM spec has no vmId");
+    if (!name_.empty() && vm != name_)
+      fail("full checkpoint for VM '{}' rejected: it was pushed to VM '{}'", vm, label_);
     state_.vmId = vm;
   } else if (std::string(checkpoint.getVmId()) != state_.vmId) {
     fail("checkpoint for VM '{}' rejected: this server holds VM '{}'", std::string(checkpoint.getVmId()),
@@ -462,8 +372,29 @@ kj::Promise<void> SyncServer::answerPush(std::uint64_t sequence) {
   return timer_->afterDelay(holdMs * kj::MILLISECONDS);
 }
 
+std::uint64_t SyncServer::chainBytes() const {
+  std::uint64_t bytes = store_.bytesAfterBase();
+  if (store_.base() != 0) {
+    std::error_code ec;
+    const auto base = std::filesystem::file_size(store_.pathOf(store_.base()), ec);
+    if (!ec) bytes += base;
+  }
+  return bytes;
+}
+
+void SyncServer::fillSummary(wire::VmSummary::Builder summary) {
+  summary.setName(vmId());
+  summary.setUser(state_.owner);
+  summary.setHeadSequence(store_.head());
+  summary.setActiveDevice(state_.holder);
+  summary.setParked(parked());
+  summary.setChainBytes(chainBytes());
+  summary.setDevices(static_cast<std::uint32_t>(devices_.size()));
+}
+
 void SyncServer::fillStatus(wire::ClusterStatus::Builder status) {
-  status.setVmId(state_.vmId);
+  status.setVmId(vmId());
+  status.setUser(state_.owner);
   status.setHeadSequence(store_.head());
   status.setEpoch(state_.epoch);
   status.setActiveDevice(state_.holder);

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "checkpoint_store.h"
+#include "sync_service.h"
 #include "transport/secure_channel.h"
 #include "vmsync.capnp.h"
 
@@ -45,19 +46,31 @@ struct CompactionLimits {
   std::uint64_t bytes = 1ull << 30;   // their total size
 };
 
-/// Implements wire::SyncServer; one instance per data directory.
-class SyncServer {
+/// One VM: its chain, lease and devices; one instance per VM directory.
+/// As a VmCatalog it serves that VM alone (unit tests, benchmarks); a
+/// server process holds its VMs in a VmRegistry.
+class SyncServer final : public VmCatalog {
  public:
   /// `timer` bounds how long a device that registers again waits for the
   /// answer of its earlier registration (nullptr: a registered device is
   /// never replaced while its connection stands).
   explicit SyncServer(std::string dataDir, CompactionLimits compaction = {}, kj::Timer* timer = nullptr,
                       StoreRecovery recovery = {});
-  ~SyncServer();
+  ~SyncServer() override;
 
-  /// The capability a client bootstraps, acting for `peer`; `gate` (if any)
-  /// is told when the peer is authorized, which lifts its message limits.
+  /// The capability a client bootstraps, acting for `peer`, to this VM alone;
+  /// `gate` (if any) is told when the peer is authorized, which lifts its
+  /// message limits.
   wire::SyncServer::Client client(const PeerIdentity& peer = {}, std::shared_ptr<ConnectionGate> gate = nullptr);
+  /// This VM is `name` of `user` ("" on a server without TLS): its first full
+  /// checkpoint must carry that name, and only that user's devices may use it.
+  void setIdentity(const std::string& user, const std::string& name);
+  /// "USER/NAME" (or "NAME"), as logs and the audit trail name this VM.
+  const std::string& label() const { return label_; }
+
+  // VmCatalog, for this one VM.
+  SyncServer& vm(const PeerIdentity& peer, const std::string& name, const char* action, bool create) override;
+  std::vector<SyncServer*> vmsOf(const PeerIdentity& peer) override;
   /// Where authorization refusals, ownership claims, lease grants, switches
   /// and failovers are recorded (nullptr: nowhere).
   void setAuditLog(AuditLog* audit) { audit_ = audit; }
@@ -69,7 +82,7 @@ class SyncServer {
   /// Every refusal is recorded in the audit log.
   void authorize(const PeerIdentity& peer, const char* action, bool claim = false);
   /// Records the refusal of `action` to `peer` for `reason`, and throws it.
-  [[noreturn]] void refuse(const PeerIdentity& peer, const char* action, const std::string& reason);
+  [[noreturn]] void refuse(const PeerIdentity& peer, const char* action, const std::string& reason) override;
   /// The credentials of `device` of `user` (every device of the user when
   /// `device` is empty) were revoked. If that is the lease holder, it is
   /// fenced: a forced switch resumes the VM elsewhere without waiting for
@@ -96,6 +109,10 @@ class SyncServer {
   void setLeaseTimeout(std::chrono::milliseconds timeout) { leaseTimeout_ = timeout; }
   std::chrono::milliseconds leaseTimeout() const { return leaseTimeout_; }
   void fillStatus(wire::ClusterStatus::Builder status);
+  /// One line of `vmsync status`: name, head, active device, bytes stored.
+  void fillSummary(wire::VmSummary::Builder summary);
+  /// Bytes the chain takes on disk: the base and the checkpoints after it.
+  std::uint64_t chainBytes() const;
   /// `force`: the active device is lost; after the lease timeout, resume the
   /// VM on `target` from the newest resumable point, abandoning what followed.
   kj::Promise<void> switchTo(const std::string& target, bool force, wire::SwitchReport::Builder report);
@@ -104,7 +121,10 @@ class SyncServer {
   /// True when no device runs the VM and the head is a final checkpoint.
   bool parked() const { return state_.holder.empty() && headIsFinal_; }
 
-  const std::string& vmId() const { return store_.state().vmId; }
+  /// The VM's name (from its first full checkpoint, or as setIdentity named it).
+  const std::string& vmId() const { return state_.vmId.empty() ? name_ : state_.vmId; }
+  /// The user whose VM this is (empty: none yet, or a server without TLS).
+  const std::string& owner() const { return state_.owner; }
   std::uint64_t head() const { return store_.head(); }
   /// True while a fold runs on the worker thread.
   bool compacting() const { return compacting_; }
@@ -183,6 +203,8 @@ class SyncServer {
   void maybeCompact(wire::Policy policy);
 
   CheckpointStore store_;
+  std::string name_;   // the name the VM was created under ("": any, until the first full checkpoint)
+  std::string label_;  // "USER/NAME"
   CompactionLimits limits_;
   AuditLog* audit_ = nullptr;
   std::thread compactor_;

@@ -54,7 +54,7 @@ TEST(Chaos, AShortScheduleLosesNothingAndNeverRunsTwoVms) {
   // The durability checker fails when an acknowledged checkpoint goes: take
   // away the newest stored one and look again.
   std::string newest;
-  for (const auto& e : fs::directory_iterator(dir / "server/checkpoints"))
+  for (const auto& e : fs::directory_iterator(dir / "server/vms/owner/vm/checkpoints"))
     if (e.path().extension() == ".ckpt" && e.path().string() > newest) newest = e.path().string();
   ASSERT_FALSE(newest.empty());
   fs::remove(newest);

@@ -75,7 +75,7 @@ void checkDurability(const std::string& dir, ChaosResult& result, const std::str
   std::vector<std::string> clashes;
   const auto acks = acknowledgements(dir, &clashes);
   for (const auto& c : clashes) result.failures.push_back(when + ": " + c);
-  const std::string chain = dir + "/server/checkpoints";
+  const std::string chain = dir + "/server/vms/owner/vm/checkpoints";
   // A fold may prune files while they are read: read again when one vanished.
   for (int attempt = 0;; ++attempt) {
     std::map<std::uint64_t, std::string> files;
@@ -110,7 +110,7 @@ void checkDurability(const std::string& dir, ChaosResult& result, const std::str
     if (vanished && attempt < 5) continue;
     std::vector<std::pair<std::uint64_t, std::uint64_t>> failovers;  // (point, epoch)
     try {
-      auto state = nlohmann::json::parse(readFile(dir + "/server/state.json"));
+      auto state = nlohmann::json::parse(readFile(dir + "/server/vms/owner/vm/state.json"));
       for (const auto& f : state.value("failovers", nlohmann::json::array()))
         failovers.emplace_back(f.at(0).get<std::uint64_t>(), f.at(1).get<std::uint64_t>());
     } catch (const nlohmann::json::exception&) {
@@ -119,7 +119,7 @@ void checkDurability(const std::string& dir, ChaosResult& result, const std::str
     // What failovers set aside: "epoch-E-SEQUENCE.ckpt" under abandoned/, by
     // (sequence, the checkpoint's own epoch).
     std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> kept;
-    for (const auto& e : fs::directory_iterator(dir + "/server/abandoned", ec)) {
+    for (const auto& e : fs::directory_iterator(dir + "/server/vms/owner/vm/abandoned", ec)) {
       static const std::regex name(R"(epoch-\d+-(\d+)\.ckpt)");
       std::smatch m;
       const std::string file = e.path().filename().string();

@@ -139,7 +139,7 @@ void Cluster::startStandby(const std::string& device, const std::vector<std::str
 
 std::optional<nlohmann::json> Cluster::status() {
   std::string out;
-  if (run(placed("", {vmsyncBinary(), "status", "--server", address(), "--credential", credential("cli"), "--json"}),
+  if (run(placed("", {vmsyncBinary(), "status", "--vm", "vm", "--server", address(), "--credential", credential("cli"), "--json"}),
           &out) != 0)
     return std::nullopt;
   try {

@@ -147,7 +147,7 @@ TEST_F(Compaction, PowerCutDuringAFoldRecoversAWholeChain) {
   cluster.startStandby("B");
   ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
 
-  const std::string chain = dir.path() + "/server/checkpoints";
+  const std::string chain = dir.path() + "/server/vms/owner/vm/checkpoints";
   for (const char* point : {"fold-before-write", "fold-before-commit"}) {
     SCOPED_TRACE(point);
     // The test hook: the server SIGKILLs itself at `point` of its next fold.
@@ -164,12 +164,12 @@ TEST_F(Compaction, PowerCutDuringAFoldRecoversAWholeChain) {
     std::sort(left.begin(), left.end());
     std::printf("power cut at %-18s (%s): %zu files in the chain, %s scratch space\n", point, describe(cut).c_str(),
                 left.size(),
-                fs::exists(dir.path() + "/server/compaction") ? "with" : "without");
+                fs::exists(dir.path() + "/server/vms/owner/vm/compaction") ? "with" : "without");
 
     cluster.startServer(compact);
     // The server refuses to start on a damaged record: that it answers is the check.
     ASSERT_TRUE(cluster.status()) << "the server did not come back" << cluster.logOf("server");
-    EXPECT_FALSE(fs::exists(dir.path() + "/server/compaction")) << "scratch space survived the restart";
+    EXPECT_FALSE(fs::exists(dir.path() + "/server/vms/owner/vm/compaction")) << "scratch space survived the restart";
     // Whole or absent: killed before the new base was written, the old chain
     // stands; killed after, the new base stands and what it replaced is gone.
     std::uint64_t newestBase = 0, oldestCheckpoint = UINT64_MAX;

@@ -67,7 +67,7 @@ void checkRestartLosesNothing(Cluster& cluster, const std::string& dir) {
   // What the cut left half written: the restarted server must discard it (a
   // listing after the restart would race with the device's next push).
   std::vector<std::string> leftovers;
-  for (const auto& entry : fs::directory_iterator(dir + "/server/checkpoints"))
+  for (const auto& entry : fs::directory_iterator(dir + "/server/vms/owner/vm/checkpoints"))
     if (entry.path().string().ends_with(".tmp")) leftovers.push_back(entry.path().filename().string());
   const std::size_t logAt = readFile(dir + "/server.log").size();
   cluster.startServer();
@@ -269,7 +269,7 @@ TEST_F(Durability, OldActiveWithOldEpochIsFencedAndChangesNothing) {
   cluster.device("B").kill();
   auto before = cluster.status();
   ASSERT_TRUE(before);
-  const auto filesBefore = listing(dir.path() + "/server/checkpoints");
+  const auto filesBefore = listing(dir.path() + "/server/vms/owner/vm/checkpoints");
   const std::uint64_t head = (*before)["head_sequence"];
 
   auto io = kj::setupAsyncIo();
@@ -300,7 +300,7 @@ TEST_F(Durability, OldActiveWithOldEpochIsFencedAndChangesNothing) {
   EXPECT_EQ((*after)["head_sequence"], (*before)["head_sequence"]);
   EXPECT_EQ((*after)["epoch"], (*before)["epoch"]);
   EXPECT_EQ((*after)["active_device"], "B");
-  EXPECT_EQ(listing(dir.path() + "/server/checkpoints"), filesBefore);
+  EXPECT_EQ(listing(dir.path() + "/server/vms/owner/vm/checkpoints"), filesBefore);
 }
 
 }  // namespace

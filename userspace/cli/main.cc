@@ -4,12 +4,12 @@
 //   vmsync enroll   --dir ID --user U --device A --out A.cred [--days N]
 //   vmsync revoke   --dir ID --user U [--device A] [--reason TEXT]
 //   vmsync server   --listen HOST:PORT --data DIR (--tls ID | --insecure)
-//   vmsync active   --device A --state DIR [--image DIR] [--server HOST:PORT] (--credential A.cred | --insecure)
+//   vmsync active   --device A --state DIR [--vm NAME] [--image DIR] [--server HOST:PORT] (--credential A.cred | --insecure)
 //                   [--interval S] [--accel auto|kvm|tcg]
-//   vmsync stop     [--server HOST:PORT] (--credential F | --insecure)
-//   vmsync standby  --device B --state DIR [--server HOST:PORT] (--credential B.cred | --insecure)
-//   vmsync switch   --to B [--server HOST:PORT] (--credential F | --insecure) [--json]
-//   vmsync status   [--server HOST:PORT] (--credential F | --insecure) [--json]
+//   vmsync stop     [--vm NAME] [--server HOST:PORT] (--credential F | --insecure)
+//   vmsync standby  --device B --state DIR [--vm NAME] [--server HOST:PORT] (--credential B.cred | --insecure)
+//   vmsync switch   --to B [--vm NAME] [--server HOST:PORT] (--credential F | --insecure) [--json]
+//   vmsync status   [--vm NAME] [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync bench switch --profile wifi,lte --runs N [--image DIR]
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -45,6 +45,7 @@ const char* stateName(vmsync::wire::DeviceState state) {
 /// How `vmsync status` and `vmsync switch` reach the server.
 struct ClientOptions {
   std::string server = "127.0.0.1:7400";
+  std::string vm;  // NAME or USER/NAME; empty: the default VM (status: every VM of the user)
   std::string credential;
   bool insecure = false;
 };
@@ -76,15 +77,55 @@ T waitExplained(kj::Promise<T>&& promise, kj::WaitScope& scope, const vmsync::Cl
 
 double ms(std::uint64_t ns) { return static_cast<double>(ns) / 1e6; }
 
+/// `vmsync status` without --vm: one line per VM of the user.
+int listVms(vmsync::wire::SyncServer::Client& client, kj::AsyncIoContext& io, const vmsync::ClientTransport& transport,
+            const ClientOptions& options, bool json) {
+  auto response = waitExplained(client.listVmsRequest().send(), io.waitScope, transport, options.server);
+  auto vms = response.getVms();
+  if (json) {
+    nlohmann::json j{{"vms", nlohmann::json::array()}};
+    for (auto vm : vms)
+      j["vms"].push_back({{"name", std::string(vm.getName())},
+                          {"user", std::string(vm.getUser())},
+                          {"head_sequence", vm.getHeadSequence()},
+                          {"active_device", std::string(vm.getActiveDevice())},
+                          {"parked", vm.getParked()},
+                          {"chain_bytes", vm.getChainBytes()},
+                          {"devices", vm.getDevices()}});
+    std::puts(j.dump(2).c_str());
+    return 0;
+  }
+  if (vms.size() == 0) {
+    std::printf("no VMs on this server yet: `vmsync active --vm NAME` creates one\n");
+    return 0;
+  }
+  std::printf("%-24s %-8s %-16s %-8s %-10s %s\n", "VM", "HEAD", "ACTIVE", "STATE", "STORED", "DEVICES");
+  for (auto vm : vms) {
+    const std::string name = vm.getUser().size() ? fmt::format("{}/{}", vm.getUser().cStr(), vm.getName().cStr())
+                                                 : std::string(vm.getName());
+    std::printf("%-24s %-8llu %-16s %-8s %-10s %u\n", name.c_str(),
+                static_cast<unsigned long long>(vm.getHeadSequence()),
+                vm.getActiveDevice().size() ? vm.getActiveDevice().cStr() : "-",
+                vm.getActiveDevice().size() ? "running" : vm.getParked() ? "parked" : "-",
+                fmt::format("{:.1f} MiB", vm.getChainBytes() / 1048576.0).c_str(), vm.getDevices());
+  }
+  std::printf("`vmsync status --vm NAME` shows a VM's devices\n");
+  return 0;
+}
+
 int runStatus(const ClientOptions& options, bool json) {
   auto transport = vmsync::clientTransport(options.credential, options.insecure);
   auto io = kj::setupAsyncIo();
   auto connection = connectOrExplain(io, transport, options.server);
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
-  auto response = waitExplained(client.statusRequest().send(), io.waitScope, transport, options.server);
+  if (options.vm.empty()) return listVms(client, io, transport, options, json);
+  auto request = client.statusRequest();
+  request.setVm(options.vm);
+  auto response = waitExplained(request.send(), io.waitScope, transport, options.server);
   auto status = response.getStatus();
   if (json) {
     nlohmann::json j{{"vm_id", std::string(status.getVmId())},
+                     {"user", std::string(status.getUser())},
                      {"head_sequence", status.getHeadSequence()},
                      {"epoch", status.getEpoch()},
                      {"active_device", std::string(status.getActiveDevice())},
@@ -130,12 +171,15 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool forc
   auto request = client.switchToRequest();
   request.setTarget(target);
   request.setForce(force);
+  request.setVm(options.vm);
   // While the switch runs, say how far a stale target is from the head.
   auto& timer = io.provider->getTimer();
   std::string lastLine;
   std::function<kj::Promise<void>()> watch = [&]() -> kj::Promise<void> {
     return timer.afterDelay(500 * kj::MILLISECONDS).then([&]() {
-      return client.statusRequest().send().then([&](capnp::Response<vmsync::wire::SyncServer::StatusResults> s) {
+      auto statusRequest = client.statusRequest();
+      statusRequest.setVm(options.vm);
+      return statusRequest.send().then([&](capnp::Response<vmsync::wire::SyncServer::StatusResults> s) {
         auto status = s.getStatus();
         for (auto d : status.getDevices()) {
           if (d.getDeviceId() != target) continue;
@@ -222,7 +266,9 @@ int runStop(const ClientOptions& options) {
   auto io = kj::setupAsyncIo();
   auto connection = connectOrExplain(io, transport, options.server);
   auto client = connection->bootstrap().castAs<vmsync::wire::SyncServer>();
-  auto response = waitExplained(client.stopRequest().send(), io.waitScope, transport, options.server);
+  auto request = client.stopRequest();
+  request.setVm(options.vm);
+  auto response = waitExplained(request.send(), io.waitScope, transport, options.server);
   auto r = response.getReport();
   std::printf("VM parked by %s at checkpoint %llu (final checkpoint %llu bytes); its daemon exits. "
               "`vmsync switch --to DEVICE` or `vmsync active` on %s resumes it\n",
@@ -233,7 +279,13 @@ int runStop(const ClientOptions& options) {
 
 void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
   cmd.add_option("--device", o.deviceId, "this device's name")->required();
-  cmd.add_option("--state", o.stateDir, "state directory (images, serial log)")->required();
+  cmd.add_option("--state", o.stateDir,
+                 "this VM's state directory (images, serial log): one per VM, e.g. ROOT/NAME for each VM a device "
+                 "follows")
+      ->required();
+  cmd.add_option("--vm", o.vmId,
+                 "the VM's name, one of the user's on the server (default: the one the state directory holds, "
+                 "else \"vm\"); `active` creates it if the server has none by that name");
   cmd.add_option("--server", o.server, "sync server address, host:port")->capture_default_str();
   cmd.add_option("--credential", o.credential, "this device's credential from `vmsync enroll` (TLS)");
   cmd.add_flag("--insecure", o.insecure, "plain TCP to a server started with --insecure");
@@ -287,7 +339,6 @@ int main(int argc, char** argv) {
   addDeviceOptions(*active, activeOptions);
   active->add_option("--image", activeOptions.imageDir,
                      "guest image directory (vm-images/build.sh --out), for a new VM; a parked one needs none");
-  active->add_option("--vm", activeOptions.vmId, "name of the VM")->capture_default_str();
   active->add_option("--policy", activeOptions.policy, "checkpoint policy: dirty-prev, diff-prev, dirty-orig, diff-orig")
       ->check(CLI::IsMember({"dirty-prev", "diff-prev", "dirty-orig", "diff-orig"}))
       ->capture_default_str();
@@ -302,6 +353,7 @@ int main(int argc, char** argv) {
     cmd->add_option("--server", client.server, "sync server address")->capture_default_str();
     cmd->add_option("--credential", client.credential, "a device credential of the VM's owner (from `vmsync enroll`)");
     cmd->add_flag("--insecure", client.insecure, "plain TCP to a server started with --insecure");
+    cmd->add_option("--vm", client.vm, "the VM, NAME (one of the user's) or USER/NAME (default: \"vm\")");
   };
   std::string target;
   bool json = false, force = false;
@@ -313,7 +365,8 @@ int main(int argc, char** argv) {
   addClientOptions(sw);
   sw->add_flag("--json", json, "print the report as JSON");
 
-  auto* status = app.add_subcommand("status", "devices, the active one, applied checkpoints");
+  auto* status = app.add_subcommand(
+      "status", "the user's VMs, one line each; with --vm, that VM's devices, the active one, applied checkpoints");
   addClientOptions(status);
 
   auto* stop = app.add_subcommand("stop", "park the VM: its device pauses it, ships a final checkpoint and exits");

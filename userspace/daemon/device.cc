@@ -17,6 +17,7 @@
 #include "daemon/replica.h"
 #include "daemon/server_link.h"
 #include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
 #include "vmsync.capnp.h"
 
 namespace vmsync {
@@ -152,6 +153,15 @@ Device::Device(kj::AsyncIoContext& io, DeviceOptions options)
       link_(
           io_, options_, [this]() -> wire::DevicePeer::Client { return kj::heap<DevicePeerImpl>(*this); },
           [this] { return position(); }) {
+  // One state directory per VM: it keeps the name of the VM it holds.
+  const std::string& held = replica_.spec().vmId;
+  if (options_.vmId.empty()) {
+    options_.vmId = held.empty() ? "vm" : held;
+  } else if (!held.empty() && held != options_.vmId) {
+    fail("state directory {} holds VM '{}', not '{}': give --vm {} to go on with it, or another --state "
+         "directory for VM '{}' (one per VM)", options_.stateDir, held, options_.vmId, held, options_.vmId);
+  }
+  checkName("VM name", options_.vmId);
   link_.onReconnected([this](Registration registered) -> kj::Promise<void> {
     if (role_ != Role::active || !active_) return kj::READY_NOW;
     return active_->rejoin(kj::mv(registered)).catch_([this](kj::Exception&& e) -> kj::Promise<void> {

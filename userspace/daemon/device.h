@@ -19,7 +19,7 @@ struct DeviceOptions {
   bool insecure = false;                // plain TCP instead
   std::string stateDir;                 // RAM file, disk image, serial log, ...
   std::string imageDir;                 // active only: guest image (vm-images output)
-  std::string vmId = "vm";              // active only: name of the new VM
+  std::string vmId;                     // the VM's name on the server; empty: the state directory's, else "vm"
   double intervalSeconds = 1.0;         // time between incremental checkpoints
   std::string accel = "auto";           // auto, kvm or tcg
   std::string qemuBinary = "qemu-system-x86_64";

@@ -74,6 +74,7 @@ kj::Promise<Registration> ServerLink::attempt(ChainPosition position) {
         request.setAppliedSequence(position.applied);
         request.setAppliedEpoch(position.epoch);
         request.setDiverged(position.diverged);
+        request.setVm(options_.vmId);
         return request.send();
       })
       .catch_([this](kj::Exception&& e) -> Registration {

@@ -166,7 +166,7 @@ class BenchCluster {
     try {
       return nlohmann::json::parse(runCommand(NetworkLab::inNamespace(
           lab_.serverNamespace(),
-          {selfBinary(), "status", "--server", lab_.serverAddress(), "--credential", credential("cli"), "--json"})));
+          {selfBinary(), "status", "--vm", "vm", "--server", lab_.serverAddress(), "--credential", credential("cli"), "--json"})));
     } catch (const std::exception&) {
       return std::nullopt;
     }

@@ -1,0 +1,206 @@
+// Many VMs on one server: each user's by name, in a directory of its own;
+// another user's VM is refused whatever the request; a data directory from
+// before VMs had names is adopted whole, even after a crash halfway.
+#include <gtest/gtest.h>
+#include <kj/async.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "base/error.h"
+#include "test_checkpoint.h"
+#include "test_env.h"
+#include "vm_registry.h"
+
+namespace vmsync {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::TempDir;
+
+class Standby final : public wire::DevicePeer::Server {};
+
+PeerIdentity device(const std::string& user, const std::string& name) {
+  return PeerIdentity{.authenticated = true, .user = user, .device = name};
+}
+
+/// Registers `peer`'s device for `vm` (creating it), takes the lease and pushes checkpoints 1..count.
+void runAndPush(VmRegistry& vms, const PeerIdentity& peer, const std::string& vm, std::uint64_t count,
+                kj::WaitScope& waitScope) {
+  SyncServer& server = vms.vm(peer, vm, "use", /*create=*/true);
+  server.registerDevice(peer.device, kj::heap<Standby>(), 0, 0, false).wait(waitScope);
+  const std::uint64_t epoch = server.acquireLease(peer.device);
+  for (std::uint64_t s = 1; s <= count; ++s) {
+    auto checkpoint = testCheckpoint(s, epoch);
+    auto root = checkpoint->getRoot<wire::Checkpoint>();
+    root.setOrigin(peer.device);
+    root.setVmId(vm);
+    if (s == 1) root.getSpec().setVmId(vm);
+    server.push(peer.device, root.asReader());
+  }
+}
+
+/// Where VM directory `vm` keeps checkpoint `sequence`.
+std::string checkpointFile(const std::string& vm, std::uint64_t sequence) {
+  char name[32];
+  std::snprintf(name, sizeof name, "%020llu.ckpt", static_cast<unsigned long long>(sequence));
+  return vm + "/checkpoints/" + name;
+}
+
+/// The text of the Error `body` throws ("" when it throws none).
+template <typename F>
+std::string errorOf(F&& body) {
+  try {
+    body();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(VmRegistry, EachUserHasVmsOfTheirOwnByName) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  VmRegistry vms(dir.path(), {});
+  const PeerIdentity alice = device("alice", "phone"), bob = device("bob", "laptop");
+  runAndPush(vms, alice, "vm", 3, waitScope);
+  runAndPush(vms, alice, "work", 1, waitScope);
+  runAndPush(vms, bob, "vm", 2, waitScope);  // the same name: another VM
+
+  EXPECT_EQ(vms.vm(alice, "", "list", false).head(), 3u);
+  EXPECT_EQ(vms.vm(alice, "alice/vm", "list", false).head(), 3u);
+  EXPECT_EQ(vms.vm(alice, "work", "list", false).head(), 1u);
+  EXPECT_EQ(vms.vm(bob, "vm", "list", false).head(), 2u);
+  EXPECT_TRUE(fs::exists(checkpointFile(dir.path() + "/vms/alice/vm", 3)));
+  EXPECT_TRUE(fs::exists(checkpointFile(dir.path() + "/vms/bob/vm", 2)));
+  std::vector<std::string> mine;
+  for (SyncServer* vm : vms.vmsOf(alice)) mine.push_back(vm->label());
+  EXPECT_EQ(mine, (std::vector<std::string>{"alice/vm", "alice/work"}));
+  ASSERT_EQ(vms.vmsOf(bob).size(), 1u);
+  EXPECT_EQ(vms.vmsOf(bob)[0]->label(), "bob/vm");
+  // A server without TLS lists every VM.
+  EXPECT_EQ(vms.vmsOf(PeerIdentity{}).size(), 3u);
+}
+
+TEST(VmRegistry, AnotherUsersVmIsRefusedForEveryAction) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  VmRegistry vms(dir.path(), {});
+  const PeerIdentity alice = device("alice", "phone"), mallory = device("mallory", "laptop");
+  runAndPush(vms, alice, "work", 1, waitScope);
+  for (const char* action : {"use", "list", "switch", "stop"}) {
+    const std::string why = errorOf([&] { vms.vm(mallory, "alice/work", action, /*create=*/true); });
+    EXPECT_NE(why.find(std::string("device laptop of user mallory may not ") + action + " VM 'alice/work': it belongs "
+                       "to user alice"), std::string::npos) << why;
+  }
+  // Her own "work" is not alice's, and does not exist until she creates it.
+  const std::string missing = errorOf([&] { vms.vm(mallory, "work", "list", false); });
+  EXPECT_NE(missing.find("user mallory has no VM 'work'"), std::string::npos) << missing;
+  EXPECT_FALSE(fs::exists(dir.path() + "/vms/mallory"));
+  EXPECT_EQ(vms.vmsOf(mallory).size(), 0u);
+  // Names that would leave the user's directory are refused.
+  for (const char* bad : {"..", "a/../../alice/work", "x y", "mallory/../alice"}) {
+    const std::string why = errorOf([&] { vms.vm(mallory, bad, "use", true); });
+    EXPECT_NE(why, "") << bad << " was accepted";
+  }
+  EXPECT_EQ(vms.vms().size(), 1u);
+}
+
+TEST(VmRegistry, AUserPastTheVmLimitIsRefusedAndOthersAreNot) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  VmSettings settings;
+  settings.user.vms = 2;
+  VmRegistry vms(dir.path(), settings);
+  const PeerIdentity alice = device("alice", "phone"), bob = device("bob", "laptop");
+  vms.vm(alice, "a", "use", true);
+  vms.vm(alice, "b", "use", true);
+  const std::string why = errorOf([&] { vms.vm(alice, "c", "use", true); });
+  EXPECT_NE(why.find("user alice has 2 VMs, the most this server allows each user"), std::string::npos) << why;
+  EXPECT_FALSE(fs::exists(dir.path() + "/vms/alice/c"));
+  EXPECT_NO_THROW(vms.vm(alice, "a", "use", true));  // an existing one is not a new one
+  EXPECT_NO_THROW(vms.vm(bob, "c", "use", true));
+}
+
+TEST(VmRegistry, AFullCheckpointMustCarryTheNameOfItsVm) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  VmRegistry vms(dir.path(), {});
+  const PeerIdentity alice = device("alice", "phone");
+  SyncServer& work = vms.vm(alice, "work", "use", true);
+  work.registerDevice("phone", kj::heap<Standby>(), 0, 0, false).wait(waitScope);
+  const std::uint64_t epoch = work.acquireLease("phone");
+  auto checkpoint = testCheckpoint(1, epoch);  // of VM "vm"
+  const std::string why = errorOf([&] { work.push("phone", checkpoint->getRoot<wire::Checkpoint>().asReader()); });
+  EXPECT_NE(why.find("full checkpoint for VM 'vm' rejected: it was pushed to VM 'alice/work'"), std::string::npos)
+      << why;
+  EXPECT_EQ(work.head(), 0u);
+}
+
+TEST(VmRegistry, VmsAreThereAgainAfterARestart) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  const PeerIdentity alice = device("alice", "phone"), bob = device("bob", "laptop");
+  {
+    VmRegistry vms(dir.path(), {});
+    runAndPush(vms, alice, "work", 4, waitScope);
+    runAndPush(vms, bob, "vm", 2, waitScope);
+  }
+  VmRegistry vms(dir.path(), {});
+  ASSERT_EQ(vms.vms().size(), 2u);
+  EXPECT_EQ(vms.vm(alice, "work", "list", false).head(), 4u);
+  EXPECT_EQ(vms.vm(alice, "work", "list", false).owner(), "alice");
+  EXPECT_EQ(vms.vm(bob, "vm", "list", false).head(), 2u);
+}
+
+/// A data directory as a server before named VMs left it: alice's VM "vm", checkpoints 1..3.
+void writeSingleVmDirectory(const std::string& dir, kj::WaitScope& waitScope) {
+  SyncServer server(dir);
+  const PeerIdentity alice = device("alice", "phone");
+  server.vm(alice, "", "use", /*create=*/true);  // the first user's device claims it
+  server.registerDevice("phone", kj::heap<Standby>(), 0, 0, false).wait(waitScope);
+  const std::uint64_t epoch = server.acquireLease("phone");
+  for (std::uint64_t s = 1; s <= 3; ++s)
+    server.push("phone", testCheckpoint(s, epoch)->getRoot<wire::Checkpoint>().asReader());
+}
+
+TEST(VmRegistry, ASingleVmDataDirectoryBecomesItsOwnersVm) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  writeSingleVmDirectory(dir.path(), waitScope);
+  ASSERT_TRUE(fs::exists(dir.path() + "/state.json"));
+  VmRegistry vms(dir.path(), {});
+  ASSERT_EQ(vms.vms().size(), 1u);
+  SyncServer& vm = vms.vm(device("alice", "phone"), "vm", "list", false);
+  EXPECT_EQ(vm.head(), 3u);
+  EXPECT_EQ(vm.label(), "alice/vm");
+  EXPECT_FALSE(fs::exists(dir.path() + "/state.json"));
+  EXPECT_FALSE(fs::exists(dir.path() + "/checkpoints"));
+  EXPECT_TRUE(fs::exists(checkpointFile(dir.path() + "/vms/alice/vm", 3)));
+  EXPECT_NE(errorOf([&] { vms.vm(device("bob", "x"), "alice/vm", "list", false); }), "");
+}
+
+TEST(VmRegistry, AMoveOfTheSingleVmLayoutCutShortIsFinishedAtTheNextStart) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  writeSingleVmDirectory(dir.path(), waitScope);
+  // A crash after the chain moved and before state.json did.
+  fs::create_directories(dir.path() + "/vms/alice/vm");
+  fs::rename(dir.path() + "/checkpoints", dir.path() + "/vms/alice/vm/checkpoints");
+  VmRegistry vms(dir.path(), {});
+  SyncServer& vm = vms.vm(device("alice", "phone"), "vm", "list", false);
+  EXPECT_EQ(vm.head(), 3u);
+  EXPECT_EQ(vm.owner(), "alice");
+  EXPECT_FALSE(fs::exists(dir.path() + "/state.json"));
+}
+
+}  // namespace
+}  // namespace vmsync
