@@ -29,6 +29,15 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
   app.add_option("--compact-after", options.compactAfter,
                  "fold the chain into a new base once this many checkpoints follow it (0: no count limit)")
       ->capture_default_str();
+  app.add_option("--max-user-stored-mb", options.maxUserStoredMb,
+                 "MiB of checkpoints all of one user's VMs may take on the server; a push past it is refused (the "
+                 "device ships its changes later) and a fold of the chain is started (0: no limit)")
+      ->capture_default_str();
+  app.add_option("--max-user-checkpoint-rate", options.maxUserCheckpointRate,
+                 "checkpoints per second one user's devices may push, over a burst of 10 s of them; a push past it "
+                 "is refused and its changes go into a later one (0: no limit)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--lease-timeout", options.leaseTimeoutSeconds,
                  "seconds an active device may go without renewing its lease before `switch --force` may fail it "
                  "over (the device pauses its VM by itself after as long)")
@@ -82,6 +91,8 @@ int runServer(const ServerOptions& options) {
     settings.leaseTimeout = std::chrono::milliseconds(static_cast<std::int64_t>(options.leaseTimeoutSeconds * 1000));
     settings.audit = &audit;
     settings.user.vms = options.maxVmsPerUser;
+    settings.user.storedBytes = options.maxUserStoredMb << 20;
+    settings.user.checkpointsPerSecond = options.maxUserCheckpointRate;
     VmRegistry vms(options.dataDir, settings);
     transport.setAuditLog(&audit);
     transport.setOnRevoked([&vms](const std::string& user, const std::string& device, const std::string& why) {

@@ -44,11 +44,11 @@ SyncServer::~SyncServer() {
   if (resyncer_.joinable()) resyncer_.join();
 }
 
-void SyncServer::maybeCompact(wire::Policy policy) {
-  if (compacting_ || store_.head() < retryCompactionAt_) return;
+void SyncServer::maybeCompact(wire::Policy policy, bool now) {
+  if (compacting_ || (!now && store_.head() < retryCompactionAt_)) return;
   const std::uint64_t count = store_.countAfterBase();
   const std::uint64_t bytes = store_.bytesAfterBase();
-  const bool due = (limits_.checkpoints != 0 && count >= limits_.checkpoints) ||
+  const bool due = now || (limits_.checkpoints != 0 && count >= limits_.checkpoints) ||
                    (limits_.bytes != 0 && bytes >= limits_.bytes);
   if (!due || count == 0) return;
   if (isOrigPolicy(policy)) {
@@ -337,6 +337,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
     fail("checkpoint for VM '{}' rejected: this server holds VM '{}'", std::string(checkpoint.getVmId()),
          state_.vmId);
   }
+  if (admitPush_) admitPush_(*this, checkpoint, checkpoint.totalSize().wordCount * sizeof(capnp::word));
   store_.append(checkpoint);
   storedBytes_ += store_.read(store_.head())->bytes();
   noteHead(checkpoint);

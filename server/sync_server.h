@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -113,6 +114,14 @@ class SyncServer final : public VmCatalog {
   void fillSummary(wire::VmSummary::Builder summary);
   /// Bytes the chain takes on disk: the base and the checkpoints after it.
   std::uint64_t chainBytes() const;
+  /// Called with each checkpoint about to be stored (validated, under the
+  /// current lease, next in the chain) and its size; throws Error to refuse
+  /// it (a quota), and the device ships its changes again later.
+  using PushAdmission = std::function<void(SyncServer& vm, wire::Checkpoint::Reader checkpoint, std::uint64_t bytes)>;
+  void setPushAdmission(PushAdmission admission) { admitPush_ = std::move(admission); }
+  /// Compacts the chain as far as the devices allow, whatever the limits (a
+  /// user over its byte quota); nothing when a fold runs already.
+  void compactNow(wire::Policy policy) { maybeCompact(policy, /*now=*/true); }
   /// `force`: the active device is lost; after the lease timeout, resume the
   /// VM on `target` from the newest resumable point, abandoning what followed.
   kj::Promise<void> switchTo(const std::string& target, bool force, wire::SwitchReport::Builder report);
@@ -198,14 +207,16 @@ class SyncServer final : public VmCatalog {
   /// Sends one checkpoint (stored or merged) to the device and records the result.
   kj::Promise<void> sendApply(std::string id, std::uint64_t connection, wire::Checkpoint::Reader checkpoint);
 
-  /// Starts compaction when the chain after the base passed a limit: a prune
-  /// under Orig (at once), a fold on a worker thread under Prev.
-  void maybeCompact(wire::Policy policy);
+  /// Starts compaction when the chain after the base passed a limit (or,
+  /// `now`, whatever the limits): a prune under Orig (at once), a fold on a
+  /// worker thread under Prev.
+  void maybeCompact(wire::Policy policy, bool now = false);
 
   CheckpointStore store_;
   std::string name_;   // the name the VM was created under ("": any, until the first full checkpoint)
   std::string label_;  // "USER/NAME"
   CompactionLimits limits_;
+  PushAdmission admitPush_;
   AuditLog* audit_ = nullptr;
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};

@@ -119,6 +119,9 @@ SyncServer& VmRegistry::open(const std::string& userDir, const std::string& name
     vm->setIdentity(userOfDirectory(userDir), name);
     vm->setLeaseTimeout(settings_.leaseTimeout);
     vm->setAuditLog(settings_.audit);
+    vm->setPushAdmission([this, userDir](SyncServer& vm, wire::Checkpoint::Reader checkpoint, std::uint64_t bytes) {
+      admitPush(userDir, vm, checkpoint, bytes);
+    });
     return *(vms_[key] = std::move(vm));
   } catch (const Error& e) {
     fail("VM {} ({}): {}", key, dir, e.what());
@@ -179,6 +182,53 @@ void VmRegistry::refuse(const PeerIdentity& peer, const char* action, const std:
     settings_.audit->record(
         {.action = action, .result = "refused", .user = peer.user, .device = peer.device, .reason = reason});
   fail("{}", reason);
+}
+
+void VmRegistry::admitPush(const std::string& userDir, SyncServer& vm, wire::Checkpoint::Reader checkpoint,
+                           std::uint64_t bytes) {
+  if (checkpoint.getKind() == wire::CheckpointKind::FINAL && !checkpoint.getVmContinued()) return;
+  const UserLimits& limits = settings_.user;
+  const std::string user = userOfDirectory(userDir);
+  const std::string who = user.empty() ? std::string("this server's clients") : "user " + user;
+  auto refuse = [&](const std::string& quota, const std::string& why) {
+    const std::string reason = fmt::format("checkpoint {} of VM {} refused: {}; its changes go into a later one",
+                                           checkpoint.getSequence(), vm.label(), why);
+    spdlog::warn("{}", reason);
+    // A device over a quota tries again at every interval: one line per user and quota per 10 s.
+    if (settings_.audit)
+      settings_.audit->recordLimited(userDir + "/" + quota, {.action = "push", .result = "refused", .user = user,
+                                                             .device = std::string(checkpoint.getOrigin()),
+                                                             .vm = vm.label(), .reason = reason});
+    fail("{}", reason);
+  };
+  if (limits.storedBytes != 0) {
+    std::uint64_t stored = 0;
+    for (const auto& [key, other] : vms_)
+      if (key.starts_with(userDir + "/")) stored += other->chainBytes();
+    if (stored + bytes > limits.storedBytes) {
+      // Folding the chain is what frees space: start one now.
+      vm.compactNow(checkpoint.getPolicy());
+      refuse("bytes", fmt::format("{} stores {:.1f} MiB of checkpoints; {:.1f} MiB more would pass the quota of "
+                                  "{:.1f} MiB (--max-user-stored-mb); a fold of the chain is started to free space",
+                                  who, stored / 1048576.0, bytes / 1048576.0, limits.storedBytes / 1048576.0));
+    }
+  }
+  if (limits.checkpointsPerSecond > 0) {
+    const auto now = std::chrono::steady_clock::now();
+    const double burst = std::max(1.0, limits.checkpointsPerSecond * 10);
+    Bucket& bucket = rates_[userDir];
+    if (!bucket.started) {
+      bucket = Bucket{burst, now, true};
+    } else {
+      const double seconds = std::chrono::duration<double>(now - bucket.refilled).count();
+      bucket.tokens = std::min(burst, bucket.tokens + seconds * limits.checkpointsPerSecond);
+      bucket.refilled = now;
+    }
+    if (bucket.tokens < 1)
+      refuse("rate", fmt::format("{} pushes more than {} checkpoints per second (--max-user-checkpoint-rate)", who,
+                                 limits.checkpointsPerSecond));
+    bucket.tokens -= 1;
+  }
 }
 
 void VmRegistry::revoked(const std::string& user, const std::string& device, const std::string& why) {

@@ -21,7 +21,9 @@ class AuditLog;
 
 /// Limits on what one user may hold (0 turns a limit off).
 struct UserLimits {
-  std::uint64_t vms = 16;  // VMs per user
+  std::uint64_t vms = 16;            // VMs per user
+  std::uint64_t storedBytes = 0;     // bytes of all the user's chains on the server
+  double checkpointsPerSecond = 0;   // pushes stored per second, over a burst of 10 s of them
 };
 
 /// How every VM of a registry is run.
@@ -60,11 +62,22 @@ class VmRegistry final : public VmCatalog {
  private:
   /// Moves a single-VM data directory's chain into vms/OWNER/NAME.
   void adoptSingleVmLayout();
+  /// Throws Error when storing `checkpoint` (`bytes`) in `vm` would pass a
+  /// quota of the user whose directory is `userDir`. The final checkpoint of
+  /// a switch or a park passes always: the VM can always be moved or parked.
+  void admitPush(const std::string& userDir, SyncServer& vm, wire::Checkpoint::Reader checkpoint,
+                 std::uint64_t bytes);
   SyncServer& open(const std::string& userDir, const std::string& name);
 
   std::string dir_;
   VmSettings settings_;
   std::map<std::string, std::unique_ptr<SyncServer>> vms_;  // key: userDir + "/" + name
+  struct Bucket {
+    double tokens = 0;
+    std::chrono::steady_clock::time_point refilled;
+    bool started = false;
+  };
+  std::map<std::string, Bucket> rates_;  // by user directory
 };
 
 }  // namespace vmsync

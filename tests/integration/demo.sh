@@ -25,7 +25,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # (the guest's tty ends lines with CR LF)
 last_counter() { tr -d '\r' 2>/dev/null < "$1" | grep -a '^vmsync-counter [0-9]*$' | tail -n 1 | awk '{print $2}'; }
 first_counter_after() { tail -c +"$(( $2 + 1 ))" "$1" | tr -d '\r' | grep -a '^vmsync-counter [0-9]*$' | head -n 1 | awk '{print $2}'; }
-head_seq() { "$vmsync" status --server "$server" --credential "$work/cli.cred" --json | sed -n 's/.*"head_sequence": \([0-9]*\).*/\1/p'; }
+head_seq() { "$vmsync" status --vm vm --server "$server" --credential "$work/cli.cred" --json | sed -n 's/.*"head_sequence": \([0-9]*\).*/\1/p'; }
 wait_head() { # wait until the chain reaches $1
   for _ in $(seq 1 300); do [ "$(head_seq)" -ge "$1" ] 2>/dev/null && return 0; sleep 0.2; done
   echo "demo: the chain did not reach checkpoint $1" >&2; exit 1
@@ -49,7 +49,7 @@ for _ in $(seq 1 600); do [ -n "$(last_counter "$work/A/serial.log")" ] && break
 [ -n "$(last_counter "$work/A/serial.log")" ] || { echo "demo: the guest did not start counting"; cat "$work/A.log"; exit 1; }
 grep -a 'accel auto' "$work/A.log" || true
 wait_head $(( $(head_seq) + 3 ))
-"$vmsync" status --server "$server" --credential "$work/cli.cred"
+"$vmsync" status --vm vm --server "$server" --credential "$work/cli.cred"
 
 say "switch A -> B"
 offset_b=0
@@ -69,7 +69,7 @@ echo "first counter A printed after resuming: $(first_counter_after "$work/A/ser
 wait_head $(( $(head_seq) + 3 ))
 say "stop: A parks the VM (final checkpoint, lease given back) and its daemon exits"
 "$vmsync" stop --server "$server" --credential "$work/cli.cred"
-"$vmsync" status --server "$server" --credential "$work/cli.cred"
+"$vmsync" status --vm vm --server "$server" --credential "$work/cli.cred"
 echo "counter on A when it parked: $(last_counter "$work/A/serial.log")"
 
 say "resume the parked VM on B"

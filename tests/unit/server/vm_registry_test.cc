@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <thread>
 
 #include "base/error.h"
 #include "test_checkpoint.h"
@@ -25,20 +26,26 @@ PeerIdentity device(const std::string& user, const std::string& name) {
   return PeerIdentity{.authenticated = true, .user = user, .device = name};
 }
 
-/// Registers `peer`'s device for `vm` (creating it), takes the lease and pushes checkpoints 1..count.
-void runAndPush(VmRegistry& vms, const PeerIdentity& peer, const std::string& vm, std::uint64_t count,
-                kj::WaitScope& waitScope) {
+/// Pushes checkpoint `sequence` (of `kind`) of `vm` from `device` under lease `epoch`.
+void pushOne(SyncServer& server, const std::string& device, const std::string& vm, std::uint64_t sequence,
+             std::uint64_t epoch, wire::CheckpointKind kind = wire::CheckpointKind::INCREMENTAL) {
+  auto checkpoint = testCheckpoint(sequence, epoch, kind);
+  auto root = checkpoint->getRoot<wire::Checkpoint>();
+  root.setOrigin(device);
+  root.setVmId(vm);
+  if (sequence == 1) root.getSpec().setVmId(vm);
+  server.push(device, root.asReader());
+}
+
+/// Registers `peer`'s device for `vm` (creating it), takes the lease and
+/// pushes checkpoints 1..count; returns the lease epoch.
+std::uint64_t runAndPush(VmRegistry& vms, const PeerIdentity& peer, const std::string& vm, std::uint64_t count,
+                         kj::WaitScope& waitScope) {
   SyncServer& server = vms.vm(peer, vm, "use", /*create=*/true);
   server.registerDevice(peer.device, kj::heap<Standby>(), 0, 0, false).wait(waitScope);
   const std::uint64_t epoch = server.acquireLease(peer.device);
-  for (std::uint64_t s = 1; s <= count; ++s) {
-    auto checkpoint = testCheckpoint(s, epoch);
-    auto root = checkpoint->getRoot<wire::Checkpoint>();
-    root.setOrigin(peer.device);
-    root.setVmId(vm);
-    if (s == 1) root.getSpec().setVmId(vm);
-    server.push(peer.device, root.asReader());
-  }
+  for (std::uint64_t s = 1; s <= count; ++s) pushOne(server, peer.device, vm, s, epoch);
+  return epoch;
 }
 
 /// Where VM directory `vm` keeps checkpoint `sequence`.
@@ -124,6 +131,64 @@ TEST(VmRegistry, AUserPastTheVmLimitIsRefusedAndOthersAreNot) {
   EXPECT_FALSE(fs::exists(dir.path() + "/vms/alice/c"));
   EXPECT_NO_THROW(vms.vm(alice, "a", "use", true));  // an existing one is not a new one
   EXPECT_NO_THROW(vms.vm(bob, "c", "use", true));
+}
+
+TEST(VmRegistry, APushPastAUsersStoredBytesIsRefusedAndASwitchsFinalIsNot) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  const PeerIdentity alice = device("alice", "phone"), bob = device("bob", "laptop");
+  std::uint64_t stored = 0;
+  {
+    VmRegistry vms(dir.path(), {});
+    runAndPush(vms, alice, "work", 2, waitScope);
+    runAndPush(vms, alice, "home", 1, waitScope);
+    for (SyncServer* vm : vms.vmsOf(alice)) stored += vm->chainBytes();
+  }
+  ASSERT_GT(stored, 3u * kUnitSize);
+  VmSettings settings;
+  settings.user.storedBytes = stored + 100;  // room for no whole checkpoint more
+  VmRegistry vms(dir.path(), settings);
+  SyncServer& work = vms.vm(alice, "work", "use", false);
+  work.registerDevice("phone", kj::heap<Standby>(), 2, 1, false).wait(waitScope);
+  const std::uint64_t epoch = work.acquireLease("phone");
+  const std::string why = errorOf([&] { pushOne(work, "phone", "work", 3, epoch); });
+  EXPECT_NE(why.find("checkpoint 3 of VM alice/work refused: user alice stores"), std::string::npos) << why;
+  EXPECT_NE(why.find("--max-user-stored-mb"), std::string::npos) << why;
+  EXPECT_EQ(work.head(), 2u);
+  // A resumable point counts as well; the final checkpoint of a switch or a
+  // park does not, so the VM can always be moved or parked.
+  auto resumable = testCheckpoint(3, epoch, wire::CheckpointKind::FINAL);
+  resumable->getRoot<wire::Checkpoint>().setVmId("work");
+  resumable->getRoot<wire::Checkpoint>().setVmContinued(true);
+  EXPECT_NE(errorOf([&] { work.push("phone", resumable->getRoot<wire::Checkpoint>().asReader()); }), "");
+  pushOne(work, "phone", "work", 3, epoch, wire::CheckpointKind::FINAL);
+  EXPECT_EQ(work.head(), 3u);
+  // Another user's quota is their own.
+  EXPECT_NO_THROW(runAndPush(vms, bob, "work", 2, waitScope));
+}
+
+TEST(VmRegistry, PushesPastAUsersCheckpointRateAreRefusedUntilItRefills) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  VmSettings settings;
+  settings.user.checkpointsPerSecond = 0.3;  // a burst of 3
+  VmRegistry vms(dir.path(), settings);
+  const PeerIdentity alice = device("alice", "phone");
+  const std::uint64_t epoch = runAndPush(vms, alice, "work", 3, waitScope);
+  SyncServer& work = vms.vm(alice, "work", "use", false);
+  const std::string why = errorOf([&] { pushOne(work, "phone", "work", 4, epoch); });
+  EXPECT_NE(why.find("user alice pushes more than 0.3 checkpoints per second (--max-user-checkpoint-rate)"),
+            std::string::npos)
+      << why;
+  EXPECT_EQ(work.head(), 3u);
+  // Her other VMs share her rate; bob's is his own.
+  EXPECT_NE(errorOf([&] { runAndPush(vms, alice, "home", 1, waitScope); }), "");
+  EXPECT_NO_THROW(runAndPush(vms, device("bob", "laptop"), "work", 3, waitScope));
+  std::this_thread::sleep_for(std::chrono::milliseconds(3400));  // one checkpoint's worth
+  EXPECT_NO_THROW(pushOne(work, "phone", "work", 4, epoch));
+  EXPECT_NE(errorOf([&] { pushOne(work, "phone", "work", 5, epoch); }), "");
 }
 
 TEST(VmRegistry, AFullCheckpointMustCarryTheNameOfItsVm) {
