@@ -113,7 +113,7 @@ kj::Promise<void> SyncServer::sendApply(std::string id, std::uint64_t connection
         d.lastForwardNs = nowNs() - start;
         d.lastApplyNs = response.getApplyNs();
         d.applied = response.getAppliedSequence();
-        persist();
+        persistAppliedSoon();
       },
       [this, id, s, connection](kj::Exception&& e) {
         DeviceEntry& d = device(id);

@@ -36,6 +36,13 @@ SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Tim
 }
 
 SyncServer::~SyncServer() {
+  if (appliedUnsaved_) {
+    try {
+      persist();
+    } catch (const std::exception& e) {
+      spdlog::warn("VM {}: saving where the devices are failed: {}", label_, e.what());
+    }
+  }
   // A fold under way is abandoned: its file is written whole or not at all,
   // and the next start discards its scratch space.
   cancelCompaction_ = true;
@@ -196,6 +203,28 @@ DeviceEntry& SyncServer::device(const std::string& id) {
 void SyncServer::persist() {
   for (const auto& [id, entry] : devices_) state_.appliedByDevice[id] = entry->applied;
   store_.saveState(state_);
+  appliedUnsaved_ = false;
+}
+
+void SyncServer::persistAppliedSoon() {
+  // Where each device is on the chain is advisory: a device says where it is
+  // when it registers, and nothing decides from a saved position of an
+  // offline one. Written at every push and every apply, state.json was the
+  // server's heaviest use of the disk (a new file, two fsyncs, each time).
+  if (!timer_) return persist();
+  appliedUnsaved_ = true;
+  if (flushScheduled_) return;
+  flushScheduled_ = true;
+  // Replaces a flush that has run (never one still pending).
+  appliedFlush_ = timer_->afterDelay(kAppliedFlushDelay)
+                      .then([this] {
+                        flushScheduled_ = false;
+                        if (appliedUnsaved_) persist();
+                      })
+                      .eagerlyEvaluate([this](kj::Exception&& e) {
+                        flushScheduled_ = false;
+                        spdlog::warn("VM {}: saving where the devices are failed: {}", label_, describe(e));
+                      });
 }
 
 void SyncServer::noteHead(wire::Checkpoint::Reader head) {
@@ -344,7 +373,8 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   lastRenewalNs_ = nowNs();
   DeviceEntry& origin = device(id);
   origin.applied = origin.queued = store_.head();
-  persist();
+  if (full) persist();  // the VM's name and sizes
+  else persistAppliedSoon();
   crashPoint("before-ack");
   for (auto& [other, entry] : devices_)
     if (other != id) forwardUpTo(*entry, store_.head());

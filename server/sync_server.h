@@ -197,7 +197,11 @@ class SyncServer final : public VmCatalog {
   std::uint64_t resumablePointCreatedNs();
   /// Notes the kind and origin of the newest checkpoint (`parked()`).
   void noteHead(wire::Checkpoint::Reader head);
+  /// Saves the state (and where every device is) now, durably.
   void persist();
+  /// Saves where the devices are within kAppliedFlushDelay (at once without a timer).
+  void persistAppliedSoon();
+  static constexpr auto kAppliedFlushDelay = 5 * kj::SECONDS;
   void forwardUpTo(DeviceEntry& entry, std::uint64_t sequence);
   kj::Promise<void> drained(DeviceEntry& entry);
   /// Brings device `id` (registration `connection`) from its applied sequence
@@ -246,6 +250,9 @@ class SyncServer final : public VmCatalog {
   kj::Maybe<kj::Promise<void>> pendingPauseCheck_;
   std::pair<std::uint64_t, std::uint64_t> resumableCreated_{0, 0};  // (sequence, its createdUnixNs)
   bool headIsFinal_ = false;  // the newest checkpoint is a final one
+  bool appliedUnsaved_ = false;                  // a device's position changed since the last save
+  bool flushScheduled_ = false;                  // appliedFlush_ has not run yet
+  kj::Maybe<kj::Promise<void>> appliedFlush_;    // the save persistAppliedSoon() scheduled
   std::string headOrigin_;    // the device that pushed it
 };
 
