@@ -19,7 +19,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs btrfs-progs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image video-image demo test soak chaos powercut sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch bench-adaptive study clean
+.PHONY: all setup build image video-image demo test soak chaos powercut sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch bench-server bench-adaptive study clean
 
 all: build
 
@@ -119,6 +119,15 @@ bench-kmod: setup
 # migration (root: network namespaces; see README: Switch benchmark).
 bench-switch: build image
 	$(BUILD)/userspace/vmsync bench switch --profile wifi,lte --runs 5 --image $(IMAGE) --out $(BUILD)/bench-switch
+
+# The server under many VMs, without QEMU (see docs/benchmarks.md: Server under
+# load): a sweep of VM counts, 60 s each, until p99 push latency passes 1 s;
+# then 10 minutes of 100 VMs x 3 devices.
+bench-server: build
+	$(BUILD)/userspace/vmsync --log-level warn bench server --vms 25,50,100,150,200,300,400 --devices 3 \
+	  --seconds 60 --dir $(BUILD)/bench-server --json $(BUILD)/bench-server/sweep.json
+	$(BUILD)/userspace/vmsync --log-level warn bench server --vms 100 --devices 3 --seconds 600 \
+	  --dir $(BUILD)/bench-server --json $(BUILD)/bench-server/ten-minutes.json
 
 # The adaptive interval on the video guest over wifi and lte, a target of 4 s
 # (see docs/benchmarks.md: Adaptive interval).

@@ -11,6 +11,7 @@
 //   vmsync switch   --to B [--vm NAME] [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync status   [--vm NAME] [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync bench switch --profile wifi,lte --runs N [--image DIR]
+//   vmsync bench server --vms 10,25,50,100 [--devices 3] [--seconds S] [--json FILE]
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
@@ -21,6 +22,7 @@
 #include <kj/async-io.h>
 #include <nlohmann/json.hpp>
 
+#include "lab/bench_server.h"
 #include "lab/bench_switch.h"
 #include "daemon/device.h"
 #include "base/error.h"
@@ -439,6 +441,35 @@ int main(int argc, char** argv) {
                           "seconds after which a QEMU migration is cancelled")
       ->capture_default_str();
 
+  vmsync::BenchServerOptions benchServerOptions;
+  auto* benchServer = bench->add_subcommand(
+      "server", "the sync server under many VMs: synthetic devices over TLS push and follow, no QEMU");
+  benchServer->add_option("--vms", benchServerOptions.vms,
+                          "VM counts, one run each; a sweep stops once p99 push latency passes --knee-ms")
+      ->delimiter(',')
+      ->capture_default_str();
+  benchServer->add_option("--devices", benchServerOptions.devices, "devices per VM: one pushes, the others follow")
+      ->capture_default_str();
+  benchServer->add_option("--interval", benchServerOptions.intervalSeconds, "seconds between a VM's pushes")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  benchServer->add_option("--checkpoint-kib", benchServerOptions.checkpointKib,
+                          "KiB of random (incompressible) changes per checkpoint")
+      ->check(CLI::Range(4u, 65536u))
+      ->capture_default_str();
+  benchServer->add_option("--seconds", benchServerOptions.seconds, "seconds measured per run")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  benchServer->add_option("--image-mb", benchServerOptions.imageMb, "each synthetic VM's RAM image, MiB")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
+  benchServer->add_option("--dir", benchServerOptions.dir,
+                          "identity, credentials, images and the server's data directory (on the disk measured)")
+      ->capture_default_str();
+  benchServer->add_option("--knee-ms", benchServerOptions.kneePushP99Ms, "p99 push latency that ends a sweep")
+      ->capture_default_str();
+  benchServer->add_option("--json", benchServerOptions.json, "also write the results to this file");
+
   CLI11_PARSE(app, argc, argv);
   // Logs and warnings go to stderr: stdout is the command's answer (JSON with --json).
   spdlog::set_default_logger(spdlog::stderr_color_mt("vmsync"));
@@ -480,6 +511,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (benchSwitch->parsed()) return vmsync::runBenchSwitch(benchOptions);
+    if (benchServer->parsed()) return vmsync::runBenchServer(benchServerOptions);
     if (study->parsed()) {
       if (studyOptions.imageDir.empty()) studyOptions.imageDir = "build/vm-images/" + studyOptions.workload;
       studyOptions.progress = !noProgress;

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "lab/delay_relay.h"
+#include "lab/lab_process.h"
 #include "base/durable_file.h"
 #include "base/error.h"
 #include "lab/network_lab.h"
@@ -34,76 +35,6 @@ namespace {
 
 constexpr std::uint16_t kServerPort = 7400;
 constexpr std::uint16_t kMigrationPort = 7600;
-
-/// A child process (server or device daemon) with its output in a log file;
-/// SIGTERM, then SIGKILL, when it goes.
-class Child {
- public:
-  Child(const std::vector<std::string>& argv, const std::string& logPath) {
-    pid_ = ::fork();
-    if (pid_ < 0) throwLastErrno("fork");
-    if (pid_ == 0) {
-      // An interrupted bench takes its daemons with it (they stop their VMs);
-      // its namespaces go with the next run, as those of a dead process.
-      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-      int fd = ::open(logPath.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-      }
-      std::vector<char*> args;
-      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      ::execv(args[0], args.data());
-      ::_exit(127);
-    }
-  }
-  ~Child() {
-    if (pid_ <= 0) return;
-    ::kill(pid_, SIGTERM);
-    for (int i = 0; i < 400; ++i) {
-      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
-  }
-  Child(const Child&) = delete;
-  Child& operator=(const Child&) = delete;
-  bool running() { return pid_ > 0 && ::waitpid(pid_, nullptr, WNOHANG) == 0; }
-  /// CPU time the process has used so far (user + system), in seconds.
-  double cpuSeconds() const {
-    std::ifstream in(fmt::format("/proc/{}/stat", pid_));
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::size_t end = text.rfind(')');
-    if (end == std::string::npos) return 0;
-    std::istringstream fields(text.substr(end + 2));
-    std::string field;
-    double ticks = 0;
-    for (int i = 3; fields >> field; ++i)
-      if (i == 14 || i == 15) ticks += std::stod(field);  // utime, stime
-    return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
-  }
-
- private:
-  pid_t pid_ = -1;
-};
-
-/// This program's path, read once: should the binary be rebuilt during a
-/// bench, /proc/self/exe names the old file with " (deleted)" after it, which
-/// nothing can run.
-const std::string& selfBinary() {
-  static const std::string path = fs::read_symlink("/proc/self/exe").string();
-  return path;
-}
-
-/// Nearest-rank percentile of `values` (p in 0..100).
-double percentile(std::vector<double> values, double p) {
-  if (values.empty()) return std::nan("");
-  std::sort(values.begin(), values.end());
-  std::size_t rank = static_cast<std::size_t>(std::ceil(p / 100.0 * values.size()));
-  return values[std::clamp<std::size_t>(rank, 1, values.size()) - 1];
-}
 
 /// One QEMU live migration.
 struct Migration {

@@ -1,0 +1,544 @@
+#include "lab/bench_server.h"
+
+#include <netinet/in.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <kj/async-io.h>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "base/durable_file.h"
+#include "base/error.h"
+#include "base/units.h"
+#include "checkpoint/checkpoint_builder.h"
+#include "harvest/unit_hashes.h"
+#include "lab/lab_process.h"
+#include "transport/rpc_util.h"
+#include "transport/secure_channel.h"
+#include "vmm/image_file.h"
+#include "vmsync.capnp.h"
+
+namespace vmsync {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::uint64_t wallNs() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+/// What the synthetic devices saw while the run was measured.
+struct Stats {
+  bool measuring = false;
+  std::vector<double> pushMs;  // push sent -> stored and answered
+  std::vector<double> lagMs;   // checkpoint made -> applied by a standby (push plus forward)
+  std::uint64_t pushes = 0, pushBytes = 0, forwards = 0, forwardBytes = 0;
+  std::uint64_t errors = 0;
+  std::vector<std::string> firstErrors;
+  void error(const std::string& what) {
+    ++errors;
+    if (firstErrors.size() < 5) firstErrors.push_back(what);
+  }
+};
+
+/// A standby that takes every checkpoint the server forwards and notes how
+/// late it came; it keeps no image (the load on the server is the same).
+class SyntheticStandby final : public wire::DevicePeer::Server {
+ public:
+  explicit SyntheticStandby(Stats& stats) : stats_(stats) {}
+
+ protected:
+  kj::Promise<void> apply(ApplyContext context) override {
+    auto checkpoint = context.getParams().getCheckpoint();
+    if (stats_.measuring) {
+      const std::uint64_t now = wallNs(), created = checkpoint.getCreatedUnixNs();
+      stats_.lagMs.push_back(now > created ? static_cast<double>(now - created) / 1e6 : 0.0);
+      ++stats_.forwards;
+      stats_.forwardBytes += checkpoint.totalSize().wordCount * sizeof(capnp::word);
+    }
+    context.getResults().setAppliedSequence(checkpoint.getSequence());
+    return kj::READY_NOW;
+  }
+  kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
+
+ private:
+  Stats& stats_;
+};
+
+std::string credentialPath(const std::string& dir, int vm, int device) {
+  return fmt::format("{}/credentials/u{}-d{}.cred", dir, vm, device);
+}
+
+/// One VM: device d0 runs it and pushes a checkpoint every interval, made by
+/// an ImageTracker from an image in which `checkpointKib` of random bytes
+/// changed; the other devices follow it.
+class SyntheticVm {
+ public:
+  SyntheticVm(kj::AsyncIoContext& io, Stats& stats, const BenchServerOptions& options, int index,
+              const std::string& dir, const std::string& address)
+      : io_(io),
+        stats_(stats),
+        options_(options),
+        index_(index),
+        dir_(dir),
+        address_(address),
+        ram_(fmt::format("{}/images/vm{}.ram", dir, index), true, std::uint64_t{options.imageMb} << 20),
+        disk_(fmt::format("{}/images/vm{}.disk", dir, index), true, 1u << 20),
+        rng_(index + 1) {
+    ramTracker_ = std::make_unique<ImageTracker>(
+        ram_, std::vector<std::uint64_t>(ram_.units(), zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
+    diskTracker_ = std::make_unique<ImageTracker>(
+        disk_, std::vector<std::uint64_t>(disk_.units(), zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
+  }
+
+  /// Connects and registers every device (the followers first), then takes
+  /// the lease for d0.
+  kj::Promise<void> start() {
+    kj::Promise<void> chain = kj::READY_NOW;
+    for (int d = options_.devices - 1; d >= 0; --d)
+      chain = chain.then([this, d] { return connect(d); });
+    return chain.then([this] {
+      return sessions_.front().acquireLeaseRequest().send().then(
+          [this](capnp::Response<wire::DeviceSession::AcquireLeaseResults> r) { epoch_ = r.getEpoch(); });
+    });
+  }
+
+  /// Pushes at every tick from `first` on, one push at a time, until `until`.
+  kj::Promise<void> run(kj::TimePoint first, kj::TimePoint until) {
+    auto& timer = io_.provider->getTimer();
+    return timer.atTime(first).then([this, first, until]() -> kj::Promise<void> {
+      auto& timer = io_.provider->getTimer();
+      if (timer.now() >= until) return kj::READY_NOW;
+      const auto interval = static_cast<std::int64_t>(options_.intervalSeconds * 1e9) * kj::NANOSECONDS;
+      return pushOnce().then([this, first, until, interval]() {
+        // The next tick not yet passed: a push longer than the interval skips ticks.
+        auto next = first + interval;
+        const auto now = io_.provider->getTimer().now();
+        while (next < now) next = next + interval;
+        return run(next, until);
+      });
+    });
+  }
+
+  std::uint64_t stored() const { return sequence_; }
+
+ private:
+  kj::Promise<void> connect(int device) {
+    auto transport = std::make_shared<ClientTransport>(loadCredential(credentialPath(dir_, index_, device)));
+    return transport->connect(io_, address_).then([this, device, transport](kj::Own<RpcConnection> connection) {
+      auto request = connection->bootstrap().castAs<wire::SyncServer>().registerRequest();
+      request.setDeviceId(fmt::format("d{}", device));
+      request.setPeer(kj::heap<SyntheticStandby>(stats_));
+      request.setAppliedSequence(0);
+      request.setVm("vm");
+      connections_.push_back(kj::mv(connection));
+      return request.send().then([this, device](capnp::Response<wire::SyncServer::RegisterResults> r) {
+        if (device == 0) sessions_.insert(sessions_.begin(), r.getSession());
+        else sessions_.push_back(r.getSession());
+      });
+    });
+  }
+
+  kj::Promise<void> pushOnce() {
+    const bool full = sequence_ == 0;
+    DirtyUnits candidates;
+    if (full) {
+      candidates.everything = true;
+    } else {
+      // checkpointKib of random bytes, in random units.
+      const std::uint64_t count = std::max<std::uint64_t>(1, (std::uint64_t{options_.checkpointKib} << 10) / kUnitSize);
+      bytes_.resize(count * kUnitSize);
+      for (std::size_t i = 0; i < bytes_.size(); i += 8) {
+        const std::uint64_t r = rng_();
+        std::memcpy(bytes_.data() + i, &r, 8);
+      }
+      std::uniform_int_distribution<std::uint64_t> unit(0, ram_.units() - 1);
+      std::vector<UnitWrite> writes;
+      for (std::uint64_t i = 0; i < count; ++i) candidates.units.push_back(unit(rng_));
+      std::sort(candidates.units.begin(), candidates.units.end());
+      candidates.units.erase(std::unique(candidates.units.begin(), candidates.units.end()), candidates.units.end());
+      for (std::size_t i = 0; i < candidates.units.size(); ++i)
+        writes.push_back({candidates.units[i], bytes_.data() + i * kUnitSize});
+      ram_.writeUnits(writes);
+    }
+    auto memory = std::make_shared<ImageDelta>(ramTracker_->collect(candidates));
+    auto disk = std::make_shared<ImageDelta>(diskTracker_->collect(full ? candidates : DirtyUnits{}));
+    auto request = sessions_.front().pushRequest();
+    auto checkpoint = request.initCheckpoint();
+    checkpoint.setVmId("vm");
+    checkpoint.setEpoch(epoch_);
+    checkpoint.setSequence(sequence_ + 1);
+    checkpoint.setBaseSequence(sequence_);
+    checkpoint.setKind(full ? wire::CheckpointKind::FULL : wire::CheckpointKind::INCREMENTAL);
+    checkpoint.setPolicy(wire::Policy::DIRTY_PREV);
+    checkpoint.setOrigin("d0");
+    checkpoint.setCreatedUnixNs(wallNs());
+    toWire(*memory, *disk, checkpoint);
+    if (full) {
+      auto spec = checkpoint.initSpec();
+      spec.setVmId("vm");
+      spec.setMemoryBytes(ram_.sizeBytes());
+      spec.setDiskBytes(disk_.sizeBytes());
+      spec.setPolicy(wire::Policy::DIRTY_PREV);
+      spec.setAccel("tcg");
+      spec.setCpuModel("qemu64");
+      spec.setVcpus(1);
+    }
+    const std::uint64_t bytes = request.totalSize().wordCount * sizeof(capnp::word);
+    const std::uint64_t sent = nowNs();
+    return request.send()
+        .then(
+            [this, memory, disk, bytes, sent](capnp::Response<wire::DeviceSession::PushResults>) {
+              ramTracker_->acknowledge(*memory);
+              diskTracker_->acknowledge(*disk);
+              ++sequence_;
+              if (stats_.measuring) {
+                stats_.pushMs.push_back(static_cast<double>(nowNs() - sent) / 1e6);
+                ++stats_.pushes;
+                stats_.pushBytes += bytes;
+              }
+            },
+            [this, memory, disk](kj::Exception&& e) {
+              // As a device does: the changes go into the next checkpoint.
+              ramTracker_->retryLater(*memory);
+              diskTracker_->retryLater(*disk);
+              stats_.error(fmt::format("vm{} push {}: {}", index_, sequence_ + 1, describe(e)));
+            });
+  }
+
+  kj::AsyncIoContext& io_;
+  Stats& stats_;
+  const BenchServerOptions& options_;
+  int index_;
+  std::string dir_, address_;
+  ImageFile ram_, disk_;
+  std::unique_ptr<ImageTracker> ramTracker_, diskTracker_;
+  std::vector<kj::Own<RpcConnection>> connections_;
+  std::vector<wire::DeviceSession::Client> sessions_;  // d0's first
+  std::uint64_t sequence_ = 0, epoch_ = 0;
+  std::mt19937_64 rng_;
+  std::vector<std::byte> bytes_;
+};
+
+/// A TCP port on the loopback nobody listens on now.
+int freePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throwLastErrno("socket");
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof address;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throwErrno(err, "bind a loopback port");
+  }
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+/// Milliseconds the disk holding `path` spent doing I/O so far (/proc/diskstats), or -1.
+double diskBusyMs(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return -1;
+  std::ifstream in("/proc/diskstats");
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream fields(line);
+    unsigned major = 0, minor = 0;
+    std::string name;
+    fields >> major >> minor >> name;
+    if (major != ::major(st.st_dev) || minor != ::minor(st.st_dev)) continue;
+    std::vector<double> values;
+    for (double v; fields >> v;) values.push_back(v);
+    return values.size() >= 10 ? values[9] : -1;  // field 13 of the line: time spent doing I/Os
+  }
+  return -1;
+}
+
+/// Bytes the process wrote to storage so far (/proc/PID/io write_bytes), or 0.
+double writtenBytes(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/io", pid));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("write_bytes:", 0) == 0) return std::stod(line.substr(12));
+  return 0;
+}
+
+/// What the server's main thread (its event loop) is doing, sampled every
+/// 5 ms from /proc: running, waiting on the disk (state D: an fsync), or
+/// waiting for work (an idle event loop sleeps in epoll_wait).
+class LoopSampler {
+ public:
+  explicit LoopSampler(pid_t pid) : path_(fmt::format("/proc/{}/task/{}/stat", pid, pid)) {
+    thread_ = std::thread([this] {
+      while (!stop_) {
+        std::ifstream in(path_);
+        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        const std::size_t end = text.rfind(')');
+        if (end != std::string::npos && end + 2 < text.size()) {
+          const char state = text[end + 2];
+          ++total_;
+          if (state == 'R') ++running_;
+          if (state == 'D') ++disk_;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    });
+  }
+  ~LoopSampler() {
+    stop_ = true;
+    thread_.join();
+  }
+  double running() const { return total_ ? static_cast<double>(running_) / total_ : 0; }
+  double disk() const { return total_ ? static_cast<double>(disk_) / total_ : 0; }
+
+ private:
+  std::string path_;
+  std::atomic<bool> stop_{false};
+  std::atomic<std::uint64_t> total_{0}, running_{0}, disk_{0};
+  std::thread thread_;
+};
+
+/// (busy, total) jiffies of every CPU of the machine so far (/proc/stat).
+std::pair<double, double> machineJiffies() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  in >> cpu;
+  double value = 0, total = 0, idle = 0;
+  for (int i = 0; i < 10 && in >> value; ++i) {
+    total += value;
+    if (i == 3 || i == 4) idle += value;  // idle, iowait
+  }
+  return {total - idle, total};
+}
+
+double selfCpuSeconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_utime.tv_sec + usage.ru_stime.tv_sec + (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
+/// One run's results.
+struct RunResult {
+  int vms = 0;
+  double seconds = 0;
+  Stats stats;
+  double serverCpu = 0;      // cores of CPU the server used
+  double benchCpu = 0;       // cores of CPU the synthetic devices used
+  double serverRssMiB = 0;   // peak
+  double writtenMiBps = 0;   // the server's writes to storage
+  double diskBusy = -1;      // fraction of the time the data directory's disk was busy
+  double machineBusy = 0;    // fraction of all CPUs' time the machine was busy
+  double loopRunning = 0;    // fraction of the time the server's event loop ran
+  double loopInIo = 0;       //   and waited on the disk (fsync)
+  std::string saturated;
+};
+
+RunResult runOnce(const BenchServerOptions& options, int vms) {
+  RunResult result;
+  result.vms = vms;
+  const std::string& dir = options.dir;
+  const std::string data = dir + "/server-data";
+  fs::remove_all(data);
+  fs::remove_all(dir + "/images");
+  fs::create_directories(dir + "/images");
+  const int port = freePort();
+  const std::string address = fmt::format("127.0.0.1:{}", port);
+  Child server({selfBinary(), "server", "--listen", address, "--data", data, "--tls", dir + "/identity",
+                "--max-vms-per-user", "0", "--lease-timeout", "3600"},
+               fmt::format("{}/server-{}vms.log", dir, vms));
+  auto io = kj::setupAsyncIo();
+  auto& timer = io.provider->getTimer();
+  // Until it listens.
+  for (int i = 0;; ++i) {
+    try {
+      io.provider->getNetwork().parseAddress(address).wait(io.waitScope)->connect().wait(io.waitScope);
+      break;
+    } catch (const kj::Exception&) {
+      if (i == 100 || !server.running())
+        fail("the server did not start listening on {}; see {}/server-{}vms.log", address, dir, vms);
+      timer.afterDelay(100 * kj::MILLISECONDS).wait(io.waitScope);
+    }
+  }
+  Stats& stats = result.stats;
+  std::vector<std::unique_ptr<SyntheticVm>> fleet;
+  kj::Vector<kj::Promise<void>> starts;
+  for (int v = 0; v < vms; ++v) {
+    fleet.push_back(std::make_unique<SyntheticVm>(io, stats, options, v, dir, address));
+    starts.add(fleet.back()->start());
+  }
+  kj::joinPromises(starts.releaseAsArray()).wait(io.waitScope);
+  // Every VM's full checkpoint and two more before the measurement.
+  const auto interval = static_cast<std::int64_t>(options.intervalSeconds * 1e9) * kj::NANOSECONDS;
+  const auto warm = timer.now() + 3 * interval;
+  const auto measureFrom = warm + 2 * interval;
+  const auto until = measureFrom + static_cast<std::int64_t>(options.seconds * 1e9) * kj::NANOSECONDS;
+  kj::Vector<kj::Promise<void>> runs;
+  for (int v = 0; v < vms; ++v)  // spread over the interval, as devices that started at different times
+    runs.add(fleet[v]->run(timer.now() + interval * v / vms, until));
+  auto all = kj::joinPromises(runs.releaseAsArray()).fork();
+  timer.atTime(measureFrom).exclusiveJoin(all.addBranch()).wait(io.waitScope);
+  for (const auto& vm : fleet)
+    if (vm->stored() < 2) stats.error("a VM did not store its first checkpoints before the measurement");
+  const double serverCpu0 = server.cpuSeconds(), benchCpu0 = selfCpuSeconds();
+  const double written0 = writtenBytes(server.pid()), busy0 = diskBusyMs(data);
+  const auto machine0 = machineJiffies();
+  const auto start = std::chrono::steady_clock::now();
+  stats.measuring = true;
+  auto loop = std::make_unique<LoopSampler>(server.pid());
+  std::uint64_t peakRss = server.residentBytes();
+  std::function<kj::Promise<void>()> sample = [&]() -> kj::Promise<void> {
+    return timer.afterDelay(500 * kj::MILLISECONDS).then([&] {
+      peakRss = std::max(peakRss, server.residentBytes());
+      return sample();
+    });
+  };
+  all.addBranch().exclusiveJoin(sample()).wait(io.waitScope);
+  stats.measuring = false;
+  result.loopRunning = loop->running();
+  result.loopInIo = loop->disk();
+  loop.reset();
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.serverCpu = (server.cpuSeconds() - serverCpu0) / result.seconds;
+  result.benchCpu = (selfCpuSeconds() - benchCpu0) / result.seconds;
+  result.serverRssMiB = peakRss / 1048576.0;
+  result.writtenMiBps = (writtenBytes(server.pid()) - written0) / 1048576.0 / result.seconds;
+  const double busy1 = diskBusyMs(data);
+  const auto machine1 = machineJiffies();
+  if (machine1.second > machine0.second)
+    result.machineBusy = (machine1.first - machine0.first) / (machine1.second - machine0.second);
+  if (busy0 >= 0 && busy1 >= 0) result.diskBusy = (busy1 - busy0) / 1000.0 / result.seconds;
+  if (!server.running()) stats.error("the server exited during the run");
+  // Where the time went, first match.
+  const double loopBusy = result.loopRunning + result.loopInIo;
+  if (result.diskBusy >= 0.9) result.saturated = "disk";
+  else if (loopBusy >= 0.75)  // a single queue that busy makes its requests wait several times their service
+    result.saturated = fmt::format("the server's event loop ({:.0f}% running, {:.0f}% waiting on fsync)",
+                                   result.loopRunning * 100, result.loopInIo * 100);
+  else if (result.machineBusy >= 0.9)
+    result.saturated = fmt::format("the machine's CPUs ({:.0f}% busy; the server {:.0f}% of a core, the load generator "
+                                   "{:.0f}%)", result.machineBusy * 100, result.serverCpu * 100, result.benchCpu * 100);
+  else result.saturated = "-";
+  return result;
+}
+
+void printRow(const RunResult& r, const BenchServerOptions& options) {
+  const double pushP50 = percentile(r.stats.pushMs, 50), pushP99 = percentile(r.stats.pushMs, 99);
+  const double lagP50 = percentile(r.stats.lagMs, 50), lagP99 = percentile(r.stats.lagMs, 99);
+  std::printf("%5d %7.1f %9.2f %9.2f %8.1f %8.1f %8.1f %8.1f %6.0f%% %6.0f%% %6.0f%% %7.0f %8.1f %6s %6llu  %s\n", r.vms,
+              r.stats.pushes / r.seconds, r.stats.pushBytes / 1048576.0 / r.seconds,
+              r.stats.forwardBytes / 1048576.0 / r.seconds, pushP50, pushP99, lagP50, lagP99, r.serverCpu * 100,
+              (r.loopRunning + r.loopInIo) * 100,
+              r.benchCpu * 100, r.serverRssMiB, r.writtenMiBps,
+              r.diskBusy < 0 ? "?" : fmt::format("{:.0f}%", r.diskBusy * 100).c_str(),
+              static_cast<unsigned long long>(r.stats.errors), r.saturated.c_str());
+  (void)options;
+  std::fflush(stdout);
+}
+
+nlohmann::json toJson(const RunResult& r) {
+  return {{"vms", r.vms},
+          {"seconds", r.seconds},
+          {"checkpoints_per_s", r.stats.pushes / r.seconds},
+          {"stored_mib_per_s", r.stats.pushBytes / 1048576.0 / r.seconds},
+          {"forwarded_mib_per_s", r.stats.forwardBytes / 1048576.0 / r.seconds},
+          {"pushes", r.stats.pushes},
+          {"forwards", r.stats.forwards},
+          {"push_ms_p50", percentile(r.stats.pushMs, 50)},
+          {"push_ms_p99", percentile(r.stats.pushMs, 99)},
+          {"lag_ms_p50", percentile(r.stats.lagMs, 50)},
+          {"lag_ms_p99", percentile(r.stats.lagMs, 99)},
+          {"server_cpu", r.serverCpu},
+          {"bench_cpu", r.benchCpu},
+          {"server_rss_mib", r.serverRssMiB},
+          {"server_written_mib_per_s", r.writtenMiBps},
+          {"disk_busy", r.diskBusy},
+          {"machine_busy", r.machineBusy},
+          {"loop_running", r.loopRunning},
+          {"loop_in_io", r.loopInIo},
+          {"errors", r.stats.errors},
+          {"first_errors", r.stats.firstErrors},
+          {"saturated", r.saturated}};
+}
+
+}  // namespace
+
+int runBenchServer(const BenchServerOptions& options) {
+  try {
+    if (options.devices < 2) fail("--devices must be at least 2 (one pushes, the others follow)");
+    if (options.vms.empty()) fail("--vms needs at least one count");
+    const int most = *std::max_element(options.vms.begin(), options.vms.end());
+    if (*std::min_element(options.vms.begin(), options.vms.end()) < 1) fail("--vms counts must be at least 1");
+    ::umask(077);
+    makePrivateDirectory(options.dir);
+    // One server identity and a credential per user (one per VM) and device, kept across runs.
+    if (!fs::exists(options.dir + "/identity/ca.pem")) initServerIdentity(options.dir + "/identity", "bench-server");
+    makePrivateDirectory(options.dir + "/credentials");
+    for (int v = 0; v < most; ++v)
+      for (int d = 0; d < options.devices; ++d)
+        if (!fs::exists(credentialPath(options.dir, v, d)))
+          enrollDevice(options.dir + "/identity", fmt::format("u{}", v), fmt::format("d{}", d),
+                       credentialPath(options.dir, v, d));
+    std::printf("vmsync bench server: %d devices per VM (one pushes %u KiB every %.1f s, the others follow), "
+                "%.0f s measured per run, TLS, data in %s/server-data\n",
+                options.devices, options.checkpointKib, options.intervalSeconds, options.seconds,
+                options.dir.c_str());
+    std::printf("%5s %7s %9s %9s %8s %8s %8s %8s %7s %7s %7s %7s %8s %6s %6s  %s\n", "VMs", "ckpt/s", "stored",
+                "fwd", "push50", "push99", "lag50", "lag99", "srvCPU", "loop", "genCPU", "RSS", "written", "disk",
+                "errors", "saturated");
+    std::printf("%5s %7s %9s %9s %8s %8s %8s %8s %7s %7s %7s %7s %8s %6s %6s\n", "", "", "MiB/s", "MiB/s", "ms",
+                "ms", "ms", "ms", "", "busy", "", "MiB", "MiB/s", "busy", "");
+    nlohmann::json runs = nlohmann::json::array();
+    std::uint64_t errors = 0;
+    std::optional<int> knee;
+    for (int vms : options.vms) {
+      RunResult r = runOnce(options, vms);
+      printRow(r, options);
+      for (const auto& e : r.stats.firstErrors) std::printf("      error: %s\n", e.c_str());
+      errors += r.stats.errors;
+      runs.push_back(toJson(r));
+      if (percentile(r.stats.pushMs, 99) > options.kneePushP99Ms) {
+        knee = vms;
+        std::printf("p99 push latency passed %.0f ms at %d VMs (saturated: %s)\n", options.kneePushP99Ms, vms,
+                    r.saturated.c_str());
+        break;
+      }
+    }
+    if (!knee && options.vms.size() > 1)
+      std::printf("p99 push latency stayed under %.0f ms up to %d VMs\n", options.kneePushP99Ms, options.vms.back());
+    if (!options.json.empty()) {
+      nlohmann::json j{{"devices", options.devices},           {"interval_s", options.intervalSeconds},
+                       {"checkpoint_kib", options.checkpointKib}, {"seconds", options.seconds},
+                       {"runs", runs}};
+      if (knee) j["knee_vms"] = *knee;
+      const std::string text = j.dump(2) + "\n";
+      writeFileDurably(options.json, text.data(), text.size());
+    }
+    return errors == 0 ? 0 : 1;
+  } catch (const Error& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  } catch (const kj::Exception& e) {
+    spdlog::error("{}", describe(e));
+    return 1;
+  }
+}
+
+}  // namespace vmsync
