@@ -47,6 +47,10 @@ struct DeviceCredential {
 /// Warns when others may read the file.
 DeviceCredential loadCredential(const std::string& path);
 
+/// Throw Error naming `where` unless `pem` holds a certificate (a private key).
+void checkCertificatePem(const std::string& pem, const std::string& where);
+void checkKeyPem(const std::string& pem, const std::string& where);
+
 /// Checks a user or device name: 1 to 64 of [A-Za-z0-9._-]. Throws Error.
 void checkName(const std::string& what, const std::string& name);
 
