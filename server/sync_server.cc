@@ -30,7 +30,7 @@ SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Tim
   }
   if (store_.head() > store_.base()) noteHead(store_.read(store_.head())->reader());
   recoverInterruptedPause();
-  spdlog::info("sync server: VM '{}', chain at {} (base {}), lease epoch {} held by '{}'{}", state_.vmId,
+  spdlog::info("VM {}: sync server: VM '{}', chain at {} (base {}), lease epoch {} held by '{}'{}", logName(), state_.vmId,
                store_.head(), store_.base(), state_.epoch, state_.holder,
                parked() ? fmt::format("; parked by {}", headOrigin_) : "");
 }
@@ -40,7 +40,7 @@ SyncServer::~SyncServer() {
     try {
       persist();
     } catch (const std::exception& e) {
-      spdlog::warn("VM {}: saving where the devices are failed: {}", label_, e.what());
+      spdlog::warn("VM {}: VM {}: saving where the devices are failed: {}", logName(), label_, e.what());
     }
   }
   // A fold under way is abandoned: its file is written whole or not at all,
@@ -66,7 +66,7 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
     const std::uint64_t to = point > store_.base() ? std::min(store_.head(), point) : store_.head();
     if (count < 2 || to == store_.first()) return;
     store_.prune(to);
-    spdlog::info("compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base",
+    spdlog::info("VM {}: compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base", logName(),
                  count - store_.countAfterBase(), bytes - store_.bytesAfterBase(), to);
     return;
   }
@@ -89,7 +89,7 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
   for (std::uint64_t s = store_.first(); s <= to; ++s) paths.push_back(store_.pathOf(s));
   const std::string out = store_.foldPath(to);
   const std::string scratch = store_.scratchDir();
-  spdlog::info("compaction: folding checkpoints {}..{} ({} checkpoints) into a new base", store_.base(), to,
+  spdlog::info("VM {}: compaction: folding checkpoints {}..{} ({} checkpoints) into a new base", logName(), store_.base(), to,
                paths.size());
   auto done = kj::newPromiseAndCrossThreadFulfiller<void>();
   auto outcome = std::make_shared<std::string>();  // written by the worker before it fulfils
@@ -117,18 +117,18 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
                       if (outcome->starts_with("!")) {
                         // Not again at every push: after as many checkpoints again.
                         retryCompactionAt_ = store_.head() + std::max<std::uint64_t>(limits_.checkpoints, 16);
-                        spdlog::warn("compaction at {} failed: {}; the chain is kept as it is (next try at {})", to,
+                        spdlog::warn("VM {}: compaction at {} failed: {}; the chain is kept as it is (next try at {})", logName(), to,
                                      outcome->substr(1), retryCompactionAt_);
                         return;
                       }
                       crashPoint("fold-before-commit");  // the new base is in place, the old chain too
                       store_.commitFold(to);
-                      spdlog::info("compaction: the base is now checkpoint {} ({}), {:.0f} ms", to, *outcome,
+                      spdlog::info("VM {}: compaction: the base is now checkpoint {} ({}), {:.0f} ms", logName(), to, *outcome,
                                    (nowNs() - start) / 1e6);
                     })
                     .then([this]() { compacting_ = false; },
                           [this](kj::Exception&& e) {
-                            spdlog::warn("compaction failed: {}", describe(e));
+                            spdlog::warn("VM {}: compaction failed: {}", logName(), describe(e));
                             compacting_ = false;
                           })
                     .eagerlyEvaluate(nullptr);
@@ -169,7 +169,7 @@ void SyncServer::audit(AuditEvent event) {
 }
 
 void SyncServer::refuse(const PeerIdentity& peer, const char* action, const std::string& reason) {
-  spdlog::warn("refused: {}", reason);
+  spdlog::warn("VM {}: refused: {}", logName(), reason);
   audit({.action = action, .result = "refused", .user = peer.user, .device = peer.device, .reason = reason});
   fail("{}", reason);
 }
@@ -180,7 +180,7 @@ void SyncServer::authorize(const PeerIdentity& peer, const char* action, bool cl
     if (!claim) return;  // nothing here yet that belongs to anyone
     state_.owner = peer.user;
     persist();
-    spdlog::info("this server's VM now belongs to user {} (claimed by {})", peer.user, peer.describe());
+    spdlog::info("VM {}: this server's VM now belongs to user {} (claimed by {})", logName(), peer.user, peer.describe());
     audit({.action = "claim", .result = "granted", .user = peer.user, .device = peer.device,
            .reason = "the first user to register a device owns the server's VM"});
     return;
@@ -223,7 +223,7 @@ void SyncServer::persistAppliedSoon() {
                       })
                       .eagerlyEvaluate([this](kj::Exception&& e) {
                         flushScheduled_ = false;
-                        spdlog::warn("VM {}: saving where the devices are failed: {}", label_, describe(e));
+                        spdlog::warn("VM {}: VM {}: saving where the devices are failed: {}", logName(), label_, describe(e));
                       });
 }
 
@@ -255,7 +255,7 @@ kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wir
   // Its image is not the chain's at `applied`: a resync brings it back.
   const bool resync = applied != 0 && (diverged || !abandoned.empty());
   if (resync)
-    spdlog::info("device {}: {}; it is resynced to the chain", id,
+    spdlog::info("VM {}: device {}: {}; it is resynced to the chain", logName(), id,
                  abandoned.empty() ? fmt::format("its VM ran past checkpoint {}", applied) : abandoned);
   DeviceEntry& entry = device(id);
   if (!entry.peer) return completeRegistration(id, kj::mv(peer), applied, resync);
@@ -274,7 +274,7 @@ kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wir
         DeviceEntry& entry = device(id);
         if (entry.peer && entry.connection != earlier)
           rpcFail(fmt::format("device {} registered again meanwhile; try again", id));
-        spdlog::info("device {}: its earlier registration does not answer ({}); the new one replaces it", id,
+        spdlog::info("VM {}: device {}: its earlier registration does not answer ({}); the new one replaces it", logName(), id,
                      describe(e));
         return completeRegistration(id, kj::mv(peer), applied, resync);
       });
@@ -284,7 +284,7 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
                                                std::uint64_t applied, bool resync) {
   if (id == fenced_) {
     // It came back with a credential that was not revoked: the user enrolled it again.
-    spdlog::info("device {} is back with a new credential: no longer fenced", id);
+    spdlog::info("VM {}: device {} is back with a new credential: no longer fenced", logName(), id);
     fenced_.clear();
   }
   if (applied > store_.head() && !resync)
@@ -299,7 +299,7 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
   entry.tail = nullptr;
   entry.resyncing = false;
   persist();
-  spdlog::info("device {} registered at sequence {} (head {})", id, applied, store_.head());
+  spdlog::info("VM {}: device {} registered at sequence {} (head {})", logName(), id, applied, store_.head());
   if (resync) {
     resyncDevice(id, entry.connection, "it left the chain").detach([](kj::Exception&&) {});
   } else {
@@ -314,7 +314,7 @@ void SyncServer::unregister(const std::string& id, std::uint64_t connection) {
   if (it == devices_.end() || it->second->connection != connection) return;
   it->second->peer.reset();
   it->second->tail = nullptr;
-  spdlog::info("device {} went offline at sequence {}", id, it->second->applied);
+  spdlog::info("VM {}: device {} went offline at sequence {}", logName(), id, it->second->applied);
 }
 
 std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader checkpoint) {
@@ -346,7 +346,7 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   if (checkpoint.getSequence() == store_.head() && store_.head() > 0 &&
       checkpointDigest(checkpoint) == checkpointDigest(store_.read(store_.head())->reader())) {
     // A push re-sent after its answer was lost: the chain holds it already.
-    spdlog::info("checkpoint {} from {} is already stored (same epoch and content); acknowledged again",
+    spdlog::info("VM {}: checkpoint {} from {} is already stored (same epoch and content); acknowledged again", logName(),
                  checkpoint.getSequence(), id);
     return store_.head();
   }
@@ -399,7 +399,7 @@ kj::Promise<void> SyncServer::answerPush(std::uint64_t sequence) {
     return v ? std::atol(v) : 0L;
   }();
   if (holdMs <= 0 || !timer_) return kj::READY_NOW;
-  spdlog::warn("test hook: checkpoint {} is stored; its answer waits {} ms", sequence, holdMs);
+  spdlog::warn("VM {}: test hook: checkpoint {} is stored; its answer waits {} ms", logName(), sequence, holdMs);
   return timer_->afterDelay(holdMs * kj::MILLISECONDS);
 }
 

@@ -68,6 +68,8 @@ class SyncServer final : public VmCatalog {
   void setIdentity(const std::string& user, const std::string& name);
   /// "USER/NAME" (or "NAME"), as logs and the audit trail name this VM.
   const std::string& label() const { return label_; }
+  /// The label, or the VM's name where setIdentity() was not called: what every log line of this VM begins with.
+  const std::string& logName() const { return !label_.empty() ? label_ : !vmId().empty() ? vmId() : kUnnamed; }
 
   // VmCatalog, for this one VM.
   SyncServer& vm(const PeerIdentity& peer, const std::string& name, const char* action, bool create) override;
@@ -216,6 +218,7 @@ class SyncServer final : public VmCatalog {
   /// worker thread under Prev.
   void maybeCompact(wire::Policy policy, bool now = false);
 
+  static inline const std::string kUnnamed = "(unnamed)";
   CheckpointStore store_;
   std::string name_;   // the name the VM was created under ("": any, until the first full checkpoint)
   std::string label_;  // "USER/NAME"
