@@ -469,6 +469,11 @@ int main(int argc, char** argv) {
   benchServer->add_option("--knee-ms", benchServerOptions.kneePushP99Ms, "p99 push latency that ends a sweep")
       ->capture_default_str();
   benchServer->add_option("--json", benchServerOptions.json, "also write the results to this file");
+  benchServer->add_option("--compact-after", benchServerOptions.compactAfter,
+                          "the server folds each chain every N checkpoints (0: the server's default)");
+  benchServer->add_option("--large-vm-mb", benchServerOptions.largeVmMb,
+                          "VM 0's image, filled with random bytes so that its folds are heavy; its own pushes are "
+                          "left out of the figures (0: as the others)");
 
   CLI11_PARSE(app, argc, argv);
   // Logs and warnings go to stderr: stdout is the command's answer (JSON with --json).

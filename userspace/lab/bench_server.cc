@@ -62,12 +62,12 @@ struct Stats {
 /// late it came; it keeps no image (the load on the server is the same).
 class SyntheticStandby final : public wire::DevicePeer::Server {
  public:
-  explicit SyntheticStandby(Stats& stats) : stats_(stats) {}
+  SyntheticStandby(Stats& stats, bool measured) : stats_(stats), measured_(measured) {}
 
  protected:
   kj::Promise<void> apply(ApplyContext context) override {
     auto checkpoint = context.getParams().getCheckpoint();
-    if (stats_.measuring) {
+    if (stats_.measuring && measured_) {
       const std::uint64_t now = wallNs(), created = checkpoint.getCreatedUnixNs();
       stats_.lagMs.push_back(now > created ? static_cast<double>(now - created) / 1e6 : 0.0);
       ++stats_.forwards;
@@ -80,6 +80,7 @@ class SyntheticStandby final : public wire::DevicePeer::Server {
 
  private:
   Stats& stats_;
+  bool measured_;
 };
 
 std::string credentialPath(const std::string& dir, int vm, int device) {
@@ -99,9 +100,12 @@ class SyntheticVm {
         index_(index),
         dir_(dir),
         address_(address),
-        ram_(fmt::format("{}/images/vm{}.ram", dir, index), true, std::uint64_t{options.imageMb} << 20),
+        ram_(fmt::format("{}/images/vm{}.ram", dir, index), true,
+             std::uint64_t{index == 0 && options.largeVmMb ? options.largeVmMb : options.imageMb} << 20),
         disk_(fmt::format("{}/images/vm{}.disk", dir, index), true, 1u << 20),
         rng_(index + 1) {
+    measured_ = !(index == 0 && options.largeVmMb != 0);
+    if (!measured_) fillRandom();
     ramTracker_ = std::make_unique<ImageTracker>(
         ram_, std::vector<std::uint64_t>(ram_.units(), zeroUnitHash()), wire::Policy::DIRTY_PREV, false);
     diskTracker_ = std::make_unique<ImageTracker>(
@@ -120,19 +124,18 @@ class SyntheticVm {
     });
   }
 
-  /// Pushes at every tick from `first` on, one push at a time, until `until`.
-  kj::Promise<void> run(kj::TimePoint first, kj::TimePoint until) {
+  /// Pushes at every tick from `first` on, one push at a time, until `*stop`.
+  kj::Promise<void> run(kj::TimePoint first, const bool* stop) {
     auto& timer = io_.provider->getTimer();
-    return timer.atTime(first).then([this, first, until]() -> kj::Promise<void> {
-      auto& timer = io_.provider->getTimer();
-      if (timer.now() >= until) return kj::READY_NOW;
+    return timer.atTime(first).then([this, first, stop]() -> kj::Promise<void> {
+      if (*stop) return kj::READY_NOW;
       const auto interval = static_cast<std::int64_t>(options_.intervalSeconds * 1e9) * kj::NANOSECONDS;
-      return pushOnce().then([this, first, until, interval]() {
+      return pushOnce().then([this, first, stop, interval]() {
         // The next tick not yet passed: a push longer than the interval skips ticks.
         auto next = first + interval;
         const auto now = io_.provider->getTimer().now();
         while (next < now) next = next + interval;
-        return run(next, until);
+        return run(next, stop);
       });
     });
   }
@@ -140,12 +143,28 @@ class SyntheticVm {
   std::uint64_t stored() const { return sequence_; }
 
  private:
+  /// Random bytes in every unit, written 1 MiB at a time.
+  void fillRandom() {
+    std::vector<std::byte> chunk(1 << 20);
+    std::vector<UnitWrite> writes;
+    for (std::uint64_t first = 0; first < ram_.units(); first += chunk.size() / kUnitSize) {
+      for (std::size_t i = 0; i < chunk.size(); i += 8) {
+        const std::uint64_t r = rng_();
+        std::memcpy(chunk.data() + i, &r, 8);
+      }
+      writes.clear();
+      for (std::uint64_t u = first; u < std::min(ram_.units(), first + chunk.size() / kUnitSize); ++u)
+        writes.push_back({u, chunk.data() + (u - first) * kUnitSize});
+      ram_.writeUnits(writes);
+    }
+  }
+
   kj::Promise<void> connect(int device) {
     auto transport = std::make_shared<ClientTransport>(loadCredential(credentialPath(dir_, index_, device)));
     return transport->connect(io_, address_).then([this, device, transport](kj::Own<RpcConnection> connection) {
       auto request = connection->bootstrap().castAs<wire::SyncServer>().registerRequest();
       request.setDeviceId(fmt::format("d{}", device));
-      request.setPeer(kj::heap<SyntheticStandby>(stats_));
+      request.setPeer(kj::heap<SyntheticStandby>(stats_, !(index_ == 0 && options_.largeVmMb != 0)));
       request.setAppliedSequence(0);
       request.setVm("vm");
       connections_.push_back(kj::mv(connection));
@@ -209,7 +228,7 @@ class SyntheticVm {
               ramTracker_->acknowledge(*memory);
               diskTracker_->acknowledge(*disk);
               ++sequence_;
-              if (stats_.measuring) {
+              if (stats_.measuring && measured_) {
                 stats_.pushMs.push_back(static_cast<double>(nowNs() - sent) / 1e6);
                 ++stats_.pushes;
                 stats_.pushBytes += bytes;
@@ -235,6 +254,7 @@ class SyntheticVm {
   std::uint64_t sequence_ = 0, epoch_ = 0;
   std::mt19937_64 rng_;
   std::vector<std::byte> bytes_;
+  bool measured_ = true;  // its pushes count in the figures (not the large VM's)
 };
 
 /// A TCP port on the loopback nobody listens on now.
@@ -361,9 +381,10 @@ RunResult runOnce(const BenchServerOptions& options, int vms) {
   fs::create_directories(dir + "/images");
   const int port = freePort();
   const std::string address = fmt::format("127.0.0.1:{}", port);
-  Child server({selfBinary(), "server", "--listen", address, "--data", data, "--tls", dir + "/identity",
-                "--max-vms-per-user", "0", "--lease-timeout", "3600"},
-               fmt::format("{}/server-{}vms.log", dir, vms));
+  std::vector<std::string> argv{selfBinary(), "server", "--listen", address, "--data", data, "--tls",
+                                dir + "/identity", "--max-vms-per-user", "0", "--lease-timeout", "3600"};
+  if (options.compactAfter != 0) argv.insert(argv.end(), {"--compact-after", std::to_string(options.compactAfter)});
+  Child server(argv, fmt::format("{}/server-{}vms.log", dir, vms));
   auto io = kj::setupAsyncIo();
   auto& timer = io.provider->getTimer();
   // Until it listens.
@@ -387,16 +408,23 @@ RunResult runOnce(const BenchServerOptions& options, int vms) {
   kj::joinPromises(starts.releaseAsArray()).wait(io.waitScope);
   // Every VM's full checkpoint and two more before the measurement.
   const auto interval = static_cast<std::int64_t>(options.intervalSeconds * 1e9) * kj::NANOSECONDS;
-  const auto warm = timer.now() + 3 * interval;
-  const auto measureFrom = warm + 2 * interval;
-  const auto until = measureFrom + static_cast<std::int64_t>(options.seconds * 1e9) * kj::NANOSECONDS;
+  bool stop = false;
   kj::Vector<kj::Promise<void>> runs;
   for (int v = 0; v < vms; ++v)  // spread over the interval, as devices that started at different times
-    runs.add(fleet[v]->run(timer.now() + interval * v / vms, until));
+    runs.add(fleet[v]->run(timer.now() + interval * v / vms, &stop));
   auto all = kj::joinPromises(runs.releaseAsArray()).fork();
-  timer.atTime(measureFrom).exclusiveJoin(all.addBranch()).wait(io.waitScope);
+  const auto warmBy = timer.now() + 300 * kj::SECONDS;
+  std::function<kj::Promise<void>()> warm = [&]() -> kj::Promise<void> {
+    return timer.afterDelay(100 * kj::MILLISECONDS).then([&]() -> kj::Promise<void> {
+      bool ready = true;
+      for (const auto& vm : fleet) ready = ready && vm->stored() >= 3;
+      if (ready || timer.now() >= warmBy) return kj::READY_NOW;
+      return warm();
+    });
+  };
+  warm().exclusiveJoin(all.addBranch()).wait(io.waitScope);
   for (const auto& vm : fleet)
-    if (vm->stored() < 2) stats.error("a VM did not store its first checkpoints before the measurement");
+    if (vm->stored() < 3) stats.error("a VM did not store its first checkpoints within 300 s");
   const double serverCpu0 = server.cpuSeconds(), benchCpu0 = selfCpuSeconds();
   const double written0 = writtenBytes(server.pid()), busy0 = diskBusyMs(data);
   const auto machine0 = machineJiffies();
@@ -410,7 +438,11 @@ RunResult runOnce(const BenchServerOptions& options, int vms) {
       return sample();
     });
   };
-  all.addBranch().exclusiveJoin(sample()).wait(io.waitScope);
+  const auto until = timer.now() + static_cast<std::int64_t>(options.seconds * 1e9) * kj::NANOSECONDS;
+  timer.atTime(until).exclusiveJoin(all.addBranch()).exclusiveJoin(sample()).wait(io.waitScope);
+  // The pushes under way still count; no new ones start.
+  stop = true;
+  all.addBranch().wait(io.waitScope);
   stats.measuring = false;
   result.loopRunning = loop->running();
   result.loopInIo = loop->disk();
@@ -500,6 +532,11 @@ int runBenchServer(const BenchServerOptions& options) {
                 "%.0f s measured per run, TLS, data in %s/server-data\n",
                 options.devices, options.checkpointKib, options.intervalSeconds, options.seconds,
                 options.dir.c_str());
+    if (options.compactAfter != 0) std::printf("the server folds each chain every %llu checkpoints\n",
+                                               static_cast<unsigned long long>(options.compactAfter));
+    if (options.largeVmMb != 0)
+      std::printf("VM 0 holds %u MiB of random bytes (heavy folds); the figures leave its own pushes out\n",
+                  options.largeVmMb);
     std::printf("%5s %7s %9s %9s %8s %8s %8s %8s %7s %7s %7s %7s %8s %6s %6s  %s\n", "VMs", "ckpt/s", "stored",
                 "fwd", "push50", "push99", "lag50", "lag99", "srvCPU", "loop", "genCPU", "RSS", "written", "disk",
                 "errors", "saturated");
@@ -526,6 +563,7 @@ int runBenchServer(const BenchServerOptions& options) {
     if (!options.json.empty()) {
       nlohmann::json j{{"devices", options.devices},           {"interval_s", options.intervalSeconds},
                        {"checkpoint_kib", options.checkpointKib}, {"seconds", options.seconds},
+                       {"compact_after", options.compactAfter},   {"large_vm_mb", options.largeVmMb},
                        {"runs", runs}};
       if (knee) j["knee_vms"] = *knee;
       const std::string text = j.dump(2) + "\n";
