@@ -67,7 +67,10 @@ kj::Maybe<kj::Own<StoredCheckpoint>> readCheckpointFile(const std::string& path,
 
 CheckpointStore::CheckpointStore(std::string dataDir, StoreRecovery recovery) : dir_(std::move(dataDir)) {
   const std::string chain = dir_ + "/checkpoints";
-  fs::create_directories(chain);
+  if (!fs::exists(chain)) {
+    fs::create_directories(chain);
+    syncDirectory(dir_);  // the chain's directory survives a power cut before state.json is first written
+  }
   // Compaction's and resyncs' scratch files are never part of the chain.
   if (fs::exists(scratchDir())) fs::remove_all(scratchDir());
   if (fs::exists(resyncDir())) fs::remove_all(resyncDir());

@@ -27,6 +27,15 @@ void checkDirectoryName(const std::string& what, const std::string& name) {
   if (name.front() == '.') fail("{} '{}' may not begin with '.'", what, name);
 }
 
+/// Makes directory `name` in `parent` (mode 0700) and the entry durable: a
+/// chain fsynced into a directory whose own entry a power cut takes is lost
+/// all the same.
+void makeDurableDirectory(const std::string& parent, const std::string& name) {
+  const bool made = !fs::exists(parent + "/" + name);
+  makePrivateDirectory(parent + "/" + name);
+  if (made) syncDirectory(parent);
+}
+
 /// What a single-VM data directory held at its top, beside state.json.
 constexpr const char* kSingleVmEntries[] = {"checkpoints", "abandoned", "compaction", "resync"};
 
@@ -35,7 +44,7 @@ constexpr const char* kSingleVmEntries[] = {"checkpoints", "abandoned", "compact
 VmRegistry::VmRegistry(std::string dataDir, VmSettings settings) : dir_(std::move(dataDir)), settings_(settings) {
   makePrivateDirectory(dir_);
   adoptSingleVmLayout();
-  makePrivateDirectory(dir_ + "/vms");
+  makeDurableDirectory(dir_, "vms");
   std::set<std::pair<std::string, std::string>> found;
   for (const auto& user : fs::directory_iterator(dir_ + "/vms")) {
     if (!user.is_directory()) continue;
@@ -84,9 +93,9 @@ void VmRegistry::adoptSingleVmLayout() {
   const std::string target = dir_ + "/vms/" + userDirectory(owner) + "/" + name;
   spdlog::warn("data directory {} holds one VM in the layout from before VMs had names: moving it to {} "
                "(VM '{}' of {})", dir_, target, name, owner.empty() ? "clients without TLS" : "user " + owner);
-  makePrivateDirectory(dir_ + "/vms");
-  makePrivateDirectory(dir_ + "/vms/" + userDirectory(owner));
-  makePrivateDirectory(target);
+  makeDurableDirectory(dir_, "vms");
+  makeDurableDirectory(dir_ + "/vms", userDirectory(owner));
+  makeDurableDirectory(dir_ + "/vms/" + userDirectory(owner), name);
   // One rename per entry, state.json last: a crash in between leaves
   // state.json at the top, and the next start moves what is left.
   auto move = [&](const std::string& entry) {
@@ -113,8 +122,8 @@ SyncServer& VmRegistry::open(const std::string& userDir, const std::string& name
   try {
     checkDirectoryName("VM name", name);
     if (userDir != kNoUserDirectory) checkDirectoryName("user name", userDir);
-    makePrivateDirectory(dir_ + "/vms/" + userDir);
-    makePrivateDirectory(dir);
+    makeDurableDirectory(dir_ + "/vms", userDir);
+    makeDurableDirectory(dir_ + "/vms/" + userDir, name);
     auto vm = std::make_unique<SyncServer>(dir, settings_.compaction, settings_.timer, settings_.recovery);
     vm->setIdentity(userOfDirectory(userDir), name);
     vm->setLeaseTimeout(settings_.leaseTimeout);
