@@ -64,6 +64,11 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
                  "would pass it is closed")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--max-inflight-mb", options.maxInFlightMb,
+                 "MiB of messages all connections together may have under way at once; past it, a connection's "
+                 "next message waits until others' are in (backpressure, nothing is closed)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--compact-above-mb", options.compactAboveMb,
                  "fold the chain into a new base once the checkpoints after it pass this many MiB (0: no size limit)")
       ->capture_default_str();
@@ -101,6 +106,7 @@ int runServer(const ServerOptions& options) {
     MessageLimits limits;
     limits.perMessage = options.maxMessageMb << 20;
     limits.perUser = options.maxUserInFlightMb << 20;
+    limits.perServer = options.maxInFlightMb << 20;
     transport.setLimits(limits);
     kj::Own<kj::ConnectionReceiver> listener;
     try {

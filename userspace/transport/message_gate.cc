@@ -2,7 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
 #include <cstring>
+#include <spdlog/spdlog.h>
 
 namespace vmsync {
 
@@ -21,13 +23,70 @@ std::string mib(std::uint64_t bytes) {
 
 }  // namespace
 
+bool ServerBudget::tryTake(std::uint64_t bytes) {
+  if (!waiters_.empty() || !fits(bytes)) return false;
+  used_ += bytes;
+  return true;
+}
+
+kj::Promise<void> ServerBudget::take(std::uint64_t bytes) {
+  if (tryTake(bytes)) return kj::READY_NOW;
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  waiters_.push_back(Waiter{bytes, kj::mv(paf.fulfiller)});
+  return kj::mv(paf.promise);
+}
+
+void ServerBudget::give(std::uint64_t bytes) {
+  used_ -= std::min(used_, bytes);
+  while (!waiters_.empty() && fits(waiters_.front().bytes)) {
+    Waiter next = kj::mv(waiters_.front());
+    waiters_.pop_front();
+    // A waiter whose connection is gone takes nothing.
+    if (!next.fulfiller->isWaiting()) continue;
+    used_ += next.bytes;
+    next.fulfiller->fulfill();
+  }
+}
+
 ConnectionGate::ConnectionGate(MessageLimits limits, std::string user, std::shared_ptr<InFlightByUser> inFlight,
-                               std::function<void(const std::string&)> onViolation)
-    : limits_(limits), user_(std::move(user)), inFlight_(std::move(inFlight)), onViolation_(std::move(onViolation)) {}
+                               std::function<void(const std::string&)> onViolation,
+                               std::shared_ptr<ServerBudget> budget)
+    : limits_(limits),
+      user_(std::move(user)),
+      inFlight_(std::move(inFlight)),
+      onViolation_(std::move(onViolation)),
+      budget_(std::move(budget)) {}
+
+void ConnectionGate::noteWaiting() {
+  if (!budget_) return;
+  // One line per 10 s, for the whole server.
+  static std::chrono::steady_clock::time_point last;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last < std::chrono::seconds(10)) return;
+  last = now;
+  spdlog::info("backpressure: a message of {} waits for room (the server is receiving {} of messages, the limit is "
+               "{}; {} more wait)", mib(serverWant_), mib(budget_->used()), mib(budget_->limit()),
+               budget_->waiting());
+}
+
+kj::Promise<void> ConnectionGate::admitted() {
+  if (serverWant_ == 0 || !budget_) return kj::READY_NOW;
+  const std::uint64_t want = serverWant_;
+  return budget_->take(want).then([this, want] {
+    serverWant_ -= std::min(serverWant_, want);
+    serverHeld_ += want;
+  });
+}
 
 ConnectionGate::~ConnectionGate() { endMessage(); }
 
 void ConnectionGate::endMessage() {
+  // A message that came whole while it waited no longer needs room.
+  serverWant_ = 0;
+  if (serverHeld_ != 0) {
+    budget_->give(serverHeld_);
+    serverHeld_ = 0;
+  }
   if (reserved_ == 0 || !inFlight_) return;
   auto it = inFlight_->find(user_);
   if (it != inFlight_->end()) {
@@ -54,6 +113,8 @@ std::string ConnectionGate::startMessage(std::uint64_t total) {
     used += total;
     reserved_ = total;
   }
+  if (budget_ && !budget_->tryTake(total)) serverWant_ = total;
+  else if (budget_) serverHeld_ = total;
   return {};
 }
 
@@ -116,12 +177,16 @@ class GatedStream final : public kj::AsyncIoStream {
       : inner_(kj::mv(inner)), gate_(std::move(gate)) {}
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
-    return inner_->tryRead(buffer, minBytes, maxBytes).then([this, buffer](size_t n) -> size_t {
+    return inner_->tryRead(buffer, minBytes, maxBytes).then([this, buffer](size_t n) -> kj::Promise<size_t> {
       std::string why = gate_->take(static_cast<const kj::byte*>(buffer), n);
       if (!why.empty())
         kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
                                               kj::str("connection closed: ", why.c_str())));
-      return n;
+      // A message the server has no room for yet: its header is handed on
+      // (and room made for its body) only once others' messages are in.
+      if (gate_->waitingFor() == 0) return n;
+      gate_->noteWaiting();
+      return gate_->admitted().then([n] { return n; });
     });
   }
   kj::Maybe<uint64_t> tryGetLength() override { return inner_->tryGetLength(); }

@@ -274,6 +274,8 @@ kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, Boots
   kj::Timer* timer = timer_;
   const MessageLimits limits = limits_;
   auto inFlight = inFlight_;
+  if (!budget_) budget_ = std::make_shared<ServerBudget>(limits.perServer);
+  auto budget = budget_;
   // Each connection's handshake runs on its own: a slow client never holds
   // up the next accept.
   auto serveOne = [=](kj::AuthenticatedStream accepted) -> kj::Promise<void> {
@@ -296,7 +298,7 @@ kj::Promise<void> ServerTransport::serve(kj::ConnectionReceiver& listener, Boots
               audit->record({.action = "connect", .result = "closed", .user = peer.user, .device = peer.device,
                              .reason = why, .from = from});
           };
-          auto gate = std::make_shared<ConnectionGate>(limits, peer.user, inFlight, closed);
+          auto gate = std::make_shared<ConnectionGate>(limits, peer.user, inFlight, closed, budget);
           if (tls == nullptr) gate->authorize();  // an --insecure server trusts its network
           capnp::Capability::Client bootstrap = nullptr;
           if (!revoked.empty()) {

@@ -141,6 +141,7 @@ class ServerTransport {
   AuditLog* audit_ = nullptr;
   kj::Timer* timer_ = nullptr;
   std::shared_ptr<InFlightByUser> inFlight_ = std::make_shared<InFlightByUser>();
+  std::shared_ptr<ServerBudget> budget_;  // made by serve() from the limits
 };
 
 }  // namespace vmsync

@@ -124,3 +124,78 @@ TEST(MessageGate, MoreSegmentsThanCapnProtoAllowsAreRefused) {
 
 }  // namespace
 }  // namespace vmsync
+
+namespace vmsync {
+namespace {
+
+TEST(ServerBudget, TakesInOrderAndLetsWaitersInAsRoomIsGiven) {
+  kj::EventLoop loop;
+  kj::WaitScope scope(loop);
+  ServerBudget budget(100);
+  EXPECT_TRUE(budget.tryTake(60));
+  auto second = budget.take(50);  // does not fit: waits
+  EXPECT_FALSE(second.poll(scope));
+  EXPECT_FALSE(budget.tryTake(10)) << "it fits, but someone waits before it";
+  auto dropped = budget.take(30);
+  auto third = budget.take(20);
+  dropped = kj::Promise<void>(kj::NEVER_DONE);  // its connection went away
+  budget.give(60);
+  EXPECT_TRUE(second.poll(scope));
+  EXPECT_TRUE(third.poll(scope));
+  EXPECT_EQ(budget.used(), 70u) << "the dropped waiter took nothing";
+  budget.give(70);
+  // Larger than the whole budget: let in when nothing else is held.
+  EXPECT_TRUE(budget.tryTake(500));
+  auto small = budget.take(1);
+  EXPECT_FALSE(small.poll(scope));
+  budget.give(500);
+  EXPECT_TRUE(small.poll(scope));
+}
+
+/// The bytes of `stream`'s next `size` bytes, read through a gated stream
+/// until `reader` has them; resolves then.
+kj::Promise<void> readAll(kj::AsyncIoStream& stream, std::vector<kj::byte>& into, std::size_t size) {
+  into.resize(size);
+  return stream.read(into.data(), 8).then([&stream, &into, size] {
+    return stream.read(into.data() + 8, size - 8);
+  });
+}
+
+TEST(ServerBudget, AConnectionWhoseMessageHasNoRoomIsNotReadUntilAnothersIsIn) {
+  kj::EventLoop loop;
+  kj::WaitScope scope(loop);
+  auto budget = std::make_shared<ServerBudget>(100 << 10);
+  auto inFlight = std::make_shared<InFlightByUser>();
+  Recorder recorder;
+  auto gateA = std::make_shared<ConnectionGate>(MessageLimits{}, "alice", inFlight, recorder.hook(), budget);
+  auto gateB = std::make_shared<ConnectionGate>(MessageLimits{}, "bob", inFlight, recorder.hook(), budget);
+  gateA->authorize();
+  gateB->authorize();
+  auto pipeA = kj::newTwoWayPipe(), pipeB = kj::newTwoWayPipe();
+  auto streamA = gatedStream(kj::mv(pipeA.ends[0]), gateA);
+  auto streamB = gatedStream(kj::mv(pipeB.ends[0]), gateB);
+  const auto messageA = framed(80 << 10), messageB = framed(50 << 10);
+  // A's header is read: 80 KiB of room taken. Its body has not come yet.
+  auto sendA = pipeA.ends[1]->write(messageA.data(), 8).eagerlyEvaluate(nullptr);
+  std::vector<kj::byte> headerA(8);
+  streamA->read(headerA.data(), 8).wait(scope);
+  EXPECT_EQ(budget->used(), messageA.size());
+  // B's header does not fit in what is left: its read waits.
+  auto sendB = pipeB.ends[1]->write(messageB.data(), messageB.size()).eagerlyEvaluate(nullptr);
+  std::vector<kj::byte> gotB;
+  auto readB = readAll(*streamB, gotB, messageB.size()).eagerlyEvaluate(nullptr);
+  loop.run();
+  EXPECT_FALSE(readB.poll(scope)) << "B's message was read with no room for it";
+  EXPECT_EQ(gateB->waitingFor(), messageB.size());
+  // A's body arrives: its room is given back, and B's message is read whole.
+  auto restA = pipeA.ends[1]->write(messageA.data() + 8, messageA.size() - 8).eagerlyEvaluate(nullptr);
+  std::vector<kj::byte> bodyA(messageA.size() - 8);
+  streamA->read(bodyA.data(), bodyA.size()).wait(scope);
+  readB.wait(scope);
+  EXPECT_EQ(gotB, messageB);
+  EXPECT_EQ(budget->used(), 0u);
+  EXPECT_TRUE(recorder.violations.empty()) << "waiting is not a violation";
+}
+
+}  // namespace
+}  // namespace vmsync
