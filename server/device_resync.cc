@@ -20,8 +20,8 @@ kj::Promise<void> SyncServer::rollBackDevices(std::uint64_t point) {
   kj::Vector<kj::Promise<void>> resynced;
   for (auto& [id, entry] : devices_) {
     if (!entry->peer || entry->applied <= point) continue;
-    spdlog::info("VM {}: failover: device {} applied up to {}; it is resynced to the chain at {}", logName(), id, entry->applied,
-                 point);
+    log_->info("failover: device {} applied up to {}; it is resynced to the chain at {}", id, entry->applied,
+               point);
     resynced.add(
         resyncDevice(id, entry->connection, fmt::format("a failover resumed the VM from checkpoint {}", point)));
   }
@@ -54,7 +54,7 @@ kj::Promise<void> SyncServer::resyncNow(std::string id, std::uint64_t connection
   DeviceEntry& entry = device(id);
   if (!entry.peer || entry.connection != connection) return kj::READY_NOW;
   const std::uint64_t start = nowNs();
-  spdlog::info("VM {}: device {}: resync ({}): asking for its unit hashes", logName(), id, why);
+  log_->info("device {}: resync ({}): asking for its unit hashes", id, why);
   return entry.peer->unitHashesRequest()
       .send()
       .then([this](capnp::Response<wire::DevicePeer::UnitHashesResults> response) {
@@ -71,9 +71,9 @@ kj::Promise<void> SyncServer::resyncNow(std::string id, std::uint64_t connection
         DeviceEntry& entry = device(id);
         if (!entry.peer || entry.connection != connection) return kj::READY_NOW;
         auto resync = message->getRoot<wire::Checkpoint>().asReader();
-        spdlog::info("VM {}: device {}: resync to checkpoint {}: {} pages and {} blocks differ ({} bytes), built in {:.0f} ms", logName(),
-                     id, resync.getSequence(), resync.getMemory().size(), resync.getDisk().size(),
-                     message->sizeInWords() * sizeof(capnp::word), (nowNs() - start) / 1e6);
+        log_->info("device {}: resync to checkpoint {}: {} pages and {} blocks differ ({} bytes), built in {:.0f} ms",
+                   id, resync.getSequence(), resync.getMemory().size(), resync.getDisk().size(),
+                   message->sizeInWords() * sizeof(capnp::word), (nowNs() - start) / 1e6);
         auto request = entry.peer->rollBackRequest();
         request.setTo(resync.getSequence());
         request.setResync(resync);
@@ -85,8 +85,8 @@ kj::Promise<void> SyncServer::resyncNow(std::string id, std::uint64_t connection
       .catch_([this, id, connection](kj::Exception&& e) -> kj::Promise<void> {
         DeviceEntry& entry = device(id);
         if (!entry.peer || entry.connection != connection) return kj::READY_NOW;
-        spdlog::warn("VM {}: device {}: resync failed ({}); it drops its image and starts over from the base", logName(), id,
-                     describe(e));
+        log_->warn("device {}: resync failed ({}); it drops its image and starts over from the base", id,
+                   describe(e));
         auto request = entry.peer->rollBackRequest();
         request.setTo(0);
         return finishResync(id, connection,
@@ -98,7 +98,7 @@ kj::Promise<void> SyncServer::resyncNow(std::string id, std::uint64_t connection
               if (entry.connection != connection) return;
               entry.resyncing = false;
               entry.failure = fmt::format("it could not come back to the chain: {}", describe(e));
-              spdlog::warn("VM {}: device {}: {}", logName(), id, entry.failure);
+              log_->warn("device {}: {}", id, entry.failure);
             });
       });
 }
@@ -112,7 +112,7 @@ kj::Promise<void> SyncServer::finishResync(std::string id, std::uint64_t connect
     entry.resyncing = false;
     entry.failure.clear();
     persist();
-    spdlog::info("VM {}: device {}: back on the chain at checkpoint {} (head {})", logName(), id, at, store_.head());
+    log_->info("device {}: back on the chain at checkpoint {} (head {})", id, at, store_.head());
     forwardUpTo(entry, store_.head());
   });
 }

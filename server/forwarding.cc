@@ -55,10 +55,10 @@ kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, 
     auto latestReader = latest->reader();
     if (latestReader.getKind() != wire::CheckpointKind::FULL && isOrigPolicy(latestReader.getPolicy())) {
       if (!behindBase) {
-        spdlog::info("VM {}: catch-up for {}: checkpoint {} alone (Orig policy; {} skipped)", logName(), id, to, to - from);
+        log_->info("catch-up for {}: checkpoint {} alone (Orig policy; {} skipped)", id, to, to - from);
         return sendApply(id, connection, latestReader).attach(kj::mv(latest));
       }
-      spdlog::info("VM {}: catch-up for {}: the base (checkpoint {}) first, then checkpoint {}", logName(), id, base, to);
+      log_->info("catch-up for {}: the base (checkpoint {}) first, then checkpoint {}", id, base, to);
       auto full = store_.read(base);
       auto fullReader = full->reader();
       return sendApply(id, connection, fullReader).attach(kj::mv(full)).then([this, id, connection, to]() {
@@ -77,18 +77,18 @@ kj::Promise<void> SyncServer::catchUp(std::string id, std::uint64_t connection, 
     std::string refused = mergeCheckpoints(run, merged->initRoot<wire::Checkpoint>());
     if (refused.empty()) {
       const std::uint64_t mergedBytes = capnp::computeSerializedSizeInWords(*merged) * sizeof(capnp::word);
-      spdlog::info("VM {}: catch-up for {}: checkpoints {}..{} ({} checkpoints{}, {} bytes) merged into one of {} bytes", logName(), id,
-                   from, to, to - from + 1, behindBase ? ", from the base" : "", missedBytes, mergedBytes);
+      log_->info("catch-up for {}: checkpoints {}..{} ({} checkpoints{}, {} bytes) merged into one of {} bytes", id,
+                 from, to, to - from + 1, behindBase ? ", from the base" : "", missedBytes, mergedBytes);
       auto reader = merged->getRoot<wire::Checkpoint>().asReader();
       return sendApply(id, connection, reader).attach(kj::mv(merged));
     }
-    spdlog::info("VM {}: catch-up for {}: sending checkpoints {}..{} ({} bytes) one by one ({})", logName(), id, from, to,
-                 missedBytes, refused);
+    log_->info("catch-up for {}: sending checkpoints {}..{} ({} bytes) one by one ({})", id, from, to,
+               missedBytes, refused);
   }
   auto one = store_.read(from);
   auto reader = one->reader();
   if (to > from)
-    spdlog::info("VM {}: catch-up for {}: checkpoint {} ({} bytes), {} more to go", logName(), id, from, one->bytes(), to - from);
+    log_->info("catch-up for {}: checkpoint {} ({} bytes), {} more to go", id, from, one->bytes(), to - from);
   return sendApply(id, connection, reader).attach(kj::mv(one)).then([this, id, connection, to]() {
     return catchUp(id, connection, to);
   });
@@ -120,7 +120,7 @@ kj::Promise<void> SyncServer::sendApply(std::string id, std::uint64_t connection
         if (d.connection != connection) return;
         d.sendingSequence = 0;
         d.failure = fmt::format("applying checkpoint {} failed: {}", s, describe(e));
-        spdlog::warn("VM {}: device {}: {}", logName(), id, d.failure);
+        log_->warn("device {}: {}", id, d.failure);
       });
 }
 

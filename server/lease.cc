@@ -19,8 +19,8 @@ void SyncServer::recoverInterruptedPause() {
   if (state_.holder.empty() && toSwitch && parked() && state_.resumeOn.empty()) {
     // The holder gave its lease back after its final checkpoint, and the
     // server stopped before it recorded where the VM was to go.
-    spdlog::warn("VM {}: the VM was left parked at checkpoint {} by a switch to {} the server did not record; it resumes "
-                 "there when {} registers", logName(), store_.head(), target, target);
+    log_->warn("the VM was left parked at checkpoint {} by a switch to {} the server did not record; it resumes "
+               "there when {} registers", store_.head(), target, target);
     state_.resumeOn = target;
   }
   persist();
@@ -38,10 +38,10 @@ void SyncServer::recoverInterruptedPause() {
   // let the VM go. Until the holder is back nothing changes (a forced switch
   // still recovers a holder that is lost).
   pendingPause_ = PendingPause{state_.holder, target, lastRenewalNs_};
-  spdlog::warn("VM {}: {} had paused the VM and stored its final checkpoint {} for a {} when the server stopped; unless it "
-               "asks for its lease again once back, the VM is parked there{}", logName(),
-               state_.holder, store_.head(), toSwitch ? "switch" : "park",
-               toSwitch ? fmt::format(" and resumed on {} when it registers", pendingPause_->target) : "");
+  log_->warn("{} had paused the VM and stored its final checkpoint {} for a {} when the server stopped; unless it "
+             "asks for its lease again once back, the VM is parked there{}",
+             state_.holder, store_.head(), toSwitch ? "switch" : "park",
+             toSwitch ? fmt::format(" and resumed on {} when it registers", pendingPause_->target) : "");
   if (timer_) pendingPauseCheck_ = watchPendingPause().eagerlyEvaluate(nullptr);
 }
 
@@ -56,7 +56,7 @@ bool SyncServer::settlePendingPause() {
   if (!pendingPause_) return true;
   const PendingPause pause = *pendingPause_;
   if (state_.holder != pause.holder || lastRenewalNs_ != pause.since) {
-    if (state_.holder == pause.holder) spdlog::info("VM {}: {} renewed its lease: the VM runs there", logName(), pause.holder);
+    if (state_.holder == pause.holder) log_->info("{} renewed its lease: the VM runs there", pause.holder);
     pendingPause_.reset();
     return true;
   }
@@ -68,9 +68,9 @@ bool SyncServer::settlePendingPause() {
   }
   if (nowNs() - pause.backNs < static_cast<std::uint64_t>(leaseTimeout_.count()) * 1000000u) return false;
   pendingPause_.reset();
-  spdlog::warn("VM {}: {} is back and did not ask for its lease within {} ms: the VM is parked at its final checkpoint {}{}", logName(),
-               pause.holder, leaseTimeout_.count(), store_.head(),
-               pause.target.empty() ? "" : fmt::format(", to resume on {} when it registers", pause.target));
+  log_->warn("{} is back and did not ask for its lease within {} ms: the VM is parked at its final checkpoint {}{}",
+             pause.holder, leaseTimeout_.count(), store_.head(),
+             pause.target.empty() ? "" : fmt::format(", to resume on {} when it registers", pause.target));
   state_.holder.clear();
   state_.resumeOn = pause.target;
   persist();
@@ -81,23 +81,21 @@ bool SyncServer::settlePendingPause() {
 
 void SyncServer::resumeInterruptedSwitch(const std::string& id) {
   if (!state_.holder.empty() || !parked() || switching_) return;
-  spdlog::info("VM {}: the VM was left parked at checkpoint {} by a switch cut short; {} is back: resuming it there", logName(),
-               store_.head(), id);
+  log_->info("the VM was left parked at checkpoint {} by a switch cut short; {} is back: resuming it there",
+             store_.head(), id);
   auto message = kj::heap<capnp::MallocMessageBuilder>();
   auto report = message->initRoot<wire::SwitchReport>();
   resumeParked(id, report)
       .attach(kj::mv(message))
-      .detach([id, vm = logName()](kj::Exception&& e) {
-        spdlog::warn("VM {}: resuming the VM on {}: {}", vm, id, describe(e));
-      });
+      .detach([id, log = log_](kj::Exception&& e) { log->warn("resuming the VM on {}: {}", id, describe(e)); });
 }
 
 void SyncServer::revoked(const std::string& user, const std::string& device, const std::string& why) {
   if (state_.holder.empty() || user != state_.owner || (!device.empty() && device != state_.holder)) return;
   fenced_ = state_.holder;
-  spdlog::warn("VM {}: the active device {} was revoked ({}): it is fenced; `vmsync switch --to DEVICE --force` resumes "
-               "the VM elsewhere from the newest resumable point (checkpoint {}) without waiting for the lease "
-               "timeout", logName(), fenced_, why, store_.resumablePoint());
+  log_->warn("the active device {} was revoked ({}): it is fenced; `vmsync switch --to DEVICE --force` resumes "
+             "the VM elsewhere from the newest resumable point (checkpoint {}) without waiting for the lease "
+             "timeout", fenced_, why, store_.resumablePoint());
   audit({.action = "fence", .result = "done", .user = user, .device = fenced_,
          .reason = fmt::format("its credential was revoked ({}); lease epoch {}", why, state_.epoch)});
 }
@@ -123,7 +121,7 @@ std::uint64_t SyncServer::acquireLease(const std::string& id) {
   state_.resumeOn.clear();
   persist();
   lastRenewalNs_ = nowNs();
-  spdlog::info("VM {}: lease epoch {} granted to {}", logName(), state_.epoch, id);
+  log_->info("lease epoch {} granted to {}", state_.epoch, id);
   audit({.action = "lease", .result = "granted", .device = id,
          .reason = fmt::format("epoch {}, the device started the VM", state_.epoch)});
   return state_.epoch;

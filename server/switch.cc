@@ -16,8 +16,8 @@ kj::Promise<void> SyncServer::catchUpForSwitch(const std::string& target, const 
                                                wire::SwitchReport::Builder report, std::uint64_t start) {
   DeviceEntry& to = device(target);
   if (to.applied >= store_.head()) return kj::READY_NOW;
-  spdlog::info("VM {}: switch {} -> {}: {} is at checkpoint {} of {}; catching it up first", logName(), source, target, target,
-               to.applied, store_.head());
+  log_->info("switch {} -> {}: {} is at checkpoint {} of {}; catching it up first", source, target, target,
+             to.applied, store_.head());
   // What is already on its way counts: the switch waits for it too.
   const std::uint64_t sentBefore = to.sentBytes - (to.sendingSequence != 0 ? to.sendingBytes : 0);
   forwardUpTo(to, store_.head());
@@ -27,8 +27,8 @@ kj::Promise<void> SyncServer::catchUpForSwitch(const std::string& target, const 
     if (!to.failure.empty()) rpcFail(fmt::format("device {} cannot take over: {}", target, to.failure));
     report.setCatchUpNs(nowNs() - start);
     report.setCatchUpBytes(to.sentBytes - sentBefore);
-    spdlog::info("VM {}: switch: {} caught up to {} ({} bytes in {:.0f} ms)", logName(), target, to.applied,
-                 to.sentBytes - sentBefore, (nowNs() - start) / 1e6);
+    log_->info("switch: {} caught up to {} ({} bytes in {:.0f} ms)", target, to.applied,
+               to.sentBytes - sentBefore, (nowNs() - start) / 1e6);
   });
 }
 
@@ -109,7 +109,7 @@ kj::Promise<void> SyncServer::switchRunning(const std::string& source, const std
         DeviceEntry& from = device(source);
         if (!from.peer || state_.holder != source)
           rpcFail(fmt::format("the active device {} went away during the switch", source));
-        spdlog::info("VM {}: switch {} -> {}: pausing {}", logName(), source, target, source);
+        log_->info("switch {} -> {}: pausing {}", source, target, source);
         state_.pauseIntent = "switch:" + target;
         persist();
         auto request = from.peer->handOffRequest();
@@ -161,8 +161,8 @@ kj::Promise<void> SyncServer::takeOverAfterFinal(const std::string& source, cons
           // the lease, so the VM never runs twice; if it did not resume, the
           // lease timeout and a forced switch recover it.
           const std::string why = describe(e);
-          spdlog::warn("VM {}: switch to {}: its answer was lost ({}); it keeps the lease (epoch {})", logName(), target, why,
-                       state_.epoch);
+          log_->warn("switch to {}: its answer was lost ({}); it keeps the lease (epoch {})", target, why,
+                     state_.epoch);
           rpcFail(fmt::format("switch to {}: its answer was lost ({}); {} holds the lease: if it resumed the VM, "
                               "the VM runs there; if not, `vmsync switch --to {} --force` after the lease "
                               "timeout resumes it from the final checkpoint", target, why, target, source));
@@ -175,7 +175,7 @@ kj::Promise<void> SyncServer::resumeSourceAfterFailedSwitch(const std::string& s
                                                             const std::string& why) {
   // The target could not take over; the source holds the exact image of the
   // final checkpoint, so the VM goes on there.
-  spdlog::warn("VM {}: switch to {} failed: {}; resuming on {}", logName(), target, why, source);
+  log_->warn("switch to {} failed: {}; resuming on {}", target, why, source);
   DeviceEntry& back = device(source);
   if (!back.peer) {
     state_.holder.clear();
@@ -211,7 +211,7 @@ kj::Promise<void> SyncServer::resumeParked(const std::string& target, wire::Swit
   report.setTo(target);
   report.setFromParked(true);
   report.setFinalSequence(store_.head());
-  spdlog::info("VM {}: resuming VM '{}', parked by {} at checkpoint {}, on {}", logName(), state_.vmId, parker, store_.head(), target);
+  log_->info("resuming VM '{}', parked by {} at checkpoint {}, on {}", state_.vmId, parker, store_.head(), target);
   return catchUpForSwitch(target, parker, report, start)
       .then([this, target, report, start]() mutable {
         DeviceEntry& to = device(target);
@@ -249,7 +249,7 @@ kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
         report.setDevice(holder);
         report.setFinalSequence(response.getResult().getFinalSequence());
         report.setFinalBytes(response.getResult().getFinalBytes());
-        spdlog::info("VM {}: VM '{}' parked by {} at checkpoint {}", logName(), state_.vmId, holder, store_.head());
+        log_->info("VM '{}' parked by {} at checkpoint {}", state_.vmId, holder, store_.head());
       })
       .attach(kj::defer([this] { switching_ = false; }));
 }
@@ -285,10 +285,10 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
           .count());
   const std::uint64_t lost = created != 0 && wall > created ? wall - created : 0;
-  spdlog::warn("VM {}: failover of VM '{}' from {} to {}: resuming from checkpoint {} ({:.1f} s of guest time lost); "
-               "checkpoints {}..{} abandoned ({} kept under abandoned/), lease epoch {}", logName(),
-               state_.vmId, source.empty() ? "(none)" : source, target, point, lost / 1e9, point + 1, oldHead,
-               abandoned, state_.epoch);
+  log_->warn("failover of VM '{}' from {} to {}: resuming from checkpoint {} ({:.1f} s of guest time lost); "
+             "checkpoints {}..{} abandoned ({} kept under abandoned/), lease epoch {}",
+             state_.vmId, source.empty() ? "(none)" : source, target, point, lost / 1e9, point + 1, oldHead,
+             abandoned, state_.epoch);
   audit({.action = "fence", .result = "done", .device = source,
          .reason = fmt::format("failover to {}: lease epoch {}; checkpoints {}..{} abandoned", target, state_.epoch,
                                point + 1, oldHead)});

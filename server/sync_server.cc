@@ -1,5 +1,6 @@
 #include "sync_server.h"
 
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -30,9 +31,9 @@ SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Tim
   }
   if (store_.head() > store_.base()) noteHead(store_.read(store_.head())->reader());
   recoverInterruptedPause();
-  spdlog::info("VM {}: sync server: VM '{}', chain at {} (base {}), lease epoch {} held by '{}'{}", logName(), state_.vmId,
-               store_.head(), store_.base(), state_.epoch, state_.holder,
-               parked() ? fmt::format("; parked by {}", headOrigin_) : "");
+  log_->info("VM '{}' in {}: chain at {} (base {}), lease epoch {} held by '{}'{}", state_.vmId, store_.dir(),
+             store_.head(), store_.base(), state_.epoch, state_.holder,
+             parked() ? fmt::format("; parked by {}", headOrigin_) : "");
 }
 
 SyncServer::~SyncServer() {
@@ -40,7 +41,7 @@ SyncServer::~SyncServer() {
     try {
       persist();
     } catch (const std::exception& e) {
-      spdlog::warn("VM {}: VM {}: saving where the devices are failed: {}", logName(), label_, e.what());
+      log_->warn("VM {}: saving where the devices are failed: {}", label_, e.what());
     }
   }
   // A fold under way is abandoned: its file is written whole or not at all,
@@ -66,8 +67,8 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
     const std::uint64_t to = point > store_.base() ? std::min(store_.head(), point) : store_.head();
     if (count < 2 || to == store_.first()) return;
     store_.prune(to);
-    spdlog::info("VM {}: compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base", logName(),
-                 count - store_.countAfterBase(), bytes - store_.bytesAfterBase(), to);
+    log_->info("compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base",
+               count - store_.countAfterBase(), bytes - store_.bytesAfterBase(), to);
     return;
   }
   // Fold no further than the online standbys have applied: they go on from
@@ -89,8 +90,8 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
   for (std::uint64_t s = store_.first(); s <= to; ++s) paths.push_back(store_.pathOf(s));
   const std::string out = store_.foldPath(to);
   const std::string scratch = store_.scratchDir();
-  spdlog::info("VM {}: compaction: folding checkpoints {}..{} ({} checkpoints) into a new base", logName(), store_.base(), to,
-               paths.size());
+  log_->info("compaction: folding checkpoints {}..{} ({} checkpoints) into a new base", store_.base(), to,
+             paths.size());
   auto done = kj::newPromiseAndCrossThreadFulfiller<void>();
   auto outcome = std::make_shared<std::string>();  // written by the worker before it fulfils
   compacting_ = true;
@@ -117,18 +118,18 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
                       if (outcome->starts_with("!")) {
                         // Not again at every push: after as many checkpoints again.
                         retryCompactionAt_ = store_.head() + std::max<std::uint64_t>(limits_.checkpoints, 16);
-                        spdlog::warn("VM {}: compaction at {} failed: {}; the chain is kept as it is (next try at {})", logName(), to,
-                                     outcome->substr(1), retryCompactionAt_);
+                        log_->warn("compaction at {} failed: {}; the chain is kept as it is (next try at {})", to,
+                                   outcome->substr(1), retryCompactionAt_);
                         return;
                       }
                       crashPoint("fold-before-commit");  // the new base is in place, the old chain too
                       store_.commitFold(to);
-                      spdlog::info("VM {}: compaction: the base is now checkpoint {} ({}), {:.0f} ms", logName(), to, *outcome,
-                                   (nowNs() - start) / 1e6);
+                      log_->info("compaction: the base is now checkpoint {} ({}), {:.0f} ms", to, *outcome,
+                                 (nowNs() - start) / 1e6);
                     })
                     .then([this]() { compacting_ = false; },
                           [this](kj::Exception&& e) {
-                            spdlog::warn("VM {}: compaction failed: {}", logName(), describe(e));
+                            log_->warn("compaction failed: {}", describe(e));
                             compacting_ = false;
                           })
                     .eagerlyEvaluate(nullptr);
@@ -141,6 +142,12 @@ wire::SyncServer::Client SyncServer::client(const PeerIdentity& peer, std::share
 void SyncServer::setIdentity(const std::string& user, const std::string& name) {
   name_ = name;
   label_ = user.empty() ? name : user + "/" + name;
+  // Every line of this VM names it: a server holds many. A sink of its own
+  // (console sinks share one lock), with the command's pattern and the VM.
+  auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+  sink->set_pattern("[%H:%M:%S.%e] %^%l%$ VM %n: %v");
+  log_ = std::make_shared<spdlog::logger>(label_, std::move(sink));
+  log_->set_level(spdlog::default_logger()->level());
   if (!state_.vmId.empty() && state_.vmId != name)
     fail("data directory {} holds VM '{}', not '{}'", store_.dir(), state_.vmId, name);
   if (state_.owner != user && !user.empty()) {
@@ -169,7 +176,7 @@ void SyncServer::audit(AuditEvent event) {
 }
 
 void SyncServer::refuse(const PeerIdentity& peer, const char* action, const std::string& reason) {
-  spdlog::warn("VM {}: refused: {}", logName(), reason);
+  log_->warn("refused: {}", reason);
   audit({.action = action, .result = "refused", .user = peer.user, .device = peer.device, .reason = reason});
   fail("{}", reason);
 }
@@ -180,7 +187,7 @@ void SyncServer::authorize(const PeerIdentity& peer, const char* action, bool cl
     if (!claim) return;  // nothing here yet that belongs to anyone
     state_.owner = peer.user;
     persist();
-    spdlog::info("VM {}: this server's VM now belongs to user {} (claimed by {})", logName(), peer.user, peer.describe());
+    log_->info("this server's VM now belongs to user {} (claimed by {})", peer.user, peer.describe());
     audit({.action = "claim", .result = "granted", .user = peer.user, .device = peer.device,
            .reason = "the first user to register a device owns the server's VM"});
     return;
@@ -223,7 +230,7 @@ void SyncServer::persistAppliedSoon() {
                       })
                       .eagerlyEvaluate([this](kj::Exception&& e) {
                         flushScheduled_ = false;
-                        spdlog::warn("VM {}: VM {}: saving where the devices are failed: {}", logName(), label_, describe(e));
+                        log_->warn("VM {}: saving where the devices are failed: {}", label_, describe(e));
                       });
 }
 
@@ -255,8 +262,8 @@ kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wir
   // Its image is not the chain's at `applied`: a resync brings it back.
   const bool resync = applied != 0 && (diverged || !abandoned.empty());
   if (resync)
-    spdlog::info("VM {}: device {}: {}; it is resynced to the chain", logName(), id,
-                 abandoned.empty() ? fmt::format("its VM ran past checkpoint {}", applied) : abandoned);
+    log_->info("device {}: {}; it is resynced to the chain", id,
+               abandoned.empty() ? fmt::format("its VM ran past checkpoint {}", applied) : abandoned);
   DeviceEntry& entry = device(id);
   if (!entry.peer) return completeRegistration(id, kj::mv(peer), applied, resync);
   // Registered already: a second daemon for this device, or the same one
@@ -274,8 +281,8 @@ kj::Promise<std::uint64_t> SyncServer::registerDevice(const std::string& id, wir
         DeviceEntry& entry = device(id);
         if (entry.peer && entry.connection != earlier)
           rpcFail(fmt::format("device {} registered again meanwhile; try again", id));
-        spdlog::info("VM {}: device {}: its earlier registration does not answer ({}); the new one replaces it", logName(), id,
-                     describe(e));
+        log_->info("device {}: its earlier registration does not answer ({}); the new one replaces it", id,
+                   describe(e));
         return completeRegistration(id, kj::mv(peer), applied, resync);
       });
 }
@@ -284,7 +291,7 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
                                                std::uint64_t applied, bool resync) {
   if (id == fenced_) {
     // It came back with a credential that was not revoked: the user enrolled it again.
-    spdlog::info("VM {}: device {} is back with a new credential: no longer fenced", logName(), id);
+    log_->info("device {} is back with a new credential: no longer fenced", id);
     fenced_.clear();
   }
   if (applied > store_.head() && !resync)
@@ -299,7 +306,7 @@ std::uint64_t SyncServer::completeRegistration(const std::string& id, wire::Devi
   entry.tail = nullptr;
   entry.resyncing = false;
   persist();
-  spdlog::info("VM {}: device {} registered at sequence {} (head {})", logName(), id, applied, store_.head());
+  log_->info("device {} registered at sequence {} (head {})", id, applied, store_.head());
   if (resync) {
     resyncDevice(id, entry.connection, "it left the chain").detach([](kj::Exception&&) {});
   } else {
@@ -314,7 +321,7 @@ void SyncServer::unregister(const std::string& id, std::uint64_t connection) {
   if (it == devices_.end() || it->second->connection != connection) return;
   it->second->peer.reset();
   it->second->tail = nullptr;
-  spdlog::info("VM {}: device {} went offline at sequence {}", logName(), id, it->second->applied);
+  log_->info("device {} went offline at sequence {}", id, it->second->applied);
 }
 
 std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader checkpoint) {
@@ -346,8 +353,8 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   if (checkpoint.getSequence() == store_.head() && store_.head() > 0 &&
       checkpointDigest(checkpoint) == checkpointDigest(store_.read(store_.head())->reader())) {
     // A push re-sent after its answer was lost: the chain holds it already.
-    spdlog::info("VM {}: checkpoint {} from {} is already stored (same epoch and content); acknowledged again", logName(),
-                 checkpoint.getSequence(), id);
+    log_->info("checkpoint {} from {} is already stored (same epoch and content); acknowledged again",
+               checkpoint.getSequence(), id);
     return store_.head();
   }
   if (checkpoint.getSequence() != store_.head() + 1 || checkpoint.getBaseSequence() != store_.head())
@@ -399,7 +406,7 @@ kj::Promise<void> SyncServer::answerPush(std::uint64_t sequence) {
     return v ? std::atol(v) : 0L;
   }();
   if (holdMs <= 0 || !timer_) return kj::READY_NOW;
-  spdlog::warn("VM {}: test hook: checkpoint {} is stored; its answer waits {} ms", logName(), sequence, holdMs);
+  log_->warn("test hook: checkpoint {} is stored; its answer waits {} ms", sequence, holdMs);
   return timer_->afterDelay(holdMs * kj::MILLISECONDS);
 }
 

@@ -4,6 +4,7 @@
 #include <capnp/message.h>
 #include <kj/async.h>
 #include <kj/timer.h>
+#include <spdlog/spdlog.h>
 
 #include <atomic>
 #include <chrono>
@@ -68,8 +69,6 @@ class SyncServer final : public VmCatalog {
   void setIdentity(const std::string& user, const std::string& name);
   /// "USER/NAME" (or "NAME"), as logs and the audit trail name this VM.
   const std::string& label() const { return label_; }
-  /// The label, or the VM's name where setIdentity() was not called: what every log line of this VM begins with.
-  const std::string& logName() const { return !label_.empty() ? label_ : !vmId().empty() ? vmId() : kUnnamed; }
 
   // VmCatalog, for this one VM.
   SyncServer& vm(const PeerIdentity& peer, const std::string& name, const char* action, bool create) override;
@@ -218,7 +217,7 @@ class SyncServer final : public VmCatalog {
   /// worker thread under Prev.
   void maybeCompact(wire::Policy policy, bool now = false);
 
-  static inline const std::string kUnnamed = "(unnamed)";
+  std::shared_ptr<spdlog::logger> log_ = spdlog::default_logger();  // names the VM once setIdentity() did
   CheckpointStore store_;
   std::string name_;   // the name the VM was created under ("": any, until the first full checkpoint)
   std::string label_;  // "USER/NAME"
