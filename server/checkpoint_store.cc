@@ -199,6 +199,7 @@ CheckpointStore::CheckpointStore(std::string dataDir, StoreRecovery recovery) : 
     saveState(state_);
   }
   finishInterruptedFailover();
+  if (base_ != 0) baseBytes_ = fs::file_size(pathOf(base_));
 }
 
 void CheckpointStore::finishInterruptedFailover() {
@@ -262,6 +263,7 @@ void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) resumablePoint_ = head_;
   if (base_ == 0) {
     base_ = head_;
+    baseBytes_ = sizeof(RecordHeader) + bytes.size();
     noteBase(checkpoint);
   }
   else bytes_[head_] = sizeof(RecordHeader) + bytes.size();
@@ -290,6 +292,7 @@ void CheckpointStore::commitFold(std::uint64_t sequence) {
   const std::string oldBase = pathOf(base_);
   base_ = sequence;
   foldedBase_ = true;
+  baseBytes_ = fs::file_size(foldPath(sequence));
   removeQuietly(oldBase);
   for (auto it = bytes_.begin(); it != bytes_.end() && it->first <= sequence;) {
     removeQuietly(checkpointPath(it->first));

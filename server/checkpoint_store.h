@@ -93,6 +93,8 @@ class CheckpointStore {
   std::uint64_t first() const { return bytes_.empty() ? head_ + 1 : bytes_.begin()->first; }
   /// Bytes of the stored checkpoints after the base.
   std::uint64_t bytesAfterBase() const;
+  /// Bytes of the base's file (0 while the chain is empty).
+  std::uint64_t baseBytes() const { return baseBytes_; }
   /// The VM's image sizes, from the base's spec (0 while the chain is empty).
   /// A fold keeps the spec, so they stay as the first full checkpoint set them.
   std::uint64_t memoryBytes() const { return memoryBytes_; }
@@ -153,6 +155,7 @@ class CheckpointStore {
   std::uint64_t memoryBytes_ = 0;  // the VM's sizes, from the base's spec
   std::uint64_t diskBytes_ = 0;
   std::map<std::uint64_t, std::uint64_t> bytes_;  // stored checkpoints after the base: sequence -> bytes
+  std::uint64_t baseBytes_ = 0;                   // the base's file
   // The newest checkpoint appended, kept in memory: every standby is sent it,
   // and each would otherwise read and verify the file again.
   std::string recentPath_;

@@ -4,7 +4,6 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
-#include <filesystem>
 
 #include "checkpoint/checkpoint_applier.h"
 #include "checkpoint/checkpoint_builder.h"
@@ -410,15 +409,7 @@ kj::Promise<void> SyncServer::answerPush(std::uint64_t sequence) {
   return timer_->afterDelay(holdMs * kj::MILLISECONDS);
 }
 
-std::uint64_t SyncServer::chainBytes() const {
-  std::uint64_t bytes = store_.bytesAfterBase();
-  if (store_.base() != 0) {
-    std::error_code ec;
-    const auto base = std::filesystem::file_size(store_.pathOf(store_.base()), ec);
-    if (!ec) bytes += base;
-  }
-  return bytes;
-}
+std::uint64_t SyncServer::chainBytes() const { return store_.baseBytes() + store_.bytesAfterBase(); }
 
 void SyncServer::fillSummary(wire::VmSummary::Builder summary) {
   summary.setName(vmId());
