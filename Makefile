@@ -47,7 +47,8 @@ demo: build image
 	tests/integration/demo.sh $(BUILD) $(IMAGE)
 
 test: build image
-	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) ctest --output-on-failure -j 1 --timeout 900
+	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) ctest --output-on-failure -j 1 --timeout 900 \
+	  || { $(CURDIR)/tests/failure_digest.sh $(abspath $(BUILD)); exit 1; }
 	$(MAKE) --no-print-directory sanitize fuzz FUZZ_SECONDS=10
 
 # The long schedule of the failover test: 20 seeded kill -9 moments of the
