@@ -248,25 +248,51 @@ std::uint64_t CheckpointStore::bytesAfterBase() const {
 }
 
 void CheckpointStore::append(wire::Checkpoint::Reader checkpoint) {
+  auto pending = copyForAppend(checkpoint);
+  placeAppend(*pending);
+  writeAppend(*pending);
+  commitAppend(*pending);
+}
+
+std::shared_ptr<CheckpointStore::PendingAppend> CheckpointStore::copyForAppend(wire::Checkpoint::Reader checkpoint) {
   capnp::MallocMessageBuilder message;
   message.setRoot(checkpoint);
   auto words = capnp::messageToFlatArray(message);
-  auto bytes = words.asBytes();
-  if (bytes.size() > kMaxRecordPayload)
-    fail("checkpoint {} is {} bytes, above the store's limit of {}", checkpoint.getSequence(), bytes.size(),
+  if (words.asBytes().size() > kMaxRecordPayload)
+    fail("checkpoint {} is {} bytes, above the store's limit of {}", checkpoint.getSequence(), words.asBytes().size(),
          kMaxRecordPayload);
-  const std::string path = checkpointPath(head_ + 1);
-  writeRecordFile(path, std::as_bytes(std::span(bytes.begin(), bytes.size())), /*crashPoints=*/true);
-  recentPath_ = path;
-  recent_ = kj::refcounted<StoredCheckpoint>(kj::mv(words));
+  auto pending = std::make_shared<PendingAppend>();
+  pending->checkpoint = kj::refcounted<StoredCheckpoint>(kj::mv(words));
+  return pending;
+}
+
+void CheckpointStore::placeAppend(PendingAppend& pending) const {
+  pending.sequence = head_ + 1;
+  pending.path = checkpointPath(pending.sequence);
+}
+
+void CheckpointStore::writeAppend(const PendingAppend& pending) {
+  if (beforeAppendWriteForTests) beforeAppendWriteForTests(pending.path);
+  auto bytes = pending.checkpoint->asBytes();
+  writeRecordFile(pending.path, std::as_bytes(std::span(bytes.begin(), bytes.size())), /*crashPoints=*/true);
+}
+
+void CheckpointStore::commitAppend(PendingAppend& pending) {
+  if (pending.sequence == 0 || pending.sequence != head_ + 1)
+    fail("checkpoint {} was written while the chain moved to {}: it is not the next one", pending.sequence, head_);
+  const std::uint64_t recordBytes = sizeof(RecordHeader) + pending.checkpoint->bytes();
+  auto checkpoint = pending.checkpoint->reader();
+  recentPath_ = pending.path;
   ++head_;
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) resumablePoint_ = head_;
   if (base_ == 0) {
     base_ = head_;
-    baseBytes_ = sizeof(RecordHeader) + bytes.size();
+    baseBytes_ = recordBytes;
     noteBase(checkpoint);
+  } else {
+    bytes_[head_] = recordBytes;
   }
-  else bytes_[head_] = sizeof(RecordHeader) + bytes.size();
+  recent_ = kj::mv(pending.checkpoint);
 }
 
 kj::Own<StoredCheckpoint> CheckpointStore::read(std::uint64_t sequence) const {
@@ -283,31 +309,38 @@ void CheckpointStore::removeQuietly(const std::string& path) {
   if (ec) spdlog::warn("cannot remove {}: {} (it is removed at the next start)", path, ec.message());
 }
 
-void CheckpointStore::commitFold(std::uint64_t sequence) {
+void CheckpointStore::commitFold(std::uint64_t sequence) { commitFoldLater(sequence)(); }
+
+std::function<void()> CheckpointStore::commitFoldLater(std::uint64_t sequence) {
   if (!bytes_.contains(sequence) || !fs::exists(foldPath(sequence)))
     fail("cannot fold at checkpoint {}: it is not stored after the base, or its folded image was not written",
          sequence);
   // The fold file was committed when it was renamed into place: from here on
   // the base is at `sequence`, and what it replaces goes.
-  const std::string oldBase = pathOf(base_);
+  std::vector<std::string> gone{pathOf(base_)};
   base_ = sequence;
   foldedBase_ = true;
   baseBytes_ = fs::file_size(foldPath(sequence));
-  removeQuietly(oldBase);
-  for (auto it = bytes_.begin(); it != bytes_.end() && it->first <= sequence;) {
-    removeQuietly(checkpointPath(it->first));
-    it = bytes_.erase(it);
-  }
-  syncDirectory(dir_ + "/checkpoints");
+  for (auto it = bytes_.begin(); it != bytes_.end() && it->first <= sequence; it = bytes_.erase(it))
+    gone.push_back(checkpointPath(it->first));
+  return removal(std::move(gone));
 }
 
-void CheckpointStore::prune(std::uint64_t sequence) {
+void CheckpointStore::prune(std::uint64_t sequence) { pruneLater(sequence)(); }
+
+std::function<void()> CheckpointStore::pruneLater(std::uint64_t sequence) {
   if (!bytes_.contains(sequence)) fail("cannot prune below checkpoint {}: it is not stored", sequence);
-  for (auto it = bytes_.begin(); it != bytes_.end() && it->first < sequence;) {
-    removeQuietly(checkpointPath(it->first));
-    it = bytes_.erase(it);
-  }
-  syncDirectory(dir_ + "/checkpoints");
+  std::vector<std::string> gone;
+  for (auto it = bytes_.begin(); it != bytes_.end() && it->first < sequence; it = bytes_.erase(it))
+    gone.push_back(checkpointPath(it->first));
+  return removal(std::move(gone));
+}
+
+std::function<void()> CheckpointStore::removal(std::vector<std::string> paths) const {
+  return [paths = std::move(paths), dir = dir_ + "/checkpoints"] {
+    for (const auto& path : paths) removeQuietly(path);
+    syncDirectory(dir);
+  };
 }
 
 std::uint64_t CheckpointStore::abandonAfter(std::uint64_t sequence, std::uint64_t epoch) {
@@ -331,7 +364,7 @@ std::uint64_t CheckpointStore::abandonAfter(std::uint64_t sequence, std::uint64_
   return count;
 }
 
-void CheckpointStore::saveState(const ServerState& state) {
+CheckpointStore::StateFile CheckpointStore::stateFile(const ServerState& state) {
   nlohmann::json j;
   j["vm_id"] = state.vmId;
   j["epoch"] = state.epoch;
@@ -346,9 +379,21 @@ void CheckpointStore::saveState(const ServerState& state) {
   for (const auto& [after, epoch] : state.failovers) j["failovers"].push_back({after, epoch});
   j["devices"] = nlohmann::json::object();
   for (const auto& [id, applied] : state.appliedByDevice) j["devices"][id] = applied;
-  std::string text = j.dump(2);
-  writeFileDurably(dir_ + "/state.json", text.data(), text.size());
+  return {++stateGeneration_, j.dump(2)};
+}
+
+void CheckpointStore::saveState(const ServerState& state) { saveStateLater(state)(); }
+
+std::function<void()> CheckpointStore::saveStateLater(const ServerState& state) {
   state_ = state;
+  // The job holds the writer and the path, not the store: it may outlive it.
+  auto file = std::make_shared<StateFile>(stateFile(state));
+  return [writer = stateWriter_, path = dir_ + "/state.json", file] {
+    std::lock_guard lock(writer->mutex);
+    if (file->generation <= writer->written) return;
+    writeFileDurably(path, file->text.data(), file->text.size());
+    writer->written = file->generation;
+  };
 }
 
 }  // namespace vmsync

@@ -7,7 +7,10 @@
 #include <kj/refcount.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,6 +26,8 @@ class StoredCheckpoint : public kj::Refcounted {
   explicit StoredCheckpoint(kj::Array<capnp::word> words);
   wire::Checkpoint::Reader reader() { return message_.getRoot<wire::Checkpoint>(); }
   std::uint64_t bytes() const { return words_.size() * sizeof(capnp::word); }
+  /// The flat message, as a record holds it.
+  kj::ArrayPtr<const kj::byte> asBytes() const { return words_.asBytes(); }
 
  private:
   kj::Array<capnp::word> words_;
@@ -108,7 +113,30 @@ class CheckpointStore {
   const ServerState& state() const { return state_; }
 
   /// Stores `checkpoint` as sequence head()+1; returns once it is durable.
+  /// The same as copyForAppend(), placeAppend(), writeAppend() and
+  /// commitAppend() in a row.
   void append(wire::Checkpoint::Reader checkpoint);
+  /// A checkpoint on its way to becoming the head, copied out of the message
+  /// it came in: checked, then written on another thread, after that message
+  /// may be gone.
+  struct PendingAppend {
+    kj::Own<StoredCheckpoint> checkpoint;  // moved into the store when committed
+    std::uint64_t sequence = 0;            // set by placeAppend()
+    std::string path;
+  };
+  /// The copy (refused when above the record size limit).
+  static std::shared_ptr<PendingAppend> copyForAppend(wire::Checkpoint::Reader checkpoint);
+  /// Names it head()+1. Until it is committed nothing else may change the head.
+  void placeAppend(PendingAppend& pending) const;
+  /// Writes it durably to its path (committed by its rename, as every record
+  /// is). Touches nothing else of the store: any thread may call it.
+  static void writeAppend(const PendingAppend& pending);
+  /// Test seam: when set, called on the writing thread with the path of each
+  /// appended checkpoint before it is written (unit tests hold a write with it).
+  static inline std::function<void(const std::string& path)> beforeAppendWriteForTests;
+  /// Makes the written checkpoint the head. Throws Error when the head moved
+  /// since placeAppend(), and then nothing changes.
+  void commitAppend(PendingAppend& pending);
   /// Reads a stored checkpoint (the newest from memory). Throws Error if it
   /// is not stored or damaged.
   kj::Own<StoredCheckpoint> read(std::uint64_t sequence) const;
@@ -123,16 +151,26 @@ class CheckpointStore {
   std::uint64_t abandonAfter(std::uint64_t sequence, std::uint64_t epoch);
   /// Replaces and persists the state.
   void saveState(const ServerState& state);
+  /// Replaces the state now; returns the job that persists it, for another
+  /// thread. A save that was overtaken by a newer one (this way or by
+  /// saveState()) writes nothing, so the file never goes back in time.
+  std::function<void()> saveStateLater(const ServerState& state);
 
   /// Where a fold at `sequence` writes its new base before commitFold().
   std::string foldPath(std::uint64_t sequence) const;
   /// Makes the record at foldPath(`sequence`) (written whole and fsynced) the
   /// base, then removes what it replaces.
   void commitFold(std::uint64_t sequence);
+  /// The same, but the files it replaces are removed by the job it returns,
+  /// for another thread: the chain no longer names them, and a start removes
+  /// what a crash left.
+  std::function<void()> commitFoldLater(std::uint64_t sequence);
   /// Removes the checkpoints after the base and below `sequence`, which must
   /// be stored (Orig policies only: each checkpoint is measured against the
   /// base alone).
   void prune(std::uint64_t sequence);
+  /// The same, the files removed by the job it returns (as commitFoldLater()).
+  std::function<void()> pruneLater(std::uint64_t sequence);
   /// Scratch directory for compaction (emptied at start-up).
   std::string scratchDir() const { return dir_ + "/compaction"; }
   /// Scratch directory for resyncs (emptied at start-up).
@@ -140,12 +178,20 @@ class CheckpointStore {
 
  private:
   std::string checkpointPath(std::uint64_t sequence) const;
-  void removeQuietly(const std::string& path);
+  static void removeQuietly(const std::string& path);
+  /// The job that removes `paths` from the chain's directory and syncs it.
+  std::function<void()> removal(std::vector<std::string> paths) const;
   /// At start: finishes moving the checkpoints a recorded failover abandoned
   /// when a crash stopped it halfway.
   void finishInterruptedFailover();
   /// Takes the VM's sizes from the base, read anyway when it is stored or verified.
   void noteBase(wire::Checkpoint::Reader base);
+  /// state.json for `state`, numbered in the order the saves were asked for.
+  struct StateFile {
+    std::uint64_t generation = 0;
+    std::string text;
+  };
+  StateFile stateFile(const ServerState& state);
 
   std::string dir_;
   std::uint64_t head_ = 0;
@@ -161,6 +207,13 @@ class CheckpointStore {
   std::string recentPath_;
   mutable kj::Maybe<kj::Own<StoredCheckpoint>> recent_;
   ServerState state_;
+  std::uint64_t stateGeneration_ = 0;  // the newest save asked for
+  // Saves may run on worker threads: one writes at a time, newest wins.
+  struct StateWriter {
+    std::mutex mutex;
+    std::uint64_t written = 0;  // generation of the file on disk
+  };
+  std::shared_ptr<StateWriter> stateWriter_ = std::make_shared<StateWriter>();
 };
 
 }  // namespace vmsync

@@ -255,12 +255,39 @@ kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
 }
 
 kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchReport::Builder report) {
+  if (store_.resumablePoint() == 0 || !store_.stored(store_.resumablePoint()))
+    fail("VM '{}' has no resumable point to fail over to: no consistent checkpoint was stored", state_.vmId);
+  switching_ = true;
+  const std::uint64_t start = nowNs();
+  // In the chain's order: a push being written when the fence comes is
+  // stored first (and abandoned with what follows the point, if it is past it).
+  return inStoreOrder([this, target, report]() mutable {
+           return guarded([&]() -> kj::Promise<std::uint64_t> { return fenceForFailover(target, report); });
+         })
+      .then([this, target, report, start](std::uint64_t point) mutable {
+        const std::string source = report.getFrom().cStr();
+        return rollBackDevices(point)
+            .then([this, target, source, report, start]() mutable {
+              return catchUpForSwitch(target, source, report, start);
+            })
+            .then([this, target, report, start]() mutable {
+              DeviceEntry& to = device(target);
+              if (to.applied != store_.head() || !to.peer)
+                rpcFail(fmt::format("device {} did not reach the resumable point {}; the VM stays parked there",
+                                    target, store_.head()));
+              return activateOn(target, report, start).catch_([this, target](kj::Exception&& e) {
+                return leaveParkedIfNotResumed(target, kj::mv(e), "at the resumable point");
+              });
+            });
+      })
+      .attach(kj::defer([this] { switching_ = false; }));
+}
+
+std::uint64_t SyncServer::fenceForFailover(const std::string& target, wire::SwitchReport::Builder report) {
   const std::uint64_t point = store_.resumablePoint();
   if (point == 0 || !store_.stored(point))
     fail("VM '{}' has no resumable point to fail over to: no consistent checkpoint was stored", state_.vmId);
   const std::string source = state_.holder;
-  switching_ = true;
-  const std::uint64_t start = nowNs();
   // Fence first: a new epoch nobody holds yet, durable before anything moves.
   ++state_.epoch;
   state_.holder.clear();
@@ -298,20 +325,7 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
   report.setFinalSequence(point);
   report.setLostNs(lost);
   report.setAbandonedCheckpoints(oldHead - point);
-  return rollBackDevices(point)
-      .then([this, target, source, report, start]() mutable {
-        return catchUpForSwitch(target, source, report, start);
-      })
-      .then([this, target, report, start]() mutable {
-        DeviceEntry& to = device(target);
-        if (to.applied != store_.head() || !to.peer)
-          rpcFail(fmt::format("device {} did not reach the resumable point {}; the VM stays parked there", target,
-                              store_.head()));
-        return activateOn(target, report, start).catch_([this, target](kj::Exception&& e) {
-          return leaveParkedIfNotResumed(target, kj::mv(e), "at the resumable point");
-        });
-      })
-      .attach(kj::defer([this] { switching_ = false; }));
+  return point;
 }
 
 }  // namespace vmsync

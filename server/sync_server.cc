@@ -9,6 +9,7 @@
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/checkpoint_identity.h"
 #include "compactor.h"
+#include "store_workers.h"
 #include "checkpoint/checkpoint_record.h"
 #include "base/error.h"
 #include "transport/rpc_util.h"
@@ -40,7 +41,7 @@ SyncServer::~SyncServer() {
     try {
       persist();
     } catch (const std::exception& e) {
-      log_->warn("VM {}: saving where the devices are failed: {}", label_, e.what());
+      log_->warn("saving where the devices are failed: {}", e.what());
     }
   }
   // A fold under way is abandoned: its file is written whole or not at all,
@@ -65,7 +66,7 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
     const std::uint64_t point = store_.resumablePoint();
     const std::uint64_t to = point > store_.base() ? std::min(store_.head(), point) : store_.head();
     if (count < 2 || to == store_.first()) return;
-    store_.prune(to);
+    runCleanup(store_.pruneLater(to));
     log_->info("compaction: removed {} checkpoints ({} bytes) older than {}, which needs only the base",
                count - store_.countAfterBase(), bytes - store_.bytesAfterBase(), to);
     return;
@@ -122,7 +123,7 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
                         return;
                       }
                       crashPoint("fold-before-commit");  // the new base is in place, the old chain too
-                      store_.commitFold(to);
+                      runCleanup(store_.commitFoldLater(to));
                       log_->info("compaction: the base is now checkpoint {} ({}), {:.0f} ms", to, *outcome,
                                  (nowNs() - start) / 1e6);
                     })
@@ -212,6 +213,23 @@ void SyncServer::persist() {
   appliedUnsaved_ = false;
 }
 
+void SyncServer::runCleanup(std::function<void()> job) {
+  if (!timer_) return job();  // no event loop to come back to (unit tests): here and now
+  compactionCleanup_ = StoreWorkers::shared().run(std::move(job)).eagerlyEvaluate([this](kj::Exception&& e) {
+    log_->warn("removing the files compaction replaced failed: {} (a fold's are removed at the next start, a "
+               "prune's at the next prune)", describe(e));
+  });
+}
+
+void SyncServer::persistLater() {
+  for (const auto& [id, entry] : devices_) state_.appliedByDevice[id] = entry->applied;
+  appliedUnsaved_ = false;
+  appliedSave_ = StoreWorkers::shared().run(store_.saveStateLater(state_)).eagerlyEvaluate([this](kj::Exception&& e) {
+    appliedUnsaved_ = true;  // saved again at the next change, or at the end
+    log_->warn("saving where the devices are failed: {}", describe(e));
+  });
+}
+
 void SyncServer::persistAppliedSoon() {
   // Where each device is on the chain is advisory: a device says where it is
   // when it registers, and nothing decides from a saved position of an
@@ -225,11 +243,11 @@ void SyncServer::persistAppliedSoon() {
   appliedFlush_ = timer_->afterDelay(kAppliedFlushDelay)
                       .then([this] {
                         flushScheduled_ = false;
-                        if (appliedUnsaved_) persist();
+                        if (appliedUnsaved_) persistLater();
                       })
                       .eagerlyEvaluate([this](kj::Exception&& e) {
                         flushScheduled_ = false;
-                        log_->warn("VM {}: saving where the devices are failed: {}", label_, describe(e));
+                        log_->warn("saving where the devices are failed: {}", describe(e));
                       });
 }
 
@@ -323,7 +341,7 @@ void SyncServer::unregister(const std::string& id, std::uint64_t connection) {
   log_->info("device {} went offline at sequence {}", id, it->second->applied);
 }
 
-std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader checkpoint) {
+std::optional<std::uint64_t> SyncServer::checkPush(const std::string& id, wire::Checkpoint::Reader checkpoint) {
   // Content first: a malformed checkpoint is refused with what is wrong with
   // it, whoever sent it, before anything is stored.
   const bool isFull = checkpoint.getKind() == wire::CheckpointKind::FULL;
@@ -367,14 +385,20 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
     if (vm.empty()) fail("full checkpoint rejected: its VM spec has no vmId");
     if (!name_.empty() && vm != name_)
       fail("full checkpoint for VM '{}' rejected: it was pushed to VM '{}'", vm, label_);
-    state_.vmId = vm;
   } else if (std::string(checkpoint.getVmId()) != state_.vmId) {
     fail("checkpoint for VM '{}' rejected: this server holds VM '{}'", std::string(checkpoint.getVmId()),
          state_.vmId);
   }
   if (admitPush_) admitPush_(*this, checkpoint, checkpoint.totalSize().wordCount * sizeof(capnp::word));
-  store_.append(checkpoint);
-  storedBytes_ += store_.read(store_.head())->bytes();
+  return std::nullopt;
+}
+
+void SyncServer::recordPush(const std::string& id) {
+  auto stored = store_.read(store_.head());  // from memory
+  auto checkpoint = stored->reader();
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  if (full) state_.vmId = checkpoint.getSpec().getVmId();
+  storedBytes_ += stored->bytes();
   noteHead(checkpoint);
   lastRenewalNs_ = nowNs();
   DeviceEntry& origin = device(id);
@@ -385,7 +409,49 @@ std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader c
   for (auto& [other, entry] : devices_)
     if (other != id) forwardUpTo(*entry, store_.head());
   maybeCompact(checkpoint.getPolicy());
+}
+
+std::uint64_t SyncServer::push(const std::string& id, wire::Checkpoint::Reader checkpoint) {
+  if (auto stored = checkPush(id, checkpoint)) return *stored;
+  store_.append(checkpoint);
+  recordPush(id);
   return store_.head();
+}
+
+kj::Promise<std::uint64_t> SyncServer::pushAsync(const std::string& id, wire::Checkpoint::Reader checkpoint) {
+  // Copied now: the message it came in may be gone by the time the pushes
+  // before it are stored.
+  auto pending = guarded([&] { return CheckpointStore::copyForAppend(checkpoint); });
+  return inStoreOrder([this, id, pending]() -> kj::Promise<std::uint64_t> {
+    return guarded([&]() -> kj::Promise<std::uint64_t> {
+      if (auto stored = checkPush(id, pending->checkpoint->reader())) return *stored;
+      store_.placeAppend(*pending);
+      return StoreWorkers::shared()
+          .run([pending] { CheckpointStore::writeAppend(*pending); })
+          .then([this, id, pending]() {
+            return guarded([&] {
+              store_.commitAppend(*pending);
+              recordPush(id);
+              return store_.head();
+            });
+          });
+    });
+  });
+}
+
+kj::Promise<std::uint64_t> SyncServer::inStoreOrder(kj::Function<kj::Promise<std::uint64_t>()> step) {
+  kj::Promise<void> previous = kj::READY_NOW;
+  KJ_IF_MAYBE(tail, storeTail_) { previous = tail->addBranch(); }
+  auto done = previous.then(kj::mv(step)).fork();
+  // The next step waits for this one, whatever its outcome, and runs even
+  // when whoever asked for this one is gone.
+  storeTail_ = done.addBranch().then([](std::uint64_t) {}, [](kj::Exception&&) {}).fork();
+  return done.addBranch();
+}
+
+kj::Promise<void> SyncServer::storeIdle() {
+  KJ_IF_MAYBE(tail, storeTail_) { return tail->addBranch(); }
+  return kj::READY_NOW;
 }
 
 std::uint64_t SyncServer::resumablePointCreatedNs() {

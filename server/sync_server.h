@@ -3,6 +3,7 @@
 
 #include <capnp/message.h>
 #include <kj/async.h>
+#include <kj/function.h>
 #include <kj/timer.h>
 #include <spdlog/spdlog.h>
 
@@ -102,7 +103,15 @@ class SyncServer final : public VmCatalog {
                                             bool diverged = false);
   void unregister(const std::string& id, std::uint64_t connection);
   std::uint64_t acquireLease(const std::string& id);
+  /// Checks and stores a checkpoint on this thread, returning once it is durable.
   std::uint64_t push(const std::string& id, wire::Checkpoint::Reader checkpoint);
+  /// The same as the RPC layer does it: the checkpoint is copied at once,
+  /// checked when the pushes of this VM before it are stored, written and
+  /// fsynced on a store worker (the event loop, and every other VM's calls,
+  /// go on meanwhile), and recorded here once durable. Pushes of one VM are
+  /// stored one at a time, in the order they came; errors are RPC errors
+  /// with the same messages as push() throws.
+  kj::Promise<std::uint64_t> pushAsync(const std::string& id, wire::Checkpoint::Reader checkpoint);
   /// Resolves when the answer to the push of `sequence` (stored) may go out:
   /// at once, except under a test hook (VMSYNC_TEST_HOLD_PUSH_ANSWER_MS).
   kj::Promise<void> answerPush(std::uint64_t sequence);
@@ -178,6 +187,9 @@ class SyncServer final : public VmCatalog {
   kj::Promise<void> leaveParkedIfNotResumed(const std::string& target, kj::Exception&& e, const char* where);
   /// The failover itself (switchTo with force, its checks passed).
   kj::Promise<void> failOver(const std::string& target, wire::SwitchReport::Builder report);
+  /// Its first part, in the chain's order: the new lease epoch, the chain cut
+  /// back to the resumable point (returned), the report's failover part.
+  std::uint64_t fenceForFailover(const std::string& target, wire::SwitchReport::Builder report);
   /// Brings every online device past `point` back to the chain (a resync).
   kj::Promise<void> rollBackDevices(std::uint64_t point);
   /// Queues a resync of device `id` (registration `connection`) on its
@@ -192,6 +204,18 @@ class SyncServer final : public VmCatalog {
                                                                          std::vector<std::uint64_t> ram,
                                                                          std::vector<std::uint64_t> disk);
   kj::Promise<void> finishResync(std::string id, std::uint64_t connection, kj::Promise<std::uint64_t> applied);
+  /// push()'s checks of a checkpoint (content, lease, place in the chain,
+  /// quotas), which throw Error to refuse it; the sequence when the chain
+  /// holds it already (a push sent again after its answer was lost).
+  std::optional<std::uint64_t> checkPush(const std::string& id, wire::Checkpoint::Reader checkpoint);
+  /// After device `id`'s checkpoint became the head: the VM's state, the
+  /// forwarding to the other devices, compaction.
+  void recordPush(const std::string& id);
+  /// Runs `step` after every step queued before it has finished (whatever
+  /// its outcome): the changes of the chain, one at a time.
+  kj::Promise<std::uint64_t> inStoreOrder(kj::Function<kj::Promise<std::uint64_t>()> step);
+  /// Resolves when the changes of the chain queued so far are done.
+  kj::Promise<void> storeIdle();
   /// Nanoseconds since the lease holder last renewed its lease.
   std::uint64_t holderSilentNs() const;
   /// Wall-clock creation time of the resumable point (0: unknown).
@@ -200,6 +224,12 @@ class SyncServer final : public VmCatalog {
   void noteHead(wire::Checkpoint::Reader head);
   /// Saves the state (and where every device is) now, durably.
   void persist();
+  /// Saves the state (and where every device is) on a store worker: for
+  /// what nothing waits on (persist() for what must be durable first).
+  void persistLater();
+  /// Runs the removal of what a fold or prune replaced on a store worker
+  /// (here, without a timer: no event loop to come back to).
+  void runCleanup(std::function<void()> job);
   /// Saves where the devices are within kAppliedFlushDelay (at once without a timer).
   void persistAppliedSoon();
   static constexpr auto kAppliedFlushDelay = 5 * kj::SECONDS;
@@ -255,6 +285,9 @@ class SyncServer final : public VmCatalog {
   bool appliedUnsaved_ = false;                  // a device's position changed since the last save
   bool flushScheduled_ = false;                  // appliedFlush_ has not run yet
   kj::Maybe<kj::Promise<void>> appliedFlush_;    // the save persistAppliedSoon() scheduled
+  kj::Maybe<kj::Promise<void>> appliedSave_;     // persistLater()'s save on a worker
+  kj::Maybe<kj::ForkedPromise<void>> storeTail_;  // the last change of the chain queued (inStoreOrder)
+  kj::Maybe<kj::Promise<void>> compactionCleanup_;  // removing what a fold or prune replaced, on a worker
   std::string headOrigin_;    // the device that pushed it
 };
 

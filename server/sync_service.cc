@@ -24,9 +24,11 @@ class DeviceSessionImpl final : public wire::DeviceSession::Server {
   }
   kj::Promise<void> push(PushContext context) override {
     return guarded([&] {
-      const std::uint64_t stored = server_.push(id_, context.getParams().getCheckpoint());
-      context.getResults().setSequence(stored);
-      return server_.answerPush(stored);
+      return server_.pushAsync(id_, context.getParams().getCheckpoint())
+          .then([this, context](std::uint64_t stored) mutable {
+            context.getResults().setSequence(stored);
+            return server_.answerPush(stored);
+          });
     });
   }
   kj::Promise<void> releaseLease(ReleaseLeaseContext context) override {
