@@ -69,6 +69,11 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
                  "next message waits until others' are in (backpressure, nothing is closed)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--max-concurrent-pushes", options.maxConcurrentPushes,
+                 "pushes, of all VMs, the server checks and stores at once; past it, a push waits for one to "
+                 "finish (backpressure: its device waits for the answer, nothing is refused)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--compact-above-mb", options.compactAboveMb,
                  "fold the chain into a new base once the checkpoints after it pass this many MiB (0: no size limit)")
       ->capture_default_str();
@@ -98,6 +103,7 @@ int runServer(const ServerOptions& options) {
     settings.user.vms = options.maxVmsPerUser;
     settings.user.storedBytes = options.maxUserStoredMb << 20;
     settings.user.checkpointsPerSecond = options.maxUserCheckpointRate;
+    settings.pushSlots = std::make_shared<ServerBudget>(options.maxConcurrentPushes);
     VmRegistry vms(options.dataDir, settings);
     transport.setAuditLog(&audit);
     transport.setOnRevoked([&vms](const std::string& user, const std::string& device, const std::string& why) {

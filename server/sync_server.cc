@@ -422,6 +422,19 @@ kj::Promise<std::uint64_t> SyncServer::pushAsync(const std::string& id, wire::Ch
   // Copied now: the message it came in may be gone by the time the pushes
   // before it are stored.
   auto pending = guarded([&] { return CheckpointStore::copyForAppend(checkpoint); });
+  if (pushSlots_) {
+    // Past the server's limit of pushes at once the push waits (its device
+    // waits for the answer); the unit goes back however it ends.
+    auto slots = pushSlots_;
+    return slots->take(1).then([this, id, pending, slots]() {
+      return storePush(id, pending).attach(kj::defer([slots] { slots->give(1); }));
+    });
+  }
+  return storePush(id, pending);
+}
+
+kj::Promise<std::uint64_t> SyncServer::storePush(const std::string& id,
+                                                 std::shared_ptr<CheckpointStore::PendingAppend> pending) {
   return inStoreOrder([this, id, pending]() -> kj::Promise<std::uint64_t> {
     return guarded([&]() -> kj::Promise<std::uint64_t> {
       if (auto stored = checkPush(id, pending->checkpoint->reader())) return *stored;

@@ -19,6 +19,7 @@
 
 #include "checkpoint_store.h"
 #include "sync_service.h"
+#include "transport/message_gate.h"
 #include "transport/secure_channel.h"
 #include "vmsync.capnp.h"
 
@@ -129,6 +130,9 @@ class SyncServer final : public VmCatalog {
   /// it (a quota), and the device ships its changes again later.
   using PushAdmission = std::function<void(SyncServer& vm, wire::Checkpoint::Reader checkpoint, std::uint64_t bytes)>;
   void setPushAdmission(PushAdmission admission) { admitPush_ = std::move(admission); }
+  /// Shared by the VMs of a server: a pushAsync() takes one unit before it is
+  /// checked and gives it back when stored or refused (nullptr: no limit).
+  void setPushSlots(std::shared_ptr<ServerBudget> slots) { pushSlots_ = std::move(slots); }
   /// Compacts the chain as far as the devices allow, whatever the limits (a
   /// user over its byte quota); nothing when a fold runs already.
   void compactNow(wire::Policy policy) { maybeCompact(policy, /*now=*/true); }
@@ -211,6 +215,8 @@ class SyncServer final : public VmCatalog {
   /// After device `id`'s checkpoint became the head: the VM's state, the
   /// forwarding to the other devices, compaction.
   void recordPush(const std::string& id);
+  /// pushAsync() once it may go: checked, written on a worker, recorded.
+  kj::Promise<std::uint64_t> storePush(const std::string& id, std::shared_ptr<CheckpointStore::PendingAppend> pending);
   /// Runs `step` after every step queued before it has finished (whatever
   /// its outcome): the changes of the chain, one at a time.
   kj::Promise<std::uint64_t> inStoreOrder(kj::Function<kj::Promise<std::uint64_t>()> step);
@@ -253,6 +259,7 @@ class SyncServer final : public VmCatalog {
   std::string label_;  // "USER/NAME"
   CompactionLimits limits_;
   PushAdmission admitPush_;
+  std::shared_ptr<ServerBudget> pushSlots_;
   AuditLog* audit_ = nullptr;
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};

@@ -128,6 +128,7 @@ SyncServer& VmRegistry::open(const std::string& userDir, const std::string& name
     vm->setIdentity(userOfDirectory(userDir), name);
     vm->setLeaseTimeout(settings_.leaseTimeout);
     vm->setAuditLog(settings_.audit);
+    vm->setPushSlots(settings_.pushSlots);
     vm->setPushAdmission([this, userDir](SyncServer& vm, wire::Checkpoint::Reader checkpoint, std::uint64_t bytes) {
       admitPush(userDir, vm, checkpoint, bytes);
     });

@@ -34,6 +34,8 @@ struct VmSettings {
   std::chrono::milliseconds leaseTimeout{30000};
   AuditLog* audit = nullptr;
   UserLimits user;
+  /// Pushes all VMs may be storing at once (nullptr: no limit), one unit each.
+  std::shared_ptr<ServerBudget> pushSlots;
 };
 
 /// The directory under DATA/vms/ that holds the VMs of clients of a server

@@ -98,6 +98,28 @@ TEST(StoreOrder, AnotherVmsPushIsStoredWhileOneVmsWriteIsHeld) {
   EXPECT_FALSE(gate.timedOut()) << "the other VM's push waited for the held write";
 }
 
+TEST(StoreOrder, PastTheServersLimitOfPushesAPushWaitsForOneToFinish) {
+  auto io = kj::setupAsyncIo();
+  TempDir dir;
+  RunningVm slow(dir.path() + "/slow", io.provider->getTimer(), io.waitScope);
+  RunningVm quick(dir.path() + "/quick", io.provider->getTimer(), io.waitScope);
+  auto slots = std::make_shared<ServerBudget>(1);
+  slow.server.setPushSlots(slots);
+  quick.server.setPushSlots(slots);
+  WriteGate gate("/slow/");
+  auto slowFull = checkpointOf(1, slow.epoch), quickFull = checkpointOf(1, quick.epoch);
+  auto slowPush = slow.server.pushAsync("A", slowFull->getRoot<wire::Checkpoint>().asReader());
+  while (gate.waiting() == 0) io.provider->getTimer().afterDelay(1 * kj::MILLISECONDS).wait(io.waitScope);
+  auto quickPush = quick.server.pushAsync("A", quickFull->getRoot<wire::Checkpoint>().asReader());
+  io.provider->getTimer().afterDelay(100 * kj::MILLISECONDS).wait(io.waitScope);
+  EXPECT_EQ(quick.server.head(), 0u) << "a second push was stored while the only slot was taken";
+  EXPECT_EQ(slots->waiting(), 1u);
+  gate.release();
+  EXPECT_EQ(slowPush.wait(io.waitScope), 1u);
+  EXPECT_EQ(quickPush.wait(io.waitScope), 1u);
+  EXPECT_EQ(slots->used(), 0u);
+}
+
 TEST(StoreOrder, OneVmsPushesAreStoredOneAtATimeInOrder) {
   auto io = kj::setupAsyncIo();
   TempDir dir;
