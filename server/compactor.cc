@@ -84,11 +84,11 @@ FoldStats foldChain(const std::vector<std::string>& paths, const std::string& sc
   stats.diskUnits = fillImage(disk, orphanage, blocks, cancel);
   folded.adoptMemory(kj::mv(memory));
   folded.adoptDisk(kj::mv(blocks));
-  auto words = capnp::messageToFlatArray(message);
-  auto bytes = words.asBytes();
   crashPoint("fold-before-write");
-  writeRecordFile(out, std::as_bytes(std::span(bytes.begin(), bytes.size())));
-  stats.bytes = sizeof(RecordHeader) + bytes.size();
+  // From the message's own segments: a flat copy of a large VM's image
+  // would double what the fold holds in memory.
+  writeMessageRecordFile(out, message);
+  stats.bytes = sizeof(RecordHeader) + capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
   return stats;
 }
 

@@ -470,10 +470,17 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   benchServer->add_option("--json", benchServerOptions.json, "also write the results to this file");
   benchServer->add_option("--compact-after", benchServerOptions.compactAfter,
-                          "the server folds each chain every N checkpoints (0: the server's default)");
+                          "the server's --compact-after: fold a chain once N checkpoints follow its base (0: not "
+                          "by count; default: the server's)");
+  benchServer->add_option("--compact-above-mb", benchServerOptions.compactAboveMb,
+                          "the server's --compact-above-mb: fold a chain once the checkpoints after its base pass "
+                          "N MiB (0: not by size; default: the server's)");
   benchServer->add_option("--large-vm-mb", benchServerOptions.largeVmMb,
                           "VM 0's image, filled with random bytes so that its folds are heavy; its own pushes are "
                           "left out of the figures (0: as the others)");
+  benchServer->add_option("--large-vm-checkpoint-kib", benchServerOptions.largeVmCheckpointKib,
+                          "KiB VM 0 changes per checkpoint (default: --checkpoint-kib); with --compact-above-mb, "
+                          "VM 0 can fold while the others do not");
 
   CLI11_PARSE(app, argc, argv);
   // Logs and warnings go to stderr: stdout is the command's answer (JSON with --json).

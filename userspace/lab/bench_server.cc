@@ -182,7 +182,9 @@ class SyntheticVm {
       candidates.everything = true;
     } else {
       // checkpointKib of random bytes, in random units.
-      const std::uint64_t count = std::max<std::uint64_t>(1, (std::uint64_t{options_.checkpointKib} << 10) / kUnitSize);
+      const std::uint32_t kib =
+          !measured_ && options_.largeVmCheckpointKib != 0 ? options_.largeVmCheckpointKib : options_.checkpointKib;
+      const std::uint64_t count = std::max<std::uint64_t>(1, (std::uint64_t{kib} << 10) / kUnitSize);
       bytes_.resize(count * kUnitSize);
       for (std::size_t i = 0; i < bytes_.size(); i += 8) {
         const std::uint64_t r = rng_();
@@ -383,7 +385,9 @@ RunResult runOnce(const BenchServerOptions& options, int vms) {
   const std::string address = fmt::format("127.0.0.1:{}", port);
   std::vector<std::string> argv{selfBinary(), "server", "--listen", address, "--data", data, "--tls",
                                 dir + "/identity", "--max-vms-per-user", "0", "--lease-timeout", "3600"};
-  if (options.compactAfter != 0) argv.insert(argv.end(), {"--compact-after", std::to_string(options.compactAfter)});
+  if (options.compactAfter >= 0) argv.insert(argv.end(), {"--compact-after", std::to_string(options.compactAfter)});
+  if (options.compactAboveMb >= 0)
+    argv.insert(argv.end(), {"--compact-above-mb", std::to_string(options.compactAboveMb)});
   Child server(argv, fmt::format("{}/server-{}vms.log", dir, vms));
   auto io = kj::setupAsyncIo();
   auto& timer = io.provider->getTimer();
@@ -532,11 +536,17 @@ int runBenchServer(const BenchServerOptions& options) {
                 "%.0f s measured per run, TLS, data in %s/server-data\n",
                 options.devices, options.checkpointKib, options.intervalSeconds, options.seconds,
                 options.dir.c_str());
-    if (options.compactAfter != 0) std::printf("the server folds each chain every %llu checkpoints\n",
-                                               static_cast<unsigned long long>(options.compactAfter));
+    if (options.compactAfter > 0)
+      std::printf("the server folds a chain once %lld checkpoints follow its base\n",
+                  static_cast<long long>(options.compactAfter));
+    if (options.compactAboveMb > 0)
+      std::printf("the server folds a chain once the checkpoints after its base pass %lld MiB\n",
+                  static_cast<long long>(options.compactAboveMb));
     if (options.largeVmMb != 0)
-      std::printf("VM 0 holds %u MiB of random bytes (heavy folds); the figures leave its own pushes out\n",
-                  options.largeVmMb);
+      std::printf("VM 0 holds %u MiB of random bytes (heavy folds) and changes %u KiB per checkpoint; the figures "
+                  "leave its own pushes out\n",
+                  options.largeVmMb,
+                  options.largeVmCheckpointKib != 0 ? options.largeVmCheckpointKib : options.checkpointKib);
     std::printf("%5s %7s %9s %9s %8s %8s %8s %8s %7s %7s %7s %7s %8s %6s %6s  %s\n", "VMs", "ckpt/s", "stored",
                 "fwd", "push50", "push99", "lag50", "lag99", "srvCPU", "loop", "genCPU", "RSS", "written", "disk",
                 "errors", "saturated");
@@ -563,7 +573,8 @@ int runBenchServer(const BenchServerOptions& options) {
     if (!options.json.empty()) {
       nlohmann::json j{{"devices", options.devices},           {"interval_s", options.intervalSeconds},
                        {"checkpoint_kib", options.checkpointKib}, {"seconds", options.seconds},
-                       {"compact_after", options.compactAfter},   {"large_vm_mb", options.largeVmMb},
+                       {"compact_after", options.compactAfter},   {"compact_above_mb", options.compactAboveMb},
+                       {"large_vm_mb", options.largeVmMb}, {"large_vm_checkpoint_kib", options.largeVmCheckpointKib},
                        {"runs", runs}};
       if (knee) j["knee_vms"] = *knee;
       const std::string text = j.dump(2) + "\n";

@@ -21,9 +21,12 @@ struct BenchServerOptions {
   std::string dir = "build/bench-server";  // identity, server data, images, server log
   std::string json;                  // also write the results here ("": no)
   double kneePushP99Ms = 1000;       // the sweep stops once p99 push latency passes this
-  std::uint64_t compactAfter = 0;    // passed to the server as --compact-after (0: its default)
+  std::int64_t compactAfter = -1;    // passed to the server as --compact-after (-1: its default)
+  std::int64_t compactAboveMb = -1;  // passed to the server as --compact-above-mb (-1: its default)
   std::uint32_t largeVmMb = 0;       // VM 0's image instead, filled with random bytes, so that its
                                      // folds are heavy; its own pushes are left out of the figures
+  std::uint32_t largeVmCheckpointKib = 0;  // VM 0's changes per checkpoint (0: checkpointKib): with
+                                           // compactAboveMb, VM 0 alone folds
 };
 
 /// Runs the benchmark; prints a table row per run and where the server
