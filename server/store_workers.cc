@@ -44,12 +44,15 @@ kj::Promise<void> StoreWorkers::run(std::function<void()> job) {
   auto error = std::make_shared<std::exception_ptr>();  // written before the fulfiller is told
   {
     std::lock_guard lock(mutex_);
-    jobs_.push_back([job = std::move(job), fulfiller, error]() {
+    jobs_.push_back([job = std::move(job), fulfiller, error]() mutable {
       try {
         job();
       } catch (...) {
         *error = std::current_exception();
       }
+      // What the job held goes here, before the event loop hears of it: the
+      // loop never shares an object with a job that is still being destroyed.
+      job = nullptr;
       (*fulfiller)->fulfill();
     });
   }
