@@ -74,6 +74,11 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
                  "finish (backpressure: its device waits for the answer, nothing is refused)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--max-concurrent-folds", options.maxConcurrentFolds,
+                 "chains, of all VMs, the server folds at once; a fold past it waits (the chain grows meanwhile) "
+                 "and starts at one of the VM's next pushes")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--compact-above-mb", options.compactAboveMb,
                  "fold the chain into a new base once the checkpoints after it pass this many MiB (0: no size limit)")
       ->capture_default_str();
@@ -104,6 +109,7 @@ int runServer(const ServerOptions& options) {
     settings.user.storedBytes = options.maxUserStoredMb << 20;
     settings.user.checkpointsPerSecond = options.maxUserCheckpointRate;
     settings.pushSlots = std::make_shared<ServerBudget>(options.maxConcurrentPushes);
+    settings.foldSlots = std::make_shared<ServerBudget>(options.maxConcurrentFolds);
     VmRegistry vms(options.dataDir, settings);
     transport.setAuditLog(&audit);
     transport.setOnRevoked([&vms](const std::string& user, const std::string& device, const std::string& why) {

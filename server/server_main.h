@@ -22,6 +22,7 @@ struct ServerOptions {
   std::uint64_t maxUserInFlightMb = 4096;  // messages being received at once by one user's connections
   std::uint64_t maxInFlightMb = 1024;  // messages being received at once by all connections (then they wait)
   std::uint64_t maxConcurrentPushes = 64;  // pushes being checked and stored at once (then they wait)
+  std::uint64_t maxConcurrentFolds = 2;    // chains being folded at once (the others' folds wait)
   std::uint64_t maxVmsPerUser = 16;    // VMs one user may hold (0: no limit)
   std::uint64_t maxUserStoredMb = 0;   // MiB of checkpoints one user may store (0: no limit)
   double maxUserCheckpointRate = 0;    // checkpoints per second one user may push (0: no limit)

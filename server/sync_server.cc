@@ -48,6 +48,7 @@ SyncServer::~SyncServer() {
   // and the next start discards its scratch space.
   cancelCompaction_ = true;
   if (compactor_.joinable()) compactor_.join();
+  if (compacting_ && foldSlots_) foldSlots_->give(1);
   cancelResync_ = true;
   if (resyncer_.joinable()) resyncer_.join();
 }
@@ -85,6 +86,15 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
   // it stays in the chain with its device state.
   if (store_.resumablePoint() > store_.base()) to = std::min(to, store_.resumablePoint() - 1);
   if (to <= store_.base()) return;
+  // Folds of many VMs at once would take the server's CPU and memory from
+  // every push (chains that were started together come due together): past
+  // the server's limit this one waits, and the next push asks again.
+  if (foldSlots_ && !foldSlots_->tryTake(1)) {
+    if (!waitingForFold_) log_->info("compaction due; waiting for one of the other VMs' folds to finish");
+    waitingForFold_ = true;
+    return;
+  }
+  waitingForFold_ = false;
   std::vector<std::string> paths;
   paths.push_back(store_.pathOf(store_.base()));
   for (std::uint64_t s = store_.first(); s <= to; ++s) paths.push_back(store_.pathOf(s));
@@ -127,10 +137,10 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
                       log_->info("compaction: the base is now checkpoint {} ({}), {:.0f} ms", to, *outcome,
                                  (nowNs() - start) / 1e6);
                     })
-                    .then([this]() { compacting_ = false; },
+                    .then([this]() { foldDone(); },
                           [this](kj::Exception&& e) {
                             log_->warn("compaction failed: {}", describe(e));
-                            compacting_ = false;
+                            foldDone();
                           })
                     .eagerlyEvaluate(nullptr);
 }
@@ -211,6 +221,11 @@ void SyncServer::persist() {
   for (const auto& [id, entry] : devices_) state_.appliedByDevice[id] = entry->applied;
   store_.saveState(state_);
   appliedUnsaved_ = false;
+}
+
+void SyncServer::foldDone() {
+  compacting_ = false;
+  if (foldSlots_) foldSlots_->give(1);
 }
 
 void SyncServer::runCleanup(std::function<void()> job) {
@@ -460,11 +475,6 @@ kj::Promise<std::uint64_t> SyncServer::inStoreOrder(kj::Function<kj::Promise<std
   // when whoever asked for this one is gone.
   storeTail_ = done.addBranch().then([](std::uint64_t) {}, [](kj::Exception&&) {}).fork();
   return done.addBranch();
-}
-
-kj::Promise<void> SyncServer::storeIdle() {
-  KJ_IF_MAYBE(tail, storeTail_) { return tail->addBranch(); }
-  return kj::READY_NOW;
 }
 
 std::uint64_t SyncServer::resumablePointCreatedNs() {

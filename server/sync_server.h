@@ -133,6 +133,10 @@ class SyncServer final : public VmCatalog {
   /// Shared by the VMs of a server: a pushAsync() takes one unit before it is
   /// checked and gives it back when stored or refused (nullptr: no limit).
   void setPushSlots(std::shared_ptr<ServerBudget> slots) { pushSlots_ = std::move(slots); }
+  /// Shared by the VMs of a server: a fold runs only when it can take a unit
+  /// at once (else the next push asks again), and gives it back when done
+  /// (nullptr: no limit).
+  void setFoldSlots(std::shared_ptr<ServerBudget> slots) { foldSlots_ = std::move(slots); }
   /// Compacts the chain as far as the devices allow, whatever the limits (a
   /// user over its byte quota); nothing when a fold runs already.
   void compactNow(wire::Policy policy) { maybeCompact(policy, /*now=*/true); }
@@ -220,8 +224,6 @@ class SyncServer final : public VmCatalog {
   /// Runs `step` after every step queued before it has finished (whatever
   /// its outcome): the changes of the chain, one at a time.
   kj::Promise<std::uint64_t> inStoreOrder(kj::Function<kj::Promise<std::uint64_t>()> step);
-  /// Resolves when the changes of the chain queued so far are done.
-  kj::Promise<void> storeIdle();
   /// Nanoseconds since the lease holder last renewed its lease.
   std::uint64_t holderSilentNs() const;
   /// Wall-clock creation time of the resumable point (0: unknown).
@@ -252,6 +254,8 @@ class SyncServer final : public VmCatalog {
   /// `now`, whatever the limits): a prune under Orig (at once), a fold on a
   /// worker thread under Prev.
   void maybeCompact(wire::Policy policy, bool now = false);
+  /// The fold ended (done, failed or cancelled): its slot goes back.
+  void foldDone();
 
   std::shared_ptr<spdlog::logger> log_ = spdlog::default_logger();  // names the VM once setIdentity() did
   CheckpointStore store_;
@@ -260,6 +264,8 @@ class SyncServer final : public VmCatalog {
   CompactionLimits limits_;
   PushAdmission admitPush_;
   std::shared_ptr<ServerBudget> pushSlots_;
+  std::shared_ptr<ServerBudget> foldSlots_;
+  bool waitingForFold_ = false;  // a fold is due and waits for a slot (logged once)
   AuditLog* audit_ = nullptr;
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};

@@ -61,8 +61,18 @@ VmRegistry::VmRegistry(std::string dataDir, VmSettings settings) : dir_(std::mov
       found.emplace(userDir, name);
     }
   }
-  for (const auto& [user, name] : found) open(user, name);
-  spdlog::info("sync server: {} VM{} in {}", vms_.size(), vms_.size() == 1 ? "" : "s", dir_);
+  for (const auto& [user, name] : found) {
+    // One user's damaged VM does not take the others' service down.
+    try {
+      open(user, name);
+    } catch (const Error& e) {
+      outOfService_[user + "/" + name] = e.what();
+      spdlog::error("{}; the server goes on without this VM: its devices are refused until it is repaired (or "
+                    "its directory removed) and the server restarted", e.what());
+    }
+  }
+  spdlog::info("sync server: {} VM{} in {}{}", vms_.size(), vms_.size() == 1 ? "" : "s", dir_,
+               outOfService_.empty() ? "" : fmt::format(", {} out of service", outOfService_.size()));
 }
 
 VmRegistry::~VmRegistry() = default;
@@ -129,6 +139,7 @@ SyncServer& VmRegistry::open(const std::string& userDir, const std::string& name
     vm->setLeaseTimeout(settings_.leaseTimeout);
     vm->setAuditLog(settings_.audit);
     vm->setPushSlots(settings_.pushSlots);
+    vm->setFoldSlots(settings_.foldSlots);
     vm->setPushAdmission([this, userDir](SyncServer& vm, wire::Checkpoint::Reader checkpoint, std::uint64_t bytes) {
       admitPush(userDir, vm, checkpoint, bytes);
     });
@@ -155,6 +166,11 @@ SyncServer& VmRegistry::vm(const PeerIdentity& peer, const std::string& name, co
   checkDirectoryName("VM name", vmName);
   const std::string userDir = userDirectory(owner);
   const std::string key = userDir + "/" + vmName;
+  if (auto out = outOfService_.find(key); out != outOfService_.end())
+    refuse(peer, action,
+           fmt::format("VM '{}' is out of service: {}; the server's operator must repair it (or remove its "
+                       "directory) and restart the server", owner.empty() ? vmName : owner + "/" + vmName,
+                       out->second));
   auto it = vms_.find(key);
   SyncServer* found = it == vms_.end() ? nullptr : it->second.get();
   if (found == nullptr) {

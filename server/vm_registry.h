@@ -36,6 +36,8 @@ struct VmSettings {
   UserLimits user;
   /// Pushes all VMs may be storing at once (nullptr: no limit), one unit each.
   std::shared_ptr<ServerBudget> pushSlots;
+  /// Folds all VMs may run at once (nullptr: no limit), one unit each.
+  std::shared_ptr<ServerBudget> foldSlots;
 };
 
 /// The directory under DATA/vms/ that holds the VMs of clients of a server
@@ -47,7 +49,9 @@ class VmRegistry final : public VmCatalog {
   /// Opens every VM under `dataDir`. A data directory from before VMs had
   /// names (one VM, its chain at the top) is moved, entry by entry, into
   /// vms/OWNER/NAME first; a crash during the move is finished at the next
-  /// start. Throws Error naming the VM when one of them cannot be opened.
+  /// start. A VM that cannot be opened (a damaged record, a directory it may
+  /// not use) is left out of service with the reason, logged; the others
+  /// are served, and a request for it is refused with that reason.
   VmRegistry(std::string dataDir, VmSettings settings);
   ~VmRegistry() override;
 
@@ -74,6 +78,7 @@ class VmRegistry final : public VmCatalog {
   std::string dir_;
   VmSettings settings_;
   std::map<std::string, std::unique_ptr<SyncServer>> vms_;  // key: userDir + "/" + name
+  std::map<std::string, std::string> outOfService_;          // key: why it could not be opened at start
   struct Bucket {
     double tokens = 0;
     std::chrono::steady_clock::time_point refilled;

@@ -167,7 +167,7 @@ TEST_F(Compaction, PowerCutDuringAFoldRecoversAWholeChain) {
                 fs::exists(dir.path() + "/server/vms/owner/vm/compaction") ? "with" : "without");
 
     cluster.startServer(compact);
-    // The server refuses to start on a damaged record: that it answers is the check.
+    // A VM with a damaged record is out of service: that the server answers for it is the check.
     ASSERT_TRUE(cluster.status()) << "the server did not come back" << cluster.logOf("server");
     EXPECT_FALSE(fs::exists(dir.path() + "/server/vms/owner/vm/compaction")) << "scratch space survived the restart";
     // Whole or absent: killed before the new base was written, the old chain

@@ -71,8 +71,9 @@ void checkRestartLosesNothing(Cluster& cluster, const std::string& dir) {
     if (entry.path().string().ends_with(".tmp")) leftovers.push_back(entry.path().filename().string());
   const std::size_t logAt = readFile(dir + "/server.log").size();
   cluster.startServer();
-  // The server verifies every record as it starts and refuses to start on
-  // damage: that it answers is the check that every record passed.
+  // The server verifies every record as it starts and puts a VM with damage
+  // out of service: that it answers for the VM is the check that every
+  // record passed.
   ASSERT_TRUE(cluster.status()) << "the server did not come back" << cluster.logOf("server");
   const std::uint64_t head = cluster.head();
   EXPECT_GE(head, acknowledged) << "an acknowledged checkpoint is missing after the restart";

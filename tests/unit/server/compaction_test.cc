@@ -262,6 +262,33 @@ TEST(Compaction, ServerFoldsOnItsWorkerThreadAndReopensAtTheNewBase) {
   EXPECT_TRUE(contents(ram) == expected);
 }
 
+TEST(Compaction, AFoldWaitsWhileTheServersFoldSlotsAreTakenAndRunsOnceOneIsFree) {
+  TempDir dir;
+  kj::EventLoop loop;
+  kj::WaitScope scope(loop);
+  auto slots = std::make_shared<ServerBudget>(1);
+  ASSERT_TRUE(slots->tryTake(1));  // another VM folds
+  {
+    SyncServer server(dir.path(), CompactionLimits{5, 0});
+    server.setFoldSlots(slots);
+    pushChain(server, scope, wire::Policy::DIFF_PREV, 12, 23);
+    EXPECT_FALSE(server.compacting());
+    EXPECT_EQ(CheckpointStore(dir.path()).base(), 1u) << "a fold ran while the server's only fold slot was taken";
+    slots->give(1);
+    // The same walk, one step further: checkpoint 13 follows the chain.
+    walkChain(wire::Policy::DIFF_PREV, 13, 23, [&](int s, wire::Checkpoint::Builder c) {
+      if (s < 13) return;
+      c.setEpoch(1);  // the lease pushChain took
+      server.push("phone", c.asReader());
+    });
+    EXPECT_TRUE(server.compacting()) << "the fold did not start once the slot was free";
+    EXPECT_EQ(slots->used(), 1u);
+    while (server.compacting()) scope.poll();
+    EXPECT_EQ(slots->used(), 0u) << "the fold kept its slot";
+  }
+  EXPECT_GE(CheckpointStore(dir.path()).base(), 12u);
+}
+
 TEST(Compaction, ServerPrunesAnOrigChainAtOnce) {
   TempDir dir;
   kj::EventLoop loop;

@@ -168,6 +168,32 @@ TEST(VmRegistry, APushPastAUsersStoredBytesIsRefusedAndASwitchsFinalIsNot) {
   EXPECT_NO_THROW(runAndPush(vms, bob, "work", 2, waitScope));
 }
 
+TEST(VmRegistry, ADamagedVmIsOutOfServiceAndTheOthersAreServed) {
+  kj::EventLoop loop;
+  kj::WaitScope waitScope(loop);
+  TempDir dir;
+  const PeerIdentity alice = device("alice", "phone"), bob = device("bob", "laptop");
+  {
+    VmRegistry vms(dir.path(), {});
+    runAndPush(vms, alice, "work", 3, waitScope);
+    runAndPush(vms, bob, "vm", 2, waitScope);
+  }
+  // The head record of alice's VM loses its last byte.
+  const std::string head = checkpointFile(dir.path() + "/vms/alice/work", 3);
+  fs::resize_file(head, fs::file_size(head) - 1);
+
+  std::unique_ptr<VmRegistry> vms;
+  ASSERT_NO_THROW(vms = std::make_unique<VmRegistry>(dir.path(), VmSettings{})) << "one damaged VM stopped the server";
+  EXPECT_EQ(vms->vm(bob, "vm", "use", false).head(), 2u);
+  for (const char* action : {"use", "list", "switch"}) {
+    const std::string why = errorOf([&] { vms->vm(alice, "work", action, /*create=*/true); });
+    EXPECT_NE(why.find("VM 'alice/work' is out of service: "), std::string::npos) << why;
+    EXPECT_NE(why.find("checkpoint 3, the head of the chain, is damaged"), std::string::npos) << why;
+  }
+  EXPECT_TRUE(fs::exists(head)) << "the damaged record was touched";
+  EXPECT_EQ(vms->vmsOf(alice).size(), 0u);
+}
+
 TEST(VmRegistry, PushesPastAUsersCheckpointRateAreRefusedUntilItRefills) {
   kj::EventLoop loop;
   kj::WaitScope waitScope(loop);
