@@ -11,6 +11,7 @@
 #include "compactor.h"
 #include "store_workers.h"
 #include "checkpoint/checkpoint_record.h"
+#include "base/background.h"
 #include "base/error.h"
 #include "transport/rpc_util.h"
 #include "base/units.h"
@@ -111,6 +112,8 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
   auto fulfiller =
       std::make_shared<kj::Own<kj::CrossThreadPromiseFulfiller<void>>>(kj::mv(done.fulfiller));
   compactor_ = std::thread([this, paths = std::move(paths), out, scratch, fulfiller, outcome]() {
+    // A fold can wait; the pushes of the VMs beside it should not.
+    if (!runInBackground()) log_->debug("compaction: the fold runs at the usual priority (the kernel refused a lower one)");
     try {
       FoldStats stats = foldChain(paths, scratch, out, cancelCompaction_);
       *outcome = fmt::format("{} non-zero pages, {} non-zero blocks, {} bytes", stats.memoryUnits, stats.diskUnits,
