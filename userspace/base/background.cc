@@ -1,4 +1,4 @@
-#include "background.h"
+#include "base/background.h"
 
 #include <sys/resource.h>
 #include <sys/syscall.h>
