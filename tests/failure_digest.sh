@@ -12,10 +12,15 @@ echo
 echo "=== why the failed tests failed (from $log) ==="
 while IFS=: read -r _ name; do
   echo "--- $name"
+  # GoogleTest's failure lines and the 3 after each; for a test that has
+  # none (a script), the last 10 lines of its output.
   awk -v want="$name" '
     /^[0-9]+\/[0-9]+ Testing: / { current = substr($0, index($0, "Testing: ") + 9); after = 0; next }
     current != want { next }
+    /^<end of output>/ { current = ""; next }
+    { tail[n++ % 10] = substr($0, 1, 400) }
     /: Failure$/ || /^\[  FAILED  \]/ { after = 4 }
-    after > 0 { print substr($0, 1, 400); after--; if (++printed >= 80) exit }
-  ' "$log"
+    after > 0 { print substr($0, 1, 400); after--; printed++ }
+    END { if (!printed) for (i = (n > 10 ? n - 10 : 0); i < n; i++) print tail[i % 10] }
+  ' "$log" | head -n 80
 done < "$failed"
