@@ -38,6 +38,10 @@ SyncServer::SyncServer(std::string dataDir, CompactionLimits compaction, kj::Tim
 }
 
 SyncServer::~SyncServer() {
+  // Store steps still queued or being written end here: a caller that holds
+  // one (a push's RPC call) sees it fail, and nothing comes back to this
+  // object once it is gone.
+  storeCanceler_.cancel("the VM's server stopped");
   if (appliedUnsaved_) {
     try {
       persist();
@@ -457,8 +461,7 @@ kj::Promise<std::uint64_t> SyncServer::storePush(const std::string& id,
     return guarded([&]() -> kj::Promise<std::uint64_t> {
       if (auto stored = checkPush(id, pending->checkpoint->reader())) return *stored;
       store_.placeAppend(*pending);
-      return StoreWorkers::shared()
-          .run([pending] { CheckpointStore::writeAppend(*pending); })
+      return storeCanceler_.wrap(StoreWorkers::shared().run([pending] { CheckpointStore::writeAppend(*pending); }))
           .then([this, id, pending]() {
             return guarded([&] {
               store_.commitAppend(*pending);
@@ -473,11 +476,11 @@ kj::Promise<std::uint64_t> SyncServer::storePush(const std::string& id,
 kj::Promise<std::uint64_t> SyncServer::inStoreOrder(kj::Function<kj::Promise<std::uint64_t>()> step) {
   kj::Promise<void> previous = kj::READY_NOW;
   KJ_IF_MAYBE(tail, storeTail_) { previous = tail->addBranch(); }
-  auto done = previous.then(kj::mv(step)).fork();
+  auto done = storeCanceler_.wrap(kj::mv(previous)).then(kj::mv(step)).fork();
   // The next step waits for this one, whatever its outcome, and runs even
   // when whoever asked for this one is gone.
   storeTail_ = done.addBranch().then([](std::uint64_t) {}, [](kj::Exception&&) {}).fork();
-  return done.addBranch();
+  return storeCanceler_.wrap(done.addBranch());
 }
 
 std::uint64_t SyncServer::resumablePointCreatedNs() {

@@ -153,6 +153,8 @@ class SyncServer final : public VmCatalog {
   /// The user whose VM this is (empty: none yet, or a server without TLS).
   const std::string& owner() const { return state_.owner; }
   std::uint64_t head() const { return store_.head(); }
+  /// Expires when this object is destroyed: for what may outlive it.
+  std::weak_ptr<void> lifetime() const { return lifetime_; }
   /// True while a fold runs on the worker thread.
   bool compacting() const { return compacting_; }
 
@@ -300,6 +302,8 @@ class SyncServer final : public VmCatalog {
   kj::Maybe<kj::Promise<void>> appliedFlush_;    // the save persistAppliedSoon() scheduled
   kj::Maybe<kj::Promise<void>> appliedSave_;     // persistLater()'s save on a worker
   kj::Maybe<kj::ForkedPromise<void>> storeTail_;  // the last change of the chain queued (inStoreOrder)
+  kj::Canceler storeCanceler_;                    // every store step this object waits on
+  std::shared_ptr<void> lifetime_ = std::make_shared<int>(0);  // see lifetime()
   kj::Maybe<kj::Promise<void>> compactionCleanup_;  // removing what a fold or prune replaced, on a worker
   std::string headOrigin_;    // the device that pushed it
 };

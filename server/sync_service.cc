@@ -13,8 +13,12 @@ namespace {
 class DeviceSessionImpl final : public wire::DeviceSession::Server {
  public:
   DeviceSessionImpl(SyncServer& server, std::string id, std::uint64_t connection)
-      : server_(server), id_(std::move(id)), connection_(connection) {}
-  ~DeviceSessionImpl() { server_.unregister(id_, connection_); }
+      : server_(server), alive_(server.lifetime()), id_(std::move(id)), connection_(connection) {}
+  // A push still being stored keeps its session after the connection went,
+  // which can outlive a VM's server that is being torn down (tests, fuzzers).
+  ~DeviceSessionImpl() {
+    if (!alive_.expired()) server_.unregister(id_, connection_);
+  }
 
   kj::Promise<void> acquireLease(AcquireLeaseContext context) override {
     return guarded([&] {
@@ -46,6 +50,7 @@ class DeviceSessionImpl final : public wire::DeviceSession::Server {
 
  private:
   SyncServer& server_;  // VMs live as long as the server process
+  std::weak_ptr<void> alive_;  // expired once server_ is gone
   std::string id_;
   std::uint64_t connection_;
 };
