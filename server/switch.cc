@@ -254,9 +254,15 @@ kj::Promise<void> SyncServer::stop(wire::StopReport::Builder report) {
       .attach(kj::defer([this] { switching_ = false; }));
 }
 
-kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchReport::Builder report) {
-  if (store_.resumablePoint() == 0 || !store_.stored(store_.resumablePoint()))
+std::uint64_t SyncServer::resumablePointToFailOverTo() const {
+  const std::uint64_t point = store_.resumablePoint();
+  if (point == 0 || !store_.stored(point))
     fail("VM '{}' has no resumable point to fail over to: no consistent checkpoint was stored", state_.vmId);
+  return point;
+}
+
+kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchReport::Builder report) {
+  resumablePointToFailOverTo();  // refused at once, before waiting for the pushes being stored
   switching_ = true;
   const std::uint64_t start = nowNs();
   // In the chain's order: a push being written when the fence comes is
@@ -284,9 +290,8 @@ kj::Promise<void> SyncServer::failOver(const std::string& target, wire::SwitchRe
 }
 
 std::uint64_t SyncServer::fenceForFailover(const std::string& target, wire::SwitchReport::Builder report) {
-  const std::uint64_t point = store_.resumablePoint();
-  if (point == 0 || !store_.stored(point))
-    fail("VM '{}' has no resumable point to fail over to: no consistent checkpoint was stored", state_.vmId);
+  // Again: a final checkpoint stored while the fence waited is the newer point.
+  const std::uint64_t point = resumablePointToFailOverTo();
   const std::string source = state_.holder;
   // Fence first: a new epoch nobody holds yet, durable before anything moves.
   ++state_.epoch;

@@ -53,7 +53,7 @@ SyncServer::~SyncServer() {
   // and the next start discards its scratch space.
   cancelCompaction_ = true;
   if (compactor_.joinable()) compactor_.join();
-  if (compacting_ && foldSlots_) foldSlots_->give(1);
+  if (compacting_) foldDone();
   cancelResync_ = true;
   if (resyncer_.joinable()) resyncer_.join();
 }

@@ -197,6 +197,8 @@ class SyncServer final : public VmCatalog {
   kj::Promise<void> leaveParkedIfNotResumed(const std::string& target, kj::Exception&& e, const char* where);
   /// The failover itself (switchTo with force, its checks passed).
   kj::Promise<void> failOver(const std::string& target, wire::SwitchReport::Builder report);
+  /// The newest resumable point; throws Error naming the VM when there is none.
+  std::uint64_t resumablePointToFailOverTo() const;
   /// Its first part, in the chain's order: the new lease epoch, the chain cut
   /// back to the resumable point (returned), the report's failover part.
   std::uint64_t fenceForFailover(const std::string& target, wire::SwitchReport::Builder report);
