@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <map>
 #include <random>
 #include <stdexcept>
 #include <vector>
@@ -199,7 +200,11 @@ struct CheckpointFixture {
   /// own unit writes and reads leave.
   explicit CheckpointFixture(std::size_t bytes, bool readCache = false) {
     dir = makeDirectory();
-    auto content = makeImage(bytes, 5);
+    // Made once per size: generating 512 MiB byte by byte takes seconds.
+    static std::map<std::size_t, std::vector<std::byte>> contents;
+    auto made = contents.find(bytes);
+    if (made == contents.end()) made = contents.emplace(bytes, makeImage(bytes, 5)).first;
+    const std::vector<std::byte>& content = made->second;
     std::vector<UnitWrite> all(bytes / kUnitSize);
     for (std::size_t u = 0; u < all.size(); ++u) all[u] = {u, content.data() + u * kUnitSize};
     // Both as a standby writes a full checkpoint.
@@ -261,6 +266,15 @@ struct CheckpointFixture {
 };
 
 /// A checkpoint in `message` whose memory list holds `delta` and whose disk list is empty.
+/// One 512 MiB fixture for every build benchmark: each makes its tracker
+/// from the source as it finds it, so what earlier ones changed does not
+/// matter, and writing two fresh 512 MiB images per benchmark is most of
+/// the time a short run takes.
+CheckpointFixture& buildFixture() {
+  static CheckpointFixture f(512u << 20);
+  return f;
+}
+
 wire::Checkpoint::Builder fillMemoryOnly(capnp::MallocMessageBuilder& message, const ImageDelta& delta) {
   auto checkpoint = message.initRoot<wire::Checkpoint>();
   toWire(delta, ImageDelta{}, checkpoint);
@@ -273,7 +287,7 @@ void BM_BuildCheckpoint512MiB(benchmark::State& state) {
   // scan:1 hashes every unit (the scan page source); scan:0 only the units a
   // dirty-page source (kmod, kvm-ring) reports.
   const bool scan = state.range(2) != 0;
-  CheckpointFixture f(512u << 20);
+  CheckpointFixture& f = buildFixture();
   auto tracker = f.tracker(policy);
   std::uint32_t round = 0;
   std::uint64_t shipped = 0;
@@ -305,7 +319,7 @@ void BM_BuildCheckpointMessage512MiB(benchmark::State& state) {
   const auto percent = static_cast<std::size_t>(state.range(0));
   const auto policy = state.range(1) ? wire::Policy::DIFF_PREV : wire::Policy::DIRTY_PREV;
   const bool scan = state.range(2) != 0;  // as in BM_BuildCheckpoint512MiB
-  CheckpointFixture f(512u << 20);
+  CheckpointFixture& f = buildFixture();
   auto tracker = f.tracker(policy);
   std::uint32_t round = 0;
   std::uint64_t words = 0;
