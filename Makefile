@@ -19,7 +19,7 @@ PACKAGES := build-essential cmake ninja-build pkg-config \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \
   linux-image-amd64 linux-headers-amd64 iproute2 xfsprogs btrfs-progs gnuplot-nox ffmpeg sqlite3 libclang-rt-14-dev
 
-.PHONY: all setup build image video-image demo test soak chaos powercut sanitize fuzz fuzz-build fuzz-long module bench bench-kmod bench-switch bench-server bench-adaptive study clean
+.PHONY: all setup build image video-image demo test soak chaos powercut sanitize sanitize-build sanitize-run fuzz fuzz-build fuzz-run fuzz-long module bench bench-kmod bench-switch bench-server bench-adaptive study clean
 
 all: build
 
@@ -46,10 +46,10 @@ video-image: setup
 demo: build image
 	tests/integration/demo.sh $(BUILD) $(IMAGE)
 
+# ctest on the main build, then the sanitizer and fuzzer steps, whose trees
+# compile beside ctest at the lowest CPU priority (tests/run_all.sh).
 test: build image
-	cd $(BUILD) && VMSYNC_IMAGE=$(abspath $(IMAGE)) ctest --output-on-failure -j 1 --timeout 900 \
-	  || { $(CURDIR)/tests/failure_digest.sh $(abspath $(BUILD)); exit 1; }
-	$(MAKE) --no-print-directory sanitize fuzz FUZZ_SECONDS=10
+	MAKE=$(MAKE) tests/run_all.sh $(abspath $(BUILD)) $(abspath $(IMAGE)) 10
 
 # The long schedule of the failover test: 20 seeded kill -9 moments of the
 # active device (make test runs 3).
@@ -81,9 +81,14 @@ powercut: build image
 	  $(BUILD)/tests/integration/vmsync_durability_tests --gtest_brief=1 --gtest_filter='*PowerCut*'
 
 # Unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
-sanitize: setup
+sanitize: sanitize-build
+	$(MAKE) --no-print-directory sanitize-run
+
+sanitize-build: setup
 	cmake -S . -B $(BUILD)/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DVMSYNC_SANITIZE=ON >/dev/null
 	cmake --build $(BUILD)/asan -j $(JOBS) --target vmsync_unit_tests
+
+sanitize-run:
 	for t in $(BUILD)/asan/tests/unit/vmsync_*_tests; do echo "$$t"; $$t --gtest_brief=1 || exit 1; done
 
 # libFuzzer targets (clang) on the decoders, checkpoint handling, the server's
@@ -97,6 +102,9 @@ fuzz-build: setup
 	cmake --build $(BUILD)/fuzz -j $(JOBS)
 
 fuzz: fuzz-build
+	$(MAKE) --no-print-directory fuzz-run
+
+fuzz-run:
 	tests/fuzz/run.sh $(BUILD)/fuzz $(or $(FUZZ_SECONDS),60) $(FUZZ_TARGETS)
 
 fuzz-long: fuzz-build
