@@ -22,6 +22,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
+/// A fold writes its new base this many bytes at a time, each on the disk
+/// before the next: the other VMs' pushes fsync meanwhile, and would wait
+/// for the whole base (hundreds of MiB) were it handed to the disk at once.
+constexpr std::size_t kFoldWriteWindow = 8u << 20;
+
 /// Every non-zero unit of `image` as a whole chunk, lz4 where it helps. A full
 /// checkpoint is applied on top of zeros, so zero units are left out.
 std::uint64_t fillImage(const ImageFile& image, capnp::Orphanage orphanage,
@@ -87,7 +92,7 @@ FoldStats foldChain(const std::vector<std::string>& paths, const std::string& sc
   crashPoint("fold-before-write");
   // From the message's own segments: a flat copy of a large VM's image
   // would double what the fold holds in memory.
-  writeMessageRecordFile(out, message);
+  writeMessageRecordFile(out, message, /*crashPoints=*/false, kFoldWriteWindow);
   stats.bytes = sizeof(RecordHeader) + capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
   return stats;
 }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <climits>
 #include <new>
 #include <vector>
@@ -68,6 +69,64 @@ void writeAndSync(int fd, const std::string& path, std::span<const iovec> iov, s
   if (syncResult < 0) throwErrno(-syncResult, fmt::format("cannot fsync {}", path));
 }
 
+/// Writes `iov` to a new file `fd` at offset 0 in windows of `window` bytes,
+/// each on the disk before the next is written (sync_file_range, waiting
+/// before and after), then fsyncs it. A background writer of a large file
+/// (a fold's new base) so holds at most one window in the disk's queue and
+/// in the file system's journal: one fsync of a file of hundreds of MiB
+/// would make every other file's fsync wait for all of it, on ext4 (whose
+/// journal commits write a file's data with it) as on the disk's queue.
+void writePacedAndSync(int fd, const std::string& path, std::span<const iovec> iov, std::size_t window) {
+  std::size_t offset = 0;
+  std::size_t piece = 0, inPiece = 0;  // the next byte to write: iov[piece], inPiece bytes in
+  std::vector<iovec> batch;
+  while (piece < iov.size()) {
+    batch.clear();
+    std::size_t bytes = 0;
+    for (std::size_t p = piece, in = inPiece; p < iov.size() && bytes < window && batch.size() < IOV_MAX;) {
+      const std::size_t take = std::min(iov[p].iov_len - in, window - bytes);
+      batch.push_back({static_cast<char*>(iov[p].iov_base) + in, take});
+      bytes += take;
+      in += take;
+      if (in == iov[p].iov_len) {
+        ++p;
+        in = 0;
+      }
+    }
+    std::size_t done = 0;
+    while (done < bytes) {
+      ssize_t n = ::pwritev(fd, batch.data(), static_cast<int>(batch.size()), static_cast<off_t>(offset + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) throwErrno(n < 0 ? errno : EIO, fmt::format("cannot write {}", path));
+      done += static_cast<std::size_t>(n);
+      // Drop what was written from the front of the batch.
+      std::size_t skip = static_cast<std::size_t>(n);
+      std::size_t first = 0;
+      while (first < batch.size() && skip >= batch[first].iov_len) skip -= batch[first++].iov_len;
+      batch.erase(batch.begin(), batch.begin() + static_cast<std::ptrdiff_t>(first));
+      if (!batch.empty()) {
+        batch.front().iov_base = static_cast<char*>(batch.front().iov_base) + skip;
+        batch.front().iov_len -= skip;
+      }
+    }
+    if (::sync_file_range(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes),
+                          SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER) != 0)
+      throwLastErrno(fmt::format("cannot write {} to the disk", path));
+    offset += bytes;
+    // Advance the cursor past this window.
+    for (std::size_t left = bytes; left > 0;) {
+      const std::size_t take = std::min(iov[piece].iov_len - inPiece, left);
+      left -= take;
+      inPiece += take;
+      if (inPiece == iov[piece].iov_len) {
+        ++piece;
+        inPiece = 0;
+      }
+    }
+  }
+  if (::fsync(fd) != 0) throwLastErrno(fmt::format("cannot fsync {}", path));
+}
+
 }  // namespace
 
 kj::Maybe<kj::Array<capnp::word>> readRecordFile(const std::string& path, std::string& why) {
@@ -100,7 +159,7 @@ namespace {
 /// Writes `header` and then `payload` (its pieces, in order) as one record to
 /// `path`, as writeRecordFile() says.
 void writeRecordPieces(const std::string& path, RecordHeader header, std::span<const iovec> payload,
-                       bool crashPoints) {
+                       bool crashPoints, std::size_t pacedWindow) {
   auto stop = [crashPoints](const char* point) {
     if (crashPoints) crashPoint(point);
   };
@@ -112,7 +171,8 @@ void writeRecordPieces(const std::string& path, RecordHeader header, std::span<c
   if (fd < 0) throwLastErrno(fmt::format("cannot create {}", tmp));
   {
     KJ_DEFER(::close(fd));
-    writeAndSync(fd, tmp, iov, sizeof header + header.length);
+    if (pacedWindow > 0) writePacedAndSync(fd, tmp, iov, pacedWindow);
+    else writeAndSync(fd, tmp, iov, sizeof header + header.length);
   }
   stop("after-data-fsync");
   // The commit: the rename makes the record visible, the directory fsync makes
@@ -134,11 +194,11 @@ void writeRecordFile(const std::string& path, std::span<const std::byte> payload
                      bool crashPoints) {
   checkPayloadSize(path, payload.size());
   const iovec piece{const_cast<std::byte*>(payload.data()), payload.size()};
-  writeRecordPieces(path, makeRecordHeader(payload), {&piece, 1}, crashPoints);
+  writeRecordPieces(path, makeRecordHeader(payload), {&piece, 1}, crashPoints, 0);
 }
 
 void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& message,
-                            bool crashPoints) {
+                            bool crashPoints, std::size_t pacedWindow) {
   auto segments = message.getSegmentsForOutput();
   // The segment table of Cap'n Proto's flat format: the number of segments
   // less one, each segment's size in words, padded to a whole word.
@@ -154,7 +214,10 @@ void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& mess
     // More segments than one write takes: flatten it after all.
     auto words = capnp::messageToFlatArray(segments);
     auto bytes = words.asBytes();
-    writeRecordFile(path, std::as_bytes(std::span(bytes.begin(), bytes.size())), crashPoints);
+    checkPayloadSize(path, bytes.size());
+    const iovec piece{bytes.begin(), bytes.size()};
+    writeRecordPieces(path, makeRecordHeader(std::as_bytes(std::span(bytes.begin(), bytes.size()))), {&piece, 1},
+                      crashPoints, pacedWindow);
     return;
   }
   XXH3_state_t* state = XXH3_createState();
@@ -169,7 +232,7 @@ void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& mess
   checkPayloadSize(path, length);
   writeRecordPieces(
       path, RecordHeader{kRecordMagic, kRecordVersion, 0, length, XXH3_64bits_digest(state)},
-      pieces, crashPoints);
+      pieces, crashPoints, pacedWindow);
 }
 
 RecordHeader makeRecordHeader(std::span<const std::byte> payload) {

@@ -54,9 +54,11 @@ void writeRecordFile(const std::string& path, std::span<const std::byte> payload
 
 /// writeRecordFile() of `message` as a flat message (its segment table, then
 /// its segments), written from the message's own segments: no flat copy of
-/// it is made first.
+/// it is made first. With `pacedWindow`, written that many bytes at a time,
+/// each window on the disk before the next (for large files written in the
+/// background, so that they do not hold up other files' fsyncs).
 void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& message,
-                            bool crashPoints = false);
+                            bool crashPoints = false, std::size_t pacedWindow = 0);
 
 /// Reads and verifies the record in `path`: its payload as words, or nullptr
 /// with the reason it is torn or damaged in `why`. Throws Error when the file

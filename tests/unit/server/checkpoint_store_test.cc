@@ -35,7 +35,10 @@ void appendOne(CheckpointStore& store, std::uint64_t sequence, std::uint64_t epo
 }
 
 // A standby's journal is written from the message's segments, with the
-// segment table made here: it must read back as the flat message would.
+// segment table made here: it must read back as the flat message would. So
+// must a fold's new base, written in windows each on the disk before the
+// next: windows smaller than a segment, across segments and larger than the
+// file.
 TEST(CheckpointRecord, AMessageWrittenFromItsSegmentsReadsBackAsItsFlatArray) {
   TempDir dir;
   // One blob per segment (segments of one word, each blob bigger): 2, 3 and
@@ -51,18 +54,22 @@ TEST(CheckpointRecord, AMessageWrittenFromItsSegmentsReadsBackAsItsFlatArray) {
       for (unsigned b = 0; b < blob.size(); ++b) blob[b] = static_cast<kj::byte>(i * 31 + b);
     }
     ASSERT_GE(message.getSegmentsForOutput().size(), blobs + 1);
-    const std::string path = dir.path + "/journal";
-    writeMessageRecordFile(path, message);
-    std::string why;
-    KJ_IF_MAYBE (words, readRecordFile(path, why)) {
-      auto expected = capnp::messageToFlatArray(message);
-      ASSERT_EQ(words->size(), expected.size());
-      EXPECT_EQ(std::memcmp(words->begin(), expected.begin(), expected.asBytes().size()), 0);
-      capnp::FlatArrayMessageReader reader(*words);
-      EXPECT_EQ(reader.getRoot<wire::Checkpoint>().getBlobs()[blobs - 1][23],
-                static_cast<kj::byte>((blobs - 1) * 31 + 23));
-    } else {
-      FAIL() << "the record does not read back: " << why;
+    for (std::size_t window : {std::size_t{0}, std::size_t{13}, std::size_t{4096}, std::size_t{1} << 20}) {
+      SCOPED_TRACE(window);
+      const std::string path = dir.path + "/journal";
+      writeMessageRecordFile(path, message, /*crashPoints=*/false, window);
+      std::string why;
+      KJ_IF_MAYBE (words, readRecordFile(path, why)) {
+        auto expected = capnp::messageToFlatArray(message);
+        ASSERT_EQ(words->size(), expected.size());
+        EXPECT_EQ(std::memcmp(words->begin(), expected.begin(), expected.asBytes().size()), 0);
+        capnp::FlatArrayMessageReader reader(*words);
+        EXPECT_EQ(reader.getRoot<wire::Checkpoint>().getBlobs()[blobs - 1][23],
+                  static_cast<kj::byte>((blobs - 1) * 31 + 23));
+      } else {
+        FAIL() << "the record does not read back: " << why;
+      }
+      fs::remove(path);
     }
   }
 }
