@@ -11,6 +11,7 @@
 #include "base/error.h"
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint_merge.h"
+#include "server_metrics.h"
 #include "sync_server.h"
 #include "transport/rpc_util.h"
 
@@ -113,6 +114,10 @@ kj::Promise<void> SyncServer::sendApply(std::string id, std::uint64_t connection
         d.lastForwardNs = nowNs() - start;
         d.lastApplyNs = response.getApplyNs();
         d.applied = response.getAppliedSequence();
+        if (metrics_) {
+          metrics_->forwarded(label_, d.sendingBytes, static_cast<double>(d.lastForwardNs) / 1e9);
+          publishMetrics();
+        }
         persistAppliedSoon();
       },
       [this, id, s, connection](kj::Exception&& e) {

@@ -8,7 +8,9 @@
 
 #include "base/durable_file.h"
 #include "base/error.h"
+#include "base/metrics.h"
 #include "transport/rpc_util.h"
+#include "server_metrics.h"
 #include "transport/secure_channel.h"
 #include "vm_registry.h"
 
@@ -79,6 +81,9 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
                  "and starts at one of the VM's next pushes")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--metrics-listen", options.metricsListen,
+                 "serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP: keep it on a trusted "
+                 "network; see docs/operations.md, Metrics)");
   app.add_option("--compact-above-mb", options.compactAboveMb,
                  "fold the chain into a new base once the checkpoints after it pass this many MiB (0: no size limit)")
       ->capture_default_str();
@@ -110,6 +115,13 @@ int runServer(const ServerOptions& options) {
     settings.user.checkpointsPerSecond = options.maxUserCheckpointRate;
     settings.pushSlots = std::make_shared<ServerBudget>(options.maxConcurrentPushes);
     settings.foldSlots = std::make_shared<ServerBudget>(options.maxConcurrentFolds);
+    std::unique_ptr<MetricsEndpoint> metricsEndpoint;
+    if (!options.metricsListen.empty()) {
+      settings.metrics = std::make_shared<ServerMetrics>();
+      metricsEndpoint = std::make_unique<MetricsEndpoint>(options.metricsListen);
+      metricsEndpoint->serve(settings.metrics);
+      spdlog::info("metrics served on {} (port {}) at /metrics", options.metricsListen, metricsEndpoint->port());
+    }
     VmRegistry vms(options.dataDir, settings);
     transport.setAuditLog(&audit);
     transport.setOnRevoked([&vms](const std::string& user, const std::string& device, const std::string& why) {

@@ -26,6 +26,7 @@ struct ServerOptions {
   std::uint64_t maxVmsPerUser = 16;    // VMs one user may hold (0: no limit)
   std::uint64_t maxUserStoredMb = 0;   // MiB of checkpoints one user may store (0: no limit)
   double maxUserCheckpointRate = 0;    // checkpoints per second one user may push (0: no limit)
+  std::string metricsListen;           // host:port of the Prometheus endpoint; empty: none
 };
 
 /// Declares the server's options on `app`.

@@ -9,6 +9,7 @@
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/checkpoint_identity.h"
 #include "compactor.h"
+#include "server_metrics.h"
 #include "store_workers.h"
 #include "checkpoint/checkpoint_record.h"
 #include "base/background.h"
@@ -137,12 +138,14 @@ void SyncServer::maybeCompact(wire::Policy policy, bool now) {
                         retryCompactionAt_ = store_.head() + std::max<std::uint64_t>(limits_.checkpoints, 16);
                         log_->warn("compaction at {} failed: {}; the chain is kept as it is (next try at {})", to,
                                    outcome->substr(1), retryCompactionAt_);
+                        if (metrics_) metrics_->folded(static_cast<double>(nowNs() - start) / 1e9, false);
                         return;
                       }
                       crashPoint("fold-before-commit");  // the new base is in place, the old chain too
                       runCleanup(store_.commitFoldLater(to));
                       log_->info("compaction: the base is now checkpoint {} ({}), {:.0f} ms", to, *outcome,
                                  (nowNs() - start) / 1e6);
+                      if (metrics_) metrics_->folded(static_cast<double>(nowNs() - start) / 1e9, true);
                     })
                     .then([this]() { foldDone(); },
                           [this](kj::Exception&& e) {
@@ -186,6 +189,17 @@ std::vector<SyncServer*> SyncServer::vmsOf(const PeerIdentity& peer) {
   return {this};
 }
 
+void SyncServer::setMetrics(std::shared_ptr<ServerMetrics> metrics) {
+  metrics_ = std::move(metrics);
+  publishMetrics();
+}
+
+void SyncServer::publishMetrics() {
+  if (!metrics_) return;
+  for (const auto& [id, entry] : devices_) metrics_->devicePosition(label_, id, store_.head(), entry->applied);
+  metrics_->vmState(label_, state_.epoch, resumablePointCreatedNs());
+}
+
 void SyncServer::audit(AuditEvent event) {
   if (audit_ == nullptr) return;
   if (event.vm.empty()) event.vm = label_.empty() ? state_.vmId : label_;
@@ -194,6 +208,7 @@ void SyncServer::audit(AuditEvent event) {
 
 void SyncServer::refuse(const PeerIdentity& peer, const char* action, const std::string& reason) {
   log_->warn("refused: {}", reason);
+  if (metrics_) metrics_->refused(action);
   audit({.action = action, .result = "refused", .user = peer.user, .device = peer.device, .reason = reason});
   fail("{}", reason);
 }
@@ -421,6 +436,7 @@ void SyncServer::recordPush(const std::string& id) {
   const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   if (full) state_.vmId = checkpoint.getSpec().getVmId();
   storedBytes_ += stored->bytes();
+  if (metrics_) metrics_->stored(label_, stored->bytes());
   noteHead(checkpoint);
   lastRenewalNs_ = nowNs();
   DeviceEntry& origin = device(id);
@@ -430,6 +446,7 @@ void SyncServer::recordPush(const std::string& id) {
   crashPoint("before-ack");
   for (auto& [other, entry] : devices_)
     if (other != id) forwardUpTo(*entry, store_.head());
+  publishMetrics();
   maybeCompact(checkpoint.getPolicy());
 }
 
@@ -444,15 +461,22 @@ kj::Promise<std::uint64_t> SyncServer::pushAsync(const std::string& id, wire::Ch
   // Copied now: the message it came in may be gone by the time the pushes
   // before it are stored.
   auto pending = guarded([&] { return CheckpointStore::copyForAppend(checkpoint); });
+  kj::Promise<std::uint64_t> stored = nullptr;
   if (pushSlots_) {
     // Past the server's limit of pushes at once the push waits (its device
     // waits for the answer); the unit goes back however it ends.
     auto slots = pushSlots_;
-    return slots->take(1).then([this, id, pending, slots]() {
+    stored = slots->take(1).then([this, id, pending, slots]() {
       return storePush(id, pending).attach(kj::defer([slots] { slots->give(1); }));
     });
+  } else {
+    stored = storePush(id, pending);
   }
-  return storePush(id, pending);
+  if (!metrics_) return stored;
+  // Observed however the push ends; the metrics outlive this VM's server.
+  return stored.attach(kj::defer([metrics = metrics_, start = nowNs()] {
+    metrics->pushAnswered(static_cast<double>(nowNs() - start) / 1e9);
+  }));
 }
 
 kj::Promise<std::uint64_t> SyncServer::storePush(const std::string& id,

@@ -25,6 +25,8 @@
 
 namespace vmsync {
 
+class ServerMetrics;
+
 /// A device as the server knows it.
 struct DeviceEntry {
   std::string id;
@@ -80,6 +82,10 @@ class SyncServer final : public VmCatalog {
   void setAuditLog(AuditLog* audit) { audit_ = audit; }
   /// Records `event` in the audit log, if there is one, naming this VM.
   void audit(AuditEvent event);
+  /// Where this VM's pushes, forwards, switches, folds, refusals and device
+  /// positions are counted (nullptr: nowhere).
+  void setMetrics(std::shared_ptr<ServerMetrics> metrics);
+  ServerMetrics* metrics() const { return metrics_.get(); }
   /// Throws Error unless `peer` may `action` this server's VM: on a TLS server
   /// only the devices of the VM's owner may (the first user to register a
   /// device claims an unclaimed server).
@@ -260,6 +266,9 @@ class SyncServer final : public VmCatalog {
   void maybeCompact(wire::Policy policy, bool now = false);
   /// The fold ended (done, failed or cancelled): its slot goes back.
   void foldDone();
+  /// Tells the metrics (if any) where the devices stand, the lease epoch and
+  /// the resumable point.
+  void publishMetrics();
 
   std::shared_ptr<spdlog::logger> log_ = spdlog::default_logger();  // names the VM once setIdentity() did
   CheckpointStore store_;
@@ -271,6 +280,7 @@ class SyncServer final : public VmCatalog {
   std::shared_ptr<ServerBudget> foldSlots_;
   bool waitingForFold_ = false;  // a fold is due and waits for a slot (logged once)
   AuditLog* audit_ = nullptr;
+  std::shared_ptr<ServerMetrics> metrics_;
   std::thread compactor_;
   std::atomic<bool> cancelCompaction_{false};
   bool compacting_ = false;

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include "base/error.h"
+#include "server_metrics.h"
 #include "sync_server.h"
 #include "transport/rpc_util.h"
 
@@ -99,12 +100,14 @@ class SyncServiceImpl final : public wire::SyncServer::Server {
       return server.switchTo(target, force, report)
           .then(
               [this, &server, action, target, report]() mutable {
+                if (auto* metrics = server.metrics()) metrics->switched(action, report.asReader());
                 server.audit({.action = action, .result = "done", .user = peer_.user, .device = peer_.device,
                               .reason = fmt::format("from {} to {}, lease epoch {}",
                                                     report.getFrom().size() ? report.getFrom().cStr() : "(none)",
                                                     target, report.getEpoch())});
               },
               [this, &server, action, target](kj::Exception&& e) {
+                if (auto* metrics = server.metrics()) metrics->switchFailed(action);
                 server.audit({.action = action, .result = "failed", .user = peer_.user, .device = peer_.device,
                               .reason = fmt::format("to {}: {}", target, describe(e))});
                 kj::throwFatalException(kj::mv(e));

@@ -10,6 +10,7 @@
 #include "base/audit_log.h"
 #include "base/durable_file.h"
 #include "base/error.h"
+#include "server_metrics.h"
 
 namespace fs = std::filesystem;
 
@@ -140,6 +141,7 @@ SyncServer& VmRegistry::open(const std::string& userDir, const std::string& name
     vm->setAuditLog(settings_.audit);
     vm->setPushSlots(settings_.pushSlots);
     vm->setFoldSlots(settings_.foldSlots);
+    if (settings_.metrics) vm->setMetrics(settings_.metrics);
     vm->setPushAdmission([this, userDir](SyncServer& vm, wire::Checkpoint::Reader checkpoint, std::uint64_t bytes) {
       admitPush(userDir, vm, checkpoint, bytes);
     });
@@ -204,6 +206,7 @@ std::vector<SyncServer*> VmRegistry::vmsOf(const PeerIdentity& peer) {
 
 void VmRegistry::refuse(const PeerIdentity& peer, const char* action, const std::string& reason) {
   spdlog::warn("refused: {}", reason);
+  if (settings_.metrics) settings_.metrics->refused(action);
   if (settings_.audit)
     settings_.audit->record(
         {.action = action, .result = "refused", .user = peer.user, .device = peer.device, .reason = reason});

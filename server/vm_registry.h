@@ -38,6 +38,8 @@ struct VmSettings {
   std::shared_ptr<ServerBudget> pushSlots;
   /// Folds all VMs may run at once (nullptr: no limit), one unit each.
   std::shared_ptr<ServerBudget> foldSlots;
+  /// What every VM counts for Prometheus (nullptr: nothing).
+  std::shared_ptr<ServerMetrics> metrics;
 };
 
 /// The directory under DATA/vms/ that holds the VMs of clients of a server
