@@ -11,6 +11,7 @@
 
 #include "chaos.h"
 #include "cluster.h"
+#include "metrics_scrape.h"
 
 namespace vmsync::testing {
 namespace {
@@ -80,8 +81,8 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
   TempDir dir;
   Cluster cluster(dir.path());
   cluster.startServer();
-  cluster.startActive("A", {"--block-source", "bpf"});
-  cluster.startStandby("B", {"--block-source", "bpf"});
+  cluster.startActive("A", {"--block-source", "bpf", "--metrics-listen", "127.0.0.1:0"});
+  cluster.startStandby("B", {"--block-source", "bpf", "--metrics-listen", "127.0.0.1:0"});
 
   // The full sync plus at least three incremental checkpoints, applied by B.
   ASSERT_TRUE(cluster.waitForHead(4, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
@@ -99,6 +100,26 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
     EXPECT_TRUE(report.contains(phase)) << phase;
   EXPECT_GT(report["total_ms"].get<double>(), 0.0);
   EXPECT_GT(report["device_state_save_ms"].get<double>(), 0.0);
+
+  // The daemons' metrics, scraped as Prometheus would: A pushed the full
+  // checkpoint, incremental ones and the final one, and runs the VM no more;
+  // B applied up to the final checkpoint and runs it under the new epoch.
+  {
+    const int portA = metricsPortInLog(readFile(dir / "A.log")), portB = metricsPortInLog(readFile(dir / "B.log"));
+    ASSERT_GT(portA, 0) << cluster.logOf("A");
+    ASSERT_GT(portB, 0) << cluster.logOf("B");
+    const std::string a = scrapeMetrics(portA), b = scrapeMetrics(portB);
+    const double final = report["final_sequence"].get<double>();
+    EXPECT_EQ(metricSample(a, "vmsync_device_checkpoints_pushed_total", {R"(kind="full")"}), 1) << a;
+    EXPECT_EQ(metricSample(a, "vmsync_device_checkpoints_pushed_total", {R"(kind="final")"}), 1) << a;
+    EXPECT_GE(metricSample(a, "vmsync_device_checkpoints_pushed_total", {R"(kind="incremental")"}), 3) << a;
+    EXPECT_EQ(metricSample(a, "vmsync_device_sequence", {R"(device="A")"}), final) << a;
+    EXPECT_EQ(metricSample(a, "vmsync_device_active"), 0) << a;
+    EXPECT_EQ(metricSample(b, "vmsync_device_sequence", {R"(device="B")"}), final) << b;
+    EXPECT_GT(metricSample(b, "vmsync_device_checkpoints_applied_total"), 0) << b;
+    EXPECT_EQ(metricSample(b, "vmsync_device_active"), 1) << b;
+    EXPECT_EQ(metricSample(b, "vmsync_device_lease_epoch"), report["epoch"].get<double>()) << b;
+  }
 
   // A's VM is gone; B continues from A's memory, not from a fresh boot.
   const std::string aBefore = readFile(cluster.serialLog("A"));

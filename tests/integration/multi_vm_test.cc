@@ -11,6 +11,7 @@
 #include <set>
 
 #include "cluster.h"
+#include "metrics_scrape.h"
 
 namespace vmsync::testing {
 namespace {
@@ -101,7 +102,7 @@ TEST(MultiVm, TwoUsersTwoVmsEachSwitchWhileOthersRunAndSeeOnlyTheirOwn) {
   if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   TempDir dir;
   Cluster cluster(dir.path());
-  cluster.startServer();
+  cluster.startServer({"--metrics-listen", "127.0.0.1:0"});
   Fleet fleet(cluster, dir.path());
   // Three devices per user; each VM runs on one and is followed by another.
   const std::vector<VmPlan> plan{{"alice", "work", "phone", "laptop"},
@@ -187,6 +188,25 @@ TEST(MultiVm, TwoUsersTwoVmsEachSwitchWhileOthersRunAndSeeOnlyTheirOwn) {
     EXPECT_EQ(atHead, 2u) << s.dump();
   }
   const std::string serverLog = readFile(dir.path() + "/server.log");
+
+  // The server's metrics, scraped as Prometheus would: every VM's stored
+  // checkpoints (all parked, so no more come), the two switches with their
+  // phases, and the four refusals by action.
+  const int port = metricsPortInLog(serverLog);
+  ASSERT_GT(port, 0) << "the server did not log its metrics port\n" << serverLog;
+  const std::string metrics = scrapeMetrics(port);
+  for (const auto& p : plan)
+    EXPECT_EQ(metricSample(metrics, "vmsync_server_checkpoints_stored_total", {"vm=\"" + p.user + "/" + p.vm + "\""}),
+              static_cast<double>(fleet.head(p.user, p.vm)))
+        << p.user << "/" << p.vm << "\n" << metrics;
+  EXPECT_EQ(metricSample(metrics, "vmsync_server_switches_total", {R"(kind="switch")", R"(result="done")"}), 2)
+      << metrics;
+  EXPECT_EQ(metricSample(metrics, "vmsync_server_switch_seconds_count", {R"(kind="switch")", R"(phase="total")"}), 2)
+      << metrics;
+  EXPECT_GT(metricSample(metrics, "vmsync_server_switch_seconds_sum", {R"(kind="switch")", R"(phase="transfer")"}), 0)
+      << metrics;
+  EXPECT_EQ(metricSum(metrics, "vmsync_server_refused_total"), 4) << metrics;
+  EXPECT_EQ(metricSample(metrics, "vmsync_server_refused_total", {R"(action="switch")"}), 2) << metrics;
   for (const auto& p : plan)
     EXPECT_NE(serverLog.find("VM " + p.user + "/" + p.vm + " created for device"), std::string::npos)
         << p.user << "/" << p.vm;

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <regex>
 #include <sstream>
 #include <stdexcept>
 
@@ -75,6 +76,12 @@ double metricSum(const std::string& text, const std::string& name) {
     if (sampleOf(line, name, value)) sum += value;
   }
   return sum;
+}
+
+int metricsPortInLog(const std::string& log) {
+  static const std::regex line(R"(metrics served on \S+ \(port (\d+)\))");
+  std::smatch port;
+  return std::regex_search(log, port, line) ? std::stoi(port[1]) : -1;
 }
 
 }  // namespace vmsync::testing

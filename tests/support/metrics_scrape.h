@@ -18,4 +18,8 @@ double metricSample(const std::string& text, const std::string& name, const std:
 /// The sum of every sample of metric `name` in `text` (0 when there is none).
 double metricSum(const std::string& text, const std::string& name);
 
+/// The port of the metrics endpoint a vmsync process logged ("metrics served
+/// on HOST:PORT (port N)"); -1 when `log` has no such line.
+int metricsPortInLog(const std::string& log);
+
 }  // namespace vmsync::testing

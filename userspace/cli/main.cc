@@ -289,6 +289,9 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
                  "the VM's name, one of the user's on the server (default: the one the state directory holds, "
                  "else \"vm\"); `active` creates it if the server has none by that name");
   cmd.add_option("--server", o.server, "sync server address, host:port")->capture_default_str();
+  cmd.add_option("--metrics-listen", o.metricsListen,
+                 "serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP: keep it on this device or a "
+                 "trusted network)");
   cmd.add_option("--credential", o.credential, "this device's credential from `vmsync enroll` (TLS)");
   cmd.add_flag("--insecure", o.insecure, "plain TCP to a server started with --insecure");
   cmd.add_option("--accel", o.accel, "accelerator: auto, kvm or tcg")

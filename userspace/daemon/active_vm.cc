@@ -31,8 +31,9 @@ const char* kindName(wire::CheckpointKind kind) {
 }  // namespace
 
 ActiveVm::ActiveVm(kj::AsyncIoContext& io, const DeviceOptions& options, Replica& replica, ServerLink& link,
-                   std::uint64_t epoch, ImageHashes receiverHashes)
-    : io_(io), options_(options), replica_(replica), link_(link), epoch_(epoch) {
+                   std::uint64_t epoch, ImageHashes receiverHashes, DeviceMetrics& metrics)
+    : io_(io), options_(options), metrics_(metrics), replica_(replica), link_(link), epoch_(epoch) {
+  metrics_.role(true, epoch);
   const LocalSpec& spec = replica_.spec();
   // Diff Prev diffs against the receiver's copy: after a switch that is this
   // device's own image as it stands now (the final checkpoint); for a new VM,
@@ -255,6 +256,8 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
     ramTracker_->setBase(*replica_.baseRam());
     diskTracker_->setBase(*replica_.baseDisk());
   }
+  metrics_.pushed(kind, wireBytes, sendSeconds, harvestNs / 1e9);
+  metrics_.position(pending.sequence);
   const std::uint64_t bytes = pending.memory.encodedBytes + pending.disk.encodedBytes;
   spdlog::info(
       "{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms, "
@@ -268,6 +271,7 @@ void ActiveVm::onPushFailed(const std::shared_ptr<PendingPush>& pending, const k
   // The server refuses pushes under an old lease epoch ("... was fenced ..."):
   // another device may run the VM now, so this one must not go on.
   const std::string why = describe(e);
+  metrics_.pushFailed();
   if (why.find("was fenced") != std::string::npos) fence(why);
   // Nothing is lost: these units are shipped again with the next checkpoint.
   ramTracker_->retryLater(pending->memory);
@@ -361,15 +365,19 @@ kj::Promise<FinalCheckpoint> ActiveVm::pushFinal(wire::DeviceSession::Client ses
   checkpoint.setDeviceState(asCapnp(final->deviceState));
   checkpoint.setImageDigest(asCapnp(final->digest));
   pending->identity = describeIdentity(checkpoint.asReader());
-  auto progress = link_.watchTransfer(fmt::format("{}: final checkpoint {}", options_.deviceId, pending->sequence),
-                                      request.totalSize().wordCount * sizeof(capnp::word));
+  const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);
+  auto progress =
+      link_.watchTransfer(fmt::format("{}: final checkpoint {}", options_.deviceId, pending->sequence), wireBytes);
   const std::uint64_t start = pending->sentNs = nowNs();
   return request.send()
       .attach(kj::mv(progress))
       .then(
-          [this, result, pending, final, start](capnp::Response<wire::DeviceSession::PushResults>) mutable {
+          [this, result, pending, final, start, wireBytes](capnp::Response<wire::DeviceSession::PushResults>) mutable {
             link_.sent(pending);
             result.setPushNs(nowNs() - start);
+            metrics_.pushed(wire::CheckpointKind::FINAL, wireBytes, (nowNs() - start) / 1e9,
+                            result.getFinalHarvestNs() / 1e9);
+            metrics_.position(final->sequence);
             spdlog::info("{}: final checkpoint {} stored (image digest {}), {}", options_.deviceId,
                          final->sequence, toHex(final->digest), pending->identity);
             return kj::mv(*final);

@@ -14,6 +14,7 @@
 #include "checkpoint/adaptive_interval.h"
 #include "checkpoint/checkpoint_builder.h"
 #include "daemon/device.h"
+#include "daemon/device_metrics.h"
 #include "daemon/replica.h"
 #include "daemon/server_link.h"
 #include "harvest/dirty_source.h"
@@ -51,7 +52,7 @@ class ActiveVm {
   /// Takes the active role under lease `epoch` over the replica's image, which
   /// the receivers hold as `receiverHashes`. Starts nothing yet.
   ActiveVm(kj::AsyncIoContext& io, const DeviceOptions& options, Replica& replica, ServerLink& link,
-           std::uint64_t epoch, ImageHashes receiverHashes);
+           std::uint64_t epoch, ImageHashes receiverHashes, DeviceMetrics& metrics);
   ~ActiveVm();
 
   /// Boots the replica's VM from its kernel and starts shipping checkpoints.
@@ -121,6 +122,7 @@ class ActiveVm {
 
   kj::AsyncIoContext& io_;
   const DeviceOptions& options_;
+  DeviceMetrics& metrics_;
   Replica& replica_;
   ServerLink& link_;
   std::uint64_t epoch_;

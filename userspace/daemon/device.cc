@@ -13,7 +13,9 @@
 #include <capnp/message.h>
 
 #include "base/error.h"
+#include "base/metrics.h"
 #include "daemon/active_vm.h"
+#include "daemon/device_metrics.h"
 #include "daemon/replica.h"
 #include "daemon/server_link.h"
 #include "transport/rpc_util.h"
@@ -90,6 +92,8 @@ class Device {
   Role role_ = Role::standby;
   Replica replica_;
   ServerLink link_;
+  std::shared_ptr<DeviceMetrics> metrics_;            // before active_, which counts into it
+  std::unique_ptr<MetricsEndpoint> metricsEndpoint_;  // with --metrics-listen
   std::unique_ptr<ActiveVm> active_;  // while active
   RetiredVmm retiring_;               // paused after a handoff, quitting in the background
   kj::PromiseFulfillerPair<void> exit_ = kj::newPromiseAndFulfiller<void>();
@@ -162,6 +166,14 @@ Device::Device(kj::AsyncIoContext& io, DeviceOptions options)
          "directory for VM '{}' (one per VM)", options_.stateDir, held, options_.vmId, held, options_.vmId);
   }
   checkName("VM name", options_.vmId);
+  metrics_ = std::make_shared<DeviceMetrics>(options_.vmId, options_.deviceId);
+  metrics_->position(replica_.applied());
+  if (!options_.metricsListen.empty()) {
+    metricsEndpoint_ = std::make_unique<MetricsEndpoint>(options_.metricsListen);
+    metricsEndpoint_->serve(metrics_->registry());
+    spdlog::info("{}: metrics served on {} (port {}) at /metrics", options_.deviceId, options_.metricsListen,
+                 metricsEndpoint_->port());
+  }
   link_.onReconnected([this](Registration registered) -> kj::Promise<void> {
     if (role_ != Role::active || !active_) return kj::READY_NOW;
     return active_->rejoin(kj::mv(registered)).catch_([this](kj::Exception&& e) -> kj::Promise<void> {
@@ -186,6 +198,7 @@ void Device::leaveActive(const std::string& why) {
   active_.reset();
   retireVm();
   role_ = Role::standby;
+  metrics_->role(false, 0);
   replica_.markDiverged();
   replica_.markLive(false);
   spdlog::info("{}: a standby now ({}); its image waits for the server's resync", options_.deviceId, why);
@@ -312,7 +325,7 @@ void Device::createAndRun(std::uint64_t epoch) {
   ImageHashes zeros{std::vector<std::uint64_t>(replica_.ram().units(), zeroUnitHash()),
                     std::vector<std::uint64_t>(replica_.disk().units(), zeroUnitHash())};
   role_ = Role::active;
-  active_ = std::make_unique<ActiveVm>(io_, options_, replica_, link_, epoch, std::move(zeros));
+  active_ = std::make_unique<ActiveVm>(io_, options_, replica_, link_, epoch, std::move(zeros), *metrics_);
   active_->boot();
 }
 
@@ -323,6 +336,8 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   ApplyStats stats = replica_.apply(checkpoint, &journaled);
   results.setAppliedSequence(checkpoint.getSequence());
   results.setApplyNs(nowNs() - start);
+  metrics_->applied((nowNs() - start) / 1e9);
+  metrics_->position(checkpoint.getSequence());
   spdlog::info("{}: applied checkpoint {} ({} pages, {} blocks; journal {:.1f} ms, image {:.1f} ms)",
                options_.deviceId, checkpoint.getSequence(), stats.memoryUnits, stats.diskUnits,
                (journaled - start) / 1e6, (nowNs() - journaled) / 1e6);
@@ -340,6 +355,7 @@ void Device::becomeStandby(FinalCheckpoint final) {
   retiring_ = active_->retire();
   active_.reset();
   role_ = Role::standby;
+  metrics_->role(false, 0);
   replica_.recordFinal(final.sequence, epoch, final.deviceState, std::move(final.hashes));
   replica_.markLive(false);  // the VMM is paused at the final checkpoint, and quits
   // The paused VMM writes nothing more; it quits after the answer is on its way.
@@ -393,7 +409,8 @@ void Device::activate(std::uint64_t epoch, wire::ActivateResult::Builder result)
   std::string state = replica_.deviceStateForResume();
   // Trackers first: Diff Prev copies the image as its reference, and that copy
   // must be the final checkpoint's image, taken before the guest runs again.
-  auto active = std::make_unique<ActiveVm>(io_, options_, replica_, link_, epoch, replica_.takeVerifiedHashes());
+  auto active =
+      std::make_unique<ActiveVm>(io_, options_, replica_, link_, epoch, replica_.takeVerifiedHashes(), *metrics_);
   active->resume({reinterpret_cast<const std::byte*>(state.data()), state.size()}, result);
   active_ = std::move(active);
   role_ = Role::active;

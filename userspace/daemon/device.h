@@ -32,6 +32,7 @@ struct DeviceOptions {
   std::uint32_t targetSwitchMs = 0;     // when active: pick the interval so a final checkpoint travels in this time (0: fixed)
   double resumableEverySeconds = 10;    // when active: a consistent (resumable) checkpoint this often (0: none)
   int deadLinkSeconds = 20;             // a silent connection to the server is given up after this long
+  std::string metricsListen;            // host:port of the Prometheus endpoint; empty: none
 };
 
 enum class Role { active, standby };

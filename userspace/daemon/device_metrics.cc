@@ -1,0 +1,114 @@
+#include "daemon/device_metrics.h"
+
+namespace vmsync {
+
+namespace {
+
+using prometheus::Histogram;
+
+/// From a millisecond (a push on a LAN) to a minute (a full checkpoint on a
+/// slow uplink), in seconds.
+const Histogram::BucketBoundaries& latencyBuckets() {
+  static const Histogram::BucketBoundaries buckets{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                   0.5,   1,      2.5,   5,    10,    30,   60};
+  return buckets;
+}
+
+const char* kindLabel(wire::CheckpointKind kind) {
+  switch (kind) {
+    case wire::CheckpointKind::FULL:
+      return "full";
+    case wire::CheckpointKind::INCREMENTAL:
+      return "incremental";
+    case wire::CheckpointKind::FINAL:
+      return "final";
+  }
+  return "other";
+}
+
+}  // namespace
+
+DeviceMetrics::DeviceMetrics(const std::string& vm, const std::string& device)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      pushed_(prometheus::BuildCounter()
+                  .Name("vmsync_device_checkpoints_pushed_total")
+                  .Help("Checkpoints this device pushed and the server stored, by kind")
+                  .Labels({{"vm", vm}, {"device", device}})
+                  .Register(*registry_)),
+      pushedBytes_(prometheus::BuildCounter()
+                       .Name("vmsync_device_pushed_bytes_total")
+                       .Help("Bytes sent in the pushes the server stored")
+                       .Labels({{"vm", vm}, {"device", device}})
+                       .Register(*registry_)
+                       .Add({})),
+      pushSeconds_(prometheus::BuildHistogram()
+                       .Name("vmsync_device_push_seconds")
+                       .Help("From sending a checkpoint to the server's answer that it stored it")
+                       .Labels({{"vm", vm}, {"device", device}})
+                       .Register(*registry_)
+                       .Add({}, latencyBuckets())),
+      harvestSeconds_(prometheus::BuildHistogram()
+                          .Name("vmsync_device_harvest_seconds")
+                          .Help("Finding and encoding what changed, per checkpoint pushed")
+                          .Labels({{"vm", vm}, {"device", device}})
+                          .Register(*registry_)
+                          .Add({}, latencyBuckets())),
+      pushesFailed_(prometheus::BuildCounter()
+                        .Name("vmsync_device_pushes_failed_total")
+                        .Help("Pushes the server did not store; their changes went into the next one")
+                        .Labels({{"vm", vm}, {"device", device}})
+                        .Register(*registry_)
+                        .Add({})),
+      applied_(prometheus::BuildCounter()
+                   .Name("vmsync_device_checkpoints_applied_total")
+                   .Help("Checkpoints this standby applied to its image")
+                   .Labels({{"vm", vm}, {"device", device}})
+                   .Register(*registry_)
+                   .Add({})),
+      applySeconds_(prometheus::BuildHistogram()
+                        .Name("vmsync_device_apply_seconds")
+                        .Help("Journaling and writing one checkpoint into the standby's image")
+                        .Labels({{"vm", vm}, {"device", device}})
+                        .Register(*registry_)
+                        .Add({}, latencyBuckets())),
+      position_(prometheus::BuildGauge()
+                    .Name("vmsync_device_sequence")
+                    .Help("The newest checkpoint this device's image holds (pushed and stored, or applied)")
+                    .Labels({{"vm", vm}, {"device", device}})
+                    .Register(*registry_)
+                    .Add({})),
+      active_(prometheus::BuildGauge()
+                  .Name("vmsync_device_active")
+                  .Help("1 while this device runs the VM, else 0")
+                  .Labels({{"vm", vm}, {"device", device}})
+                  .Register(*registry_)
+                  .Add({})),
+      epoch_(prometheus::BuildGauge()
+                 .Name("vmsync_device_lease_epoch")
+                 .Help("The lease epoch this device last ran the VM under")
+                 .Labels({{"vm", vm}, {"device", device}})
+                 .Register(*registry_)
+                 .Add({})) {}
+
+void DeviceMetrics::pushed(wire::CheckpointKind kind, std::uint64_t wireBytes, double seconds, double harvestSeconds) {
+  pushed_.Add({{"kind", kindLabel(kind)}}).Increment();
+  pushedBytes_.Increment(static_cast<double>(wireBytes));
+  pushSeconds_.Observe(seconds);
+  harvestSeconds_.Observe(harvestSeconds);
+}
+
+void DeviceMetrics::pushFailed() { pushesFailed_.Increment(); }
+
+void DeviceMetrics::applied(double seconds) {
+  applied_.Increment();
+  applySeconds_.Observe(seconds);
+}
+
+void DeviceMetrics::position(std::uint64_t sequence) { position_.Set(static_cast<double>(sequence)); }
+
+void DeviceMetrics::role(bool active, std::uint64_t epoch) {
+  active_.Set(active ? 1 : 0);
+  if (epoch != 0) epoch_.Set(static_cast<double>(epoch));
+}
+
+}  // namespace vmsync
