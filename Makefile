@@ -49,7 +49,7 @@ demo: build image
 # ctest on the main build, then the sanitizer and fuzzer steps, whose trees
 # compile beside ctest at the lowest CPU priority (tests/run_all.sh).
 test: build image
-	MAKE=$(MAKE) tests/run_all.sh $(abspath $(BUILD)) $(abspath $(IMAGE)) 10
+	MAKE=$(MAKE) tests/run_all.sh $(abspath $(BUILD)) $(abspath $(IMAGE)) 5
 
 # The long schedule of the failover test: 20 seeded kill -9 moments of the
 # active device (make test runs 3).

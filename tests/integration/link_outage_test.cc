@@ -70,15 +70,18 @@ class LinkOutage : public ::testing::Test {
     if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   }
 
-  /// Starts the server, A active on `linkA` and B standby on `linkB`, each in
-  /// its own namespace, and waits for the full sync, two checkpoints after it,
-  /// and the guest counting on A. With `deadLinkSeconds`, the server and the
+  /// Starts the server, A active and B standby, each in its own namespace,
+  /// waits for the full sync, two checkpoints after it and the guest counting
+  /// on A, then puts A on `linkA` and B on `linkB`. With `deadLinkSeconds`, the server and the
   /// devices give a silent connection up after that long instead of 20 s:
   /// the tests that wait for a cut to be noticed wait less.
   void startCounting(Cluster& cluster, const char* linkA, const char* linkB, int deadLinkSeconds = 0) {
     cluster.useNetworkLab();
-    cluster.setLink("A", linkA);
-    cluster.setLink("B", linkB);
+    // The full sync travels on lan, then the links take their profiles:
+    // these tests are about what follows it, and the full checkpoint takes
+    // tens of seconds on lte's uplink.
+    cluster.setLink("A", "lan");
+    cluster.setLink("B", "lan");
     std::vector<std::string> deadLink;
     if (deadLinkSeconds > 0) deadLink = {"--dead-link-timeout", std::to_string(deadLinkSeconds)};
     std::vector<std::string> device{"--block-source", "scan"};
@@ -90,6 +93,8 @@ class LinkOutage : public ::testing::Test {
     ASSERT_TRUE(
         waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
         << "the guest on A is not counting" << cluster.logOf("A");
+    cluster.setProfile("A", linkA);
+    cluster.setProfile("B", linkB);
   }
 
   /// Switches to `target` and checks that the VM goes on there where it
