@@ -78,19 +78,20 @@ void writeAndSync(int fd, const std::string& path, std::span<const iovec> iov, s
 /// journal commits write a file's data with it) as on the disk's queue.
 void writePacedAndSync(int fd, const std::string& path, std::span<const iovec> iov, std::size_t window) {
   std::size_t offset = 0;
-  std::size_t piece = 0, inPiece = 0;  // the next byte to write: iov[piece], inPiece bytes in
+  std::size_t piece = 0, inPiece = 0;  // the cursor: iov[piece], inPiece bytes in
   std::vector<iovec> batch;
   while (piece < iov.size()) {
+    // The next window: from the cursor on, up to `window` bytes.
     batch.clear();
     std::size_t bytes = 0;
-    for (std::size_t p = piece, in = inPiece; p < iov.size() && bytes < window && batch.size() < IOV_MAX;) {
-      const std::size_t take = std::min(iov[p].iov_len - in, window - bytes);
-      batch.push_back({static_cast<char*>(iov[p].iov_base) + in, take});
+    while (piece < iov.size() && bytes < window && batch.size() < IOV_MAX) {
+      const std::size_t take = std::min(iov[piece].iov_len - inPiece, window - bytes);
+      batch.push_back({static_cast<char*>(iov[piece].iov_base) + inPiece, take});
       bytes += take;
-      in += take;
-      if (in == iov[p].iov_len) {
-        ++p;
-        in = 0;
+      inPiece += take;
+      if (inPiece == iov[piece].iov_len) {
+        ++piece;
+        inPiece = 0;
       }
     }
     std::size_t done = 0;
@@ -113,16 +114,6 @@ void writePacedAndSync(int fd, const std::string& path, std::span<const iovec> i
                           SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER) != 0)
       throwLastErrno(fmt::format("cannot write {} to the disk", path));
     offset += bytes;
-    // Advance the cursor past this window.
-    for (std::size_t left = bytes; left > 0;) {
-      const std::size_t take = std::min(iov[piece].iov_len - inPiece, left);
-      left -= take;
-      inPiece += take;
-      if (inPiece == iov[piece].iov_len) {
-        ++piece;
-        inPiece = 0;
-      }
-    }
   }
   if (::fsync(fd) != 0) throwLastErrno(fmt::format("cannot fsync {}", path));
 }
