@@ -2,19 +2,13 @@
 
 #include <chrono>
 
+#include "base/metrics.h"
+
 namespace vmsync {
 
 namespace {
 
 using prometheus::Histogram;
-
-/// Latencies from milliseconds (a push on a LAN) to a minute (a large
-/// checkpoint on a slow uplink), in seconds.
-const Histogram::BucketBoundaries& latencyBuckets() {
-  static const Histogram::BucketBoundaries buckets{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                                   0.5,   1,      2.5,   5,    10,    30,   60};
-  return buckets;
-}
 
 /// A fold of a large VM takes seconds to minutes.
 const Histogram::BucketBoundaries& foldBuckets() {
@@ -57,7 +51,7 @@ ServerMetrics::ServerMetrics()
                        .Name("vmsync_server_push_seconds")
                        .Help("From a push's arrival to its answer (stored, or refused)")
                        .Register(*registry_)
-                       .Add({}, latencyBuckets())),
+                       .Add({}, latencyBucketsSeconds())),
       forwardedCheckpoints_(prometheus::BuildCounter()
                                 .Name("vmsync_server_checkpoints_forwarded_total")
                                 .Help("Checkpoints a standby applied after the server sent them, by VM")
@@ -70,7 +64,7 @@ ServerMetrics::ServerMetrics()
                           .Name("vmsync_server_forward_seconds")
                           .Help("From sending a checkpoint to a standby to its answer that it applied it")
                           .Register(*registry_)
-                          .Add({}, latencyBuckets())),
+                          .Add({}, latencyBucketsSeconds())),
       switchSeconds_(prometheus::BuildHistogram()
                          .Name("vmsync_server_switch_seconds")
                          .Help("Switches that ended, by kind (switch, failover) and phase (as in the switch report)")
@@ -135,7 +129,7 @@ void ServerMetrics::switched(const char* kind, wire::SwitchReport::Reader report
       {"total", report.getTotalNs()},
   };
   for (const auto& [phase, ns] : phases)
-    switchSeconds_.Add({{"kind", kind}, {"phase", phase}}, latencyBuckets()).Observe(static_cast<double>(ns) / 1e9);
+    switchSeconds_.Add({{"kind", kind}, {"phase", phase}}, latencyBucketsSeconds()).Observe(static_cast<double>(ns) / 1e9);
 }
 
 void ServerMetrics::switchFailed(const char* kind) { switches_.Add({{"kind", kind}, {"result", "failed"}}).Increment(); }

@@ -8,6 +8,12 @@
 
 namespace vmsync {
 
+const std::vector<double>& latencyBucketsSeconds() {
+  static const std::vector<double> buckets{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                           0.5,   1,      2.5,   5,    10,    30,   60};
+  return buckets;
+}
+
 MetricsEndpoint::MetricsEndpoint(const std::string& address) {
   if (address.find(':') == std::string::npos)
     fail("--metrics-listen {}: give host:port (for example 127.0.0.1:9464)", address);

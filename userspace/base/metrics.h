@@ -15,6 +15,10 @@ class Exposer;
 
 namespace vmsync {
 
+/// Histogram bounds for latencies, in seconds: from a millisecond (a push on
+/// a LAN) to a minute (a full checkpoint on a slow uplink).
+const std::vector<double>& latencyBucketsSeconds();
+
 class MetricsEndpoint {
  public:
   /// Listens on `address` (host:port; port 0 picks a free one). Throws Error

@@ -1,18 +1,10 @@
 #include "daemon/device_metrics.h"
 
+#include "base/metrics.h"
+
 namespace vmsync {
 
 namespace {
-
-using prometheus::Histogram;
-
-/// From a millisecond (a push on a LAN) to a minute (a full checkpoint on a
-/// slow uplink), in seconds.
-const Histogram::BucketBoundaries& latencyBuckets() {
-  static const Histogram::BucketBoundaries buckets{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                                   0.5,   1,      2.5,   5,    10,    30,   60};
-  return buckets;
-}
 
 const char* kindLabel(wire::CheckpointKind kind) {
   switch (kind) {
@@ -46,13 +38,13 @@ DeviceMetrics::DeviceMetrics(const std::string& vm, const std::string& device)
                        .Help("From sending a checkpoint to the server's answer that it stored it")
                        .Labels({{"vm", vm}, {"device", device}})
                        .Register(*registry_)
-                       .Add({}, latencyBuckets())),
+                       .Add({}, latencyBucketsSeconds())),
       harvestSeconds_(prometheus::BuildHistogram()
                           .Name("vmsync_device_harvest_seconds")
                           .Help("Finding and encoding what changed, per checkpoint pushed")
                           .Labels({{"vm", vm}, {"device", device}})
                           .Register(*registry_)
-                          .Add({}, latencyBuckets())),
+                          .Add({}, latencyBucketsSeconds())),
       pushesFailed_(prometheus::BuildCounter()
                         .Name("vmsync_device_pushes_failed_total")
                         .Help("Pushes the server did not store; their changes went into the next one")
@@ -70,7 +62,7 @@ DeviceMetrics::DeviceMetrics(const std::string& vm, const std::string& device)
                         .Help("Journaling and writing one checkpoint into the standby's image")
                         .Labels({{"vm", vm}, {"device", device}})
                         .Register(*registry_)
-                        .Add({}, latencyBuckets())),
+                        .Add({}, latencyBucketsSeconds())),
       position_(prometheus::BuildGauge()
                     .Name("vmsync_device_sequence")
                     .Help("The newest checkpoint this device's image holds (pushed and stored, or applied)")
