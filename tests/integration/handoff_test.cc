@@ -102,8 +102,9 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
   EXPECT_GT(report["device_state_save_ms"].get<double>(), 0.0);
 
   // The daemons' metrics, scraped as Prometheus would: A pushed the full
-  // checkpoint, incremental ones and the final one, and runs the VM no more;
-  // B applied up to the final checkpoint and runs it under the new epoch.
+  // checkpoint, incremental ones and the final one (resumable points are
+  // counted apart), and runs the VM no more; B holds the final checkpoint
+  // and runs the VM under the new epoch.
   {
     const int portA = metricsPortInLog(readFile(dir / "A.log")), portB = metricsPortInLog(readFile(dir / "B.log"));
     ASSERT_GT(portA, 0) << cluster.logOf("A");
@@ -115,7 +116,8 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
     EXPECT_GE(metricSample(a, "vmsync_device_checkpoints_pushed_total", {R"(kind="incremental")"}), 3) << a;
     EXPECT_EQ(metricSample(a, "vmsync_device_sequence", {R"(device="A")"}), final) << a;
     EXPECT_EQ(metricSample(a, "vmsync_device_active"), 0) << a;
-    EXPECT_EQ(metricSample(b, "vmsync_device_sequence", {R"(device="B")"}), final) << b;
+    // B may have pushed a checkpoint of its own since.
+    EXPECT_GE(metricSample(b, "vmsync_device_sequence", {R"(device="B")"}), final) << b;
     EXPECT_GT(metricSample(b, "vmsync_device_checkpoints_applied_total"), 0) << b;
     EXPECT_EQ(metricSample(b, "vmsync_device_active"), 1) << b;
     EXPECT_EQ(metricSample(b, "vmsync_device_lease_epoch"), report["epoch"].get<double>()) << b;

@@ -256,7 +256,12 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
     ramTracker_->setBase(*replica_.baseRam());
     diskTracker_->setBase(*replica_.baseDisk());
   }
-  metrics_.pushed(kind, wireBytes, sendSeconds, harvestNs / 1e9);
+  // Pushed here, a checkpoint of kind FINAL is a resumable point (the VM went
+  // on); a switch's or a park's final checkpoint goes through pushFinal().
+  metrics_.pushed(kind == wire::CheckpointKind::FULL          ? "full"
+                  : kind == wire::CheckpointKind::INCREMENTAL ? "incremental"
+                                                              : "resumable",
+                  wireBytes, sendSeconds, harvestNs / 1e9);
   metrics_.position(pending.sequence);
   const std::uint64_t bytes = pending.memory.encodedBytes + pending.disk.encodedBytes;
   spdlog::info(
@@ -375,8 +380,7 @@ kj::Promise<FinalCheckpoint> ActiveVm::pushFinal(wire::DeviceSession::Client ses
           [this, result, pending, final, start, wireBytes](capnp::Response<wire::DeviceSession::PushResults>) mutable {
             link_.sent(pending);
             result.setPushNs(nowNs() - start);
-            metrics_.pushed(wire::CheckpointKind::FINAL, wireBytes, (nowNs() - start) / 1e9,
-                            result.getFinalHarvestNs() / 1e9);
+            metrics_.pushed("final", wireBytes, (nowNs() - start) / 1e9, result.getFinalHarvestNs() / 1e9);
             metrics_.position(final->sequence);
             spdlog::info("{}: final checkpoint {} stored (image digest {}), {}", options_.deviceId,
                          final->sequence, toHex(final->digest), pending->identity);

@@ -4,22 +4,6 @@
 
 namespace vmsync {
 
-namespace {
-
-const char* kindLabel(wire::CheckpointKind kind) {
-  switch (kind) {
-    case wire::CheckpointKind::FULL:
-      return "full";
-    case wire::CheckpointKind::INCREMENTAL:
-      return "incremental";
-    case wire::CheckpointKind::FINAL:
-      return "final";
-  }
-  return "other";
-}
-
-}  // namespace
-
 DeviceMetrics::DeviceMetrics(const std::string& vm, const std::string& device)
     : registry_(std::make_shared<prometheus::Registry>()),
       pushed_(prometheus::BuildCounter()
@@ -82,8 +66,8 @@ DeviceMetrics::DeviceMetrics(const std::string& vm, const std::string& device)
                  .Register(*registry_)
                  .Add({})) {}
 
-void DeviceMetrics::pushed(wire::CheckpointKind kind, std::uint64_t wireBytes, double seconds, double harvestSeconds) {
-  pushed_.Add({{"kind", kindLabel(kind)}}).Increment();
+void DeviceMetrics::pushed(const char* kind, std::uint64_t wireBytes, double seconds, double harvestSeconds) {
+  pushed_.Add({{"kind", kind}}).Increment();
   pushedBytes_.Increment(static_cast<double>(wireBytes));
   pushSeconds_.Observe(seconds);
   harvestSeconds_.Observe(harvestSeconds);

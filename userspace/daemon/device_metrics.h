@@ -13,7 +13,6 @@
 #include <memory>
 #include <string>
 
-#include "vmsync.capnp.h"
 
 namespace vmsync {
 
@@ -24,9 +23,11 @@ class DeviceMetrics {
   /// What an endpoint serves.
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
-  /// A checkpoint of `kind` stored by the server: `wireBytes` sent in
-  /// `seconds`, after a harvest of `harvestSeconds`.
-  void pushed(wire::CheckpointKind kind, std::uint64_t wireBytes, double seconds, double harvestSeconds);
+  /// A checkpoint stored by the server: `kind` is full, incremental,
+  /// resumable (a resumable point, the VM went on) or final (a switch's or a
+  /// park's); `wireBytes` sent in `seconds`, after a harvest of
+  /// `harvestSeconds`.
+  void pushed(const char* kind, std::uint64_t wireBytes, double seconds, double harvestSeconds);
   /// A push not stored (its changes go into the next one).
   void pushFailed();
   /// A checkpoint applied to this standby's image in `seconds`.
