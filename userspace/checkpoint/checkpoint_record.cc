@@ -179,13 +179,19 @@ void checkPayloadSize(const std::string& path, std::uint64_t bytes) {
     fail("record for {} is {} bytes, above the limit of {}", path, bytes, kMaxRecordPayload);
 }
 
+/// writeRecordFile() of one contiguous `payload`, written as writeRecordPieces() says.
+void writePayloadRecord(const std::string& path, std::span<const std::byte> payload, bool crashPoints,
+                        std::size_t pacedWindow) {
+  checkPayloadSize(path, payload.size());
+  const iovec piece{const_cast<std::byte*>(payload.data()), payload.size()};
+  writeRecordPieces(path, makeRecordHeader(payload), {&piece, 1}, crashPoints, pacedWindow);
+}
+
 }  // namespace
 
 void writeRecordFile(const std::string& path, std::span<const std::byte> payload,
                      bool crashPoints) {
-  checkPayloadSize(path, payload.size());
-  const iovec piece{const_cast<std::byte*>(payload.data()), payload.size()};
-  writeRecordPieces(path, makeRecordHeader(payload), {&piece, 1}, crashPoints, 0);
+  writePayloadRecord(path, payload, crashPoints, 0);
 }
 
 void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& message,
@@ -205,10 +211,7 @@ void writeMessageRecordFile(const std::string& path, capnp::MessageBuilder& mess
     // More segments than one write takes: flatten it after all.
     auto words = capnp::messageToFlatArray(segments);
     auto bytes = words.asBytes();
-    checkPayloadSize(path, bytes.size());
-    const iovec piece{bytes.begin(), bytes.size()};
-    writeRecordPieces(path, makeRecordHeader(std::as_bytes(std::span(bytes.begin(), bytes.size()))), {&piece, 1},
-                      crashPoints, pacedWindow);
+    writePayloadRecord(path, std::as_bytes(std::span(bytes.begin(), bytes.size())), crashPoints, pacedWindow);
     return;
   }
   XXH3_state_t* state = XXH3_createState();
