@@ -1,5 +1,6 @@
 #include "server_main.h"
 
+
 #include <signal.h>
 #include <sys/stat.h>
 #include <spdlog/spdlog.h>
@@ -9,6 +10,7 @@
 #include "base/durable_file.h"
 #include "base/error.h"
 #include "base/metrics.h"
+#include "base/version.h"
 #include "transport/rpc_util.h"
 #include "server_metrics.h"
 #include "transport/secure_channel.h"
@@ -138,6 +140,7 @@ int runServer(const ServerOptions& options) {
     } catch (const kj::Exception& e) {
       fail("cannot listen on {}: {}", options.listen, describe(e));
     }
+    spdlog::info("vmsync {} (commit {})", buildVersion(), buildCommit());
     spdlog::info("sync server listening on {} ({}; data in {}; audit log {})", options.listen,
                  transport.secure() ? "TLS, device certificates required" : "plain TCP, INSECURE", options.dataDir,
                  audit.path());

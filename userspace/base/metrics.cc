@@ -1,10 +1,13 @@
 #include "base/metrics.h"
 
 #include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/registry.h>
 
 #include <exception>
 
 #include "base/error.h"
+#include "base/version.h"
 
 namespace vmsync {
 
@@ -23,6 +26,16 @@ MetricsEndpoint::MetricsEndpoint(const std::string& address) {
     fail("cannot serve metrics on {}: {}", address, e.what());
   }
   if (exposer_->GetListeningPorts().empty()) fail("cannot serve metrics on {}: nothing listens there", address);
+  // What is running, as Prometheus exporters say it: a gauge of 1 whose
+  // labels are the version and the commit.
+  buildInfo_ = std::make_shared<prometheus::Registry>();
+  prometheus::BuildGauge()
+      .Name("vmsync_build_info")
+      .Help("The vmsync build serving these metrics (always 1)")
+      .Register(*buildInfo_)
+      .Add({{"version", buildVersion()}, {"commit", buildCommit()}})
+      .Set(1);
+  exposer_->RegisterCollectable(buildInfo_);
 }
 
 MetricsEndpoint::~MetricsEndpoint() = default;

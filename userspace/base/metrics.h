@@ -11,6 +11,7 @@
 namespace prometheus {
 class Collectable;
 class Exposer;
+class Registry;
 }  // namespace prometheus
 
 namespace vmsync {
@@ -35,6 +36,7 @@ class MetricsEndpoint {
 
  private:
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::shared_ptr<prometheus::Registry> buildInfo_;
 };
 
 }  // namespace vmsync

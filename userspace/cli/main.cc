@@ -12,9 +12,18 @@
 //   vmsync status   [--vm NAME] [--server HOST:PORT] (--credential F | --insecure) [--json]
 //   vmsync bench switch --profile wifi,lte --runs N [--image DIR]
 //   vmsync bench server --vms 10,25,50,100 [--devices 3] [--seconds S] [--json FILE]
+//   vmsync completion bash
+//   vmsync --version
+//
+// Every command reads --config FILE (default $VMSYNC_CONFIG, else
+// /etc/vmsync/vmsync.toml where it exists; see cli/config_file.h).
+// Exit codes: 0 done; 1 the command failed (the message says why);
+// 2 the command line or config file is wrong (unknown command or option,
+// missing or bad value).
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -22,6 +31,9 @@
 #include <kj/async-io.h>
 #include <nlohmann/json.hpp>
 
+#include "base/version.h"
+#include "cli/completion.h"
+#include "cli/config_file.h"
 #include "lab/bench_server.h"
 #include "lab/bench_switch.h"
 #include "daemon/device.h"
@@ -263,7 +275,7 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool forc
   return 0;
 }
 
-int runStop(const ClientOptions& options) {
+int runStop(const ClientOptions& options, bool json) {
   auto transport = vmsync::clientTransport(options.credential, options.insecure);
   auto io = kj::setupAsyncIo();
   auto connection = connectOrExplain(io, transport, options.server);
@@ -272,6 +284,13 @@ int runStop(const ClientOptions& options) {
   request.setVm(options.vm);
   auto response = waitExplained(request.send(), io.waitScope, transport, options.server);
   auto r = response.getReport();
+  if (json) {
+    nlohmann::json j{{"parked_by", std::string(r.getDevice())},
+                     {"final_sequence", r.getFinalSequence()},
+                     {"final_bytes", r.getFinalBytes()}};
+    std::puts(j.dump(2).c_str());
+    return 0;
+  }
   std::printf("VM parked by %s at checkpoint %llu (final checkpoint %llu bytes); its daemon exits. "
               "`vmsync switch --to DEVICE` or `vmsync active` on %s resumes it\n",
               r.getDevice().cStr(), static_cast<unsigned long long>(r.getFinalSequence()),
@@ -326,11 +345,57 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
       ->capture_default_str();
 }
 
+std::string versionLine() {
+  return fmt::format("vmsync {} (commit {})", vmsync::buildVersion(), vmsync::buildCommit());
+}
+
+int printJson(const nlohmann::json& j) {
+  std::puts(j.dump(2).c_str());
+  return 0;
+}
+
+/// The deepest command the command line named: `vmsync bench` for
+/// `vmsync bench swich`.
+const CLI::App* deepestCommand(const CLI::App& app) {
+  for (const CLI::App* sub : app.get_subcommands())
+    if (sub->parsed()) return deepestCommand(*sub);
+  return &app;
+}
+
+std::string commandPath(const CLI::App& command) {
+  std::string path = command.get_name();
+  for (const CLI::App* at = command.get_parent(); at != nullptr; at = at->get_parent())
+    path = (at->get_parent() == nullptr ? std::string("vmsync") : at->get_name()) + " " + path;
+  return command.get_parent() == nullptr ? std::string("vmsync") : path;
+}
+
+/// A wrong command line: says what was wrong (an unknown command by name,
+/// with the commands there are) and exits with 2.
+int usageError(const CLI::App& app, const CLI::ParseError& error) {
+  const CLI::App& command = *deepestCommand(app);
+  std::vector<std::string> names;
+  for (const CLI::App* sub : command.get_subcommands({})) names.push_back(sub->get_name());
+  const auto rest = command.remaining();
+  if (!names.empty() && !rest.empty() && rest.front().rfind("-", 0) != 0) {
+    std::fprintf(stderr, "vmsync: `%s` has no command '%s'; its commands are: %s\n", commandPath(command).c_str(),
+                 rest.front().c_str(), CLI::detail::join(names, ", ").c_str());
+  } else if (!names.empty() && command.get_subcommands().empty() && rest.empty() &&
+             dynamic_cast<const CLI::RequiredError*>(&error) != nullptr) {
+    std::fprintf(stderr, "vmsync: `%s` needs a command: %s\n", commandPath(command).c_str(),
+                 CLI::detail::join(names, ", ").c_str());
+  } else {
+    std::fprintf(stderr, "vmsync: %s\n", error.what());
+  }
+  std::fprintf(stderr, "run `%s --help` for its options\n", commandPath(command).c_str());
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"vmsync: keep a live VM synchronized across devices"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", versionLine());
   std::string logLevel = "info";
   app.add_option("--log-level", logLevel, "trace, debug, info, warn, error")->capture_default_str();
 
@@ -377,6 +442,7 @@ int main(int argc, char** argv) {
   auto* stop = app.add_subcommand("stop", "park the VM: its device pauses it, ships a final checkpoint and exits");
   addClientOptions(stop);
   status->add_flag("--json", json, "print as JSON");
+  stop->add_flag("--json", json, "print the report as JSON");
 
   std::string identityDir, serverName = "vmsync-server", user, deviceName, credentialOut;
   auto* init = app.add_subcommand("init", "create the server's identity (a certificate authority and a server key)");
@@ -397,6 +463,11 @@ int main(int argc, char** argv) {
   revoke->add_option("--user", user, "the user whose device, or every device, is revoked")->required();
   revoke->add_option("--device", deviceName, "the device (default: every device of the user)");
   revoke->add_option("--reason", reason, "why, for the audit log");
+  for (auto* command : {init, enroll, revoke}) command->add_flag("--json", json, "print the result as JSON");
+
+  std::string shell;
+  auto* completion = app.add_subcommand("completion", "print a shell completion script (bash)");
+  completion->add_option("shell", shell, "the shell")->check(CLI::IsMember({"bash"}))->required();
 
   vmsync::StudyOptions studyOptions;
   auto* study = app.add_subcommand("study", "measure every checkpoint policy and interval on a real workload");
@@ -485,9 +556,20 @@ int main(int argc, char** argv) {
                           "KiB VM 0 changes per checkpoint (default: --checkpoint-kib); with --compact-above-mb, "
                           "VM 0 can fold while the others do not");
 
-  CLI11_PARSE(app, argc, argv);
-  // Logs and warnings go to stderr: stdout is the command's answer (JSON with --json).
-  spdlog::set_default_logger(spdlog::stderr_color_mt("vmsync"));
+  vmsync::addConfigFile(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {  // --help, --version
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    return usageError(app, e);
+  }
+  // Logs and warnings go to stderr: stdout is the command's answer (JSON with
+  // --json). No colours where NO_COLOR is set (no-color.org) or stderr is not
+  // a terminal.
+  const char* noColor = std::getenv("NO_COLOR");
+  spdlog::set_default_logger(spdlog::stderr_color_mt(
+      "vmsync", noColor != nullptr && *noColor != '\0' ? spdlog::color_mode::never : spdlog::color_mode::automatic));
   spdlog::set_level(spdlog::level::from_str(logLevel));
   spdlog::set_pattern("[%H:%M:%S.%e] %^%l%$ %v");
 
@@ -497,12 +579,17 @@ int main(int argc, char** argv) {
     if (standby->parsed()) return vmsync::runDevice(standbyOptions, vmsync::Role::standby);
     if (sw->parsed()) return runSwitch(client, target, force, json);
     if (status->parsed()) return runStatus(client, json);
-    if (stop->parsed()) return runStop(client);
+    if (stop->parsed()) return runStop(client, json);
     // What these write (identities, credentials) is for this user alone; the
     // server and the devices see to their own directories.
     if (init->parsed() || enroll->parsed() || revoke->parsed()) ::umask(077);
+    if (completion->parsed()) {
+      std::fputs(vmsync::bashCompletion(app).c_str(), stdout);
+      return 0;
+    }
     if (init->parsed()) {
       vmsync::initServerIdentity(identityDir, serverName);
+      if (json) return printJson({{"identity_dir", identityDir}, {"server_name", serverName}});
       std::printf("server identity for '%s' created in %s; start the server with --tls %s and enroll devices with "
                   "`vmsync enroll --dir %s`\n", serverName.c_str(), identityDir.c_str(), identityDir.c_str(),
                   identityDir.c_str());
@@ -510,6 +597,8 @@ int main(int argc, char** argv) {
     }
     if (enroll->parsed()) {
       vmsync::enrollDevice(identityDir, user, deviceName, credentialOut, days);
+      if (json)
+        return printJson({{"user", user}, {"device", deviceName}, {"credential", credentialOut}, {"days", days}});
       std::printf("credential for device %s of user %s written to %s\n", deviceName.c_str(), user.c_str(),
                   credentialOut.c_str());
       return 0;
@@ -518,6 +607,10 @@ int main(int argc, char** argv) {
       if (!deviceName.empty()) vmsync::checkName("device", deviceName);
       vmsync::checkName("user", user);
       const auto r = vmsync::revoke(identityDir, user, deviceName, reason);
+      if (json)
+        return printJson({{"user", user},
+                          {"device", deviceName.empty() ? nlohmann::json(nullptr) : nlohmann::json(deviceName)},
+                          {"credentials_revoked", r.ids.size()}});
       std::printf("revoked %s of user %s: %zu credential(s) on record, and any from before the record; a running "
                   "server closes their connections at its next check (every 250 ms). Enroll a replacement with "
                   "`vmsync enroll`\n",

@@ -1,5 +1,6 @@
 #include "daemon/device.h"
 
+
 #include <signal.h>
 #include <sys/stat.h>
 #include <spdlog/spdlog.h>
@@ -14,6 +15,7 @@
 
 #include "base/error.h"
 #include "base/metrics.h"
+#include "base/version.h"
 #include "daemon/active_vm.h"
 #include "daemon/device_metrics.h"
 #include "daemon/replica.h"
@@ -166,6 +168,7 @@ Device::Device(kj::AsyncIoContext& io, DeviceOptions options)
          "directory for VM '{}' (one per VM)", options_.stateDir, held, options_.vmId, held, options_.vmId);
   }
   checkName("VM name", options_.vmId);
+  spdlog::info("{}: vmsync {} (commit {}), VM '{}'", options_.deviceId, buildVersion(), buildCommit(), options_.vmId);
   metrics_ = std::make_shared<DeviceMetrics>(options_.vmId, options_.deviceId);
   metrics_->position(replica_.applied());
   if (!options_.metricsListen.empty()) {
