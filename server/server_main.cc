@@ -10,6 +10,7 @@
 #include "base/durable_file.h"
 #include "base/error.h"
 #include "base/metrics.h"
+#include "base/service_notify.h"
 #include "base/version.h"
 #include "transport/rpc_util.h"
 #include "server_metrics.h"
@@ -92,6 +93,8 @@ void addServerOptions(CLI::App& app, ServerOptions& options) {
 }
 
 int runServer(const ServerOptions& options) {
+  // Before any thread starts: it takes systemd's variables out of the environment.
+  const ServiceNotifier systemd;
   try {
     kj::UnixEventPort::captureSignal(SIGTERM);
     kj::UnixEventPort::captureSignal(SIGINT);
@@ -148,9 +151,14 @@ int runServer(const ServerOptions& options) {
                                                   -> capnp::Capability::Client {
       return syncServiceClient(vms, peer, std::move(gate));
     });
+    systemd.ready(fmt::format("listening on {}", options.listen));
     auto stop = io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT));
-    auto signal = stop.exclusiveJoin(serving.then([]() -> siginfo_t { KJ_UNREACHABLE; }));
+    auto signal = stop.exclusiveJoin(serving.then([]() -> siginfo_t { KJ_UNREACHABLE; }))
+                      .exclusiveJoin(systemd.watchdog(io.provider->getTimer()).then([]() -> siginfo_t {
+                        KJ_UNREACHABLE;
+                      }));
     signal.wait(io.waitScope);
+    systemd.stopping("stopping");
     spdlog::info("sync server stopping");
     return 0;
   } catch (const Error& e) {

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "base/version.h"
 #include "cluster.h"
 #include "metrics_scrape.h"
 
@@ -206,6 +207,10 @@ TEST(MultiVm, TwoUsersTwoVmsEachSwitchWhileOthersRunAndSeeOnlyTheirOwn) {
   EXPECT_GT(metricSample(metrics, "vmsync_server_switch_seconds_sum", {R"(kind="switch")", R"(phase="transfer")"}), 0)
       << metrics;
   EXPECT_EQ(metricSum(metrics, "vmsync_server_refused_total"), 4) << metrics;
+  EXPECT_EQ(metricSample(metrics, "vmsync_build_info",
+                         {"version=\"" + std::string(buildVersion()) + "\"", "commit=\"" + std::string(buildCommit()) + "\""}),
+            1)
+      << metrics;
   EXPECT_EQ(metricSample(metrics, "vmsync_server_refused_total", {R"(action="switch")"}), 2) << metrics;
   for (const auto& p : plan)
     EXPECT_NE(serverLog.find("VM " + p.user + "/" + p.vm + " created for device"), std::string::npos)

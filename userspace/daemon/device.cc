@@ -15,6 +15,7 @@
 
 #include "base/error.h"
 #include "base/metrics.h"
+#include "base/service_notify.h"
 #include "base/version.h"
 #include "daemon/active_vm.h"
 #include "daemon/device_metrics.h"
@@ -429,8 +430,9 @@ kj::Promise<void> nextStopSignal(kj::AsyncIoContext& io) {
 /// On a stop signal an active device parks its VM before it exits: the VM is
 /// then resumable on any up-to-date device. Bounded, and a second signal ends
 /// it at once. Returns the exit code.
-int parkBeforeExit(kj::AsyncIoContext& io, Device& device, const std::string& id) {
+int parkBeforeExit(kj::AsyncIoContext& io, Device& device, const std::string& id, const ServiceNotifier& systemd) {
   constexpr auto kParkTimeout = 60 * kj::SECONDS;
+  systemd.stopping("parking the VM: a final checkpoint to the server");
   spdlog::info("{}: stopping: parking the VM first (a second signal stops at once)", id);
   capnp::MallocMessageBuilder timings;
   auto parked = device.park(timings.initRoot<wire::HandOffResult>())
@@ -450,6 +452,8 @@ int parkBeforeExit(kj::AsyncIoContext& io, Device& device, const std::string& id
 }  // namespace
 
 int runDevice(const DeviceOptions& options, Role initialRole) {
+  // Before QEMU or any thread starts: it takes systemd's variables out of the environment.
+  const ServiceNotifier systemd;
   try {
     if (options.deviceId.empty()) fail("--device is required");
     if (options.stateDir.empty()) fail("--state is required");
@@ -462,18 +466,24 @@ int runDevice(const DeviceOptions& options, Role initialRole) {
     ::umask(077);
     auto io = kj::setupAsyncIo();
     Device device(io, options);
+    // Pinged whenever the loop runs, from here to the exit.
+    auto watchdog = systemd.watchdog(io.provider->getTimer()).eagerlyEvaluate(nullptr);
     device.start(initialRole).exclusiveJoin(nextStopSignal(io).then([]() -> void {
       fail("stopped before the device was up");
     })).wait(io.waitScope);
+    systemd.ready(device.active() ? "active: the VM runs on this device"
+                                  : "standby: registered with the server, following the VM");
     bool signalled = true;
     nextStopSignal(io)
         .exclusiveJoin(device.exitRequested().then([&signalled] { signalled = false; }))
         .wait(io.waitScope);
     if (!signalled) {
+      systemd.stopping("the VM is parked; exiting as the server asked");
       spdlog::info("{}: the VM is parked; exiting as the server asked", options.deviceId);
       return 0;
     }
-    if (device.active()) return parkBeforeExit(io, device, options.deviceId);
+    if (device.active()) return parkBeforeExit(io, device, options.deviceId, systemd);
+    systemd.stopping("stopping");
     spdlog::info("{}: stopping", options.deviceId);
     return 0;
   } catch (const Error& e) {
