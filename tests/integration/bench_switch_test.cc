@@ -4,8 +4,9 @@
 // (counter guest) and `make bench-adaptive` (video guest) run wifi and lte.
 // The numbers are the bench's business (README: Switch benchmark); this test
 // checks that the bench runs, that the profile gets its table, that every
-// phase and the migration were measured, and that the final transfer is set
-// against the adaptive target and the cost line names it.
+// phase and the migration were measured, that the final transfer is set
+// against the adaptive target and the cost line names it, and that the plot
+// of the phases and the migration is drawn beside the bench's state.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "cluster.h"
+#include "plot_check.h"
 
 namespace vmsync::testing {
 namespace {
@@ -45,14 +47,13 @@ std::string missingForBench(const std::string& image) {
 /// Runs `vmsync bench switch` on link `profile` with one switch, the adaptive
 /// target of 4000 ms and the initial sync over lan, on `image` with `options`
 /// added; its state goes under `out`. Its output (the table) is printed for
-/// the test log and returned in `output`.
+/// the test log and returned in `output`, its log in `errors`.
 void runSwitchBench(const std::string& profile, const std::string& image, const std::vector<std::string>& options,
-                    const std::string& out, std::string& output) {
+                    const std::string& out, std::string& output, std::string& errors) {
   std::vector<std::string> argv{vmsyncBinary(), "bench", "switch", "--profile", profile, "--runs", "1",
                                 "--target-switch-ms", "4000", "--initial-sync-profile", "lan", "--image", image,
                                 "--out", out};
   argv.insert(argv.end(), options.begin(), options.end());
-  std::string errors;
   ASSERT_EQ(run(argv, &output, &errors), 0) << output << errors;
   std::printf("%s\n", output.c_str());
 }
@@ -82,8 +83,8 @@ void expectVerdictMatchesFigures(const std::string& table) {
 TEST(BenchSwitch, PrintsATableWithQemuMigrationAlongside) {
   if (auto missing = missingForBench(guestImage()); !missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   TempDir dir;
-  std::string output;
-  ASSERT_NO_FATAL_FAILURE(runSwitchBench("wifi", guestImage(), {"--settle", "2"}, dir / "bench", output));
+  std::string output, errors;
+  ASSERT_NO_FATAL_FAILURE(runSwitchBench("wifi", guestImage(), {"--settle", "2"}, dir / "bench", output, errors));
 
   const std::regex number(R"(^[0-9]+(\.[0-9]+)? / [0-9]+(\.[0-9]+)?$)");
   for (const std::string profile : {"wifi"}) {
@@ -103,6 +104,14 @@ TEST(BenchSwitch, PrintsATableWithQemuMigrationAlongside) {
   const std::regex cost(
       R"(checkpointing cost \(adaptive, target 4000 ms\): device daemons' CPU [0-9.]+ s/min)");
   EXPECT_TRUE(std::regex_search(output, cost)) << output;
+
+  // The plot, beside the bench's state; without gnuplot, the bench says why
+  // there is none, its tables being complete.
+  if (auto missing = missingForPlots(); !missing.empty()) {
+    EXPECT_NE(errors.find("no plots: gnuplot is not installed"), std::string::npos) << errors;
+    VMSYNC_SKIP_OR_FAIL(missing);
+  }
+  expectPlot(output, dir / "bench/bench-switch.png");
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include "base/units.h"
 #include "checkpoint/checkpoint_builder.h"
 #include "harvest/unit_hashes.h"
+#include "lab/gnuplot.h"
 #include "lab/lab_process.h"
 #include "transport/rpc_util.h"
 #include "transport/secure_channel.h"
@@ -514,6 +515,49 @@ nlohmann::json toJson(const RunResult& r) {
           {"saturated", r.saturated}};
 }
 
+/// A run as a line of the plot's data: VMs, push p50 and p99, lag p50 and
+/// p99 (ms), checkpoints stored per second, and those offered (one per
+/// measured VM and interval).
+std::string plotRow(const RunResult& r, const BenchServerOptions& options) {
+  const int measuredVms = options.largeVmMb != 0 ? r.vms - 1 : r.vms;
+  return fmt::format("{} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f}\n", r.vms, percentile(r.stats.pushMs, 50),
+                     percentile(r.stats.pushMs, 99), percentile(r.stats.lagMs, 50), percentile(r.stats.lagMs, 99),
+                     r.stats.pushes / r.seconds, measuredVms / options.intervalSeconds);
+}
+
+/// The runs as a PNG beside the JSON results (in --dir without them): push
+/// latency and forward lag, p50 and p99, against the VM count on a log scale
+/// (a knee spans decades), with the knee the sweep stops at; below, the
+/// checkpoints stored per second against those the VMs offered.
+void plotRuns(const std::string& rows, const BenchServerOptions& options) {
+  const fs::path base = options.json.empty() ? fs::path(options.dir) / "bench-server" : fs::path(options.json);
+  const std::string png = fs::path(base).replace_extension(".png").string();
+  std::string script = gnuplotPreamble(1000, 800);
+  script += "$runs << EOD\n" + rows + "EOD\n";
+  script += "set output " + gnuplotQuote(png) + "\n";
+  script += "set multiplot layout 2,1 title " +
+            gnuplotQuote(fmt::format("vmsync bench server: {} devices per VM, {} KiB per checkpoint every {} s, "
+                                     "{} s measured per run",
+                                     options.devices, options.checkpointKib, options.intervalSeconds, options.seconds)) +
+            "\n";
+  script += fmt::format(
+      // Tics at the VM counts run; room above the highest point for the key.
+      "set key inside left top\nset xlabel 'VMs'\nset xrange [0:*]\nset offsets 0, 0, graph 0.1, 0\n"
+      "set title 'push latency (sent to stored) and lag (made to applied by a follower)'\n"
+      "set ylabel 'ms (log scale)'\nset logscale y\n"
+      "plot $runs using 1:2:xtic(1) with linespoints lw 2 pt 7 lc rgb '#0072b2' title 'push p50', "
+      "'' using 1:3 with linespoints lw 2 pt 5 dt 2 lc rgb '#0072b2' title 'push p99', "
+      "'' using 1:4 with linespoints lw 2 pt 7 lc rgb '#e69f00' title 'lag p50', "
+      "'' using 1:5 with linespoints lw 2 pt 5 dt 2 lc rgb '#e69f00' title 'lag p99', "
+      "{} with lines lc rgb '#c00000' title {}\n"
+      "set title 'throughput'\nset ylabel 'checkpoints stored per s'\nunset logscale y\nset yrange [0:*]\n"
+      "plot $runs using 1:6:xtic(1) with linespoints lw 2 pt 7 lc rgb '#009e73' title 'stored', "
+      "'' using 1:7 with lines lc rgb '#888888' dt 2 title 'offered (a checkpoint per VM and interval)'\n"
+      "unset multiplot\n",
+      options.kneePushP99Ms, gnuplotQuote(fmt::format("knee: p99 push {} ms", options.kneePushP99Ms)));
+  drawPlots("bench server", fs::path(base).replace_extension(".gp").string(), script, {png});
+}
+
 }  // namespace
 
 int runBenchServer(const BenchServerOptions& options) {
@@ -555,12 +599,14 @@ int runBenchServer(const BenchServerOptions& options) {
     nlohmann::json runs = nlohmann::json::array();
     std::uint64_t errors = 0;
     std::optional<int> knee;
+    std::string plotRows;
     for (int vms : options.vms) {
       RunResult r = runOnce(options, vms);
       printRow(r, options);
       for (const auto& e : r.stats.firstErrors) std::printf("      error: %s\n", e.c_str());
       errors += r.stats.errors;
       runs.push_back(toJson(r));
+      plotRows += plotRow(r, options);
       if (percentile(r.stats.pushMs, 99) > options.kneePushP99Ms) {
         knee = vms;
         std::printf("p99 push latency passed %.0f ms at %d VMs (saturated: %s)\n", options.kneePushP99Ms, vms,
@@ -580,6 +626,7 @@ int runBenchServer(const BenchServerOptions& options) {
       const std::string text = j.dump(2) + "\n";
       writeFileDurably(options.json, text.data(), text.size());
     }
+    plotRuns(plotRows, options);
     return errors == 0 ? 0 : 1;
   } catch (const Error& e) {
     spdlog::error("{}", e.what());

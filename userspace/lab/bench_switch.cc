@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "lab/delay_relay.h"
+#include "lab/gnuplot.h"
 #include "lab/lab_process.h"
 #include "base/durable_file.h"
 #include "base/error.h"
@@ -271,43 +272,125 @@ class BenchCluster {
   std::map<std::string, std::unique_ptr<Child>> devices_;
 };
 
+/// The phases of a switch report, in order: their fields and their names in the plot.
+constexpr std::pair<const char*, const char*> kPhases[] = {
+    {"pause_ms", "pause"},
+    {"final_harvest_ms", "final harvest"},
+    {"device_state_save_ms", "device-state save"},
+    {"transfer_ms", "transfer"},
+    {"apply_ms", "apply"},
+    {"device_state_load_ms", "device-state load"},
+    {"resume_ms", "resume"}};
+
+/// What one profile's runs measured.
+struct ProfileRuns {
+  const LinkProfile* profile = nullptr;
+  std::vector<nlohmann::json> reports;  // `vmsync switch --json`, one a run
+  std::vector<Migration> migrations;    // empty with --no-qemu-migration
+};
+
 std::string cell(const std::vector<double>& values) {
   if (values.empty()) return "-";
   return fmt::format("{:.0f} / {:.0f}", percentile(values, 50), percentile(values, 95));
 }
 
-void printTable(const LinkProfile& profile, int runs, const std::vector<nlohmann::json>& reports,
-                const std::vector<Migration>& migrations) {
+/// The completed migrations' `field` (total, downtime, bytes moved).
+std::vector<double> completed(const std::vector<Migration>& migrations, double Migration::*field) {
+  std::vector<double> values;
+  for (const auto& m : migrations)
+    if (m.completed) values.push_back(m.*field);
+  return values;
+}
+
+void printTable(const ProfileRuns& runs, int count) {
+  const LinkProfile& profile = *runs.profile;
   std::printf("\n%s: %.0f/%.1f Mbit/s down/up, %lld ms one way; %d runs (median / p95)\n", profile.name.c_str(),
-              profile.downMbit, profile.upMbit, static_cast<long long>(profile.oneWayDelay.count()), runs);
+              profile.downMbit, profile.upMbit, static_cast<long long>(profile.oneWayDelay.count()), count);
   std::printf("| %-38s | %-18s |\n", "vmsync switch", "ms");
   std::printf("|%s|%s|\n", std::string(40, '-').c_str(), std::string(20, '-').c_str());
-  for (const char* field : {"pause_ms", "final_harvest_ms", "device_state_save_ms", "transfer_ms", "apply_ms",
-                            "device_state_load_ms", "resume_ms", "total_ms"}) {
+  auto row = [&](const char* field) {
     std::vector<double> values;
-    for (const auto& r : reports) values.push_back(r.value(field, 0.0));
+    for (const auto& r : runs.reports) values.push_back(r.value(field, 0.0));
     std::printf("| %-38s | %-18s |\n", field, cell(values).c_str());
-  }
+  };
+  for (const auto& [field, name] : kPhases) row(field);
+  row("total_ms");
   std::vector<double> kib;
-  for (const auto& r : reports) kib.push_back(r.value("final_bytes", 0.0) / 1024);
+  for (const auto& r : runs.reports) kib.push_back(r.value("final_bytes", 0.0) / 1024);
   std::printf("| %-38s | %-18s |\n", "final checkpoint (KiB)", cell(kib).c_str());
-  if (migrations.empty()) return;
-  std::vector<double> total, downtime, moved;
+  if (runs.migrations.empty()) return;
+  std::vector<double> moved = completed(runs.migrations, &Migration::transferredBytes);
+  for (auto& bytes : moved) bytes /= 1024;
   std::string failures;
-  for (const auto& m : migrations) {
-    if (!m.completed) {
-      failures += (failures.empty() ? "" : "; ") + m.status;
-      continue;
-    }
-    total.push_back(m.totalMs);
-    downtime.push_back(m.downtimeMs);
-    moved.push_back(m.transferredBytes / 1024);
-  }
-  std::printf("| %-38s | %-18s |\n", "QEMU migration total (xbzrle+compress)", cell(total).c_str());
-  std::printf("| %-38s | %-18s |\n", "QEMU migration downtime", cell(downtime).c_str());
+  for (const auto& m : runs.migrations)
+    if (!m.completed) failures += (failures.empty() ? "" : "; ") + m.status;
+  std::printf("| %-38s | %-18s |\n", "QEMU migration total (xbzrle+compress)",
+              cell(completed(runs.migrations, &Migration::totalMs)).c_str());
+  std::printf("| %-38s | %-18s |\n", "QEMU migration downtime",
+              cell(completed(runs.migrations, &Migration::downtimeMs)).c_str());
   std::printf("| %-38s | %-18s |\n", "QEMU migration RAM moved (KiB)", cell(moved).c_str());
-  std::printf("QEMU migrations completed: %zu of %zu%s%s\n", total.size(), migrations.size(),
+  std::printf("QEMU migrations completed: %zu of %zu%s%s\n", moved.size(), runs.migrations.size(),
               failures.empty() ? "" : "; ", failures.c_str());
+}
+
+/// The switches of every profile as one PNG in `out`, beside the servers'
+/// and devices' state: per profile, the phases of the switch with the median
+/// total stacked, what the phases leave of that total on top (so the bar is
+/// the table's median total); beside them, unless QEMU's migration was left
+/// out, the median switch total against the median downtime and total of
+/// QEMU's migrations, on a log scale (QEMU's total is tens of times the
+/// switch's, its downtime can be a few ms).
+void plotSwitches(const std::vector<ProfileRuns>& profiles, const BenchSwitchOptions& options, const fs::path& out) {
+  std::string phases = "profile", versus;
+  double least = INFINITY;  // the smallest bar on the log scale
+  for (const auto& [field, name] : kPhases) phases += fmt::format(" \"{}\"", name);
+  phases += " \"rest of the total\"\n";
+  for (const auto& p : profiles) {
+    std::vector<double> totals;
+    for (const auto& r : p.reports) totals.push_back(r.value("total_ms", 0.0));
+    const double median = percentile(totals, 50);
+    const auto& run = p.reports[std::find(totals.begin(), totals.end(), median) - totals.begin()];
+    double rest = median;
+    phases += fmt::format("\"{}\"", p.profile->name);
+    for (const auto& [field, name] : kPhases) {
+      phases += fmt::format(" {:.1f}", run.value(field, 0.0));
+      rest -= run.value(field, 0.0);
+    }
+    phases += fmt::format(" {:.1f}\n", std::max(0.0, rest));
+    // nan (no migration completed) leaves the bar out.
+    const double downtime = percentile(completed(p.migrations, &Migration::downtimeMs), 50);
+    const double migration = percentile(completed(p.migrations, &Migration::totalMs), 50);
+    versus += fmt::format("\"{}\" {:.1f} {:.1f} {:.1f}\n", p.profile->name, median, downtime, migration);
+    for (double bar : {median, downtime, migration})
+      if (bar > 0) least = std::min(least, bar);  // false for nan
+  }
+  const std::string png = (out / "bench-switch.png").string();
+  const std::string title = fmt::format("vmsync bench switch, {} switch{} per link", options.runs,
+                                        options.runs == 1 ? "" : "es");
+  std::string script = gnuplotPreamble(options.qemuMigration ? 1200 : 700, 600);
+  script += "$phases << EOD\n" + phases + "EOD\n$versus << EOD\n" + versus + "EOD\n";
+  script += "set output " + gnuplotQuote(png) + "\n";
+  if (options.qemuMigration) script += "set multiplot layout 1,2 title " + gnuplotQuote(title) + "\n";
+  script += fmt::format(
+      "set style data histogram\nset style fill solid 0.85 border -1\nset key outside below horizontal maxcols 3\n"
+      "set xrange [-0.5:{}]\nset ylabel 'ms'\nset linetype 8 lc rgb '#b0b0b0'\n"
+      "set style histogram rowstacked\nset boxwidth 0.6\nset yrange [0:*]\nset title {}\n"
+      "plot for [c=2:{}] $phases using c:xtic(1) title columnheader(c)\n",
+      profiles.size() - 0.5,
+      gnuplotQuote(options.qemuMigration ? "vmsync switch by phase\n(the switch with the median total)"
+                                         : title + "\nby phase (the switch with the median total)"),
+      std::size(kPhases) + 2);
+  if (options.qemuMigration)
+    script +=
+        "set style histogram clustered gap 1\nset boxwidth 0.9 relative\nset logscale y\n" +
+        // A decade below the smallest bar's decade: gnuplot's own bottom can leave it a sliver.
+        (std::isfinite(least) ? fmt::format("set yrange [{:g}:*]\n", std::pow(10.0, std::floor(std::log10(least)) - 1))
+                              : std::string("set yrange [*:*]\n")) +
+        "set ylabel 'ms (log scale)'\nset title 'against QEMU live migration (xbzrle + compress)'\n"
+        "plot $versus using 2:xtic(1) title 'vmsync switch, total' lc rgb '#404040', "
+        "'' using 3 title 'QEMU migration, downtime' lc rgb '#cc79a7', "
+        "'' using 4 title 'QEMU migration, total' lc rgb '#a0522d'\nunset multiplot\n";
+  drawPlots("bench switch", (out / "bench-switch.gp").string(), script, {png});
 }
 
 /// The image as the devices boot it: `image`'s files, linked, with the
@@ -341,6 +424,7 @@ int runBenchSwitch(const BenchSwitchOptions& options) {
     const std::string outDir = fs::absolute(options.outDir).string();
     if (options.workloadSeconds)
       resolved.imageDir = imageWithWorkloadDuration(resolved.imageDir, options.workloadSeconds, outDir + "/image");
+    std::vector<ProfileRuns> measured;
     for (const auto& name : options.profiles) {
       const LinkProfile& profile = linkProfile(name);
       spdlog::info("bench switch: profile {}: starting the server and devices A, B", name);
@@ -349,8 +433,10 @@ int runBenchSwitch(const BenchSwitchOptions& options) {
       BenchCluster cluster(resolved, profile, initial, outDir + "/" + name);
       if (&initial != &profile) cluster.syncInitially();
       cluster.waitInSync(3, std::chrono::seconds(900));
-      std::vector<nlohmann::json> reports;
-      std::vector<Migration> migrations;
+      ProfileRuns& runs = measured.emplace_back();
+      runs.profile = &profile;
+      auto& reports = runs.reports;
+      auto& migrations = runs.migrations;
       std::string active = "A";
       const auto measureStart = std::chrono::steady_clock::now();
       const double cpuStart = cluster.deviceCpuSeconds();
@@ -374,7 +460,7 @@ int runBenchSwitch(const BenchSwitchOptions& options) {
         active = target;
         cluster.waitInSync(reports.back().value("final_sequence", 0ull) + 2, std::chrono::seconds(600));
       }
-      printTable(profile, options.runs, reports, migrations);
+      printTable(runs, options.runs);
       if (options.targetSwitchMs) {
         // What the adaptive interval is for: the final checkpoint's transfer
         // (push to the server and forward to the target) within T.
@@ -396,6 +482,7 @@ int runBenchSwitch(const BenchSwitchOptions& options) {
                   (cluster.storedBytes() - bytesStart) / 1048576.0 / minutes);
       std::fflush(stdout);
     }
+    plotSwitches(measured, options, outDir);
     return 0;
   } catch (const std::exception& e) {
     spdlog::error("bench switch: {}", e.what());

@@ -11,6 +11,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <sstream>
 #include <thread>
 
 #include "checkpoint/chunk_codec.h"
@@ -19,6 +20,7 @@
 #include "vmm/image_file.h"
 #include "vmm/qemu_vm.h"
 #include "harvest/unit_hashes.h"
+#include "lab/gnuplot.h"
 #include "base/units.h"
 
 namespace vmsync {
@@ -256,30 +258,28 @@ std::string cell(const Spread& s, bool repeated) {
 void writePlots(const StudyOptions& options) {
   const fs::path out(options.outDir);
   const std::uint32_t first = options.intervals.front();
-  std::ofstream gp(out / "plots.gp");
-  gp << "set datafile separator ','\n"
-     << "set terminal pngcairo size 1000,600 noenhanced\n"
-     << "set grid\n"
-     << "set output '" << (out / "checkpoint_size.png").string() << "'\n"
-     << "set title 'Checkpoint size over time, workload " << options.workload << ", interval " << first
-     << " s, run 1'\n"
+  std::ostringstream gp;
+  gp << gnuplotPreamble(1000, 600) << "set datafile separator ','\n"
+     << "set output " << gnuplotQuote((out / "checkpoint_size.png").string()) << "\n"
+     << "set title "
+     << gnuplotQuote(fmt::format("Checkpoint size over time, workload {}, interval {} s, run 1", options.workload, first))
+     << "\n"
      << "set xlabel 'time (s)'\nset ylabel 'checkpoint size (MiB)'\n"
-     << "plot for [p in 'dirty-orig diff-orig dirty-prev diff-prev'] '" << (out / "checkpoints.csv").string()
-     << "' using ($1==1 && $3==" << first << " && strcol(5) eq p ? $2 : 1/0):($8/1048576.0) with linespoints "
+     << "plot for [p in 'dirty-orig diff-orig dirty-prev diff-prev'] " << gnuplotQuote((out / "checkpoints.csv").string())
+     << " using ($1==1 && $3==" << first << " && strcol(5) eq p ? $2 : 1/0):($8/1048576.0) with linespoints "
      << "title p\n"
-     << "set output '" << (out / "total_bytes.png").string() << "'\n"
-     << "set title 'Total bytes to sync by interval, workload " << options.workload << " (median of runs)'\n"
+     << "set output " << gnuplotQuote((out / "total_bytes.png").string()) << "\n"
+     << "set title "
+     << gnuplotQuote(fmt::format("Total bytes to sync by interval, workload {} (median of runs)", options.workload))
+     << "\n"
      << "set style data histogram\nset style histogram cluster gap 1\nset style fill solid 0.8 border -1\n"
      << "set xlabel 'checkpoint interval (s)'\nset ylabel 'MiB'\nset key top left\n"
-     << "plot '" << (out / "summary.csv").string()
-     << "' using ($2/1048576.0):xtic(1) every ::1 title 'Final Dirty', '' using ($3/1048576.0) every ::1 "
+     << "plot " << gnuplotQuote((out / "summary.csv").string())
+     << " using ($2/1048576.0):xtic(1) every ::1 title 'Final Dirty', '' using ($3/1048576.0) every ::1 "
         "title 'Final Diff', '' using ($4/1048576.0) every ::1 title 'Incr Dirty', '' using ($5/1048576.0) "
         "every ::1 title 'Incr Diff'\n";
-  gp.close();
-  int rc = std::system(fmt::format("gnuplot '{}' 2>'{}'", (out / "plots.gp").string(),
-                                   (out / "gnuplot.log").string())
-                           .c_str());
-  if (rc != 0) spdlog::warn("gnuplot failed (see {}); the CSV files and the report are complete", (out / "gnuplot.log").string());
+  drawPlots("study", (out / "plots.gp").string(), gp.str(),
+            {(out / "checkpoint_size.png").string(), (out / "total_bytes.png").string()});
 }
 
 }  // namespace
