@@ -38,6 +38,20 @@ git -C "$top" ls-files -z | tar -C "$top" --null --files-from=- --ignore-failed-
 # either (when OUT is inside the checkout): the commit comes from here.
 export VMSYNC_GIT_COMMIT=$commit
 export GIT_CEILING_DIRECTORIES=$work
+# debhelper gives the build a HOME of its own, where ccache would start an
+# empty cache with default settings: a build through ccache keeps the
+# user's cache and settings.
+case "${CMAKE_CXX_COMPILER_LAUNCHER:-} ${CMAKE_C_COMPILER_LAUNCHER:-}" in
+*ccache*)
+	if [ -z "${CCACHE_CONFIGPATH:-}" ]; then
+		for config in "${CCACHE_DIR:-$HOME/.ccache}/ccache.conf" "${XDG_CONFIG_HOME:-$HOME/.config}/ccache/ccache.conf"; do
+			if [ -f "$config" ]; then export CCACHE_CONFIGPATH=$config; break; fi
+		done
+	fi
+	CCACHE_DIR=${CCACHE_DIR:-$(ccache -k cache_dir)}
+	export CCACHE_DIR
+	;;
+esac
 echo "build-deb: vmsync $version at commit $commit, in $source"
 (cd "$source" && dpkg-buildpackage -b -us -uc -j"$jobs")
 
