@@ -22,8 +22,9 @@ export PATH
 unset VMSYNC_CONFIG
 export NO_COLOR=1
 
-# The commands of `vmsync`, one page each (vmsync-server(1) also stands for
-# the vmsync-server program, which takes the same options but --config).
+# The commands of `vmsync`, one page each. vmsync-server(1) also stands for
+# the vmsync-server program, which takes the options of `vmsync server`
+# (without --config: it reads no settings file).
 commands="active standby switch status stop server init enroll revoke completion study bench"
 # NAME-line descriptions.
 describe() {

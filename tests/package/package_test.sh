@@ -3,8 +3,8 @@
 #
 # Installs vmsync and vmsync-dkms from DEB_DIR (apt-get, so that their
 # dependencies resolve), checks what they installed (`vmsync --version` names
-# this checkout's commit, the module built by DKMS for each kernel with
-# headers, man pages, completion, an example config that sets nothing), checks
+# this checkout's commit, the module built and installed by DKMS, man pages,
+# completion, an example config that sets nothing), checks
 # the units with `systemd-analyze verify`, then runs a sync server and two
 # devices, A and B, with the command lines of the installed units'
 # ExecStart=, each in the sandbox part that can be had without systemd: the
@@ -279,7 +279,8 @@ counts_more_than() { [ "$(counters "$2" | wc -l)" -gt "$1" ]; }
 status_json() { client status --vm "$vm" --json 2>/dev/null | tr -d ' \n'; }
 head_sequence() { status_json | sed -n 's/.*"head_sequence":\([0-9]*\).*/\1/p'; }
 head_reaches() { local h; h=$(head_sequence); [ -n "$h" ] && [ "$h" -ge "$1" ]; }
-# nlohmann::json writes keys in order: active, applied_sequence, device, state.
+# nlohmann::json writes keys in alphabetical order: active, applied_sequence,
+# device, state.
 online() { status_json | grep -q "\"device\":\"$1\",\"state\":\"online\""; }
 both_online() { online A && online B; }
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
