@@ -9,10 +9,9 @@
 # the packages, are therefore built beside ctest at nice 19, where they take
 # only what the tests leave; their tests run once ctest is done, at normal
 # priority: the package test first (it installs the packages, runs a switch
-# with them and purges them, about a minute), then the sanitizer and fuzzer
-# runs. A
-# failure of either part fails the run, and each part's failures are shown
-# at the end.
+# with them and purges them, under a minute), then the sanitizer and fuzzer
+# runs. A failure of any part fails the run, and each part's failures are
+# shown at the end.
 #
 # Usage: run_all.sh BUILD IMAGE [FUZZ_SECONDS]
 set -uo pipefail
