@@ -3,6 +3,7 @@
 #   make demo    install what is needed, build, and move a live VM between two devices
 #   make test    install what is needed, build, and run every test
 #   make module  build vmsync.ko against kernel headers (KDIR=...)
+#   make deb     build the Debian packages vmsync and vmsync-dkms into build/deb
 
 BUILD      ?= build
 IMAGE      ?= $(BUILD)/vm-images/counter
@@ -25,7 +26,7 @@ all: build
 
 # Installs only what is missing, so a second run does nothing.
 setup:
-	@missing=$$(for p in $(PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	@missing=$$(for p in $(PACKAGES) $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:" $$missing; \
 	  export DEBIAN_FRONTEND=noninteractive; \
@@ -45,6 +46,16 @@ video-image: setup
 
 demo: build image
 	tests/integration/demo.sh $(BUILD) $(IMAGE)
+
+# The Debian packages vmsync and vmsync-dkms (dpkg-buildpackage, on a copy of
+# the checkout's tracked files) into $(BUILD)/deb; see docs/packaging.md.
+# `make setup` installs what it needs beside PACKAGES: DEB_PACKAGES, which
+# also has what the package test uses (man: `systemd-analyze verify` looks up
+# the units' Documentation=).
+DEB_PACKAGES := dpkg-dev debhelper dh-dkms dkms fakeroot help2man man-db libsystemd-dev systemd
+.PHONY: deb
+deb: setup
+	packaging/build-deb.sh $(BUILD)/deb $(JOBS)
 
 # ctest on the main build, then the sanitizer and fuzzer steps, whose trees
 # compile beside ctest at the lowest CPU priority (tests/run_all.sh).

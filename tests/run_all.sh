@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# `make test` after the main build: ctest on it, and the sanitizer and fuzzer
-# steps (`make sanitize fuzz`).
+# `make test` after the main build: ctest on it, the sanitizer and fuzzer
+# steps (`make sanitize fuzz`), and the Debian packages (`make deb`, then
+# tests/package/package_test.sh).
 #
 # The integration tests spend most of their time waiting on guests, links and
 # timeouts: two cores stay about two-thirds idle through ctest. The sanitizer
-# and fuzzer trees (over eight minutes of compiling one after the other) are
-# therefore built beside ctest at nice 19, where they take only what the
-# tests leave; their tests run once ctest is done, at normal priority. A
-# failure of either part fails the run, and each part's failures are shown
-# at the end.
+# and fuzzer trees (over eight minutes of compiling one after the other), and
+# the packages, are therefore built beside ctest at nice 19, where they take
+# only what the tests leave; their tests run once ctest is done, at normal
+# priority: the package test first (it installs the packages, runs a switch
+# with them and purges them, under a minute), then the sanitizer and fuzzer
+# runs. A failure of any part fails the run, and each part's failures are
+# shown at the end.
 #
 # Usage: run_all.sh BUILD IMAGE [FUZZ_SECONDS]
 set -uo pipefail
@@ -24,25 +27,46 @@ background_log=$build/sanitize-fuzz-build.log
 setsid nice -n 19 "$make_cmd" -C "$root" --no-print-directory BUILD="$build" sanitize-build fuzz-build \
 	>"$background_log" 2>&1 &
 background=$!
-stop_background() { kill -- "-$background" 2>/dev/null; wait "$background" 2>/dev/null; }
+deb_log=$build/deb-build.log
+setsid nice -n 19 "$make_cmd" -C "$root" --no-print-directory BUILD="$build" deb >"$deb_log" 2>&1 &
+deb_build=$!
+stop_background() {
+	kill -- "-$background" "-$deb_build" 2>/dev/null
+	wait "$background" "$deb_build" 2>/dev/null
+}
 trap stop_background INT TERM
 
 (cd "$build" && VMSYNC_IMAGE=$image ctest --output-on-failure -j 1 --timeout 900)
 ctest_rc=$?
 if [ "$ctest_rc" != 0 ]; then
-	echo "ctest failed; stopping the sanitizer and fuzzer builds"
+	echo "ctest failed; stopping the sanitizer, fuzzer and package builds"
 	stop_background
 	"$root/tests/failure_digest.sh" "$build"
 	exit 1
 fi
 
-echo "ctest passed; waiting for the sanitizer and fuzzer builds (log: $background_log)"
+echo "ctest passed; waiting for the sanitizer, fuzzer and package builds (logs: $background_log, $deb_log)"
 wait "$background"
 build_rc=$?
+wait "$deb_build"
+deb_rc=$?
 trap - INT TERM
+if [ "$deb_rc" != 0 ]; then
+	echo "the package build (make deb) failed (exit $deb_rc); its last lines:"
+	tail -n 40 "$deb_log"
+	exit 1
+fi
 if [ "$build_rc" != 0 ]; then
 	echo "the sanitizer or fuzzer build failed (exit $build_rc); its last lines:"
 	tail -n 40 "$background_log"
+	exit 1
+fi
+"$root/tests/package/package_test.sh" "$build/deb" "$image"
+package_rc=$?
+if [ "$package_rc" = 77 ]; then
+	echo "the package test was skipped (see above)"
+elif [ "$package_rc" != 0 ]; then
+	echo "the package test failed"
 	exit 1
 fi
 "$make_cmd" -C "$root" --no-print-directory BUILD="$build" sanitize-run fuzz-run FUZZ_SECONDS="$fuzz_seconds"

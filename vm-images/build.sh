@@ -19,7 +19,9 @@
 # kernel, busybox, the sizes) changes.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")" && pwd)
+# The workloads lie beside the script, also when it runs through a link
+# (the Debian package links it as /usr/bin/vmsync-build-image).
+here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 out=""
 workload="counter"
 disk_mb=""
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
     --workload) workload=$2; shift 2 ;;
     --disk-mb) disk_mb=$2; shift 2 ;;
     --memory-mb) memory_mb=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
