@@ -52,7 +52,7 @@ demo: build image
 # `make setup` installs what it needs beside PACKAGES: DEB_PACKAGES, which
 # also has what the package test uses (man: `systemd-analyze verify` looks up
 # the units' Documentation=).
-DEB_PACKAGES := dpkg-dev debhelper dh-dkms dkms fakeroot help2man man-db libsystemd-dev systemd
+DEB_PACKAGES := dpkg-dev debhelper dh-dkms dkms fakeroot help2man man-db systemd
 .PHONY: deb
 deb: setup
 	packaging/build-deb.sh $(BUILD)/deb $(JOBS)

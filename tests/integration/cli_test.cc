@@ -87,6 +87,12 @@ TEST(Cli, TheConfigFileGivesWhatTheCommandLineLeavesOut) {
   // The command line wins.
   r = vmsync({"--config", dir / "vmsync.toml", "status", "--server", fromCommandLine});
   EXPECT_NE(r.err.find("cannot reach the sync server at " + fromCommandLine), std::string::npos) << r.err;
+  // A device's own name does not reach the commands that name the device they
+  // act on: `enroll` without --device is still missing it.
+  writeFile(dir / "device.toml", "device = \"A\"\n");
+  r = vmsync({"--config", dir / "device.toml", "enroll", "--dir", dir / "id", "--user", "u", "--out", dir / "u.cred"});
+  EXPECT_EQ(r.exitCode, 2);
+  EXPECT_NE(r.err.find("--device is required"), std::string::npos) << r.err;
   // $VMSYNC_CONFIG names the file when --config does not.
   r.exitCode = run({"env", "VMSYNC_CONFIG=" + (dir / "vmsync.toml"), vmsyncBinary(), "stop"}, &r.out, &r.err);
   EXPECT_EQ(r.exitCode, 1);

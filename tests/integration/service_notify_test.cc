@@ -76,7 +76,7 @@ TEST(ServiceNotify, TheServerIsReadyWhenItListensPingsItsWatchdogAndSaysWhenItSt
   NotifySocket systemd(dir / "notify");
   const int port = freePort();
   // Pings every 150 ms at a WatchdogSec of 0.3 s.
-  Process server({"env", "NOTIFY_SOCKET=" + systemd.path(), "WATCHDOG_USEC=300000", vmsyncBinary(), "server",
+  Process server({"/usr/bin/env", "NOTIFY_SOCKET=" + systemd.path(), "WATCHDOG_USEC=300000", vmsyncBinary(), "server",
                   "--insecure", "--listen", "127.0.0.1:" + std::to_string(port), "--data", dir / "data"},
                  dir / "server.log");
 
@@ -103,7 +103,7 @@ TEST(ServiceNotify, ServerWithoutAWatchdogSendsNoPings) {
   TempDir dir;
   NotifySocket systemd(dir / "notify");
   const int port = freePort();
-  Process server({"env", "NOTIFY_SOCKET=" + systemd.path(), vmsyncBinary(), "server", "--insecure", "--listen",
+  Process server({"/usr/bin/env", "NOTIFY_SOCKET=" + systemd.path(), vmsyncBinary(), "server", "--insecure", "--listen",
                   "127.0.0.1:" + std::to_string(port), "--data", dir / "data"},
                  dir / "server.log");
   ASSERT_NE(systemd.waitFor("READY=1", std::chrono::seconds(20), nullptr), "") << readFile(dir / "server.log");
@@ -118,7 +118,7 @@ TEST(ServiceNotify, AStandbyIsReadyOnceRegistered) {
                  dir / "server.log");
   ASSERT_TRUE(waitFor([&] { return readFile(dir / "server.log").find("listening on") != std::string::npos; },
                       std::chrono::seconds(20)));
-  Process standby({"env", "NOTIFY_SOCKET=" + systemd.path(), "WATCHDOG_USEC=300000", vmsyncBinary(), "standby",
+  Process standby({"/usr/bin/env", "NOTIFY_SOCKET=" + systemd.path(), "WATCHDOG_USEC=300000", vmsyncBinary(), "standby",
                    "--insecure", "--server", address, "--device", "B", "--vm", "work", "--state", dir / "B"},
                   dir / "B.log");
   std::vector<std::string> before;
@@ -130,7 +130,8 @@ TEST(ServiceNotify, AStandbyIsReadyOnceRegistered) {
   ASSERT_EQ(run({vmsyncBinary(), "status", "--insecure", "--server", address, "--vm", "work", "--json"}, &out), 0)
       << out;
   bool listed = false;
-  for (const auto& device : nlohmann::json::parse(out)["devices"]) listed |= device["device"] == "B";
+  const auto listing = nlohmann::json::parse(out);
+  for (const auto& device : listing["devices"]) listed = listed || device["device"] == "B";
   EXPECT_TRUE(listed) << out;
   EXPECT_NE(systemd.waitFor("WATCHDOG=1", std::chrono::seconds(2), nullptr), "");
 

@@ -7,6 +7,14 @@
 namespace vmsync {
 namespace {
 
+/// `init`, `enroll` and `revoke` name the user and device they act on: a
+/// device's own `device = "phone"` must not turn `vmsync revoke --user me`
+/// (every device of the user) into a revocation of the phone alone. They
+/// take settings from their own sections only.
+bool administersIdentities(const std::vector<std::string>& path) {
+  return path.size() == 1 && (path[0] == "init" || path[0] == "enroll" || path[0] == "revoke");
+}
+
 /// CLI11 reads TOML sections as the options of the subcommand they name; this
 /// reader adds the top-level keys to every command that has such an option.
 class SharedKeysConfig final : public CLI::ConfigTOML {
@@ -35,7 +43,7 @@ class SharedKeysConfig final : public CLI::ConfigTOML {
           throw CLI::ConfigError("config file: `vmsync " + CLI::detail::join(item.parents, " ") +
                                  "` has no option --" + item.name + " (key '" + item.name + "' in [" +
                                  CLI::detail::join(item.parents, ".") + "])");
-        out.push_back(item);
+        if (onCommandLine(item.parents)) out.push_back(item);
         continue;
       }
       bool used = false;
@@ -45,10 +53,11 @@ class SharedKeysConfig final : public CLI::ConfigTOML {
       }
       forEachCommand(app_, {}, [&](const CLI::App& command, const std::vector<std::string>& path) {
         if (!command.get_option_no_throw("--" + item.name) || inSections.count({path, item.name})) return;
+        used = true;
+        if (administersIdentities(path) || !onCommandLine(path)) return;
         auto copy = item;
         copy.parents = path;
         out.push_back(copy);
-        used = true;
       });
       if (!used) throw CLI::ConfigError("config file: unknown key '" + item.name + "': no command has --" + item.name);
     }
@@ -64,6 +73,22 @@ class SharedKeysConfig final : public CLI::ConfigTOML {
       visit(*sub, subPath);
       forEachCommand(*sub, subPath, visit);
     }
+  }
+
+  /// Whether the command line named the command at `path`. Only its
+  /// settings are given: commands may share the variables their options
+  /// fill (status, switch and stop do), so another command's section must
+  /// not reach them. (CLI11 reads the file after the command line.)
+  bool onCommandLine(const std::vector<std::string>& path) const {
+    const CLI::App* at = &app_;
+    for (const auto& name : path) {
+      const CLI::App* next = nullptr;
+      for (const CLI::App* sub : at->get_subcommands({}))
+        if (sub->get_name() == name) next = sub;
+      if (next == nullptr || !next->parsed()) return false;
+      at = next;
+    }
+    return true;
   }
 
   const CLI::App* find(const std::vector<std::string>& path) const {

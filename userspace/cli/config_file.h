@@ -9,7 +9,8 @@
 //   data = "/var/lib/vmsync/server"
 //
 // A key at the top applies to every command that has an option of that name
-// (--server, --credential, ...); a [COMMAND] section (or [bench.switch])
+// (--server, --credential, ...), except init, enroll and revoke, which name
+// the user and device they act on; a [COMMAND] section (or [bench.switch])
 // applies to that command alone and wins over the top. The command line
 // wins over both. A key that no command knows is an error naming it.
 #pragma once
