@@ -163,6 +163,25 @@ class BenchCluster {
     return nlohmann::json::parse(report == std::string::npos ? out : out.substr(report + 1));
   }
 
+  /// Sets migration capabilities on the active device's QEMU. The daemon
+  /// saves the device state through QEMU's migration too (resumable points),
+  /// and QEMU refuses to change capabilities while a migration runs: wait
+  /// for that save to end (a few seconds at most) rather than fail the bench.
+  static void setCapabilitiesBetweenSaves(QmpClient& monitor, const nlohmann::json& capabilities) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (true) {
+      try {
+        monitor.execute("migrate-set-capabilities", {{"capabilities", capabilities}});
+        return;
+      } catch (const Error& e) {
+        if (std::string(e.what()).find("migration process in progress") == std::string::npos ||
+            std::chrono::steady_clock::now() > deadline)
+          throw;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+
   /// QEMU's live migration of `source`'s running VM to a QEMU started with
   /// -incoming in `target`'s namespace, over the same links as the checkpoints
   /// (source uplink, server namespace, target downlink), xbzrle and compression on.
@@ -218,7 +237,7 @@ class BenchCluster {
 
     QmpClient monitor(sourceDir + "/run/tools-qmp.sock", std::chrono::seconds(5));
     nlohmann::json before = monitor.execute("query-migrate-capabilities");
-    monitor.execute("migrate-set-capabilities", {{"capabilities", on}});
+    setCapabilitiesBetweenSaves(monitor, on);
     Migration result;
     try {
       monitor.execute("migrate", {{"uri", fmt::format("tcp:{}:{}", lab_.serverHostFor(source), kMigrationPort)}});
@@ -257,7 +276,7 @@ class BenchCluster {
     for (const auto& c : before)
       if (c["capability"] == "xbzrle" || c["capability"] == "compress" || c["capability"] == "x-ignore-shared")
         restore.push_back({{"capability", c["capability"]}, {"state", c["state"]}});
-    monitor.execute("migrate-set-capabilities", {{"capabilities", restore}});
+    setCapabilitiesBetweenSaves(monitor, restore);
     destination.reset();
     fs::remove_all(scratch);
     return result;
