@@ -84,6 +84,15 @@ TEST(Cli, TheConfigFileGivesWhatTheCommandLineLeavesOut) {
   r = vmsync({"--config", dir / "vmsync.toml", "status"});
   EXPECT_EQ(r.exitCode, 1);
   EXPECT_NE(r.err.find("cannot reach the sync server at " + fromSection), std::string::npos) << r.err;
+  // A top-level key every command with the option overrides in its section
+  // is still a known key.
+  writeFile(dir / "shadowed.toml", "server = \"" + fromTop + "\"\ninsecure = true\n[status]\nserver = \"" +
+                                       fromSection + "\"\n[stop]\nserver = \"" + fromSection +
+                                       "\"\n[switch]\nserver = \"" + fromSection + "\"\n[active]\nserver = \"" +
+                                       fromSection + "\"\n[standby]\nserver = \"" + fromSection + "\"\n");
+  r = vmsync({"--config", dir / "shadowed.toml", "status"});
+  EXPECT_EQ(r.exitCode, 1) << r.err;
+  EXPECT_NE(r.err.find("cannot reach the sync server at " + fromSection), std::string::npos) << r.err;
   // The command line wins.
   r = vmsync({"--config", dir / "vmsync.toml", "status", "--server", fromCommandLine});
   EXPECT_NE(r.err.find("cannot reach the sync server at " + fromCommandLine), std::string::npos) << r.err;

@@ -52,9 +52,9 @@ class SharedKeysConfig final : public CLI::ConfigTOML {
         used = true;
       }
       forEachCommand(app_, {}, [&](const CLI::App& command, const std::vector<std::string>& path) {
-        if (!command.get_option_no_throw("--" + item.name) || inSections.count({path, item.name})) return;
+        if (!command.get_option_no_throw("--" + item.name)) return;
         used = true;
-        if (administersIdentities(path) || !onCommandLine(path)) return;
+        if (inSections.count({path, item.name}) || administersIdentities(path) || !onCommandLine(path)) return;
         auto copy = item;
         copy.parents = path;
         out.push_back(copy);
