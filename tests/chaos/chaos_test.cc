@@ -1,5 +1,5 @@
 // The chaos harness in `make test`: a short seeded schedule (VMSYNC_CHAOS_SEED,
-// default 1; VMSYNC_CHAOS_STEPS, default 50), the schedules of the regression
+// default 1; VMSYNC_CHAOS_STEPS, default 30), the schedules of the regression
 // list (regression-seeds.txt: each failure the harness found, fixed since),
 // and proof that the durability checker sees a lost checkpoint.
 #include <gtest/gtest.h>
@@ -48,7 +48,7 @@ TEST(Chaos, AShortScheduleLosesNothingAndNeverRunsTwoVms) {
   if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   TempDir dir;
   const ChaosResult result =
-      runAndCheck(dir, static_cast<std::uint64_t>(envOr("VMSYNC_CHAOS_SEED", 1)), envOr("VMSYNC_CHAOS_STEPS", 50));
+      runAndCheck(dir, static_cast<std::uint64_t>(envOr("VMSYNC_CHAOS_SEED", 1)), envOr("VMSYNC_CHAOS_STEPS", 30));
   ASSERT_TRUE(result.passed());
 
   // The durability checker fails when an acknowledged checkpoint goes: take
