@@ -23,10 +23,10 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <kj/async-io.h>
 #include <nlohmann/json.hpp>
@@ -495,7 +495,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   benchSwitch->add_option("--runs", benchOptions.runs, "switches per profile")->capture_default_str();
   benchSwitch->add_option("--image", benchOptions.imageDir, "guest image")->capture_default_str();
-  benchSwitch->add_option("--out", benchOptions.outDir, "state and logs of the server and devices, and the plot (bench-switch.png)")
+  benchSwitch->add_option("--out", benchOptions.outDir,
+                          "state and logs of the server and devices, and the plot (bench-switch.png)")
       ->capture_default_str();
   benchSwitch->add_option("--interval", benchOptions.intervalSeconds, "checkpoint interval in seconds")
       ->capture_default_str();
@@ -542,7 +543,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   benchServer->add_option("--knee-ms", benchServerOptions.kneePushP99Ms, "p99 push latency that ends a sweep")
       ->capture_default_str();
-  benchServer->add_option("--json", benchServerOptions.json, "also write the results to this file, and the plot beside it (FILE with .png)");
+  benchServer->add_option("--json", benchServerOptions.json,
+                          "also write the results to this file, and the plot beside it (FILE with .png)");
   benchServer->add_option("--compact-after", benchServerOptions.compactAfter,
                           "the server's --compact-after: fold a chain once N checkpoints follow its base (0: not "
                           "by count; default: the server's)");
