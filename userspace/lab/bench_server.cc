@@ -2,10 +2,8 @@
 
 #include <netinet/in.h>
 #include <spdlog/spdlog.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,7 +16,6 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 #include <thread>
 
 #include "base/durable_file.h"
@@ -28,6 +25,7 @@
 #include "harvest/unit_hashes.h"
 #include "lab/gnuplot.h"
 #include "lab/lab_process.h"
+#include "lab/machine_usage.h"
 #include "transport/rpc_util.h"
 #include "transport/secure_channel.h"
 #include "vmm/image_file.h"
@@ -276,86 +274,6 @@ int freePort() {
   }
   ::close(fd);
   return ntohs(address.sin_port);
-}
-
-/// Milliseconds the disk holding `path` spent doing I/O so far (/proc/diskstats), or -1.
-double diskBusyMs(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return -1;
-  std::ifstream in("/proc/diskstats");
-  for (std::string line; std::getline(in, line);) {
-    std::istringstream fields(line);
-    unsigned major = 0, minor = 0;
-    std::string name;
-    fields >> major >> minor >> name;
-    if (major != ::major(st.st_dev) || minor != ::minor(st.st_dev)) continue;
-    std::vector<double> values;
-    for (double v; fields >> v;) values.push_back(v);
-    return values.size() >= 10 ? values[9] : -1;  // field 13 of the line: time spent doing I/Os
-  }
-  return -1;
-}
-
-/// Bytes the process wrote to storage so far (/proc/PID/io write_bytes), or 0.
-double writtenBytes(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/io", pid));
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("write_bytes:", 0) == 0) return std::stod(line.substr(12));
-  return 0;
-}
-
-/// What the server's main thread (its event loop) is doing, sampled every
-/// 5 ms from /proc: running, waiting on the disk (state D: an fsync), or
-/// waiting for work (an idle event loop sleeps in epoll_wait).
-class LoopSampler {
- public:
-  explicit LoopSampler(pid_t pid) : path_(fmt::format("/proc/{}/task/{}/stat", pid, pid)) {
-    thread_ = std::thread([this] {
-      while (!stop_) {
-        std::ifstream in(path_);
-        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-        const std::size_t end = text.rfind(')');
-        if (end != std::string::npos && end + 2 < text.size()) {
-          const char state = text[end + 2];
-          ++total_;
-          if (state == 'R') ++running_;
-          if (state == 'D') ++disk_;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      }
-    });
-  }
-  ~LoopSampler() {
-    stop_ = true;
-    thread_.join();
-  }
-  double running() const { return total_ ? static_cast<double>(running_) / total_ : 0; }
-  double disk() const { return total_ ? static_cast<double>(disk_) / total_ : 0; }
-
- private:
-  std::string path_;
-  std::atomic<bool> stop_{false};
-  std::atomic<std::uint64_t> total_{0}, running_{0}, disk_{0};
-  std::thread thread_;
-};
-
-/// (busy, total) jiffies of every CPU of the machine so far (/proc/stat).
-std::pair<double, double> machineJiffies() {
-  std::ifstream in("/proc/stat");
-  std::string cpu;
-  in >> cpu;
-  double value = 0, total = 0, idle = 0;
-  for (int i = 0; i < 10 && in >> value; ++i) {
-    total += value;
-    if (i == 3 || i == 4) idle += value;  // idle, iowait
-  }
-  return {total - idle, total};
-}
-
-double selfCpuSeconds() {
-  rusage usage{};
-  ::getrusage(RUSAGE_SELF, &usage);
-  return usage.ru_utime.tv_sec + usage.ru_stime.tv_sec + (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
 }
 
 /// One run's results.
