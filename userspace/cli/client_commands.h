@@ -1,0 +1,27 @@
+// The commands that ask the server about a VM or tell it what to do:
+// `vmsync status`, `vmsync switch` and `vmsync stop`.
+#pragma once
+
+#include <string>
+
+namespace vmsync {
+
+/// How `vmsync status`, `switch` and `stop` reach the server.
+struct ClientOptions {
+  std::string server = "127.0.0.1:7400";
+  std::string vm;  // NAME or USER/NAME; empty: the default VM (status: every VM of the user)
+  std::string credential;
+  bool insecure = false;
+};
+
+/// `vmsync status`: the user's VMs, one line each; with a VM, its devices.
+/// Returns the exit code.
+int runStatus(const ClientOptions& options, bool json);
+
+/// `vmsync switch --to TARGET [--force]`: prints the switch report.
+int runSwitch(const ClientOptions& options, const std::string& target, bool force, bool json);
+
+/// `vmsync stop`: parks the VM and prints where.
+int runStop(const ClientOptions& options, bool json);
+
+}  // namespace vmsync
