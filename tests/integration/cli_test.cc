@@ -32,7 +32,8 @@ void writeFile(const std::string& path, const std::string& text) {
 TEST(Cli, VersionNamesTheReleaseAndTheCommit) {
   const auto r = vmsync({"--version"});
   EXPECT_EQ(r.exitCode, 0) << r.err;
-  EXPECT_TRUE(std::regex_match(r.out, std::regex("vmsync [0-9]+\\.[0-9]+\\.[0-9]+ \\(commit [0-9a-f]{12}(-dirty)?\\)\n")))
+  const std::regex line("vmsync [0-9]+\\.[0-9]+\\.[0-9]+ \\(commit [0-9a-f]{12}(-dirty)?\\)\n");
+  EXPECT_TRUE(std::regex_match(r.out, line))
       << "got: " << r.out;
 }
 

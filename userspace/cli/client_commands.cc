@@ -13,6 +13,12 @@
 #include "vmsync.capnp.h"
 
 namespace vmsync {
+
+int printJson(const nlohmann::json& j) {
+  std::puts(j.dump(2).c_str());
+  return 0;
+}
+
 namespace {
 
 const char* stateName(vmsync::wire::DeviceState state) {
@@ -67,8 +73,7 @@ int listVms(vmsync::wire::SyncServer::Client& client, kj::AsyncIoContext& io, co
                           {"parked", vm.getParked()},
                           {"chain_bytes", vm.getChainBytes()},
                           {"devices", vm.getDevices()}});
-    std::puts(j.dump(2).c_str());
-    return 0;
+    return printJson(j);
   }
   if (vms.size() == 0) {
     std::printf("no VMs on this server yet: `vmsync active --vm NAME` creates one\n");
@@ -119,8 +124,7 @@ int runStatus(const ClientOptions& options, bool json) {
                               {"state", stateName(d.getState())},
                               {"applied_sequence", d.getAppliedSequence()},
                               {"active", d.getActive()}});
-    std::puts(j.dump(2).c_str());
-    return 0;
+    return printJson(j);
   }
   std::printf("VM %s: head checkpoint %llu, lease epoch %llu, active device %s\n",
               status.getVmId().size() ? status.getVmId().cStr() : "(none yet)",
@@ -195,8 +199,7 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool forc
                      {"forced", r.getForced()},
                      {"lost_ms", ms(r.getLostNs())},
                      {"abandoned_checkpoints", r.getAbandonedCheckpoints()}};
-    std::puts(j.dump(2).c_str());
-    return 0;
+    return printJson(j);
   }
   if (r.getForced()) {
     std::printf("failed over from %s to %s: resumed from resumable point %llu, lease epoch %llu\n", r.getFrom().cStr(),
@@ -251,8 +254,7 @@ int runStop(const ClientOptions& options, bool json) {
     nlohmann::json j{{"parked_by", std::string(r.getDevice())},
                      {"final_sequence", r.getFinalSequence()},
                      {"final_bytes", r.getFinalBytes()}};
-    std::puts(j.dump(2).c_str());
-    return 0;
+    return printJson(j);
   }
   std::printf("VM parked by %s at checkpoint %llu (final checkpoint %llu bytes); its daemon exits. "
               "`vmsync switch --to DEVICE` or `vmsync active` on %s resumes it\n",

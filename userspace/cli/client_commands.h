@@ -2,6 +2,7 @@
 // `vmsync status`, `vmsync switch` and `vmsync stop`.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 
 namespace vmsync {
@@ -13,6 +14,9 @@ struct ClientOptions {
   std::string credential;
   bool insecure = false;
 };
+
+/// Prints `j` as a command's answer on stdout (what --json gives); returns 0.
+int printJson(const nlohmann::json& j);
 
 /// `vmsync status`: the user's VMs, one line each; with a VM, its devices.
 /// Returns the exit code.

@@ -97,11 +97,6 @@ std::string versionLine() {
   return fmt::format("vmsync {} (commit {})", vmsync::buildVersion(), vmsync::buildCommit());
 }
 
-int printJson(const nlohmann::json& j) {
-  std::puts(j.dump(2).c_str());
-  return 0;
-}
-
 /// The deepest command the command line named: `vmsync bench` for
 /// `vmsync bench swich`.
 const CLI::App* deepestCommand(const CLI::App& app) {
@@ -339,7 +334,7 @@ int main(int argc, char** argv) {
     }
     if (init->parsed()) {
       vmsync::initServerIdentity(identityDir, serverName);
-      if (json) return printJson({{"identity_dir", identityDir}, {"server_name", serverName}});
+      if (json) return vmsync::printJson({{"identity_dir", identityDir}, {"server_name", serverName}});
       std::printf("server identity for '%s' created in %s; start the server with --tls %s and enroll devices with "
                   "`vmsync enroll --dir %s`\n", serverName.c_str(), identityDir.c_str(), identityDir.c_str(),
                   identityDir.c_str());
@@ -348,7 +343,8 @@ int main(int argc, char** argv) {
     if (enroll->parsed()) {
       vmsync::enrollDevice(identityDir, user, deviceName, credentialOut, days);
       if (json)
-        return printJson({{"user", user}, {"device", deviceName}, {"credential", credentialOut}, {"days", days}});
+        return vmsync::printJson(
+            {{"user", user}, {"device", deviceName}, {"credential", credentialOut}, {"days", days}});
       std::printf("credential for device %s of user %s written to %s\n", deviceName.c_str(), user.c_str(),
                   credentialOut.c_str());
       return 0;
@@ -358,7 +354,7 @@ int main(int argc, char** argv) {
       vmsync::checkName("user", user);
       const auto r = vmsync::revoke(identityDir, user, deviceName, reason);
       if (json)
-        return printJson({{"user", user},
+        return vmsync::printJson({{"user", user},
                           {"device", deviceName.empty() ? nlohmann::json(nullptr) : nlohmann::json(deviceName)},
                           {"credentials_revoked", r.ids.size()}});
       std::printf("revoked %s of user %s: %zu credential(s) on record, and any from before the record; a running "
