@@ -118,7 +118,15 @@ void Cluster::startServer(const std::vector<std::string>& extra) {
   argv.insert(argv.end(), extra.begin(), extra.end());
   server_.reset();  // a running server stops first: the new one needs its port
   server_ = std::make_unique<Process>(placed("", argv), dir_ + "/server.log");
-  waitFor([&] { return status().has_value(); }, std::chrono::seconds(10));
+  // Ready once it answers a listing of the user's VMs: `status()` names the
+  // VM, which does not exist until a device runs it.
+  waitFor([&] { return answers(); }, std::chrono::seconds(10));
+}
+
+bool Cluster::answers() {
+  std::string out;
+  return run(placed("", {vmsyncBinary(), "status", "--server", address(), "--credential", credential("cli")}), &out) ==
+         0;
 }
 
 void Cluster::startActive(const std::string& device, const std::vector<std::string>& extra) {

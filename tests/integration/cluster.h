@@ -68,7 +68,10 @@ class Cluster {
   Process& server() { return *server_; }
   void stopDevice(const std::string& name) { devices_.erase(name); }
 
-  /// `vmsync status --json`, or nullopt when the command fails.
+  /// True when the server answers `vmsync status` (a listing of the user's VMs).
+  bool answers();
+  /// `vmsync status --json` of VM "vm", or nullopt when the command fails
+  /// (no server, or no such VM yet).
   std::optional<nlohmann::json> status();
   /// The device's entry in the status, or null (server unreachable, device unknown).
   nlohmann::json deviceStatus(const std::string& device);
