@@ -158,6 +158,35 @@ TEST_F(Lifecycle, ASecondDaemonForADeviceIsRefusedAndTheFirstKeepsWorking) {
   ASSERT_NO_FATAL_FAILURE(cluster.switchAndWatchTheCounter("A", "B", &fromSerial));
 }
 
+// A device daemon started before its server (or behind a link that is down)
+// waits for the server instead of exiting; stopped while it waits, it exits 0.
+// (A refusal still ends it at once: see ASecondDaemonForADeviceIsRefused...)
+TEST(DeviceStart, ADaemonStartedBeforeItsServerWaitsForIt) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startStandby("B");
+  cluster.startStandby("C");
+  const std::string waiting = "cannot reach the sync server at " + cluster.address();
+  for (const char* device : {"B", "C"})
+    ASSERT_TRUE(waitFor([&] { return readFile(dir / (std::string(device) + ".log")).find(waiting) != std::string::npos; },
+                        std::chrono::seconds(10)))
+        << cluster.logOf(device);
+  EXPECT_NE(readFile(dir / "B.log").find("trying again until it answers"), std::string::npos) << cluster.logOf("B");
+  // C is stopped while it waits: a stop, not a failure.
+  ASSERT_TRUE(cluster.device("C").running()) << cluster.logOf("C");
+  EXPECT_EQ(exitCode(cluster.device("C").stop()), 0) << cluster.logOf("C");
+  EXPECT_NE(readFile(dir / "C.log").find("stopped before the device was up"), std::string::npos) << cluster.logOf("C");
+
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  ASSERT_TRUE(cluster.device("B").running()) << "B gave up waiting for the server" << cluster.logOf("B");
+  cluster.startServer();
+  ASSERT_TRUE(waitFor([&] { return cluster.deviceStatus("B").is_object(); }, std::chrono::seconds(15)))
+      << cluster.logOf("B") << cluster.logOf("server");
+  EXPECT_EQ(cluster.deviceStatus("B")["state"], "online") << cluster.deviceStatus("B").dump(2);
+  EXPECT_NE(readFile(dir / "B.log").find("registered with " + cluster.address()), std::string::npos)
+      << cluster.logOf("B");
+}
+
 TEST_F(Lifecycle, UnusableDirectoriesAndABusyPortAreOneLineErrorsAndNoLeaseIsLeftHeld) {
   TempDir dir;
   Cluster cluster(dir.path());

@@ -255,11 +255,15 @@ void Device::checkImage() const {
 }
 
 kj::Promise<void> Device::start(Role role) {
-  if (role == Role::standby) return link_.connect(position()).ignoreResult();
+  // A server that cannot be reached yet (not started, a link down, an answer
+  // that came too late) is waited for; a refusal ends the daemon.
+  if (role == Role::standby) return link_.connectWhenReachable([this] { return position(); }).ignoreResult();
   // An image that can resume, or that the server must resync, registers
   // where it is; otherwise at 0, since a new VM's state directory is about to
   // be replaced.
-  return link_.connect(replica_.resumable() || replica_.diverged() ? position() : ChainPosition{})
+  return link_
+      .connectWhenReachable(
+          [this] { return replica_.resumable() || replica_.diverged() ? position() : ChainPosition{}; })
       .then([this](Registration registered) -> kj::Promise<void> {
         const std::uint64_t head = registered.getHeadSequence();
         if (head == 0) return becomeActiveAsNewVm();
@@ -468,9 +472,16 @@ int runDevice(const DeviceOptions& options, Role initialRole) {
     Device device(io, options);
     // Pinged whenever the loop runs, from here to the exit.
     auto watchdog = systemd.watchdog(io.provider->getTimer()).eagerlyEvaluate(nullptr);
-    device.start(initialRole).exclusiveJoin(nextStopSignal(io).then([]() -> void {
-      fail("stopped before the device was up");
-    })).wait(io.waitScope);
+    // A stop while it waits for the server (or catches up) is a stop, not a failure.
+    bool stoppedEarly = false;
+    device.start(initialRole)
+        .exclusiveJoin(nextStopSignal(io).then([&stoppedEarly] { stoppedEarly = true; }))
+        .wait(io.waitScope);
+    if (stoppedEarly) {
+      systemd.stopping("stopped before the device was up");
+      spdlog::info("{}: stopped before the device was up", options.deviceId);
+      return 0;
+    }
     systemd.ready(device.active() ? "active: the VM runs on this device"
                                   : "standby: registered with the server, following the VM");
     bool signalled = true;

@@ -61,7 +61,12 @@ kj::Promise<Registration> ServerLink::connect(ChainPosition position) {
 kj::Promise<Registration> ServerLink::attempt(ChainPosition position) {
   return transport_.connect(io_, options_.server)
       .catch_([this](kj::Exception&& e) -> kj::Own<RpcConnection> {
-        rpcFail(fmt::format("cannot reach the sync server at {}: {}", options_.server, describe(e)));
+        // A connection refused, reset or cut is a server not reached (tried
+        // again); anything else, such as a server whose identity is not the
+        // one the credential trusts (connect() says so), is not.
+        if (e.getType() == kj::Exception::Type::DISCONNECTED)
+          rpcFail(fmt::format("cannot reach the sync server at {}: {}", options_.server, describe(e)));
+        rpcFail(fmt::format("the sync server at {}: {}", options_.server, describe(e)));
       })
       .then([this, position](kj::Own<RpcConnection> connection) {
         connection_ = kj::mv(connection);
@@ -75,13 +80,12 @@ kj::Promise<Registration> ServerLink::attempt(ChainPosition position) {
         request.setAppliedEpoch(position.epoch);
         request.setDiverged(position.diverged);
         request.setVm(options_.vmId);
-        return request.send();
-      })
-      .catch_([this](kj::Exception&& e) -> Registration {
-        // A server that refuses this device's certificate says so only now.
-        std::string text = transport_.explain(e);
-        if (text != describe(e)) rpcFail(text);
-        kj::throwFatalException(kj::mv(e));
+        return request.send().catch_([this](kj::Exception&& e) -> Registration {
+          // A server that refuses this device's certificate says so only now.
+          std::string text = transport_.explain(e);
+          if (text != describe(e)) rpcFail(text);
+          kj::throwFatalException(kj::mv(e));
+        });
       })
       .then([this](Registration registered) {
         session_ = registered.getSession();
@@ -131,7 +135,7 @@ kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
         // server that answers with a refusal (a revoked credential, another
         // user's VM) is for the person who runs the device: said once per reason.
         const std::string why = describe(e);
-        if (e.getType() == kj::Exception::Type::DISCONNECTED || why.starts_with("cannot reach")) {
+        if (unreachable(e)) {
           spdlog::debug("{}: reconnect failed: {}", options_.deviceId, why);
         } else if (why != lastRefusal_) {
           spdlog::error("{}: the server refuses this device: {}", options_.deviceId, why);
@@ -141,6 +145,31 @@ kj::Promise<void> ServerLink::reconnectLoop(std::chrono::milliseconds delay) {
         // (a delay of 0, which doubling would keep at 0) is retried after 0.2 s.
         return reconnectLoop(std::clamp(delay * 2, std::chrono::milliseconds(200), std::chrono::milliseconds(5000)));
       });
+}
+
+bool ServerLink::unreachable(const kj::Exception& e) {
+  return e.getType() == kj::Exception::Type::DISCONNECTED || describe(e).starts_with("cannot reach");
+}
+
+kj::Promise<Registration> ServerLink::connectWhenReachable(std::function<ChainPosition()> position) {
+  return connectWhenReachable(std::move(position), std::chrono::milliseconds(200), std::chrono::milliseconds(0));
+}
+
+kj::Promise<Registration> ServerLink::connectWhenReachable(std::function<ChainPosition()> position,
+                                                           std::chrono::milliseconds delay,
+                                                           std::chrono::milliseconds waited) {
+  return connect(position()).catch_([this, position, delay, waited](kj::Exception&& e) -> kj::Promise<Registration> {
+    if (!unreachable(e)) return kj::mv(e);
+    // Said at the first failure and then every 30 s or so, not at every attempt.
+    constexpr std::chrono::milliseconds kEvery(30000);
+    if (waited.count() == 0 || waited / kEvery != (waited + delay) / kEvery)
+      spdlog::warn("{}: {}; trying again until it answers", options_.deviceId, describe(e));
+    const auto next = std::min(delay * 2, std::chrono::milliseconds(5000));
+    return io_.provider->getTimer().afterDelay(delay.count() * kj::MILLISECONDS).then([this, position, next, waited,
+                                                                                        delay] {
+      return connectWhenReachable(position, next, waited + delay);
+    });
+  });
 }
 
 kj::Promise<void> ServerLink::watchTransfer(std::string what, std::uint64_t bytes) {

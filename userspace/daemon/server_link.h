@@ -54,6 +54,11 @@ class ServerLink {
   /// Connects and registers at `position`; fails ("cannot reach the sync
   /// server ...") when that takes longer than the dead-link timeout.
   kj::Promise<Registration> connect(ChainPosition position);
+  /// connect() until a server answers: a server that cannot be reached (not
+  /// started yet, a link down, a registration that timed out) is tried again
+  /// with the reconnect backoff, said at the first failure and every 30 s; a
+  /// refusal fails at once.
+  kj::Promise<Registration> connectWhenReachable(std::function<ChainPosition()> position);
   /// Called after each registration that follows a lost connection; a
   /// failure it throws is logged and ends the attempts.
   void onReconnected(std::function<kj::Promise<void>(Registration)> handler) { onReconnected_ = std::move(handler); }
@@ -92,6 +97,10 @@ class ServerLink {
   /// Connects and registers, with no time limit (connect() sets one).
   kj::Promise<Registration> attempt(ChainPosition position);
   kj::Promise<void> reconnectLoop(std::chrono::milliseconds delay);
+  kj::Promise<Registration> connectWhenReachable(std::function<ChainPosition()> position,
+                                                 std::chrono::milliseconds delay, std::chrono::milliseconds waited);
+  /// True for a failure to reach the server (worth trying again), false for a refusal.
+  static bool unreachable(const kj::Exception& e);
 
   kj::AsyncIoContext& io_;
   const DeviceOptions& options_;
