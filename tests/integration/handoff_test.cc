@@ -168,28 +168,40 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
   EXPECT_TRUE(everyFinalScanMatched(readFile(dir / "B.log"), "B", "bpf", 1)) << cluster.logOf("B");
 }
 
+/// Writes 4096 bytes of 0xEE over the last block of `device`'s disk image,
+/// which the guest never writes: damage the checkpoints will not repair.
+void damageLastDiskBlock(Cluster& cluster, const std::string& device) {
+  const std::string disk = cluster.stateDir(device) + "/disk.img";
+  int fd = ::open(disk.c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0) << disk << ": " << std::strerror(errno);
+  std::string garbage(4096, '\xEE');
+  ASSERT_EQ(::pwrite(fd, garbage.data(), garbage.size(), static_cast<off_t>(fs::file_size(disk) - 4096)), 4096);
+  ::close(fd);
+}
+
+// With --full-verify the target hashes its whole image at the switch: damage
+// done behind the daemon's back is found there, and the VM stays on A.
 TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
   TempDir dir;
   Cluster cluster(dir.path());
   cluster.startServer();
   cluster.startActive("A", {"--block-source", "scan"});
-  cluster.startStandby("B", {"--block-source", "scan"});
+  cluster.startStandby("B", {"--block-source", "scan", "--full-verify", "--image-check-every", "0"});
   ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
   ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 5; }, kBootAndSync))
       << "the guest on A is not counting" << cluster.logOf("A");
 
-  // Damage B's copy in a block the guest never writes (the disk's last block).
-  const std::string disk = cluster.stateDir("B") + "/disk.img";
-  int fd = ::open(disk.c_str(), O_WRONLY);
-  ASSERT_GE(fd, 0);
-  std::string garbage(4096, '\xEE');
-  ASSERT_EQ(::pwrite(fd, garbage.data(), garbage.size(), static_cast<off_t>(fs::file_size(disk) - 4096)), 4096);
-  ::close(fd);
+  ASSERT_NO_FATAL_FAILURE(damageLastDiskBlock(cluster, "B"));
 
   nlohmann::json report;
   std::string output;
   EXPECT_NE(cluster.switchTo("B", &report, &output), 0) << output;
   EXPECT_NE(output.find("digest mismatch"), std::string::npos) << output;
+  // The whole image was hashed, and it says the kept hashes missed a unit.
+  const std::string logB = readFile(dir / "B.log");
+  EXPECT_NE(logB.find("the whole image hashed"), std::string::npos) << cluster.logOf("B");
+  EXPECT_NE(logB.find("hashing the whole image found 1 unit not as applied"), std::string::npos)
+      << cluster.logOf("B");
   EXPECT_NE(output.find("resumed on A"), std::string::npos) << output;
   EXPECT_TRUE(counterValues(readFile(cluster.serialLog("B"))).empty()) << "B resumed a damaged image";
 
@@ -203,6 +215,41 @@ TEST_F(LiveHandoff, CorruptedStandbyImageIsNotResumed) {
   EXPECT_EQ((*status)["active_device"], "A");
   std::string why;
   EXPECT_TRUE(consecutive(counterValues(readFile(cluster.serialLog("A"))), &why)) << why;
+}
+
+// By default a final checkpoint is checked from the unit hashes the standby
+// keeps on every apply (its cost follows what the checkpoint wrote), and the
+// standby re-reads its image in the background against them: damage done
+// behind its back is found there, the server resyncs the image, and the
+// switch that follows verifies and resumes on B.
+TEST_F(LiveHandoff, DamageFoundByTheBackgroundCheckIsResyncedBeforeTheSwitch) {
+  TempDir dir;
+  Cluster cluster(dir.path());
+  cluster.startServer();
+  cluster.startActive("A", {"--block-source", "scan"});
+  cluster.startStandby("B", {"--image-check-every", "1"});
+  ASSERT_TRUE(cluster.waitForHead(3, kBootAndSync)) << cluster.logOf("A") << cluster.logOf("B");
+  ASSERT_TRUE(waitFor([&] { return counterValues(readFile(cluster.serialLog("A"))).size() >= 3; }, kBootAndSync))
+      << "the guest on A is not counting" << cluster.logOf("A");
+  ASSERT_TRUE(waitFor([&] { return readFile(dir / "B.log").find("hashed the whole image") != std::string::npos; },
+                      std::chrono::seconds(30)))
+      << cluster.logOf("B");
+
+  ASSERT_NO_FATAL_FAILURE(damageLastDiskBlock(cluster, "B"));
+  const std::size_t units = fs::file_size(cluster.stateDir("B") + "/disk.img") / 4096;
+  const std::string found = "disk unit " + std::to_string(units - 1) + " no longer holds what checkpoint";
+  ASSERT_TRUE(waitFor([&] { return readFile(dir / "B.log").find(found) != std::string::npos; },
+                      std::chrono::seconds(30)))
+      << "B's background check did not find the damaged block" << cluster.logOf("B");
+  ASSERT_TRUE(waitFor([&] { return readFile(dir / "B.log").find("B: resynced from checkpoint") != std::string::npos; },
+                      std::chrono::seconds(60)))
+      << "the server did not resync B" << cluster.logOf("B") << cluster.logOf("server");
+
+  std::string fromSerial;
+  ASSERT_NO_FATAL_FAILURE(cluster.switchAndWatchTheCounter("A", "B", &fromSerial));
+  const std::string logB = readFile(dir / "B.log");
+  EXPECT_NE(logB.find("verified ("), std::string::npos) << cluster.logOf("B");
+  EXPECT_NE(logB.find("from the hashes kept on apply"), std::string::npos) << cluster.logOf("B");
 }
 
 // A standby whose images are on XFS, where io_uring completes buffered writes

@@ -119,8 +119,10 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlo
   return out;
 }
 
-/// Orig: every unit not in `list` that differs from the base goes back to it.
-std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const ImageFile& base) {
+/// Orig: every unit not in `list` that differs from the base goes back to it;
+/// their indexes are added to `written`.
+std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const ImageFile& base,
+                            std::vector<std::uint64_t>& written) {
   // Units in holes of both files are zeros in both: only the others are
   // compared, and what they read comes in by large reads.
   std::vector<bool> compare(image.units());
@@ -137,6 +139,7 @@ std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const Ima
     if (compare[i] && std::memcmp(image.unit(i).data(), base.unit(i).data(), kUnitSize) != 0)
       restore.push_back({i, base.unit(i).data()});
   image.writeUnits(restore);
+  for (const auto& write : restore) written.push_back(write.index);
   return restore.size();
 }
 
@@ -242,11 +245,13 @@ ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, 
       decodeList(checkpoint.getMemory(), blobs, ram, orig ? base.ram : nullptr, "memory");
   DecodedList blocks =
       decodeList(checkpoint.getDisk(), blobs, disk, orig ? base.disk : nullptr, "disk");
-  ApplyStats stats{memory.writes.size(), blocks.writes.size(), 0};
+  ApplyStats stats{memory.writes.size(), blocks.writes.size(), 0, {}, {}};
+  for (const auto& write : memory.writes) stats.ramWritten.push_back(write.index);
+  for (const auto& write : blocks.writes) stats.diskWritten.push_back(write.index);
   // Nothing has been written up to here: every chunk is decoded and checked.
   if (orig) {
-    stats.restoredUnits += restoreOthers(memory, ram, *base.ram);
-    stats.restoredUnits += restoreOthers(blocks, disk, *base.disk);
+    stats.restoredUnits += restoreOthers(memory, ram, *base.ram, stats.ramWritten);
+    stats.restoredUnits += restoreOthers(blocks, disk, *base.disk, stats.diskWritten);
   }
   ram.writeUnits(memory.writes);
   disk.writeUnits(blocks.writes);

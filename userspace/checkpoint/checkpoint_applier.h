@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "vmm/image_file.h"
 #include "vmsync.capnp.h"
@@ -13,6 +14,10 @@ struct ApplyStats {
   std::uint64_t memoryUnits = 0;
   std::uint64_t diskUnits = 0;
   std::uint64_t restoredUnits = 0;  // Orig: units returned to the base
+  /// Every unit written (the checkpoint's and, under Orig, those restored),
+  /// for a caller that keeps per-unit hashes current.
+  std::vector<std::uint64_t> ramWritten;
+  std::vector<std::uint64_t> diskWritten;
 };
 
 /// The base image under an Orig policy (nullptr members otherwise).

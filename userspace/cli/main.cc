@@ -79,6 +79,14 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
                  "(keepalive probes and unacknowledged data); short in test harnesses, long on links that stall")
       ->check(CLI::Range(vmsync::kMinDeadLinkSeconds, 3600))
       ->capture_default_str();
+  cmd.add_flag("--full-verify", o.fullVerify,
+               "check a final checkpoint's image digest by hashing the whole image, not from the unit hashes kept "
+               "on every apply (slower switches; also names units the kept hashes got wrong)");
+  cmd.add_option("--image-check-every", o.scrubEverySeconds,
+                 "as a standby, re-read the whole image in the background this often, in seconds, against the "
+                 "unit hashes kept on apply; damage found is resynced from the server (0: never)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cmd.add_option("--qemu", o.qemuBinary, "QEMU binary")->capture_default_str();
   cmd.add_option("--page-source", o.pageSource, "dirty page source: scan, kmod (vmsync.ko, KVM only) or auto")
       ->check(CLI::IsMember({"scan", "kmod", "auto"}))

@@ -72,6 +72,11 @@ class Device {
   /// device's image is at the parked checkpoint.
   kj::Promise<void> resumeParkedHere(std::uint64_t head);
   kj::Promise<void> whenApplied(std::uint64_t sequence, std::uint64_t waitedMs);
+  /// The standby's background check of its image against the hashes kept on
+  /// apply: a few units at a time on the event loop (so never beside an
+  /// apply), one pass every scrubEverySeconds. Damage found makes the image
+  /// diverged, and the device registers again for the server's resync.
+  kj::Promise<void> scrubLoop();
   /// Throws Error when --image lacks a file the VM needs.
   void checkImage() const;
   /// Creates the VM from --image under lease `epoch`, boots it and starts shipping checkpoints.
@@ -108,6 +113,7 @@ class Device {
   };
   LogTaskErrors taskErrors_;
   kj::TaskSet background_{taskErrors_};  // work left for after an answer
+  kj::Maybe<kj::Promise<void>> scrub_;
 };
 
 class DevicePeerImpl final : public wire::DevicePeer::Server {
@@ -178,6 +184,9 @@ Device::Device(kj::AsyncIoContext& io, DeviceOptions options)
     spdlog::info("{}: metrics served on {} (port {}) at /metrics", options_.deviceId, options_.metricsListen,
                  metricsEndpoint_->port());
   }
+  replica_.setFullVerify(options_.fullVerify);
+  if (options_.scrubEverySeconds > 0)
+    scrub_ = scrubLoop().eagerlyEvaluate([](kj::Exception&& e) { spdlog::error("image check: {}", describe(e)); });
   link_.onReconnected([this](Registration registered) -> kj::Promise<void> {
     if (role_ != Role::active || !active_) return kj::READY_NOW;
     return active_->rejoin(kj::mv(registered)).catch_([this](kj::Exception&& e) -> kj::Promise<void> {
@@ -295,6 +304,26 @@ kj::Promise<void> Device::resumeParkedHere(std::uint64_t head) {
                                  [why](kj::Exception&&) -> void { rpcFail(why); });
     }
   });
+}
+
+kj::Promise<void> Device::scrubLoop() {
+  // 1 MiB every 10 ms: a pass over a 512 MiB image takes about 5 s of loop
+  // turns, each short enough not to delay an apply or a switch.
+  constexpr std::uint64_t kUnitsPerStep = 256;
+  constexpr auto kStep = 10 * kj::MILLISECONDS;
+  const std::uint64_t passes = replica_.scrubPasses();
+  bool working = false;
+  if (role_ == Role::standby && replica_.hashesKept()) {
+    working = true;
+    if (!replica_.scrubStep(kUnitsPerStep).empty()) {
+      working = false;
+      background_.add(kj::evalLater([this] { link_.restart(); }));
+    }
+  }
+  const bool passDone = replica_.scrubPasses() != passes;
+  if (passDone) spdlog::debug("{}: image check: pass {} found nothing wrong", options_.deviceId, replica_.scrubPasses());
+  const auto pause = static_cast<std::int64_t>(options_.scrubEverySeconds * 1000) * kj::MILLISECONDS;
+  return io_.provider->getTimer().afterDelay(working && !passDone ? kStep : pause).then([this] { return scrubLoop(); });
 }
 
 kj::Promise<void> Device::whenApplied(std::uint64_t sequence, std::uint64_t waitedMs) {

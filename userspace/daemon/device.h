@@ -32,6 +32,8 @@ struct DeviceOptions {
   std::uint32_t targetSwitchMs = 0;     // when active: pick the interval so a final checkpoint travels in this time (0: fixed)
   double resumableEverySeconds = 10;    // when active: a consistent (resumable) checkpoint this often (0: none)
   int deadLinkSeconds = 20;             // a silent connection to the server is given up after this long
+  bool fullVerify = false;              // check a final checkpoint's digest by hashing the whole image
+  double scrubEverySeconds = 60;        // standby: a background pass over the image this often (0: none)
   std::string metricsListen;            // host:port of the Prometheus endpoint; empty: none
 };
 

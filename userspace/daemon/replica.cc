@@ -74,7 +74,7 @@ void Replica::markDiverged() {
   if (diverged_) return;
   writeFileDurably(path("diverged"), "1", 1);
   diverged_ = true;
-  verified_ = {};
+  forgetHashes();
   spdlog::warn("{}: the image went on past checkpoint {}: it is not resumed here before the server resyncs it",
                deviceId_, applied_);
 }
@@ -395,11 +395,12 @@ ApplyStats Replica::applyToImage(wire::Checkpoint::Reader checkpoint) {
   if (full) startFromFull(checkpoint);
   if (!ram_ || !disk_)
     fail("checkpoint {} is not a full one, and there is no image to apply it to", checkpoint.getSequence());
-  verified_ = {};  // the image changes
+  if (full) forgetHashes();  // a new image
   ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
   crashPoint("standby-after-write");
   ram_->sync();
   disk_->sync();
+  updateHashes(stats);
   if (full && isOrigPolicy(spec_.policy)) {
     baseRam_.reset();
     baseDisk_.reset();
@@ -413,15 +414,29 @@ ApplyStats Replica::applyToImage(wire::Checkpoint::Reader checkpoint) {
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) verifyFinal(checkpoint);
   saveApplied(checkpoint.getSequence(), checkpoint.getEpoch());
   // A full checkpoint replaced the image; a resync made it the chain's.
-  if (full || checkpoint.getResync()) clearDiverged();
+  if (full || checkpoint.getResync()) {
+    clearDiverged();
+    damaged_.clear();  // the chain's image now, whatever was found wrong before
+  }
   return stats;
 }
 
 void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
   const std::uint64_t sequence = checkpoint.getSequence();
   const std::uint64_t hashStart = nowNs();
-  ImageHashes hashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
-  Digest digest = imageDigest(hashes.ram, hashes.disk);
+  std::string how = fmt::format("from the hashes kept on apply, {} units read back", updatedUnits_);
+  if (fullVerify_) {
+    ImageHashes whole{hashAllUnits(*ram_), hashAllUnits(*disk_)};
+    std::uint64_t wrong = 0;
+    for (std::size_t i = 0; i < whole.ram.size(); ++i) wrong += whole.ram[i] != hashes_.ram[i];
+    for (std::size_t i = 0; i < whole.disk.size(); ++i) wrong += whole.disk[i] != hashes_.disk[i];
+    if (wrong > 0)
+      spdlog::error("{}: hashing the whole image found {} not as applied", deviceId_,
+                    wrong == 1 ? std::string("1 unit") : fmt::format("{} units", wrong));
+    hashes_ = std::move(whole);
+    how = "the whole image hashed";
+  }
+  Digest digest = imageDigest(hashes_.ram, hashes_.disk);
   const std::uint64_t hashEnd = nowNs();
   auto expected = asSpan(checkpoint.getImageDigest());
   if (expected.size() != digest.size() || !std::equal(expected.begin(), expected.end(), digest.begin())) {
@@ -435,9 +450,53 @@ void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
   std::string seq = std::to_string(sequence);
   writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
   deviceStateSequence_ = sequence;
-  verified_ = std::move(hashes);
-  spdlog::info("{}: final checkpoint {}: image digest {} verified ({:.1f} ms to hash the image)", deviceId_,
-               sequence, toHex(digest), (hashEnd - hashStart) / 1e6);
+  spdlog::info("{}: final checkpoint {}: image digest {} verified ({:.1f} ms, {})", deviceId_, sequence,
+               toHex(digest), (hashEnd - hashStart) / 1e6, how);
+}
+
+void Replica::forgetHashes() {
+  hashesKnown_ = false;
+  hashes_ = {};
+  scrubNext_ = 0;
+}
+
+void Replica::updateHashes(const ApplyStats& stats) {
+  if (!hashesKnown_) {
+    // Once per image (after a start, a full checkpoint or a VMM's run): the
+    // applies that follow, and the final checkpoint's check, cost what they write.
+    const std::uint64_t start = nowNs();
+    hashes_ = ImageHashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
+    hashesKnown_ = true;
+    updatedUnits_ = hashes_.ram.size() + hashes_.disk.size();
+    spdlog::info("{}: hashed the whole image for the checks to come ({:.0f} ms)", deviceId_, (nowNs() - start) / 1e6);
+    return;
+  }
+  // Read back from the file, not taken from the checkpoint: what counts is what the image holds.
+  for (const std::uint64_t i : stats.ramWritten) hashes_.ram[i] = hashUnit(ram_->unit(i));
+  for (const std::uint64_t i : stats.diskWritten) hashes_.disk[i] = hashUnit(disk_->unit(i));
+  updatedUnits_ = stats.ramWritten.size() + stats.diskWritten.size();
+}
+
+std::string Replica::scrubStep(std::uint64_t units) {
+  if (!hashesKnown_ || !ram_ || !damaged_.empty()) return {};
+  const std::uint64_t ramUnits = hashes_.ram.size();
+  const std::uint64_t total = ramUnits + hashes_.disk.size();
+  const std::uint64_t end = std::min(total, scrubNext_ + units);
+  for (std::uint64_t i = scrubNext_; i < end; ++i) {
+    const bool inRam = i < ramUnits;
+    const std::uint64_t index = inRam ? i : i - ramUnits;
+    const std::uint64_t kept = inRam ? hashes_.ram[index] : hashes_.disk[index];
+    if (hashUnit(inRam ? ram_->unit(index) : disk_->unit(index)) == kept) continue;
+    damaged_ = fmt::format("the image is damaged: {} unit {} no longer holds what checkpoint {} left there "
+                           "(found by the background check)",
+                           inRam ? "RAM" : "disk", index, applied_);
+    spdlog::error("{}: {}; it is not resumed here, and the server resyncs it", deviceId_, damaged_);
+    markDiverged();
+    return damaged_;
+  }
+  scrubNext_ = end == total ? 0 : end;
+  if (end == total) ++scrubPasses_;
+  return {};
 }
 
 void Replica::recordFinal(std::uint64_t sequence, std::uint64_t epoch, std::span<const std::byte> state,
@@ -449,7 +508,9 @@ void Replica::recordFinal(std::uint64_t sequence, std::uint64_t epoch, std::span
   writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
   deviceStateSequence_ = sequence;
   saveApplied(sequence, epoch);
-  verified_ = std::move(hashes);
+  hashes_ = std::move(hashes);
+  hashesKnown_ = true;
+  scrubNext_ = 0;
 }
 
 std::string Replica::deviceStateForResume() const {
@@ -467,7 +528,7 @@ void Replica::discard() {
   fs::remove(path("device-state.bin"));
   fs::remove(path("device-state.seq"));
   deviceStateSequence_ = 0;
-  verified_ = {};
+  forgetHashes();
   damaged_.clear();
   saveApplied(0, 0);
   clearDiverged();
@@ -475,8 +536,11 @@ void Replica::discard() {
 }
 
 ImageHashes Replica::takeVerifiedHashes() {
-  if (verified_.ram.empty()) verified_ = ImageHashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
-  return std::exchange(verified_, ImageHashes{});
+  if (!hashesKnown_) hashes_ = ImageHashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
+  // A VMM is about to run on the image: the hashes go with it.
+  ImageHashes taken = std::move(hashes_);
+  forgetHashes();
+  return taken;
 }
 
 }  // namespace vmsync

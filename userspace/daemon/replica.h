@@ -105,6 +105,22 @@ class Replica {
   std::string deviceStateForResume() const;
   /// Hashes of the image at the final checkpoint (computed if not kept).
   ImageHashes takeVerifiedHashes();
+
+  /// How a final checkpoint's image digest is checked: from the per-unit
+  /// hashes kept current on every apply (the units a checkpoint wrote are
+  /// read back and hashed; the cost follows what changed), or by hashing the
+  /// whole image (`full`, which also says which units the kept hashes got wrong).
+  void setFullVerify(bool full) { fullVerify_ = full; }
+  /// The background check of the image against the kept hashes: hashes up to
+  /// `units` units from where the last step stopped. Returns the error text
+  /// when a unit no longer holds what was applied to it (the image is marked
+  /// damaged and diverged, so it is not resumed and the server resyncs it),
+  /// else "". Does nothing while no hashes are kept.
+  std::string scrubStep(std::uint64_t units);
+  /// True while per-unit hashes of the image are kept (from the first apply on).
+  bool hashesKept() const { return hashesKnown_; }
+  /// Completed passes of scrubStep() over the whole image.
+  std::uint64_t scrubPasses() const { return scrubPasses_; }
   /// A VMM runs on the images (`live`), or ran and stopped at a final
   /// checkpoint. A replica found live at start-up was left by a VMM that died
   /// past its last checkpoint: its image is diverged.
@@ -152,7 +168,18 @@ class Replica {
   std::unique_ptr<ImageFile> disk_;
   std::unique_ptr<ImageFile> baseRam_;  // Orig policies: the base image
   std::unique_ptr<ImageFile> baseDisk_;
-  ImageHashes verified_;  // of the image at the last final checkpoint, while nothing changed it
+  /// Brings the kept hashes up to date after an apply wrote `stats`' units
+  /// (or computes them all when none are kept).
+  void updateHashes(const ApplyStats& stats);
+  void forgetHashes();
+
+  // Per-unit hashes of the image as it is, kept while no VMM runs on it.
+  ImageHashes hashes_;
+  bool hashesKnown_ = false;
+  bool fullVerify_ = false;
+  std::uint64_t updatedUnits_ = 0;  // units the last apply hashed
+  std::uint64_t scrubNext_ = 0;  // the unit (RAM then disk) the next scrubStep() starts at
+  std::uint64_t scrubPasses_ = 0;
 };
 
 }  // namespace vmsync
