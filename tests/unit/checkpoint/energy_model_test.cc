@@ -117,7 +117,8 @@ TEST(EnergyModel, WifiCostsLittleAndForgetsQuickly) {
 
 TEST(EnergyModel, DownlinkBytesCountAtTheirOwnRateAndPower) {
   // 1.5 MB down at 12 Mbit/s is 1 s, with 62,500 bytes up (0.5 Mbit/s in
-  // that second): P = 0.219195 + 0.62364 + 1.28804 = 2.130875 W.
+  // that second): P = 0.43839 * 0.5 + 0.05197 * 12 + 1.28804 = 0.219195 +
+  // 0.62364 + 1.28804 = 2.130875 W.
   const auto e = deviceEnergy(radioPowerModel("lte"), kLte,
                               {{.startSeconds = 0, .bytesUp = 62'500, .bytesDown = 1'500'000}});
   EXPECT_NEAR(e.busySeconds, 1.0, 1e-12);
