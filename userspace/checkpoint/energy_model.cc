@@ -69,7 +69,8 @@ const RadioPowerModel& radioPowerModel(const std::string& name) {
 }
 
 EnergyBreakdown deviceEnergy(const RadioPowerModel& radio, const LinkRates& rates,
-                             std::vector<RadioTransfer> transfers, double cpuSeconds, double cpuWatts) {
+                             std::vector<RadioTransfer> transfers, double cpuSeconds, double cpuWatts,
+                             double endSeconds) {
   if (!(rates.upMbit > 0) || !(rates.downMbit > 0))
     fail("link rates must be positive (up {} Mbit/s, down {} Mbit/s)", rates.upMbit, rates.downMbit);
   if (cpuSeconds < 0) fail("CPU time cannot be negative ({} s)", cpuSeconds);
@@ -81,6 +82,8 @@ EnergyBreakdown deviceEnergy(const RadioPowerModel& radio, const LinkRates& rate
   bool inTail = false;     // the radio has moved data and its tail has not been settled
   double tailStart = 0;    // when the last byte moved
   for (const auto& transfer : transfers) {
+    if (transfer.startSeconds > endSeconds)
+      fail("a transfer at {} s starts after the account's end at {} s", transfer.startSeconds, endSeconds);
     // One link: a transfer waits for the one before it.
     double start = inTail ? std::max(transfer.startSeconds, tailStart) : transfer.startSeconds;
     const double sinceLastByte = inTail ? start - tailStart : 0;
@@ -106,7 +109,7 @@ EnergyBreakdown deviceEnergy(const RadioPowerModel& radio, const LinkRates& rate
     inTail = true;
     tailStart = start + seconds;
   }
-  if (inTail) energy.tail += radio.tailJoules(tailLength);
+  if (inTail) energy.tail += radio.tailJoules(std::min(tailLength, std::max(0.0, endSeconds - tailStart)));
   return energy;
 }
 

@@ -66,6 +66,9 @@ struct LinkRates {
   double downMbit = 0;
 };
 
+/// deviceEnergy's account runs until every tail has run out.
+inline constexpr double kNoEnd = 1e300;
+
 /// One exchange on the link: sent from `startSeconds`, `bytesUp` from the
 /// device and `bytesDown` to it, moving at the link's rates.
 struct RadioTransfer {
@@ -88,14 +91,15 @@ struct EnergyBreakdown {
 };
 
 /// What `transfers` and `cpuSeconds` of CPU cost a device whose radio is
-/// `radio` on a link of `rates`. The radio starts idle and every tail runs to
-/// its end. Transfers share the one link: one that starts while another is
-/// still moving (or still waiting for the promotion) waits for it. A transfer
-/// moves for max(bytesUp / up rate, bytesDown / down rate). Throws Error on a
-/// rate that is not positive.
+/// `radio` on a link of `rates`. The radio starts idle; the last tail runs to
+/// its end, or is cut at `endSeconds` when that comes first (the account of
+/// a window of time; no transfer may start after it). Transfers share the one
+/// link: one that starts while another is still moving (or still waiting for
+/// the promotion) waits for it. A transfer moves for max(bytesUp / up rate,
+/// bytesDown / down rate). Throws Error on a rate that is not positive.
 EnergyBreakdown deviceEnergy(const RadioPowerModel& radio, const LinkRates& rates,
                              std::vector<RadioTransfer> transfers, double cpuSeconds = 0,
-                             double cpuWatts = kPhoneCoreWatts);
+                             double cpuWatts = kPhoneCoreWatts, double endSeconds = kNoEnd);
 
 /// A steady stream of pushes: one of `bytesPerPush` every `cycleSeconds`,
 /// each costing `cpuSecondsPerPush` of CPU.

@@ -135,6 +135,18 @@ TEST(EnergyModel, ATransferWaitsForTheOneBeforeIt) {
   EXPECT_NEAR(e.transfer, 2 * kLteTransfer, 1e-9);
 }
 
+TEST(EnergyModel, AnAccountThatEndsCutsTheLastTail) {
+  // Ended at 5 s: the tail from 1.2601 s ran 3.7399 s, 3.964294 J.
+  const auto& lte = radioPowerModel("lte");
+  const auto e = deviceEnergy(lte, kLte, {{.startSeconds = 0, .bytesUp = kOneSecondUp}}, 0, kPhoneCoreWatts, 5);
+  EXPECT_NEAR(e.tail, 3.964294, 1e-9);
+  EXPECT_NEAR(e.radio(), kLtePromotion + kLteTransfer + 3.964294, 1e-9);
+  // An end after the tail changes nothing; a transfer after the end is refused.
+  EXPECT_NEAR(deviceEnergy(lte, kLte, {{.startSeconds = 0, .bytesUp = kOneSecondUp}}, 0, kPhoneCoreWatts, 60).tail,
+              kLteTail, 1e-9);
+  EXPECT_THROW(deviceEnergy(lte, kLte, {{.startSeconds = 6}}, 0, kPhoneCoreWatts, 5), Error);
+}
+
 TEST(EnergyModel, CpuSecondsCostTheCoresPower) {
   const auto e = deviceEnergy(radioPowerModel("lte"), kLte, {}, 2.5);
   EXPECT_NEAR(e.cpu, 2.5 * kPhoneCoreWatts, 1e-12);
