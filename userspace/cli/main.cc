@@ -5,7 +5,8 @@
 //   vmsync revoke   --dir ID --user U [--device A] [--reason TEXT]
 //   vmsync server   --listen HOST:PORT --data DIR (--tls ID | --insecure)
 //   vmsync active   --device A --state DIR [--vm NAME] [--image DIR] [--server HOST:PORT] (--credential A.cred | --insecure)
-//                   [--interval S] [--accel auto|kvm|tcg]
+//                   [--interval S] [--target-switch-ms T [--optimize bytes|energy] [--radio lte|3g|wifi]]
+//                   [--accel auto|kvm|tcg]
 //   vmsync stop     [--vm NAME] [--server HOST:PORT] (--credential F | --insecure)
 //   vmsync standby  --device B --state DIR [--vm NAME] [--server HOST:PORT] (--credential B.cred | --insecure)
 //   vmsync switch   --to B [--vm NAME] [--server HOST:PORT] (--credential F | --insecure) [--json]
@@ -70,9 +71,22 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
                  "failover resumes if this device is lost (0: none)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  cmd.add_option("--target-switch-ms", o.targetSwitchMs,
-                 "when active, choose the interval from the measured link rate and the guest's dirty rate so that "
-                 "a switch's final checkpoint is expected to travel in this many ms (0: --interval stays)")
+  auto* target = cmd.add_option("--target-switch-ms", o.targetSwitchMs,
+                                 "when active, choose the interval from the measured link rate and the guest's dirty "
+                                 "rate so that a switch's final checkpoint is expected to travel in this many ms (0: "
+                                 "--interval stays)")
+                     ->capture_default_str();
+  cmd.add_option("--optimize", o.optimize,
+                 "with --target-switch-ms, among the intervals that keep the target: bytes (the longest, as before "
+                 "this option) or energy (the least expected radio and CPU energy per minute on --radio)")
+      ->check(CLI::IsMember({"bytes", "energy"}))
+      ->needs(target)
+      ->capture_default_str();
+  cmd.add_option("--radio", o.radio,
+                 "with --target-switch-ms, the radio this device pushes over, whose power model prices the interval: "
+                 "lte, 3g or wifi")
+      ->check(CLI::IsMember({"lte", "3g", "wifi"}))
+      ->needs(target)
       ->capture_default_str();
   cmd.add_option("--dead-link-timeout", o.deadLinkSeconds,
                  "seconds after which a silent connection to the server counts as dead and is made again "

@@ -118,6 +118,8 @@ void ActiveVm::startCheckpoints() {
     const auto stateBytes = fs::file_size(replica_.path("device-state.bin"), ec);
     adaptive_.emplace(std::chrono::milliseconds(options_.targetSwitchMs), options_.intervalSeconds,
                       ec ? std::uint64_t{512 * 1024} : stateBytes);
+    adaptive_->setGoal(parseIntervalGoal(options_.optimize), radioPowerModel(options_.radio));
+    lastPushCpuSeconds_ = processCpuSeconds();
   }
   lastHarvestNs_ = 0;
   // The first checkpoint of a new VM is the full sync; after a switch the
@@ -243,8 +245,13 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
   const double sendSeconds = static_cast<double>(nowNs() - sendStart) / 1e9;
   leaseRenewed();  // the server stores pushes under the current lease only
   bytesPushed_ += wireBytes;
+  // The daemon's CPU since the last push of any kind: harvest and encode,
+  // and what else the process did meanwhile (a phone pays for all of it).
+  const double cpuNow = processCpuSeconds();
+  const double cpuSeconds = cpuNow - lastPushCpuSeconds_;
+  lastPushCpuSeconds_ = cpuNow;
   if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
-    if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds))
+    if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds, cpuSeconds))
       logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
   }
   ramTracker_->acknowledge(pending.memory);

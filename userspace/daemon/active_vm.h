@@ -150,6 +150,7 @@ class ActiveVm {
   std::optional<AdaptiveInterval> adaptive_;     // --target-switch-ms
   std::uint64_t lastHarvestNs_ = 0;              // of the previous checkpoint, for the guest's dirty rate
   std::uint64_t bytesPushed_ = 0;                // since this device became active: the link's share of the cost
+  double lastPushCpuSeconds_ = 0;                // process CPU time at the last push, for the energy estimate
 };
 
 }  // namespace vmsync

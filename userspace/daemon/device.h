@@ -30,6 +30,8 @@ struct DeviceOptions {
   std::string policy = "dirty-prev";    // active only: checkpoint policy of a new VM
   std::uint32_t memoryMb = 0;           // active only: overrides the image's memory size
   std::uint32_t targetSwitchMs = 0;     // when active: pick the interval so a final checkpoint travels in this time (0: fixed)
+  std::string optimize = "bytes";       // with targetSwitchMs: the longest interval (bytes) or the least energy
+  std::string radio = "lte";            // with targetSwitchMs: the radio whose power model prices pushes
   double resumableEverySeconds = 10;    // when active: a consistent (resumable) checkpoint this often (0: none)
   int deadLinkSeconds = 20;             // a silent connection to the server is given up after this long
   bool fullVerify = false;              // check a final checkpoint's digest by hashing the whole image

@@ -21,6 +21,7 @@
 #include "vmm/qemu_vm.h"
 #include "harvest/unit_hashes.h"
 #include "lab/gnuplot.h"
+#include "lab/study_energy.h"
 #include "base/units.h"
 
 namespace vmsync {
@@ -112,6 +113,7 @@ struct RunTotals {
   double finalDirty = 0, finalDiff = 0, finalDirtyLz4 = 0, finalDiffLz4 = 0;
   std::map<std::string, std::vector<double>> cpuMsPerCheckpoint;  // policy -> samples
   std::map<std::uint32_t, double> dirtyPrevOverDiffPrev;
+  StudyPushes pushes;  // every checkpoint as a device would push it (lz4), for the energy accounting
   std::uint64_t imageBytes = 0;
   std::uint64_t units = 0;
 };
@@ -214,10 +216,16 @@ RunTotals runOnce(const StudyOptions& options, int run, std::ofstream& csv) {
         totals.incrDiff[k] += static_cast<double>(prev.diffBytes);
         totals.incrDirtyLz4[k] += static_cast<double>(prev.dirtyLz4);
         totals.incrDiffLz4[k] += static_cast<double>(prev.diffLz4);
-        totals.cpuMsPerCheckpoint["dirty-prev"].push_back(hashMs + prev.compareMs + prev.dirtyEncodeMs);
-        totals.cpuMsPerCheckpoint["diff-prev"].push_back(hashMs + prev.compareMs + prev.diffEncodeMs);
-        totals.cpuMsPerCheckpoint["dirty-orig"].push_back(hashMs + orig.compareMs + orig.dirtyEncodeMs);
-        totals.cpuMsPerCheckpoint["diff-orig"].push_back(hashMs + orig.compareMs + orig.diffEncodeMs);
+        const std::pair<const char*, std::pair<std::uint64_t, double>> costs[] = {
+            {"dirty-prev", {prev.dirtyLz4, hashMs + prev.compareMs + prev.dirtyEncodeMs}},
+            {"diff-prev", {prev.diffLz4, hashMs + prev.compareMs + prev.diffEncodeMs}},
+            {"dirty-orig", {orig.dirtyLz4, hashMs + orig.compareMs + orig.dirtyEncodeMs}},
+            {"diff-orig", {orig.diffLz4, hashMs + orig.compareMs + orig.diffEncodeMs}}};
+        for (const auto& [policy, cost] : costs) {
+          totals.cpuMsPerCheckpoint[policy].push_back(cost.second);
+          totals.pushes[policy][k].push_back(
+              {.timeSeconds = static_cast<double>(t), .bytes = cost.first, .cpuSeconds = cost.second / 1000});
+        }
         previous[k].take(live, hashes);
       }
       if (last) {
@@ -383,10 +391,16 @@ int runStudy(const StudyOptions& options) {
       }
       md << "| " << p << " | " << fmt::format("{:.1f}", spread(all).median) << " | " << space.at(p) << " |\n";
     }
+    std::vector<std::vector<StudyEnergyRow>> energyRuns;
+    for (const auto& run : runs) energyRuns.push_back(studyEnergy(run.pushes, options.durationSeconds));
+    md << writeStudyEnergy(options.outDir, options.workload, energyRuns);
     md << "\n## Files\n\n- `checkpoints.csv`: one row per checkpoint, interval and policy (pages, changed bytes, "
        << "encoded bytes, lz4 bytes, CPU to harvest and to encode)\n- `summary.csv`: the totals above\n"
        << "- `checkpoint_size.png`: checkpoint size over time per policy (first interval, run 1)\n"
-       << "- `total_bytes.png`: Final/Incr Dirty/Diff per interval\n- `run-N/serial.log`: the guest's console\n";
+       << "- `total_bytes.png`: Final/Incr Dirty/Diff per interval\n"
+       << "- `energy.csv`: bytes, CPU and joules per minute for every policy, interval and link\n"
+       << "- `energy_wifi.png`, `energy_lte.png`, `energy_3g.png`: bytes and joules per minute against the "
+          "interval\n- `run-N/serial.log`: the guest's console\n";
     md.close();
     writePlots(options);
     spdlog::info("study: report in {}", (fs::path(options.outDir) / "report.md").string());
