@@ -79,6 +79,13 @@ struct Checkpoint {
   resync @15 :Bool;             # built by the server from a device's unit hashes: takes
                                 # that device's image (at baseSequence, or past it) to the
                                 # chain's image at `sequence`, which may be lower
+  deviceStateEncoding @16 :StateEncoding;  # how deviceState holds the state
+  deviceStateRawSize @17 :UInt64;          # the state's size once decoded
+}
+
+enum StateEncoding {
+  raw @0;                       # deviceState is the VMM's stream itself
+  lz4 @1;                       # deviceState is an lz4 block of it
 }
 
 enum DeviceState {
@@ -143,6 +150,8 @@ struct SwitchReport {
   forced @16 :Bool;             # a failover: `from` was lost; the VM resumed from the newest resumable point
   lostNs @17 :UInt64;           # forced: the age of that point (guest time lost)
   abandonedCheckpoints @18 :UInt64; # forced: checkpoints after the point, abandoned
+  deviceStateBytes @19 :UInt64; # the VMM's device state as saved
+  deviceStateWireBytes @20 :UInt64; # as it travelled in the final checkpoint (compressed)
 }
 
 struct StopReport {
@@ -158,6 +167,8 @@ struct HandOffResult {
   finalHarvestNs @3 :UInt64;    # time to harvest and encode
   deviceStateSaveNs @4 :UInt64; # time for QEMU to save device state
   pushNs @5 :UInt64;            # round trip of the push to the server
+  deviceStateBytes @6 :UInt64;  # the VMM's device state as saved
+  deviceStateWireBytes @7 :UInt64; # as it travels (compressed)
 }
 
 struct ActivateResult {

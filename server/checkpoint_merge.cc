@@ -5,6 +5,7 @@
 #include <map>
 
 #include "checkpoint/chunk_codec.h"
+#include "checkpoint/device_state_codec.h"
 #include "base/error.h"
 
 namespace vmsync {
@@ -98,7 +99,7 @@ std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, w
     out.setSpec(first.getSpec());
   } else if (last.getKind() == wire::CheckpointKind::FINAL) {
     out.setKind(wire::CheckpointKind::FINAL);
-    out.setDeviceState(last.getDeviceState());
+    copyDeviceState(last, out);
     out.setImageDigest(last.getImageDigest());
   } else {
     out.setKind(wire::CheckpointKind::INCREMENTAL);

@@ -8,6 +8,7 @@
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/checkpoint_record.h"
 #include "checkpoint/chunk_codec.h"
+#include "checkpoint/device_state_codec.h"
 #include "chain_image.h"
 #include "checkpoint_store.h"
 #include "harvest/unit_hashes.h"
@@ -101,7 +102,7 @@ ResyncStats buildResync(const std::vector<std::string>& paths, const std::string
   resync.setCreatedUnixNs(top.getCreatedUnixNs());
   resync.setResync(true);
   if (stats.final) {
-    resync.setDeviceState(top.getDeviceState());
+    copyDeviceState(top, resync);
     resync.setImageDigest(top.getImageDigest());
     resync.setVmContinued(top.getVmContinued());
   }

@@ -123,6 +123,8 @@ kj::Promise<void> SyncServer::switchRunning(const std::string& source, const std
         report.setPauseNs(r.getPauseNs());
         report.setFinalHarvestNs(r.getFinalHarvestNs());
         report.setDeviceStateSaveNs(r.getDeviceStateSaveNs());
+        report.setDeviceStateBytes(r.getDeviceStateBytes());
+        report.setDeviceStateWireBytes(r.getDeviceStateWireBytes());
         // The source paused and stored its final checkpoint: its lease ends
         // here. Should this server stop before the target is activated, the
         // parked VM resumes on the target when it registers again.

@@ -100,6 +100,13 @@ TEST_F(LiveHandoff, CounterContinuesAcrossSwitchesBothWays) {
     EXPECT_TRUE(report.contains(phase)) << phase;
   EXPECT_GT(report["total_ms"].get<double>(), 0.0);
   EXPECT_GT(report["device_state_save_ms"].get<double>(), 0.0);
+  // QEMU's device state travels compressed: less than half its saved size.
+  const auto stateBytes = report["device_state_bytes"].get<std::uint64_t>();
+  const auto stateWireBytes = report["device_state_wire_bytes"].get<std::uint64_t>();
+  EXPECT_GT(stateBytes, 100000u) << report.dump(2);
+  EXPECT_GT(stateWireBytes, 0u) << report.dump(2);
+  EXPECT_LT(stateWireBytes * 2, stateBytes) << report.dump(2);
+  EXPECT_LT(stateWireBytes, report["final_bytes"].get<std::uint64_t>()) << report.dump(2);
 
   // The daemons' metrics, scraped as Prometheus would: A pushed the full
   // checkpoint, incremental ones and the final one (resumable points are

@@ -9,6 +9,7 @@
 
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/chunk_codec.h"
+#include "checkpoint/device_state_codec.h"
 #include "base/error.h"
 #include "base/thread_pool.h"
 #include "base/units.h"
@@ -233,6 +234,8 @@ void validateCheckpoint(wire::Checkpoint::Reader checkpoint, std::uint64_t memor
   const PayloadBlobs blobs(checkpoint);
   validateList(checkpoint.getMemory(), blobs, memoryUnits, "memory");
   validateList(checkpoint.getDisk(), blobs, diskUnits, "disk");
+  // A final checkpoint's device state must decode, or no device could resume from it.
+  if (checkpoint.getKind() == wire::CheckpointKind::FINAL) (void)deviceStateOf(checkpoint);
 }
 
 ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, ImageFile& disk, BaseImage base) {

@@ -191,6 +191,8 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool forc
                      {"epoch", r.getEpoch()},                  {"pause_ms", ms(r.getPauseNs())},
                      {"final_harvest_ms", ms(r.getFinalHarvestNs())},
                      {"device_state_save_ms", ms(r.getDeviceStateSaveNs())},
+                     {"device_state_bytes", r.getDeviceStateBytes()},
+                     {"device_state_wire_bytes", r.getDeviceStateWireBytes()},
                      {"transfer_ms", ms(r.getTransferNs())},   {"apply_ms", ms(r.getApplyNs())},
                      {"device_state_load_ms", ms(r.getDeviceStateLoadNs())},
                      {"resume_ms", ms(r.getResumeNs())},       {"total_ms", ms(r.getTotalNs())},
@@ -232,7 +234,9 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool forc
                 static_cast<unsigned long long>(r.getCatchUpBytes()), r.getFrom().cStr());
   std::printf("  pause              %8.1f ms\n", ms(r.getPauseNs()));
   std::printf("  final harvest      %8.1f ms\n", ms(r.getFinalHarvestNs()));
-  std::printf("  device-state save  %8.1f ms\n", ms(r.getDeviceStateSaveNs()));
+  std::printf("  device-state save  %8.1f ms  (%llu bytes, %llu on the way)\n", ms(r.getDeviceStateSaveNs()),
+              static_cast<unsigned long long>(r.getDeviceStateBytes()),
+              static_cast<unsigned long long>(r.getDeviceStateWireBytes()));
   std::printf("  transfer           %8.1f ms\n", ms(r.getTransferNs()));
   std::printf("  apply              %8.1f ms\n", ms(r.getApplyNs()));
   std::printf("  device-state load  %8.1f ms\n", ms(r.getDeviceStateLoadNs()));

@@ -8,6 +8,7 @@
 #include "base/durable_file.h"
 #include "base/error.h"
 #include "checkpoint/checkpoint_identity.h"
+#include "checkpoint/device_state_codec.h"
 #include "transport/rpc_util.h"
 
 namespace vmsync {
@@ -359,7 +360,6 @@ void ActiveVm::pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire:
   final.digest = imageDigest(final.hashes.ram, final.hashes.disk);
   final.sequence = pending.sequence;
   result.setFinalSequence(pending.sequence);
-  result.setFinalBytes(pending.memory.encodedBytes + pending.disk.encodedBytes + final.deviceState.size());
   result.setPauseNs(t1 - t0);
   result.setFinalHarvestNs(t2 - t1);
   result.setDeviceStateSaveNs(t3 - t2);
@@ -374,7 +374,10 @@ kj::Promise<FinalCheckpoint> ActiveVm::pushFinal(wire::DeviceSession::Client ses
   describeCheckpoint(checkpoint, wire::CheckpointKind::FINAL, pending->sequence);
   toWire(pending->memory, pending->disk, checkpoint);
   link_.holdWhileSending(pending);
-  checkpoint.setDeviceState(asCapnp(final->deviceState));
+  const std::uint64_t stateWireBytes = setDeviceState(checkpoint, final->deviceState);
+  result.setDeviceStateBytes(final->deviceState.size());
+  result.setDeviceStateWireBytes(stateWireBytes);
+  result.setFinalBytes(pending->memory.encodedBytes + pending->disk.encodedBytes + stateWireBytes);
   checkpoint.setImageDigest(asCapnp(final->digest));
   pending->identity = describeIdentity(checkpoint.asReader());
   const std::uint64_t wireBytes = request.totalSize().wordCount * sizeof(capnp::word);

@@ -6,6 +6,7 @@
 
 #include "base/error.h"
 #include "checkpoint/checkpoint_identity.h"
+#include "checkpoint/device_state_codec.h"
 #include "daemon/active_vm.h"
 #include "transport/rpc_util.h"
 
@@ -108,7 +109,7 @@ kj::Promise<void> ActiveVm::pushResumablePoint() {
   describeCheckpoint(checkpoint, wire::CheckpointKind::FINAL, pending->sequence);
   toWire(pending->memory, pending->disk, checkpoint);
   link_.holdWhileSending(pending);
-  checkpoint.setDeviceState(asCapnp(*state));
+  setDeviceState(checkpoint, *state);
   checkpoint.setImageDigest(asCapnp(digest));
   checkpoint.setVmContinued(true);
   pending->identity = describeIdentity(checkpoint.asReader());

@@ -15,6 +15,7 @@
 #include "base/durable_file.h"
 #include "base/error.h"
 #include "checkpoint/checkpoint_record.h"
+#include "checkpoint/device_state_codec.h"
 #include "harvest/unit_hashes.h"
 #include "transport/rpc_util.h"
 #include "vmm/qemu_vm.h"
@@ -445,8 +446,8 @@ void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
     saveApplied(sequence, checkpoint.getEpoch());
     fail("{}; the image on {} is damaged and the VM will not be resumed here", damaged_, deviceId_);
   }
-  auto state = checkpoint.getDeviceState();
-  writeFileDurably(path("device-state.bin"), state.begin(), state.size());
+  const std::vector<std::byte> state = deviceStateOf(checkpoint);
+  writeFileDurably(path("device-state.bin"), state.data(), state.size());
   std::string seq = std::to_string(sequence);
   writeFileDurably(path("device-state.seq"), seq.data(), seq.size());
   deviceStateSequence_ = sequence;
