@@ -397,10 +397,16 @@ ApplyStats Replica::applyToImage(wire::Checkpoint::Reader checkpoint) {
   if (!ram_ || !disk_)
     fail("checkpoint {} is not a full one, and there is no image to apply it to", checkpoint.getSequence());
   if (full) forgetHashes();  // a new image
-  ApplyStats stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
-  crashPoint("standby-after-write");
-  ram_->sync();
-  disk_->sync();
+  ApplyStats stats;
+  try {
+    stats = applyCheckpoint(checkpoint, *ram_, *disk_, BaseImage{baseRam_.get(), baseDisk_.get()});
+    crashPoint("standby-after-write");
+    ram_->sync();
+    disk_->sync();
+  } catch (...) {
+    forgetHashes();  // a write that failed part way leaves units the kept hashes do not describe
+    throw;
+  }
   updateHashes(stats);
   if (full && isOrigPolicy(spec_.policy)) {
     baseRam_.reset();
