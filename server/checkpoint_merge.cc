@@ -22,11 +22,14 @@ struct Newest {
 };
 
 /// Newest chunk per unit index across the run, for one of the two images.
+/// `blobs` holds each checkpoint's blobs (its zstd frames decompressed), in
+/// the order of `run`: the payloads point into them.
 template <typename ListOf>
-std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, ListOf list,
-                         std::map<std::uint64_t, Newest>& newest) {
-  for (auto checkpoint : run) {
-    const PayloadBlobs blobs(checkpoint);
+std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, const std::vector<PayloadBlobs>& runBlobs,
+                         ListOf list, std::map<std::uint64_t, Newest>& newest) {
+  for (std::size_t c = 0; c < run.size(); ++c) {
+    const auto checkpoint = run[c];
+    const PayloadBlobs& blobs = runBlobs[c];
     auto chunks = list(checkpoint);
     for (unsigned i = 0; i < chunks.size(); ++i) {
       auto chunk = chunks[i];
@@ -82,9 +85,20 @@ std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, w
   const bool full = first.getKind() == wire::CheckpointKind::FULL;
   if (full && last.getKind() == wire::CheckpointKind::FINAL && run.size() > 1)
     return "a full checkpoint cannot be merged with a final one (the merge would need both kinds)";
+  // Blobs in zstd frames are decompressed once per checkpoint, and kept until
+  // the chunks are copied out of them.
+  std::vector<PayloadBlobs> blobs;
+  blobs.reserve(run.size());
+  for (auto checkpoint : run) {
+    try {
+      blobs.emplace_back(checkpoint);
+    } catch (const Error& e) {
+      return e.what();
+    }
+  }
   std::map<std::uint64_t, Newest> memory, disk;
-  if (auto why = newestChunks(run, [](auto c) { return c.getMemory(); }, memory); !why.empty()) return why;
-  if (auto why = newestChunks(run, [](auto c) { return c.getDisk(); }, disk); !why.empty()) return why;
+  if (auto why = newestChunks(run, blobs, [](auto c) { return c.getMemory(); }, memory); !why.empty()) return why;
+  if (auto why = newestChunks(run, blobs, [](auto c) { return c.getDisk(); }, disk); !why.empty()) return why;
 
   out.setVmId(last.getVmId());
   out.setEpoch(last.getEpoch());
