@@ -14,7 +14,7 @@ KDIR       ?= /usr/src/linux-headers-$(KVER)
 
 # Debian packages the project builds and runs with.
 PACKAGES := build-essential cmake ninja-build pkg-config \
-  capnproto libcapnp-dev liblz4-dev liburing-dev libbpf-dev bpftool clang llvm \
+  capnproto libcapnp-dev liblz4-dev libzstd-dev liburing-dev libbpf-dev bpftool clang llvm \
   libgtest-dev libgmock-dev libbenchmark-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
   libspdlog-dev libfmt-dev libssl-dev libfuse3-dev prometheus-cpp-dev \
   qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod xz-utils zstd \

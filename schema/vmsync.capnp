@@ -24,6 +24,13 @@ enum ChunkEncoding {
 enum Compression {
   none @0;          # data is stored as encoded
   lz4 @1;           # data is an lz4 block; `rawSize` is its decompressed size
+  zstd @2;          # a zstd frame; for blobs only (BlobFrame), never on a single chunk
+}
+
+struct BlobFrame {
+  compression @0 :Compression;  # none: the blob is its chunks' payloads as they are;
+                                # zstd: the blob is one zstd frame of them
+  rawSize @1 :UInt64;           # bytes of the blob after decompression (its size for none)
 }
 
 enum Policy {
@@ -79,8 +86,11 @@ struct Checkpoint {
   resync @15 :Bool;             # built by the server from a device's unit hashes: takes
                                 # that device's image (at baseSequence, or past it) to the
                                 # chain's image at `sequence`, which may be lower
-  deviceStateEncoding @16 :StateEncoding;  # how deviceState holds the state
-  deviceStateRawSize @17 :UInt64;          # the state's size once decoded
+  blobFrames @16 :List(BlobFrame); # empty: every blob is plain; else one per blob, in
+                                # order: how it is compressed. A chunk's blobOffset and
+                                # blobSize name bytes of the decompressed blob
+  deviceStateEncoding @17 :StateEncoding;  # how deviceState holds the state
+  deviceStateRawSize @18 :UInt64;          # the state's size once decoded
 }
 
 enum StateEncoding {

@@ -4,8 +4,10 @@
 
 #include <map>
 
+#include "checkpoint/blob_frames.h"
 #include "checkpoint/chunk_codec.h"
 #include "checkpoint/device_state_codec.h"
+#include "checkpoint/compression_choice.h"
 #include "base/error.h"
 
 namespace vmsync {
@@ -23,11 +25,14 @@ struct Newest {
 };
 
 /// Newest chunk per unit index across the run, for one of the two images.
+/// `blobs` holds each checkpoint's blobs (its zstd frames decompressed), in
+/// the order of `run`: the payloads point into them.
 template <typename ListOf>
-std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, ListOf list,
-                         std::map<std::uint64_t, Newest>& newest) {
-  for (auto checkpoint : run) {
-    const PayloadBlobs blobs(checkpoint);
+std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, const std::vector<PayloadBlobs>& runBlobs,
+                         ListOf list, std::map<std::uint64_t, Newest>& newest) {
+  for (std::size_t c = 0; c < run.size(); ++c) {
+    const auto checkpoint = run[c];
+    const PayloadBlobs& blobs = runBlobs[c];
     auto chunks = list(checkpoint);
     for (unsigned i = 0; i < chunks.size(); ++i) {
       auto chunk = chunks[i];
@@ -51,9 +56,20 @@ std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, ListO
   return {};
 }
 
-/// Copies the chunks, each with its payload in itself (the merge has no blobs).
-void copyChunks(const std::map<std::uint64_t, Newest>& chunks,
-                capnp::List<wire::Chunk>::Builder list) {
+/// Raw bytes of payload per zstd frame of a merge: as a device's frames.
+constexpr std::size_t kMergeFrameBytes = std::size_t{1} << 20;
+
+/// Where the payloads of a merge go when its checkpoints came in zstd frames:
+/// gathered into frames of about kMergeFrameBytes, each compressed again, so
+/// that a catch-up is not larger than the pushes it replaces.
+struct MergeFrames {
+  std::vector<std::vector<std::byte>> raw;  // per blob, its chunks' payloads
+};
+
+/// Copies the chunks, each with its payload in itself; or with `frames`, in
+/// the blobs gathered there.
+void copyChunks(const std::map<std::uint64_t, Newest>& chunks, capnp::List<wire::Chunk>::Builder list,
+                MergeFrames* frames) {
   unsigned i = 0;
   for (const auto& [index, newest] : chunks) {
     auto out = list[i++];
@@ -61,9 +77,35 @@ void copyChunks(const std::map<std::uint64_t, Newest>& chunks,
     out.setEncoding(newest.chunk.getEncoding());
     out.setCompression(newest.chunk.getCompression());
     out.setRawSize(newest.chunk.getRawSize());
-    if (!newest.payload.empty())
-      out.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(newest.payload.data()),
-                               newest.payload.size()));
+    if (newest.payload.empty()) continue;
+    if (frames == nullptr) {
+      out.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(newest.payload.data()), newest.payload.size()));
+      continue;
+    }
+    if (frames->raw.empty() || frames->raw.back().size() + newest.payload.size() > kMergeFrameBytes)
+      frames->raw.emplace_back();
+    auto& blob = frames->raw.back();
+    out.setBlob(static_cast<std::uint32_t>(frames->raw.size()));
+    out.setBlobOffset(static_cast<std::uint32_t>(blob.size()));
+    out.setBlobSize(static_cast<std::uint32_t>(newest.payload.size()));
+    blob.insert(blob.end(), newest.payload.begin(), newest.payload.end());
+  }
+}
+
+/// Writes the gathered payloads as zstd frames (plain where zstd does not
+/// shrink them) into the merge's blobs.
+void writeFrames(const MergeFrames& frames, wire::Checkpoint::Builder out) {
+  auto blobs = out.initBlobs(static_cast<unsigned>(frames.raw.size()));
+  auto infos = out.initBlobFrames(static_cast<unsigned>(frames.raw.size()));
+  std::vector<std::byte> frame;
+  for (unsigned k = 0; k < frames.raw.size(); ++k) {
+    const auto& raw = frames.raw[k];
+    frame.resize(zstdFrameBound(raw.size()));
+    const std::size_t n = compressZstdFrame(raw, kDefaultZstdLevel, frame);
+    const auto& bytes = n > 0 ? std::span<const std::byte>(frame.data(), n) : std::span<const std::byte>(raw);
+    blobs.set(k, kj::arrayPtr(reinterpret_cast<const kj::byte*>(bytes.data()), bytes.size()));
+    infos[k].setCompression(n > 0 ? wire::Compression::ZSTD : wire::Compression::NONE);
+    infos[k].setRawSize(raw.size());
   }
 }
 
@@ -83,9 +125,20 @@ std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, w
   const bool full = first.getKind() == wire::CheckpointKind::FULL;
   if (full && last.getKind() == wire::CheckpointKind::FINAL && run.size() > 1)
     return "a full checkpoint cannot be merged with a final one (the merge would need both kinds)";
+  // Blobs in zstd frames are decompressed once per checkpoint, and kept until
+  // the chunks are copied out of them.
+  std::vector<PayloadBlobs> blobs;
+  blobs.reserve(run.size());
+  for (auto checkpoint : run) {
+    try {
+      blobs.emplace_back(checkpoint);
+    } catch (const Error& e) {
+      return e.what();
+    }
+  }
   std::map<std::uint64_t, Newest> memory, disk;
-  if (auto why = newestChunks(run, [](auto c) { return c.getMemory(); }, memory); !why.empty()) return why;
-  if (auto why = newestChunks(run, [](auto c) { return c.getDisk(); }, disk); !why.empty()) return why;
+  if (auto why = newestChunks(run, blobs, [](auto c) { return c.getMemory(); }, memory); !why.empty()) return why;
+  if (auto why = newestChunks(run, blobs, [](auto c) { return c.getDisk(); }, disk); !why.empty()) return why;
 
   out.setVmId(last.getVmId());
   out.setEpoch(last.getEpoch());
@@ -104,8 +157,14 @@ std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, w
   } else {
     out.setKind(wire::CheckpointKind::INCREMENTAL);
   }
-  copyChunks(memory, out.initMemory(static_cast<unsigned>(memory.size())));
-  copyChunks(disk, out.initDisk(static_cast<unsigned>(disk.size())));
+  // Payloads that came in zstd frames leave in zstd frames; the others in
+  // their chunks, as they came.
+  bool framed = false;
+  for (const PayloadBlobs& b : blobs) framed |= b.framedBytes() > 0;
+  MergeFrames frames;
+  copyChunks(memory, out.initMemory(static_cast<unsigned>(memory.size())), framed ? &frames : nullptr);
+  copyChunks(disk, out.initDisk(static_cast<unsigned>(disk.size())), framed ? &frames : nullptr);
+  if (framed) writeFrames(frames, out);
   return {};
 }
 

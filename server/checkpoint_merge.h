@@ -15,8 +15,10 @@ namespace vmsync {
 /// merge is full (with its spec). Only self-contained chunks (whole, zero,
 /// either compressed or not) are merged, a sameAs chunk standing for the chunk
 /// it names: an xorDiff chunk depends on the receiver's bytes, so such a run is
-/// refused and the caller sends it one by one. Returns the refusal reason,
-/// empty on success.
+/// refused and the caller sends it one by one. When any checkpoint of the run
+/// carried zstd frames, the merge's payloads travel in zstd frames too (about
+/// 1 MiB of payload each, level kDefaultZstdLevel); else in their chunks.
+/// Returns the refusal reason, empty on success.
 std::string mergeCheckpoints(const std::vector<wire::Checkpoint::Reader>& run, wire::Checkpoint::Builder out);
 
 }  // namespace vmsync

@@ -89,12 +89,14 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$out"
 rm -f "$out/recipe.sha256"  # a half-built output is never taken as current
 
-# --- initramfs: load the modules for a virtio disk with ext4, then switch root.
+# --- initramfs: load the modules for a virtio disk with ext4 and for the
+# virtio balloon (free page reporting: pages the guest frees go back to the
+# host, which punches them out of the shared RAM file), then switch root.
 init=$stage/initramfs
 mkdir -p "$init"/{bin,dev,proc,sys,newroot,lib/modules}
 cp "$busybox" "$init/bin/busybox"
 : > "$init/modules.order"
-for m in virtio_pci virtio_blk ext4; do
+for m in virtio_pci virtio_blk ext4 virtio_balloon; do
   modprobe -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}'
 done | awk '!seen[$0]++' | while read -r ko; do
   base=$(basename "$ko")

@@ -85,7 +85,7 @@ inline void mutateCheckpoint(std::minstd_rand& random, capnp::MessageBuilder& me
   const bool memory = random() % 2 == 0 || !checkpoint.hasDisk();
   auto list = memory ? checkpoint.getMemory() : checkpoint.getDisk();
   const unsigned n = list.size();
-  switch (random() % 10) {
+  switch (random() % 11) {
     case 0: checkpoint.setSequence(interestingNumber(random, checkpoint.getSequence())); break;
     case 1: checkpoint.setBaseSequence(interestingNumber(random, checkpoint.getBaseSequence())); break;
     case 2: checkpoint.setEpoch(interestingNumber(random, checkpoint.getEpoch())); break;
@@ -104,7 +104,7 @@ inline void mutateCheckpoint(std::minstd_rand& random, capnp::MessageBuilder& me
       auto chunk = list[random() % n];
       switch (random() % 3) {
         case 0: chunk.setEncoding(static_cast<wire::ChunkEncoding>(random() % 5)); break;
-        case 1: chunk.setCompression(static_cast<wire::Compression>(random() % 3)); break;
+        case 1: chunk.setCompression(static_cast<wire::Compression>(random() % 4)); break;
         default: chunk.setSameAs(static_cast<std::uint32_t>(interestingNumber(random, chunk.getSameAs()))); break;
       }
       break;
@@ -131,6 +131,20 @@ inline void mutateCheckpoint(std::minstd_rand& random, capnp::MessageBuilder& me
         auto bytes = mutateBlob(blobs[k]);
         blobs.set(k, kj::arrayPtr(bytes.data(), bytes.size()));
       }
+      break;
+    }
+    case 9: {  // how a blob travels: plain or a zstd frame, and the size it claims
+      const unsigned blobs = checkpoint.hasBlobs() ? checkpoint.getBlobs().size() : 0;
+      if (blobs == 0) break;
+      if (!checkpoint.hasBlobFrames() || checkpoint.getBlobFrames().size() == 0 || random() % 8 == 0) {
+        auto frames = checkpoint.initBlobFrames(random() % 8 == 0 ? blobs + 1 : blobs);
+        for (unsigned k = 0; k < blobs && k < frames.size(); ++k) frames[k].setRawSize(checkpoint.getBlobs()[k].size());
+        break;
+      }
+      auto frames = checkpoint.getBlobFrames();
+      auto frame = frames[random() % frames.size()];
+      if (random() % 2) frame.setCompression(static_cast<wire::Compression>(random() % 4));
+      else frame.setRawSize(interestingNumber(random, frame.getRawSize()));
       break;
     }
     default: {

@@ -15,7 +15,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto chunk = message.initRoot<vmsync::wire::Chunk>();
   chunk.setIndex(data[0]);
   chunk.setEncoding(static_cast<vmsync::wire::ChunkEncoding>(data[1] % 5));
-  chunk.setCompression(static_cast<vmsync::wire::Compression>(data[2] % 3));
+  chunk.setCompression(static_cast<vmsync::wire::Compression>(data[2] % 4));
   std::uint32_t raw;
   std::memcpy(&raw, data + 2, sizeof raw);
   chunk.setRawSize(raw % (3 * vmsync::kUnitSize));

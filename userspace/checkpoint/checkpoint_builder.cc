@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <unordered_map>
 
 #include "base/error.h"
+#include "checkpoint/blob_frames.h"
 #include "harvest/unit_hashes.h"
 
 namespace vmsync {
@@ -40,7 +43,7 @@ ImageTracker::ImageTracker(const ImageFile& image, std::vector<std::uint64_t> re
                            bool compress, std::vector<std::byte> receiverBytes)
     : image_(image),
       policy_(policy),
-      compress_(compress),
+      compression_{compress ? wire::Compression::LZ4 : wire::Compression::NONE, 0},
       pool_(&defaultThreadPool()),
       receiverHashes_(std::move(receiverHashes)),
       unacknowledged_(image.units()) {
@@ -73,6 +76,7 @@ namespace {
 
 constexpr std::size_t kScanGrain = 1024;  // units hashed per task (4 MiB)
 constexpr std::size_t kEncodeGrain = 32;  // changed units copied and encoded per task, at least
+constexpr std::size_t kZstdGrain = 256;   // the same under zstd: a task's blob is one frame (up to 1 MiB)
 constexpr std::size_t kMaxBlobs = 64;     // blobs per image, unless they would be larger than
 constexpr std::size_t kMaxBlobBytes = std::size_t{256} << 20;
 
@@ -80,11 +84,14 @@ constexpr std::size_t kMaxBlobBytes = std::size_t{256} << 20;
 // a word, as Cap'n Proto needs of a blob it references.
 static_assert(kMaxPayload % sizeof(capnp::word) == 0);
 
-/// Units per encoding task: each task's payloads become one blob, and a
-/// message may have no more than 511 segments (each blob is one).
-std::size_t encodeGrain(std::size_t n) {
-  const std::size_t grain = std::max(kEncodeGrain, (n + kMaxBlobs - 1) / kMaxBlobs);
-  return std::min(grain, kMaxBlobBytes / kMaxPayload);
+/// Seconds since some fixed moment, cheap enough to read around every unit.
+double secondsNow() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// Adds `seconds` to `total` (tasks on several threads add at once).
+void addSeconds(std::atomic<std::uint64_t>& totalNs, double seconds) {
+  totalNs.fetch_add(static_cast<std::uint64_t>(seconds * 1e9), std::memory_order_relaxed);
 }
 
 /// Closes the gaps the encoding tasks left in `delta.payloads` (room a task did
@@ -121,6 +128,57 @@ void packBlobs(ImageDelta& delta, std::size_t taskBytes) {
 }
 
 }  // namespace
+
+std::size_t encodeGrain(std::size_t n, const PayloadCompression& compression) {
+  // Each task's payloads become one blob, and a message may have no more than
+  // 511 segments (each blob is one). zstd finds more to share in a larger
+  // frame, and a task's frame is compressed on one thread.
+  const std::size_t least = compression.kind == wire::Compression::ZSTD ? kZstdGrain : kEncodeGrain;
+  const std::size_t grain = std::max(least, (n + kMaxBlobs - 1) / kMaxBlobs);
+  return std::min(grain, kMaxBlobBytes / kMaxPayload);
+}
+
+void ImageTracker::finishBlobs(ImageDelta& delta, std::size_t grain) const {
+  packBlobs(delta, grain * kMaxPayload);
+  delta.compression = compression_;
+  delta.unframedBytes = 0;
+  for (auto blob : delta.blobs) delta.unframedBytes += blob.size();
+  delta.encodedBytes = delta.unframedBytes;
+  delta.blobFrames.clear();
+  delta.frames.clear();
+  if (compression_.kind != wire::Compression::ZSTD || delta.blobs.empty()) return;
+  // Each blob into one zstd frame, side by side in `frames`, each from a word
+  // (Cap'n Proto references a blob in place only there).
+  const std::size_t count = delta.blobs.size();
+  std::vector<std::size_t> offsets(count + 1, 0);
+  for (std::size_t k = 0; k < count; ++k)
+    offsets[k + 1] = offsets[k] + (zstdFrameBound(delta.blobs[k].size()) + 7) / 8 * 8;
+  delta.frames.resize(offsets[count]);
+  std::vector<std::size_t> sizes(count, 0);
+  std::atomic<std::uint64_t> spentNs{0};
+  pool_->parallelFor(count, 1, [&](std::size_t begin, std::size_t end) {
+    const double start = secondsNow();
+    for (std::size_t k = begin; k < end; ++k)
+      sizes[k] = compressZstdFrame(delta.blobs[k], compression_.level,
+                                   {delta.frames.data() + offsets[k], offsets[k + 1] - offsets[k]});
+    addSeconds(spentNs, secondsNow() - start);
+  });
+  delta.blobFrames.resize(count);
+  delta.encodedBytes = 0;
+  for (std::size_t k = 0; k < count; ++k) {
+    // A blob that zstd does not shrink goes as it is.
+    if (sizes[k] > 0) {
+      std::byte* frame = delta.frames.data() + offsets[k];
+      std::memset(frame + sizes[k], 0, (sizes[k] + 7) / 8 * 8 - sizes[k]);
+      delta.blobFrames[k] = {wire::Compression::ZSTD, delta.blobs[k].size()};
+      delta.blobs[k] = {frame, sizes[k]};
+    } else {
+      delta.blobFrames[k] = {wire::Compression::NONE, delta.blobs[k].size()};
+    }
+    delta.encodedBytes += delta.blobs[k].size();
+  }
+  delta.encodeCpuSeconds += static_cast<double>(spentNs.load()) / 1e9;
+}
 
 std::vector<std::uint64_t> ImageTracker::candidateIndexes(const DirtyUnits& candidates) {
   const std::uint64_t count = image_.units();
@@ -193,14 +251,16 @@ ChunkView ImageTracker::encodeUnit(std::uint64_t index, std::span<const std::byt
     unit.encoding = wire::ChunkEncoding::ZERO;
     return unit;
   }
+  // lz4 per chunk; zstd comes later, over each task's blob.
+  const bool lz4 = compression_.kind == wire::Compression::LZ4;
   if (isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty())) {
     std::span<const std::byte> reference =
         origActive() ? base_->unit(index)
                      : std::span<const std::byte>(receiverBytes_.data() + index * kUnitSize, kUnitSize);
-    return encodeDiffInto(index, copy, reference, compress_, room);
+    return encodeDiffInto(index, copy, reference, lz4, room);
   }
   // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
-  return encodeWholeInto(index, copy, compress_, room);
+  return encodeWholeInto(index, copy, lz4, room);
 }
 
 std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& changed, std::size_t grain,
@@ -210,7 +270,9 @@ std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& 
   // only the bytes we ship may be recorded as shipped. A zero page is seen in
   // place and not copied (it ships as ZERO, recorded with the zero hash).
   std::vector<char> ships(changed.size(), 0);
+  std::atomic<std::uint64_t> spentNs{0};
   pool_->parallelFor(changed.size(), grain, [&](std::size_t begin, std::size_t end) {
+    double encoding = 0;
     // Each unit leaves at most kMaxPayload bytes behind it, so the task stays
     // within [first, first + grain) x kMaxPayload. A pool may hand out several
     // tasks at once (all of them, on one thread): each starts at its own room.
@@ -234,7 +296,9 @@ std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& 
         delta.units[k].encoding = zero ? wire::ChunkEncoding::ZERO : wire::ChunkEncoding::WHOLE;
         continue;
       }
+      const double start = secondsNow();
       ChunkView& unit = delta.units[k] = encodeUnit(index, copy, zero, {room, kMaxPayload});
+      encoding += secondsNow() - start;
       if (unit.data.empty()) continue;
       // A whole unit lz4 does not shrink was left in the copy: it joins the
       // task's payloads (the one copy of a payload, and not of lz4's output).
@@ -244,7 +308,9 @@ std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& 
       }
       room += unit.data.size();
     }
+    addSeconds(spentNs, encoding);
   });
+  delta.encodeCpuSeconds = static_cast<double>(spentNs.load()) / 1e9;
   return ships;
 }
 
@@ -295,8 +361,10 @@ void ImageTracker::encode(ImageDelta& delta) const {
   const std::size_t n = delta.units.size();
   delta.payloads.resize(n * kMaxPayload);
   delta.blobs.clear();
-  const std::size_t grain = encodeGrain(n);
+  const std::size_t grain = encodeGrain(n, compression_);
+  std::atomic<std::uint64_t> spentNs{0};
   pool_->parallelFor(n, grain, [&](std::size_t begin, std::size_t end) {
+    const double start = secondsNow();
     std::byte* room = nullptr;
     for (std::size_t k = begin; k < end; ++k) {
       if (k % grain == 0 || k == begin) room = delta.payloads.data() + k * kMaxPayload;
@@ -312,10 +380,10 @@ void ImageTracker::encode(ImageDelta& delta) const {
       }
       room += unit.data.size();
     }
+    addSeconds(spentNs, secondsNow() - start);
   });
-  delta.encodedBytes = 0;
-  for (const ChunkView& unit : delta.units) delta.encodedBytes += unit.data.size();
-  packBlobs(delta, grain * kMaxPayload);
+  delta.encodeCpuSeconds = static_cast<double>(spentNs.load()) / 1e9;
+  finishBlobs(delta, grain);
 }
 
 ImageDelta ImageTracker::collect(const DirtyUnits& candidates, bool encodeNow) {
@@ -333,9 +401,9 @@ ImageDelta ImageTracker::collect(const DirtyUnits& candidates, bool encodeNow) {
   // touched. Each task's payloads become one blob of the message, so there are
   // few tasks (kMaxBlobs, unless that makes a blob too large).
   if (encodeNow) delta.payloads.resize(n * kMaxPayload);
-  const std::size_t grain = encodeGrain(n);
+  const std::size_t grain = encodeGrain(n, compression_);
   keepShippedUnits(delta, copyAndEncode(changed, grain, delta, encodeNow));
-  if (encodeNow) packBlobs(delta, grain * kMaxPayload);
+  if (encodeNow) finishBlobs(delta, grain);
   return delta;
 }
 
@@ -363,6 +431,20 @@ void toWire(const ImageDelta& memory, const ImageDelta& disk,
     for (auto blob : delta->blobs)
       blobs.adopt(b++, orphanage.referenceExternalData(capnp::Data::Reader(
                            reinterpret_cast<const kj::byte*>(blob.data()), blob.size())));
+  // How each blob travels, when any is a zstd frame.
+  bool framed = false;
+  for (const ImageDelta* delta : {&memory, &disk})
+    for (const BlobFrameInfo& frame : delta->blobFrames) framed |= frame.compression != wire::Compression::NONE;
+  if (framed) {
+    auto frames = checkpoint.initBlobFrames(static_cast<unsigned>(count));
+    unsigned f = 0;
+    for (const ImageDelta* delta : {&memory, &disk})
+      for (std::size_t k = 0; k < delta->blobs.size(); ++k, ++f) {
+        const bool known = k < delta->blobFrames.size();
+        frames[f].setCompression(known ? delta->blobFrames[k].compression : wire::Compression::NONE);
+        frames[f].setRawSize(known ? delta->blobFrames[k].rawSize : delta->blobs[k].size());
+      }
+  }
   chunksToWire(memory, checkpoint.initMemory(static_cast<unsigned>(memory.units.size())), 0);
   chunksToWire(disk, checkpoint.initDisk(static_cast<unsigned>(disk.units.size())),
                static_cast<std::uint32_t>(memory.blobs.size()));

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checkpoint/chunk_codec.h"
+#include "checkpoint/compression_choice.h"
 #include "harvest/dirty_source.h"
 #include "vmm/image_file.h"
 #include "base/recycled_memory.h"
@@ -23,6 +24,13 @@ std::string policyName(wire::Policy policy);
 bool isDiffPolicy(wire::Policy policy);
 /// True for the policies measured against the original (base) image.
 bool isOrigPolicy(wire::Policy policy);
+
+/// How one blob of a delta travels: as it is, or as one zstd frame of
+/// `rawSize` bytes.
+struct BlobFrameInfo {
+  wire::Compression compression = wire::Compression::NONE;
+  std::uint64_t rawSize = 0;
+};
 
 /// One image's changes, ready to ship, and what shipping them will make the
 /// receiver's image look like. The chunks' payloads lie in `payloads`, packed
@@ -41,11 +49,23 @@ struct ImageDelta {
       raw;  // shipped bytes, 4096 per entry of `hashes`
   std::vector<std::byte, RecyclingAllocator<std::byte>>
       payloads;                                   // what the encoder wrote (lz4, diffs)
-  std::vector<std::span<const std::byte>> blobs;  // parts of `payloads` the chunks name, in order
-  std::uint64_t examined = 0;                                  // units hashed in place
-  std::uint64_t rawBytes = 0;                                  // changed units x 4096
-  std::uint64_t encodedBytes = 0;                              // sum of chunk payloads
+  std::vector<std::span<const std::byte>> blobs;  // what goes on the wire as blobs, in order:
+                                                  // parts of `payloads`, or their zstd frames in `frames`
+  std::vector<std::byte, RecyclingAllocator<std::byte>> frames;  // zstd: each blob's frame
+  std::vector<BlobFrameInfo> blobFrames;  // per blob: none, or zstd with its raw size (empty: all none)
+  PayloadCompression compression;         // what the payloads were compressed with
+  std::uint64_t examined = 0;             // units hashed in place
+  std::uint64_t rawBytes = 0;             // changed units x 4096
+  std::uint64_t encodedBytes = 0;         // payload bytes on the wire (the blobs, zstd frames as sent)
+  std::uint64_t unframedBytes = 0;        // the chunks' payloads before any zstd frame
+  double encodeCpuSeconds = 0;            // CPU of all threads in the encoders and zstd
 };
+
+/// Units per encoding task, for `units` changed units: each task's payloads
+/// become one blob (and under zstd one frame, so larger tasks), and a message
+/// may have no more than 511 segments. Depends only on its arguments, so a
+/// message is the same bytes whatever the number of threads.
+std::size_t encodeGrain(std::size_t units, const PayloadCompression& compression);
 
 /// Writes the chunks of both deltas into `checkpoint`, the memory and disk
 /// lists and their blobs. The blobs are not copied: the message points at the
@@ -82,6 +102,11 @@ class ImageTracker {
 
   /// Hash and encode on `pool` (which must outlive the tracker).
   void setThreadPool(ThreadPool& pool) { pool_ = &pool; }
+
+  /// Compress the next deltas' payloads so (the constructor's `compress` means
+  /// lz4, or none).
+  void setCompression(const PayloadCompression& compression) { compression_ = compression; }
+  const PayloadCompression& compression() const { return compression_; }
 
   /// Collects the units among `candidates` (plus any unacknowledged ones) that
   /// the receiver must be sent under the policy.
@@ -128,6 +153,9 @@ class ImageTracker {
   /// One unit's chunk under the policy, its payload written into `room`.
   ChunkView encodeUnit(std::uint64_t index, std::span<const std::byte> copy, bool zero,
                        std::span<std::byte> room) const;
+  /// Packs the payloads into blobs and, under zstd, compresses each blob into
+  /// one frame; sets the delta's byte counts. `grain` units were one task.
+  void finishBlobs(ImageDelta& delta, std::size_t grain) const;
   bool origActive() const { return base_ != nullptr; }
   std::uint64_t referenceHash(std::uint64_t index) const {
     return origActive() ? baseHashes_[index] : receiverHashes_[index];
@@ -135,7 +163,7 @@ class ImageTracker {
 
   const ImageFile& image_;
   wire::Policy policy_;
-  bool compress_;
+  PayloadCompression compression_;
   ThreadPool* pool_;
   std::vector<std::uint64_t> receiverHashes_;
   std::vector<std::byte> receiverBytes_;        // Diff Prev only

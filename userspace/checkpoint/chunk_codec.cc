@@ -8,6 +8,7 @@
 #include <cstring>
 #include <optional>
 
+#include "checkpoint/blob_frames.h"
 #include "checkpoint/byte_compare.h"
 #include "base/error.h"
 #include "base/units.h"
@@ -314,8 +315,45 @@ void toWire(const ChunkView& unit, wire::Chunk::Builder chunk) {
 }
 
 PayloadBlobs::PayloadBlobs(wire::Checkpoint::Reader checkpoint) {
-  for (auto blob : checkpoint.getBlobs())
-    blobs_.emplace_back(reinterpret_cast<const std::byte*>(blob.begin()), blob.size());
+  const auto blobs = checkpoint.getBlobs();
+  const auto frames = checkpoint.getBlobFrames();
+  const std::uint64_t sequence = checkpoint.getSequence();
+  if (frames.size() != 0 && frames.size() != blobs.size())
+    fail("checkpoint {}: {} blob frames for {} blobs", sequence, frames.size(), blobs.size());
+  // No chunk's payload is longer than a unit once the frame is undone (a
+  // whole unit, a diff kept below one, lz4 kept when smaller), so the chunks
+  // bound what the blobs may decompress to, as they bound the decoded units.
+  const std::uint64_t limit =
+      (std::uint64_t{checkpoint.getMemory().size()} + checkpoint.getDisk().size()) * kUnitSize;
+  std::uint64_t total = 0;
+  for (unsigned k = 0; k < blobs.size(); ++k) {
+    const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(blobs[k].begin()), blobs[k].size());
+    const wire::Compression compression = frames.size() ? frames[k].getCompression() : wire::Compression::NONE;
+    const std::uint64_t rawSize = frames.size() ? frames[k].getRawSize() : bytes.size();
+    switch (compression) {
+      case wire::Compression::NONE:
+        if (rawSize != bytes.size())
+          fail("checkpoint {}: blob {} is plain with {} bytes, but its frame says {}", sequence, k + 1, bytes.size(),
+               rawSize);
+        blobs_.push_back(bytes);
+        break;
+      case wire::Compression::ZSTD: {
+        if (rawSize > limit - total)
+          fail("checkpoint {}: blob {} says it decompresses to {} bytes; its {} chunks hold at most {} in all",
+               sequence, k + 1, rawSize, limit / kUnitSize, limit);
+        total += rawSize;
+        auto& out = decompressed_.emplace_back(std::make_unique_for_overwrite<std::byte[]>(rawSize));
+        decompressZstdFrame(bytes, {out.get(), rawSize}, fmt::format("checkpoint {}: blob {}", sequence, k + 1));
+        blobs_.emplace_back(out.get(), rawSize);
+        framedBytes_ += bytes.size();
+        unframedBytes_ += rawSize;
+        break;
+      }
+      default:
+        fail("checkpoint {}: blob {} has compression {}, which applies to chunks, not blobs", sequence, k + 1,
+             static_cast<unsigned>(compression));
+    }
+  }
 }
 
 std::span<const std::byte> PayloadBlobs::payload(wire::Chunk::Reader chunk) const {
@@ -373,6 +411,8 @@ void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, 
       payload = std::span<const std::byte>(decompressed.data(), raw);
       break;
     }
+    case wire::Compression::ZSTD:
+      fail("chunk {}: zstd compresses whole blobs (blobFrames), not a single chunk", chunk.index);
     default:
       fail("chunk {}: unknown compression {}", chunk.index, static_cast<unsigned>(chunk.compression));
   }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -84,19 +85,32 @@ void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
 void toWire(const ChunkView& unit, wire::Chunk::Builder chunk);
 
 /// The payload blobs of one checkpoint: where a chunk's payload is when it is
-/// not in the chunk itself.
+/// not in the chunk itself. A blob that travels as a zstd frame (blobFrames)
+/// is decompressed here, once, into memory this object owns.
 class PayloadBlobs {
  public:
   /// No blobs: every payload must be in its chunk.
   PayloadBlobs() = default;
+  /// Throws Error naming the blob when a frame is corrupt, when blobFrames
+  /// does not describe every blob, or when the blobs would decompress to more
+  /// than the checkpoint's chunks can hold (kUnitSize each): the limit is
+  /// checked against the declared sizes before anything is allocated.
   explicit PayloadBlobs(wire::Checkpoint::Reader checkpoint);
-  /// The payload of `chunk`, pointing into the message. Throws Error naming
-  /// the chunk when it names bytes outside the blobs, or carries bytes both in
-  /// itself and in a blob.
+  PayloadBlobs(PayloadBlobs&&) = default;
+  PayloadBlobs& operator=(PayloadBlobs&&) = default;
+  /// The payload of `chunk`, pointing into the message or into a decompressed
+  /// blob held here. Throws Error naming the chunk when it names bytes outside
+  /// the blobs, or carries bytes both in itself and in a blob.
   std::span<const std::byte> payload(wire::Chunk::Reader chunk) const;
+  /// Bytes the zstd blobs took on the wire, and decompressed.
+  std::uint64_t framedBytes() const { return framedBytes_; }
+  std::uint64_t unframedBytes() const { return unframedBytes_; }
 
  private:
   std::vector<std::span<const std::byte>> blobs_;
+  std::vector<std::unique_ptr<std::byte[]>> decompressed_;
+  std::uint64_t framedBytes_ = 0;
+  std::uint64_t unframedBytes_ = 0;
 };
 
 /// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the

@@ -108,7 +108,21 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
   cmd.add_option("--block-source", o.blockSource, "dirty block source: bpf, scan, or auto (bpf where it loads)")
       ->check(CLI::IsMember({"bpf", "scan", "auto"}))
       ->capture_default_str();
-  cmd.add_flag("!--no-compress", o.compress, "do not lz4-compress chunks");
+  cmd.add_option_function<std::string>(
+         "--compression",
+         [&o](const std::string& text) {
+           try {
+             o.compression = vmsync::parseCompressionSetting(text);
+           } catch (const vmsync::Error& e) {
+             throw CLI::ValidationError("--compression", e.what());
+           }
+         },
+         "how checkpoint payloads are compressed: auto (lz4 on fast links, zstd at a higher level the slower "
+         "the measured link, each choice logged), none, lz4, zstd or zstd:LEVEL (1-22; zstd alone is level 3)")
+      ->default_str("auto");
+  cmd.add_flag_callback(
+      "--no-compress", [&o] { o.compression = vmsync::parseCompressionSetting("none"); },
+      "the same as --compression none");
   cmd.add_option("--disk", o.disk, "give the VMM the disk image as a file, or as a loop device (cache=none) "
                                    "whose block requests the bpf source records")
       ->check(CLI::IsMember({"file", "loop"}))

@@ -44,9 +44,11 @@ ActiveVm::ActiveVm(kj::AsyncIoContext& io, const DeviceOptions& options, Replica
     return copyReference ? image.copyBytes() : std::vector<std::byte>{};
   };
   ramTracker_ = std::make_unique<ImageTracker>(replica_.ram(), std::move(receiverHashes.ram), spec.policy,
-                                               options_.compress, reference(replica_.ram()));
+                                               /*compress=*/true, reference(replica_.ram()));
   diskTracker_ = std::make_unique<ImageTracker>(replica_.disk(), std::move(receiverHashes.disk), spec.policy,
-                                                options_.compress, reference(replica_.disk()));
+                                                /*compress=*/true, reference(replica_.disk()));
+  if (options_.compression.automatic) compressionSelector_.emplace();
+  chooseCompression();
   if (isOrigPolicy(spec.policy) && replica_.applied() > 0) {
     replica_.openBase();
     ramTracker_->setBase(*replica_.baseRam());
@@ -207,8 +209,10 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
       pages = DirtyUnits{.everything = true};
       blocks = DirtyUnits{.everything = true};
     }
+    chooseCompression();
     pending->memory = ramTracker_->collect(pages);
     pending->disk = diskTracker_->collect(blocks);
+    noteEncoded(*pending);
   } catch (const Error& e) {
     spdlog::error("{}: harvest failed: {}", options_.deviceId, e.what());
     return kj::READY_NOW;
@@ -251,6 +255,7 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
   const double cpuNow = processCpuSeconds();
   const double cpuSeconds = cpuNow - lastPushCpuSeconds_;
   lastPushCpuSeconds_ = cpuNow;
+  if (compressionSelector_) compressionSelector_->onPush(wireBytes, sendSeconds);
   if (adaptive_ && kind == wire::CheckpointKind::INCREMENTAL) {
     if (adaptive_->onPush(wireBytes, sinceLastHarvest, harvestNs / 1e9, sendSeconds, cpuSeconds))
       logAdaptiveInterval(options_.deviceId, *adaptive_, options_.targetSwitchMs, bytesPushed_);
@@ -414,6 +419,26 @@ RetiredVmm ActiveVm::retire() {
   renewals_ = nullptr;
   pageSource_.reset();
   return RetiredVmm{std::move(vm_), std::move(blockSource_), std::move(loop_)};
+}
+
+void ActiveVm::chooseCompression() {
+  const PayloadCompression choice =
+      compressionSelector_ ? compressionSelector_->choice() : options_.compression.fixed;
+  if (compressionChosen_ && choice == ramTracker_->compression()) return;
+  compressionChosen_ = true;
+  if (compressionSelector_)
+    spdlog::info("{}: compression {} (auto): {}", options_.deviceId, choice.name(), compressionSelector_->explain());
+  else
+    spdlog::info("{}: compression {} (--compression)", options_.deviceId, choice.name());
+  ramTracker_->setCompression(choice);
+  diskTracker_->setCompression(choice);
+}
+
+void ActiveVm::noteEncoded(const PendingPush& pending) {
+  if (!compressionSelector_) return;
+  compressionSelector_->onEncoded(pending.memory.compression, pending.memory.rawBytes + pending.disk.rawBytes,
+                                  pending.memory.encodedBytes + pending.disk.encodedBytes,
+                                  pending.memory.encodeCpuSeconds + pending.disk.encodeCpuSeconds);
 }
 
 }  // namespace vmsync

@@ -119,6 +119,11 @@ class ActiveVm {
   void leaseRenewed();
   /// Undoes a pause that did not end in a stored final checkpoint.
   void runOn();
+  /// Sets the trackers' compression for the next checkpoint: --compression,
+  /// or under auto the selector's choice (logged when it changes).
+  void chooseCompression();
+  /// Tells the selector what encoding `pending` cost.
+  void noteEncoded(const PendingPush& pending);
 
   kj::AsyncIoContext& io_;
   const DeviceOptions& options_;
@@ -148,6 +153,8 @@ class ActiveVm {
   // of it is cancelled when this object goes, before any member does.
   kj::Canceler canceler_;
   std::optional<AdaptiveInterval> adaptive_;     // --target-switch-ms
+  std::optional<CompressionSelector> compressionSelector_;  // --compression auto
+  bool compressionChosen_ = false;               // chooseCompression() ran (and logged) once
   std::uint64_t lastHarvestNs_ = 0;              // of the previous checkpoint, for the guest's dirty rate
   std::uint64_t bytesPushed_ = 0;                // since this device became active: the link's share of the cost
   double lastPushCpuSeconds_ = 0;                // process CPU time at the last push, for the energy estimate

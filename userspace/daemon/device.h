@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include "checkpoint/compression_choice.h"
+
 namespace vmsync {
 
 /// Command-line settings of `vmsync active` and `vmsync standby`.
@@ -26,7 +28,7 @@ struct DeviceOptions {
   std::string pageSource = "scan";      // where dirty guest pages come from: scan, kmod (KVM only), auto
   std::string blockSource = "auto";     // where dirty disk blocks come from: bpf, scan, auto
   std::string disk = "file";            // how the VMM reaches the disk image: file, or loop (a loop device)
-  bool compress = true;                 // lz4 on top of the encoding
+  CompressionSetting compression;       // auto (from the link rate), none, lz4 or zstd:LEVEL
   std::string policy = "dirty-prev";    // active only: checkpoint policy of a new VM
   std::uint32_t memoryMb = 0;           // active only: overrides the image's memory size
   std::uint32_t targetSwitchMs = 0;     // when active: pick the interval so a final checkpoint travels in this time (0: fixed)

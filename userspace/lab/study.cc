@@ -22,6 +22,7 @@
 #include "harvest/unit_hashes.h"
 #include "lab/gnuplot.h"
 #include "lab/study_energy.h"
+#include "lab/study_compression.h"
 #include "base/units.h"
 
 namespace vmsync {
@@ -116,6 +117,7 @@ struct RunTotals {
   StudyPushes pushes;  // every checkpoint as a device would push it (lz4), for the energy accounting
   std::uint64_t imageBytes = 0;
   std::uint64_t units = 0;
+  CompressionTally compression;  // bytes and CPU per compression choice
 };
 
 void writeRow(std::ofstream& csv, int run, std::uint32_t t, std::uint32_t interval, const char* kind,
@@ -139,6 +141,14 @@ void progressBar(bool enabled, int run, int runs, std::uint32_t t, std::uint32_t
                std::string(width - filled, ' ').c_str(), t, total);
   if (t == total) std::fprintf(stderr, "\n");
   std::fflush(stderr);
+}
+
+/// Adds what the checkpoint of interval `k` costs under each compression.
+void measureCompression(CompressionTally& tally, std::uint32_t k, const VmImage& live,
+                        const std::vector<std::uint64_t>& hashes, const Snapshot& previous, const Snapshot& base) {
+  auto liveUnit = [&](std::uint64_t i) { return live.unit(i); };
+  tally.add(k, measureChoices(liveUnit, hashes, [&](std::uint64_t i) { return previous.unit(i); }, previous.hashes),
+            measureChoices(liveUnit, hashes, [&](std::uint64_t i) { return base.unit(i); }, base.hashes));
 }
 
 RunTotals runOnce(const StudyOptions& options, int run, std::ofstream& csv) {
@@ -208,6 +218,7 @@ RunTotals runOnce(const StudyOptions& options, int run, std::ofstream& csv) {
         if (t % k != 0 && !last) continue;
         const char* kind = last ? "final" : "incremental";
         Measure prev = measure(live, hashes, previous[k]);
+        measureCompression(totals.compression, k, live, hashes, previous[k], base);
         writeRow(csv, run, t, k, kind, "dirty-prev", prev, false, hashMs);
         writeRow(csv, run, t, k, kind, "diff-prev", prev, true, hashMs);
         writeRow(csv, run, t, k, kind, "dirty-orig", orig, false, hashMs);
@@ -288,6 +299,16 @@ void writePlots(const StudyOptions& options) {
         "every ::1 title 'Incr Diff'\n";
   drawPlots("study", (out / "plots.gp").string(), gp.str(),
             {(out / "checkpoint_size.png").string(), (out / "total_bytes.png").string()});
+}
+
+void writeCompression(std::ostream& md, const std::vector<RunTotals>& runs) {
+  std::vector<CompressionTally> tallies;
+  std::vector<std::map<std::uint32_t, double>> incrDirty;
+  for (const auto& run : runs) {
+    tallies.push_back(run.compression);
+    incrDirty.push_back(run.incrDirty);
+  }
+  writeCompressionSection(md, tallies, incrDirty);
 }
 
 }  // namespace
@@ -394,6 +415,7 @@ int runStudy(const StudyOptions& options) {
     std::vector<std::vector<StudyEnergyRow>> energyRuns;
     for (const auto& run : runs) energyRuns.push_back(studyEnergy(run.pushes, options.durationSeconds));
     md << writeStudyEnergy(options.outDir, options.workload, energyRuns);
+    writeCompression(md, runs);
     md << "\n## Files\n\n- `checkpoints.csv`: one row per checkpoint, interval and policy (pages, changed bytes, "
        << "encoded bytes, lz4 bytes, CPU to harvest and to encode)\n- `summary.csv`: the totals above\n"
        << "- `checkpoint_size.png`: checkpoint size over time per policy (first interval, run 1)\n"

@@ -9,7 +9,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
+#include <string_view>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -120,6 +122,11 @@ QemuVm::~QemuVm() {
   }
 }
 
+bool freePageReportingDefault() {
+  const char* value = std::getenv("VMSYNC_FREE_PAGE_REPORTING");
+  return value == nullptr || std::string_view(value) != "off";
+}
+
 std::vector<std::string> QemuVm::commandLine() const {
   const std::uint64_t mib = config_.memoryBytes >> 20;
   std::vector<std::string> argv = {
@@ -145,6 +152,14 @@ std::vector<std::string> QemuVm::commandLine() const {
       "-no-reboot",
       "-S",
   };
+  if (config_.freePageReporting) {
+    // Pages the guest reports free are discarded by QEMU: in a shared RAM
+    // file, a hole punched into it, which reads as zeros (docs/architecture.md,
+    // "Free pages"). The device is part of the migrated device state, so every
+    // device of a VM must start QEMU with it or without it alike.
+    argv.push_back("-device");
+    argv.push_back("virtio-balloon-pci,id=balloon0,free-page-reporting=on");
+  }
   if (config_.incoming) {
     argv.push_back("-incoming");
     argv.push_back("defer");

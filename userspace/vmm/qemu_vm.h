@@ -16,6 +16,10 @@
 namespace vmsync {
 
 /// Everything needed to start the VMM for one VM on one device.
+/// Whether VMs get a virtio-balloon with free page reporting: yes, unless
+/// VMSYNC_FREE_PAGE_REPORTING=off (to measure without it).
+bool freePageReportingDefault();
+
 struct VmConfig {
   std::string qemuBinary = "qemu-system-x86_64";
   std::string accel = "tcg";         // "kvm" or "tcg" (resolve "auto" first)
@@ -31,6 +35,7 @@ struct VmConfig {
   std::string serialLogPath;         // the guest's serial console, appended
   std::string runDir;                // QMP socket and the VMM's own log go here
   bool incoming = false;             // start with -incoming defer, to load device state
+  bool freePageReporting = freePageReportingDefault();  // a virtio-balloon with free page reporting
 };
 
 /// A running QEMU process. The destructor kills it if it still runs.

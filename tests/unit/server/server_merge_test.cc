@@ -1,7 +1,14 @@
 #include <capnp/message.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <random>
+
+#include "checkpoint/checkpoint_applier.h"
+#include "checkpoint/checkpoint_builder.h"
 #include "checkpoint_merge.h"
+#include "harvest/unit_hashes.h"
+#include "test_env.h"
 
 namespace vmsync {
 namespace {
@@ -125,6 +132,61 @@ TEST(ServerMerge, PayloadsInBlobsComeOutInTheirChunks) {
   }
   EXPECT_EQ(merged.getMemory()[0].getData()[0], 0xa);  // page 1 from 4, out of its blob
   EXPECT_EQ(merged.getMemory()[1].getData()[0], 0xb);  // page 2 from 5, out of its blob
+}
+
+// Checkpoints whose payloads came in zstd frames merge into one whose
+// payloads are in zstd frames again (a catch-up no larger than lz4 would
+// make it), and the merge applies to the source's bytes: the frames of every
+// checkpoint stay readable while the chunks are copied out of them.
+TEST(ServerMerge, ZstdFramedCheckpointsMergeIntoZstdFrames) {
+  testing::TempDir dir;
+  constexpr std::uint64_t kUnits = 1500;
+  ImageFile source(dir / "src", true, kUnits * kUnitSize);
+  ImageFile disk(dir / "disk", true, kUnitSize);
+  ImageTracker tracker(source, std::vector<std::uint64_t>(kUnits, zeroUnitHash()), wire::Policy::DIRTY_PREV, true);
+  tracker.setCompression({wire::Compression::ZSTD, 3});
+  std::mt19937 rng(8);
+  std::vector<std::unique_ptr<capnp::MallocMessageBuilder>> messages;
+  std::vector<wire::Checkpoint::Reader> run;
+  std::vector<ImageDelta> deltas;  // the messages reference their payloads
+  deltas.reserve(3);
+  for (std::uint64_t sequence = 4; sequence <= 6; ++sequence) {
+    std::vector<std::byte> unit(kUnitSize);
+    std::vector<std::uint64_t> written;
+    for (std::uint64_t i = 0; i < kUnits; ++i) {
+      if (rng() % 3 != 0) continue;
+      for (std::size_t b = 0; b < kUnitSize; ++b) unit[b] = static_cast<std::byte>((b / 8) % 7 == 0 ? rng() % 4 : sequence);
+      source.writeUnit(i, unit);
+      written.push_back(i);
+    }
+    ImageDelta& delta = deltas.emplace_back(tracker.collect(DirtyUnits{.units = written}));
+    ASSERT_FALSE(delta.blobFrames.empty());
+    auto& message = messages.emplace_back(std::make_unique<capnp::MallocMessageBuilder>());
+    auto checkpoint = message->initRoot<wire::Checkpoint>();
+    checkpoint.setSequence(sequence);
+    checkpoint.setBaseSequence(sequence - 1);
+    checkpoint.setKind(wire::CheckpointKind::INCREMENTAL);
+    toWire(delta, ImageDelta{}, checkpoint);
+    tracker.acknowledge(delta);
+    run.push_back(checkpoint.asReader());
+  }
+  capnp::MallocMessageBuilder out;
+  auto merged = out.initRoot<wire::Checkpoint>();
+  ASSERT_EQ(mergeCheckpoints(run, merged), "");
+  ASSERT_GT(merged.getBlobFrames().size(), 0u);
+  EXPECT_EQ(merged.getBlobFrames().size(), merged.getBlobs().size());
+  EXPECT_EQ(merged.getBlobFrames()[0].getCompression(), wire::Compression::ZSTD);
+  std::uint64_t wire = 0, raw = 0;
+  for (unsigned k = 0; k < merged.getBlobs().size(); ++k) {
+    wire += merged.getBlobs()[k].size();
+    raw += merged.getBlobFrames()[k].getRawSize();
+  }
+  EXPECT_LT(wire, raw / 2) << "the merge's payloads are compressed again";
+  // Units 0.. start as zeros on the receiver; every unit written is in the merge.
+  ImageFile ram(dir / "ram", true, kUnits * kUnitSize);
+  ImageFile receivedDisk(dir / "rdisk", true, kUnitSize);
+  applyCheckpoint(merged.asReader(), ram, receivedDisk);
+  EXPECT_EQ(hashAllUnits(ram), hashAllUnits(source));
 }
 
 TEST(ServerMerge, RefusesAChunkNamingBytesPastItsBlob) {
