@@ -63,6 +63,8 @@ struct VmSpec {
   cpuModel @7 :Text;            # QEMU -cpu model; must match on every device
   vcpus @8 :UInt32;             # number of virtual CPUs
   policy @9 :Policy;            # checkpoint policy every device of this VM uses
+  freePageReporting @10 :Bool;  # the VMM has a virtio-balloon with free page reporting
+                                # (part of the VM's hardware, so of its device state)
 }
 
 struct Checkpoint {

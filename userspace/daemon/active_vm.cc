@@ -188,6 +188,7 @@ void ActiveVm::attachSpec(wire::Checkpoint::Builder checkpoint) const {
   spec.setCpuModel(local.cpuModel);
   spec.setPolicy(local.policy);
   spec.setVcpus(local.vcpus);
+  spec.setFreePageReporting(local.freePageReporting);
   std::string kernel = readWholeFile(replica_.path("vmlinuz"), 256u << 20);
   std::string initrd = readWholeFile(replica_.path("initrd.img"), 1024u << 20);
   spec.setKernel(kj::arrayPtr(reinterpret_cast<const kj::byte*>(kernel.data()), kernel.size()));

@@ -20,6 +20,7 @@ VmConfig vmConfigFor(const DeviceOptions& options, const Replica& replica, const
   config.cpuModel = spec.cpuModel;
   config.memoryBytes = spec.memoryBytes;
   config.vcpus = spec.vcpus;
+  config.freePageReporting = spec.freePageReporting;
   config.kernelPath = replica.path("vmlinuz");
   config.initrdPath = replica.path("initrd.img");
   config.kernelCmdline = spec.cmdline;

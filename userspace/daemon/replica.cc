@@ -32,7 +32,8 @@ std::span<const std::byte> asSpan(capnp::Data::Reader data) {
 
 LocalSpec specFromWire(wire::VmSpec::Reader spec) {
   return LocalSpec{spec.getVmId(), spec.getMemoryBytes(), spec.getDiskBytes(), spec.getKernelCmdline(),
-                   spec.getAccel(),  spec.getCpuModel(),    spec.getVcpus(),       spec.getPolicy()};
+                   spec.getAccel(),  spec.getCpuModel(),    spec.getVcpus(),       spec.getPolicy(),
+                   spec.getFreePageReporting()};
 }
 
 }  // namespace
@@ -126,7 +127,8 @@ void Replica::loadLocalState() {
       for (const char* name : {"memory_bytes", "disk_bytes", "vcpus"})
         if (!j.at(name).is_number_unsigned()) fail("{} is damaged: {} is not a whole number", path("vm.json"), name);
       spec_ = LocalSpec{j.at("vm_id"), j.at("memory_bytes"), j.at("disk_bytes"), j.at("cmdline"),
-                        j.at("accel"), j.at("cpu_model"),    j.at("vcpus"),     parsePolicy(j.at("policy").get<std::string>())};
+                        j.at("accel"), j.at("cpu_model"),    j.at("vcpus"),     parsePolicy(j.at("policy").get<std::string>()),
+                        j.value("free_page_reporting", false)};
       haveSpec_ = true;
     } catch (const nlohmann::json::exception& e) {
       fail("{} is damaged: {}", path("vm.json"), e.what());
@@ -204,7 +206,8 @@ void Replica::saveApplied(std::uint64_t sequence, std::uint64_t epoch) {
 void Replica::saveLocalSpec() {
   nlohmann::json j{{"vm_id", spec_.vmId},   {"memory_bytes", spec_.memoryBytes}, {"disk_bytes", spec_.diskBytes},
                    {"cmdline", spec_.cmdline}, {"accel", spec_.accel},           {"cpu_model", spec_.cpuModel},
-                   {"vcpus", spec_.vcpus},     {"policy", policyName(spec_.policy)}};
+                   {"vcpus", spec_.vcpus},     {"policy", policyName(spec_.policy)},
+                   {"free_page_reporting", spec_.freePageReporting}};
   std::string text;
   try {
     text = j.dump(2);
@@ -280,8 +283,9 @@ void Replica::createFromImage(const std::string& imageDir, const std::string& vm
   fs::remove(path("device-state.seq"));
   deviceStateSequence_ = 0;
   const std::string cmdline = readImageCmdline(image.string());
+  // A VM created now gets free page reporting (docs/architecture.md, "Free pages").
   spec_ = LocalSpec{vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64", 1,
-                    policy};
+                    policy, true};
   fs::remove(path("base-ram.img"));
   fs::remove(path("base-disk.img"));
   baseRam_.reset();

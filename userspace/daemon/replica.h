@@ -30,6 +30,9 @@ struct LocalSpec {
   std::string cpuModel = "qemu64";
   std::uint32_t vcpus = 1;
   wire::Policy policy = wire::Policy::DIRTY_PREV;
+  /// The VMM has a virtio-balloon with free page reporting. Part of the VM's
+  /// hardware: a VM created before it existed keeps running without it.
+  bool freePageReporting = false;
 };
 
 /// Per-unit hashes of the RAM and disk images.

@@ -197,6 +197,7 @@ class BenchCluster {
     config.cpuModel = spec.at("cpu_model");
     config.memoryBytes = spec.at("memory_bytes");
     config.vcpus = spec.at("vcpus");
+    config.freePageReporting = spec.value("free_page_reporting", false);  // the same hardware as the source's
     config.kernelPath = sourceDir + "/vmlinuz";
     config.initrdPath = sourceDir + "/initrd.img";
     config.kernelCmdline = spec.at("cmdline");

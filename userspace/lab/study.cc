@@ -167,6 +167,7 @@ RunTotals runOnce(const StudyOptions& options, int run, std::ofstream& csv) {
   VmConfig config;
   config.qemuBinary = options.qemuBinary;
   config.memoryBytes = std::uint64_t{memoryMb} << 20;
+  config.freePageReporting = true;  // as a VM created now has it
   config.kernelPath = (image / "vmlinuz").string();
   config.initrdPath = (image / "initrd.img").string();
   config.kernelCmdline = fmt::format("{} vmsync.duration={}", cmdline, options.durationSeconds + 30);

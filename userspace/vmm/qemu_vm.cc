@@ -122,11 +122,6 @@ QemuVm::~QemuVm() {
   }
 }
 
-bool freePageReportingDefault() {
-  const char* value = std::getenv("VMSYNC_FREE_PAGE_REPORTING");
-  return value == nullptr || std::string_view(value) != "off";
-}
-
 std::vector<std::string> QemuVm::commandLine() const {
   const std::uint64_t mib = config_.memoryBytes >> 20;
   std::vector<std::string> argv = {

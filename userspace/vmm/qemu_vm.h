@@ -16,10 +16,6 @@
 namespace vmsync {
 
 /// Everything needed to start the VMM for one VM on one device.
-/// Whether VMs get a virtio-balloon with free page reporting: yes, unless
-/// VMSYNC_FREE_PAGE_REPORTING=off (to measure without it).
-bool freePageReportingDefault();
-
 struct VmConfig {
   std::string qemuBinary = "qemu-system-x86_64";
   std::string accel = "tcg";         // "kvm" or "tcg" (resolve "auto" first)
@@ -35,7 +31,7 @@ struct VmConfig {
   std::string serialLogPath;         // the guest's serial console, appended
   std::string runDir;                // QMP socket and the VMM's own log go here
   bool incoming = false;             // start with -incoming defer, to load device state
-  bool freePageReporting = freePageReportingDefault();  // a virtio-balloon with free page reporting
+  bool freePageReporting = false;    // a virtio-balloon with free page reporting (the VM's spec says)
 };
 
 /// A running QEMU process. The destructor kills it if it still runs.
