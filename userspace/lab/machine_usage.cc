@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <time.h>
 
 #include <chrono>
 #include <fstream>
@@ -70,6 +71,12 @@ LoopSampler::LoopSampler(pid_t pid) : path_(fmt::format("/proc/{}/task/{}/stat",
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
   });
+}
+
+double threadCpuMs() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
 }
 
 }  // namespace vmsync

@@ -25,6 +25,9 @@ std::pair<double, double> machineJiffies();
 /// CPU seconds this process used so far (user and system).
 double selfCpuSeconds();
 
+/// CPU milliseconds the calling thread used so far.
+double threadCpuMs();
+
 /// What the server's main thread (its event loop) is doing, sampled every
 /// 5 ms from /proc: running, waiting on the disk (state D: an fsync), or
 /// waiting for work (an idle event loop sleeps in epoll_wait).

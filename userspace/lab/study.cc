@@ -23,6 +23,7 @@
 #include "lab/gnuplot.h"
 #include "lab/study_energy.h"
 #include "lab/study_compression.h"
+#include "lab/machine_usage.h"
 #include "base/units.h"
 
 namespace vmsync {
@@ -30,12 +31,6 @@ namespace vmsync {
 namespace fs = std::filesystem;
 
 namespace {
-
-double threadCpuMs() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
-}
 
 /// Guest RAM followed by the guest disk, as one array of units.
 class VmImage {

@@ -1,7 +1,6 @@
 #include "lab/study_compression.h"
 
 #include <fmt/format.h>
-#include <time.h>
 
 #include <algorithm>
 #include <array>
@@ -10,16 +9,11 @@
 #include "checkpoint/blob_frames.h"
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint/chunk_codec.h"
+#include "lab/machine_usage.h"
 
 namespace vmsync {
 
 namespace {
-
-double threadCpuMs() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
-}
 
 /// Bytes on the wire and CPU of `units` encoded by `encode` under `choice`:
 /// lz4 per unit, or zstd over each task's payloads (encodeGrain() units, as
