@@ -8,8 +8,8 @@
 # and fuzzer trees (over eight minutes of compiling one after the other), and
 # the packages, are therefore built beside ctest at nice 19, where they take
 # only what the tests leave; their tests run once ctest is done, at normal
-# priority: the package test first (it installs the packages, runs a switch
-# with them and purges them, under a minute), then the sanitizer and fuzzer
+# priority: the package test (it installs the packages, runs a switch with
+# them and purges them, under a minute) beside the sanitizer and fuzzer
 # runs. A failure of any part fails the run, and each part's failures are
 # shown at the end.
 #
@@ -61,12 +61,24 @@ if [ "$build_rc" != 0 ]; then
 	tail -n 40 "$background_log"
 	exit 1
 fi
-"$root/tests/package/package_test.sh" "$build/deb" "$image"
+# The package test mostly waits (dpkg, a guest's boot, a switch) while the
+# sanitizer and fuzzer runs use the CPU: they run side by side, the package
+# test's output kept for the end.
+package_log=$build/package-test.log
+"$root/tests/package/package_test.sh" "$build/deb" "$image" >"$package_log" 2>&1 &
+package_test=$!
+"$make_cmd" -C "$root" --no-print-directory BUILD="$build" sanitize-run fuzz-run FUZZ_SECONDS="$fuzz_seconds"
+runs_rc=$?
+wait "$package_test"
 package_rc=$?
+cat "$package_log"
 if [ "$package_rc" = 77 ]; then
 	echo "the package test was skipped (see above)"
 elif [ "$package_rc" != 0 ]; then
-	echo "the package test failed"
+	echo "the package test failed (exit $package_rc; its output is above)"
 	exit 1
 fi
-"$make_cmd" -C "$root" --no-print-directory BUILD="$build" sanitize-run fuzz-run FUZZ_SECONDS="$fuzz_seconds"
+if [ "$runs_rc" != 0 ]; then
+	echo "the sanitizer or fuzzer runs failed (exit $runs_rc; see above)"
+	exit 1
+fi

@@ -371,6 +371,12 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   if (role_ != Role::standby) fail("device {} is active; it does not apply checkpoints", options_.deviceId);
   std::uint64_t journaled = 0;
   ApplyStats stats = replica_.apply(checkpoint, &journaled);
+  // The kept unit hashes, made once after the answer has gone: later applies
+  // and a switch's digest check then cost what they write.
+  if (!replica_.hashesKept())
+    background_.add(kj::evalLater([this] {
+      if (role_ == Role::standby) replica_.ensureHashes();
+    }));
   results.setAppliedSequence(checkpoint.getSequence());
   results.setApplyNs(nowNs() - start);
   metrics_->applied((nowNs() - start) / 1e9);

@@ -179,13 +179,21 @@ void Replica::redoJournal() {
     if (checkpoint.getResync() || checkpoint.getSequence() > applied_) {
       spdlog::warn("{}: applying checkpoint {} was interrupted (the image is between {} and it); finishing it from "
                    "the journal", deviceId_, checkpoint.getSequence(), applied_);
+      std::string failed;
       try {
         applyToImage(checkpoint);
       } catch (const Error& e) {
+        failed = e.what();
+      } catch (const kj::Exception& e) {
+        // A message that reads past its traversal limit on the second pass
+        // (a hostile journal: a well-formed one is read within it).
+        failed = e.getDescription().cStr();
+      }
+      if (!failed.empty()) {
         // The image is neither the old checkpoint nor the new one: start over
         // from the server's base, which replaces all of it.
         spdlog::error("{}: cannot finish checkpoint {} ({}); the image is discarded and will be synced again from "
-                      "the server's base", deviceId_, checkpoint.getSequence(), e.what());
+                      "the server's base", deviceId_, checkpoint.getSequence(), failed);
         saveApplied(0, 0);
       }
     }
@@ -436,6 +444,7 @@ void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
   const std::uint64_t sequence = checkpoint.getSequence();
   const std::uint64_t hashStart = nowNs();
   std::string how = fmt::format("from the hashes kept on apply, {} units read back", updatedUnits_);
+  if (ensureHashes()) how = "the whole image hashed: no hashes were kept yet";
   if (fullVerify_) {
     ImageHashes whole{hashAllUnits(*ram_), hashAllUnits(*disk_)};
     std::uint64_t wrong = 0;
@@ -451,8 +460,8 @@ void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
   const std::uint64_t hashEnd = nowNs();
   auto expected = asSpan(checkpoint.getImageDigest());
   if (expected.size() != digest.size() || !std::equal(expected.begin(), expected.end(), digest.begin())) {
-    damaged_ = fmt::format("image digest mismatch after checkpoint {}: expected {}, this device has {}", sequence,
-                           toHex(expected), toHex(digest));
+    damaged_ = fmt::format("image digest mismatch after checkpoint {} ({}): expected {}, this device has {}",
+                           sequence, how, toHex(expected), toHex(digest));
     saveApplied(sequence, checkpoint.getEpoch());
     fail("{}; the image on {} is damaged and the VM will not be resumed here", damaged_, deviceId_);
   }
@@ -471,17 +480,23 @@ void Replica::forgetHashes() {
   scrubNext_ = 0;
 }
 
+bool Replica::ensureHashes() {
+  if (hashesKnown_ || !ram_ || !disk_) return false;
+  // Once per image (after a start, a full checkpoint or a VMM's run): the
+  // applies that follow, and the final checkpoint's check, cost what they write.
+  const std::uint64_t start = nowNs();
+  hashes_ = ImageHashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
+  hashesKnown_ = true;
+  scrubNext_ = 0;
+  updatedUnits_ = hashes_.ram.size() + hashes_.disk.size();
+  spdlog::info("{}: hashed the whole image for the checks to come ({:.0f} ms)", deviceId_, (nowNs() - start) / 1e6);
+  return true;
+}
+
 void Replica::updateHashes(const ApplyStats& stats) {
-  if (!hashesKnown_) {
-    // Once per image (after a start, a full checkpoint or a VMM's run): the
-    // applies that follow, and the final checkpoint's check, cost what they write.
-    const std::uint64_t start = nowNs();
-    hashes_ = ImageHashes{hashAllUnits(*ram_), hashAllUnits(*disk_)};
-    hashesKnown_ = true;
-    updatedUnits_ = hashes_.ram.size() + hashes_.disk.size();
-    spdlog::info("{}: hashed the whole image for the checks to come ({:.0f} ms)", deviceId_, (nowNs() - start) / 1e6);
-    return;
-  }
+  // Not kept yet: ensureHashes() makes them, off the apply (the device calls
+  // it after answering), or the final checkpoint's check does.
+  if (!hashesKnown_) return;
   // Read back from the file, not taken from the checkpoint: what counts is what the image holds.
   for (const std::uint64_t i : stats.ramWritten) hashes_.ram[i] = hashUnit(ram_->unit(i));
   for (const std::uint64_t i : stats.diskWritten) hashes_.disk[i] = hashUnit(disk_->unit(i));

@@ -120,8 +120,11 @@ class Replica {
   /// damaged and diverged, so it is not resumed and the server resyncs it),
   /// else "". Does nothing while no hashes are kept.
   std::string scrubStep(std::uint64_t units);
-  /// True while per-unit hashes of the image are kept (from the first apply on).
+  /// True while per-unit hashes of the image are kept.
   bool hashesKept() const { return hashesKnown_; }
+  /// Hashes the whole image when no hashes are kept (once per start, full
+  /// checkpoint or VMM run); true when it did.
+  bool ensureHashes();
   /// Completed passes of scrubStep() over the whole image.
   std::uint64_t scrubPasses() const { return scrubPasses_; }
   /// A VMM runs on the images (`live`), or ran and stopped at a final
