@@ -159,8 +159,10 @@ PayloadCompression CompressionSelector::choice() const {
 }
 
 std::string CompressionSelector::explain() const {
-  std::string out = fmt::format("link {:.2f} Mbit/s; CPU may take {:.0f}% of the link time;", linkRate_ * 8 / 1e6,
-                                cpuShare_ * 100);
+  // Before the first push there is no link rate: say so, not "0.00 Mbit/s".
+  std::string out = linkRate_ > 0 ? fmt::format("link {:.2f} Mbit/s; CPU may take {:.0f}% of the link time;",
+                                                linkRate_ * 8 / 1e6, cpuShare_ * 100)
+                                  : std::string("link not measured yet (lz4 until the first push is timed);");
   for (const auto& candidate : candidates_) {
     const PayloadCompression& c = candidate.compression;
     const double share = linkRate_ > 0 ? (1.0 / speed(c)) / (ratio(c) / linkRate_) : 0;
