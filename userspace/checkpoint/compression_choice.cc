@@ -112,33 +112,31 @@ void CompressionSelector::onPush(std::uint64_t wireBytes, double seconds) {
   linkRate_ = blend(linkRate_, static_cast<double>(wireBytes) / seconds);
 }
 
+double CompressionSelector::scaledPrior(const PayloadCompression& c, double Candidate::*measured,
+                                        double Candidate::*prior, double priorIfNotCandidate) const {
+  // How this machine and data compare with the priors, from the choices measured so far.
+  double logFactor = 0;
+  int count = 0;
+  for (const auto& candidate : candidates_)
+    if (candidate.*measured > 0) {
+      logFactor += std::log(candidate.*measured / candidate.*prior);
+      ++count;
+    }
+  const Candidate* own = find(c);
+  const double base = own != nullptr ? own->*prior : priorIfNotCandidate;
+  return base * (count ? std::exp(logFactor / count) : 1.0);
+}
+
 double CompressionSelector::speed(const PayloadCompression& c) const {
   const Candidate* own = find(c);
   if (own != nullptr && own->speed > 0) return own->speed;
-  // How this CPU compares with the priors, from the choices measured so far.
-  double logFactor = 0;
-  int measured = 0;
-  for (const auto& candidate : candidates_)
-    if (candidate.speed > 0) {
-      logFactor += std::log(candidate.speed / candidate.priorSpeed);
-      ++measured;
-    }
-  const double prior = own != nullptr ? own->priorSpeed : priorFor(c).speed;
-  return prior * (measured ? std::exp(logFactor / measured) : 1.0);
+  return scaledPrior(c, &Candidate::speed, &Candidate::priorSpeed, priorFor(c).speed);
 }
 
 double CompressionSelector::ratio(const PayloadCompression& c) const {
   const Candidate* own = find(c);
   if (own != nullptr && own->ratio > 0) return own->ratio;
-  double logFactor = 0;
-  int measured = 0;
-  for (const auto& candidate : candidates_)
-    if (candidate.ratio > 0) {
-      logFactor += std::log(candidate.ratio / candidate.priorRatio);
-      ++measured;
-    }
-  const double prior = own != nullptr ? own->priorRatio : priorFor(c).ratio;
-  return std::min(1.0, prior * (measured ? std::exp(logFactor / measured) : 1.0));
+  return std::min(1.0, scaledPrior(c, &Candidate::ratio, &Candidate::priorRatio, priorFor(c).ratio));
 }
 
 PayloadCompression CompressionSelector::choice() const {

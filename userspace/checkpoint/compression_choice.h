@@ -87,6 +87,11 @@ class CompressionSelector {
     double ratio = 0;
   };
   const Candidate* find(const PayloadCompression& c) const;
+  /// `c`'s prior for the figure `measured` (its own, or `priorIfNotCandidate`),
+  /// scaled by the geometric mean of measured / prior over the candidates
+  /// measured so far.
+  double scaledPrior(const PayloadCompression& c, double Candidate::*measured, double Candidate::*prior,
+                     double priorIfNotCandidate) const;
 
   std::vector<Candidate> candidates_;
   double cpuShare_;
