@@ -444,8 +444,11 @@ void Replica::verifyFinal(wire::Checkpoint::Reader checkpoint) {
   const std::uint64_t sequence = checkpoint.getSequence();
   const std::uint64_t hashStart = nowNs();
   std::string how = fmt::format("from the hashes kept on apply, {} units read back", updatedUnits_);
-  if (ensureHashes()) how = "the whole image hashed: no hashes were kept yet";
-  if (fullVerify_) {
+  // Hashes made just now are a whole-image hash already: --full-verify
+  // compares the image with kept hashes only when there were some.
+  if (ensureHashes()) {
+    how = "the whole image hashed: no hashes were kept yet";
+  } else if (fullVerify_) {
     ImageHashes whole{hashAllUnits(*ram_), hashAllUnits(*disk_)};
     std::uint64_t wrong = 0;
     for (std::size_t i = 0; i < whole.ram.size(); ++i) wrong += whole.ram[i] != hashes_.ram[i];
