@@ -19,8 +19,10 @@ struct vmsync_slot {
 	u16 as_id;
 	u16 id;
 	bool enabled_by_us;	/* we turned KVM_MEM_LOG_DIRTY_PAGES on */
+	bool vmm_logs;		/* the VMM logs it: its log is not ours */
 	u64 base_gfn;
 	u64 npages;
+	unsigned long hva;	/* where the VMM maps the slot */
 };
 
 /* The state behind one open /dev/vmsync; every field under @lock. */
@@ -65,6 +67,8 @@ struct vmsync_vm {
 struct vmsync_harvest_result {
 	u64 published;
 	u64 dirty;
+	u64 vmm_written;	/* of @dirty: found in the VMM's page tables */
+	u64 vmm_busy;		/* of those, left reported: I/O in flight */
 	u32 slots;
 	u32 flags;		/* VMSYNC_HARVEST_* */
 };
@@ -76,8 +80,17 @@ void vmsync_ring_publish(struct vmsync_vm *vm);
 void vmsync_ring_set_overflow(struct vmsync_vm *vm);
 
 /* vm.c: attach/harvest/detach; called with vm->lock held. */
-int vmsync_vm_attach(struct vmsync_vm *vm, int vm_fd);
+int vmsync_vm_attach(struct vmsync_vm *vm, int vm_fd,
+		     struct vmsync_attach *reply);
 int vmsync_vm_harvest(struct vmsync_vm *vm, struct vmsync_harvest_result *res);
 void vmsync_vm_detach(struct vmsync_vm *vm);
+
+/* vmm_writes.c: pages the VMM writes through its own mapping. */
+struct mm_struct;
+struct vm_area_struct;
+u32 vmsync_vma_refusal(struct vm_area_struct *vma);
+u32 vmsync_slot_refusal(struct mm_struct *mm, const struct vmsync_slot *s);
+long vmsync_vmm_writes(struct mm_struct *mm, const struct vmsync_slot *s,
+		       unsigned long *bitmap, u64 *busy);
 
 #endif /* VMSYNC_INTERNAL_H */

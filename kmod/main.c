@@ -89,7 +89,8 @@ static long vmsync_get_version(void __user *argp)
 {
 	struct vmsync_version v = {
 		.abi_version = VMSYNC_ABI_VERSION,
-		.features = VMSYNC_FEATURE_RING | VMSYNC_FEATURE_SLOT_TRACKING,
+		.features = VMSYNC_FEATURE_RING | VMSYNC_FEATURE_SLOT_TRACKING |
+			    VMSYNC_FEATURE_VMM_WRITES,
 	};
 
 	if (copy_to_user(argp, &v, sizeof(v)))
@@ -116,6 +117,7 @@ static long vmsync_attach(struct vmsync_vm *vm, void __user *argp)
 	if (copy_from_user(&a, argp, sizeof(a)))
 		return -EFAULT;
 	if (a.flags || a.pad || a.pad2 || a.slots || a.ring_bytes ||
+	    a.refused || a.pad3 || a.refused_gpa ||
 	    !all_zero(a.reserved, ARRAY_SIZE(a.reserved)))
 		return -EINVAL;
 	entries = a.ring_entries ? a.ring_entries : ring_entries;
@@ -129,10 +131,13 @@ static long vmsync_attach(struct vmsync_vm *vm, void __user *argp)
 	r = vmsync_ring_alloc(vm, entries);
 	if (r)
 		goto out;
-	r = vmsync_vm_attach(vm, a.vm_fd);
+	r = vmsync_vm_attach(vm, a.vm_fd, &a);
 	if (r) {
 		vfree(vm->ring);
 		vm->ring = NULL;
+		/* Say why, where the module knows (the error stays r). */
+		if (a.refused && copy_to_user(argp, &a, sizeof(a)))
+			r = -EFAULT;
 		goto out;
 	}
 	vm->used = true;
@@ -158,7 +163,8 @@ static long vmsync_harvest(struct vmsync_vm *vm, void __user *argp)
 
 	if (copy_from_user(&h, argp, sizeof(h)))
 		return -EFAULT;
-	if (h.published || h.dirty || h.slots || h.flags ||
+	if (h.published || h.dirty || h.slots || h.flags || h.vmm_written ||
+	    h.vmm_busy ||
 	    !all_zero(h.reserved, ARRAY_SIZE(h.reserved)))
 		return -EINVAL;
 
@@ -187,6 +193,8 @@ out:
 	h.dirty = res.dirty;
 	h.slots = res.slots;
 	h.flags = res.flags;
+	h.vmm_written = min_t(u64, res.vmm_written, U32_MAX);
+	h.vmm_busy = min_t(u64, res.vmm_busy, U32_MAX);
 	if (copy_to_user(argp, &h, sizeof(h)))
 		return -EFAULT;
 	return 0;
@@ -307,5 +315,5 @@ static void __exit vmsync_exit(void)
 module_init(vmsync_init);
 module_exit(vmsync_exit);
 MODULE_LICENSE("GPL");
-MODULE_VERSION("0.2");
+MODULE_VERSION("0.3");
 MODULE_DESCRIPTION("vmsync: harvest dirty pages of another process's KVM VM");

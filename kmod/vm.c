@@ -122,8 +122,13 @@ static struct vmsync_slot *vmsync_find_slot(struct vmsync_vm *vm, u16 as_id,
  * that is not read-only.  Returns 1 when the slots changed since the last
  * sync (writes may have gone unlogged: the caller asks for a rescan), 0 when
  * nothing changed, or -errno.
+ *
+ * A slot the VMM logs itself (QEMU during a migration) is the VMM's: reading
+ * its log would take bits from the VMM and the VMM's reads take them from us.
+ * At the attach that is a refusal (@reply says which slot); a slot made
+ * later with logging on is left to the VMM and costs a rescan per harvest.
  */
-static int vmsync_sync_slots(struct vmsync_vm *vm)
+static int vmsync_sync_slots(struct vmsync_vm *vm, struct vmsync_attach *reply)
 {
 	struct kvm *kvm = vm->kvm;
 	struct vmsync_slot *slots = NULL, *old;
@@ -158,11 +163,22 @@ static int vmsync_sync_slots(struct vmsync_vm *vm)
 			slots[i].id = ms->id;
 			slots[i].base_gfn = ms->base_gfn;
 			slots[i].npages = ms->npages;
+			slots[i].hva = ms->userspace_addr;
 			/* Still ours if it is the slot we turned logging on. */
 			old = vmsync_find_slot(vm, as, ms->id);
 			slots[i].enabled_by_us = old && old->enabled_by_us &&
 				old->base_gfn == ms->base_gfn &&
-				old->npages == ms->npages;
+				old->npages == ms->npages &&
+				old->hva == ms->userspace_addr;
+			slots[i].vmm_logs = !slots[i].enabled_by_us &&
+				(ms->flags & KVM_MEM_LOG_DIRTY_PAGES);
+			if (slots[i].vmm_logs && reply) {
+				reply->refused = VMSYNC_REFUSED_VMM_LOGS;
+				reply->refused_gpa = ms->base_gfn << PAGE_SHIFT;
+				kvfree(slots);
+				r = -EBUSY;
+				goto unlock;
+			}
 			i++;
 		}
 	}
@@ -241,10 +257,22 @@ static int vmsync_size_buffers(struct vmsync_vm *vm)
 
 static int vmsync_attach_in_mm(struct vmsync_vm *vm, void *arg)
 {
-	int r = vmsync_sync_slots(vm);
+	struct vmsync_attach *reply = arg;
+	unsigned int i;
+	int r = vmsync_sync_slots(vm, reply);
 
 	if (r < 0)
 		return r;
+	/* The VMM's writes are followed in shared file mappings only. */
+	for (i = 0; i < vm->nr_slots; i++) {
+		u32 why = vmsync_slot_refusal(vm->kvm->mm, &vm->slots[i]);
+
+		if (why) {
+			reply->refused = why;
+			reply->refused_gpa = vm->slots[i].base_gfn << PAGE_SHIFT;
+			return -EOPNOTSUPP;
+		}
+	}
 	return vmsync_size_buffers(vm);
 }
 
@@ -287,8 +315,13 @@ static int vmsync_harvest_slot(struct vmsync_vm *vm, struct vmsync_slot *s,
 		.dirty_bitmap = ubitmap,
 	};
 	unsigned long bit;
-	long r;
+	long r, written;
 
+	if (s->vmm_logs) {
+		/* The VMM's log: not ours to read or clear. */
+		res->flags |= VMSYNC_HARVEST_VMM_LOGS;
+		return 0;
+	}
 	r = vmsync_vm_ioctl(vm, KVM_GET_DIRTY_LOG, &log, sizeof(log));
 	if (r)
 		return vmsync_slot_error(vm, r);
@@ -308,6 +341,15 @@ static int vmsync_harvest_slot(struct vmsync_vm *vm, struct vmsync_slot *s,
 		if (r)
 			return vmsync_slot_error(vm, r);
 	}
+	/* What the VMM wrote itself, beside what the vCPUs wrote. */
+	written = vmsync_vmm_writes(vm->kvm->mm, s, vm->bitmap,
+				    &res->vmm_busy);
+	if (written == -ENOMEM)
+		return -ENOMEM;
+	if (written < 0)
+		res->flags |= VMSYNC_HARVEST_VMM_UNTRACKED;
+	else
+		res->vmm_written += written;
 	for_each_set_bit(bit, vm->bitmap, s->npages) {
 		res->dirty++;
 		vmsync_ring_push(vm, ((u64)s->as_id << VMSYNC_GFN_AS_SHIFT) |
@@ -322,7 +364,7 @@ static int vmsync_harvest_in_mm(struct vmsync_vm *vm, void *arg)
 	unsigned int i;
 	int r;
 
-	r = vmsync_sync_slots(vm);
+	r = vmsync_sync_slots(vm, NULL);
 	if (r < 0)
 		return r;
 	if (r)
@@ -343,7 +385,8 @@ static int vmsync_harvest_in_mm(struct vmsync_vm *vm, void *arg)
 	if (vmsync_generation_changed(vm))
 		res->flags |= VMSYNC_HARVEST_SLOTS_CHANGED;
 	mutex_unlock(&vm->kvm->slots_lock);
-	if (res->flags & VMSYNC_HARVEST_SLOTS_CHANGED)
+	if (res->flags & (VMSYNC_HARVEST_SLOTS_CHANGED |
+			  VMSYNC_HARVEST_VMM_UNTRACKED | VMSYNC_HARVEST_VMM_LOGS))
 		vmsync_ring_set_overflow(vm);
 	return 0;
 }
@@ -398,7 +441,8 @@ static void vmsync_forget_vm(struct vmsync_vm *vm)
 	vm->kvm = NULL;
 }
 
-int vmsync_vm_attach(struct vmsync_vm *vm, int vm_fd)
+int vmsync_vm_attach(struct vmsync_vm *vm, int vm_fd,
+		     struct vmsync_attach *reply)
 {
 	struct file *file = fget(vm_fd);
 	struct kvm *kvm;
@@ -414,11 +458,12 @@ int vmsync_vm_attach(struct vmsync_vm *vm, int vm_fd)
 	/* With KVM's dirty ring there is no dirty bitmap to read. */
 	if (READ_ONCE(kvm->dirty_ring_size)) {
 		fput(file);
+		reply->refused = VMSYNC_REFUSED_DIRTY_RING;
 		return -EOPNOTSUPP;
 	}
 	vm->vm_file = file;
 	vm->kvm = kvm;
-	r = vmsync_in_vmm_mm(vm, vmsync_attach_in_mm, NULL);
+	r = vmsync_in_vmm_mm(vm, vmsync_attach_in_mm, reply);
 	if (r) {
 		if (r != -ESRCH && vm->slots_synced)
 			vmsync_in_vmm_mm(vm, vmsync_detach_in_mm, NULL);

@@ -15,7 +15,9 @@
  * still be mapped after a detach); to attach again, open the device again.
  *
  * The ring carries every gfn KVM logged in the VM's user memory slots
- * (read-only slots are not followed).  Whenever the module cannot vouch for
+ * (read-only slots are not followed) and, with VMSYNC_FEATURE_VMM_WRITES,
+ * every gfn the VMM itself wrote through its mapping of guest RAM (device
+ * emulation, virtio DMA), which KVM's log does not see.  Whenever the module cannot vouch for
  * the set it sets VMSYNC_RING_OVERFLOW and the controller must rescan every
  * page: the ring was full, or the VMM added, moved or removed a slot, or
  * turned logging off on one (the module turns it back on at the next
@@ -33,6 +35,9 @@
 /* Feature bits reported by VMSYNC_IOC_GET_VERSION. */
 #define VMSYNC_FEATURE_RING		(1ULL << 0)	/* mmap'd gfn ring */
 #define VMSYNC_FEATURE_SLOT_TRACKING	(1ULL << 1)	/* follows slot changes */
+#define VMSYNC_FEATURE_VMM_WRITES	(1ULL << 2)	/* reports the VMM's own
+							 * writes; says why an
+							 * attach is refused */
 
 struct vmsync_version {
 	__u32 abi_version;	/* out: VMSYNC_ABI_VERSION */
@@ -40,6 +45,19 @@ struct vmsync_version {
 	__u64 features;		/* out: VMSYNC_FEATURE_* */
 	__u64 reserved[4];	/* must be zero */
 };
+
+/*
+ * Why an attach was refused (vmsync_attach.refused, set beside the error;
+ * refused_gpa is the guest physical address of the slot concerned).
+ */
+#define VMSYNC_REFUSED_DIRTY_RING	1  /* EOPNOTSUPP: the VM uses KVM's dirty
+					    * ring, which has no bitmap */
+#define VMSYNC_REFUSED_VMM_LOGS		2  /* EBUSY: the VMM already logs the
+					    * slot (a migration under way) */
+#define VMSYNC_REFUSED_RAM_NOT_SHARED	3  /* EOPNOTSUPP: guest RAM is not a
+					    * shared file mapping (anonymous
+					    * or private memory) */
+#define VMSYNC_REFUSED_HUGETLB		4  /* EOPNOTSUPP: guest RAM on hugetlbfs */
 
 struct vmsync_attach {
 	__s32 vm_fd;		/* in: fd of a KVM VM (anon_inode:kvm-vm) */
@@ -50,19 +68,33 @@ struct vmsync_attach {
 	__u64 ring_bytes;	/* out: length to mmap at offset 0 */
 	__u32 slots;		/* out: memory slots followed */
 	__u32 pad2;		/* must be zero */
-	__u64 reserved[3];	/* must be zero */
+	__u32 refused;		/* in: zero; out: VMSYNC_REFUSED_* on error */
+	__u32 pad3;		/* must be zero */
+	__u64 refused_gpa;	/* in: zero; out: see VMSYNC_REFUSED_* */
+	__u64 reserved[1];	/* must be zero */
 };
 
 /* Why a harvest could not vouch for its set (VMSYNC_RING_OVERFLOW is set). */
 #define VMSYNC_HARVEST_RING_FULL	(1U << 0)  /* gfns dropped */
 #define VMSYNC_HARVEST_SLOTS_CHANGED	(1U << 1)  /* the VMM changed slots */
+#define VMSYNC_HARVEST_VMM_UNTRACKED	(1U << 2)  /* guest RAM left a shared
+						    * file mapping: the VMM's
+						    * writes are not followed */
+#define VMSYNC_HARVEST_VMM_LOGS		(1U << 3)  /* the VMM logs a slot made
+						    * after the attach itself:
+						    * its log is left to it */
 
 struct vmsync_harvest {
 	__u64 published;	/* out: gfns added to the ring by this call */
-	__u64 dirty;		/* out: gfns KVM reported (published or not) */
+	__u64 dirty;		/* out: gfns found dirty (published or not) */
 	__u32 slots;		/* out: memory slots read */
 	__u32 flags;		/* out: VMSYNC_HARVEST_* */
-	__u64 reserved[2];	/* must be zero */
+	__u32 vmm_written;	/* out: of dirty, gfns found written through
+				 * the VMM's mapping and not in KVM's log */
+	__u32 vmm_busy;		/* out: pages of this harvest with an I/O in
+				 * flight into them: reported again by the
+				 * next harvest */
+	__u64 reserved[1];	/* must be zero */
 };
 
 /*

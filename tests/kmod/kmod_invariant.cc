@@ -172,9 +172,13 @@ std::vector<vmsync::GfnRange> guestRanges() {
 
 // Runs `rounds` rounds one at a time, harvesting after each; `label` names the run.
 void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source, int rounds, const char* label) {
-  std::size_t reportedTotal = 0;
+  std::size_t reportedTotal = 0, busyTotal = 0, keptTotal = 0;
   std::set<std::uint64_t> writtenBefore;
   std::uint64_t expected = ~0ull;
+  // Pages the last harvest found with an I/O in flight (a reference beyond
+  // their mappings, such as the kernel's own short-lived ones): the module
+  // reports each of them again in this harvest, and nothing else may come.
+  std::uint64_t busyBefore = source.lastVmmBusy();
   for (int i = 0; i < rounds; ++i) {
     const std::uint64_t round = vmm.ask(kRunRound);
     if (expected != ~0ull && round != expected)
@@ -191,17 +195,21 @@ void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source, int rounds, c
     for (auto page : written)
       if (!set.count(page))
         failTest(fmt::format("round {}: page {} was written but not reported", round, page));
-    std::size_t others = 0;
+    std::size_t others = 0, kept = 0;
     for (auto unit : set) {
       if (MiniVmm::neverWritten(unit))
         failTest(fmt::format("round {}: page {} is never written but was reported", round, unit));
       if (!isDataPage(unit))
         ++others;
-      else if (!written.count(unit) && !writtenBefore.count(unit))
+      else if (!written.count(unit) && !writtenBefore.count(unit) && ++kept > busyBefore)
         failTest(fmt::format(
-            "round {}: page {} reported, written in neither this round nor the one before", round,
-            unit));
+            "round {}: page {} reported, written in neither this round nor the one before, and "
+            "the harvest before kept only {} page(s) reported for an I/O in flight",
+            round, unit, busyBefore));
     }
+    busyBefore = source.lastVmmBusy();
+    busyTotal += busyBefore;
+    keptTotal += kept;
     if (others > kOtherPagesBound)
       failTest(fmt::format("round {}: {} pages outside the data pages reported (bound {})", round,
                            others, kOtherPagesBound));
@@ -210,8 +218,8 @@ void checkLockstepRounds(Vmm& vmm, vmsync::KmodPageSource& source, int rounds, c
   }
   std::printf(
       "kmod invariant (%s): %d lockstep rounds, %zu pages reported, every written page each "
-      "round\n",
-      label, rounds, reportedTotal);
+      "round; %zu reported again for a reference held beyond their mappings (%zu found so)\n",
+      label, rounds, reportedTotal, keptTotal, busyTotal);
 }
 
 // With the guest running, as KVM's dirty_log_test: a data page whose byte

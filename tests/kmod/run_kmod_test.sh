@@ -7,7 +7,9 @@
 # that attaches through /dev/vmsync and checks every round that each page
 # the guest wrote is reported; detach while the guest runs; SIGKILL of the
 # VMM while attached. Then kmod_qemu_check does the same against Debian's
-# QEMU (-accel kvm, q35, shared RAM file) running qemu_guest_bios.S. When both
+# QEMU (-accel kvm, q35, shared RAM file) running qemu_guest_bios.S, and checks
+# that bytes written through QEMU's own mapping of guest RAM are reported and
+# that an attach while QEMU migrates is refused with the reason. When both
 # pass, bench/kmod_harvest_bench runs briefly in the same boot and prints its
 # table (harvest cost per round, kmod against scan): its timings decide
 # nothing, but a benchmark that does not finish fails the test. Then dmesg
@@ -60,10 +62,11 @@ else
 	timeout 150 /bin/kmod_invariant
 	invariant=$?
 	echo "kmod_invariant exit $invariant"
-	timeout 120 /bin/kmod_qemu_check /ram.img 33554432 -- /usr/bin/qemu-system-x86_64 -accel kvm \
+	timeout 150 /bin/kmod_qemu_check /ram.img 33554432 /tmp/qmp.sock -- /usr/bin/qemu-system-x86_64 -accel kvm \
 		-machine q35,memory-backend=ram0 -m 32M \
 		-object memory-backend-file,id=ram0,size=32M,mem-path=/ram.img,share=on \
-		-nodefaults -display none -vga none -bios /qemu/bios.bin -L /qemu -serial none -monitor none
+		-nodefaults -display none -vga none -bios /qemu/bios.bin -L /qemu -serial none -monitor none \
+		-qmp unix:/tmp/qmp.sock,server=on,wait=off
 	qemu_check=$?
 	echo "kmod_qemu_check exit $qemu_check"
 	# A few rounds (about 10 s under TCG): enough to show the table, not to tune by.
@@ -81,6 +84,6 @@ if [ $MODE = bench ]; then
 	ok KMOD_BENCH_DONE && ok RMMOD_OK && ! ok DMESG_BAD && exit 0
 	echo FAIL; exit 1
 fi
-ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok QEMU_KMOD_OK && ok QEMU_KILL9_OK &&
+ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok MIGRATION_REFUSED_OK && ok QEMU_KMOD_OK && ok QEMU_WRITES_OK && ok QEMU_KILL9_OK &&
 	ok KMOD_TEST_DONE && ok KMOD_BENCH_DONE && ok "kmod_harvest_bench exit 0" && ok RMMOD_OK && ! ok DMESG_BAD && ! ok 'FAIL' && { echo PASS; exit 0; }
 echo FAIL; exit 1

@@ -23,6 +23,27 @@ constexpr std::uint64_t kQ35LowMemoryWhenLarger = 0x80000000;
 constexpr std::uint64_t kFourGiB = 1ull << 32;
 constexpr std::uint64_t kPage = 4096;
 
+// What the module's refusal of an attach means, for the user.
+std::string refusalReason(const vmsync_attach& attach) {
+  const std::string where = fmt::format("the memory slot at guest address {:#x}", attach.refused_gpa);
+  switch (attach.refused) {
+    case VMSYNC_REFUSED_DIRTY_RING:
+      return "the VM uses KVM's dirty ring, which has no dirty bitmap to read";
+    case VMSYNC_REFUSED_VMM_LOGS:
+      return fmt::format("the VMM already logs {} itself (a migration under way?); reading that log would take "
+                         "its pages from the VMM",
+                         where);
+    case VMSYNC_REFUSED_RAM_NOT_SHARED:
+      return fmt::format("guest RAM of {} is not a shared file mapping, so the VMM's own writes to it cannot be "
+                         "followed (run QEMU with memory-backend-file,share=on, as vmsync does)",
+                         where);
+    case VMSYNC_REFUSED_HUGETLB:
+      return fmt::format("guest RAM of {} is on hugetlbfs, where the VMM's own writes cannot be followed", where);
+    default:
+      return "";
+  }
+}
+
 int pidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
 int pidfdGetfd(int pidfd, int fd) {
   return static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, fd, 0));
@@ -73,6 +94,8 @@ std::string KmodPageSource::unavailableReason() {
                          VMSYNC_ABI_VERSION);
   else if ((version.features & VMSYNC_FEATURE_RING) == 0)
     reason = "vmsync.ko has no gfn ring";
+  else if ((version.features & VMSYNC_FEATURE_VMM_WRITES) == 0)
+    reason = "vmsync.ko does not report the VMM's own writes to guest RAM (a module older than this controller)";
   ::close(fd);
   return reason;
 }
@@ -106,6 +129,8 @@ KmodPageSource::KmodPageSource(pid_t vmmPid, std::vector<GfnRange> ranges,
   ::close(vmFd);
   if (r < 0) {
     ::close(device_);
+    const std::string why = refusalReason(attach);
+    if (!why.empty()) fail("vmsync.ko refused to attach to process {}'s VM: {}", vmmPid, why);
     throwErrno(attachErrno, fmt::format("vmsync.ko cannot attach to process {}'s VM", vmmPid));
   }
   slots_ = attach.slots;
@@ -147,6 +172,9 @@ DirtyUnits KmodPageSource::harvest() {
          consumer, header->entries);
   DirtyUnits out;
   out.units.reserve(producer - consumer);
+  lastVmmWritten_ = request.vmm_written;
+  lastVmmBusy_ = request.vmm_busy;
+  vmmWritten_ += request.vmm_written;
   for (; consumer != producer; ++consumer) {
     const std::uint64_t gfn = entries[consumer & mask] & VMSYNC_GFN_MASK;
     for (const auto& range : ranges_)
@@ -158,9 +186,14 @@ DirtyUnits KmodPageSource::harvest() {
   std::atomic_ref<__u64>(header->consumer).store(consumer, std::memory_order_release);
   if (header->flags & VMSYNC_RING_OVERFLOW) {
     out.everything = true;
-    out.rescanReason = (request.flags & VMSYNC_HARVEST_RING_FULL)
-                           ? fmt::format("vmsync.ko's ring of {} entries was full", header->entries)
-                           : std::string("the VMM changed its memory slots");
+    if (request.flags & VMSYNC_HARVEST_RING_FULL)
+      out.rescanReason = fmt::format("vmsync.ko's ring of {} entries was full", header->entries);
+    else if (request.flags & VMSYNC_HARVEST_VMM_LOGS)
+      out.rescanReason = "the VMM logs a memory slot itself (a migration?)";
+    else if (request.flags & VMSYNC_HARVEST_VMM_UNTRACKED)
+      out.rescanReason = "guest RAM is no longer a shared file mapping: the VMM's own writes are not followed";
+    else
+      out.rescanReason = "the VMM changed its memory slots";
     if (::ioctl(device_, VMSYNC_IOC_CLEAR_OVERFLOW) < 0)
       throwLastErrno("VMSYNC_IOC_CLEAR_OVERFLOW");
   }

@@ -34,12 +34,13 @@ int findKvmVmFd(pid_t pid);
 class KmodPageSource final : public PageSource {
  public:
   /// Why this machine cannot use the module ("" if it can): /dev/vmsync
-  /// missing, or a module with another ABI.
+  /// missing, or a module with another ABI or without VMM-write tracking.
   static std::string unavailableReason();
 
   /// Attaches to the KVM VM of process `vmmPid`. `ringEntries` 0 takes the
   /// module's default. Throws Error saying what failed (no KVM VM in that
-  /// process, pidfd_getfd refused, the module refused the VM).
+  /// process, pidfd_getfd refused, the module refused the VM and why: the
+  /// VMM logs a slot itself, guest RAM is not a shared file mapping).
   KmodPageSource(pid_t vmmPid, std::vector<GfnRange> ranges, std::uint32_t ringEntries = 0);
   /// Detaches (the module restores the VM's slots) and unmaps the ring.
   ~KmodPageSource();
@@ -56,6 +57,14 @@ class KmodPageSource final : public PageSource {
   void detach();
   /// Memory slots the module follows (from the attach).
   std::uint32_t slots() const { return slots_; }
+  /// Pages the last harvest found written by the VMM itself (through its
+  /// mapping of guest RAM) and not in KVM's log; and since the attach.
+  std::uint64_t lastVmmWritten() const { return lastVmmWritten_; }
+  std::uint64_t vmmWritten() const { return vmmWritten_; }
+  /// Of the last harvest's pages written by the VMM, those with an I/O in
+  /// flight into them (someone holds them beyond their mappings): the
+  /// module reports them again in the next harvest.
+  std::uint64_t lastVmmBusy() const { return lastVmmBusy_; }
 
  private:
   int device_ = -1;
@@ -63,6 +72,9 @@ class KmodPageSource final : public PageSource {
   void* ring_ = nullptr;
   std::size_t ringBytes_ = 0;
   std::uint32_t slots_ = 0;
+  std::uint64_t lastVmmWritten_ = 0;
+  std::uint64_t lastVmmBusy_ = 0;
+  std::uint64_t vmmWritten_ = 0;
   std::vector<GfnRange> ranges_;
 };
 
