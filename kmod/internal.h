@@ -25,6 +25,15 @@ struct vmsync_slot {
 	unsigned long hva;	/* where the VMM maps the slot */
 };
 
+/* KVM's ioctl arguments in the VMM's mm (scratch.c). */
+struct vmsync_scratch {
+	unsigned long addr;	/* start in the VMM's mm; 0: not mapped */
+	size_t ro_bytes;	/* arguments page + CLEAR bitmap, read-only there */
+	size_t rw_bytes;	/* GET bitmap, anonymous */
+	size_t mapped;		/* both, and the guard after them */
+	void *ro;		/* the read-only part's kernel address */
+};
+
 /* The state behind one open /dev/vmsync; every field under @lock. */
 struct vmsync_vm {
 	struct mutex lock;
@@ -54,9 +63,7 @@ struct vmsync_vm {
 	bool slots_synced;
 
 	/* Scratch for KVM's ioctl arguments, mapped in the VMM's mm. */
-	unsigned long scratch;
-	size_t scratch_bytes;	/* read/write part */
-	size_t scratch_mapped;	/* including the PROT_NONE guard after it */
+	struct vmsync_scratch scratch;
 
 	/* Kernel copy of one slot's dirty bitmap. */
 	unsigned long *bitmap;
@@ -71,6 +78,7 @@ struct vmsync_harvest_result {
 	u64 vmm_busy;		/* of those, left reported: I/O in flight */
 	u32 slots;
 	u32 flags;		/* VMSYNC_HARVEST_* */
+	bool paused;		/* in: VMSYNC_HARVEST_PAUSED */
 };
 
 /* main.c: the ring (producer side). */
@@ -84,6 +92,17 @@ int vmsync_vm_attach(struct vmsync_vm *vm, int vm_fd,
 		     struct vmsync_attach *reply);
 int vmsync_vm_harvest(struct vmsync_vm *vm, struct vmsync_harvest_result *res);
 void vmsync_vm_detach(struct vmsync_vm *vm);
+
+/* scratch.c: called in the VMM's mm, except vmsync_scratch_free(). */
+int vmsync_scratch_fit(struct vmsync_vm *vm, size_t bitmap_bytes);
+void vmsync_scratch_unmap(struct vmsync_vm *vm);
+void vmsync_scratch_free(struct vmsync_vm *vm);
+void __user *vmsync_scratch_args(struct vmsync_vm *vm);
+void __user *vmsync_scratch_clear_bitmap(struct vmsync_vm *vm);
+void __user *vmsync_scratch_get_bitmap(struct vmsync_vm *vm);
+void vmsync_scratch_set_args(struct vmsync_vm *vm, const void *arg, size_t len);
+void vmsync_scratch_set_clear_bitmap(struct vmsync_vm *vm,
+				     const unsigned long *bitmap, size_t bytes);
 
 /* vmm_writes.c: pages the VMM writes through its own mapping. */
 struct mm_struct;

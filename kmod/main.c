@@ -164,9 +164,9 @@ static long vmsync_harvest(struct vmsync_vm *vm, void __user *argp)
 	if (copy_from_user(&h, argp, sizeof(h)))
 		return -EFAULT;
 	if (h.published || h.dirty || h.slots || h.flags || h.vmm_written ||
-	    h.vmm_busy ||
-	    !all_zero(h.reserved, ARRAY_SIZE(h.reserved)))
+	    h.vmm_busy || (h.request & ~VMSYNC_HARVEST_PAUSED) || h.pad)
 		return -EINVAL;
+	res.paused = h.request & VMSYNC_HARVEST_PAUSED;
 
 	mutex_lock(&vm->lock);
 	if (!vm->vm_file) {

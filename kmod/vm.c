@@ -11,8 +11,8 @@
  * adopted the VMM's mm with kthread_use_mm().  KVM then does the read and the
  * write-protect in one step under its MMU lock, as for the VMM itself.  The
  * ioctl arguments must be user memory of that mm: the worker maps a small
- * scratch area there (an anonymous mapping the VMM does not know about,
- * followed by a PROT_NONE guard), and copies the bitmap out of it.
+ * scratch area there (scratch.c: arguments read-only to the VMM, a bitmap
+ * KVM writes, a PROT_NONE guard), and copies the bitmap out of it.
  *
  * Slot flags are changed with the exported __kvm_set_memory_region() under
  * kvm->slots_lock, so that reading a slot and rewriting its flags is one
@@ -34,15 +34,6 @@
 #include <linux/workqueue.h>
 
 #include "internal.h"
-
-/*
- * A slot's bitmap is at most KVM_MEM_MAX_NR_PAGES bits; a guard this large
- * after the scratch turns any copy past it into -EFAULT, even if the VMM
- * re-creates a slot larger between our snapshot and KVM_GET_DIRTY_LOG.
- */
-#define VMSYNC_SCRATCH_GUARD	(ALIGN(KVM_MEM_MAX_NR_PAGES, BITS_PER_LONG) / 8)
-/* The ioctl arguments live in the first page, the bitmap after it. */
-#define VMSYNC_SCRATCH_BITMAP	PAGE_SIZE
 
 /* Runs fn in a kernel worker that has adopted the VMM's mm. */
 struct vmsync_mm_call {
@@ -216,8 +207,7 @@ unlock:
 /* Makes the scratch and the kernel bitmap large enough for every slot. */
 static int vmsync_size_buffers(struct vmsync_vm *vm)
 {
-	size_t need = 0, bytes;
-	unsigned long addr;
+	size_t need = 0;
 	unsigned int i;
 
 	for (i = 0; i < vm->nr_slots; i++)
@@ -233,26 +223,7 @@ static int vmsync_size_buffers(struct vmsync_vm *vm)
 		vm->bitmap = bitmap;
 		vm->bitmap_bytes = need;
 	}
-	bytes = VMSYNC_SCRATCH_BITMAP + need;
-	if (vm->scratch && bytes <= vm->scratch_bytes)
-		return 0;
-	if (vm->scratch)
-		vm_munmap(vm->scratch, vm->scratch_mapped);
-	vm->scratch = 0;
-	/* Reserve scratch + guard inaccessible, then open the scratch. */
-	addr = vm_mmap(NULL, 0, bytes + VMSYNC_SCRATCH_GUARD, PROT_NONE,
-		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, 0);
-	if (IS_ERR_VALUE(addr))
-		return (int)addr;
-	if (vm_mmap(NULL, addr, bytes, PROT_READ | PROT_WRITE,
-		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, 0) != addr) {
-		vm_munmap(addr, bytes + VMSYNC_SCRATCH_GUARD);
-		return -ENOMEM;
-	}
-	vm->scratch = addr;
-	vm->scratch_bytes = bytes;
-	vm->scratch_mapped = bytes + VMSYNC_SCRATCH_GUARD;
-	return 0;
+	return vmsync_scratch_fit(vm, need);
 }
 
 static int vmsync_attach_in_mm(struct vmsync_vm *vm, void *arg)
@@ -280,12 +251,9 @@ static int vmsync_attach_in_mm(struct vmsync_vm *vm, void *arg)
 static long vmsync_vm_ioctl(struct vmsync_vm *vm, unsigned int cmd,
 			    const void *arg, size_t len)
 {
-	void __user *uarg = (void __user *)vm->scratch;
-
-	if (copy_to_user(uarg, arg, len))
-		return -EFAULT;
+	vmsync_scratch_set_args(vm, arg, len);
 	return vm->vm_file->f_op->unlocked_ioctl(vm->vm_file, cmd,
-						 (unsigned long)uarg);
+		(unsigned long)vmsync_scratch_args(vm));
 }
 
 /*
@@ -307,8 +275,7 @@ static int vmsync_slot_error(struct vmsync_vm *vm, long err)
 static int vmsync_harvest_slot(struct vmsync_vm *vm, struct vmsync_slot *s,
 			       struct vmsync_harvest_result *res)
 {
-	void __user *ubitmap = (void __user *)(vm->scratch +
-					       VMSYNC_SCRATCH_BITMAP);
+	void __user *ubitmap = vmsync_scratch_get_bitmap(vm);
 	size_t bytes = ALIGN(s->npages, BITS_PER_LONG) / 8;
 	struct kvm_dirty_log log = {
 		.slot = ((u32)s->as_id << 16) | s->id,
@@ -333,14 +300,19 @@ static int vmsync_harvest_slot(struct vmsync_vm *vm, struct vmsync_slot *s,
 			.slot = log.slot,
 			.num_pages = s->npages,
 			.first_page = 0,
-			.dirty_bitmap = ubitmap,
+			.dirty_bitmap = vmsync_scratch_clear_bitmap(vm),
 		};
 
+		/* What we read, where the VMM cannot change it. */
+		vmsync_scratch_set_clear_bitmap(vm, vm->bitmap, bytes);
 		r = vmsync_vm_ioctl(vm, KVM_CLEAR_DIRTY_LOG, &clear,
 				    sizeof(clear));
 		if (r)
 			return vmsync_slot_error(vm, r);
 	}
+	/* No vCPU ran: what KVM has is not writes (a log turned on again). */
+	if (res->paused)
+		bitmap_zero(vm->bitmap, s->npages);
 	/* What the VMM wrote itself, beside what the vCPUs wrote. */
 	written = vmsync_vmm_writes(vm->kvm->mm, s, vm->bitmap,
 				    &res->vmm_busy);
@@ -385,8 +357,14 @@ static int vmsync_harvest_in_mm(struct vmsync_vm *vm, void *arg)
 	if (vmsync_generation_changed(vm))
 		res->flags |= VMSYNC_HARVEST_SLOTS_CHANGED;
 	mutex_unlock(&vm->kvm->slots_lock);
-	if (res->flags & (VMSYNC_HARVEST_SLOTS_CHANGED |
-			  VMSYNC_HARVEST_VMM_UNTRACKED | VMSYNC_HARVEST_VMM_LOGS))
+	/*
+	 * A slot change costs a rescan, as writes may have gone unlogged;
+	 * not when no vCPU ran, and the VMM's writes were walked anyway.
+	 */
+	if ((res->flags & VMSYNC_HARVEST_SLOTS_CHANGED) && !res->paused)
+		vmsync_ring_set_overflow(vm);
+	if (res->flags & (VMSYNC_HARVEST_VMM_UNTRACKED |
+			  VMSYNC_HARVEST_VMM_LOGS))
 		vmsync_ring_set_overflow(vm);
 	return 0;
 }
@@ -418,8 +396,7 @@ static int vmsync_detach_in_mm(struct vmsync_vm *vm, void *arg)
 					    s->as_id, s->id, r);
 	}
 	mutex_unlock(&kvm->slots_lock);
-	if (vm->scratch)
-		vm_munmap(vm->scratch, vm->scratch_mapped);
+	vmsync_scratch_unmap(vm);
 	return 0;
 }
 
@@ -433,9 +410,7 @@ static void vmsync_forget_vm(struct vmsync_vm *vm)
 	kvfree(vm->bitmap);
 	vm->bitmap = NULL;
 	vm->bitmap_bytes = 0;
-	vm->scratch = 0;
-	vm->scratch_bytes = 0;
-	vm->scratch_mapped = 0;
+	vmsync_scratch_free(vm);
 	fput(vm->vm_file);
 	vm->vm_file = NULL;
 	vm->kvm = NULL;

@@ -84,6 +84,13 @@ struct vmsync_attach {
 						    * after the attach itself:
 						    * its log is left to it */
 
+/* Asked of a harvest (vmsync_harvest.request). */
+#define VMSYNC_HARVEST_PAUSED		(1U << 0)  /* no vCPU ran since the last
+						    * harvest: re-arm KVM's log
+						    * but report only the VMM's
+						    * writes, and a slot change
+						    * is no reason to rescan */
+
 struct vmsync_harvest {
 	__u64 published;	/* out: gfns added to the ring by this call */
 	__u64 dirty;		/* out: gfns found dirty (published or not) */
@@ -94,7 +101,8 @@ struct vmsync_harvest {
 	__u32 vmm_busy;		/* out: pages of this harvest with an I/O in
 				 * flight into them: reported again by the
 				 * next harvest */
-	__u64 reserved[1];	/* must be zero */
+	__u32 request;		/* in: VMSYNC_HARVEST_PAUSED or zero */
+	__u32 pad;		/* must be zero */
 };
 
 /*

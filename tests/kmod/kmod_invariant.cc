@@ -45,6 +45,9 @@ constexpr char kRunFreely = 'f';      // from now on run rounds without waiting
 constexpr char kQueryDirtyLog = 'l';  // reply with the errno of the VMM's own KVM_GET_DIRTY_LOG
 constexpr char kManualProtect = 'm';  // enable KVM's manual dirty-log protection (as QEMU does)
 constexpr char kLoggingOff = 'o';     // rewrite the slot without KVM_MEM_LOG_DIRTY_PAGES
+constexpr char kProbeScratch = 's';   // try to write the module's scratch; reply what went wrong, 0 if refused
+constexpr char kReplaceScratch = 'x'; // map its own memory over the scratch; reply errno
+constexpr char kCheckReplaced = 'y';  // reply 0 if that memory is still there, intact
 
 // Lockstep rounds checked page by page.
 constexpr int kRounds = 30;
@@ -88,6 +91,73 @@ std::uint64_t enableManualProtect(const MiniVmm& vmm) {
   return ::ioctl(vmm.vmFd(), KVM_ENABLE_CAP, &cap) < 0 ? static_cast<std::uint64_t>(errno) : 0;
 }
 
+// The module's read-only scratch in this process, from /proc/self/maps.
+struct ScratchMapping {
+  std::uintptr_t start = 0, end = 0;
+  std::string perms;
+};
+
+ScratchMapping findScratch() {
+  std::FILE* maps = std::fopen("/proc/self/maps", "r");
+  ScratchMapping found;
+  char line[512];
+  while (maps && std::fgets(line, sizeof line, maps)) {
+    if (!std::strstr(line, "[vmsync-scratch]")) continue;
+    char perms[8] = {};
+    unsigned long start = 0, end = 0;
+    if (std::sscanf(line, "%lx-%lx %7s", &start, &end, perms) == 3) found = {start, end, perms};
+    break;
+  }
+  if (maps) std::fclose(maps);
+  return found;
+}
+
+// The VMM trying to change the arguments KVM reads for the module: through
+// mprotect and through /proc/self/mem (which writes read-only private
+// mappings that may be written). 0 when both are refused.
+std::uint64_t probeScratch() {
+  const ScratchMapping scratch = findScratch();
+  if (!scratch.start) return 1;  // no [vmsync-scratch] in /proc/self/maps
+  if (scratch.perms.find('w') != std::string::npos) return 2;
+  if (::mprotect(reinterpret_cast<void*>(scratch.start), 4096, PROT_READ | PROT_WRITE) == 0) return 3;
+  const int mem = ::open("/proc/self/mem", O_RDWR);
+  const char byte = 1;
+  const bool written = mem >= 0 && ::pwrite(mem, &byte, 1, static_cast<off_t>(scratch.start)) == 1;
+  if (mem >= 0) ::close(mem);
+  return written ? 4 : 0;
+}
+
+ScratchMapping replaced;
+
+std::uint64_t replaceScratch() {
+  replaced = findScratch();
+  if (!replaced.start) return ENOENT;
+  void* at = ::mmap(reinterpret_cast<void*>(replaced.start), replaced.end - replaced.start, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+  if (at == MAP_FAILED) return static_cast<std::uint64_t>(errno);
+  std::memset(at, 0x5a, replaced.end - replaced.start);
+  return 0;
+}
+
+std::uint64_t checkReplaced() {
+  if (!replaced.start) return 1;
+  const auto* bytes = reinterpret_cast<const volatile std::uint8_t*>(replaced.start);
+  // Reading an unmapped page would kill this process: look first.
+  std::FILE* maps = std::fopen("/proc/self/maps", "r");
+  char line[512];
+  bool mapped = false;
+  while (maps && std::fgets(line, sizeof line, maps)) {
+    unsigned long start = 0, end = 0;
+    if (std::sscanf(line, "%lx-%lx", &start, &end) == 2 && start <= replaced.start && end >= replaced.end)
+      mapped = true;
+  }
+  if (maps) std::fclose(maps);
+  if (!mapped) return 2;
+  for (std::uintptr_t i = 0; i < replaced.end - replaced.start; ++i)
+    if (bytes[i] != 0x5a) return 3;
+  return 0;
+}
+
 // The VMM process: obeys commands until its command pipe closes.
 int runVmm(int commands, int replies) {
   try {
@@ -115,6 +185,12 @@ int runVmm(int commands, int replies) {
         reply = enableManualProtect(vmm);
       else if (command == kLoggingOff)
         vmm.setSlotFlags(0);
+      else if (command == kProbeScratch)
+        reply = probeScratch();
+      else if (command == kReplaceScratch)
+        reply = replaceScratch();
+      else if (command == kCheckReplaced)
+        reply = checkReplaced();
       if (command != kRunFreely) writeAll(replies, &reply, sizeof reply);
     }
   } catch (const std::exception& e) {
@@ -322,6 +398,25 @@ int run() {
         "each in its harvest or the next\n",
         kRunningHarvests, reported, changed);
     std::printf("DETACH_RUNNING_OK: slot logging off after detach\n");
+  }
+
+  // The arguments KVM reads for the module are out of the VMM's reach, and
+  // a detach unmaps only what is still the module's.
+  {
+    vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
+    source.harvest();
+    if (const auto why = vmm.ask(kProbeScratch))
+      failTest(fmt::format("the VMM could get at the module's scratch (probe result {}: 1 not in its maps, 2 "
+                           "mapped writable, 3 mprotect, 4 /proc/self/mem)",
+                           why));
+    if (const auto err = vmm.ask(kReplaceScratch))
+      failTest(fmt::format("the VMM could not map over the scratch: errno {}", err));
+    source.detach();
+    if (const auto why = vmm.ask(kCheckReplaced))
+      failTest(fmt::format("the detach unmapped or changed what the VMM had put where the scratch was "
+                           "(check result {})",
+                           why));
+    std::printf("SCRATCH_OK: read-only to the VMM; a detach left alone the VMM's memory over it\n");
   }
 
   {

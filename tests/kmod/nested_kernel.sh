@@ -14,7 +14,8 @@
 #                        share build files), and puts it in R
 #   $NK_CXX_STATIC ...   compiles a static C++ driver (fmt header-only; the
 #                        initramfs has no shared libraries)
-#   nk_boot SCRIPT SECS  boots the kernel for at most SECS seconds; its /init
+#   nk_boot SCRIPT SECS  boots the kernel for at most SECS seconds (NK_MEM of
+#                        memory, 768M if unset); its /init
 #                        mounts proc, sysfs, devtmpfs (/dev/kvm appears once
 #                        kvm-amd loads) and a tmpfs on /tmp, loads the modules
 #                        in R/mod, prints KVM_DEV_OK (and for vmsync.ko its
@@ -95,7 +96,7 @@ poweroff -f
 IN
 	chmod +x "$R/init"
 	(cd "$R" && find . | cpio -o -H newc 2>/dev/null | gzip) >"$WORK/initrd.gz"
-	timeout "$2" qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 768M \
+	timeout "$2" qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m "${NK_MEM:-768M}" \
 		-kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initrd.gz" \
 		-append "console=ttyS0 panic=-1 quiet" -nographic -no-reboot \
 		>"$WORK/console.raw" 2>&1 || true

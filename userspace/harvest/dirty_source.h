@@ -33,6 +33,16 @@ class PageSource {
   virtual std::string name() const = 0;
   /// Returns the candidates and resets tracking. Throws vmsync::Error on failure.
   virtual DirtyUnits harvest() = 0;
+  /// True when the source sees every write to guest RAM, the VMM's own
+  /// included (not only the vCPUs'), so that a final checkpoint may trust
+  /// its list instead of comparing every unit.
+  virtual bool reportsEveryWrite() const { return false; }
+  /// The VM has stayed paused since the last harvest while the VMM did work
+  /// that may disturb tracking (it saved its device state, a migration that
+  /// turns KVM's dirty logging on and off). Takes tracking up again without
+  /// asking the next harvest for a rescan; what it finds is kept for that
+  /// harvest. Only while the VM is paused.
+  virtual void rearmWhilePaused() {}
 };
 
 /// Reports guest disk blocks that may have changed since the previous harvest.
@@ -51,6 +61,7 @@ class ScanPageSource final : public PageSource {
  public:
   std::string name() const override { return "scan"; }
   DirtyUnits harvest() override { return DirtyUnits{.everything = true}; }
+  bool reportsEveryWrite() const override { return true; }
 };
 
 /// The scan block source: every block is a candidate.

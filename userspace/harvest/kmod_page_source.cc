@@ -153,12 +153,25 @@ void KmodPageSource::detach() {
   if (::ioctl(device_, VMSYNC_IOC_DETACH) < 0) throwLastErrno("VMSYNC_IOC_DETACH");
 }
 
-DirtyUnits KmodPageSource::harvest() {
+void KmodPageSource::rearmWhilePaused() {
+  // The module re-arms KVM's log and reports only the VMM's writes; a slot
+  // change is no rescan then. A full ring, a slot the VMM logs itself or
+  // RAM no longer followed still are.
+  carried_ = harvest(VMSYNC_HARVEST_PAUSED);
+}
+
+DirtyUnits KmodPageSource::harvest() { return harvest(0); }
+
+DirtyUnits KmodPageSource::harvest(std::uint32_t ask) {
   vmsync_harvest request{};
+  request.request = ask;
   if (::ioctl(device_, VMSYNC_IOC_HARVEST, &request) < 0) {
     if (errno == ESRCH) fail("VMM process {} is gone: vmsync.ko detached from its VM", vmmPid_);
     throwLastErrno(fmt::format("vmsync.ko cannot harvest process {}'s VM", vmmPid_));
   }
+  // What rearmWhilePaused() found belongs to this harvest.
+  DirtyUnits out = std::move(carried_);
+  carried_ = DirtyUnits{};
   auto* header = static_cast<vmsync_ring_header*>(ring_);
   const auto* entries = reinterpret_cast<const std::uint64_t*>(static_cast<std::uint8_t*>(ring_) +
                                                                header->entries_offset);
@@ -170,8 +183,7 @@ DirtyUnits KmodPageSource::harvest() {
   if (producer - consumer > header->entries)
     fail("vmsync.ko's ring is inconsistent: producer {} and consumer {} with {} entries", producer,
          consumer, header->entries);
-  DirtyUnits out;
-  out.units.reserve(producer - consumer);
+  out.units.reserve(out.units.size() + (producer - consumer));
   lastVmmWritten_ = request.vmm_written;
   lastVmmBusy_ = request.vmm_busy;
   vmmWritten_ += request.vmm_written;
@@ -185,15 +197,18 @@ DirtyUnits KmodPageSource::harvest() {
   }
   std::atomic_ref<__u64>(header->consumer).store(consumer, std::memory_order_release);
   if (header->flags & VMSYNC_RING_OVERFLOW) {
-    out.everything = true;
-    if (request.flags & VMSYNC_HARVEST_RING_FULL)
-      out.rescanReason = fmt::format("vmsync.ko's ring of {} entries was full", header->entries);
-    else if (request.flags & VMSYNC_HARVEST_VMM_LOGS)
-      out.rescanReason = "the VMM logs a memory slot itself (a migration?)";
-    else if (request.flags & VMSYNC_HARVEST_VMM_UNTRACKED)
-      out.rescanReason = "guest RAM is no longer a shared file mapping: the VMM's own writes are not followed";
-    else
-      out.rescanReason = "the VMM changed its memory slots";
+    // A rescan carried from rearmWhilePaused() keeps its own reason.
+    if (!out.everything) {
+      out.everything = true;
+      if (request.flags & VMSYNC_HARVEST_RING_FULL)
+        out.rescanReason = fmt::format("vmsync.ko's ring of {} entries was full", header->entries);
+      else if (request.flags & VMSYNC_HARVEST_VMM_LOGS)
+        out.rescanReason = "the VMM logs a memory slot itself (a migration?)";
+      else if (request.flags & VMSYNC_HARVEST_VMM_UNTRACKED)
+        out.rescanReason = "guest RAM is no longer a shared file mapping: the VMM's own writes are not followed";
+      else
+        out.rescanReason = "the VMM changed its memory slots";
+    }
     if (::ioctl(device_, VMSYNC_IOC_CLEAR_OVERFLOW) < 0)
       throwLastErrno("VMSYNC_IOC_CLEAR_OVERFLOW");
   }

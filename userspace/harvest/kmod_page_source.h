@@ -52,6 +52,15 @@ class KmodPageSource final : public PageSource {
   /// A full ring or slots the VMM changed turn into `everything`. Throws
   /// Error when the VMM is gone or the module fails.
   DirtyUnits harvest() override;
+  /// vmsync.ko reports the VMM's own writes too (VMSYNC_FEATURE_VMM_WRITES,
+  /// which unavailableReason() requires).
+  bool reportsEveryWrite() const override { return true; }
+  /// A harvest that re-arms KVM's log and keeps only the VMM's writes, for the
+  /// next harvest: the VM did not run since the last one, so what KVM's log
+  /// holds after QEMU's migration turned it off and the module on again is
+  /// not writes, and nothing went unlogged (no rescan). A full ring still
+  /// rescans.
+  void rearmWhilePaused() override;
 
   /// Detaches now, with the VM running; harvest() then throws.
   void detach();
@@ -67,6 +76,9 @@ class KmodPageSource final : public PageSource {
   std::uint64_t lastVmmBusy() const { return lastVmmBusy_; }
 
  private:
+  /// A harvest asking the module for `ask` (VMSYNC_HARVEST_PAUSED or 0).
+  DirtyUnits harvest(std::uint32_t ask);
+
   int device_ = -1;
   pid_t vmmPid_;
   void* ring_ = nullptr;
@@ -74,6 +86,7 @@ class KmodPageSource final : public PageSource {
   std::uint32_t slots_ = 0;
   std::uint64_t lastVmmWritten_ = 0;
   std::uint64_t lastVmmBusy_ = 0;
+  DirtyUnits carried_;  // found by rearmWhilePaused(), for the next harvest
   std::uint64_t vmmWritten_ = 0;
   std::vector<GfnRange> ranges_;
 };
