@@ -164,6 +164,10 @@ struct SwitchReport {
   abandonedCheckpoints @18 :UInt64; # forced: checkpoints after the point, abandoned
   deviceStateBytes @19 :UInt64; # the VMM's device state as saved
   deviceStateWireBytes @20 :UInt64; # as it travelled in the final checkpoint (compressed)
+  pageSource @21 :Text;         # the source's page source ("scan", "kmod")
+  finalRamFullCompare @22 :Bool; # its final harvest compared every RAM unit (else it took the source's list)
+  finalRamUnits @23 :UInt64;    # RAM units the final checkpoint carried
+  finalRamMissed @24 :UInt64;   # full compare: of those, units the page source had not reported
 }
 
 struct StopReport {
@@ -181,6 +185,10 @@ struct HandOffResult {
   pushNs @5 :UInt64;            # round trip of the push to the server
   deviceStateBytes @6 :UInt64;  # the VMM's device state as saved
   deviceStateWireBytes @7 :UInt64; # as it travels (compressed)
+  pageSource @8 :Text;          # where the changed RAM pages came from ("scan", "kmod")
+  finalRamFullCompare @9 :Bool; # the final harvest compared every RAM unit (else it took the source's list)
+  finalRamUnits @10 :UInt64;    # RAM units the final checkpoint carries
+  finalRamMissed @11 :UInt64;   # full compare: of those, units the source had not reported since the last checkpoint
 }
 
 struct ActivateResult {

@@ -125,6 +125,10 @@ kj::Promise<void> SyncServer::switchRunning(const std::string& source, const std
         report.setDeviceStateSaveNs(r.getDeviceStateSaveNs());
         report.setDeviceStateBytes(r.getDeviceStateBytes());
         report.setDeviceStateWireBytes(r.getDeviceStateWireBytes());
+        report.setPageSource(r.getPageSource());
+        report.setFinalRamFullCompare(r.getFinalRamFullCompare());
+        report.setFinalRamUnits(r.getFinalRamUnits());
+        report.setFinalRamMissed(r.getFinalRamMissed());
         // The source paused and stored its final checkpoint: its lease ends
         // here. Should this server stop before the target is activated, the
         // parked VM resumes on the target when it registers again.

@@ -84,6 +84,6 @@ if [ $MODE = bench ]; then
 	ok KMOD_BENCH_DONE && ok RMMOD_OK && ! ok DMESG_BAD && exit 0
 	echo FAIL; exit 1
 fi
-ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok SCRATCH_OK && ok MIGRATION_REFUSED_OK && ok QEMU_KMOD_OK && ok QEMU_WRITES_OK && ok QEMU_KILL9_OK &&
+ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok REARM_PAUSED_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok SCRATCH_OK && ok MIGRATION_REFUSED_OK && ok QEMU_KMOD_OK && ok QEMU_WRITES_OK && ok QEMU_KILL9_OK &&
 	ok KMOD_TEST_DONE && ok KMOD_BENCH_DONE && ok "kmod_harvest_bench exit 0" && ok RMMOD_OK && ! ok DMESG_BAD && ! ok 'FAIL' && { echo PASS; exit 0; }
 echo FAIL; exit 1

@@ -200,7 +200,11 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool forc
                      {"from_parked", r.getFromParked()},
                      {"forced", r.getForced()},
                      {"lost_ms", ms(r.getLostNs())},
-                     {"abandoned_checkpoints", r.getAbandonedCheckpoints()}};
+                     {"abandoned_checkpoints", r.getAbandonedCheckpoints()},
+                     {"page_source", std::string(r.getPageSource())},
+                     {"final_ram_full_compare", r.getFinalRamFullCompare()},
+                     {"final_ram_units", r.getFinalRamUnits()},
+                     {"final_ram_missed", r.getFinalRamMissed()}};
     return printJson(j);
   }
   if (r.getForced()) {
@@ -233,7 +237,13 @@ int runSwitch(const ClientOptions& options, const std::string& target, bool forc
     std::printf("  catch-up first     %8.1f ms  (%llu bytes, while the VM ran on %s)\n", ms(r.getCatchUpNs()),
                 static_cast<unsigned long long>(r.getCatchUpBytes()), r.getFrom().cStr());
   std::printf("  pause              %8.1f ms\n", ms(r.getPauseNs()));
-  std::printf("  final harvest      %8.1f ms\n", ms(r.getFinalHarvestNs()));
+  std::printf("  final harvest      %8.1f ms  (%llu RAM units; %s)\n", ms(r.getFinalHarvestNs()),
+              static_cast<unsigned long long>(r.getFinalRamUnits()),
+              r.getFinalRamFullCompare()
+                  ? fmt::format("every unit compared, {} not reported by the {} source",
+                                r.getFinalRamMissed(), r.getPageSource().cStr())
+                        .c_str()
+                  : fmt::format("the {} source's list", r.getPageSource().cStr()).c_str());
   std::printf("  device-state save  %8.1f ms  (%llu bytes, %llu on the way)\n", ms(r.getDeviceStateSaveNs()),
               static_cast<unsigned long long>(r.getDeviceStateBytes()),
               static_cast<unsigned long long>(r.getDeviceStateWireBytes()));

@@ -93,6 +93,10 @@ void addDeviceOptions(CLI::App& cmd, vmsync::DeviceOptions& o) {
                  "(keepalive probes and unacknowledged data); short in test harnesses, long on links that stall")
       ->check(CLI::Range(vmsync::kMinDeadLinkSeconds, 3600))
       ->capture_default_str();
+  cmd.add_flag("--final-full-compare", o.finalFullCompare,
+               "when active, compare every RAM unit for a final checkpoint (a switch, a stop, a resumable point) "
+               "even when the page source sees every write (kmod), and report what it had missed; by default "
+               "its list is taken");
   cmd.add_flag("--full-verify", o.fullVerify,
                "check a final checkpoint's image digest by hashing the whole image, not from the unit hashes kept "
                "on every apply (slower switches; also names units the kept hashes got wrong)");

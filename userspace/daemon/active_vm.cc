@@ -9,6 +9,7 @@
 #include "base/error.h"
 #include "checkpoint/checkpoint_identity.h"
 #include "checkpoint/device_state_codec.h"
+#include "harvest/kmod_page_source.h"
 #include "transport/rpc_util.h"
 
 namespace vmsync {
@@ -205,6 +206,9 @@ kj::Promise<void> ActiveVm::pushCheckpoint(wire::CheckpointKind kind) {
   try {
     DirtyUnits pages = pageSource_->harvest();
     DirtyUnits blocks = blockSource_->harvest();
+    if (pages.everything && !pages.rescanReason.empty())
+      spdlog::info("{}: the {} source asks for a rescan: {}", options_.deviceId, pageSource_->name(),
+                   pages.rescanReason);
     if (kind == wire::CheckpointKind::FULL) {
       // The whole image, not only what was written since the VMM started.
       pages = DirtyUnits{.everything = true};
@@ -306,15 +310,27 @@ void ActiveVm::onPushFailed(const std::shared_ptr<PendingPush>& pending, const k
 
 PendingPush ActiveVm::harvestEverything(bool encodeNow) {
   // The final checkpoint must be exact whatever the sources: reset them, then
-  // compare every unit (the VM is paused) and say if a source missed one.
+  // (the VM is paused) compare every unit and say if a source missed one. A
+  // page source that sees every write, the VMM's own too (kmod), is trusted
+  // with RAM instead, unless --final-full-compare.
   DirtyUnits reportedPages = pageSource_->harvest();
   DirtyUnits reportedBlocks = blockSource_->harvest();
   PendingPush pending;
   const DirtyUnits everything{.everything = true};
-  pending.memory = encodeNow ? ramTracker_->collect(everything) : ramTracker_->copyChanged(everything);
+  const bool fullRam = options_.finalFullCompare || reportedPages.everything || !pageSource_->reportsEveryWrite();
+  const DirtyUnits& ram = fullRam ? everything : reportedPages;
+  pending.memory = encodeNow ? ramTracker_->collect(ram) : ramTracker_->copyChanged(ram);
   pending.disk = encodeNow ? diskTracker_->collect(everything) : diskTracker_->copyChanged(everything);
-  warnIfMissed(pageSource_->name(), reportedPages, pending.memory);
+  lastFinalRam_ = FinalRamHarvest{.fullCompare = fullRam, .units = pending.memory.units.size(), .missed = 0};
+  if (fullRam)
+    lastFinalRam_.missed = warnIfMissed(pageSource_->name(), reportedPages, pending.memory);
+  else
+    spdlog::info("{}: the final harvest took the {} source's list: {} changed units", options_.deviceId,
+                 pageSource_->name(), pending.memory.units.size());
   warnIfMissed(blockSource_->name(), reportedBlocks, pending.disk);
+  if (const auto* kmod = dynamic_cast<const KmodPageSource*>(pageSource_.get()))
+    spdlog::info("{}: kmod: {} pages written by the VMM itself (beyond KVM's log) since the attach",
+                 options_.deviceId, kmod->vmmWritten());
   pending.sequence = replica_.applied() + 1;
   return pending;
 }
@@ -366,6 +382,10 @@ void ActiveVm::pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire:
   final.digest = imageDigest(final.hashes.ram, final.hashes.disk);
   final.sequence = pending.sequence;
   result.setFinalSequence(pending.sequence);
+  result.setPageSource(pageSource_->name());
+  result.setFinalRamFullCompare(lastFinalRam_.fullCompare);
+  result.setFinalRamUnits(lastFinalRam_.units);
+  result.setFinalRamMissed(lastFinalRam_.missed);
   result.setPauseNs(t1 - t0);
   result.setFinalHarvestNs(t2 - t1);
   result.setDeviceStateSaveNs(t3 - t2);

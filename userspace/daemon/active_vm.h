@@ -84,8 +84,9 @@ class ActiveVm {
   void attachSources();
   void attachPageSource();
   void attachBlockSource();
-  /// Logs units the final scan found that `source` had not reported.
-  void warnIfMissed(const std::string& source, const DirtyUnits& reported, const ImageDelta& delta);
+  /// Logs units the final scan found that `source` had not reported; returns
+  /// how many.
+  std::uint64_t warnIfMissed(const std::string& source, const DirtyUnits& reported, const ImageDelta& delta);
   /// Ships the first checkpoint and starts the incremental loop.
   void startCheckpoints();
   /// Starts the incremental checkpoint loop (replacing any previous one).
@@ -104,6 +105,13 @@ class ActiveVm {
   /// Without `encodeNow` the changed units are only copied: the caller
   /// encodes them (ImageTracker::encode) once the VM runs again.
   PendingPush harvestEverything(bool encodeNow = true);
+  /// How the last harvestEverything() found the RAM units (for the report).
+  struct FinalRamHarvest {
+    bool fullCompare = true;
+    std::uint64_t units = 0;
+    std::uint64_t missed = 0;
+  };
+  FinalRamHarvest lastFinalRam_;
   /// Pauses the VM, harvests every change and saves the device state into
   /// `pending` and `final`; on failure the VM runs on and nothing is lost.
   void pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire::HandOffResult::Builder result);

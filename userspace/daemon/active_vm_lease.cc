@@ -94,6 +94,10 @@ kj::Promise<void> ActiveVm::pushResumablePoint() {
     spdlog::error("{}: no resumable point: {}; its changes go into the next checkpoint", options_.deviceId, e.what());
     return kj::READY_NOW;
   }
+  // QEMU's save turned KVM's dirty logging on for itself and turns it off
+  // again when the VM runs (QEMU 7.2 postpones that to the start): with the
+  // kmod source the next harvest then rescans. A re-arm here, while paused,
+  // would come before that and change nothing.
   vm_->cont();
   const std::uint64_t t2 = nowNs();
   ramTracker_->encode(pending->memory);

@@ -105,8 +105,9 @@ void ActiveVm::attachBlockSource() {
   }
 }
 
-void ActiveVm::warnIfMissed(const std::string& source, const DirtyUnits& reported, const ImageDelta& delta) {
-  if (reported.everything) return;
+std::uint64_t ActiveVm::warnIfMissed(const std::string& source, const DirtyUnits& reported,
+                                     const ImageDelta& delta) {
+  if (reported.everything) return 0;
   std::set<std::uint64_t> seen(reported.units.begin(), reported.units.end());
   std::uint64_t missed = 0;
   for (const auto& unit : delta.units) missed += !seen.count(unit.index);
@@ -118,6 +119,7 @@ void ActiveVm::warnIfMissed(const std::string& source, const DirtyUnits& reporte
     spdlog::warn("{}: the final scan found {} changed units the {} source did not report since the last "
                  "checkpoint (units of a failed push count here); the final checkpoint carries them",
                  options_.deviceId, missed, source);
+  return missed;
 }
 
 }  // namespace vmsync

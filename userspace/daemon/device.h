@@ -37,6 +37,7 @@ struct DeviceOptions {
   double resumableEverySeconds = 10;    // when active: a consistent (resumable) checkpoint this often (0: none)
   int deadLinkSeconds = 20;             // a silent connection to the server is given up after this long
   bool fullVerify = false;              // check a final checkpoint's digest by hashing the whole image
+  bool finalFullCompare = false;        // final checkpoints compare every RAM unit even with a source that sees every write
   double scrubEverySeconds = 60;        // standby: a background pass over the image this often (0: none)
   std::string metricsListen;            // host:port of the Prometheus endpoint; empty: none
 };
