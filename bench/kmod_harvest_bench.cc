@@ -6,8 +6,9 @@
 // load, so it runs inside Debian's kernel under QEMU TCG
 // (`make bench-kmod` = tests/kmod/run_kmod_test.sh --bench), built static for
 // the initramfs; Debian ships no static Google Benchmark, hence plain timing.
-// `--rounds N` sets the measured rounds per share (8 unless given); the kmod
-// test runs it with few rounds after its checks, in the same boot.
+// `--rounds N` sets the measured rounds per share (8 unless given), `--guest-mb
+// M` the guest's RAM (128 MiB unless given); the kmod test runs it with few
+// rounds after its checks, in the same boot, and `make bench-kmod` with 512 MiB.
 // Under TCG every instruction is emulated: compare the two sources with each
 // other, not with native numbers.
 //
@@ -38,7 +39,7 @@ namespace {
 using vmsync::testing::MiniVmm;
 using Clock = std::chrono::steady_clock;
 
-constexpr std::uint64_t kGuestBytes = 128u << 20;
+std::uint64_t guestBytes = 128u << 20;  // --guest-mb
 constexpr std::uint64_t kUnit = 4096;
 constexpr int kWarmUpRounds = 2;
 constexpr int kDefaultMeasuredRounds = 8;
@@ -59,7 +60,7 @@ std::uint64_t readReply(int fd) {
 int runVmm(std::uint64_t strideBytes, int commands, int replies) {
   try {
     MiniVmm vmm(MiniVmm::Options{
-        .memoryBytes = kGuestBytes, .strideBytes = strideBytes, .sharedMemory = true});
+        .memoryBytes = guestBytes, .strideBytes = strideBytes, .sharedMemory = true});
     std::uint64_t fd = static_cast<std::uint64_t>(vmm.memoryFd());
     writeAll(replies, &fd, sizeof fd);
     char command;
@@ -111,14 +112,14 @@ void printHeader(int measuredRounds) {
       "compared with the last hashes\n"
       "ms of wall-clock time per harvest, median (min-max) of %d rounds after %d warm-up rounds; "
       "the CPU is emulated: compare the two columns with each other, not with native numbers\n",
-      static_cast<unsigned long long>(kGuestBytes >> 20),
-      static_cast<unsigned long long>(kGuestBytes / kUnit), measuredRounds, kWarmUpRounds);
-  std::printf("%-19s | %-26s | %-26s | %s\n", "written per round", "kmod ms", "scan ms",
-              "pages per round: kmod reported, scan found");
+      static_cast<unsigned long long>(guestBytes >> 20),
+      static_cast<unsigned long long>(guestBytes / kUnit), measuredRounds, kWarmUpRounds);
+  std::printf("%-19s | %-26s | %-26s | %-14s | %-10s | %s\n", "written per round", "kmod ms", "scan ms",
+              "kmod us/page", "scan/kmod", "pages per round: kmod reported, scan found");
 }
 
 void measure(int percent, int measuredRounds) {
-  const std::uint64_t dataPages = (kGuestBytes - MiniVmm::kDataStart) / kUnit;
+  const std::uint64_t dataPages = (guestBytes - MiniVmm::kDataStart) / kUnit;
   const std::uint64_t stridePages = 100 / percent;
   const std::uint64_t strideBytes = stridePages * kUnit;
   int toChild[2], fromChild[2];
@@ -139,13 +140,13 @@ void measure(int percent, int measuredRounds) {
   const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   const int memoryFd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remoteMemoryFd, 0));
   if (pidfd < 0 || memoryFd < 0) vmsync::throwLastErrno("pidfd_getfd of the guest memory");
-  void* mapped = ::mmap(nullptr, kGuestBytes, PROT_READ, MAP_SHARED, memoryFd, 0);
+  void* mapped = ::mmap(nullptr, guestBytes, PROT_READ, MAP_SHARED, memoryFd, 0);
   if (mapped == MAP_FAILED) vmsync::throwLastErrno("cannot map guest memory");
   const auto* memory = static_cast<const std::uint8_t*>(mapped);
 
   vmsync::KmodPageSource source(
-      pid, {{.firstGfn = 0, .pages = kGuestBytes / kUnit, .firstUnit = 0}}, 1u << 16);
-  std::vector<std::uint64_t> hashes(kGuestBytes / kUnit, 0);
+      pid, {{.firstGfn = 0, .pages = guestBytes / kUnit, .firstUnit = 0}}, 1u << 16);
+  std::vector<std::uint64_t> hashes(guestBytes / kUnit, 0);
   std::vector<double> kmodMs, scanMs;
   std::size_t reported = 0, changed = 0;
   for (int round = 0; round < kWarmUpRounds + measuredRounds; ++round) {
@@ -171,13 +172,15 @@ void measure(int percent, int measuredRounds) {
   }
   ::close(toChild[1]);
   ::waitpid(pid, nullptr, 0);
-  ::munmap(mapped, kGuestBytes);
+  ::munmap(mapped, guestBytes);
   ::close(memoryFd);
   ::close(pidfd);
-  std::printf("%3d %% (%5llu pages) | %-26s | %-26s | %zu, %zu\n", percent,
-              static_cast<unsigned long long>((dataPages + stridePages - 1) / stridePages),
-              cell(spread(kmodMs)).c_str(), cell(spread(scanMs)).c_str(), reported / measuredRounds,
-              changed / measuredRounds);
+  const Spread kmod = spread(kmodMs), scanned = spread(scanMs);
+  const std::uint64_t written = (dataPages + stridePages - 1) / stridePages;
+  std::printf("%3d %% (%6llu pages) | %-26s | %-26s | %14.2f | %10.1f | %zu, %zu\n", percent,
+              static_cast<unsigned long long>(written), cell(kmod).c_str(), cell(scanned).c_str(),
+              kmod.median * 1000.0 / static_cast<double>(written), scanned.median / kmod.median,
+              reported / measuredRounds, changed / measuredRounds);
 }
 
 }  // namespace
@@ -185,13 +188,25 @@ void measure(int percent, int measuredRounds) {
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   int measuredRounds = kDefaultMeasuredRounds;
-  if (argc == 3 && std::string(argv[1]) == "--rounds") {
-    measuredRounds = std::atoi(argv[2]);
-  } else if (argc != 1) {
-    measuredRounds = 0;
+  bool usage = false;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string option = argv[i];
+    if (i + 1 >= argc) {
+      usage = true;
+    } else if (option == "--rounds") {
+      measuredRounds = std::atoi(argv[i + 1]);
+    } else if (option == "--guest-mb") {
+      const long mb = std::atol(argv[i + 1]);
+      usage |= mb < 16 || mb > 4096;
+      guestBytes = static_cast<std::uint64_t>(mb) << 20;
+    } else {
+      usage = true;
+    }
   }
-  if (measuredRounds < 1) {
-    std::fprintf(stderr, "usage: %s [--rounds N]   (N >= 1 measured rounds per share)\n", argv[0]);
+  if (usage || measuredRounds < 1) {
+    std::fprintf(stderr,
+                 "usage: %s [--rounds N] [--guest-mb M]   (N >= 1 measured rounds per share, 16 <= M <= 4096)\n",
+                 argv[0]);
     return 2;
   }
   try {
