@@ -101,7 +101,8 @@ void toWire(const ImageDelta& memory, const ImageDelta& disk, wire::Checkpoint::
 /// Candidates are hashed and encoded on a thread pool (defaultThreadPool()
 /// unless setThreadPool() names another). State kept per GiB of image: 2 MiB of
 /// receiver hashes, 2 MiB more of base hashes under Orig, 64 KiB of unit bitmaps,
-/// and under Diff Prev the reference copy, 1 GiB (see referenceBytes()).
+/// under Prev up to 4 MiB of content index, and under Diff Prev the reference
+/// copy, 1 GiB (see referenceBytes()).
 class ImageTracker {
  public:
   /// `receiverHashes`: hash of every unit as the receiver has it.
