@@ -19,6 +19,12 @@ enum ChunkEncoding {
   zero @1;          # the unit is all zero bytes; data is empty
   xorDiff @2;       # data is an XOR run list against the policy's reference unit
   sameAs @3;        # identical to the unit of chunk number `sameAs` in the same list
+  reference @4;     # a copy of another unit of the receiver's image as it was before this
+                    # checkpoint (same image: RAM within RAM, disk within disk); data is 16
+                    # bytes, the source unit's index then the xxh3-64 hash of its bytes, both
+                    # little-endian, never compressed. The receiver uses the source only when
+                    # its bytes hash to that value; otherwise it refuses the checkpoint.
+                    # Never in a full checkpoint (it starts from an empty image).
 }
 
 enum Compression {
@@ -46,6 +52,7 @@ struct Chunk {
   compression @2 :Compression;  # compression applied on top of the encoding
   rawSize @3 :UInt32;           # bytes of `data` after decompression
   data @4 :Data;                # payload, unless it is in a blob; empty for zero and sameAs
+                                # (for reference: the source unit and its hash)
   sameAs @5 :UInt32;            # for encoding sameAs: position of the earlier chunk
   blob @6 :UInt32;              # 0: the payload is `data`; k: it is bytes
   blobOffset @7 :UInt32;        #   [blobOffset, blobOffset + blobSize) of the

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <array>
 #include <map>
 
 #include "checkpoint/blob_frames.h"
@@ -9,6 +10,8 @@
 #include "checkpoint/device_state_codec.h"
 #include "checkpoint/compression_choice.h"
 #include "base/error.h"
+#include "base/units.h"
+#include "harvest/unit_hashes.h"
 
 namespace vmsync {
 
@@ -18,11 +21,61 @@ bool selfContained(wire::Chunk::Reader chunk) {
   return chunk.getEncoding() == wire::ChunkEncoding::WHOLE || chunk.getEncoding() == wire::ChunkEncoding::ZERO;
 }
 
-/// A chunk to copy, and its payload (which may be in a blob of its checkpoint).
+/// A chunk to copy, and its payload (which may be in a blob of its checkpoint);
+/// or a zero unit that no chunk of the run describes as such.
 struct Newest {
   wire::Chunk::Reader chunk;
   std::span<const std::byte> payload;
+  bool zero = false;  // write a ZERO chunk, whatever `chunk` is
 };
+
+/// The hash of the unit `newest` describes (whole or zero, lz4 or not).
+std::uint64_t hashOf(const Newest& newest) {
+  if (newest.zero) return zeroUnitHash();
+  std::array<std::byte, kUnitSize> unit;
+  decodeUnit(ChunkFields{newest.chunk.getIndex(), newest.chunk.getEncoding(), newest.chunk.getCompression(),
+                         newest.chunk.getRawSize(), newest.payload},
+             {}, unit);
+  return hashUnit(unit);
+}
+
+/// What a REFERENCE chunk of the checkpoint at `sequence` stands for in the
+/// merge, given the newest chunks of the run before that checkpoint: the
+/// chunk that wrote its source in the run, if one did, checked against the
+/// reference's hash; else the reference itself (the source is then as the
+/// image before the merge holds it, which the receiver checks), or, in a run
+/// from a full checkpoint, a zero unit. Returns the refusal reason, empty on
+/// success.
+std::string resolveReference(wire::Chunk::Reader chunk, std::span<const std::byte> payload, std::uint64_t sequence,
+                             bool fromFull, const std::map<std::uint64_t, Newest>& before, Newest& out) {
+  const UnitReference reference = referenceOf(chunk.getIndex(), chunk.getCompression(), payload);
+  const auto source = before.find(reference.source);
+  if (source == before.end()) {
+    if (!fromFull) {
+      out = Newest{chunk, payload};
+      return {};
+    }
+    // The run starts from an empty image, and nothing wrote the source.
+    if (reference.hash != zeroUnitHash())
+      return fmt::format("checkpoint {}: unit {} refers to unit {}, which is zero in the merged image, but names "
+                         "hash {:016x}",
+                         sequence, chunk.getIndex(), reference.source, reference.hash);
+    out = Newest{chunk, {}, true};
+    return {};
+  }
+  const Newest& written = source->second;
+  std::uint64_t found = 0;
+  if (!written.zero && written.chunk.getEncoding() == wire::ChunkEncoding::REFERENCE)
+    found = referenceOf(written.chunk.getIndex(), written.chunk.getCompression(), written.payload).hash;
+  else
+    found = hashOf(written);
+  if (found != reference.hash)
+    return fmt::format("checkpoint {}: unit {} refers to unit {} with hash {:016x}, but the run left it with hash "
+                       "{:016x}",
+                       sequence, chunk.getIndex(), reference.source, reference.hash, found);
+  out = written;
+  return {};
+}
 
 /// Newest chunk per unit index across the run, for one of the two images.
 /// `blobs` holds each checkpoint's blobs (its zstd frames decompressed), in
@@ -30,10 +83,15 @@ struct Newest {
 template <typename ListOf>
 std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, const std::vector<PayloadBlobs>& runBlobs,
                          ListOf list, std::map<std::uint64_t, Newest>& newest) {
+  const bool fromFull = run.front().getKind() == wire::CheckpointKind::FULL;
+  std::vector<std::pair<std::uint64_t, Newest>> resolved;
   for (std::size_t c = 0; c < run.size(); ++c) {
     const auto checkpoint = run[c];
     const PayloadBlobs& blobs = runBlobs[c];
     auto chunks = list(checkpoint);
+    // A reference names the image before its checkpoint: each chunk of this
+    // checkpoint is resolved against the run before it, and only then added.
+    resolved.clear();
     for (unsigned i = 0; i < chunks.size(); ++i) {
       auto chunk = chunks[i];
       // A duplicate within a checkpoint stands for the earlier chunk's bytes:
@@ -43,15 +101,23 @@ std::string newestChunks(const std::vector<wire::Checkpoint::Reader>& run, const
           return fmt::format("checkpoint {} has a chunk referring forward", checkpoint.getSequence());
         chunk = chunks[chunk.getSameAs()];
       }
-      if (!selfContained(chunk))
+      const bool reference = chunk.getEncoding() == wire::ChunkEncoding::REFERENCE;
+      if (!selfContained(chunk) && !reference)
         return fmt::format("checkpoint {} has a chunk for unit {} that refers to other bytes (encoding {})",
                            checkpoint.getSequence(), chunks[i].getIndex(), static_cast<int>(chunk.getEncoding()));
       try {
-        newest.insert_or_assign(chunks[i].getIndex(), Newest{chunk, blobs.payload(chunk)});
+        Newest out{chunk, blobs.payload(chunk)};
+        if (reference) {
+          if (auto why = resolveReference(chunk, out.payload, checkpoint.getSequence(), fromFull, newest, out);
+              !why.empty())
+            return why;
+        }
+        resolved.emplace_back(chunks[i].getIndex(), out);
       } catch (const Error& e) {
         return fmt::format("checkpoint {}: {}", checkpoint.getSequence(), e.what());
       }
     }
+    for (const auto& [index, out] : resolved) newest.insert_or_assign(index, out);
   }
   return {};
 }
@@ -74,6 +140,10 @@ void copyChunks(const std::map<std::uint64_t, Newest>& chunks, capnp::List<wire:
   for (const auto& [index, newest] : chunks) {
     auto out = list[i++];
     out.setIndex(index);
+    if (newest.zero) {
+      out.setEncoding(wire::ChunkEncoding::ZERO);
+      continue;
+    }
     out.setEncoding(newest.chunk.getEncoding());
     out.setCompression(newest.chunk.getCompression());
     out.setRawSize(newest.chunk.getRawSize());

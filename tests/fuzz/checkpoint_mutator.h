@@ -103,7 +103,7 @@ inline void mutateCheckpoint(std::minstd_rand& random, capnp::MessageBuilder& me
       if (n == 0) break;
       auto chunk = list[random() % n];
       switch (random() % 3) {
-        case 0: chunk.setEncoding(static_cast<wire::ChunkEncoding>(random() % 5)); break;
+        case 0: chunk.setEncoding(static_cast<wire::ChunkEncoding>(random() % 6)); break;  // one past the last
         case 1: chunk.setCompression(static_cast<wire::Compression>(random() % 4)); break;
         default: chunk.setSameAs(static_cast<std::uint32_t>(interestingNumber(random, chunk.getSameAs()))); break;
       }

@@ -60,9 +60,17 @@ std::string checkpoint(std::uint64_t sequence, CheckpointKind kind,
   memory[2].setIndex(6);
   memory[2].setEncoding(ChunkEncoding::SAME_AS);
   memory[2].setSameAs(0);
-  auto disk = c.initDisk(1);
+  const bool full = kind == CheckpointKind::FULL;
+  auto disk = c.initDisk(full ? 1 : 2);
   disk[0].setIndex(1);
   disk[0].setEncoding(ChunkEncoding::ZERO);
+  if (!full) {  // block 2 takes block 3's bytes, if they hash as named
+    disk[1].setIndex(2);
+    disk[1].setEncoding(ChunkEncoding::REFERENCE);
+    const kj::byte reference[16] = {3, 0, 0, 0, 0, 0, 0, 0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88};
+    disk[1].setData(kj::arrayPtr(reference, sizeof reference));
+    disk[1].setRawSize(sizeof reference);
+  }
   if (kind == CheckpointKind::FINAL) {
     const kj::byte state[] = {'Q', 'E', 'V', 'M'};
     c.setDeviceState(kj::arrayPtr(state, sizeof state));

@@ -13,6 +13,7 @@
 #include "base/error.h"
 #include "base/thread_pool.h"
 #include "base/units.h"
+#include "harvest/unit_hashes.h"
 
 namespace vmsync {
 
@@ -51,10 +52,30 @@ std::size_t firstRepeat(const std::vector<std::uint64_t>& indexes, std::uint64_t
 struct DecodedList {
   std::vector<UnitWrite> writes;  // in chunk order
   std::vector<std::byte, RecyclingAllocator<std::byte>> decoded;
+  std::uint64_t references = 0;   // REFERENCE chunks among them
 };
 
+/// Refuses a REFERENCE chunk that cannot be followed: in a full checkpoint,
+/// or naming a unit outside an image of `units` units. Returns its reference.
+UnitReference checkReference(const ChunkFields& fields, std::uint32_t position, std::uint64_t units, bool full,
+                             const char* what) {
+  UnitReference reference;
+  try {
+    reference = referenceOf(fields);
+  } catch (const Error& e) {
+    fail("{} {}", what, e.what());
+  }
+  if (full)
+    fail("{} chunk {} (unit {}) is a reference, but a full checkpoint starts from an empty image", what, position,
+         fields.index);
+  if (reference.source >= units)
+    fail("{} chunk {} (unit {}) refers to unit {}, but the image has {} units", what, position, fields.index,
+         reference.source, units);
+  return reference;
+}
+
 DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& blobs,
-                       const ImageFile& image, const ImageFile* base, const char* what) {
+                       const ImageFile& image, const ImageFile* base, bool full, const char* what) {
   // Each unit may appear once: more chunks than units is malformed, and is
   // refused before the decode buffer is sized from the count.
   if (chunks.size() > image.units())
@@ -68,6 +89,7 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlo
   std::vector<std::uint32_t> slot(count, kNoSlot);
   std::vector<ChunkFields> fields(count);
   std::vector<std::uint32_t> sameAs(count);
+  std::vector<UnitReference> references(count);  // for REFERENCE chunks
   std::uint32_t slots = 0;
   std::vector<std::uint64_t> indexes(count);
   for (std::uint32_t i = 0; i < count; ++i) {
@@ -86,6 +108,10 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlo
       std::uint32_t earlier = chunk.getSameAs();
       if (earlier >= i) fail("{} chunk {} refers to chunk {}, which does not come before it", what, i, earlier);
       sameAs[i] = earlier;
+    } else if (fields[i].encoding == wire::ChunkEncoding::REFERENCE) {
+      references[i] = checkReference(fields[i], i, image.units(), full, what);
+      slot[i] = slots++;
+      ++out.references;
     } else if (auto bytes = unitInPlace(fields[i]); !bytes.empty()) {
       out.writes[i].bytes = bytes.data();
     } else {
@@ -103,6 +129,21 @@ DecodedList decodeList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlo
       if (slot[i] == kNoSlot) continue;
       std::span<std::byte> dest(out.decoded.data() + std::size_t{slot[i]} * kUnitSize, kUnitSize);
       const std::uint64_t index = out.writes[i].index;
+      if (fields[i].encoding == wire::ChunkEncoding::REFERENCE) {
+        // The source as the image holds it now, before anything of this
+        // checkpoint is written; used only if it is the content named.
+        const UnitReference& reference = references[i];
+        std::memcpy(dest.data(), image.unit(reference.source).data(), kUnitSize);
+        if (const std::uint64_t found = hashUnit(dest); found != reference.hash) {
+          errors[begin / kDecodeGrain] = std::make_exception_ptr(ReferenceMismatch(fmt::format(
+              "{} unit {} refers to unit {} with hash {:016x}, but that unit of this image hashes to {:016x}: the "
+              "image is not what the sender holds it to be, and needs the unit from the server",
+              what, index, reference.source, reference.hash, found)));
+          return;
+        }
+        out.writes[i].bytes = dest.data();
+        continue;
+      }
       try {
         decodeUnit(fields[i], base ? base->unit(index) : image.unit(index), dest);
       } catch (const Error& e) {
@@ -145,7 +186,7 @@ std::uint64_t restoreOthers(const DecodedList& list, ImageFile& image, const Ima
 }
 
 void validateList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& blobs,
-                  std::uint64_t units, const char* what) {
+                  std::uint64_t units, bool full, const char* what) {
   if (chunks.size() > units)
     fail("{} list has {} chunks, but the image has only {} units", what, chunks.size(), units);
   std::vector<std::uint64_t> indexes(chunks.size());
@@ -159,6 +200,17 @@ void validateList(capnp::List<wire::Chunk>::Reader chunks, const PayloadBlobs& b
     if (chunk.getEncoding() == wire::ChunkEncoding::SAME_AS) {
       if (chunk.getSameAs() >= i)
         fail("{} chunk {} refers to chunk {}, which does not come before it", what, i, chunk.getSameAs());
+      continue;
+    }
+    if (chunk.getEncoding() == wire::ChunkEncoding::REFERENCE) {
+      // Its source is checked against its hash where the image is.
+      ChunkFields fields;
+      try {
+        fields = chunkFields(chunk, blobs);
+      } catch (const Error& e) {
+        fail("{} {}", what, e.what());
+      }
+      (void)checkReference(fields, i, units, full, what);
       continue;
     }
     try {
@@ -232,8 +284,9 @@ void checkWellFormed(wire::Checkpoint::Reader checkpoint) {
 void validateCheckpoint(wire::Checkpoint::Reader checkpoint, std::uint64_t memoryUnits, std::uint64_t diskUnits) {
   checkWellFormed(checkpoint);
   const PayloadBlobs blobs(checkpoint);
-  validateList(checkpoint.getMemory(), blobs, memoryUnits, "memory");
-  validateList(checkpoint.getDisk(), blobs, diskUnits, "disk");
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
+  validateList(checkpoint.getMemory(), blobs, memoryUnits, full, "memory");
+  validateList(checkpoint.getDisk(), blobs, diskUnits, full, "disk");
   // A final checkpoint's device state must decode, or no device could resume from it.
   if (checkpoint.getKind() == wire::CheckpointKind::FINAL) (void)deviceStateOf(checkpoint);
 }
@@ -243,12 +296,15 @@ ApplyStats applyCheckpoint(wire::Checkpoint::Reader checkpoint, ImageFile& ram, 
   if (orig && (base.ram == nullptr || base.disk == nullptr))
     fail("checkpoint {} is measured against the base image, which this device does not have",
          checkpoint.getSequence());
+  const bool full = checkpoint.getKind() == wire::CheckpointKind::FULL;
   const PayloadBlobs blobs(checkpoint);
+  // Both lists are decoded before either image is written: a reference reads
+  // its source as the image was before this checkpoint.
   DecodedList memory =
-      decodeList(checkpoint.getMemory(), blobs, ram, orig ? base.ram : nullptr, "memory");
+      decodeList(checkpoint.getMemory(), blobs, ram, orig ? base.ram : nullptr, full, "memory");
   DecodedList blocks =
-      decodeList(checkpoint.getDisk(), blobs, disk, orig ? base.disk : nullptr, "disk");
-  ApplyStats stats{memory.writes.size(), blocks.writes.size(), 0, {}, {}};
+      decodeList(checkpoint.getDisk(), blobs, disk, orig ? base.disk : nullptr, full, "disk");
+  ApplyStats stats{memory.writes.size(), blocks.writes.size(), 0, memory.references + blocks.references, {}, {}};
   for (const auto& write : memory.writes) stats.ramWritten.push_back(write.index);
   for (const auto& write : blocks.writes) stats.diskWritten.push_back(write.index);
   // Nothing has been written up to here: every chunk is decoded and checked.

@@ -46,7 +46,8 @@ ImageTracker::ImageTracker(const ImageFile& image, std::vector<std::uint64_t> re
       compression_{compress ? wire::Compression::LZ4 : wire::Compression::NONE, 0},
       pool_(&defaultThreadPool()),
       receiverHashes_(std::move(receiverHashes)),
-      unacknowledged_(image.units()) {
+      unacknowledged_(image.units()),
+      contentIndex_(zeroUnitHash()) {
   if (receiverHashes_.size() != image_.units())
     fail("image {} has {} units but {} receiver hashes were given", image_.path(), image_.units(),
          receiverHashes_.size());
@@ -56,6 +57,29 @@ ImageTracker::ImageTracker(const ImageFile& image, std::vector<std::uint64_t> re
     if (receiverBytes_.size() != image_.sizeBytes())
       fail("reference copy of {} has {} bytes, the image {}", image_.path(), receiverBytes_.size(), image_.sizeBytes());
   }
+  setContentReferences(!isOrigPolicy(policy_));
+}
+
+void ImageTracker::setContentReferences(bool on) {
+  // Orig measures against the base, and a receiver may apply the latest
+  // checkpoint alone: what it holds before one is not known here.
+  referencesOn_ = on && !isOrigPolicy(policy_);
+  if (referencesOn_)
+    contentIndex_.rebuild(receiverHashes_);
+  else
+    contentIndex_ = ContentIndex(zeroUnitHash());
+}
+
+std::optional<UnitReference> ImageTracker::referenceFor(std::span<const std::byte> copy, std::uint64_t hash) const {
+  if (!referencesOn_) return std::nullopt;
+  const auto source = contentIndex_.find(hash, receiverHashes_);
+  if (!source) return std::nullopt;
+  // Diff Prev holds the receiver's bytes: the reference is then exact here
+  // already; otherwise the receiver's check of the hash decides.
+  if (!receiverBytes_.empty() &&
+      std::memcmp(receiverBytes_.data() + *source * kUnitSize, copy.data(), kUnitSize) != 0)
+    return std::nullopt;
+  return UnitReference{*source, hash};
 }
 
 void ImageTracker::setBase(const ImageFile& base) {
@@ -140,6 +164,13 @@ std::size_t encodeGrain(std::size_t n, const PayloadCompression& compression) {
 
 void ImageTracker::finishBlobs(ImageDelta& delta, std::size_t grain) const {
   packBlobs(delta, grain * kMaxPayload);
+  delta.references = 0;
+  delta.referenceSavedBytes = 0;
+  for (const ChunkView& unit : delta.units) {
+    if (unit.encoding != wire::ChunkEncoding::REFERENCE) continue;
+    ++delta.references;
+    delta.referenceSavedBytes += unit.replacedSize - unit.data.size();
+  }
   delta.compression = compression_;
   delta.unframedBytes = 0;
   for (auto blob : delta.blobs) delta.unframedBytes += blob.size();
@@ -243,8 +274,8 @@ std::vector<std::uint64_t> ImageTracker::findChanged(std::vector<std::uint64_t> 
   return changed;
 }
 
-ChunkView ImageTracker::encodeUnit(std::uint64_t index, std::span<const std::byte> copy, bool zero,
-                                   std::span<std::byte> room) const {
+ChunkView ImageTracker::encodeUnit(std::uint64_t index, std::span<const std::byte> copy, std::uint64_t hash,
+                                   bool zero, std::span<std::byte> room) const {
   if (zero) {
     ChunkView unit;
     unit.index = index;
@@ -253,14 +284,25 @@ ChunkView ImageTracker::encodeUnit(std::uint64_t index, std::span<const std::byt
   }
   // lz4 per chunk; zstd comes later, over each task's blob.
   const bool lz4 = compression_.kind == wire::Compression::LZ4;
+  ChunkView unit;
   if (isDiffPolicy(policy_) && (origActive() || !receiverBytes_.empty())) {
     std::span<const std::byte> reference =
         origActive() ? base_->unit(index)
                      : std::span<const std::byte>(receiverBytes_.data() + index * kUnitSize, kUnitSize);
-    return encodeDiffInto(index, copy, reference, lz4, room);
+    unit = encodeDiffInto(index, copy, reference, lz4, room);
+  } else {
+    // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
+    unit = encodeWholeInto(index, copy, lz4, room);
   }
-  // Dirty policies, and the full checkpoint of Diff Orig (before a base exists).
-  return encodeWholeInto(index, copy, lz4, room);
+  // The receiver holds these bytes elsewhere: a reference, when smaller (a
+  // small XOR-diff may not be). The payload is not needed any more.
+  if (unit.data.size() <= kReferencePayload) return unit;
+  const auto reference = referenceFor(copy, hash);
+  if (!reference) return unit;
+  const auto replaced = static_cast<std::uint32_t>(unit.data.size());
+  unit = encodeReferenceInto(index, *reference, room);
+  unit.replacedSize = replaced;
+  return unit;
 }
 
 std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& changed, std::size_t grain,
@@ -297,7 +339,7 @@ std::vector<char> ImageTracker::copyAndEncode(const std::vector<std::uint64_t>& 
         continue;
       }
       const double start = secondsNow();
-      ChunkView& unit = delta.units[k] = encodeUnit(index, copy, zero, {room, kMaxPayload});
+      ChunkView& unit = delta.units[k] = encodeUnit(index, copy, hash, zero, {room, kMaxPayload});
       encoding += secondsNow() - start;
       if (unit.data.empty()) continue;
       // A whole unit lz4 does not shrink was left in the copy: it joins the
@@ -372,7 +414,7 @@ void ImageTracker::encode(ImageDelta& delta) const {
       // A reference to an earlier unit, or a zero unit: nothing to encode.
       if (unit.encoding != wire::ChunkEncoding::WHOLE || !unit.data.empty()) continue;
       std::span<const std::byte> copy(delta.raw.data() + k * kUnitSize, kUnitSize);
-      unit = encodeUnit(unit.index, copy, false, {room, kMaxPayload});
+      unit = encodeUnit(unit.index, copy, delta.hashes[k].second, false, {room, kMaxPayload});
       if (unit.data.empty()) continue;
       if (unit.data.data() != room) {
         std::memcpy(room, unit.data.data(), unit.data.size());
@@ -458,9 +500,15 @@ std::vector<std::uint64_t> ImageTracker::hashesAfter(const ImageDelta& delta) co
 }
 
 void ImageTracker::acknowledge(const ImageDelta& delta) {
-  // As hashesAfter(), in place.
+  // As hashesAfter(), in place. The content index follows: each unit out
+  // under its old hash before any hash changes, then in under its new one
+  // (a content that moved stays indexed at its new place).
+  if (referencesOn_)
+    for (auto [index, hash] : delta.hashes) contentIndex_.erase(index, receiverHashes_);
   if (origActive()) receiverHashes_.assign(baseHashes_.begin(), baseHashes_.end());
   for (auto [index, hash] : delta.hashes) receiverHashes_[index] = hash;
+  if (referencesOn_)
+    for (auto [index, hash] : delta.hashes) contentIndex_.insert(index, receiverHashes_);
   if (!receiverBytes_.empty()) {
     for (std::size_t i = 0; i < delta.hashes.size(); ++i)
       std::memcpy(receiverBytes_.data() + delta.hashes[i].first * kUnitSize, delta.raw.data() + i * kUnitSize,
@@ -470,7 +518,7 @@ void ImageTracker::acknowledge(const ImageDelta& delta) {
 
 std::uint64_t ImageTracker::stateBytes() const {
   return (receiverHashes_.capacity() + baseHashes_.capacity()) * sizeof(std::uint64_t) + receiverBytes_.capacity() +
-         (sinceBase_.capacity() + unacknowledged_.capacity()) / 8;
+         (sinceBase_.capacity() + unacknowledged_.capacity()) / 8 + contentIndex_.bytes();
 }
 
 void ImageTracker::retryLater(const ImageDelta& delta) {

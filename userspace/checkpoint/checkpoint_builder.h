@@ -3,12 +3,14 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "checkpoint/chunk_codec.h"
 #include "checkpoint/compression_choice.h"
+#include "checkpoint/content_index.h"
 #include "harvest/dirty_source.h"
 #include "vmm/image_file.h"
 #include "base/recycled_memory.h"
@@ -59,6 +61,8 @@ struct ImageDelta {
   std::uint64_t encodedBytes = 0;         // payload bytes on the wire (the blobs, zstd frames as sent)
   std::uint64_t unframedBytes = 0;        // the chunks' payloads before any zstd frame
   double encodeCpuSeconds = 0;            // CPU of all threads in the encoders and zstd
+  std::uint64_t references = 0;           // units sent as REFERENCE chunks
+  std::uint64_t referenceSavedBytes = 0;  // payload bytes those saved (before any zstd frame)
 };
 
 /// Units per encoding task, for `units` changed units: each task's payloads
@@ -78,6 +82,15 @@ void toWire(const ImageDelta& memory, const ImageDelta& disk, wire::Checkpoint::
 /// has already reset its dirty set; each changed unit is copied, the copy is
 /// hashed, and that copy is what ships.
 ///
+/// Content references (Prev policies): a content index of the receiver's
+/// image (ContentIndex over the receiver hashes, kept current on
+/// acknowledge()) finds a changed unit whose bytes the receiver already holds
+/// at another index (a page that moved, or came back); the unit then travels
+/// as a REFERENCE chunk to that unit, when that is smaller than its other
+/// encoding. The receiver applies checkpoints in order, so before this one its
+/// image is what the receiver hashes describe; it checks the source's hash
+/// before use. Under Diff Prev the source's bytes are compared too.
+///
 /// Policies: Prev measures each unit against the receiver's current copy; Orig
 /// against the base image (set with setBase() once the full checkpoint is
 /// acknowledged), so each checkpoint carries every unit that differs from the
@@ -88,7 +101,8 @@ void toWire(const ImageDelta& memory, const ImageDelta& disk, wire::Checkpoint::
 /// Candidates are hashed and encoded on a thread pool (defaultThreadPool()
 /// unless setThreadPool() names another). State kept per GiB of image: 2 MiB of
 /// receiver hashes, 2 MiB more of base hashes under Orig, 64 KiB of unit bitmaps,
-/// and under Diff Prev the reference copy, 1 GiB (see referenceBytes()).
+/// under Prev up to 4 MiB of content index, and under Diff Prev the reference
+/// copy, 1 GiB (see referenceBytes()).
 class ImageTracker {
  public:
   /// `receiverHashes`: hash of every unit as the receiver has it.
@@ -99,6 +113,11 @@ class ImageTracker {
   /// Orig policies: from now on measure against `base` (which must outlive the
   /// tracker).
   void setBase(const ImageFile& base);
+
+  /// Send units the receiver holds elsewhere as references (on by default
+  /// under Prev; Orig never does: a receiver may skip checkpoints there).
+  void setContentReferences(bool on);
+  bool contentReferences() const { return referencesOn_; }
 
   /// Hash and encode on `pool` (which must outlive the tracker).
   void setThreadPool(ThreadPool& pool) { pool_ = &pool; }
@@ -150,9 +169,14 @@ class ImageTracker {
   std::vector<char> copyAndEncode(const std::vector<std::uint64_t>& changed, std::size_t grain,
                                   ImageDelta& delta, bool encodeNow) const;
   ImageDelta collect(const DirtyUnits& candidates, bool encodeNow);
-  /// One unit's chunk under the policy, its payload written into `room`.
-  ChunkView encodeUnit(std::uint64_t index, std::span<const std::byte> copy, bool zero,
+  /// One unit's chunk under the policy, its payload written into `room`;
+  /// `hash` is the hash of `copy`. A reference when the receiver holds the
+  /// bytes elsewhere and that is smaller.
+  ChunkView encodeUnit(std::uint64_t index, std::span<const std::byte> copy, std::uint64_t hash, bool zero,
                        std::span<std::byte> room) const;
+  /// A unit of the receiver's image that holds `copy` (whose hash is `hash`),
+  /// other than a zero unit, when references are on.
+  std::optional<UnitReference> referenceFor(std::span<const std::byte> copy, std::uint64_t hash) const;
   /// Packs the payloads into blobs and, under zstd, compresses each blob into
   /// one frame; sets the delta's byte counts. `grain` units were one task.
   void finishBlobs(ImageDelta& delta, std::size_t grain) const;
@@ -172,6 +196,8 @@ class ImageTracker {
   std::vector<bool> sinceBase_;                 // Orig: units reported since the base, one bit each
   std::vector<bool> unacknowledged_;            // units of a failed push, one bit each
   bool anyUnacknowledged_ = false;
+  bool referencesOn_ = false;                   // Prev, unless turned off
+  ContentIndex contentIndex_;                   // of receiverHashes_, while referencesOn_
 };
 
 }  // namespace vmsync

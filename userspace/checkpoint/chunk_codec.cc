@@ -295,6 +295,38 @@ EncodedUnit encodeDiff(std::uint64_t index, std::span<const std::byte> current, 
   return owning(encodeDiffInto(index, current, reference, compress, threadRoom()));
 }
 
+ChunkView encodeReferenceInto(std::uint64_t index, UnitReference reference, std::span<std::byte> room) {
+  if (room.size() < kReferencePayload)
+    fail("encoder room of {} bytes is too small for a reference ({} bytes)", room.size(), kReferencePayload);
+  for (std::size_t b = 0; b < 8; ++b) {
+    room[b] = static_cast<std::byte>(reference.source >> (8 * b));
+    room[8 + b] = static_cast<std::byte>(reference.hash >> (8 * b));
+  }
+  ChunkView chunk;
+  chunk.index = index;
+  chunk.encoding = wire::ChunkEncoding::REFERENCE;
+  chunk.rawSize = static_cast<std::uint32_t>(kReferencePayload);
+  chunk.data = room.first(kReferencePayload);
+  return chunk;
+}
+
+UnitReference referenceOf(std::uint64_t index, wire::Compression compression, std::span<const std::byte> payload) {
+  if (compression != wire::Compression::NONE)
+    fail("chunk {}: a reference is never compressed (compression {})", index, static_cast<unsigned>(compression));
+  if (payload.size() != kReferencePayload)
+    fail("chunk {}: a reference has {} bytes, expected {}", index, payload.size(), kReferencePayload);
+  UnitReference reference;
+  for (std::size_t b = 0; b < 8; ++b) {
+    reference.source |= std::to_integer<std::uint64_t>(payload[b]) << (8 * b);
+    reference.hash |= std::to_integer<std::uint64_t>(payload[8 + b]) << (8 * b);
+  }
+  return reference;
+}
+
+UnitReference referenceOf(const ChunkFields& chunk) {
+  return referenceOf(chunk.index, chunk.compression, chunk.payload);
+}
+
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk) {
   toWire(ChunkView{unit, unit.data}, chunk);
 }
@@ -434,6 +466,8 @@ void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, 
         fail("chunk {}: {}", chunk.index, e.what());
       }
       return;
+    case wire::ChunkEncoding::REFERENCE:
+      fail("chunk {}: a reference names another unit of the image, and is resolved against it", chunk.index);
     default:
       fail("chunk {}: encoding {} is not supported here", chunk.index,
            static_cast<unsigned>(chunk.encoding));

@@ -33,6 +33,8 @@ struct ChunkView : ChunkHeader {
   std::span<const std::byte> data;  // payload (empty for ZERO and SAME_AS)
   std::uint32_t blob = 0;           // when non-zero: `data` goes as these bytes of the
   std::uint32_t blobOffset = 0;     //   checkpoint's blob number `blob` (from 1)
+  std::uint32_t replacedSize = 0;   // REFERENCE: the payload bytes it replaced (what the unit
+                                    //   would have taken without it), for statistics
 };
 
 /// Room the payload of one encoded unit can need: lz4's bound for a unit (an
@@ -80,6 +82,26 @@ ChunkView encodeWholeInto(std::uint64_t index, std::span<const std::byte> curren
 ChunkView encodeDiffInto(std::uint64_t index, std::span<const std::byte> current,
                          std::span<const std::byte> reference, bool compress, std::span<std::byte> room);
 
+/// What a REFERENCE chunk says: its unit takes the bytes that unit `source` of
+/// the receiver's image held before the checkpoint, which hash (hashUnit) to
+/// `hash`.
+struct UnitReference {
+  std::uint64_t source = 0;
+  std::uint64_t hash = 0;
+};
+
+/// Bytes of a REFERENCE chunk's payload: the source index and the hash, each
+/// 8 bytes little-endian.
+inline constexpr std::size_t kReferencePayload = 16;
+
+/// A REFERENCE chunk for unit `index`, its payload written into `room` (at
+/// least kReferencePayload bytes).
+ChunkView encodeReferenceInto(std::uint64_t index, UnitReference reference, std::span<std::byte> room);
+
+/// The reference a REFERENCE chunk carries. Throws Error naming the chunk when
+/// its payload is not kReferencePayload plain bytes.
+UnitReference referenceOf(std::uint64_t index, wire::Compression compression, std::span<const std::byte> payload);
+
 /// Writes `unit` into a wire chunk, its payload copied into the chunk's `data`.
 void toWire(const EncodedUnit& unit, wire::Chunk::Builder chunk);
 void toWire(const ChunkView& unit, wire::Chunk::Builder chunk);
@@ -114,8 +136,8 @@ class PayloadBlobs {
 };
 
 /// Decodes `chunk` into `out` (kUnitSize bytes). `reference` is the unit the
-/// policy diffs against (needed for XOR_DIFF only). SAME_AS chunks are resolved
-/// by the caller, which holds the list. Throws Error naming what is malformed
+/// policy diffs against (needed for XOR_DIFF only). SAME_AS and REFERENCE
+/// chunks are resolved by the caller, which holds the list and the image. Throws Error naming what is malformed
 /// (leaving `out` unspecified); never writes outside `out`.
 void decodeChunk(wire::Chunk::Reader chunk, std::span<const std::byte> reference,
                  std::span<std::byte> out, const PayloadBlobs& blobs = {});
@@ -132,6 +154,9 @@ struct ChunkFields {
 /// The fields of `chunk`, its payload found through `blobs`. Throws Error as
 /// PayloadBlobs::payload() does.
 ChunkFields chunkFields(wire::Chunk::Reader chunk, const PayloadBlobs& blobs = {});
+
+/// referenceOf() on fields already read out of the message.
+UnitReference referenceOf(const ChunkFields& chunk);
 
 /// decodeChunk() on fields already read out of the message.
 void decodeUnit(const ChunkFields& chunk, std::span<const std::byte> reference, std::span<std::byte> out);

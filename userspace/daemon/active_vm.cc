@@ -282,10 +282,14 @@ void ActiveVm::onPushStored(const PendingPush& pending, wire::CheckpointKind kin
                   wireBytes, sendSeconds, harvestNs / 1e9);
   metrics_.position(pending.sequence);
   const std::uint64_t bytes = pending.memory.encodedBytes + pending.disk.encodedBytes;
+  const std::uint64_t references = pending.memory.references + pending.disk.references;
   spdlog::info(
-      "{}: checkpoint {} ({}) stored: {} pages, {} blocks, {} bytes, harvest {:.1f} ms, "
+      "{}: checkpoint {} ({}) stored: {} pages, {} blocks{}, {} bytes, harvest {:.1f} ms, "
       "{} bytes pushed and stored in {:.2f} s ({:.2f} Mbit/s), {}",
       options_.deviceId, pending.sequence, kindName(kind), pending.memory.units.size(), pending.disk.units.size(),
+      references ? fmt::format(" ({} as references to units the receiver holds, {} bytes saved)", references,
+                               pending.memory.referenceSavedBytes + pending.disk.referenceSavedBytes)
+                 : std::string(),
       bytes, harvestNs / 1e6, wireBytes, sendSeconds, sendSeconds > 0 ? wireBytes * 8 / sendSeconds / 1e6 : 0.0,
       pending.identity);
 }

@@ -370,7 +370,15 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   const std::uint64_t start = nowNs();
   if (role_ != Role::standby) fail("device {} is active; it does not apply checkpoints", options_.deviceId);
   std::uint64_t journaled = 0;
-  ApplyStats stats = replica_.apply(checkpoint, &journaled);
+  ApplyStats stats;
+  try {
+    stats = replica_.apply(checkpoint, &journaled);
+  } catch (const ReferenceMismatch&) {
+    // The image is diverged now (the replica marked it): registering again
+    // has the server resync it, which sends the units it lacks.
+    background_.add(kj::evalLater([this] { link_.restart(); }));
+    throw;
+  }
   // The kept unit hashes, made once after the answer has gone: later applies
   // and a switch's digest check then cost what they write.
   if (!replica_.hashesKept())
@@ -381,8 +389,9 @@ void Device::apply(wire::Checkpoint::Reader checkpoint, wire::DevicePeer::ApplyR
   results.setApplyNs(nowNs() - start);
   metrics_->applied((nowNs() - start) / 1e9);
   metrics_->position(checkpoint.getSequence());
-  spdlog::info("{}: applied checkpoint {} ({} pages, {} blocks; journal {:.1f} ms, image {:.1f} ms)",
+  spdlog::info("{}: applied checkpoint {} ({} pages, {} blocks{}; journal {:.1f} ms, image {:.1f} ms)",
                options_.deviceId, checkpoint.getSequence(), stats.memoryUnits, stats.diskUnits,
+               stats.referenceUnits ? fmt::format(", {} of them copied by reference", stats.referenceUnits) : "",
                (journaled - start) / 1e6, (nowNs() - journaled) / 1e6);
 }
 

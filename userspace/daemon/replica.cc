@@ -182,6 +182,13 @@ void Replica::redoJournal() {
       std::string failed;
       try {
         applyToImage(checkpoint);
+      } catch (const ReferenceMismatch& e) {
+        // A reference whose source the interrupted apply had already
+        // overwritten: the image is between the two checkpoints, which the
+        // server's resync mends from the unit hashes (no start over).
+        spdlog::error("{}: cannot finish checkpoint {} ({}); the server resyncs the image", deviceId_,
+                      checkpoint.getSequence(), e.what());
+        markDiverged();
       } catch (const Error& e) {
         failed = e.what();
       } catch (const kj::Exception& e) {
@@ -358,6 +365,14 @@ ApplyStats Replica::journaledApply(wire::Checkpoint::Reader checkpoint, std::uin
   ApplyStats stats;
   try {
     stats = applyToImage(checkpoint);
+  } catch (const ReferenceMismatch& e) {
+    // Nothing was written, but the image does not hold what the chain says
+    // it holds at this checkpoint: the server resyncs it, sending the units
+    // that differ (the source of the reference among them).
+    fs::remove(path("apply.journal"));
+    spdlog::error("{}: checkpoint {} refused: {}", deviceId_, checkpoint.getSequence(), e.what());
+    markDiverged();
+    throw;
   } catch (const Error&) {
     // Nothing to finish: a malformed checkpoint is refused before the image is
     // written, except that a full one has already replaced it.
