@@ -58,7 +58,7 @@ constexpr int kHarvests = 40;
 constexpr int kPamFlips[] = {10, 25};  // after these harvests
 constexpr int kRescanWindow = 3;       // harvests after a flip that may ask for a rescan
 constexpr std::uint64_t kProbeFirstPage = 0x300;  // written by the checker through QEMU's mapping
-constexpr int kProbes = 8;                         // one every few harvests
+constexpr int kProbes = 8;                         // one every few harvests; odd ones above 4 GiB
 constexpr int kProbeEvery = 4;
 
 [[noreturn]] void failTest(const std::string& why) {
@@ -231,6 +231,7 @@ int run(const std::string& ramPath, std::uint64_t ramBytes, const std::string& q
   for (std::uint64_t p = kFirstPage; p < kEndPage; ++p) pages.push_back(p);
   pages.push_back(kPamPage);
   std::vector<std::uint8_t> seen(kPamPage + 1);
+  const bool highRam = vmsync::qemuQ35GfnRanges(ramBytes).size() > 1;
   for (auto p : pages) seen[p] = ram[p * 4096];
   std::set<std::uint64_t> owed;
   std::size_t changed = 0, reported = 0, outside = 0, pamChanged = 0, rescans = 0;
@@ -291,7 +292,10 @@ int run(const std::string& ramPath, std::uint64_t ramBytes, const std::string& q
       failTest(fmt::format("no rescan within {} harvests of the guest's PAM1 flip", kRescanWindow));
     // A probe away from the PAM flips, whose rescans would hide it.
     if (probes < kProbes && h % kProbeEvery == 1 && h - lastFlip > kRescanWindow) {
-      probe = kProbeFirstPage + static_cast<std::uint64_t>(probes);
+      // Half of them in RAM above 4 GiB, if the VM has any (its units follow the low ones).
+      const auto ranges = vmsync::qemuQ35GfnRanges(ramBytes);
+      probe = (probes % 2 == 1 && ranges.size() > 1 ? ranges[1].firstUnit : 0) + kProbeFirstPage +
+              static_cast<std::uint64_t>(probes);
       writeThroughQemu(qemu, qemuRam, probe, static_cast<std::uint8_t>(0xa0 + probes));
       if (ram[probe * 4096 + 123] != 0xa0 + probes) failTest("the byte written through QEMU's mapping is not in the file");
       ++probes;
@@ -305,9 +309,10 @@ int run(const std::string& ramPath, std::uint64_t ramBytes, const std::string& q
   }
   if (changed == 0) failTest("the guest changed no page");
   if (probes < kProbes) failTest(fmt::format("only {} of {} probes were written", probes, kProbes));
-  std::printf("QEMU_WRITES_OK: %d pages written through QEMU's own mapping, each in the next harvest and not "
+  std::printf("QEMU_WRITES_OK: %d pages written through QEMU's own mapping (%s), each in the next harvest and not "
               "the one after; %llu pages in all found written by QEMU beyond KVM's log\n",
-              probes, static_cast<unsigned long long>(vmmWritten));
+              probes, highRam ? "half of them in RAM above 4 GiB" : "all below 4 GiB",
+              static_cast<unsigned long long>(vmmWritten));
   if (pamChanged == 0) failTest("the page behind PAM1 never changed: the guest did not flip PAM1");
   std::printf(
       "QEMU_KMOD_OK: %d harvests, %zu pages reported (%zu outside the written range), %zu seen "

@@ -5,7 +5,8 @@
 # guest (the counter workload: it appends to its disk and syncs every 100 ms,
 # so QEMU's virtio-blk writes the request status and used ring into guest RAM
 # all the time) under QEMU -accel kvm with --page-source kmod; B follows as a
-# standby with the same options. Then switch to B and back to A.
+# standby with the same options. The guest has two vCPUs. Then switch to B
+# and back to A.
 #
 # A runs with --final-full-compare: its final checkpoints (resumable points,
 # the switch to B) compare every RAM unit, and the switch report says how
@@ -51,6 +52,9 @@ for d in /usr/share/qemu /usr/share/seabios /usr/lib/ipxe/qemu; do
 done
 mkdir -p "$R/image"
 cp "$IMAGE"/* "$R/image/"
+# Two vCPUs: KVM's log is the VM's, whichever vCPU wrote.
+sed -i 's/}[[:space:]]*$/, "vcpus": 2}/' "$R/image/spec.json"
+grep -q '"vcpus": 2' "$R/image/spec.json" || { echo "FAIL: cannot set vcpus in the image's spec.json"; exit 1; }
 
 cat >"$WORK/test.sh" <<'IN'
 export PATH=/usr/bin:/bin
@@ -81,6 +85,11 @@ i=0
 while [ -z "$(counter $w/A/serial.log)" ] && [ $i -lt 400 ] && kill -0 $apid 2>/dev/null; do sleep 1; i=$((i + 1)); done
 [ -n "$(counter $w/A/serial.log)" ] || { echo "E2E: the guest did not count on A"; tail -n 30 $w/A.log; }
 echo "E2E_COUNTER_A $(counter $w/A/serial.log) after $i s"
+smp=0
+for p in /proc/[0-9]*; do
+	tr '\0' ' ' <$p/cmdline 2>/dev/null | grep -q 'qemu-system-x86_64 .*-accel kvm .*-smp 2 ' && smp=$((smp + 1))
+done
+echo "E2E_QEMU_SMP2 $smp"
 ok=1
 wait_head $(( $(head_seq) + 4 )) || ok=0
 if [ $ok = 1 ]; then
@@ -127,6 +136,7 @@ again=$(value E2E_COUNTER_A_AGAIN)
 was=$(sed -n 's/^E2E_COUNTER_A_AGAIN [0-9]* (was \([0-9]*\)).*/\1/p' "$NK_CONSOLE")
 check "the counter went on on A after the switch back ($was -> $again)" '[ -n "$again" ] && [ -n "$was" ] && [ "$again" -gt "$was" ]'
 check "both devices ran the VM with the kmod source" '[ "$(value E2E_KMOD_ACTIVE)" -ge 3 ]'
+check "A's QEMU ran the guest under KVM with two vCPUs" '[ "$(value E2E_QEMU_SMP2)" -ge 1 ]'
 check "A's switch compared every RAM unit" '[ "$(json E2E_SWITCH1_DONE final_ram_full_compare)" = true ]'
 check "the module had missed none of them" '[ "$(json E2E_SWITCH1_DONE final_ram_missed)" = 0 ] && [ "$(json E2E_SWITCH1_DONE final_ram_units)" -gt 0 ]'
 check "every full compare of the run found each changed unit reported" '[ "$(value E2E_FINAL_COMPLETE)" -ge 2 ] && [ "$(value E2E_FINAL_MISSED)" = 0 ]'

@@ -63,9 +63,10 @@ else
 	timeout 150 /bin/kmod_invariant
 	invariant=$?
 	echo "kmod_invariant exit $invariant"
-	timeout 150 /bin/kmod_qemu_check /ram.img 33554432 /tmp/qmp.sock -- /usr/bin/qemu-system-x86_64 -accel kvm \
-		-machine q35,memory-backend=ram0 -m 32M \
-		-object memory-backend-file,id=ram0,size=32M,mem-path=/ram.img,share=on \
+	# 3 GiB of RAM (a sparse file): q35 puts 2 GiB below 4 GiB and 1 GiB above.
+	timeout 150 /bin/kmod_qemu_check /ram.img 3221225472 /tmp/qmp.sock -- /usr/bin/qemu-system-x86_64 -accel kvm \
+		-machine q35,memory-backend=ram0 -m 3G \
+		-object memory-backend-file,id=ram0,size=3G,mem-path=/ram.img,share=on \
 		-nodefaults -display none -vga none -bios /qemu/bios.bin -L /qemu -serial none -monitor none \
 		-qmp unix:/tmp/qmp.sock,server=on,wait=off
 	qemu_check=$?

@@ -285,9 +285,12 @@ void Replica::writeBase(const ImageDelta& memory, const ImageDelta& disk) {
 void Replica::createFromImage(const std::string& imageDir, const std::string& vmId, std::uint32_t memoryMb,
                               wire::Policy policy) {
   const fs::path image(imageDir);
-  if (memoryMb == 0 && fs::exists(image / "spec.json")) {
+  std::uint32_t vcpus = 1;
+  if (fs::exists(image / "spec.json")) {
     auto j = nlohmann::json::parse(readWholeFile((image / "spec.json").string(), 1 << 20));
-    memoryMb = j.value("memory_mb", 0u);
+    if (memoryMb == 0) memoryMb = j.value("memory_mb", 0u);
+    vcpus = j.value("vcpus", 1u);
+    if (vcpus == 0 || vcpus > 64) fail("{}: vcpus must be 1 to 64, not {}", (image / "spec.json").string(), vcpus);
   }
   if (memoryMb == 0) memoryMb = 128;
   fs::copy_file(image / "vmlinuz", path("vmlinuz"), fs::copy_options::overwrite_existing);
@@ -299,8 +302,8 @@ void Replica::createFromImage(const std::string& imageDir, const std::string& vm
   deviceStateSequence_ = 0;
   const std::string cmdline = readImageCmdline(image.string());
   // A VM created now gets free page reporting (docs/architecture.md, "Free pages").
-  spec_ = LocalSpec{vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64", 1,
-                    policy, true};
+  spec_ = LocalSpec{vmId,  std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64",
+                    vcpus, policy, true};
   fs::remove(path("base-ram.img"));
   fs::remove(path("base-disk.img"));
   baseRam_.reset();
