@@ -2,10 +2,8 @@
 // travels as a reference to it, checked by the receiver's hash before use.
 #include <capnp/message.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cstring>
-#include <filesystem>
 #include <random>
 
 #include "checkpoint/checkpoint_applier.h"
@@ -13,22 +11,12 @@
 #include "checkpoint/content_index.h"
 #include "base/error.h"
 #include "harvest/unit_hashes.h"
+#include "test_env.h"
 
 namespace vmsync {
 namespace {
 
-namespace fs = std::filesystem;
 constexpr std::uint64_t kUnits = 32;
-
-struct Dir {
-  std::string path;
-  Dir() {
-    char tmpl[] = "/tmp/vmsync-refs-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~Dir() { fs::remove_all(path); }
-  std::string operator/(const char* name) const { return path + "/" + name; }
-};
 
 std::vector<std::byte> randomUnit(std::mt19937& rng) {
   std::vector<std::byte> unit(kUnitSize);
@@ -43,7 +31,7 @@ std::vector<std::byte> bytesOf(const ImageFile& image, std::uint64_t i) {
 /// A sender (its image and tracker) and a receiver that applies every
 /// checkpoint, as a standby does.
 struct Pair {
-  Dir dir;
+  testing::TempDir dir;
   ImageFile source{dir / "source", true, kUnits * kUnitSize};
   ImageFile receiver{dir / "receiver", true, kUnits * kUnitSize};
   ImageFile disk{dir / "disk", true, kUnitSize};

@@ -2,9 +2,7 @@
 // image that applying them one by one gives.
 #include <capnp/message.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 
-#include <filesystem>
 #include <memory>
 #include <random>
 
@@ -12,22 +10,12 @@
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint_merge.h"
 #include "harvest/unit_hashes.h"
+#include "test_env.h"
 
 namespace vmsync {
 namespace {
 
-namespace fs = std::filesystem;
 constexpr std::uint64_t kUnits = 24;
-
-struct Dir {
-  std::string path;
-  Dir() {
-    char tmpl[] = "/tmp/vmsync-merge-refs-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~Dir() { fs::remove_all(path); }
-  std::string operator/(const char* name) const { return path + "/" + name; }
-};
 
 std::vector<std::byte> randomUnit(std::mt19937& rng) {
   std::vector<std::byte> unit(kUnitSize);
@@ -48,7 +36,7 @@ struct Stored {
 
 /// The chain a device makes of its image, one checkpoint per call.
 struct Chain {
-  Dir dir;
+  testing::TempDir dir;
   ImageFile source{dir / "source", true, kUnits * kUnitSize};
   ImageTracker tracker{source, std::vector<std::uint64_t>(kUnits, zeroUnitHash()), wire::Policy::DIRTY_PREV, true};
   std::vector<std::unique_ptr<Stored>> stored;
@@ -112,7 +100,7 @@ class MergeReferences : public ::testing::Test {
 };
 
 TEST_F(MergeReferences, AMergedCatchUpGivesTheImageTheChainGives) {
-  Dir dir;
+  testing::TempDir dir;
   ImageFile oneByOne(dir / "one", true, kUnits * kUnitSize), merged(dir / "merged", true, kUnits * kUnitSize);
   ImageFile disk(dir / "disk", true, kUnitSize);
   const auto full = chain.stored[0]->reader();
@@ -138,7 +126,7 @@ TEST_F(MergeReferences, AMergedCatchUpGivesTheImageTheChainGives) {
 }
 
 TEST_F(MergeReferences, AMergeFromTheFullCheckpointHasNoReferences) {
-  Dir dir;
+  testing::TempDir dir;
   ImageFile image(dir / "image", true, kUnits * kUnitSize);
   ImageFile disk(dir / "disk", true, kUnitSize);
   capnp::MallocMessageBuilder out;
