@@ -302,7 +302,7 @@ void Replica::createFromImage(const std::string& imageDir, const std::string& vm
   deviceStateSequence_ = 0;
   const std::string cmdline = readImageCmdline(image.string());
   // A VM created now gets free page reporting (docs/architecture.md, "Free pages").
-  spec_ = LocalSpec{vmId,  std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64",
+  spec_ = LocalSpec{vmId, std::uint64_t{memoryMb} << 20, fs::file_size(path("disk.img")), cmdline, "", "qemu64",
                     vcpus, policy, true};
   fs::remove(path("base-ram.img"));
   fs::remove(path("base-disk.img"));
