@@ -166,7 +166,10 @@ TEST_F(Compaction, PowerCutDuringAFoldRecoversAWholeChain) {
                 left.size(),
                 fs::exists(dir.path() + "/server/vms/owner/vm/compaction") ? "with" : "without");
 
-    cluster.startServer(compact);
+    // Restarted without folding: a new fold would make its own scratch space
+    // and .tmp base, which the checks below would take for leftovers (seen
+    // on a loaded machine, where the fold lasts long enough to be caught).
+    cluster.startServer();
     // A VM with a damaged record is out of service: that the server answers for it is the check.
     ASSERT_TRUE(cluster.status()) << "the server did not come back" << cluster.logOf("server");
     EXPECT_FALSE(fs::exists(dir.path() + "/server/vms/owner/vm/compaction")) << "scratch space survived the restart";
