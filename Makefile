@@ -73,7 +73,7 @@ soak: build image
 # devices in network namespaces, a seeded schedule of switches, link cuts
 # and flaps, kill -9 of the server and the devices, link profile changes,
 # and checkers for durability, a single running VM, convergence and the
-# guest's continuity. SEED takes a list (1,2,3); `make test` runs 20 steps
+# guest's continuity. SEED takes a list (1,2,3); `make test` runs 16 steps
 # of seed 1 and the schedules of tests/chaos/regression-seeds.txt.
 SEED  ?= 1
 STEPS ?= 200

@@ -48,7 +48,7 @@ TEST(Chaos, AShortScheduleLosesNothingAndNeverRunsTwoVms) {
   if (!missing.empty()) VMSYNC_SKIP_OR_FAIL(missing);
   TempDir dir;
   const ChaosResult result =
-      runAndCheck(dir, static_cast<std::uint64_t>(envOr("VMSYNC_CHAOS_SEED", 1)), envOr("VMSYNC_CHAOS_STEPS", 20));
+      runAndCheck(dir, static_cast<std::uint64_t>(envOr("VMSYNC_CHAOS_SEED", 1)), envOr("VMSYNC_CHAOS_STEPS", 16));
   ASSERT_TRUE(result.passed());
 
   // The durability checker fails when an acknowledged checkpoint goes: take
