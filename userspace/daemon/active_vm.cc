@@ -325,9 +325,9 @@ PendingPush ActiveVm::harvestEverything(bool encodeNow) {
   const DirtyUnits& ram = fullRam ? everything : reportedPages;
   pending.memory = encodeNow ? ramTracker_->collect(ram) : ramTracker_->copyChanged(ram);
   pending.disk = encodeNow ? diskTracker_->collect(everything) : diskTracker_->copyChanged(everything);
-  lastFinalRam_ = FinalRamHarvest{.fullCompare = fullRam, .units = pending.memory.units.size(), .missed = 0};
+  pending.ramFullCompare = fullRam;
   if (fullRam)
-    lastFinalRam_.missed = warnIfMissed(pageSource_->name(), reportedPages, pending.memory);
+    pending.ramMissed = warnIfMissed(pageSource_->name(), reportedPages, pending.memory);
   else
     spdlog::info("{}: the final harvest took the {} source's list: {} changed units", options_.deviceId,
                  pageSource_->name(), pending.memory.units.size());
@@ -387,9 +387,9 @@ void ActiveVm::pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire:
   final.sequence = pending.sequence;
   result.setFinalSequence(pending.sequence);
   result.setPageSource(pageSource_->name());
-  result.setFinalRamFullCompare(lastFinalRam_.fullCompare);
-  result.setFinalRamUnits(lastFinalRam_.units);
-  result.setFinalRamMissed(lastFinalRam_.missed);
+  result.setFinalRamFullCompare(pending.ramFullCompare);
+  result.setFinalRamUnits(pending.memory.units.size());
+  result.setFinalRamMissed(pending.ramMissed);
   result.setPauseNs(t1 - t0);
   result.setFinalHarvestNs(t2 - t1);
   result.setDeviceStateSaveNs(t3 - t2);

@@ -105,13 +105,6 @@ class ActiveVm {
   /// Without `encodeNow` the changed units are only copied: the caller
   /// encodes them (ImageTracker::encode) once the VM runs again.
   PendingPush harvestEverything(bool encodeNow = true);
-  /// How the last harvestEverything() found the RAM units (for the report).
-  struct FinalRamHarvest {
-    bool fullCompare = true;
-    std::uint64_t units = 0;
-    std::uint64_t missed = 0;
-  };
-  FinalRamHarvest lastFinalRam_;
   /// Pauses the VM, harvests every change and saves the device state into
   /// `pending` and `final`; on failure the VM runs on and nothing is lost.
   void pauseForFinal(PendingPush& pending, FinalCheckpoint& final, wire::HandOffResult::Builder result);

@@ -33,6 +33,10 @@ struct PendingPush {
   std::string identity;
   /// When it was sent (nowNs), for the log when it fails.
   std::uint64_t sentNs = 0;
+  /// A final checkpoint's RAM: every unit compared (else the page source's
+  /// list taken), and then how many changed units the source had not reported.
+  bool ramFullCompare = true;
+  std::uint64_t ramMissed = 0;
 };
 
 using Registration = capnp::Response<wire::SyncServer::RegisterResults>;

@@ -37,12 +37,6 @@ class PageSource {
   /// included (not only the vCPUs'), so that a final checkpoint may trust
   /// its list instead of comparing every unit.
   virtual bool reportsEveryWrite() const { return false; }
-  /// The VM has stayed paused since the last harvest while the VMM did work
-  /// that may disturb tracking (it saved its device state, a migration that
-  /// turns KVM's dirty logging on and off). Takes tracking up again without
-  /// asking the next harvest for a rescan; what it finds is kept for that
-  /// harvest. Only while the VM is paused.
-  virtual void rearmWhilePaused() {}
 };
 
 /// Reports guest disk blocks that may have changed since the previous harvest.

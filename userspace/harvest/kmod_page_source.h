@@ -60,7 +60,9 @@ class KmodPageSource final : public PageSource {
   /// holds after QEMU's migration turned it off and the module on again is
   /// not writes, and nothing went unlogged (no rescan). A full ring still
   /// rescans.
-  void rearmWhilePaused() override;
+  /// Only while the VM is paused (the daemon has no use for it with QEMU
+  /// 7.2: kmod/README.md).
+  void rearmWhilePaused();
 
   /// Detaches now, with the VM running; harvest() then throws.
   void detach();
@@ -70,9 +72,9 @@ class KmodPageSource final : public PageSource {
   /// mapping of guest RAM) and not in KVM's log; and since the attach.
   std::uint64_t lastVmmWritten() const { return lastVmmWritten_; }
   std::uint64_t vmmWritten() const { return vmmWritten_; }
-  /// Of the last harvest's pages written by the VMM, those with an I/O in
-  /// flight into them (someone holds them beyond their mappings): the
-  /// module reports them again in the next harvest.
+  /// Of the last harvest's pages, those with an I/O in flight into them
+  /// (someone holds them beyond their mappings): the module reports them
+  /// again in the next harvest.
   std::uint64_t lastVmmBusy() const { return lastVmmBusy_; }
 
  private:
