@@ -168,18 +168,9 @@ class BenchCluster {
   /// and QEMU refuses to change capabilities while a migration runs: wait
   /// for that save to end (a few seconds at most) rather than fail the bench.
   static void setCapabilitiesBetweenSaves(QmpClient& monitor, const nlohmann::json& capabilities) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (true) {
-      try {
-        monitor.execute("migrate-set-capabilities", {{"capabilities", capabilities}});
-        return;
-      } catch (const Error& e) {
-        if (std::string(e.what()).find("migration process in progress") == std::string::npos ||
-            std::chrono::steady_clock::now() > deadline)
-          throw;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
+    monitor.executeWhenAllowed("migrate-set-capabilities", {{"capabilities", capabilities}},
+                               "migration process in progress", std::chrono::milliseconds(100),
+                               std::chrono::seconds(30));
   }
 
   /// QEMU's live migration of `source`'s running VM to a QEMU started with

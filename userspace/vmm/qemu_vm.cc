@@ -178,18 +178,8 @@ void QemuVm::cont() {
   // After a migration (a device-state save) query-migrate says "completed"
   // while QEMU's runstate is still finish-migrate, until its migration thread
   // has finished up; `cont` is refused until then. Seen on a slow host.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (true) {
-    try {
-      qmp_->execute("cont");
-      return;
-    } catch (const Error& e) {
-      if (std::string_view(e.what()).find("Migration is not finalized yet") == std::string_view::npos ||
-          std::chrono::steady_clock::now() > deadline)
-        throw;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  qmp_->executeWhenAllowed("cont", nullptr, "Migration is not finalized yet", std::chrono::milliseconds(1),
+                           std::chrono::seconds(30));
 }
 
 std::string QemuVm::status() { return qmp_->execute("query-status").value("status", "unknown"); }

@@ -129,6 +129,22 @@ nlohmann::json QmpClient::execute(const std::string& command, const nlohmann::js
   return awaitReturn(command);
 }
 
+nlohmann::json QmpClient::executeWhenAllowed(const std::string& command, const nlohmann::json& arguments,
+                                             std::string_view refusal, std::chrono::milliseconds pause,
+                                             std::chrono::seconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (true) {
+    try {
+      return execute(command, arguments);
+    } catch (const Error& e) {
+      if (std::string_view(e.what()).find(refusal) == std::string_view::npos ||
+          std::chrono::steady_clock::now() > deadline)
+        throw;
+    }
+    std::this_thread::sleep_for(pause);
+  }
+}
+
 nlohmann::json QmpClient::executeWithFd(const std::string& command, const nlohmann::json& arguments, int fd) {
   nlohmann::json message{{"execute", command}};
   if (!arguments.is_null()) message["arguments"] = arguments;

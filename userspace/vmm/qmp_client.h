@@ -4,6 +4,7 @@
 #include <chrono>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 
 namespace vmsync {
 
@@ -25,6 +26,14 @@ class QmpClient {
   /// Like execute(), passing `fd` along with the command (SCM_RIGHTS), as
   /// `getfd` needs.
   nlohmann::json executeWithFd(const std::string& command, const nlohmann::json& arguments, int fd);
+
+  /// Like execute(), but while QEMU refuses with an error containing
+  /// `refusal` (a state it leaves by itself, such as a migration still
+  /// finishing) it tries again every `pause`, for up to `timeout`; then, or
+  /// for any other error, it throws as execute() does.
+  nlohmann::json executeWhenAllowed(const std::string& command, const nlohmann::json& arguments,
+                                    std::string_view refusal, std::chrono::milliseconds pause,
+                                    std::chrono::seconds timeout);
 
  private:
   void send(const nlohmann::json& message, int fd);
