@@ -132,14 +132,12 @@ u32 vmsync_slot_refusal(struct mm_struct *mm, const struct vmsync_slot *s)
 	return why;
 }
 
-/* The locked page table entry for @addr, if a page table maps it. */
-static pte_t *vmsync_lookup_pte(struct mm_struct *mm, unsigned long addr,
-				spinlock_t **ptl)
+/* The pud entry over @addr, or NULL where no page table reaches that far. */
+static pud_t *vmsync_lookup_pud(struct mm_struct *mm, unsigned long addr)
 {
 	pgd_t *pgd = pgd_offset(mm, addr);
 	p4d_t *p4d;
 	pud_t *pud;
-	pmd_t *pmd, pmdval;
 
 	if (pgd_none(*pgd) || pgd_bad(*pgd))
 		return NULL;
@@ -147,7 +145,17 @@ static pte_t *vmsync_lookup_pte(struct mm_struct *mm, unsigned long addr,
 	if (p4d_none(*p4d) || p4d_bad(*p4d))
 		return NULL;
 	pud = pud_offset(p4d, addr);
-	if (pud_none(*pud) || pud_bad(*pud))
+	return pud_none(*pud) ? NULL : pud;
+}
+
+/* The locked page table entry for @addr, if a page table maps it. */
+static pte_t *vmsync_lookup_pte(struct mm_struct *mm, unsigned long addr,
+				spinlock_t **ptl)
+{
+	pud_t *pud = vmsync_lookup_pud(mm, addr);
+	pmd_t *pmd, pmdval;
+
+	if (!pud || pud_bad(*pud))
 		return NULL;
 	pmd = pmd_offset(pud, addr);
 	pmdval = pmd_read_atomic(pmd);
@@ -283,18 +291,10 @@ static void vmsync_walk_vma(struct vmsync_walk *w, unsigned long addr,
 {
 	while (addr < end) {
 		unsigned long next = pmd_addr_end(addr, end);
-		pgd_t *pgd = pgd_offset(w->mm, addr);
-		p4d_t *p4d;
-		pud_t *pud;
+		pud_t *pud = vmsync_lookup_pud(w->mm, addr);
 		pmd_t *pmd, pmdval;
 
-		if (pgd_none(*pgd) || pgd_bad(*pgd))
-			goto skip;
-		p4d = p4d_offset(pgd, addr);
-		if (p4d_none(*p4d) || p4d_bad(*p4d))
-			goto skip;
-		pud = pud_offset(p4d, addr);
-		if (pud_none(*pud))
+		if (!pud)
 			goto skip;
 		if (pud_bad(*pud)) {
 			/* A huge pud in a shared file mapping: DAX only. */
