@@ -231,7 +231,8 @@ int run(const std::string& ramPath, std::uint64_t ramBytes, const std::string& q
   for (std::uint64_t p = kFirstPage; p < kEndPage; ++p) pages.push_back(p);
   pages.push_back(kPamPage);
   std::vector<std::uint8_t> seen(kPamPage + 1);
-  const bool highRam = vmsync::qemuQ35GfnRanges(ramBytes).size() > 1;
+  const auto ranges = vmsync::qemuQ35GfnRanges(ramBytes);
+  const bool highRam = ranges.size() > 1;
   for (auto p : pages) seen[p] = ram[p * 4096];
   std::set<std::uint64_t> owed;
   std::size_t changed = 0, reported = 0, outside = 0, pamChanged = 0, rescans = 0;
@@ -293,8 +294,7 @@ int run(const std::string& ramPath, std::uint64_t ramBytes, const std::string& q
     // A probe away from the PAM flips, whose rescans would hide it.
     if (probes < kProbes && h % kProbeEvery == 1 && h - lastFlip > kRescanWindow) {
       // Half of them in RAM above 4 GiB, if the VM has any (its units follow the low ones).
-      const auto ranges = vmsync::qemuQ35GfnRanges(ramBytes);
-      probe = (probes % 2 == 1 && ranges.size() > 1 ? ranges[1].firstUnit : 0) + kProbeFirstPage +
+      probe = (probes % 2 == 1 && highRam ? ranges[1].firstUnit : 0) + kProbeFirstPage +
               static_cast<std::uint64_t>(probes);
       writeThroughQemu(qemu, qemuRam, probe, static_cast<std::uint8_t>(0xa0 + probes));
       if (ram[probe * 4096 + 123] != 0xa0 + probes) failTest("the byte written through QEMU's mapping is not in the file");

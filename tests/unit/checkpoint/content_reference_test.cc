@@ -11,6 +11,7 @@
 #include "checkpoint/content_index.h"
 #include "base/error.h"
 #include "harvest/unit_hashes.h"
+#include "image_units.h"
 #include "test_env.h"
 
 namespace vmsync {
@@ -18,15 +19,8 @@ namespace {
 
 constexpr std::uint64_t kUnits = 32;
 
-std::vector<std::byte> randomUnit(std::mt19937& rng) {
-  std::vector<std::byte> unit(kUnitSize);
-  for (auto& b : unit) b = static_cast<std::byte>(rng());
-  return unit;
-}
-
-std::vector<std::byte> bytesOf(const ImageFile& image, std::uint64_t i) {
-  return {image.unit(i).begin(), image.unit(i).end()};
-}
+using testing::bytesOf;
+using testing::randomUnit;
 
 /// A sender (its image and tracker) and a receiver that applies every
 /// checkpoint, as a standby does.

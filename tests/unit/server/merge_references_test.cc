@@ -10,6 +10,7 @@
 #include "checkpoint/checkpoint_builder.h"
 #include "checkpoint_merge.h"
 #include "harvest/unit_hashes.h"
+#include "image_units.h"
 #include "test_env.h"
 
 namespace vmsync {
@@ -17,15 +18,8 @@ namespace {
 
 constexpr std::uint64_t kUnits = 24;
 
-std::vector<std::byte> randomUnit(std::mt19937& rng) {
-  std::vector<std::byte> unit(kUnitSize);
-  for (auto& b : unit) b = static_cast<std::byte>(rng());
-  return unit;
-}
-
-std::vector<std::byte> bytesOf(const ImageFile& image, std::uint64_t i) {
-  return {image.unit(i).begin(), image.unit(i).end()};
-}
+using testing::bytesOf;
+using testing::randomUnit;
 
 /// A stored checkpoint: its message and the delta whose payloads it references.
 struct Stored {
