@@ -67,7 +67,10 @@ for d in A B cli; do vmsync enroll --dir $w/id --user e2e --device $d --out $w/$
 vmsync server --listen $server --data $w/server --tls $w/id >$w/server.log 2>&1 &
 sleep 1
 common="--server $server --accel kvm --page-source kmod --interval 1"
-vmsync standby --device B --state $w/B --credential $w/B.cred $common >$w/B.log 2>&1 &
+# B makes no resumable points: each costs the next harvest a rescan (QEMU
+# turns its logging off when the VM runs again), and a switch whose final
+# harvest fell on one would compare every unit instead of taking the list.
+vmsync standby --device B --state $w/B --credential $w/B.cred $common --resumable-every 0 >$w/B.log 2>&1 &
 vmsync active --device A --state $w/A --credential $w/A.cred --image /image $common --final-full-compare >$w/A.log 2>&1 &
 apid=$!
 counter() { tr -d '\r' <"$1" 2>/dev/null | grep -a '^vmsync-counter [0-9]*$' | tail -n 1 | cut -d' ' -f2; }
