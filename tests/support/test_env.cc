@@ -160,11 +160,12 @@ int run(const std::vector<std::string>& argv, std::string* output, std::string* 
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-bool waitFor(const std::function<bool()>& condition, std::chrono::milliseconds timeout) {
+bool waitFor(const std::function<bool()>& condition, std::chrono::milliseconds timeout,
+             std::chrono::milliseconds poll) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   while (std::chrono::steady_clock::now() < deadline) {
     if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::this_thread::sleep_for(poll);
   }
   return condition();
 }

@@ -85,8 +85,9 @@ class Process {
 /// stdout and stderr, or with stdout alone when `errors` takes stderr.
 int run(const std::vector<std::string>& argv, std::string* output, std::string* errors = nullptr);
 
-/// Polls `condition` every 100 ms until it holds or `timeout` passes.
-bool waitFor(const std::function<bool()>& condition, std::chrono::milliseconds timeout);
+/// Polls `condition` every `poll` until it holds or `timeout` passes.
+bool waitFor(const std::function<bool()>& condition, std::chrono::milliseconds timeout,
+             std::chrono::milliseconds poll = std::chrono::milliseconds(100));
 
 /// Reads a whole file ("" if absent).
 std::string readFile(const std::string& path);
