@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * vmsync.ko internals shared by main.c (the device, its ioctls and the ring)
- * and vm.c (everything that talks to KVM).
+ * vm.c (everything that talks to KVM), and the helpers below.
  */
 #ifndef VMSYNC_INTERNAL_H
 #define VMSYNC_INTERNAL_H
@@ -111,5 +111,8 @@ u32 vmsync_vma_refusal(struct vm_area_struct *vma);
 u32 vmsync_slot_refusal(struct mm_struct *mm, const struct vmsync_slot *s);
 long vmsync_vmm_writes(struct mm_struct *mm, const struct vmsync_slot *s,
 		       unsigned long *bitmap, u64 *busy);
+
+/* btf_check.c: KVM's structures as the running kernel lays them out. */
+int vmsync_check_layout(void);
 
 #endif /* VMSYNC_INTERNAL_H */

@@ -300,10 +300,15 @@ static struct miscdevice vmsync_misc = {
 
 static int __init vmsync_init(void)
 {
+	int err;
+
 	if (!is_power_of_two(ring_entries) ||
 	    !is_power_of_two(max_ring_entries) ||
 	    ring_entries > max_ring_entries)
 		return -EINVAL;
+	err = vmsync_check_layout();
+	if (err)
+		return err;
 	return misc_register(&vmsync_misc);
 }
 

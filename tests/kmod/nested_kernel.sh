@@ -9,9 +9,11 @@
 #                        needs (a missing piece goes to skip), makes WORK
 #                        (removed on exit) and the initramfs tree R: static
 #                        busybox and kvm's modules (irqbypass, ccp, kvm, kvm-amd)
-#   nk_build_module      builds vmsync.ko against KDIR, in a copy of the module
+#   nk_build_module [DIR [KCFLAGS]]
+#                        builds vmsync.ko against KDIR, in a copy of the module
 #                        sources under WORK (so that two runs at once do not
-#                        share build files), and puts it in R
+#                        share build files), and puts it in R/DIR (default
+#                        mod, which /init loads from)
 #   $NK_CXX_STATIC ...   compiles a static C++ driver (fmt header-only; the
 #                        initramfs has no shared libraries)
 #   nk_boot SCRIPT SECS  boots the kernel for at most SECS seconds (NK_MEM of
@@ -69,11 +71,14 @@ nk_prepare() {
 
 nk_build_module() {
 	# The sources only: build files of an earlier in-tree build stay behind.
-	mkdir -p "$WORK/ko"
-	(cd "$SRC" && find Kbuild kmod -type f \( -name Kbuild -o -name '*.[ch]' \) | cpio -pdm --quiet "$WORK/ko")
-	make -s -C "$KDIR" M="$WORK/ko" modules >"$WORK/build.log" 2>&1 ||
-		{ cat "$WORK/build.log"; echo "FAIL: module build"; exit 1; }
-	cp "$WORK/ko/vmsync.ko" "$R/mod/"
+	# $1: where in R the module goes (default mod, which /init loads from);
+	# $2: extra compiler flags (KCFLAGS).
+	dest=${1:-mod}
+	mkdir -p "$WORK/ko-$dest" "$R/$dest"
+	(cd "$SRC" && find Kbuild kmod -type f \( -name Kbuild -o -name '*.[ch]' \) | cpio -pdm --quiet "$WORK/ko-$dest")
+	make -s -C "$KDIR" M="$WORK/ko-$dest" KCFLAGS="${2:-}" modules >"$WORK/build-$dest.log" 2>&1 ||
+		{ cat "$WORK/build-$dest.log"; echo "FAIL: module build ($dest)"; exit 1; }
+	cp "$WORK/ko-$dest/vmsync.ko" "$R/$dest/"
 }
 
 nk_boot() {

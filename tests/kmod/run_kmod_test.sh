@@ -2,7 +2,9 @@
 # vmsync.ko in Debian's kernel under QEMU TCG (-cpu with SVM, so kvm-amd
 # loads and runs a guest under nested KVM). Builds the module and a static
 # test driver, boots the kernel with a busybox initramfs, loads kvm, kvm-amd
-# and vmsync, checks the version query, then runs kmod_invariant: a VMM
+# and vmsync, checks that the module checked its view of KVM's structures
+# against the kernel's BTF and that a build with a skewed struct kvm is
+# refused, checks the version query, then runs kmod_invariant: a VMM
 # process (tests/kvm_harness' minimal VMM) and a separate controller process
 # that attaches through /dev/vmsync and checks every round that each page
 # the guest wrote is reported; detach while the guest runs; SIGKILL of the
@@ -27,16 +29,23 @@ SRC=$(cd "$(dirname "$0")/../.." && pwd)
 # tests/kvm_harness/run_in_nested_kernel.sh.
 . "$SRC/tests/kmod/nested_kernel.sh"
 nk_prepare
-nk_build_module
+# The builds run side by side (two cores), each failing on its own.
+builds=
+nk_build_module & builds="$builds $!"
 gcc -static -O2 -Wall -o "$R/bin/version_probe" "$SRC/tests/kmod/version_probe.c" || { echo "FAIL: probe build"; exit 1; }
 # The drivers are static (fmt header-only): the initramfs has no shared libraries.
-CXX_STATIC=$NK_CXX_STATIC
+build_driver() { # NAME SOURCE... [-lLIB]
+	name=$1; shift
+	$NK_CXX_STATIC -o "$R/bin/$name" "$@" >"$WORK/$name.log" 2>&1 || { cat "$WORK/$name.log"; echo "FAIL: $name build"; exit 1; }
+}
 if [ $MODE = test ]; then
-	$CXX_STATIC -o "$R/bin/kmod_invariant" "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
-		"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" >"$WORK/driver.log" 2>&1 ||
-		{ cat "$WORK/driver.log"; echo "FAIL: driver build"; exit 1; }
-	$CXX_STATIC -o "$R/bin/kmod_qemu_check" "$SRC/tests/kmod/kmod_qemu_check.cc" "$SRC/userspace/harvest/kmod_page_source.cc" \
-		>"$WORK/qemu_check.log" 2>&1 || { cat "$WORK/qemu_check.log"; echo "FAIL: QEMU check build"; exit 1; }
+	# The layout check's counterpart: a module that believes struct kvm's
+	# slots_lock lies 8 bytes further than it does (kmod/btf_check.c).
+	nk_build_module skewed -DVMSYNC_TEST_LAYOUT_SKEW=8 & builds="$builds $!"
+	build_driver kmod_invariant "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
+		"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" & builds="$builds $!"
+	build_driver kmod_qemu_check "$SRC/tests/kmod/kmod_qemu_check.cc" "$SRC/userspace/harvest/kmod_page_source.cc" &
+	builds="$builds $!"
 	# Debian's QEMU with its shared libraries, and the tiny BIOS it runs.
 	QEMU=$(command -v qemu-system-x86_64)
 	mkdir -p "$R/usr/bin" "$R/qemu"
@@ -50,13 +59,29 @@ if [ $MODE = test ]; then
 	as -o "$WORK/bios.o" "$SRC/tests/kmod/qemu_guest_bios.S" &&
 		objcopy -O binary -j .text "$WORK/bios.o" "$R/qemu/bios.bin" || { echo "FAIL: BIOS build"; exit 1; }
 fi
-$CXX_STATIC -o "$R/bin/kmod_harvest_bench" "$SRC/bench/kmod_harvest_bench.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
-	"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" -lxxhash >"$WORK/bench.log" 2>&1 ||
-	{ cat "$WORK/bench.log"; echo "FAIL: benchmark build"; exit 1; }
+build_driver kmod_harvest_bench "$SRC/bench/kmod_harvest_bench.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
+	"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" -lxxhash &
+builds="$builds $!"
+for b in $builds; do wait "$b" || exit 1; done
 echo $MODE >"$R/mode"
 # The part of /init between loading the modules and the dmesg check (see nested_kernel.sh).
 cat >"$WORK/test.sh" <<'IN'
 /bin/version_probe
+if [ "$(cat /mode)" = test ]; then
+	# The module loaded at boot checked its view of KVM's structures against
+	# this kernel's BTF; the skewed build must be refused, naming the member.
+	said() { dmesg | sed -n "s/^\[[ 0-9.]*\] //; /$1/p" | tail -n 1; }
+	line=$(said "are where this kernel's BTF puts them")
+	[ -n "$line" ] && echo "LAYOUT_CHECKED_OK: $line"
+	rmmod vmsync
+	if insmod /skewed/vmsync.ko 2>/dev/null; then
+		echo "FAIL: the module with a skewed struct kvm loaded"; rmmod vmsync
+	else
+		line=$(said "struct kvm member slots_lock is at byte")
+		[ -n "$line" ] && echo "LAYOUT_REFUSED_OK: $line"
+	fi
+	insmod /mod/vmsync.ko && [ -c /dev/vmsync ] && echo RELOADED_OK
+fi
 if [ "$(cat /mode)" = bench ]; then
 	timeout 900 /bin/kmod_harvest_bench --guest-mb 512
 else
@@ -87,6 +112,6 @@ if [ $MODE = bench ]; then
 	ok KMOD_BENCH_DONE && ok RMMOD_OK && ! ok DMESG_BAD && exit 0
 	echo FAIL; exit 1
 fi
-ok VMSYNC_DEV_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok REARM_PAUSED_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok SCRATCH_OK && ok MIGRATION_REFUSED_OK && ok QEMU_KMOD_OK && ok QEMU_WRITES_OK && ok QEMU_KILL9_OK &&
+ok VMSYNC_DEV_OK && ok LAYOUT_CHECKED_OK && ok LAYOUT_REFUSED_OK && ok RELOADED_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok REARM_PAUSED_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok SCRATCH_OK && ok MIGRATION_REFUSED_OK && ok QEMU_KMOD_OK && ok QEMU_WRITES_OK && ok QEMU_KILL9_OK &&
 	ok KMOD_TEST_DONE && ok KMOD_BENCH_DONE && ok "kmod_harvest_bench exit 0" && ok RMMOD_OK && ! ok DMESG_BAD && ! ok 'FAIL' && { echo PASS; exit 0; }
 echo FAIL; exit 1

@@ -31,7 +31,9 @@ LIBGTEST=$(g++ -print-file-name=libgtest.a)
 LIBGTEST_MAIN=$(g++ -print-file-name=libgtest_main.a)
 if [ ! -f "$LIBGTEST" ] || [ ! -f "$LIBGTEST_MAIN" ]; then skip "static gtest missing (libgtest-dev: libgtest.a, libgtest_main.a)"; fi
 [ -f /usr/include/gtest/gtest.h ] || skip "gtest headers missing (libgtest-dev)"
-nk_build_module
+# The module and the suites' objects build side by side (two cores).
+builds=
+nk_build_module & builds="$builds $!"
 
 # The suites as CMake builds them, linked static. test_env.cc's paths to the
 # vmsync binary and guest images are not used by these suites.
@@ -40,10 +42,13 @@ O=$WORK/obj; mkdir -p "$O"
 for s in tests/kvm_harness/mini_vmm.cc userspace/harvest/kvm_ring_page_source.cc \
 	userspace/harvest/kmod_page_source.cc tests/support/test_env.cc \
 	tests/kvm_harness/kvm_ring_test.cc tests/kvm_harness/kmod_page_source_test.cc; do
+	o=$(basename "$s" .cc)
 	$NK_CXX_STATIC -I"$SRC/tests/support" -DVMSYNC_BINARY='"vmsync"' -DVMSYNC_IMAGES_DIR='"vm-images"' \
-		-c -o "$O/$(basename "$s" .cc).o" "$SRC/$s" >"$WORK/compile.log" 2>&1 ||
-		{ cat "$WORK/compile.log"; echo "FAIL: compiling $s"; exit 1; }
+		-c -o "$O/$o.o" "$SRC/$s" >"$WORK/compile-$o.log" 2>&1 ||
+		{ cat "$WORK/compile-$o.log"; echo "FAIL: compiling $s"; exit 1; } &
+	builds="$builds $!"
 done
+for b in $builds; do wait "$b" || exit 1; done
 SUPPORT="$O/mini_vmm.o $O/kvm_ring_page_source.o $O/kmod_page_source.o $O/test_env.o"
 for t in $TESTS; do
 	case $t in
