@@ -4,7 +4,9 @@
 # running a sync server and devices A and B on loopback. A runs the Linux
 # guest (the counter workload: it appends to its disk and syncs every 100 ms,
 # so QEMU's virtio-blk writes the request status and used ring into guest RAM
-# all the time) under QEMU -accel kvm with --page-source kmod; B follows as a
+# all the time; with vmsync.read_disk it also reads 64 KiB of its disk with
+# O_DIRECT each round, which QEMU writes into guest RAM) under QEMU -accel
+# kvm with --page-source kmod; B follows as a
 # standby with the same options. The guest has two vCPUs. Then switch to B
 # and back to A.
 #
@@ -55,6 +57,11 @@ cp "$IMAGE"/* "$R/image/"
 # Two vCPUs: KVM's log is the VM's, whichever vCPU wrote.
 sed -i 's/}[[:space:]]*$/, "vcpus": 2}/' "$R/image/spec.json"
 grep -q '"vcpus": 2' "$R/image/spec.json" || { echo "FAIL: cannot set vcpus in the image's spec.json"; exit 1; }
+# The counter also reads its disk, 64 KiB with O_DIRECT each round
+# (vm-images/workloads/counter.sh): QEMU's virtio-blk writes the data into
+# guest RAM itself.
+sed -i '1s/$/ vmsync.read_disk/' "$R/image/cmdline"
+grep -q 'vmsync.read_disk' "$R/image/cmdline" || { echo "FAIL: cannot set vmsync.read_disk in the image's cmdline"; exit 1; }
 
 cat >"$WORK/test.sh" <<'IN'
 export PATH=/usr/bin:/bin
@@ -113,6 +120,8 @@ for d in A B; do
 	echo "== $d.log"
 	grep -aE 'source|final scan|did not report|vmm|error|warn' $w/$d.log | tail -n 40
 done
+echo "E2E_DISK_READS_A $(grep -ac '^vmsync-read [0-9]' $w/A/serial.log)"
+echo "E2E_DISK_READS_B $(grep -ac '^vmsync-read [0-9]' $w/B/serial.log)"
 echo "E2E_KMOD_ACTIVE $(cat $w/A.log $w/B.log | grep -ac 'page source kmod')"
 echo "E2E_FINAL_COMPLETE $(cat $w/A.log $w/B.log | grep -ac 'each reported by the kmod source')"
 echo "E2E_FINAL_MISSED $(cat $w/A.log $w/B.log | grep -ac 'the kmod source did not report')"
@@ -138,6 +147,7 @@ check "the counter ran on B after the first switch" '[ -n "$(value E2E_COUNTER_B
 again=$(value E2E_COUNTER_A_AGAIN)
 was=$(sed -n 's/^E2E_COUNTER_A_AGAIN [0-9]* (was \([0-9]*\)).*/\1/p' "$NK_CONSOLE")
 check "the counter went on on A after the switch back ($was -> $again)" '[ -n "$again" ] && [ -n "$was" ] && [ "$again" -gt "$was" ]'
+check "the guest read its disk on A and on B" '[ "$(value E2E_DISK_READS_A)" -gt 0 ] && [ "$(value E2E_DISK_READS_B)" -gt 0 ]'
 check "both devices ran the VM with the kmod source" '[ "$(value E2E_KMOD_ACTIVE)" -ge 3 ]'
 check "A's QEMU ran the guest under KVM with two vCPUs" '[ "$(value E2E_QEMU_SMP2)" -ge 1 ]'
 check "A's switch compared every RAM unit" '[ "$(json E2E_SWITCH1_DONE final_ram_full_compare)" = true ]'
