@@ -40,16 +40,19 @@ class Fleet {
     const std::string k = key(user, vm, device);
     daemons_[k] = std::make_unique<Process>(argv, dir_ + "/" + user + "-" + vm + "-" + device + ".log");
   }
-  /// `vmsync ARGS --credential (user's cli) --server ...`: exit status; output in `out`.
-  int vmsync(const std::string& user, std::vector<std::string> args, std::string* out) {
+  /// `vmsync ARGS --credential (user's cli) --server ...`: exit status; output
+  /// in `out`, with stderr too unless `errors` takes it (a --json report is
+  /// stdout alone: a switch says on stderr how its target catches up).
+  int vmsync(const std::string& user, std::vector<std::string> args, std::string* out,
+             std::string* errors = nullptr) {
     args.insert(args.begin(), vmsyncBinary());
     args.insert(args.end(), {"--server", cluster_.address(), "--credential", cluster_.credential("cli", user)});
-    return run(args, out);
+    return run(args, out, errors);
   }
   /// `vmsync status --vm VM --json` as `user`, or null.
   nlohmann::json status(const std::string& user, const std::string& vm) {
-    std::string out;
-    if (vmsync(user, {"status", "--vm", vm, "--json"}, &out) != 0) return nullptr;
+    std::string out, errors;
+    if (vmsync(user, {"status", "--vm", vm, "--json"}, &out, &errors) != 0) return nullptr;
     try {
       return nlohmann::json::parse(out);
     } catch (const nlohmann::json::exception&) {
@@ -119,8 +122,8 @@ TEST(MultiVm, TwoUsersTwoVmsEachSwitchWhileOthersRunAndSeeOnlyTheirOwn) {
 
   // Each user lists exactly their own two VMs.
   for (const std::string user : {"alice", "bob"}) {
-    std::string out;
-    ASSERT_EQ(fleet.vmsync(user, {"status", "--json"}, &out), 0) << out;
+    std::string out, errors;
+    ASSERT_EQ(fleet.vmsync(user, {"status", "--json"}, &out, &errors), 0) << out << errors;
     std::set<std::string> seen;
     const auto listed = nlohmann::json::parse(out);
     for (const auto& vm : listed["vms"]) {
@@ -145,9 +148,9 @@ TEST(MultiVm, TwoUsersTwoVmsEachSwitchWhileOthersRunAndSeeOnlyTheirOwn) {
 
   // alice/work moves phone -> laptop while bob/home keeps pushing.
   const std::uint64_t otherBefore = fleet.head("bob", "home");
-  std::string out;
-  ASSERT_EQ(fleet.vmsync("alice", {"switch", "--vm", "work", "--to", "laptop", "--json"}, &out), 0)
-      << out << fleet.logs("alice", "work");
+  std::string out, errors;
+  ASSERT_EQ(fleet.vmsync("alice", {"switch", "--vm", "work", "--to", "laptop", "--json"}, &out, &errors), 0)
+      << out << errors << fleet.logs("alice", "work");
   const auto report = nlohmann::json::parse(out);
   EXPECT_EQ(report["from"], "phone");
   EXPECT_EQ(report["to"], "laptop");
