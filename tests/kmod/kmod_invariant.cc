@@ -10,8 +10,10 @@
 // logging must be off again), attaches again, and kills the VMM with SIGKILL
 // while attached, harvesting back to back from another thread. Last, the
 // rounds again with KVM's manual protection on, as QEMU runs; a ring too
-// small; and a controller killed while attached. Prints FAIL: <why> and
-// exits 1 on the first violation.
+// small; and a controller killed while attached. Then guest RAM kept other
+// ways: anonymous memory and hugetlbfs refused at attach with the reason,
+// tmpfs with transparent huge pages followed. Prints FAIL: <why> and exits
+// 1 on the first violation.
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <poll.h>
@@ -22,10 +24,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <set>
 #include <thread>
 #include <vector>
@@ -48,6 +53,7 @@ constexpr char kLoggingOff = 'o';     // rewrite the slot without KVM_MEM_LOG_DI
 constexpr char kProbeScratch = 's';   // try to write the module's scratch; reply what went wrong, 0 if refused
 constexpr char kReplaceScratch = 'x'; // map its own memory over the scratch; reply errno
 constexpr char kCheckReplaced = 'y';  // reply 0 if that memory is still there, intact
+constexpr char kWriteAsVmm = 'w';     // write a never-written data page through the VMM's mapping
 
 // Lockstep rounds checked page by page.
 constexpr int kRounds = 30;
@@ -158,10 +164,16 @@ std::uint64_t checkReplaced() {
   return 0;
 }
 
+// The page kWriteAsVmm writes: a data page the guest never writes.
+constexpr std::uint64_t kVmmWrittenPage = MiniVmm::kDataStart / 4096 + 3;
+
+// How the next VMM process keeps guest memory (set before startVmm forks).
+MiniVmm::Options vmmOptions{.sharedMemory = true};
+
 // The VMM process: obeys commands until its command pipe closes.
 int runVmm(int commands, int replies) {
   try {
-    MiniVmm vmm(MiniVmm::Options{.sharedMemory = true});
+    MiniVmm vmm(vmmOptions);
     // Ready: the number of its guest memory fd, for the controller to map.
     std::uint64_t ready = static_cast<std::uint64_t>(vmm.memoryFd());
     writeAll(replies, &ready, sizeof ready);
@@ -191,6 +203,8 @@ int runVmm(int commands, int replies) {
         reply = replaceScratch();
       else if (command == kCheckReplaced)
         reply = checkReplaced();
+      else if (command == kWriteAsVmm)
+        vmm.writeAsVmm(kVmmWrittenPage, 0x5a);
       if (command != kRunFreely) writeAll(replies, &reply, sizeof reply);
     }
   } catch (const std::exception& e) {
@@ -209,7 +223,8 @@ struct Vmm {
   }
 };
 
-Vmm startVmm() {
+Vmm startVmm(const MiniVmm::Options& options = MiniVmm::Options{.sharedMemory = true}) {
+  vmmOptions = options;
   int toChild[2], fromChild[2];
   if (::pipe(toChild) < 0 || ::pipe(fromChild) < 0) vmsync::throwLastErrno("pipe");
   std::fflush(stdout);
@@ -224,6 +239,7 @@ Vmm startVmm() {
   ::close(fromChild[1]);
   Vmm vmm{pid, toChild[1], fromChild[0]};
   const int remoteMemoryFd = static_cast<int>(readReply(vmm.replies));
+  if (remoteMemoryFd < 0) return vmm;  // anonymous memory: nothing to map
   // The controller maps guest memory as it maps QEMU's shared RAM file.
   const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   const int memoryFd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remoteMemoryFd, 0));
@@ -362,6 +378,93 @@ void checkRearmWhilePaused(Vmm& vmm, vmsync::KmodPageSource& source) {
   // re-armed log leaked into what the re-arm carried.
   checkLockstepRounds(vmm, source, 4, "after a re-arm while paused", keptBefore);
   std::printf("REARM_PAUSED_OK\n");
+}
+
+// Ends a VMM process: its command pipe closes and it exits.
+void stopVmm(Vmm& vmm) {
+  ::close(vmm.commands);
+  ::close(vmm.replies);
+  ::waitpid(vmm.pid, nullptr, 0);
+}
+
+// The attach to `vmm` must be refused with a reason holding `expected`.
+void expectRefused(Vmm& vmm, const char* expected, const char* label) {
+  try {
+    vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
+  } catch (const vmsync::Error& e) {
+    const std::string why = e.what();
+    if (why.find(expected) == std::string::npos)
+      failTest(fmt::format("{}: refused, but not for \"{}\": {}", label, expected, why));
+    std::printf("%s: %s\n", label, why.c_str());
+    return;
+  }
+  failTest(fmt::format("{}: the attach was not refused", label));
+}
+
+// Kilobytes of the VMM's mapping of `path` that its page tables map with
+// huge (PMD) entries, from /proc/PID/smaps.
+std::uint64_t pmdMappedKb(pid_t pid, const std::string& path) {
+  std::ifstream smaps(fmt::format("/proc/{}/smaps", pid));
+  std::string line;
+  bool inMapping = false;
+  std::uint64_t kb = 0;
+  while (std::getline(smaps, line)) {
+    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) && line.find('-') < line.find(' ')) {
+      inMapping = line.size() >= path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0;
+      continue;
+    }
+    if (!inMapping) continue;
+    for (const char* field : {"ShmemPmdMapped:", "FilePmdMapped:"})
+      if (line.rfind(field, 0) == 0) kb += std::stoull(line.substr(std::strlen(field)));
+  }
+  return kb;
+}
+
+// Guest RAM whose VMM-side writes the module cannot follow is refused at
+// attach with the reason: anonymous memory (QEMU without a shared
+// memory-backend-file) and hugetlbfs. RAM on tmpfs with transparent huge
+// pages is followed: the huge pages stay whole in the VMM's page tables,
+// every page the guest writes is reported each round, and so is a page the
+// VMM writes itself. The test script mounts /hugetlbfs and /thp (huge=always).
+void checkBackings() {
+  {
+    Vmm vmm = startVmm(MiniVmm::Options{.sharedMemory = false});
+    expectRefused(vmm, "is not a shared file mapping", "ANONYMOUS_REFUSED_OK");
+    stopVmm(vmm);
+  }
+  {
+    Vmm vmm = startVmm(MiniVmm::Options{.memoryPath = "/hugetlbfs/ram"});
+    expectRefused(vmm, "is on hugetlbfs", "HUGETLB_REFUSED_OK");
+    stopVmm(vmm);
+  }
+  Vmm vmm = startVmm(MiniVmm::Options{.memoryPath = "/thp/ram"});
+  {
+    vmsync::KmodPageSource source(vmm.pid, guestRanges(), 4096);
+    std::size_t reported = 0;
+    constexpr int kThpRounds = 10;
+    for (int i = 0; i < kThpRounds; ++i) {
+      const std::uint64_t round = vmm.ask(kRunRound);
+      vmsync::DirtyUnits units = source.harvest();
+      if (units.everything) failTest("THP: rescan asked: " + units.rescanReason);
+      const std::set<std::uint64_t> set(units.units.begin(), units.units.end());
+      for (auto page : MiniVmm::pagesWrittenIn(round))
+        if (!set.count(page)) failTest(fmt::format("THP: round {}: page {} was written but not reported", round, page));
+      reported += set.size();
+    }
+    const std::uint64_t hugeKb = pmdMappedKb(vmm.pid, "/thp/ram");
+    if (hugeKb == 0)
+      failTest("THP: the VMM's mapping of /thp/ram has no huge page (tmpfs huge=always gave none)");
+    vmm.ask(kWriteAsVmm);
+    vmsync::DirtyUnits units = source.harvest();
+    if (std::find(units.units.begin(), units.units.end(), kVmmWrittenPage) == units.units.end())
+      failTest("THP: the page the VMM wrote through its huge mapping is not in the next harvest");
+    std::printf(
+        "THP_OK: guest RAM on tmpfs with huge pages (%llu KiB mapped huge by the VMM): %d rounds, every "
+        "written page reported, %zu pages a harvest on average (a huge page the VMM's mapping dirtied "
+        "is reported whole at each harvest); the VMM's own write reported in the next harvest\n",
+        static_cast<unsigned long long>(hugeKb), kThpRounds, reported / kThpRounds);
+  }
+  stopVmm(vmm);
 }
 
 int run() {
@@ -518,6 +621,7 @@ int run() {
   ::waitpid(manual.pid, &status, 0);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failTest("manual protect: the VMM failed");
   std::printf("MANUAL_PROTECT_OK\n");
+  checkBackings();
   std::printf("KMOD_TEST_DONE\n");
   return 0;
 }

@@ -85,6 +85,11 @@ fi
 if [ "$(cat /mode)" = bench ]; then
 	timeout 900 /bin/kmod_harvest_bench --guest-mb 512
 else
+	# Guest RAM the module must refuse (hugetlbfs) or follow (tmpfs with huge pages).
+	mkdir -p /hugetlbfs /thp
+	echo 8 >/proc/sys/vm/nr_hugepages
+	mount -t hugetlbfs none /hugetlbfs
+	mount -t tmpfs -o huge=always none /thp
 	timeout 150 /bin/kmod_invariant
 	invariant=$?
 	echo "kmod_invariant exit $invariant"
@@ -112,6 +117,6 @@ if [ $MODE = bench ]; then
 	ok KMOD_BENCH_DONE && ok RMMOD_OK && ! ok DMESG_BAD && exit 0
 	echo FAIL; exit 1
 fi
-ok VMSYNC_DEV_OK && ok LAYOUT_CHECKED_OK && ok LAYOUT_REFUSED_OK && ok RELOADED_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok REARM_PAUSED_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok SCRATCH_OK && ok MIGRATION_REFUSED_OK && ok QEMU_KMOD_OK && ok QEMU_WRITES_OK && ok QEMU_KILL9_OK &&
+ok VMSYNC_DEV_OK && ok LAYOUT_CHECKED_OK && ok LAYOUT_REFUSED_OK && ok RELOADED_OK && ok VERSION_OK && ok KMOD_INVARIANT_OK && ok RUNNING_OK && ok DETACH_RUNNING_OK && ok KILL9_OK && ok SLOT_CHANGE_OK && ok REARM_PAUSED_OK && ok MANUAL_PROTECT_OK && ok RING_FULL_OK && ok CONTROLLER_KILL9_OK && ok ANONYMOUS_REFUSED_OK && ok HUGETLB_REFUSED_OK && ok THP_OK && ok SCRATCH_OK && ok MIGRATION_REFUSED_OK && ok QEMU_KMOD_OK && ok QEMU_WRITES_OK && ok QEMU_KILL9_OK &&
 	ok KMOD_TEST_DONE && ok KMOD_BENCH_DONE && ok "kmod_harvest_bench exit 0" && ok RMMOD_OK && ! ok DMESG_BAD && ! ok 'FAIL' && { echo PASS; exit 0; }
 echo FAIL; exit 1

@@ -128,7 +128,12 @@ MiniVmm::MiniVmm(const Options& options)
     ioctlOrThrow(vm_, KVM_ENABLE_CAP, reinterpret_cast<unsigned long>(&enable), "KVM_ENABLE_CAP(dirty ring)");
   }
   void* mem = MAP_FAILED;
-  if (options.sharedMemory) {
+  if (!options.memoryPath.empty()) {
+    memoryFd_ = ::open(options.memoryPath.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (memoryFd_ < 0 || ::ftruncate(memoryFd_, static_cast<off_t>(memoryBytes_)) < 0)
+      throwLastErrno("cannot create the guest memory file " + options.memoryPath);
+    mem = ::mmap(nullptr, memoryBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, memoryFd_, 0);
+  } else if (options.sharedMemory) {
     memoryFd_ = ::memfd_create("mini-vmm-ram", MFD_CLOEXEC);
     if (memoryFd_ < 0 || ::ftruncate(memoryFd_, static_cast<off_t>(memoryBytes_)) < 0)
       throwLastErrno("cannot create the guest memory file");

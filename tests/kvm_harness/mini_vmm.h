@@ -33,6 +33,9 @@ class MiniVmm {
     /// Guest memory in a memfd mapped shared, as QEMU's shared RAM file, so
     /// that another process can map it too (see memoryFd()).
     bool sharedMemory = false;
+    /// Guest memory in this file instead, created and mapped shared (a file
+    /// on hugetlbfs, or on tmpfs mounted with huge=always); see memoryFd().
+    std::string memoryPath;
   };
 
   /// Opens /dev/kvm and builds the VM; with `ringEntries` > 0 KVM's dirty
@@ -61,11 +64,14 @@ class MiniVmm {
   /// Rewrites the VM's one memory slot with `flags` (KVM_MEM_*), as a VMM
   /// does when it turns dirty logging on or off. Throws Error if KVM refuses.
   void setSlotFlags(std::uint32_t flags);
-  /// The memfd holding guest memory (Options::sharedMemory), else -1.
+  /// The file holding guest memory (Options::sharedMemory or memoryPath), else -1.
   int memoryFd() const { return memoryFd_; }
   std::uint64_t memoryBytes() const { return memoryBytes_; }
   /// The byte the guest last stored in data page `unit` (the round number).
   std::uint8_t dataByte(std::uint64_t unit) const { return memory_[unit * 4096]; }
+  /// Writes `value` into page `unit` through the VMM's own mapping, as a
+  /// device model writes guest RAM (not at the byte the guest writes).
+  void writeAsVmm(std::uint64_t unit, std::uint8_t value) { memory_[unit * 4096 + 123] = value; }
 
  private:
   void setUpLongMode();
