@@ -8,8 +8,10 @@
 # process (tests/kvm_harness' minimal VMM) and a separate controller process
 # that attaches through /dev/vmsync and checks every round that each page
 # the guest wrote is reported; detach while the guest runs; SIGKILL of the
-# VMM while attached. Then kmod_qemu_check does the same against Debian's
-# QEMU (-accel kvm, q35, shared RAM file) running qemu_guest_bios.S, and checks
+# VMM while attached; guest RAM that is anonymous or on hugetlbfs refused at
+# attach, and on tmpfs with huge pages followed. Then kmod_qemu_check does
+# the same against Debian's QEMU (-accel kvm, q35, shared RAM file) running
+# qemu_guest_bios.S, and checks
 # that bytes written through QEMU's own mapping of guest RAM are reported and
 # that an attach while QEMU migrates is refused with the reason. When both
 # pass, bench/kmod_harvest_bench runs briefly in the same boot and prints its
@@ -62,7 +64,7 @@ fi
 build_driver kmod_harvest_bench "$SRC/bench/kmod_harvest_bench.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
 	"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" -lxxhash &
 builds="$builds $!"
-for b in $builds; do wait "$b" || exit 1; done
+for b in $builds; do wait "$b" || { kill $builds 2>/dev/null; exit 1; }; done
 echo $MODE >"$R/mode"
 # The part of /init between loading the modules and the dmesg check (see nested_kernel.sh).
 cat >"$WORK/test.sh" <<'IN'

@@ -48,7 +48,7 @@ for s in tests/kvm_harness/mini_vmm.cc userspace/harvest/kvm_ring_page_source.cc
 		{ cat "$WORK/compile-$o.log"; echo "FAIL: compiling $s"; exit 1; } &
 	builds="$builds $!"
 done
-for b in $builds; do wait "$b" || exit 1; done
+for b in $builds; do wait "$b" || { kill $builds 2>/dev/null; exit 1; }; done
 SUPPORT="$O/mini_vmm.o $O/kvm_ring_page_source.o $O/kmod_page_source.o $O/test_env.o"
 for t in $TESTS; do
 	case $t in
