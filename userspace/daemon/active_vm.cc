@@ -9,7 +9,6 @@
 #include "base/error.h"
 #include "checkpoint/checkpoint_identity.h"
 #include "checkpoint/device_state_codec.h"
-#include "harvest/kmod_page_source.h"
 #include "transport/rpc_util.h"
 
 namespace vmsync {
@@ -332,9 +331,8 @@ PendingPush ActiveVm::harvestEverything(bool encodeNow) {
     spdlog::info("{}: the final harvest took the {} source's list: {} changed units", options_.deviceId,
                  pageSource_->name(), pending.memory.units.size());
   warnIfMissed(blockSource_->name(), reportedBlocks, pending.disk);
-  if (const auto* kmod = dynamic_cast<const KmodPageSource*>(pageSource_.get()))
-    spdlog::info("{}: kmod: {} pages written by the VMM itself (beyond KVM's log) since the attach",
-                 options_.deviceId, kmod->vmmWritten());
+  if (const std::string counters = pageSource_->counters(); !counters.empty())
+    spdlog::info("{}: {}: {}", options_.deviceId, pageSource_->name(), counters);
   pending.sequence = replica_.applied() + 1;
   return pending;
 }

@@ -37,6 +37,9 @@ class PageSource {
   /// included (not only the vCPUs'), so that a final checkpoint may trust
   /// its list instead of comparing every unit.
   virtual bool reportsEveryWrite() const { return false; }
+  /// What the source counted since it started, for the log of a final
+  /// checkpoint; empty when it has nothing to say.
+  virtual std::string counters() const { return ""; }
 };
 
 /// Reports guest disk blocks that may have changed since the previous harvest.

@@ -215,4 +215,8 @@ DirtyUnits KmodPageSource::harvest(std::uint32_t ask) {
   return out;
 }
 
+std::string KmodPageSource::counters() const {
+  return fmt::format("{} pages written by the VMM itself (beyond KVM's log) since the attach", vmmWritten_);
+}
+
 }  // namespace vmsync

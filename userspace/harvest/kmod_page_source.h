@@ -48,6 +48,7 @@ class KmodPageSource final : public PageSource {
   KmodPageSource& operator=(const KmodPageSource&) = delete;
 
   std::string name() const override { return "kmod"; }
+  std::string counters() const override;
   /// Has the module read and re-arm KVM's dirty log, then drains the ring.
   /// A full ring or slots the VMM changed turn into `everything`. Throws
   /// Error when the VMM is gone or the module fails.
