@@ -70,9 +70,9 @@ class KmodPageSource final : public PageSource {
   /// Memory slots the module follows (from the attach).
   std::uint32_t slots() const { return slots_; }
   /// Pages the last harvest found written by the VMM itself (through its
-  /// mapping of guest RAM) and not in KVM's log; and since the attach.
+  /// mapping of guest RAM) and not in KVM's log; counters() gives the count
+  /// since the attach.
   std::uint64_t lastVmmWritten() const { return lastVmmWritten_; }
-  std::uint64_t vmmWritten() const { return vmmWritten_; }
   /// Of the last harvest's pages, those with an I/O in flight into them
   /// (someone holds them beyond their mappings): the module reports them
   /// again in the next harvest.
