@@ -44,7 +44,7 @@ if [ $MODE = test ]; then
 	# The layout check's counterpart: a module that believes struct kvm's
 	# slots_lock lies 8 bytes further than it does (kmod/btf_check.c).
 	nk_build_module skewed -DVMSYNC_TEST_LAYOUT_SKEW=8 & builds="$builds $!"
-	build_driver kmod_invariant "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
+	build_driver kmod_invariant "$SRC/tests/kmod/kmod_invariant.cc" "$SRC/tests/kmod/vmm_process.cc" "$SRC/tests/kvm_harness/mini_vmm.cc" \
 		"$SRC/userspace/harvest/kvm_ring_page_source.cc" "$SRC/userspace/harvest/kmod_page_source.cc" & builds="$builds $!"
 	build_driver kmod_qemu_check "$SRC/tests/kmod/kmod_qemu_check.cc" "$SRC/userspace/harvest/kmod_page_source.cc" &
 	builds="$builds $!"
